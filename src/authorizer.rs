@@ -1,0 +1,267 @@
+//! The one path every decision takes: route, identify, ask the store, decide, render.
+//!
+//! Transports (`grpc::ext_authz`, `grpc::api`) translate their requests into a
+//! [`Query`] and the [`Outcome`] back; everything in between is here. Holds
+//! the live config behind an `ArcSwap`, so a reload swaps it atomically while
+//! in-flight requests finish on the snapshot they loaded.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use chrono::{DateTime, Utc};
+
+use crate::config::{Config, OnError};
+use crate::decision::{self, AllowKind, Caller, Code, Decision, Step, Target, Unmatched};
+use crate::entitlement::Account;
+use crate::identity::{Credentials, KeyHash, Presented, identify};
+use crate::metrics::Metrics;
+use crate::problem::{self, Response};
+use crate::route::{RouteKey, path_only};
+use crate::store::{Store, StoreError};
+
+/// Who asks.
+#[derive(Debug, Clone, Copy)]
+pub enum Subject<'a, C> {
+    /// A request whose credentials are found by the configured identity sources.
+    Request(&'a C),
+    /// An account id given directly (internal API).
+    AccountId(&'a str),
+    /// An API key given directly (internal API).
+    ApiKey(&'a str),
+}
+
+/// What is asked for.
+#[derive(Debug, Clone, Copy)]
+pub enum Ask<'a> {
+    /// An HTTP request, matched against the route table.
+    Http(RouteKey<'a>),
+    /// A feature and meter directly (internal API).
+    Feature {
+        /// Feature the plan must include.
+        feature: Option<&'a str>,
+        /// Meter to spend.
+        meter: Option<&'a str>,
+    },
+    /// A Check without HTTP attributes (Istio's network-level filter).
+    NotHttp,
+}
+
+/// One authorization question.
+#[derive(Debug, Clone, Copy)]
+pub struct Query<'a, C> {
+    /// Who.
+    pub subject: Subject<'a, C>,
+    /// What.
+    pub ask: Ask<'a>,
+    /// Units to spend instead of the route's cost.
+    pub cost: Option<u64>,
+    /// Check without spending.
+    pub dry_run: bool,
+}
+
+/// The answer, rendered.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The decision.
+    pub decision: Decision,
+    /// What client and upstream see.
+    pub response: Response,
+    /// The matched route, for logs (`/v1/search*`), or `-`.
+    pub route: String,
+}
+
+/// The store failed and `on_error: error` asks the transport to fail the RPC.
+#[derive(Debug, thiserror::Error)]
+#[error("store unavailable: {0}")]
+pub struct StoreUnavailable(#[from] pub StoreError);
+
+/// Decides requests against the live config and the store.
+pub struct Authorizer {
+    config: ArcSwap<Config>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authorizer").finish_non_exhaustive()
+    }
+}
+
+enum Resolved {
+    Caller(Option<Arc<Account>>, bool),
+    Failed(StoreError),
+}
+
+impl Authorizer {
+    /// An authorizer over `store` with `config`.
+    pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        Self { config: ArcSwap::new(config), store, metrics }
+    }
+
+    /// The config in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Swaps in a new config; requests already running keep the old one.
+    pub fn replace_config(&self, config: Arc<Config>) {
+        self.config.store(config);
+    }
+
+    /// The store (for health checks and the internal API).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Runs a store call under the configured timeout, counting failures.
+    async fn call<T>(
+        &self,
+        timeout: std::time::Duration,
+        f: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let r = match tokio::time::timeout(timeout, f).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(timeout)),
+        };
+        if r.is_err() {
+            self.metrics.record_store_error();
+        }
+        r
+    }
+
+    async fn resolve(&self, config: &Config, presented: &Presented) -> Resolved {
+        let timeout = config.store.timeout;
+        let id = match presented {
+            Presented::Nothing => return Resolved::Caller(None, false),
+            Presented::Account(id) => id.clone(),
+            Presented::ApiKey { key, .. } => {
+                match self.call(timeout, self.store.account_for_key(&KeyHash::of(key))).await {
+                    Ok(Some(id)) => id,
+                    Ok(None) => return Resolved::Caller(None, true),
+                    Err(e) => return Resolved::Failed(e),
+                }
+            }
+        };
+        match self.call(timeout, self.store.account(&id)).await {
+            Ok(account) => Resolved::Caller(account.clone(), account.is_none()),
+            Err(e) => Resolved::Failed(e),
+        }
+    }
+
+    /// Decides `query` now.
+    pub async fn authorize<C: Credentials>(&self, query: Query<'_, C>) -> Result<Outcome, StoreUnavailable> {
+        let config = self.config.load_full();
+        let now = Utc::now();
+        self.authorize_at(&config, query, now).await
+    }
+
+    async fn authorize_at<C: Credentials>(
+        &self,
+        config: &Config,
+        query: Query<'_, C>,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, StoreUnavailable> {
+        let (target, route) = match query.ask {
+            Ask::NotHttp => {
+                let d = match config.non_http {
+                    Unmatched::Allow => Decision::allow(AllowKind::Public),
+                    Unmatched::Deny => Decision::deny(Code::RouteNotAllowed),
+                };
+                return Ok(self.finish(config, d, None, "-".into(), now));
+            }
+            Ask::Http(key) => {
+                let path = path_only(key.path);
+                if !path.starts_with('/') {
+                    return Ok(self.finish(config, Decision::deny(Code::RequestInvalid), None, "-".into(), now));
+                }
+                let key = RouteKey { path, ..key };
+                match config.routes.find(&key) {
+                    Some(r) if r.public => (Target::Public, r.describe()),
+                    Some(r) => (
+                        Target::Metered {
+                            feature: r.feature.as_deref(),
+                            meter: r.meter.as_deref(),
+                            cost: query.cost.filter(|c| *c > 0).unwrap_or(r.cost),
+                        },
+                        r.describe(),
+                    ),
+                    None => (Target::Unmatched, "-".to_owned()),
+                }
+            }
+            Ask::Feature { feature, meter } => {
+                (Target::Metered { feature, meter, cost: query.cost.filter(|c| *c > 0).unwrap_or(1) }, "-".to_owned())
+            }
+        };
+        if target == Target::Public {
+            return Ok(self.finish(config, Decision::allow(AllowKind::Public), None, route, now));
+        }
+
+        let presented = match query.subject {
+            Subject::Request(creds) => identify(&config.identity, creds),
+            Subject::AccountId(id) => Presented::Account(id.to_owned()),
+            Subject::ApiKey(key) => Presented::ApiKey { header: String::new(), key: key.to_owned() },
+        };
+        let credential_header = match &presented {
+            Presented::ApiKey { header, .. } if !header.is_empty() => Some(header.as_str()),
+            _ => None,
+        };
+        let (account, invalid) = match self.resolve(config, &presented).await {
+            Resolved::Caller(account, invalid) => (account, invalid),
+            Resolved::Failed(e) => return self.store_failed(config, e, None, credential_header, route, now),
+        };
+        let caller = match (&account, invalid) {
+            (Some(a), _) => Caller::Known(a),
+            (None, true) => Caller::Invalid,
+            (None, false) => Caller::Missing,
+        };
+        let decision = match decision::evaluate(&config.policy, target, caller, now, query.dry_run) {
+            Step::Done(d) => d,
+            Step::Spend(spend, partial) => match self.call(config.store.timeout, self.store.spend(&spend)).await {
+                Ok(answer) => decision::settle(&spend, &answer, partial),
+                Err(e) => return self.store_failed(config, e, account.as_deref(), credential_header, route, now),
+            },
+        };
+        Ok(self.finish(config, decision, credential_header, route, now))
+    }
+
+    fn store_failed(
+        &self,
+        config: &Config,
+        error: StoreError,
+        account: Option<&Account>,
+        credential_header: Option<&str>,
+        route: String,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, StoreUnavailable> {
+        tracing::warn!(error = %error, transient = error.is_transient(), on_error = ?config.store.on_error, "store call failed");
+        let mut d = match config.store.on_error {
+            OnError::Error => return Err(StoreUnavailable(error)),
+            OnError::Deny => Decision::deny(Code::StoreUnavailable),
+            OnError::Allow => Decision::allow(AllowKind::FailOpen),
+        };
+        if let Some(a) = account {
+            d.account = Some(a.id.clone());
+            d.plan = Some(a.plan.clone());
+        }
+        Ok(self.finish(config, d, credential_header, route, now))
+    }
+
+    fn finish(
+        &self,
+        config: &Config,
+        decision: Decision,
+        credential_header: Option<&str>,
+        route: String,
+        now: DateTime<Utc>,
+    ) -> Outcome {
+        let response = problem::render(&decision, config, problem::Context { credential_header }, now);
+        Outcome { decision, response, route }
+    }
+}

@@ -1,0 +1,911 @@
+//! The YAML config of SPEC §3: parsed strictly, validated whole, then turned
+//! into the domain types the rest of the server uses.
+//!
+//! Every error names the field path (`plans.free.quotas[0].limit`) and the
+//! reason; YAML syntax and type errors also name the line. Validation runs
+//! before anything binds, so a bad config exits before serving a request.
+//! Depends on the domain modules (`entitlement`, `route`, `identity`,
+//! `decision`), never on the store or the transports.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use crate::decision::{Code, Policy, Unmatched};
+use crate::entitlement::{Account, Period, Plan, Quota, Status, Window};
+use crate::identity::IdentitySource;
+use crate::route::{Route, RouteMatch, RouteTable};
+
+/// The config `cargo run` uses when no `--config` is given: memory store, demo accounts.
+pub const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
+
+/// A config that could not be loaded; the message names the place and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The path as given.
+        file: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// YAML syntax or shape error (unknown field, wrong type, bad duration).
+    #[error("{file}: {location}{path}: {reason}")]
+    Parse {
+        /// The path as given.
+        file: String,
+        /// `line L column C: ` where the parser knows it, else empty.
+        location: String,
+        /// Field path, e.g. `plans.free.quotas[0]`.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The YAML parsed but a value breaks a rule (unknown plan, zero limit, duplicate key).
+    #[error("{file}: {path}: {reason}")]
+    Invalid {
+        /// The path as given.
+        file: String,
+        /// Field path.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Where the store lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// In-process; seeded from `accounts:`; for demos, tests and single replicas.
+    #[default]
+    Memory,
+    /// Redis or Redis Cluster; shared by all replicas.
+    Redis,
+}
+
+/// What a Check gets when the store fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// 503 `store_unavailable` problem body (fail closed).
+    #[default]
+    Deny,
+    /// Allowed, marked by a header and a metric (fail open).
+    Allow,
+    /// The Check RPC fails with UNAVAILABLE, so Envoy's `failure_mode_allow` decides.
+    Error,
+}
+
+/// A store URL whose `Debug` and `Display` hide the password.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct StoreUrl(pub String);
+
+impl StoreUrl {
+    /// The URL with any `user:password@` reduced to `user:***@`.
+    pub fn redacted(&self) -> String {
+        let s = &self.0;
+        let Some(scheme_end) = s.find("://").map(|i| i + 3) else { return s.clone() };
+        let rest = &s[scheme_end..];
+        match rest.rfind('@') {
+            Some(at) => {
+                let user = rest[..at].split(':').next().unwrap_or("");
+                format!("{}{}:***{}", &s[..scheme_end], user, &rest[at..])
+            }
+            None => s.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StoreUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// `server:`: listeners and admin credentials.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// ext_authz, health and `tollgate.v1`.
+    pub grpc_listen: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`, webhooks.
+    pub http_listen: SocketAddr,
+    /// Environment variable holding comma-separated admin tokens.
+    pub admin_tokens_env: String,
+    /// After SIGTERM, how long health reports NOT_SERVING before listeners close,
+    /// so load balancers stop sending first.
+    pub drain_delay: Duration,
+    /// Upper bound on waiting for in-flight requests after the listeners close.
+    pub drain_timeout: Duration,
+}
+
+/// `store:`.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Memory or Redis.
+    pub backend: Backend,
+    /// Redis URL (ignored by the memory store).
+    pub url: StoreUrl,
+    /// Fail closed, open, or to Envoy.
+    pub on_error: OnError,
+    /// Per store call.
+    pub timeout: Duration,
+    /// Prefix of every Redis key.
+    pub key_prefix: String,
+}
+
+/// `cache:`.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheConfig {
+    /// Entitlement cache lifetime.
+    pub ttl: Duration,
+    /// Lifetime of "no such API key" answers.
+    pub negative_ttl: Duration,
+}
+
+/// `billing.stripe:`.
+#[derive(Debug, Clone)]
+pub struct StripeConfig {
+    /// Environment variable with comma-separated signing secrets.
+    pub webhook_secrets_env: String,
+    /// Maximum age of a signed event.
+    pub tolerance: Duration,
+    /// `customer`, or `metadata:<key>` on the subscription.
+    pub account_from: String,
+    /// Stripe price id → plan name.
+    pub prices: BTreeMap<String, String>,
+}
+
+/// `billing:`.
+#[derive(Debug, Clone)]
+pub struct BillingConfig {
+    /// Billing portal; `{account}` is replaced by the account id.
+    pub portal_url: Option<String>,
+    /// Stripe webhook settings.
+    pub stripe: Option<StripeConfig>,
+}
+
+impl BillingConfig {
+    /// The portal link for `account`, if a portal is configured.
+    pub fn portal_for(&self, account: &str) -> Option<String> {
+        self.portal_url.as_ref().map(|u| u.replace("{account}", account))
+    }
+}
+
+/// A per-code override of a problem body's texts; `{placeholders}` are filled in.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProblemOverride {
+    /// Replaces the title.
+    pub title: Option<String>,
+    /// Replaces the detail.
+    pub detail: Option<String>,
+    /// Replaces the link (and the `Link` header).
+    pub link: Option<String>,
+}
+
+/// `problems:`.
+#[derive(Debug, Clone)]
+pub struct ProblemsConfig {
+    /// The `type` URI is this plus the code in kebab case.
+    pub type_base: String,
+    /// Per-code overrides.
+    pub overrides: HashMap<Code, ProblemOverride>,
+}
+
+/// An account from `accounts:` with its secrets and balance, for seeding a store.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SeedAccount {
+    /// The entitlement.
+    pub account: Account,
+    /// Plain API keys; hashed before they reach any store.
+    pub api_keys: Vec<String>,
+    /// Initial prepaid credits.
+    pub credits: u64,
+}
+
+impl fmt::Debug for SeedAccount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SeedAccount")
+            .field("account", &self.account)
+            .field("api_keys", &format_args!("<{} redacted>", self.api_keys.len()))
+            .field("credits", &self.credits)
+            .finish()
+    }
+}
+
+/// A validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listeners.
+    pub server: ServerConfig,
+    /// Store.
+    pub store: StoreConfig,
+    /// Cache.
+    pub cache: CacheConfig,
+    /// Identity sources in order.
+    pub identity: Vec<IdentitySource>,
+    /// Billing links and provider.
+    pub billing: BillingConfig,
+    /// Plans, grace period and the unmatched-route rule.
+    pub policy: Policy,
+    /// Route table.
+    pub routes: RouteTable,
+    /// What Checks without HTTP attributes get (Istio's network-level filter sends those).
+    pub non_http: Unmatched,
+    /// Seed accounts.
+    pub accounts: Vec<SeedAccount>,
+    /// Problem body settings.
+    pub problems: ProblemsConfig,
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        Self::parse(&text, &file)
+    }
+
+    /// Parses and validates YAML text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let raw: raw::Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let location =
+                inner.location().map(|l| format!("line {} column {}: ", l.line(), l.column())).unwrap_or_default();
+            let reason = strip_location(&inner.to_string());
+            let reason = reason.strip_prefix(&format!("{path}: ")).map(str::to_owned).unwrap_or(reason);
+            ConfigError::Parse { file: file.to_owned(), location, path, reason }
+        })?;
+        raw.validate().map_err(|(path, reason)| ConfigError::Invalid { file: file.to_owned(), path, reason })
+    }
+
+    /// A one-screen summary for `check-config`.
+    pub fn summary(&self) -> String {
+        let mut plans: Vec<&Plan> = self.policy.plans.values().collect();
+        plans.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out = format!(
+            "store: {:?} {}\nlisten: grpc {} http {}\nplans ({}):\n",
+            self.store.backend,
+            if self.store.backend == Backend::Redis { self.store.url.redacted() } else { String::new() },
+            self.server.grpc_listen,
+            self.server.http_listen,
+            plans.len()
+        );
+        for p in plans {
+            let quotas: Vec<String> = p.quotas.iter().map(|q| format!("{}={}", q.policy_name(), q.limit)).collect();
+            let features: Vec<&str> = p.features.iter().map(String::as_str).collect();
+            out += &format!(
+                "  {}: features [{}] quotas [{}]{}\n",
+                p.name,
+                features.join(", "),
+                quotas.join(", "),
+                if p.prepaid { " prepaid" } else { "" }
+            );
+        }
+        out += &format!("routes ({}):\n", self.routes.routes().len());
+        for r in self.routes.routes() {
+            let what = if r.public {
+                "public".to_owned()
+            } else {
+                format!(
+                    "feature {} meter {} cost {}",
+                    r.feature.as_deref().unwrap_or("-"),
+                    r.meter.as_deref().unwrap_or("-"),
+                    r.cost
+                )
+            };
+            let methods = if r.matcher.methods.is_empty() { "ANY".to_owned() } else { r.matcher.methods.join(",") };
+            out += &format!("  [{}] {} {}: {}\n", r.index, methods, r.describe(), what);
+        }
+        out += &format!("default: {:?}\naccounts: {}\n", self.policy.unmatched, self.accounts.len());
+        out
+    }
+}
+
+/// serde_yaml puts "at line L column C" in its messages; we print the location once, up front.
+fn strip_location(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_owned(),
+        None => msg.to_owned(),
+    }
+}
+
+/// Parses `72h`, `50ms`, `1s`, `1m30s` (humantime syntax).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e} (use e.g. 50ms, 30s, 72h)"))
+}
+
+/// The YAML shapes, exactly as written; turned into [`Config`] by `validate`.
+mod raw {
+    use super::*;
+
+    fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+
+    fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        duration(d).map(Some)
+    }
+
+    type Invalid = (String, String);
+
+    fn invalid(path: impl Into<String>, reason: impl Into<String>) -> Invalid {
+        (path.into(), reason.into())
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Config {
+        #[serde(default)]
+        server: Server,
+        #[serde(default)]
+        store: Store,
+        #[serde(default)]
+        cache: Cache,
+        identity: Option<Vec<Identity>>,
+        #[serde(default)]
+        billing: Billing,
+        #[serde(default)]
+        plans: BTreeMap<String, PlanDef>,
+        #[serde(default)]
+        routes: Vec<RouteDef>,
+        #[serde(default)]
+        default: Unmatched2,
+        #[serde(default)]
+        non_http: Unmatched2,
+        #[serde(default)]
+        accounts: Vec<AccountDef>,
+        #[serde(default)]
+        problems: Problems,
+    }
+
+    #[derive(Deserialize, Default, Clone, Copy)]
+    #[serde(rename_all = "snake_case")]
+    enum Unmatched2 {
+        #[default]
+        Deny,
+        Allow,
+    }
+
+    impl From<Unmatched2> for Unmatched {
+        fn from(u: Unmatched2) -> Self {
+            match u {
+                Unmatched2::Deny => Unmatched::Deny,
+                Unmatched2::Allow => Unmatched::Allow,
+            }
+        }
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Server {
+        grpc_listen: Option<String>,
+        http_listen: Option<String>,
+        admin_tokens_env: Option<String>,
+        #[serde(default, deserialize_with = "opt_duration")]
+        drain_delay: Option<Duration>,
+        #[serde(default, deserialize_with = "opt_duration")]
+        drain_timeout: Option<Duration>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Store {
+        #[serde(default)]
+        backend: Backend,
+        url: Option<String>,
+        #[serde(default)]
+        on_error: OnError,
+        #[serde(default, deserialize_with = "opt_duration")]
+        timeout: Option<Duration>,
+        key_prefix: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Cache {
+        #[serde(default, deserialize_with = "opt_duration")]
+        ttl: Option<Duration>,
+        #[serde(default, deserialize_with = "opt_duration")]
+        negative_ttl: Option<Duration>,
+    }
+
+    /// One of the three keys; a struct rather than an enum so YAML needs no tags.
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Identity {
+        api_key: Option<ApiKey>,
+        jwt_claim: Option<JwtClaim>,
+        trusted_header: Option<TrustedHeader>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ApiKey {
+        header: String,
+        scheme: Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct JwtClaim {
+        namespace: String,
+        #[serde(default = "default_jwt_field")]
+        field: String,
+        claim: String,
+    }
+
+    fn default_jwt_field() -> String {
+        "jwt_payload".to_owned()
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct TrustedHeader {
+        header: String,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Billing {
+        portal_url: Option<String>,
+        #[serde(default, deserialize_with = "opt_duration")]
+        grace_period: Option<Duration>,
+        stripe: Option<Stripe>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Stripe {
+        webhook_secrets_env: Option<String>,
+        #[serde(default, deserialize_with = "opt_duration")]
+        tolerance: Option<Duration>,
+        account_from: Option<String>,
+        #[serde(default)]
+        prices: BTreeMap<String, String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct PlanDef {
+        #[serde(default)]
+        features: Vec<String>,
+        #[serde(default)]
+        quotas: Vec<QuotaDef>,
+        #[serde(default)]
+        prepaid: bool,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct QuotaDef {
+        meter: String,
+        limit: i64,
+        period: Option<Period>,
+        #[serde(default, deserialize_with = "opt_duration")]
+        per: Option<Duration>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RouteDef {
+        #[serde(rename = "match")]
+        matcher: MatchDef,
+        #[serde(default)]
+        public: bool,
+        feature: Option<String>,
+        meter: Option<String>,
+        cost: Option<i64>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct MatchDef {
+        path_prefix: Option<String>,
+        path: Option<String>,
+        #[serde(default)]
+        methods: Vec<String>,
+        host: Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct AccountDef {
+        id: String,
+        plan: String,
+        #[serde(default)]
+        api_keys: Vec<String>,
+        #[serde(default)]
+        status: Status,
+        past_due_since: Option<DateTime<Utc>>,
+        expires_at: Option<DateTime<Utc>>,
+        #[serde(default)]
+        blocked: bool,
+        #[serde(default)]
+        credits: i64,
+        #[serde(default)]
+        features: Vec<String>,
+        #[serde(default)]
+        quotas: Vec<QuotaDef>,
+        stripe_customer: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Problems {
+        type_base: Option<String>,
+        #[serde(default)]
+        overrides: BTreeMap<String, ProblemOverride>,
+    }
+
+    fn listen(value: &Option<String>, default: &str, path: &str) -> Result<SocketAddr, Invalid> {
+        let s = value.as_deref().unwrap_or(default);
+        s.parse().map_err(|_| invalid(path, format!("{s:?} is not a socket address (want e.g. 0.0.0.0:9191)")))
+    }
+
+    fn positive(d: Duration, path: &str) -> Result<Duration, Invalid> {
+        if d.is_zero() { Err(invalid(path, "must be greater than zero")) } else { Ok(d) }
+    }
+
+    fn header_name(h: &str, path: &str) -> Result<String, Invalid> {
+        let h = h.trim().to_ascii_lowercase();
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if h.is_empty() || !h.bytes().all(token) {
+            return Err(invalid(path, format!("{h:?} is not a valid HTTP header name")));
+        }
+        Ok(h)
+    }
+
+    /// Account ids become Redis hash tags and URL parts: keep them plain.
+    fn account_id(id: &str, path: &str) -> Result<(), Invalid> {
+        let ok = |b: u8| b.is_ascii_alphanumeric() || b"_-.:@".contains(&b);
+        if id.is_empty() || id.len() > 128 || !id.bytes().all(ok) {
+            return Err(invalid(path, format!("{id:?} is not a valid account id (1-128 of A-Z a-z 0-9 _ - . : @)")));
+        }
+        Ok(())
+    }
+
+    fn quotas(defs: &[QuotaDef], path: &str) -> Result<Vec<Quota>, Invalid> {
+        let mut out: Vec<Quota> = Vec::with_capacity(defs.len());
+        for (i, q) in defs.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            if q.meter.trim().is_empty() {
+                return Err(invalid(format!("{p}.meter"), "must not be empty"));
+            }
+            if q.limit < 1 {
+                return Err(invalid(format!("{p}.limit"), format!("must be at least 1, got {}", q.limit)));
+            }
+            let window = match (q.period, q.per) {
+                (Some(period), None) => Window::Calendar(period),
+                (None, Some(per)) => Window::Rolling(positive(per, &format!("{p}.per"))?),
+                (Some(_), Some(_)) => {
+                    return Err(invalid(p, "set either period (a paid allowance) or per (a rate limit), not both"));
+                }
+                (None, None) => return Err(invalid(p, "needs period (minute|hour|day|month) or per (a duration)")),
+            };
+            let quota = Quota { meter: q.meter.clone(), limit: q.limit as u64, window };
+            if out.iter().any(|o| o.meter == quota.meter && o.window == quota.window) {
+                return Err(invalid(p, format!("duplicate quota {}", quota.policy_name())));
+            }
+            out.push(quota);
+        }
+        Ok(out)
+    }
+
+    impl Config {
+        pub fn validate(self) -> Result<super::Config, Invalid> {
+            let server = ServerConfig {
+                grpc_listen: listen(&self.server.grpc_listen, "0.0.0.0:9191", "server.grpc_listen")?,
+                http_listen: listen(&self.server.http_listen, "0.0.0.0:9090", "server.http_listen")?,
+                admin_tokens_env: self.server.admin_tokens_env.unwrap_or_else(|| "TOLLGATE_ADMIN_TOKENS".into()),
+                drain_delay: self.server.drain_delay.unwrap_or(Duration::ZERO),
+                drain_timeout: self.server.drain_timeout.unwrap_or(Duration::from_secs(30)),
+            };
+
+            let url = self.store.url.unwrap_or_default();
+            if self.store.backend == Backend::Redis {
+                if url.is_empty() {
+                    return Err(invalid("store.url", "required when store.backend is redis"));
+                }
+                let scheme = url.split("://").next().unwrap_or("");
+                if !["redis", "rediss", "redis+cluster", "rediss+cluster"].contains(&scheme) || !url.contains("://") {
+                    return Err(invalid(
+                        "store.url",
+                        "must start with redis://, rediss://, redis+cluster:// or rediss+cluster://",
+                    ));
+                }
+            }
+            let store = StoreConfig {
+                backend: self.store.backend,
+                url: StoreUrl(url),
+                on_error: self.store.on_error,
+                timeout: positive(self.store.timeout.unwrap_or(Duration::from_millis(50)), "store.timeout")?,
+                key_prefix: self.store.key_prefix.unwrap_or_else(|| "tollgate:".into()),
+            };
+            let cache = CacheConfig {
+                ttl: self.cache.ttl.unwrap_or(Duration::from_secs(30)),
+                negative_ttl: self.cache.negative_ttl.unwrap_or(Duration::from_secs(5)),
+            };
+
+            let identity_defs = self.identity.unwrap_or_else(|| {
+                vec![
+                    Identity {
+                        api_key: Some(ApiKey { header: "x-api-key".into(), scheme: None }),
+                        ..Default::default()
+                    },
+                    Identity {
+                        api_key: Some(ApiKey { header: "authorization".into(), scheme: Some("Bearer".into()) }),
+                        ..Default::default()
+                    },
+                ]
+            });
+            let mut identity = Vec::with_capacity(identity_defs.len());
+            for (i, def) in identity_defs.into_iter().enumerate() {
+                let p = format!("identity[{i}]");
+                identity.push(match (def.api_key, def.jwt_claim, def.trusted_header) {
+                    (Some(a), None, None) => {
+                        if let Some(s) = &a.scheme
+                            && (s.trim().is_empty() || s.contains(' ')) {
+                                return Err(invalid(format!("{p}.api_key.scheme"), "must be one word, e.g. Bearer"));
+                            }
+                        IdentitySource::ApiKey {
+                            header: header_name(&a.header, &format!("{p}.api_key.header"))?,
+                            scheme: a.scheme,
+                        }
+                    }
+                    (None, Some(j), None) => {
+                        for (name, v) in [("namespace", &j.namespace), ("field", &j.field), ("claim", &j.claim)] {
+                            if v.trim().is_empty() {
+                                return Err(invalid(format!("{p}.jwt_claim.{name}"), "must not be empty"));
+                            }
+                        }
+                        IdentitySource::JwtClaim { namespace: j.namespace, field: j.field, claim: j.claim }
+                    }
+                    (None, None, Some(t)) => IdentitySource::TrustedHeader {
+                        header: header_name(&t.header, &format!("{p}.trusted_header.header"))?,
+                    },
+                    _ => return Err(invalid(p, "needs exactly one of api_key, jwt_claim, trusted_header")),
+                });
+            }
+
+            if self.plans.is_empty() {
+                return Err(invalid("plans", "at least one plan is needed"));
+            }
+            let mut plans = HashMap::new();
+            for (name, def) in &self.plans {
+                let p = format!("plans.{name}");
+                let mut features = BTreeSet::new();
+                for (i, f) in def.features.iter().enumerate() {
+                    if f.trim().is_empty() {
+                        return Err(invalid(format!("{p}.features[{i}]"), "must not be empty"));
+                    }
+                    features.insert(f.clone());
+                }
+                let plan = Plan {
+                    name: name.clone(),
+                    features,
+                    quotas: quotas(&def.quotas, &format!("{p}.quotas"))?,
+                    prepaid: def.prepaid,
+                };
+                plans.insert(name.clone(), plan);
+            }
+
+            let mut accounts = Vec::with_capacity(self.accounts.len());
+            let mut ids = HashSet::new();
+            let mut keys = HashSet::new();
+            for (i, a) in self.accounts.iter().enumerate() {
+                let p = format!("accounts[{i}]");
+                account_id(&a.id, &format!("{p}.id"))?;
+                if !ids.insert(a.id.as_str()) {
+                    return Err(invalid(format!("{p}.id"), format!("duplicate account {:?}", a.id)));
+                }
+                if !plans.contains_key(&a.plan) {
+                    return Err(invalid(format!("{p}.plan"), unknown("plan", &a.plan, plans.keys())));
+                }
+                for (k, key) in a.api_keys.iter().enumerate() {
+                    if key.trim().is_empty() || key.trim() != key {
+                        return Err(invalid(
+                            format!("{p}.api_keys[{k}]"),
+                            "must be non-empty, without surrounding spaces",
+                        ));
+                    }
+                    if !keys.insert(key.as_str()) {
+                        // Never echo the key itself.
+                        return Err(invalid(format!("{p}.api_keys[{k}]"), "duplicate API key (already used above)"));
+                    }
+                }
+                if a.status == Status::PastDue && a.past_due_since.is_none() {
+                    return Err(invalid(format!("{p}.past_due_since"), "required when status is past_due"));
+                }
+                if a.credits < 0 {
+                    return Err(invalid(format!("{p}.credits"), "must not be negative"));
+                }
+                accounts.push(SeedAccount {
+                    account: Account {
+                        id: a.id.clone(),
+                        plan: a.plan.clone(),
+                        status: a.status,
+                        past_due_since: a.past_due_since,
+                        expires_at: a.expires_at,
+                        blocked: a.blocked,
+                        extra_features: a.features.iter().cloned().collect(),
+                        quota_overrides: quotas(&a.quotas, &format!("{p}.quotas"))?,
+                        stripe_customer: a.stripe_customer.clone(),
+                    },
+                    api_keys: a.api_keys.clone(),
+                    credits: a.credits as u64,
+                });
+            }
+
+            let known_features: BTreeSet<&str> = plans
+                .values()
+                .flat_map(|p| p.features.iter())
+                .chain(accounts.iter().flat_map(|a| a.account.extra_features.iter()))
+                .map(String::as_str)
+                .collect();
+            let mut routes = Vec::with_capacity(self.routes.len());
+            for (i, r) in self.routes.into_iter().enumerate() {
+                let p = format!("routes[{i}]");
+                let m = r.matcher;
+                for (name, v) in [("path_prefix", &m.path_prefix), ("path", &m.path)] {
+                    if let Some(v) = v
+                        && !v.starts_with('/') {
+                            return Err(invalid(format!("{p}.match.{name}"), format!("{v:?} must start with /")));
+                        }
+                }
+                if m.path_prefix.is_none() && m.path.is_none() && m.host.is_none() {
+                    return Err(invalid(
+                        format!("{p}.match"),
+                        "needs path_prefix, path or host (path_prefix: / matches all)",
+                    ));
+                }
+                let mut methods = Vec::with_capacity(m.methods.len());
+                for (k, method) in m.methods.iter().enumerate() {
+                    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+                        return Err(invalid(
+                            format!("{p}.match.methods[{k}]"),
+                            format!("{method:?} is not an HTTP method"),
+                        ));
+                    }
+                    methods.push(method.to_ascii_uppercase());
+                }
+                if r.public && (r.feature.is_some() || r.meter.is_some() || r.cost.is_some()) {
+                    return Err(invalid(p, "a public route takes no feature, meter or cost"));
+                }
+                if let Some(f) = &r.feature
+                    && !known_features.contains(f.as_str()) {
+                        return Err(invalid(format!("{p}.feature"), unknown("feature", f, known_features.iter())));
+                    }
+                let cost = r.cost.unwrap_or(1);
+                if cost < 0 {
+                    return Err(invalid(format!("{p}.cost"), "must not be negative"));
+                }
+                routes.push(Route {
+                    index: i,
+                    matcher: RouteMatch {
+                        path_prefix: m.path_prefix,
+                        path: m.path,
+                        methods,
+                        host: m.host.map(|h| h.to_ascii_lowercase()),
+                    },
+                    public: r.public,
+                    feature: r.feature,
+                    meter: r.meter,
+                    cost: cost as u64,
+                });
+            }
+
+            let stripe = match self.billing.stripe {
+                None => None,
+                Some(s) => {
+                    for (price, plan) in &s.prices {
+                        if !plans.contains_key(plan) {
+                            return Err(invalid(
+                                format!("billing.stripe.prices.{price}"),
+                                unknown("plan", plan, plans.keys()),
+                            ));
+                        }
+                    }
+                    let account_from = s.account_from.unwrap_or_else(|| "customer".into());
+                    if account_from != "customer"
+                        && account_from.strip_prefix("metadata:").is_none_or(|k| k.is_empty())
+                    {
+                        return Err(invalid("billing.stripe.account_from", "must be customer or metadata:<key>"));
+                    }
+                    Some(StripeConfig {
+                        webhook_secrets_env: s
+                            .webhook_secrets_env
+                            .unwrap_or_else(|| "TOLLGATE_STRIPE_WEBHOOK_SECRETS".into()),
+                        tolerance: positive(
+                            s.tolerance.unwrap_or(Duration::from_secs(300)),
+                            "billing.stripe.tolerance",
+                        )?,
+                        account_from,
+                        prices: s.prices,
+                    })
+                }
+            };
+
+            let mut overrides = HashMap::new();
+            for (code, o) in self.problems.overrides {
+                let Some(c) = Code::parse(&code) else {
+                    let codes: Vec<&str> = Code::ALL.iter().map(|c| c.as_str()).collect();
+                    return Err(invalid(
+                        format!("problems.overrides.{code}"),
+                        format!("unknown code (known: {})", codes.join(", ")),
+                    ));
+                };
+                overrides.insert(c, o);
+            }
+
+            Ok(super::Config {
+                server,
+                store,
+                cache,
+                identity,
+                billing: BillingConfig { portal_url: self.billing.portal_url, stripe },
+                policy: Policy {
+                    plans,
+                    grace_period: self.billing.grace_period.unwrap_or(Duration::from_secs(72 * 3600)),
+                    unmatched: self.default.into(),
+                },
+                routes: RouteTable::new(routes),
+                non_http: self.non_http.into(),
+                accounts,
+                problems: ProblemsConfig {
+                    type_base: self.problems.type_base.unwrap_or_else(|| "urn:tollgate:problem:".into()),
+                    overrides,
+                },
+            })
+        }
+    }
+
+    fn unknown<'a>(what: &str, name: &str, known: impl Iterator<Item = impl AsRef<str> + 'a>) -> String {
+        let mut known: Vec<String> = known.map(|k| k.as_ref().to_owned()).collect();
+        known.sort();
+        format!("unknown {what} {name:?} (known: {})", known.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_config_is_valid() {
+        let c = Config::parse(DEMO_CONFIG, "demo.yaml").unwrap();
+        assert_eq!(c.store.backend, Backend::Memory);
+        assert!(c.policy.plans.contains_key("payg"));
+        assert!(!c.accounts.is_empty());
+    }
+
+    #[test]
+    fn store_url_hides_password() {
+        let u = StoreUrl("redis://user:hunter2@h:6379/0".into());
+        assert_eq!(u.redacted(), "redis://user:***@h:6379/0");
+        assert!(!format!("{u:?}").contains("hunter2"));
+        assert_eq!(StoreUrl("redis://h:1".into()).redacted(), "redis://h:1");
+    }
+
+    #[test]
+    fn seed_accounts_never_debug_keys() {
+        let c = Config::parse(DEMO_CONFIG, "demo.yaml").unwrap();
+        assert!(!format!("{c:?}").contains("demo-free-key"));
+    }
+}

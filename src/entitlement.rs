@@ -1,0 +1,262 @@
+//! The billing domain: what an account is entitled to.
+//!
+//! Plans come from config (they change with a deploy or reload); accounts come
+//! from the store (they change with billing events). Nothing here does I/O or
+//! reads the clock: windows are computed from a `now` the caller passes in.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, TimeZone, Timelike, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Subscription status, as billing providers (Stripe first) report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Paid and current.
+    #[default]
+    Active,
+    /// In a free trial: treated as active.
+    Trialing,
+    /// A payment failed; access continues for the grace period.
+    PastDue,
+    /// Ended by the customer or the operator.
+    Canceled,
+    /// Payment retries are exhausted.
+    Unpaid,
+    /// The first payment never completed (Stripe `incomplete_expired`), or the term ran out.
+    Expired,
+    /// Collection is paused (Stripe `paused`).
+    Paused,
+}
+
+impl Status {
+    /// Whether the subscription grants no access at all (→ `subscription_inactive`).
+    pub fn is_inactive(self) -> bool {
+        matches!(self, Status::Canceled | Status::Unpaid | Status::Expired | Status::Paused)
+    }
+
+    /// The wire name, as in config and problem bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Active => "active",
+            Status::Trialing => "trialing",
+            Status::PastDue => "past_due",
+            Status::Canceled => "canceled",
+            Status::Unpaid => "unpaid",
+            Status::Expired => "expired",
+            Status::Paused => "paused",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A calendar window in UTC: a paid allowance that resets at the window's end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Period {
+    /// From :00 of one minute to the next.
+    Minute,
+    /// From :00:00 of one hour to the next.
+    Hour,
+    /// From 00:00 UTC to the next midnight.
+    Day,
+    /// From the 1st 00:00 UTC to the 1st of the next month.
+    Month,
+}
+
+impl Period {
+    /// The wire name (`month`), used in policy names and counter keys.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Minute => "minute",
+            Period::Hour => "hour",
+            Period::Day => "day",
+            Period::Month => "month",
+        }
+    }
+
+    /// The window `[start, end)` that holds `now`.
+    pub fn bounds(self, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+        let start = match self {
+            Period::Minute => now.with_second(0).and_then(|t| t.with_nanosecond(0)),
+            Period::Hour => now.with_minute(0).and_then(|t| t.with_second(0)).and_then(|t| t.with_nanosecond(0)),
+            Period::Day => Utc.with_ymd_and_hms(now.year(), now.month(), now.day(), 0, 0, 0).single(),
+            Period::Month => Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0).single(),
+        }
+        // Every UTC instant has a unique truncation; `None` cannot happen, but
+        // falling back to `now` keeps this total.
+        .unwrap_or(now);
+        let end = match self {
+            Period::Minute => start + chrono::Duration::minutes(1),
+            Period::Hour => start + chrono::Duration::hours(1),
+            Period::Day => start + chrono::Duration::days(1),
+            Period::Month => {
+                let (y, m) =
+                    if start.month() == 12 { (start.year() + 1, 1) } else { (start.year(), start.month() + 1) };
+                Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single().unwrap_or(start + chrono::Duration::days(31))
+            }
+        };
+        (start, end)
+    }
+}
+
+/// How a quota counts: a calendar allowance or a rolling rate window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Window {
+    /// A paid allowance per calendar window: exhausted → 402, paying lifts it.
+    Calendar(Period),
+    /// A rate limit over the last `Duration`: exceeded → 429, waiting lifts it.
+    Rolling(Duration),
+}
+
+impl Window {
+    /// Whether exceeding this window is a rate limit (429) rather than an exhausted allowance (402).
+    pub fn is_rate(&self) -> bool {
+        matches!(self, Window::Rolling(_))
+    }
+
+    /// The suffix of the policy name: `month`, or the duration as configured (`1s`, `10m`).
+    pub fn label(&self) -> String {
+        match self {
+            Window::Calendar(p) => p.as_str().to_owned(),
+            Window::Rolling(d) => humantime::format_duration(*d).to_string().replace(' ', ""),
+        }
+    }
+}
+
+/// One limit on one meter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Quota {
+    /// What is counted (`requests`, `ai_tokens`); routes name the meter they spend.
+    pub meter: String,
+    /// Units allowed per window; validated to be at least 1.
+    pub limit: u64,
+    /// The window the limit applies to.
+    pub window: Window,
+}
+
+impl Quota {
+    /// The name used in `RateLimit-Policy` and problem bodies: `requests-month`, `requests-1s`.
+    pub fn policy_name(&self) -> String {
+        format!("{}-{}", self.meter, self.window.label())
+    }
+}
+
+/// What a plan grants; plans live in config and are shared by many accounts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Plan name (the config key), shown to clients in `x-tollgate-plan` and problem bodies.
+    pub name: String,
+    /// Features the plan includes.
+    pub features: BTreeSet<String>,
+    /// Quotas of every meter; a route spends those of its own meter.
+    pub quotas: Vec<Quota>,
+    /// Whether each request also spends prepaid credits.
+    pub prepaid: bool,
+}
+
+/// One account's billing state, as the store keeps it. Credits and usage are
+/// counters, kept apart from this (they change on every request; this does not).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Account {
+    /// Stable account id; also the Redis hash tag of all the account's keys.
+    pub id: String,
+    /// Name of a plan in config.
+    pub plan: String,
+    /// Subscription status.
+    pub status: Status,
+    /// When the failed payment happened; the grace period counts from here.
+    pub past_due_since: Option<DateTime<Utc>>,
+    /// When access ends regardless of status (a fixed-term contract); `None` for open-ended.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Blocked by an operator for a reason other than billing (abuse, legal).
+    pub blocked: bool,
+    /// Features granted on top of the plan's.
+    pub extra_features: BTreeSet<String>,
+    /// Quotas that replace the plan's quota of the same meter and window, or add one.
+    pub quota_overrides: Vec<Quota>,
+    /// The Stripe customer id, to map webhook events to this account.
+    pub stripe_customer: Option<String>,
+}
+
+impl Account {
+    /// Whether the plan or the account grants `feature`.
+    pub fn has_feature(&self, plan: &Plan, feature: &str) -> bool {
+        plan.features.contains(feature) || self.extra_features.contains(feature)
+    }
+
+    /// The quotas of `meter` that apply to this account: the plan's, with the
+    /// account's overrides replacing those of the same window and adding the rest.
+    pub fn quotas_for(&self, plan: &Plan, meter: &str) -> Vec<Quota> {
+        let mut quotas: Vec<Quota> = plan
+            .quotas
+            .iter()
+            .filter(|q| q.meter == meter)
+            .filter(|q| !self.quota_overrides.iter().any(|o| o.meter == q.meter && o.window == q.window))
+            .cloned()
+            .collect();
+        quotas.extend(self.quota_overrides.iter().filter(|o| o.meter == meter).cloned());
+        quotas
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn calendar_windows_are_utc_truncations() {
+        let now = t("2026-12-31T23:59:30.5Z");
+        assert_eq!(Period::Minute.bounds(now), (t("2026-12-31T23:59:00Z"), t("2027-01-01T00:00:00Z")));
+        assert_eq!(Period::Hour.bounds(now), (t("2026-12-31T23:00:00Z"), t("2027-01-01T00:00:00Z")));
+        assert_eq!(Period::Day.bounds(now), (t("2026-12-31T00:00:00Z"), t("2027-01-01T00:00:00Z")));
+        assert_eq!(Period::Month.bounds(now), (t("2026-12-01T00:00:00Z"), t("2027-01-01T00:00:00Z")));
+        assert_eq!(
+            Period::Month.bounds(t("2028-02-10T00:00:00Z")),
+            (t("2028-02-01T00:00:00Z"), t("2028-03-01T00:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn policy_names_follow_the_window() {
+        let q = |window| Quota { meter: "requests".into(), limit: 1, window };
+        assert_eq!(q(Window::Calendar(Period::Month)).policy_name(), "requests-month");
+        assert_eq!(q(Window::Rolling(Duration::from_secs(1))).policy_name(), "requests-1s");
+        assert_eq!(q(Window::Rolling(Duration::from_secs(90))).policy_name(), "requests-1m30s");
+    }
+
+    #[test]
+    fn account_overrides_replace_same_window_and_add_others() {
+        let plan = Plan {
+            name: "free".into(),
+            quotas: vec![
+                Quota { meter: "requests".into(), limit: 1000, window: Window::Calendar(Period::Month) },
+                Quota { meter: "requests".into(), limit: 10, window: Window::Rolling(Duration::from_secs(1)) },
+                Quota { meter: "tokens".into(), limit: 5, window: Window::Calendar(Period::Day) },
+            ],
+            ..Plan::default()
+        };
+        let account = Account {
+            quota_overrides: vec![
+                Quota { meter: "requests".into(), limit: 5000, window: Window::Calendar(Period::Month) },
+                Quota { meter: "requests".into(), limit: 100, window: Window::Calendar(Period::Day) },
+            ],
+            ..Account::default()
+        };
+        let limits: Vec<u64> = account.quotas_for(&plan, "requests").iter().map(|q| q.limit).collect();
+        assert_eq!(limits, vec![10, 5000, 100]);
+        assert!(account.quotas_for(&plan, "none").is_empty());
+    }
+}

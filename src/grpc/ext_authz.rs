@@ -1,0 +1,191 @@
+//! `envoy.service.auth.v3.Authorization/Check`: one call per HTTP request Envoy sees.
+//!
+//! Always answers with a `CheckResponse` (a deny is a successful RPC whose
+//! `status` is non-OK and whose `denied_response` carries the HTTP answer),
+//! except under `store.on_error: error`, where a store fault fails the RPC
+//! with UNAVAILABLE so that Envoy's `failure_mode_allow` decides.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::ext_authz::v3::pb::{
+    Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue, HeaderValueOption,
+    HttpResponse, HttpStatus, OkHttpResponse,
+};
+use envoy_types::pb::envoy::config::core::v3::Metadata;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use envoy_types::pb::google::rpc;
+use tonic::{Request, Response, Status};
+
+use crate::authorizer::{Ask, Authorizer, Outcome, Query, Subject};
+use crate::decision::{Code, Verdict};
+use crate::identity::Credentials;
+use crate::route::RouteKey;
+
+/// The ext_authz service.
+#[derive(Debug, Clone)]
+pub struct ExtAuthz {
+    authorizer: Arc<Authorizer>,
+}
+
+impl ExtAuthz {
+    /// A service answering from `authorizer`.
+    pub fn new(authorizer: Arc<Authorizer>) -> Self {
+        Self { authorizer }
+    }
+}
+
+/// A CheckRequest's headers and JWT metadata, as [`Credentials`].
+struct EnvoyCredentials<'a> {
+    http: Option<&'a HttpRequest>,
+    metadata: Option<&'a Metadata>,
+}
+
+impl Credentials for EnvoyCredentials<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        let http = self.http?;
+        if let Some(v) = http.headers.get(name) {
+            return Some(v);
+        }
+        // With `encode_raw_headers: true` Envoy fills `header_map` instead.
+        let map = http.header_map.as_ref()?;
+        map.headers.iter().find(|h| h.key.eq_ignore_ascii_case(name)).and_then(|h| {
+            if h.value.is_empty() { std::str::from_utf8(&h.raw_value).ok() } else { Some(h.value.as_str()) }
+        })
+    }
+
+    fn claim(&self, namespace: &str, field: &str, claim: &str) -> Option<String> {
+        let payload = self.metadata?.filter_metadata.get(namespace)?.fields.get(field)?;
+        let mut value = payload;
+        for part in claim.split('.') {
+            match &value.kind {
+                Some(Kind::StructValue(s)) => value = s.fields.get(part)?,
+                _ => return None,
+            }
+        }
+        match &value.kind {
+            Some(Kind::StringValue(s)) => Some(s.clone()),
+            Some(Kind::NumberValue(n)) if n.fract() == 0.0 => Some(format!("{n:.0}")),
+            _ => None,
+        }
+    }
+}
+
+fn header(key: &str, value: &str, action: HeaderAppendAction) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue { key: key.to_owned(), value: value.to_owned(), ..Default::default() }),
+        append_action: action as i32,
+        ..Default::default()
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value { kind: Some(Kind::StringValue(s.to_owned())) }
+}
+
+/// The gRPC status code of a deny: UNAUTHENTICATED for 401, PERMISSION_DENIED for
+/// 402/403, RESOURCE_EXHAUSTED for 429, UNAVAILABLE for 503 (SPEC §5).
+fn rpc_code(verdict: Verdict) -> tonic::Code {
+    match verdict {
+        Verdict::Allow(_) => tonic::Code::Ok,
+        Verdict::Deny(code) => match code.http_status() {
+            401 => tonic::Code::Unauthenticated,
+            429 => tonic::Code::ResourceExhausted,
+            503 => tonic::Code::Unavailable,
+            400 => tonic::Code::InvalidArgument,
+            500 => tonic::Code::Internal,
+            _ => tonic::Code::PermissionDenied,
+        },
+    }
+}
+
+/// Builds the CheckResponse for an outcome.
+pub fn check_response(outcome: &Outcome) -> CheckResponse {
+    let d = &outcome.decision;
+    let r = &outcome.response;
+    let mut meta = HashMap::with_capacity(3);
+    if let Some(a) = &d.account {
+        meta.insert("account".to_owned(), string_value(a));
+    }
+    if let Some(p) = &d.plan {
+        meta.insert("plan".to_owned(), string_value(p));
+    }
+    meta.insert("decision".to_owned(), string_value(d.verdict.label()));
+    let code = rpc_code(d.verdict);
+    let http_response = match d.verdict {
+        Verdict::Allow(_) => HttpResponse::OkResponse(OkHttpResponse {
+            headers: r
+                .upstream_headers
+                .iter()
+                .map(|(k, v)| header(k, v, HeaderAppendAction::OverwriteIfExistsOrAdd))
+                .collect(),
+            headers_to_remove: r.upstream_remove.clone(),
+            response_headers_to_add: r
+                .client_headers
+                .iter()
+                .map(|(k, v)| header(k, v, HeaderAppendAction::OverwriteIfExistsOrAdd))
+                .collect(),
+            ..Default::default()
+        }),
+        Verdict::Deny(_) => HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus { code: i32::from(r.status) }),
+            headers: r
+                .client_headers
+                .iter()
+                .map(|(k, v)| header(k, v, HeaderAppendAction::OverwriteIfExistsOrAdd))
+                .collect(),
+            body: r.body.clone().unwrap_or_default(),
+        }),
+    };
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: code as i32,
+            message: if code == tonic::Code::Ok { String::new() } else { d.verdict.label().to_owned() },
+            details: Vec::new(),
+        }),
+        dynamic_metadata: Some(Struct { fields: meta }),
+        http_response: Some(http_response),
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthz {
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let attributes = req.attributes.as_ref();
+        let http = attributes.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
+        let creds = EnvoyCredentials { http, metadata: attributes.and_then(|a| a.metadata_context.as_ref()) };
+        let ask = match (attributes, http) {
+            (Some(_), Some(h)) => Ask::Http(RouteKey { path: &h.path, method: &h.method, host: &h.host }),
+            // Istio's network-level ext_authz sends peers but no HTTP request.
+            (Some(a), None) if a.source.is_some() || a.destination.is_some() => Ask::NotHttp,
+            // Nothing to go on: an empty path is answered 400 `request_invalid`.
+            _ => Ask::Http(RouteKey { path: "", method: "", host: "" }),
+        };
+        let query = Query { subject: Subject::Request(&creds), ask, cost: None, dry_run: false };
+        let outcome = match self.authorizer.authorize(query).await {
+            Ok(o) => o,
+            Err(e) => {
+                let metrics = self.authorizer.metrics();
+                metrics.record_decision(Verdict::Deny(Code::StoreUnavailable), started.elapsed());
+                return Err(Status::unavailable(e.to_string()));
+            }
+        };
+        let d = &outcome.decision;
+        if let Verdict::Deny(code) = d.verdict {
+            tracing::info!(
+                account = d.account.as_deref().unwrap_or("-"),
+                route = %outcome.route,
+                code = code.as_str(),
+                status = code.http_status(),
+                "check denied"
+            );
+        }
+        let response = check_response(&outcome);
+        self.authorizer.metrics().record_decision(d.verdict, started.elapsed());
+        Ok(Response::new(response))
+    }
+}

@@ -1,0 +1,196 @@
+//! Who is calling: the configured identity sources, tried in order.
+//!
+//! Depends on nothing of ours. The transport (gRPC ext_authz, the internal
+//! API) implements [`Credentials`] so that prost types never reach here.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+/// One way to find the caller, as configured under `identity:`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// An API key in a header, optionally after an auth scheme (`Bearer <key>`).
+    ApiKey {
+        /// Lower-case header name.
+        header: String,
+        /// Auth scheme that must prefix the value, compared case-insensitively.
+        scheme: Option<String>,
+    },
+    /// An account id in a JWT claim that Envoy's `jwt_authn` filter verified and
+    /// put into dynamic metadata.
+    JwtClaim {
+        /// Filter metadata namespace, e.g. `envoy.filters.http.jwt_authn`.
+        namespace: String,
+        /// Field under the namespace holding the payload (`payload_in_metadata`).
+        field: String,
+        /// Claim holding the account id; dots walk into nested objects.
+        claim: String,
+    },
+    /// An account id in a header that a filter in front of us sets (never trust
+    /// it unless that filter overwrites what clients send).
+    TrustedHeader {
+        /// Lower-case header name.
+        header: String,
+    },
+}
+
+/// Read access to the request's credentials, implemented by each transport.
+pub trait Credentials {
+    /// A request header by lower-case name.
+    fn header(&self, name: &str) -> Option<&str>;
+    /// A string claim from verified JWT metadata.
+    fn claim(&self, namespace: &str, field: &str, claim: &str) -> Option<String>;
+}
+
+/// What the caller presented, before the store is asked about it.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Presented {
+    /// No configured source found anything.
+    Nothing,
+    /// An API key, to be looked up by its hash.
+    ApiKey {
+        /// The header that carried it: removed before the upstream.
+        header: String,
+        /// The secret itself; never logged (see the `Debug` impl).
+        key: String,
+    },
+    /// An account id from a verified claim or a trusted header.
+    Account(String),
+}
+
+impl fmt::Debug for Presented {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Presented::Nothing => f.write_str("Nothing"),
+            Presented::ApiKey { header, .. } => write!(f, "ApiKey {{ header: {header:?}, key: <redacted> }}"),
+            Presented::Account(id) => f.debug_tuple("Account").field(id).finish(),
+        }
+    }
+}
+
+/// Tries `sources` in order; the first that yields a credential decides, so an
+/// invalid API key is never rescued by a later source.
+pub fn identify(sources: &[IdentitySource], creds: &impl Credentials) -> Presented {
+    for source in sources {
+        match source {
+            IdentitySource::ApiKey { header, scheme } => {
+                let Some(value) = creds.header(header) else { continue };
+                let key = match scheme {
+                    Some(scheme) => match strip_scheme(value, scheme) {
+                        Some(key) => key,
+                        None => continue,
+                    },
+                    None => value.trim(),
+                };
+                if !key.is_empty() {
+                    return Presented::ApiKey { header: header.clone(), key: key.to_owned() };
+                }
+            }
+            IdentitySource::JwtClaim { namespace, field, claim } => {
+                if let Some(id) = creds.claim(namespace, field, claim).filter(|id| !id.is_empty()) {
+                    return Presented::Account(id);
+                }
+            }
+            IdentitySource::TrustedHeader { header } => {
+                if let Some(id) = creds.header(header).map(str::trim).filter(|id| !id.is_empty()) {
+                    return Presented::Account(id.to_owned());
+                }
+            }
+        }
+    }
+    Presented::Nothing
+}
+
+fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
+    let value = value.trim_start();
+    let (got, rest) = value.split_once(' ')?;
+    got.eq_ignore_ascii_case(scheme).then(|| rest.trim())
+}
+
+/// The SHA-256 of an API key: the only form in which keys are stored.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl KeyHash {
+    /// Hashes a presented or newly created key.
+    pub fn of(key: &str) -> Self {
+        Self(Sha256::digest(key.as_bytes()).into())
+    }
+
+    /// Lower-case hex, as stored in Redis keys.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyHash({}…)", &self.to_hex()[..12])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    struct Req {
+        headers: HashMap<&'static str, &'static str>,
+        claims: HashMap<&'static str, &'static str>,
+    }
+
+    impl Credentials for Req {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers.get(name).copied()
+        }
+        fn claim(&self, _ns: &str, _field: &str, claim: &str) -> Option<String> {
+            self.claims.get(claim).map(|s| s.to_string())
+        }
+    }
+
+    fn sources() -> Vec<IdentitySource> {
+        vec![
+            IdentitySource::ApiKey { header: "x-api-key".into(), scheme: None },
+            IdentitySource::ApiKey { header: "authorization".into(), scheme: Some("Bearer".into()) },
+            IdentitySource::JwtClaim { namespace: "jwt".into(), field: "payload".into(), claim: "org_id".into() },
+            IdentitySource::TrustedHeader { header: "x-account-id".into() },
+        ]
+    }
+
+    fn req(headers: &[(&'static str, &'static str)], claims: &[(&'static str, &'static str)]) -> Req {
+        Req { headers: headers.iter().copied().collect(), claims: claims.iter().copied().collect() }
+    }
+
+    #[test]
+    fn sources_are_tried_in_order() {
+        let s = sources();
+        let key = |h: &str, k: &str| Presented::ApiKey { header: h.into(), key: k.into() };
+        assert_eq!(identify(&s, &req(&[], &[])), Presented::Nothing);
+        assert_eq!(identify(&s, &req(&[("x-api-key", " k1 ")], &[])), key("x-api-key", "k1"));
+        assert_eq!(
+            identify(&s, &req(&[("authorization", "bearer  k2"), ("x-account-id", "a")], &[])),
+            key("authorization", "k2")
+        );
+        assert_eq!(
+            identify(&s, &req(&[("authorization", "Basic Zm9v"), ("x-account-id", "a")], &[("org_id", "o")])),
+            Presented::Account("o".into()),
+            "a foreign scheme is not ours; the next source applies"
+        );
+        assert_eq!(identify(&s, &req(&[("x-account-id", "a")], &[])), Presented::Account("a".into()));
+        assert_eq!(identify(&s, &req(&[("x-api-key", "")], &[])), Presented::Nothing);
+    }
+
+    #[test]
+    fn debug_never_shows_the_key() {
+        let p = Presented::ApiKey { header: "x-api-key".into(), key: "sekret".into() };
+        assert!(!format!("{p:?}").contains("sekret"));
+        assert!(!format!("{:?}", KeyHash::of("sekret")).contains("sekret"));
+    }
+
+    #[test]
+    fn key_hash_is_sha256_hex() {
+        assert_eq!(KeyHash::of("abc").to_hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+}

@@ -1,0 +1,37 @@
+//! tollgate: an Envoy/Istio external-authorization server that turns billing
+//! state into access decisions.
+//!
+//! # Layout
+//!
+//! | module | role | may use |
+//! |---|---|---|
+//! | [`entitlement`] | plans, accounts, quotas, calendar windows | nothing of ours |
+//! | [`usage`] | what a request spends and what the counters answer | `entitlement` |
+//! | [`route`] | the route table and matching | nothing of ours |
+//! | [`identity`] | identity sources, API-key hashing | nothing of ours |
+//! | [`decision`] | the decision table as a pure function | `entitlement`, `usage` |
+//! | [`config`] | YAML → validated domain types | domain modules |
+//! | [`problem`] | decisions → problem bodies and headers | `decision`, `config` |
+//! | [`store`] | the `Store` trait; memory backend | `entitlement`, `usage`, `identity` |
+//! | [`metrics`] | Prometheus registry | `decision` (labels) |
+//! | [`authorizer`] | route → identify → store → decide → render | all of the above |
+//! | [`grpc`] | ext_authz and `tollgate.v1` translations | `authorizer` |
+//! | [`http`] | `/healthz`, `/readyz`, `/metrics` | `metrics` |
+//! | [`server`] | wiring, health, graceful shutdown | everything |
+//!
+//! Envoy and prost types stop at [`grpc`]. Locks are `std::sync` ones: none is
+//! ever held across an `.await`, and each guards a few assignments.
+
+pub mod authorizer;
+pub mod config;
+pub mod decision;
+pub mod entitlement;
+pub mod grpc;
+pub mod http;
+pub mod identity;
+pub mod metrics;
+pub mod problem;
+pub mod route;
+pub mod server;
+pub mod store;
+pub mod usage;

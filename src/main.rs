@@ -1,0 +1,192 @@
+//! The `tollgate` binary: parse the CLI, load and validate config, start logging,
+//! bind, and hand over to [`tollgate::server::run`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::net::TcpListener;
+use tollgate::config::{Backend, Config, ConfigError, DEMO_CONFIG, StoreUrl};
+use tollgate::server::{self, Handle, Listeners};
+use tollgate::store::{self, MemoryStore, Seed, Store};
+
+/// Exit code for a bad config or command line (EX_USAGE), before any port is bound.
+const EXIT_CONFIG: i32 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "tollgate", version, about = "Envoy ext_authz server that turns billing state into access decisions")]
+struct Cli {
+    /// YAML config; without it the bundled demo config (memory store, demo accounts) is used.
+    #[arg(long, env = "TOLLGATE_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Redis URL; sets store.backend to redis and overrides store.url.
+    #[arg(long, env = "TOLLGATE_REDIS_URL", global = true)]
+    redis_url: Option<String>,
+    /// Log format.
+    #[arg(long, env = "TOLLGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate a config and print a summary; exit 0 when valid.
+    CheckConfig {
+        /// The config file.
+        path: PathBuf,
+    },
+    /// Write the config's `accounts:` into the configured store (idempotent).
+    Seed,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn load(path: Option<&Path>, redis_url: Option<&str>) -> Result<Config, ConfigError> {
+    let mut config = match path {
+        Some(p) => Config::load(p)?,
+        None => Config::parse(DEMO_CONFIG, "<bundled demo config>")?,
+    };
+    if let Some(url) = redis_url {
+        config.store.backend = Backend::Redis;
+        config.store.url = StoreUrl(url.to_owned());
+    }
+    Ok(config)
+}
+
+fn load_or_exit(path: Option<&Path>, redis_url: Option<&str>) -> Config {
+    match load(path, redis_url) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tollgate: invalid config: {e}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    }
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match config.store.backend {
+        Backend::Memory => {
+            let store = Arc::new(MemoryStore::new());
+            seed_all(store.as_ref(), config).await?;
+            Ok(store)
+        }
+        Backend::Redis => anyhow::bail!("store.backend: redis is not available in this build yet; use memory"),
+    }
+}
+
+async fn seed_all(store: &dyn Store, config: &Config) -> anyhow::Result<usize> {
+    let seeds = config.accounts.iter().map(|a| Seed { account: &a.account, api_keys: &a.api_keys, credits: a.credits });
+    Ok(store::seed(store, seeds).await?)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Reloads the config on SIGHUP; an invalid file keeps the old config.
+#[cfg(unix)]
+fn reload_on_hup(handle: Handle, path: Option<PathBuf>, redis_url: Option<String>) {
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+        while hup.recv().await.is_some() {
+            let metrics = handle.authorizer.metrics();
+            match load(path.as_deref(), redis_url.as_deref()) {
+                Ok(c) => {
+                    handle.authorizer.replace_config(Arc::new(c));
+                    metrics.record_reload("ok");
+                    tracing::info!("config reloaded");
+                }
+                Err(e) => {
+                    metrics.record_reload("error");
+                    tracing::error!(error = %e, "config reload rejected; keeping the old config");
+                }
+            }
+        }
+    });
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match &cli.command {
+        Some(Command::CheckConfig { path }) => match load(Some(path), cli.redis_url.as_deref()) {
+            Ok(c) => {
+                println!("{}: valid\n{}", path.display(), c.summary());
+                return Ok(());
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(EXIT_CONFIG);
+            }
+        },
+        Some(Command::Seed) => {
+            let config = load_or_exit(cli.config.as_deref(), cli.redis_url.as_deref());
+            init_logging(cli.log_format);
+            let store = open_store(&config).await?;
+            let n = seed_all(store.as_ref(), &config).await?;
+            println!("seeded {n} accounts into the {:?} store", config.store.backend);
+            return Ok(());
+        }
+        None => {}
+    }
+
+    let config = load_or_exit(cli.config.as_deref(), cli.redis_url.as_deref());
+    init_logging(cli.log_format);
+    let store = open_store(&config).await?;
+    let grpc = TcpListener::bind(config.server.grpc_listen)
+        .await
+        .with_context(|| format!("binding server.grpc_listen {}", config.server.grpc_listen))?;
+    let http = TcpListener::bind(config.server.http_listen)
+        .await
+        .with_context(|| format!("binding server.http_listen {}", config.server.http_listen))?;
+    tracing::info!(
+        grpc = %config.server.grpc_listen,
+        http = %config.server.http_listen,
+        store = ?config.store.backend,
+        config = %cli.config.as_ref().map_or("<bundled demo>".into(), |p| p.display().to_string()),
+        "tollgate listening"
+    );
+    let (path, redis_url) = (cli.config.clone(), cli.redis_url.clone());
+    server::run(Arc::new(config), store, Listeners { grpc, http }, shutdown_signal(), move |handle| {
+        #[cfg(unix)]
+        reload_on_hup(handle, path, redis_url);
+        #[cfg(not(unix))]
+        let _ = (handle, path, redis_url);
+    })
+    .await?;
+    Ok(())
+}

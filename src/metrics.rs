@@ -1,0 +1,144 @@
+//! Prometheus metrics of SPEC §8, encoded by `prometheus-client`.
+//!
+//! Label values are `&'static str` so recording allocates nothing on the
+//! Check path. Depends on `decision` for the label names only.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::decision::Verdict;
+
+/// The content type of [`Metrics::encode`]'s output (OpenMetrics text, which Prometheus scrapes natively).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    status: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// Every metric the server exports, registered once at start-up.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    check_duration: Histogram,
+    cache_requests: Family<ResultLabels, Counter>,
+    store_errors: Counter,
+    config_reloads: Family<ResultLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        402 => "402",
+        403 => "403",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        _ => "other",
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register("tollgate_decisions", "Check decisions by HTTP status and decision code", decisions.clone());
+        let buckets = [0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+        let check_duration = Histogram::new(buckets);
+        registry.register(
+            "tollgate_check_duration_seconds",
+            "Time to answer one ext_authz Check, store calls included",
+            check_duration.clone(),
+        );
+        let cache_requests = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "tollgate_cache_requests",
+            "Entitlement cache lookups by result (hit, miss)",
+            cache_requests.clone(),
+        );
+        let store_errors = Counter::default();
+        registry.register("tollgate_store_errors", "Store calls that failed or timed out", store_errors.clone());
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register("tollgate_config_reloads", "Config reloads by result (ok, error)", config_reloads.clone());
+        Self { registry, decisions, check_duration, cache_requests, store_errors, config_reloads }
+    }
+
+    /// Counts one Check and its latency.
+    pub fn record_decision(&self, verdict: Verdict, elapsed: Duration) {
+        self.decisions
+            .get_or_create(&DecisionLabels { status: status_label(verdict.http_status()), code: verdict.label() })
+            .inc();
+        self.check_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a cache lookup (`hit` or `miss`).
+    pub fn record_cache(&self, result: &'static str) {
+        self.cache_requests.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts a failed store call.
+    pub fn record_store_error(&self) {
+        self.store_errors.inc();
+    }
+
+    /// Counts a config reload (`ok` or `error`).
+    pub fn record_reload(&self, result: &'static str) {
+        self.config_reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// The text exposition for `/metrics`.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::{AllowKind, Code};
+
+    #[test]
+    fn names_match_the_spec() {
+        let m = Metrics::new();
+        m.record_decision(Verdict::Deny(Code::QuotaExhausted), Duration::from_micros(30));
+        m.record_decision(Verdict::Allow(AllowKind::Allowed), Duration::from_micros(30));
+        m.record_cache("hit");
+        m.record_store_error();
+        m.record_reload("ok");
+        let text = m.encode();
+        for needle in [
+            "tollgate_decisions_total{status=\"402\",code=\"quota_exhausted\"} 1",
+            "tollgate_decisions_total{status=\"200\",code=\"allowed\"} 1",
+            "tollgate_check_duration_seconds_bucket{le=\"0.00005\"} 2",
+            "tollgate_cache_requests_total{result=\"hit\"} 1",
+            "tollgate_store_errors_total 1",
+            "tollgate_config_reloads_total{result=\"ok\"} 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! Turns a [`Decision`] into what the client and the upstream see: the RFC 9457
+//! problem body, `Link`, `Retry-After`, `RateLimit`/`RateLimit-Policy`
+//! (draft-ietf-httpapi-ratelimit-headers-10 Structured Fields), `WWW-Authenticate`,
+//! and the headers for the upstream. Pure: `now` is an argument.
+//!
+//! The one place decisions become responses, so both transports (Envoy's
+//! ext_authz and `tollgate.v1.Authorize`) answer with the same words.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::decision::{AllowKind, Code, Decision, QuotaState, Verdict};
+use crate::entitlement::{Period, Window};
+use crate::identity::IdentitySource;
+
+/// Header telling the upstream which account is calling.
+pub const ACCOUNT_HEADER: &str = "x-tollgate-account";
+/// Header telling the upstream the account's plan.
+pub const PLAN_HEADER: &str = "x-tollgate-plan";
+/// Header warning the client (and upstream) of a failed payment inside its grace period.
+pub const BILLING_WARNING_HEADER: &str = "x-tollgate-billing-warning";
+/// Header marking a request let through because the store failed (`on_error: allow`).
+pub const DEGRADED_HEADER: &str = "x-tollgate-degraded";
+
+/// A rendered decision, free of any transport's types.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Response {
+    /// The HTTP status the client sees.
+    pub status: u16,
+    /// The problem JSON on a deny.
+    pub body: Option<String>,
+    /// Headers for the client (on a deny: with the body; on an allow: added to the upstream's response).
+    pub client_headers: Vec<(String, String)>,
+    /// Headers set (overwriting) on the request to the upstream; allow only.
+    pub upstream_headers: Vec<(String, String)>,
+    /// Request headers removed before the upstream; allow only.
+    pub upstream_remove: Vec<String>,
+}
+
+/// What the caller sent that shapes the response.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Context<'a> {
+    /// The header that carried an API key: stripped before the upstream.
+    pub credential_header: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: String,
+    status: u16,
+    detail: String,
+    code: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plan: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    link: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    feature: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subscription_status: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grace_ended_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credits: Option<Credits>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quota: Option<QuotaBody<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Credits {
+    balance: u64,
+    cost: u64,
+}
+
+#[derive(Serialize)]
+struct QuotaBody<'a> {
+    meter: &'a str,
+    policy: String,
+    limit: u64,
+    used: u64,
+    remaining: u64,
+    resets_at: String,
+}
+
+/// RFC 3339 with seconds, `Z`: the one timestamp format of bodies and headers.
+pub fn timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Whole seconds from `now` until `t`, rounded up, never negative.
+fn secs_until(t: DateTime<Utc>, now: DateTime<Utc>) -> u64 {
+    let ms = (t - now).num_milliseconds();
+    if ms <= 0 { 0 } else { (ms as u64).div_ceil(1000) }
+}
+
+fn window_secs(state: &QuotaState, now: DateTime<Utc>) -> u64 {
+    match state.quota.window {
+        Window::Calendar(p) => {
+            let (start, end) = p.bounds(now);
+            secs_until(end, start)
+        }
+        Window::Rolling(d) => d.as_millis().div_ceil(1000).max(1) as u64,
+    }
+}
+
+/// `RateLimit-Policy` and `RateLimit` for the quotas a request touched. The
+/// `RateLimit` item is the quota that denied the request, else the one with
+/// the fewest units left (the one a client must pace itself by).
+fn ratelimit_headers(d: &Decision, now: DateTime<Utc>, out: &mut Vec<(String, String)>) {
+    if d.quotas.is_empty() {
+        return;
+    }
+    let policy: Vec<String> = d
+        .quotas
+        .iter()
+        .map(|q| format!("\"{}\";q={};w={}", q.quota.policy_name(), q.quota.limit, window_secs(q, now)))
+        .collect();
+    out.push(("ratelimit-policy".into(), policy.join(", ")));
+    let current = d.denying_quota().or_else(|| d.quotas.iter().min_by_key(|q| q.remaining));
+    if let Some(q) = current {
+        out.push((
+            "ratelimit".into(),
+            format!("\"{}\";r={};t={}", q.quota.policy_name(), q.remaining, secs_until(q.resets_at, now)),
+        ));
+    }
+}
+
+fn period_title(p: Period) -> &'static str {
+    match p {
+        Period::Minute => "Per-minute quota exhausted",
+        Period::Hour => "Hourly quota exhausted",
+        Period::Day => "Daily quota exhausted",
+        Period::Month => "Monthly quota exhausted",
+    }
+}
+
+fn default_title(code: Code, d: &Decision) -> String {
+    match code {
+        Code::CredentialsMissing => "Credentials missing",
+        Code::CredentialsInvalid => "Credentials invalid",
+        Code::RouteNotAllowed => "Route not allowed",
+        Code::AccountBlocked => "Account blocked",
+        Code::SubscriptionInactive => "Subscription inactive",
+        Code::PaymentOverdue => "Payment overdue",
+        Code::FeatureNotInPlan => "Feature not in plan",
+        Code::InsufficientCredits => "Insufficient credits",
+        Code::QuotaExhausted => match d.denying_quota().map(|q| q.quota.window) {
+            Some(Window::Calendar(p)) => period_title(p),
+            _ => "Quota exhausted",
+        },
+        Code::RateLimited => "Rate limit exceeded",
+        Code::StoreUnavailable => "Billing state unavailable",
+        Code::RequestInvalid => "Request invalid",
+        Code::PlanUnknown => "Plan not configured",
+    }
+    .to_owned()
+}
+
+fn per_window(w: Window) -> String {
+    match w {
+        Window::Calendar(p) => format!("per {}", p.as_str()),
+        Window::Rolling(_) => format!("per {}", w.label()),
+    }
+}
+
+fn default_detail(code: Code, d: &Decision, v: &Vars) -> String {
+    let plan = v.get("plan");
+    let account = v.get("account");
+    match code {
+        Code::CredentialsMissing => "This route needs credentials; none were sent.".into(),
+        Code::CredentialsInvalid => "The credentials sent are not valid: unknown or revoked.".into(),
+        Code::RouteNotAllowed => "No route allows this request.".into(),
+        Code::AccountBlocked => format!("Account {account} is blocked. Contact support."),
+        Code::SubscriptionInactive => {
+            format!("The subscription of account {account} is {}; renew it to regain access.", v.get("status"))
+        }
+        Code::PaymentOverdue => format!(
+            "A payment for account {account} failed and the grace period ended at {}; pay the open invoice to regain access.",
+            v.get("grace_ends_at")
+        ),
+        Code::FeatureNotInPlan => {
+            format!("Plan {plan} does not include the {} feature; upgrade to use it.", v.get("feature"))
+        }
+        Code::InsufficientCredits => format!(
+            "This request costs {} credits; account {account} has {} left. Add credits to continue.",
+            v.get("cost"),
+            v.get("credits")
+        ),
+        Code::QuotaExhausted => match d.denying_quota() {
+            Some(q) => format!(
+                "Plan {plan} includes {} {} {}; all are used.",
+                q.quota.limit,
+                q.quota.meter,
+                per_window(q.quota.window)
+            ),
+            None => "A quota is exhausted.".into(),
+        },
+        Code::RateLimited => match d.denying_quota() {
+            Some(q) => format!(
+                "Plan {plan} allows {} {} {}; retry in {} seconds.",
+                q.quota.limit,
+                q.quota.meter,
+                per_window(q.quota.window),
+                v.get("retry_after")
+            ),
+            None => "Too many requests.".into(),
+        },
+        Code::StoreUnavailable => "Billing state cannot be read right now; retry shortly.".into(),
+        Code::RequestInvalid => "The request could not be read.".into(),
+        Code::PlanUnknown => format!("Plan {plan} is not configured on this server."),
+    }
+}
+
+/// Placeholder values for overridable texts (`{account}`, `{limit}`, ...).
+struct Vars(Vec<(&'static str, String)>);
+
+impl Vars {
+    fn get(&self, name: &str) -> &str {
+        self.0.iter().find(|(k, _)| *k == name).map_or("", |(_, v)| v.as_str())
+    }
+
+    fn fill(&self, template: &str) -> String {
+        let mut out = template.to_owned();
+        for (k, v) in &self.0 {
+            out = out.replace(&format!("{{{k}}}"), v);
+        }
+        out
+    }
+}
+
+fn vars(d: &Decision, link: Option<&str>, retry_after: Option<u64>) -> Vars {
+    let mut v = Vec::with_capacity(16);
+    let mut push = |k: &'static str, val: Option<String>| {
+        if let Some(val) = val {
+            v.push((k, val));
+        }
+    };
+    push("account", d.account.clone());
+    push("plan", d.plan.clone());
+    push("feature", d.feature.clone());
+    push("status", d.status.map(|s| s.to_string()));
+    push("grace_ends_at", d.grace_until.map(timestamp));
+    push("cost", Some(d.cost.to_string()));
+    push("credits", d.credits.map(|c| c.to_string()));
+    push("link", link.map(str::to_owned));
+    push("retry_after", retry_after.map(|r| r.to_string()));
+    if let Some(q) = d.denying_quota() {
+        push("meter", Some(q.quota.meter.clone()));
+        push("limit", Some(q.quota.limit.to_string()));
+        push("used", Some(q.used.to_string()));
+        push("remaining", Some(q.remaining.to_string()));
+        push("window", Some(q.quota.window.label()));
+        push("resets_at", Some(timestamp(q.resets_at)));
+    }
+    Vars(v)
+}
+
+/// The `WWW-Authenticate` challenges for the configured API-key sources.
+fn challenges(identity: &[IdentitySource]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for source in identity {
+        if let IdentitySource::ApiKey { header, scheme } = source {
+            let c = match scheme {
+                Some(s) => format!("{s} realm=\"tollgate\""),
+                None => format!("ApiKey realm=\"tollgate\", header=\"{header}\""),
+            };
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push("Bearer realm=\"tollgate\"".into());
+    }
+    out.join(", ")
+}
+
+/// Renders `d` as seen by the client and the upstream.
+pub fn render(d: &Decision, config: &Config, ctx: Context<'_>, now: DateTime<Utc>) -> Response {
+    match d.verdict {
+        Verdict::Allow(kind) => render_allow(d, kind, config, ctx, now),
+        Verdict::Deny(code) => render_deny(d, code, config, now),
+    }
+}
+
+fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>, now: DateTime<Utc>) -> Response {
+    let mut r = Response { status: 200, ..Response::default() };
+    match (&d.account, &d.plan) {
+        (Some(account), Some(plan)) => {
+            r.upstream_headers.push((ACCOUNT_HEADER.into(), account.clone()));
+            r.upstream_headers.push((PLAN_HEADER.into(), plan.clone()));
+        }
+        // No verified identity: make sure a client cannot forge one for the upstream.
+        _ => r.upstream_remove.extend([ACCOUNT_HEADER.to_owned(), PLAN_HEADER.to_owned()]),
+    }
+    if let Some(h) = ctx.credential_header {
+        r.upstream_remove.push(h.to_owned());
+    }
+    if kind == AllowKind::FailOpen {
+        r.upstream_headers.push((DEGRADED_HEADER.into(), Code::StoreUnavailable.as_str().into()));
+    }
+    if kind == AllowKind::Grace {
+        let until = d.grace_until.map(timestamp).unwrap_or_default();
+        let warning = format!("payment_overdue; grace_ends_at=\"{until}\"");
+        r.client_headers.push((BILLING_WARNING_HEADER.into(), warning.clone()));
+        r.upstream_headers.push((BILLING_WARNING_HEADER.into(), warning));
+        if let Some(link) = d.account.as_deref().and_then(|a| config.billing.portal_for(a)) {
+            r.client_headers.push(("link".into(), format!("<{link}>; rel=\"payment\"")));
+        }
+    }
+    ratelimit_headers(d, now, &mut r.client_headers);
+    r
+}
+
+fn render_deny(d: &Decision, code: Code, config: &Config, now: DateTime<Utc>) -> Response {
+    let status = code.http_status();
+    let overrides = config.problems.overrides.get(&code);
+    let retry_after = match code {
+        Code::RateLimited => d.denying_quota().map(|q| secs_until(q.retry_at, now).max(1)),
+        Code::QuotaExhausted => d.denying_quota().map(|q| secs_until(q.resets_at, now).max(1)),
+        _ => None,
+    };
+    let portal = if status == 402 { d.account.as_deref().and_then(|a| config.billing.portal_for(a)) } else { None };
+    let v = vars(d, portal.as_deref(), retry_after);
+    let link = match overrides.and_then(|o| o.link.as_deref()) {
+        Some(template) if status == 402 => Some(v.fill(template)),
+        _ => portal,
+    };
+    let title = overrides.and_then(|o| o.title.as_deref()).map_or_else(|| default_title(code, d), |t| v.fill(t));
+    let detail = overrides.and_then(|o| o.detail.as_deref()).map_or_else(|| default_detail(code, d, &v), |t| v.fill(t));
+    let problem = Problem {
+        kind: format!("{}{}", config.problems.type_base, code.as_str().replace('_', "-")),
+        title,
+        status,
+        detail,
+        code: code.as_str(),
+        account: d.account.as_deref(),
+        plan: d.plan.as_deref(),
+        link: link.clone(),
+        feature: d.feature.as_deref().filter(|_| code == Code::FeatureNotInPlan),
+        subscription_status: d.status.filter(|_| code == Code::SubscriptionInactive).map(|s| s.as_str()),
+        grace_ended_at: d.grace_until.filter(|_| code == Code::PaymentOverdue).map(timestamp),
+        credits: (code == Code::InsufficientCredits).then(|| Credits { balance: d.credits.unwrap_or(0), cost: d.cost }),
+        quota: d.denying_quota().map(|q| QuotaBody {
+            meter: &q.quota.meter,
+            policy: q.quota.policy_name(),
+            limit: q.quota.limit,
+            used: q.used,
+            remaining: q.remaining,
+            resets_at: timestamp(q.resets_at),
+        }),
+        retry_after,
+    };
+    // Serializing plain strings and numbers cannot fail; an empty object is the safe fallback.
+    let body = serde_json::to_string(&problem).unwrap_or_else(|_| "{}".into());
+
+    let mut h = vec![
+        ("content-type".to_owned(), "application/problem+json".to_owned()),
+        ("cache-control".to_owned(), "no-store".to_owned()),
+    ];
+    if let Some(link) = link {
+        h.push(("link".into(), format!("<{link}>; rel=\"payment\"")));
+    }
+    if let Some(secs) = retry_after {
+        h.push(("retry-after".into(), secs.to_string()));
+    }
+    if status == 401 {
+        h.push(("www-authenticate".into(), challenges(&config.identity)));
+    }
+    ratelimit_headers(d, now, &mut h);
+    Response { status, body: Some(body), client_headers: h, ..Response::default() }
+}

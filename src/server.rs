@@ -1,0 +1,176 @@
+//! Wires the pieces and runs both ports until shutdown.
+//!
+//! [`run`] takes its listeners and its shutdown signal from the caller, so
+//! tests start it on `127.0.0.1:0` and stop it with a oneshot. Health follows
+//! the store: NOT_SERVING until the store answers, NOT_SERVING again when it
+//! stops answering or shutdown begins; then the listeners close and in-flight
+//! requests drain, bounded by `server.drain_timeout`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::authorizer::Authorizer;
+use crate::config::Config;
+use crate::grpc::api::Api;
+use crate::grpc::ext_authz::ExtAuthz;
+use crate::grpc::pb::tollgate_server::TollgateServer;
+use crate::http::{self, HttpState};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// How often readiness re-checks the store.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A server that failed while running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The gRPC server stopped with an error.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The HTTP server stopped with an error.
+    #[error("HTTP server: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// The bound listeners (bound by the caller, so tests can use port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    /// ext_authz, health and `tollgate.v1`.
+    pub grpc: TcpListener,
+    /// Metrics and HTTP health.
+    pub http: TcpListener,
+}
+
+/// Handles a running server exposes to its caller (reloads, tests).
+#[derive(Debug, Clone)]
+pub struct Handle {
+    /// Decides requests; `replace_config` reloads.
+    pub authorizer: Arc<Authorizer>,
+}
+
+/// Sets every service's health status at once.
+async fn set_health(reporter: &HealthReporter, serving: bool) {
+    let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+    reporter.set_service_status("", status).await;
+    if serving {
+        reporter.set_serving::<AuthorizationServer<ExtAuthz>>().await;
+        reporter.set_serving::<TollgateServer<Api>>().await;
+    } else {
+        reporter.set_not_serving::<AuthorizationServer<ExtAuthz>>().await;
+        reporter.set_not_serving::<TollgateServer<Api>>().await;
+    }
+}
+
+/// Runs tollgate on `listeners` until `shutdown` resolves; `on_start` receives
+/// the handle once the services exist (before the first request is served).
+pub async fn run(
+    config: Arc<Config>,
+    store: Arc<dyn Store>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+    on_start: impl FnOnce(Handle) + Send,
+) -> Result<(), ServerError> {
+    let drain_delay = config.server.drain_delay;
+    let drain_timeout = config.server.drain_timeout;
+    let metrics = Arc::new(Metrics::new());
+    let authorizer = Arc::new(Authorizer::new(config, store.clone(), metrics.clone()));
+    on_start(Handle { authorizer: authorizer.clone() });
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_health(&reporter, false).await;
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (probe_stop_tx, probe_stop_rx) = watch::channel(false);
+
+    // Readiness follows the store until shutdown begins.
+    let probe = {
+        let (reporter, ready, mut stop) = (reporter.clone(), ready.clone(), probe_stop_rx);
+        let authorizer = authorizer.clone();
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let timeout = authorizer.config().store.timeout.max(Duration::from_millis(500));
+                let ok = matches!(tokio::time::timeout(timeout, store.ping()).await, Ok(Ok(())));
+                if last != Some(ok) {
+                    if ok {
+                        tracing::info!("store reachable: serving");
+                    } else {
+                        tracing::warn!("store unreachable: not serving");
+                    }
+                    ready.store(ok, Ordering::Relaxed);
+                    set_health(&reporter, ok).await;
+                    last = Some(ok);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        })
+    };
+
+    let wait_stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(AuthorizationServer::new(ExtAuthz::new(authorizer.clone())))
+        .add_service(TollgateServer::new(Api::new(authorizer.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), wait_stop(stop_rx.clone()));
+    let router = http::router(HttpState { metrics, ready: ready.clone() });
+    let http = axum::serve(listeners.http, router).with_graceful_shutdown(wait_stop(stop_rx.clone()));
+    let mut grpc = tokio::spawn(grpc);
+    let mut http = tokio::spawn(async move { http.await });
+
+    tokio::select! {
+        _ = shutdown => {}
+        r = &mut grpc => return flatten_grpc(r),
+        r = &mut http => return flatten_http(r),
+    }
+    tracing::info!(?drain_delay, "shutting down: health NOT_SERVING");
+    let _ = probe_stop_tx.send(true);
+    let _ = probe.await;
+    ready.store(false, Ordering::Relaxed);
+    set_health(&reporter, false).await;
+    // Let load balancers see NOT_SERVING before the listeners close.
+    tokio::time::sleep(drain_delay).await;
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(drain_timeout, async {
+        let g = (&mut grpc).await;
+        let h = (&mut http).await;
+        (g, h)
+    })
+    .await;
+    match drained {
+        Ok((g, h)) => {
+            flatten_grpc(g)?;
+            flatten_http(h)?;
+            tracing::info!("drained; bye");
+        }
+        Err(_) => tracing::warn!(?drain_timeout, "drain timed out; exiting with requests in flight"),
+    }
+    Ok(())
+}
+
+fn flatten_grpc(r: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>) -> Result<(), ServerError> {
+    match r {
+        Ok(r) => r.map_err(ServerError::from),
+        Err(e) => Err(ServerError::Http(std::io::Error::other(e))),
+    }
+}
+
+fn flatten_http(r: Result<Result<(), std::io::Error>, tokio::task::JoinError>) -> Result<(), ServerError> {
+    match r {
+        Ok(r) => r.map_err(ServerError::from),
+        Err(e) => Err(ServerError::Http(std::io::Error::other(e))),
+    }
+}

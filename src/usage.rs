@@ -1,0 +1,60 @@
+//! What a request asks the counters, and what they answer.
+//!
+//! The vocabulary shared by `decision` (which builds a [`Spend`] and reads the
+//! [`SpendAnswer`]) and `store` (which carries it out atomically). Neither
+//! knows the other; both know this.
+
+use chrono::{DateTime, Utc};
+
+use crate::entitlement::Quota;
+
+/// Everything one request would spend, checked and applied all-or-nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spend {
+    /// The account whose counters and credits are touched.
+    pub account: String,
+    /// Every quota the request counts against; each gets `cost` units.
+    pub quotas: Vec<Quota>,
+    /// Units the request spends on each quota.
+    pub cost: u64,
+    /// Credits the request spends (prepaid plans); `None` when it spends none.
+    pub credits: Option<u64>,
+    /// The instant the windows are computed for, from the caller's clock.
+    pub now: DateTime<Utc>,
+    /// Check only; spend nothing.
+    pub dry_run: bool,
+}
+
+/// The counters' answer: how each quota stands, and whether anything was spent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendAnswer {
+    /// True when every check passed and (unless `dry_run`) everything was spent.
+    pub spent: bool,
+    /// One entry per [`Spend::quotas`], in the same order.
+    pub quotas: Vec<QuotaUsage>,
+    /// The credit balance, when the spend touched credits.
+    pub credits: Option<CreditBalance>,
+}
+
+/// One quota's state after the spend (or as it stands, when nothing was spent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaUsage {
+    /// Units used in the current window.
+    pub used: u64,
+    /// Whether this request's cost would take `used` past the limit.
+    pub exceeded: bool,
+    /// When the window is fully restored: the calendar window's end, or for a
+    /// rolling window when its newest entry ages out.
+    pub resets_at: DateTime<Utc>,
+    /// When a request of this cost would first fit again (meaningful when `exceeded`).
+    pub retry_at: DateTime<Utc>,
+}
+
+/// A prepaid balance after the spend (or as it stands).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditBalance {
+    /// Credits left.
+    pub balance: u64,
+    /// Whether the balance covered the request's cost.
+    pub sufficient: bool,
+}
