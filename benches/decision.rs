@@ -1,1 +1,158 @@
-fn main() {}
+//! Benchmarks of the pure decision path: `decision::evaluate` (+ `settle` with
+//! a precomputed store answer) and `problem::render`.
+//!
+//! No I/O and no clock reads: `now` is fixed, the store's answer is built once.
+//! Run with `cargo bench --bench decision`.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use criterion::Criterion;
+use tollgate::config::{Config, DEMO_CONFIG};
+use tollgate::decision::{self, Caller, Code, Decision, Policy, Step, Target, Unmatched, Verdict};
+use tollgate::entitlement::{Account, Period, Plan, Quota, Window};
+use tollgate::problem::{self, Context};
+use tollgate::usage::{QuotaUsage, SpendAnswer};
+
+/// A typical metered route: `/v1/search`, feature `search`, meter `requests`, cost 1.
+const SEARCH: Target<'static> = Target::Metered { feature: Some("search"), meter: Some("requests"), cost: 1 };
+/// A route whose feature the free plan lacks.
+const AI: Target<'static> = Target::Metered { feature: Some("ai"), meter: Some("requests"), cost: 10 };
+
+fn now() -> DateTime<Utc> {
+    "2026-11-22T12:00:00Z".parse().expect("timestamp")
+}
+
+/// The demo's plans, built from the domain types: free has a month quota and a 1s rate quota.
+fn policy() -> Policy {
+    let month = |limit| Quota { meter: "requests".into(), limit, window: Window::Calendar(Period::Month) };
+    let per_second = |limit| Quota { meter: "requests".into(), limit, window: Window::Rolling(Duration::from_secs(1)) };
+    let plan = |name: &str, features: &[&str], quotas: Vec<Quota>, prepaid| Plan {
+        name: name.into(),
+        features: features.iter().map(|f| f.to_string()).collect(),
+        quotas,
+        prepaid,
+    };
+    let plans: HashMap<String, Plan> = [
+        plan("free", &["search"], vec![month(1000), per_second(10)], false),
+        plan("pro", &["search", "export", "ai"], vec![month(1_000_000)], false),
+        plan("payg", &["search", "ai"], vec![], true),
+    ]
+    .into_iter()
+    .map(|p| (p.name.clone(), p))
+    .collect();
+    Policy { plans, grace_period: Duration::from_secs(72 * 3600), unmatched: Unmatched::Deny }
+}
+
+fn free_account() -> Account {
+    Account { id: "acct_free".into(), plan: "free".into(), ..Account::default() }
+}
+
+/// What the store answers for the free plan's two quotas.
+fn answer(month_used: u64, month_exceeded: bool) -> SpendAnswer {
+    let t = now();
+    SpendAnswer {
+        spent: !month_exceeded,
+        quotas: vec![
+            QuotaUsage {
+                used: month_used,
+                exceeded: month_exceeded,
+                resets_at: "2026-12-01T00:00:00Z".parse().expect("timestamp"),
+                retry_at: "2026-12-01T00:00:00Z".parse().expect("timestamp"),
+            },
+            QuotaUsage { used: 3, exceeded: false, resets_at: t + chrono::Duration::seconds(1), retry_at: t },
+        ],
+        credits: None,
+    }
+}
+
+/// evaluate, then settle with `answer` if a spend is needed.
+fn decide(policy: &Policy, target: Target<'_>, account: &Account, answer: &SpendAnswer) -> Decision {
+    match decision::evaluate(policy, target, Caller::Known(account), now(), false) {
+        Step::Done(d) => d,
+        Step::Spend(spend, d) => decision::settle(&spend, answer, d),
+    }
+}
+
+fn bench_decision(c: &mut Criterion) {
+    let policy = policy();
+    let account = free_account();
+    let allowed = answer(42, false);
+    let t = now();
+
+    // Sanity: the cases are what their names say.
+    assert_eq!(decide(&policy, SEARCH, &account, &allowed).verdict, Verdict::Allow(decision::AllowKind::Allowed));
+    assert_eq!(decide(&policy, AI, &account, &allowed).verdict, Verdict::Deny(Code::FeatureNotInPlan));
+
+    let mut g = c.benchmark_group("decision");
+    g.bench_function("evaluate+settle/allowed_metered", |b| {
+        b.iter(|| {
+            let step = decision::evaluate(
+                black_box(&policy),
+                black_box(SEARCH),
+                Caller::Known(black_box(&account)),
+                black_box(t),
+                false,
+            );
+            match step {
+                Step::Done(d) => d,
+                Step::Spend(spend, d) => decision::settle(&spend, black_box(&allowed), d),
+            }
+        })
+    });
+    g.bench_function("evaluate/allowed_metered_spend_only", |b| {
+        b.iter(|| {
+            decision::evaluate(
+                black_box(&policy),
+                black_box(SEARCH),
+                Caller::Known(black_box(&account)),
+                black_box(t),
+                false,
+            )
+        })
+    });
+    g.bench_function("evaluate/deny_feature_not_in_plan", |b| {
+        b.iter(|| {
+            decision::evaluate(
+                black_box(&policy),
+                black_box(AI),
+                Caller::Known(black_box(&account)),
+                black_box(t),
+                false,
+            )
+        })
+    });
+    g.finish();
+}
+
+fn bench_render(c: &mut Criterion) {
+    let config = Config::parse(DEMO_CONFIG, "<demo>").expect("demo config");
+    let account = free_account();
+    let exhausted = decide(&config.policy, SEARCH, &account, &answer(1000, true));
+    assert_eq!(exhausted.verdict, Verdict::Deny(Code::QuotaExhausted));
+    let allowed = decide(&config.policy, SEARCH, &account, &answer(42, false));
+    assert!(allowed.is_allowed());
+    let ctx = Context { credential_header: Some("x-api-key") };
+    let t = now();
+    let sample = problem::render(&exhausted, &config, ctx, t);
+    assert_eq!(sample.status, 402);
+    assert!(sample.body.as_deref().is_some_and(|b| b.contains("quota_exhausted")));
+
+    let mut g = c.benchmark_group("render");
+    g.bench_function("deny_quota_exhausted", |b| {
+        b.iter(|| problem::render(black_box(&exhausted), black_box(&config), ctx, black_box(t)))
+    });
+    g.bench_function("allowed_metered", |b| {
+        b.iter(|| problem::render(black_box(&allowed), black_box(&config), ctx, black_box(t)))
+    });
+    g.finish();
+}
+
+fn main() {
+    let mut criterion = Criterion::default().configure_from_args();
+    bench_decision(&mut criterion);
+    bench_render(&mut criterion);
+    criterion.final_summary();
+}

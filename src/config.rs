@@ -268,7 +268,11 @@ impl Config {
             let location =
                 inner.location().map(|l| format!("line {} column {}: ", l.line(), l.column())).unwrap_or_default();
             let reason = strip_location(&inner.to_string());
-            let reason = reason.strip_prefix(&format!("{path}: ")).map(str::to_owned).unwrap_or(reason);
+            // serde_yaml prefixes its own (coarser) path; ours is the one printed.
+            let reason = match reason.split_once(": ") {
+                Some((head, rest)) if !head.contains(char::is_whitespace) => rest.to_owned(),
+                _ => reason,
+            };
             ConfigError::Parse { file: file.to_owned(), location, path, reason }
         })?;
         raw.validate().map_err(|(path, reason)| ConfigError::Invalid { file: file.to_owned(), path, reason })

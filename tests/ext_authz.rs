@@ -1,0 +1,392 @@
+//! Every row of the decision table (SPEC §4) end to end through the ext_authz
+//! gRPC API, with the response formats of SPEC §5.
+
+mod common;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use common::{Answer, TestServer, http_check, spec_config, with_jwt};
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, attribute_context::Peer};
+use tollgate::config::Config;
+use tollgate::entitlement::Account;
+use tollgate::identity::KeyHash;
+use tollgate::store::{Store, StoreError};
+use tollgate::usage::{Spend, SpendAnswer};
+
+const UNAUTHENTICATED: i32 = 16;
+const PERMISSION_DENIED: i32 = 7;
+const RESOURCE_EXHAUSTED: i32 = 8;
+const UNAVAILABLE: i32 = 14;
+const INVALID_ARGUMENT: i32 = 3;
+
+async fn ask(s: &TestServer, method: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+    Answer::of(&s.check(http_check(method, path, headers)).await)
+}
+
+async fn search(s: &TestServer, key: &str) -> Answer {
+    ask(s, "GET", "/v1/search?q=rust", &[("x-api-key", key)]).await
+}
+
+fn assert_problem(a: &Answer, status: u16, code: &str) {
+    assert!(!a.allowed, "expected a deny, got {a:?}");
+    assert_eq!(a.http_status, status, "{a:?}");
+    assert_eq!(a.code(), code, "{a:?}");
+    assert_eq!(a.body["status"], status);
+    assert_eq!(a.body["type"], format!("https://docs.example.com/problems/{}", code.replace('_', "-")));
+    assert!(a.body["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(a.body["detail"].as_str().is_some_and(|t| !t.is_empty()));
+    assert_eq!(a.client_headers["content-type"], "application/problem+json");
+    assert_eq!(a.metadata["decision"], code);
+}
+
+#[tokio::test]
+async fn public_route_passes_without_credentials_and_strips_forged_identity() {
+    let s = TestServer::start(&spec_config()).await;
+    let a = ask(&s, "GET", "/public/docs", &[("x-tollgate-account", "acct_pro")]).await;
+    assert!(a.allowed);
+    assert_eq!(a.rpc_code, 0);
+    assert!(a.upstream_remove.contains(&"x-tollgate-account".to_string()));
+    assert!(a.upstream_remove.contains(&"x-tollgate-plan".to_string()));
+    assert_eq!(a.metadata["decision"], "public");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn missing_credentials_are_401_with_www_authenticate() {
+    let s = TestServer::start(&spec_config()).await;
+    let a = ask(&s, "GET", "/v1/search", &[]).await;
+    assert_problem(&a, 401, "credentials_missing");
+    assert_eq!(a.rpc_code, UNAUTHENTICATED);
+    let challenge = &a.client_headers["www-authenticate"];
+    assert!(challenge.contains("Bearer realm=\"tollgate\""), "{challenge}");
+    assert!(challenge.contains("header=\"x-api-key\""), "{challenge}");
+    assert!(a.body.get("account").is_none());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_api_key_is_401_and_never_echoed() {
+    let s = TestServer::start(&spec_config()).await;
+    let a = search(&s, "sk_live_not_a_real_key").await;
+    assert_problem(&a, 401, "credentials_invalid");
+    assert!(!a.raw_body.contains("sk_live_not_a_real_key"));
+    assert!(a.client_headers.values().all(|v| !v.contains("sk_live_not_a_real_key")));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn unmatched_route_is_403_under_default_deny() {
+    let s = TestServer::start(&spec_config()).await;
+    let a = ask(&s, "GET", "/admin", &[("x-api-key", "pro-key")]).await;
+    assert_problem(&a, 403, "route_not_allowed");
+    assert_eq!(a.rpc_code, PERMISSION_DENIED);
+    // The method is part of the match: POST /v1/search has no route either.
+    let a = ask(&s, "POST", "/v1/search", &[("x-api-key", "pro-key")]).await;
+    assert_problem(&a, 403, "route_not_allowed");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn blocked_account_is_403() {
+    let s = TestServer::start(&spec_config()).await;
+    let a = search(&s, "banned-key").await;
+    assert_problem(&a, 403, "account_blocked");
+    assert_eq!(a.body["account"], "acct_banned");
+    assert!(a.client_headers.get("link").is_none(), "paying does not fix a block");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn canceled_subscription_is_402_with_link_and_no_retry_after() {
+    let s = TestServer::start(&spec_config()).await;
+    let a = search(&s, "canceled-key").await;
+    assert_problem(&a, 402, "subscription_inactive");
+    assert_eq!(a.rpc_code, PERMISSION_DENIED);
+    assert_eq!(a.body["account"], "acct_canceled");
+    assert_eq!(a.body["plan"], "pro");
+    assert_eq!(a.body["subscription_status"], "canceled");
+    assert_eq!(a.body["link"], "https://billing.example.com/accounts/acct_canceled/billing");
+    assert_eq!(a.client_headers["link"], "<https://billing.example.com/accounts/acct_canceled/billing>; rel=\"payment\"");
+    assert!(a.client_headers.get("retry-after").is_none());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn past_due_inside_grace_is_allowed_with_a_warning() {
+    let s = TestServer::start(&spec_config()).await;
+    let a = search(&s, "grace-key").await;
+    assert!(a.allowed, "{a:?}");
+    assert!(a.client_headers["x-tollgate-billing-warning"].starts_with("payment_overdue; grace_ends_at="));
+    assert!(a.client_headers["link"].contains("acct_grace"));
+    assert_eq!(a.metadata["decision"], "grace");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn past_due_after_grace_is_402_payment_overdue() {
+    let s = TestServer::start(&spec_config()).await;
+    let a = search(&s, "late-key").await;
+    assert_problem(&a, 402, "payment_overdue");
+    assert!(a.body["grace_ended_at"].as_str().is_some());
+    assert!(a.client_headers.get("retry-after").is_none());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn feature_outside_the_plan_is_402() {
+    let s = TestServer::start(&spec_config()).await;
+    let a = ask(&s, "POST", "/v1/ai/complete", &[("x-api-key", "free-key")]).await;
+    assert_problem(&a, 402, "feature_not_in_plan");
+    assert_eq!(a.body["feature"], "ai");
+    assert_eq!(a.body["plan"], "free");
+    assert!(a.body["link"].as_str().unwrap().contains("acct_free"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn prepaid_credits_are_spent_and_too_few_is_402_spending_nothing() {
+    let s = TestServer::start(&spec_config()).await;
+    // 15 credits: one AI call (10) passes, the second is denied, a search (1) still passes.
+    assert!(ask(&s, "POST", "/v1/ai/x", &[("x-api-key", "wallet-key")]).await.allowed);
+    let a = ask(&s, "POST", "/v1/ai/x", &[("x-api-key", "wallet-key")]).await;
+    assert_problem(&a, 402, "insufficient_credits");
+    assert_eq!(a.body["credits"]["balance"], 5);
+    assert_eq!(a.body["credits"]["cost"], 10);
+    for _ in 0..5 {
+        assert!(search(&s, "wallet-key").await.allowed, "the denied call spent nothing");
+    }
+    assert_problem(&search(&s, "wallet-key").await, 402, "insufficient_credits");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn exhausted_month_quota_is_402_with_the_spec_body_and_headers() {
+    let s = TestServer::start(&spec_config()).await;
+    for i in 1..=5u64 {
+        let a = search(&s, "free-key").await;
+        assert!(a.allowed, "request {i}: {a:?}");
+        assert!(a.client_headers["ratelimit-policy"].contains("\"requests-month\";q=5;w="));
+        assert!(a.client_headers["ratelimit-policy"].contains("\"requests-1s\";q=100;w=1"));
+        assert!(a.client_headers["ratelimit"].starts_with(&format!("\"requests-month\";r={};t=", 5 - i)));
+    }
+    let a = search(&s, "free-key").await;
+    assert_problem(&a, 402, "quota_exhausted");
+    assert_eq!(a.body["title"], "Monthly quota exhausted");
+    assert_eq!(a.body["detail"], "Plan free includes 5 requests per month; all are used.");
+    assert_eq!(a.body["account"], "acct_free");
+    assert_eq!(a.body["plan"], "free");
+    assert_eq!(a.body["link"], "https://billing.example.com/accounts/acct_free/billing");
+    let q = &a.body["quota"];
+    assert_eq!((q["meter"].as_str(), q["limit"].as_u64(), q["used"].as_u64(), q["remaining"].as_u64()), (Some("requests"), Some(5), Some(5), Some(0)));
+    let resets_at: chrono::DateTime<chrono::Utc> = q["resets_at"].as_str().unwrap().parse().unwrap();
+    let (_, month_end) = tollgate::entitlement::Period::Month.bounds(chrono::Utc::now());
+    assert_eq!(resets_at, month_end);
+    let retry: i64 = a.client_headers["retry-after"].parse().unwrap();
+    assert!((retry - (month_end - chrono::Utc::now()).num_seconds()).abs() <= 2);
+    assert!(a.client_headers["ratelimit"].starts_with("\"requests-month\";r=0;t="));
+    assert!(a.client_headers["link"].ends_with("rel=\"payment\""));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn exceeded_rate_quota_is_429_with_retry_after() {
+    let s = TestServer::start(&spec_config()).await;
+    assert!(search(&s, "rate-key").await.allowed);
+    assert!(search(&s, "rate-key").await.allowed);
+    let a = search(&s, "rate-key").await;
+    assert_problem(&a, 429, "rate_limited");
+    assert_eq!(a.rpc_code, RESOURCE_EXHAUSTED);
+    let retry: u64 = a.client_headers["retry-after"].parse().unwrap();
+    assert!((3590..=3600).contains(&retry), "an hour-long window: {retry}");
+    assert_eq!(a.body["quota"]["policy"], "requests-1h");
+    assert!(a.client_headers["ratelimit"].starts_with("\"requests-1h\";r=0;t="));
+    assert!(a.client_headers.get("link").is_none(), "waiting, not paying, lifts a rate limit");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn allowed_request_carries_identity_upstream_and_strips_the_key() {
+    let s = TestServer::start(&spec_config()).await;
+    let a = search(&s, "pro-key").await;
+    assert!(a.allowed);
+    assert_eq!(a.rpc_code, 0);
+    assert_eq!(a.upstream_headers["x-tollgate-account"], "acct_pro");
+    assert_eq!(a.upstream_headers["x-tollgate-plan"], "pro");
+    assert_eq!(a.upstream_remove, vec!["x-api-key".to_string()]);
+    assert_eq!(a.client_headers["ratelimit-policy"], "\"requests-month\";q=1000000;w=".to_string() + &month_secs());
+    assert_eq!(a.metadata["account"], "acct_pro");
+    assert_eq!(a.metadata["plan"], "pro");
+    assert_eq!(a.metadata["decision"], "allowed");
+    s.stop().await;
+}
+
+fn month_secs() -> String {
+    let (start, end) = tollgate::entitlement::Period::Month.bounds(chrono::Utc::now());
+    (end - start).num_seconds().to_string()
+}
+
+#[tokio::test]
+async fn bearer_jwt_claim_and_trusted_header_identify_the_account() {
+    let s = TestServer::start(&spec_config()).await;
+    let a = ask(&s, "GET", "/v1/search", &[("authorization", "Bearer pro-key")]).await;
+    assert_eq!(a.upstream_headers["x-tollgate-account"], "acct_pro");
+    assert_eq!(a.upstream_remove, vec!["authorization".to_string()]);
+
+    let jwt = with_jwt(http_check("GET", "/v1/search", &[("authorization", "Bearer eyJhbGciOi.x.y")]), &[("org_id", "acct_pro")]);
+    let a = Answer::of(&s.check(jwt).await);
+    assert_problem(&a, 401, "credentials_invalid");
+
+    let jwt = with_jwt(http_check("GET", "/v1/search", &[]), &[("org_id", "acct_pro")]);
+    let a = Answer::of(&s.check(jwt).await);
+    assert!(a.allowed, "{a:?}");
+    assert_eq!(a.upstream_headers["x-tollgate-account"], "acct_pro");
+
+    let jwt = with_jwt(http_check("GET", "/v1/search", &[]), &[("org_id", "acct_nobody")]);
+    assert_problem(&Answer::of(&s.check(jwt).await), 401, "credentials_invalid");
+
+    let a = ask(&s, "GET", "/v1/search", &[("x-account-id", "acct_free")]).await;
+    assert_eq!(a.upstream_headers["x-tollgate-account"], "acct_free");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn routes_match_the_path_without_its_query() {
+    let s = TestServer::start(&spec_config()).await;
+    let a = ask(&s, "GET", "/v1/search?redirect=/public", &[("x-api-key", "pro-key")]).await;
+    assert_eq!(a.metadata["decision"], "allowed");
+    let a = ask(&s, "GET", "/admin?x=/public", &[]).await;
+    assert_problem(&a, 401, "credentials_missing");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn checks_without_http_attributes_follow_the_non_http_rule() {
+    let network = CheckRequest {
+        attributes: Some(AttributeContext { source: Some(Peer::default()), destination: Some(Peer::default()), ..Default::default() }),
+    };
+    let s = TestServer::start(&spec_config()).await;
+    let a = Answer::of(&s.check(network.clone()).await);
+    assert_problem(&a, 403, "route_not_allowed");
+    s.stop().await;
+
+    let s = TestServer::start(&(spec_config() + "non_http: allow\n")).await;
+    assert!(Answer::of(&s.check(network).await).allowed);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn empty_or_malformed_check_requests_get_a_400_problem() {
+    let s = TestServer::start(&spec_config()).await;
+    let a = Answer::of(&s.check(CheckRequest::default()).await);
+    assert_problem(&a, 400, "request_invalid");
+    assert_eq!(a.rpc_code, INVALID_ARGUMENT);
+    let a = ask(&s, "GET", "", &[("x-api-key", "pro-key")]).await;
+    assert_problem(&a, 400, "request_invalid");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn problem_texts_are_overridable_per_code() {
+    let yaml = spec_config()
+        + r#"  overrides:
+    quota_exhausted: { title: "You have used this month's requests", detail: "{account} used {used} of {limit}.", link: "https://pay.example.com/{account}" }
+"#;
+    let s = TestServer::start(&yaml).await;
+    for _ in 0..5 {
+        search(&s, "free-key").await;
+    }
+    let a = search(&s, "free-key").await;
+    assert_eq!(a.body["title"], "You have used this month's requests");
+    assert_eq!(a.body["detail"], "acct_free used 5 of 5.");
+    assert_eq!(a.body["link"], "https://pay.example.com/acct_free");
+    assert_eq!(a.client_headers["link"], "<https://pay.example.com/acct_free>; rel=\"payment\"");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_checks_never_exceed_an_exact_quota() {
+    let yaml = spec_config().replace("{ meter: requests, limit: 1000000, period: month }", "{ meter: requests, limit: 100, period: month }");
+    let s = TestServer::start(&yaml).await;
+    let channel = s.channel().await;
+    let tasks: Vec<_> = (0..500)
+        .map(|_| {
+            let mut client = envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::new(channel.clone());
+            tokio::spawn(async move {
+                let r = client.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await.unwrap();
+                Answer::of(r.get_ref()).allowed
+            })
+        })
+        .collect();
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += t.await.unwrap() as u32;
+    }
+    assert_eq!(allowed, 100);
+    s.stop().await;
+}
+
+/// A store that always fails, as an unreachable Redis would.
+struct DownStore;
+
+#[async_trait]
+impl Store for DownStore {
+    async fn account_for_key(&self, _: &KeyHash) -> Result<Option<String>, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    async fn account(&self, _: &str) -> Result<Option<Arc<Account>>, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    async fn spend(&self, _: &Spend) -> Result<SpendAnswer, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    async fn put_account(&self, _: &Account) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn put_key(&self, _: &KeyHash, _: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn set_credits(&self, _: &str, _: u64) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+async fn with_failing_store(on_error: &str) -> TestServer {
+    let yaml = spec_config() + &format!("store: {{ backend: memory, on_error: {on_error} }}\n");
+    TestServer::start_with(Config::parse(&yaml, "t").unwrap(), Arc::new(DownStore)).await
+}
+
+#[tokio::test]
+async fn store_failure_fails_closed_with_503_under_on_error_deny() {
+    let s = with_failing_store("deny").await;
+    let a = search(&s, "pro-key").await;
+    assert_problem(&a, 503, "store_unavailable");
+    assert_eq!(a.rpc_code, UNAVAILABLE);
+    assert!(!a.raw_body.contains("refused"), "internals stay in the log");
+    let a = ask(&s, "GET", "/public/x", &[]).await;
+    assert!(a.allowed, "public routes need no store");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn store_failure_fails_open_marked_under_on_error_allow() {
+    let s = with_failing_store("allow").await;
+    let a = search(&s, "pro-key").await;
+    assert!(a.allowed);
+    assert_eq!(a.upstream_headers["x-tollgate-degraded"], "store_unavailable");
+    assert_eq!(a.metadata["decision"], "fail_open");
+    assert!(a.upstream_remove.contains(&"x-api-key".to_string()), "the key is stripped even when failing open");
+    assert!(a.upstream_remove.contains(&"x-tollgate-account".to_string()), "no identity was verified: none may be forged");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn store_failure_fails_the_rpc_under_on_error_error() {
+    let s = with_failing_store("error").await;
+    let err = s.client().await.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    s.stop().await;
+}

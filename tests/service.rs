@@ -1,0 +1,139 @@
+//! The server around the decision: gRPC health, HTTP health and metrics,
+//! graceful shutdown, and the `tollgate.v1` Authorize API.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestServer, http_check, http_get, spec_config};
+use tollgate::grpc::pb::authorize_request::{Subject, Target};
+use tollgate::grpc::pb::tollgate_client::TollgateClient;
+use tollgate::grpc::pb::{AuthorizeRequest, FeatureTarget, RouteTarget};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+async fn health(s: &TestServer, service: &str) -> ServingStatus {
+    let mut c = HealthClient::new(s.channel().await);
+    let r = c.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+    ServingStatus::try_from(r.status).unwrap()
+}
+
+#[tokio::test]
+async fn grpc_health_serves_the_server_and_each_service() {
+    let s = TestServer::start(&spec_config()).await;
+    for service in ["", "envoy.service.auth.v3.Authorization", "tollgate.v1.Tollgate"] {
+        assert_eq!(health(&s, service).await, ServingStatus::Serving, "{service:?}");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn http_health_endpoints_answer() {
+    let s = TestServer::start(&spec_config()).await;
+    assert_eq!(http_get(s.http, "/healthz").await.unwrap().0, 200);
+    assert_eq!(http_get(s.http, "/readyz").await.unwrap().0, 200);
+    assert_eq!(http_get(s.http, "/nope").await.unwrap().0, 404);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_count_decisions_by_status_and_code() {
+    let s = TestServer::start(&spec_config()).await;
+    s.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await;
+    s.check(http_check("GET", "/v1/search", &[])).await;
+    s.check(http_check("GET", "/v1/search", &[])).await;
+    let (status, head, body) = http_get(s.http, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(head.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{head}");
+    assert!(body.contains("tollgate_decisions_total{status=\"200\",code=\"allowed\"} 1"), "{body}");
+    assert!(body.contains("tollgate_decisions_total{status=\"401\",code=\"credentials_missing\"} 2"), "{body}");
+    assert!(body.contains("tollgate_check_duration_seconds_count 3"), "{body}");
+    for name in ["tollgate_cache_requests_total", "tollgate_store_errors_total", "tollgate_config_reloads_total"] {
+        assert!(body.contains(&format!("# TYPE {}", name.trim_end_matches("_total"))), "{name} in {body}");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_turns_health_not_serving_before_the_listeners_close() {
+    let yaml = spec_config() + "server: { drain_delay: 1s }\n";
+    let mut s = TestServer::start(&yaml).await;
+    let mut watch = HealthClient::new(s.channel().await)
+        .watch(HealthCheckRequest { service: "envoy.service.auth.v3.Authorization".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    s.begin_stop();
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
+    // Still answering Checks during the drain delay.
+    let a = common::Answer::of(&s.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await);
+    assert!(a.allowed);
+    assert_eq!(http_get(s.http, "/readyz").await.unwrap().0, 503);
+    // An open Watch stream would hold the drain until drain_timeout.
+    drop(watch);
+    s.stop().await;
+}
+
+fn authorize(subject: Subject, target: Target, dry_run: bool) -> AuthorizeRequest {
+    AuthorizeRequest { subject: Some(subject), target: Some(target), cost: 0, dry_run }
+}
+
+fn search_route() -> Target {
+    Target::Route(RouteTarget { path: "/v1/search?q=1".into(), method: "GET".into(), host: String::new() })
+}
+
+#[tokio::test]
+async fn authorize_answers_like_a_check_and_dry_run_spends_nothing() {
+    let s = TestServer::start(&spec_config()).await;
+    let mut c = TollgateClient::new(s.channel().await);
+    for _ in 0..3 {
+        let r = c.authorize(authorize(Subject::AccountId("acct_free".into()), search_route(), true)).await.unwrap().into_inner();
+        assert!(r.allowed);
+        assert_eq!(r.quotas[0].used, 0, "dry runs spend nothing");
+    }
+    for used in 1..=5 {
+        let r = c.authorize(authorize(Subject::ApiKey("free-key".into()), search_route(), false)).await.unwrap().into_inner();
+        assert!(r.allowed);
+        assert_eq!((r.account_id.as_str(), r.plan.as_str(), r.code.as_str()), ("acct_free", "free", "allowed"));
+        assert_eq!(r.quotas[0].policy, "requests-month");
+        assert_eq!(r.quotas[0].used, used);
+        assert!(r.headers.contains_key("ratelimit"));
+    }
+    let r = c.authorize(authorize(Subject::AccountId("acct_free".into()), search_route(), true)).await.unwrap().into_inner();
+    assert!(!r.allowed);
+    assert_eq!((r.http_status, r.code.as_str()), (402, "quota_exhausted"));
+    let problem: serde_json::Value = serde_json::from_str(&r.problem_json).unwrap();
+    assert_eq!(problem["quota"]["used"], 5);
+
+    let feature = Target::Feature(FeatureTarget { feature: "ai".into(), meter: String::new() });
+    let r = c.authorize(authorize(Subject::AccountId("acct_wallet".into()), feature.clone(), false)).await.unwrap().into_inner();
+    assert!(r.allowed);
+    assert_eq!(r.credits_remaining, Some(14), "a feature target costs 1 by default");
+    let mut req = authorize(Subject::AccountId("acct_wallet".into()), feature, false);
+    req.cost = 20;
+    let r = c.authorize(req).await.unwrap().into_inner();
+    assert_eq!((r.http_status, r.code.as_str(), r.credits_remaining), (402, "insufficient_credits", Some(14)));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn authorize_rejects_requests_without_subject_or_target() {
+    let s = TestServer::start(&spec_config()).await;
+    let mut c = TollgateClient::new(s.channel().await);
+    let err = c.authorize(AuthorizeRequest { target: Some(search_route()), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("subject"));
+    let err = c
+        .authorize(AuthorizeRequest { subject: Some(Subject::AccountId("acct_free".into())), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("target"));
+    let r = c.authorize(authorize(Subject::ApiKey("nope".into()), search_route(), false)).await.unwrap().into_inner();
+    assert_eq!((r.http_status, r.code.as_str()), (401, "credentials_invalid"));
+    s.stop().await;
+}
