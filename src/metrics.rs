@@ -83,10 +83,10 @@ impl Metrics {
         registry.register("tollgate_config_reloads", "Config reloads by result (ok, error)", config_reloads.clone());
         // Export every series from the start, so dashboards and alerts see 0, not "no data".
         for result in ["hit", "miss"] {
-            cache_requests.get_or_create(&ResultLabels { result });
+            let _ = cache_requests.get_or_create(&ResultLabels { result });
         }
         for result in ["ok", "error"] {
-            config_reloads.get_or_create(&ResultLabels { result });
+            let _ = config_reloads.get_or_create(&ResultLabels { result });
         }
         Self { registry, decisions, check_duration, cache_requests, store_errors, config_reloads }
     }
