@@ -2,9 +2,11 @@
 //!
 //! Two servers run in-process on one 2-worker tokio runtime:
 //! - `echo`: a bare tonic `Authorization` service whose `check` returns an OK
-//!   `CheckResponse` with no logic (the floor: tonic unary round trip);
+//!   `CheckResponse` with no logic (the floor: tonic unary round trip), accepting
+//!   connections as tonic's `Server::serve` does by default (TCP_NODELAY on);
 //! - `tollgate-memory`: [`tollgate::server::run`] with the memory store, a
-//!   config whose quotas are never reached, and a metered `/v1/search` route.
+//!   config whose quotas are never reached, and a metered `/v1/search` route,
+//!   on listeners bound here exactly as `main` binds them.
 //!
 //! Measures (a) sequential latency per call with criterion, and (b) throughput
 //! at concurrency 32: a bounded custom loop of N calls per run, interleaved
@@ -29,11 +31,11 @@ use envoy_types::pb::google::rpc;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
 use tollgate::config::Config;
 use tollgate::server::{self, Listeners};
 use tollgate::store::{self, MemoryStore, Seed, Store};
 use tonic::transport::Channel;
+use tonic::transport::server::TcpIncoming;
 
 /// Calls per throughput run.
 const THROUGHPUT_CALLS: usize = 20_000;
@@ -157,14 +159,15 @@ async fn connect(addr: SocketAddr) -> AuthorizationClient<Channel> {
 }
 
 async fn start() -> Servers {
-    // The echo floor.
+    // The echo floor, accepting like `Server::serve` does by default (TCP_NODELAY on).
     let echo_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
     let echo_addr = echo_listener.local_addr().expect("echo addr");
+    let echo_incoming = TcpIncoming::from(echo_listener).with_nodelay(Some(true));
     let (echo_stop, echo_rx) = oneshot::channel::<()>();
     let echo_task = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(AuthorizationServer::new(Echo))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(echo_listener), async {
+            .serve_with_incoming_shutdown(echo_incoming, async {
                 let _ = echo_rx.await;
             })
             .await

@@ -665,9 +665,10 @@ mod raw {
                 identity.push(match (def.api_key, def.jwt_claim, def.trusted_header) {
                     (Some(a), None, None) => {
                         if let Some(s) = &a.scheme
-                            && (s.trim().is_empty() || s.contains(' ')) {
-                                return Err(invalid(format!("{p}.api_key.scheme"), "must be one word, e.g. Bearer"));
-                            }
+                            && (s.trim().is_empty() || s.contains(' '))
+                        {
+                            return Err(invalid(format!("{p}.api_key.scheme"), "must be one word, e.g. Bearer"));
+                        }
                         IdentitySource::ApiKey {
                             header: header_name(&a.header, &format!("{p}.api_key.header"))?,
                             scheme: a.scheme,
@@ -769,9 +770,10 @@ mod raw {
                 let m = r.matcher;
                 for (name, v) in [("path_prefix", &m.path_prefix), ("path", &m.path)] {
                     if let Some(v) = v
-                        && !v.starts_with('/') {
-                            return Err(invalid(format!("{p}.match.{name}"), format!("{v:?} must start with /")));
-                        }
+                        && !v.starts_with('/')
+                    {
+                        return Err(invalid(format!("{p}.match.{name}"), format!("{v:?} must start with /")));
+                    }
                 }
                 if m.path_prefix.is_none() && m.path.is_none() && m.host.is_none() {
                     return Err(invalid(
@@ -793,9 +795,10 @@ mod raw {
                     return Err(invalid(p, "a public route takes no feature, meter or cost"));
                 }
                 if let Some(f) = &r.feature
-                    && !known_features.contains(f.as_str()) {
-                        return Err(invalid(format!("{p}.feature"), unknown("feature", f, known_features.iter())));
-                    }
+                    && !known_features.contains(f.as_str())
+                {
+                    return Err(invalid(format!("{p}.feature"), unknown("feature", f, known_features.iter())));
+                }
                 let cost = r.cost.unwrap_or(1);
                 if cost < 0 {
                     return Err(invalid(format!("{p}.cost"), "must not be negative"));
@@ -827,8 +830,7 @@ mod raw {
                         }
                     }
                     let account_from = s.account_from.unwrap_or_else(|| "customer".into());
-                    if account_from != "customer"
-                        && account_from.strip_prefix("metadata:").is_none_or(|k| k.is_empty())
+                    if account_from != "customer" && account_from.strip_prefix("metadata:").is_none_or(|k| k.is_empty())
                     {
                         return Err(invalid("billing.stripe.account_from", "must be customer or metadata:<key>"));
                     }

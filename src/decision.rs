@@ -348,10 +348,11 @@ pub fn evaluate(policy: &Policy, target: Target<'_>, caller: Caller<'_>, now: Da
         return Step::Done(d);
     };
     if let Some(feature) = feature
-        && !account.has_feature(plan, feature) {
-            d.feature = Some(feature.to_owned());
-            return deny(d, Code::FeatureNotInPlan);
-        }
+        && !account.has_feature(plan, feature)
+    {
+        d.feature = Some(feature.to_owned());
+        return deny(d, Code::FeatureNotInPlan);
+    }
     let quotas = meter.map(|m| account.quotas_for(plan, m)).unwrap_or_default();
     let credits = plan.prepaid.then_some(cost);
     d.cost = cost;

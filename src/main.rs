@@ -8,8 +8,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tollgate::config::{Backend, Config, ConfigError, DEMO_CONFIG, StoreUrl};
+use tollgate::metrics::Metrics;
 use tollgate::server::{self, Handle, Listeners};
-use tollgate::store::{self, MemoryStore, Seed, Store};
+use tollgate::store::{self, Seed, Store};
 
 /// Exit code for a bad config or command line (EX_USAGE), before any port is bound.
 const EXIT_CONFIG: i32 = 64;
@@ -83,15 +84,11 @@ fn load_or_exit(path: Option<&Path>, redis_url: Option<&str>) -> Config {
     }
 }
 
-async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    match config.store.backend {
-        Backend::Memory => {
-            let store = Arc::new(MemoryStore::new());
-            seed_all(store.as_ref(), config).await?;
-            Ok(store)
-        }
-        Backend::Redis => anyhow::bail!("store.backend: redis is not available in this build yet; use memory"),
-    }
+fn open_store(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn Store>> {
+    let m = metrics.clone();
+    let observe: store::LookupObserver = Arc::new(move |hit| m.record_cache(if hit { "hit" } else { "miss" }));
+    store::open(&config.store, &config.cache, observe)
+        .with_context(|| format!("opening the {:?} store", config.store.backend))
 }
 
 async fn seed_all(store: &dyn Store, config: &Config) -> anyhow::Result<usize> {
@@ -159,7 +156,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Seed) => {
             let config = load_or_exit(cli.config.as_deref(), cli.redis_url.as_deref());
             init_logging(cli.log_format);
-            let store = open_store(&config).await?;
+            let store = open_store(&config, &Arc::new(Metrics::new()))?;
             let n = seed_all(store.as_ref(), &config).await?;
             println!("seeded {n} accounts into the {:?} store", config.store.backend);
             return Ok(());
@@ -169,7 +166,12 @@ async fn main() -> anyhow::Result<()> {
 
     let config = load_or_exit(cli.config.as_deref(), cli.redis_url.as_deref());
     init_logging(cli.log_format);
-    let store = open_store(&config).await?;
+    let metrics = Arc::new(Metrics::new());
+    let store = open_store(&config, &metrics)?;
+    if config.store.backend == Backend::Memory {
+        // The memory store starts empty: the config's accounts are its data.
+        seed_all(store.as_ref(), &config).await?;
+    }
     let grpc = TcpListener::bind(config.server.grpc_listen)
         .await
         .with_context(|| format!("binding server.grpc_listen {}", config.server.grpc_listen))?;
@@ -184,12 +186,19 @@ async fn main() -> anyhow::Result<()> {
         "tollgate listening"
     );
     let (path, redis_url) = (cli.config.clone(), cli.redis_url.clone());
-    server::run(Arc::new(config), store, Listeners { grpc, http }, shutdown_signal(), move |handle| {
-        #[cfg(unix)]
-        reload_on_hup(handle, path, redis_url);
-        #[cfg(not(unix))]
-        let _ = (handle, path, redis_url);
-    })
+    server::run_with_metrics(
+        metrics,
+        Arc::new(config),
+        store,
+        Listeners { grpc, http },
+        shutdown_signal(),
+        move |handle| {
+            #[cfg(unix)]
+            reload_on_hup(handle, path, redis_url);
+            #[cfg(not(unix))]
+            let _ = (handle, path, redis_url);
+        },
+    )
     .await?;
     Ok(())
 }

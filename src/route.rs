@@ -63,20 +63,23 @@ pub struct RouteKey<'a> {
 impl RouteMatch {
     fn matches(&self, key: &RouteKey<'_>) -> bool {
         if let Some(p) = &self.path
-            && key.path != p {
-                return false;
-            }
+            && key.path != p
+        {
+            return false;
+        }
         if let Some(prefix) = &self.path_prefix
-            && !key.path.starts_with(prefix.as_str()) {
-                return false;
-            }
+            && !key.path.starts_with(prefix.as_str())
+        {
+            return false;
+        }
         if !self.methods.is_empty() && !self.methods.iter().any(|m| m.eq_ignore_ascii_case(key.method)) {
             return false;
         }
         if let Some(host) = &self.host
-            && !strip_port(key.host).eq_ignore_ascii_case(host) {
-                return false;
-            }
+            && !strip_port(key.host).eq_ignore_ascii_case(host)
+        {
+            return false;
+        }
         true
     }
 }

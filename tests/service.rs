@@ -9,9 +9,9 @@ use common::{TestServer, http_check, http_get, spec_config};
 use tollgate::grpc::pb::authorize_request::{Subject, Target};
 use tollgate::grpc::pb::tollgate_client::TollgateClient;
 use tollgate::grpc::pb::{AuthorizeRequest, FeatureTarget, RouteTarget};
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 async fn health(s: &TestServer, service: &str) -> ServingStatus {
     let mut c = HealthClient::new(s.channel().await);
@@ -91,26 +91,42 @@ async fn authorize_answers_like_a_check_and_dry_run_spends_nothing() {
     let s = TestServer::start(&spec_config()).await;
     let mut c = TollgateClient::new(s.channel().await);
     for _ in 0..3 {
-        let r = c.authorize(authorize(Subject::AccountId("acct_free".into()), search_route(), true)).await.unwrap().into_inner();
+        let r = c
+            .authorize(authorize(Subject::AccountId("acct_free".into()), search_route(), true))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(r.allowed);
         assert_eq!(r.quotas[0].used, 0, "dry runs spend nothing");
     }
     for used in 1..=5 {
-        let r = c.authorize(authorize(Subject::ApiKey("free-key".into()), search_route(), false)).await.unwrap().into_inner();
+        let r = c
+            .authorize(authorize(Subject::ApiKey("free-key".into()), search_route(), false))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(r.allowed);
         assert_eq!((r.account_id.as_str(), r.plan.as_str(), r.code.as_str()), ("acct_free", "free", "allowed"));
         assert_eq!(r.quotas[0].policy, "requests-month");
         assert_eq!(r.quotas[0].used, used);
         assert!(r.headers.contains_key("ratelimit"));
     }
-    let r = c.authorize(authorize(Subject::AccountId("acct_free".into()), search_route(), true)).await.unwrap().into_inner();
+    let r = c
+        .authorize(authorize(Subject::AccountId("acct_free".into()), search_route(), true))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!r.allowed);
     assert_eq!((r.http_status, r.code.as_str()), (402, "quota_exhausted"));
     let problem: serde_json::Value = serde_json::from_str(&r.problem_json).unwrap();
     assert_eq!(problem["quota"]["used"], 5);
 
     let feature = Target::Feature(FeatureTarget { feature: "ai".into(), meter: String::new() });
-    let r = c.authorize(authorize(Subject::AccountId("acct_wallet".into()), feature.clone(), false)).await.unwrap().into_inner();
+    let r = c
+        .authorize(authorize(Subject::AccountId("acct_wallet".into()), feature.clone(), false))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(r.allowed);
     assert_eq!(r.credits_remaining, Some(14), "a feature target costs 1 by default");
     let mut req = authorize(Subject::AccountId("acct_wallet".into()), feature, false);

@@ -5,18 +5,23 @@
 //! Stores know the domain (`entitlement`, `usage`, `identity::KeyHash`) and
 //! nothing of decisions or transports.
 
+pub mod cached;
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::config::{Backend, CacheConfig, StoreConfig};
 use crate::entitlement::Account;
 use crate::identity::KeyHash;
 use crate::usage::{Spend, SpendAnswer};
 
+pub use cached::{CachedStore, LookupObserver};
 pub use memory::MemoryStore;
+pub use redis::RedisStore;
 
 /// A store call that failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +70,35 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
+/// A change other replicas must drop from their caches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// An account's entitlement changed.
+    Account(String),
+    /// An API key was created or revoked.
+    Key(KeyHash),
+}
+
+impl Invalidation {
+    /// The pub/sub payload.
+    pub fn encode(&self) -> String {
+        match self {
+            Invalidation::Account(id) => format!("account:{id}"),
+            Invalidation::Key(k) => format!("key:{}", k.to_hex()),
+        }
+    }
+
+    /// Parses a pub/sub payload.
+    pub fn decode(s: &str) -> Option<Self> {
+        if let Some(id) = s.strip_prefix("account:") {
+            return Some(Invalidation::Account(id.to_owned()));
+        }
+        let hex = s.strip_prefix("key:")?;
+        let bytes: [u8; 32] = hex::decode(hex).ok()?.try_into().ok()?;
+        Some(Invalidation::Key(KeyHash(bytes)))
+    }
+}
+
 /// An account as seeded from config: entitlement, plain keys and balance.
 #[derive(Clone)]
 pub struct Seed<'a> {
@@ -89,4 +123,35 @@ pub async fn seed<'a>(store: &dyn Store, seeds: impl IntoIterator<Item = Seed<'a
         n += 1;
     }
     Ok(n)
+}
+
+/// Opens the configured backend: the memory store, or Redis behind the moka
+/// cache, kept fresh by pub/sub invalidation. Does no I/O: a Redis that is
+/// down shows as NOT_SERVING, not as a failed start.
+pub fn open(store: &StoreConfig, cache: &CacheConfig, observe: LookupObserver) -> Result<Arc<dyn Store>, StoreError> {
+    match store.backend {
+        Backend::Memory => Ok(Arc::new(MemoryStore::new())),
+        Backend::Redis => {
+            let redis = Arc::new(RedisStore::open(&store.url.0, &store.key_prefix, store.timeout)?);
+            let cached = Arc::new(CachedStore::new(redis.clone(), cache.ttl, cache.negative_ttl, observe));
+            let (on_message, on_reconnect) = (Arc::downgrade(&cached), Arc::downgrade(&cached));
+            let task = redis.spawn_listener(
+                move |inv| {
+                    let cache = on_message.upgrade();
+                    async move {
+                        if let Some(cache) = cache {
+                            cache.invalidate(&inv).await;
+                        }
+                    }
+                },
+                move || {
+                    if let Some(cache) = on_reconnect.upgrade() {
+                        cache.invalidate_all();
+                    }
+                },
+            );
+            cached.set_listener(task);
+            Ok(cached)
+        }
+    }
 }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code, missing_docs)]
 
+pub mod redis;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,19 +40,41 @@ impl TestServer {
     pub async fn start(yaml: &str) -> Self {
         let config = Config::parse(yaml, "test.yaml").expect("test config is valid");
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let seeds = config.accounts.iter().map(|a| Seed { account: &a.account, api_keys: &a.api_keys, credits: a.credits });
+        let seeds =
+            config.accounts.iter().map(|a| Seed { account: &a.account, api_keys: &a.api_keys, credits: a.credits });
         store::seed(store.as_ref(), seeds).await.expect("seed");
         Self::start_with(config, store).await
     }
 
+    /// Starts on the store the config names (Redis behind the cache), seeding
+    /// it from the config's accounts when `seed` is set.
+    pub async fn start_configured(yaml: &str, seed: bool) -> Self {
+        let config = Config::parse(yaml, "test.yaml").expect("test config is valid");
+        let metrics = Arc::new(tollgate::metrics::Metrics::new());
+        let m = metrics.clone();
+        let observe: store::LookupObserver = Arc::new(move |hit| m.record_cache(if hit { "hit" } else { "miss" }));
+        let store = store::open(&config.store, &config.cache, observe).expect("open store");
+        if seed {
+            let seeds =
+                config.accounts.iter().map(|a| Seed { account: &a.account, api_keys: &a.api_keys, credits: a.credits });
+            store::seed(store.as_ref(), seeds).await.expect("seed");
+        }
+        Self::start_full(metrics, config, store).await
+    }
+
     /// Starts over a given store.
     pub async fn start_with(config: Config, store: Arc<dyn Store>) -> Self {
+        Self::start_full(Arc::new(tollgate::metrics::Metrics::new()), config, store).await
+    }
+
+    async fn start_full(metrics: Arc<tollgate::metrics::Metrics>, config: Config, store: Arc<dyn Store>) -> Self {
         let grpc_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc, http) = (grpc_l.local_addr().unwrap(), http_l.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let (handle_tx, handle_rx) = oneshot::channel();
-        let task = tokio::spawn(server::run(
+        let task = tokio::spawn(server::run_with_metrics(
+            metrics,
             Arc::new(config),
             store.clone(),
             Listeners { grpc: grpc_l, http: http_l },
@@ -137,7 +161,10 @@ pub fn http_check(method: &str, path: &str, headers: &[(&str, &str)]) -> CheckRe
 /// Adds a verified JWT payload to a CheckRequest's metadata, as jwt_authn + ext_authz forward it.
 pub fn with_jwt(mut req: CheckRequest, claims: &[(&str, &str)]) -> CheckRequest {
     let payload = Struct {
-        fields: claims.iter().map(|(k, v)| (k.to_string(), Value { kind: Some(Kind::StringValue(v.to_string())) })).collect(),
+        fields: claims
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value { kind: Some(Kind::StringValue(v.to_string())) }))
+            .collect(),
     };
     let ns = Struct {
         fields: [("jwt_payload".to_string(), Value { kind: Some(Kind::StructValue(payload)) })].into_iter().collect(),

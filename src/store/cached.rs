@@ -1,0 +1,230 @@
+//! A moka cache in front of a shared store: entitlements and API-key lookups.
+//!
+//! Concurrent misses for one key make one backend read (moka's `try_get_with`
+//! coalesces them). Unknown keys and accounts are cached for `negative_ttl`,
+//! so a flood of made-up keys costs the backend one read per key per
+//! `negative_ttl`. Changes arrive as [`Invalidation`]s (pub/sub on Redis); the
+//! TTL is the backstop when a message is lost. Counters and credits are never
+//! cached: `spend` always goes to the backend.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use moka::Expiry;
+use moka::future::Cache;
+
+use super::{Invalidation, Store, StoreError};
+use crate::entitlement::Account;
+use crate::identity::KeyHash;
+use crate::usage::{Spend, SpendAnswer};
+
+/// Called with `true` on a hit and `false` on a miss (metrics).
+pub type LookupObserver = Arc<dyn Fn(bool) + Send + Sync>;
+
+/// Positive answers live `ttl`, negative ones `negative_ttl`.
+struct TtlByAnswer {
+    ttl: Duration,
+    negative_ttl: Duration,
+}
+
+impl<K, V> Expiry<K, Option<V>> for TtlByAnswer {
+    fn expire_after_create(&self, _: &K, value: &Option<V>, _: Instant) -> Option<Duration> {
+        Some(if value.is_some() { self.ttl } else { self.negative_ttl })
+    }
+}
+
+/// A caching [`Store`] wrapper.
+pub struct CachedStore {
+    inner: Arc<dyn Store>,
+    keys: Cache<KeyHash, Option<String>>,
+    accounts: Cache<String, Option<Arc<Account>>>,
+    observe: LookupObserver,
+    /// The invalidation listener, stopped when the cache goes away.
+    listener: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for CachedStore {
+    fn drop(&mut self) {
+        if let Some(task) = self.listener.get_mut().ok().and_then(Option::take) {
+            task.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for CachedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedStore").field("keys", &self.keys.entry_count()).finish_non_exhaustive()
+    }
+}
+
+/// Bounds memory: entries beyond this are evicted least-recently-used first.
+const MAX_ENTRIES: u64 = 1_000_000;
+
+impl CachedStore {
+    /// Caches `inner`'s lookups for `ttl` (found) and `negative_ttl` (not found).
+    pub fn new(inner: Arc<dyn Store>, ttl: Duration, negative_ttl: Duration, observe: LookupObserver) -> Self {
+        let build = || TtlByAnswer { ttl, negative_ttl };
+        Self {
+            inner,
+            keys: Cache::builder().max_capacity(MAX_ENTRIES).expire_after(build()).build(),
+            accounts: Cache::builder().max_capacity(MAX_ENTRIES).expire_after(build()).build(),
+            observe,
+            listener: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Ties an invalidation listener's lifetime to this cache.
+    pub fn set_listener(&self, task: tokio::task::JoinHandle<()>) {
+        if let Some(old) = self.listener.lock().unwrap_or_else(|e| e.into_inner()).replace(task) {
+            old.abort();
+        }
+    }
+
+    /// Drops what `inv` names.
+    pub async fn invalidate(&self, inv: &Invalidation) {
+        match inv {
+            Invalidation::Account(id) => self.accounts.invalidate(id).await,
+            Invalidation::Key(k) => self.keys.invalidate(k).await,
+        }
+    }
+
+    /// Drops everything (after a lost subscription: messages may have been missed).
+    pub fn invalidate_all(&self) {
+        self.keys.invalidate_all();
+        self.accounts.invalidate_all();
+    }
+}
+
+#[async_trait]
+impl Store for CachedStore {
+    async fn account_for_key(&self, key: &KeyHash) -> Result<Option<String>, StoreError> {
+        let entry = self
+            .keys
+            .entry(*key)
+            .or_try_insert_with(self.inner.account_for_key(key))
+            .await
+            .map_err(|e: Arc<StoreError>| clone_error(&e))?;
+        (self.observe)(!entry.is_fresh());
+        Ok(entry.into_value())
+    }
+
+    async fn account(&self, id: &str) -> Result<Option<Arc<Account>>, StoreError> {
+        let entry = self
+            .accounts
+            .entry_by_ref(id)
+            .or_try_insert_with(self.inner.account(id))
+            .await
+            .map_err(|e: Arc<StoreError>| clone_error(&e))?;
+        (self.observe)(!entry.is_fresh());
+        Ok(entry.into_value())
+    }
+
+    async fn spend(&self, spend: &Spend) -> Result<SpendAnswer, StoreError> {
+        self.inner.spend(spend).await
+    }
+
+    async fn put_account(&self, account: &Account) -> Result<(), StoreError> {
+        self.inner.put_account(account).await?;
+        self.accounts.invalidate(&account.id).await;
+        Ok(())
+    }
+
+    async fn put_key(&self, key: &KeyHash, account: &str) -> Result<(), StoreError> {
+        self.inner.put_key(key, account).await?;
+        self.keys.invalidate(key).await;
+        Ok(())
+    }
+
+    async fn set_credits(&self, account: &str, credits: u64) -> Result<(), StoreError> {
+        self.inner.set_credits(account, credits).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+}
+
+/// moka shares one error among coalesced callers; each gets its own copy.
+fn clone_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        StoreError::Timeout(d) => StoreError::Timeout(*d),
+        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts backend reads and makes them slow enough to overlap.
+    struct Counting {
+        inner: MemoryStore,
+        reads: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Store for Counting {
+        async fn account_for_key(&self, key: &KeyHash) -> Result<Option<String>, StoreError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.inner.account_for_key(key).await
+        }
+        async fn account(&self, id: &str) -> Result<Option<Arc<Account>>, StoreError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.inner.account(id).await
+        }
+        async fn spend(&self, s: &Spend) -> Result<SpendAnswer, StoreError> {
+            self.inner.spend(s).await
+        }
+        async fn put_account(&self, a: &Account) -> Result<(), StoreError> {
+            self.inner.put_account(a).await
+        }
+        async fn put_key(&self, k: &KeyHash, a: &str) -> Result<(), StoreError> {
+            self.inner.put_key(k, a).await
+        }
+        async fn set_credits(&self, a: &str, c: u64) -> Result<(), StoreError> {
+            self.inner.set_credits(a, c).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_coalesce_and_negatives_are_cached() {
+        let backend = Arc::new(Counting { inner: MemoryStore::new(), reads: AtomicUsize::new(0) });
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        let cache = Arc::new(CachedStore::new(
+            backend.clone(),
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+            Arc::new(move |hit| {
+                if hit {
+                    h.fetch_add(1, Ordering::SeqCst);
+                }
+            }),
+        ));
+        let unknown = KeyHash::of("nope");
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let c = cache.clone();
+                tokio::spawn(async move { c.account_for_key(&unknown).await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), None);
+        }
+        assert_eq!(backend.reads.load(Ordering::SeqCst), 1, "50 concurrent misses, one read");
+        assert_eq!(hits.load(Ordering::SeqCst), 49);
+        // A key created later is seen once its invalidation arrives.
+        backend.put_key(&unknown, "acct").await.unwrap();
+        assert_eq!(cache.account_for_key(&unknown).await.unwrap(), None, "still the cached negative");
+        cache.invalidate(&Invalidation::Key(unknown)).await;
+        assert_eq!(cache.account_for_key(&unknown).await.unwrap(), Some("acct".into()));
+    }
+}
