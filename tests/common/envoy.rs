@@ -59,17 +59,13 @@ impl Envoy {
             if let Ok(Some(status)) = envoy.child.try_wait() {
                 panic!("envoy exited with {status}:\n{}", envoy.log());
             }
-            if let Ok(a) = std::fs::read_to_string(&admin_path) {
-                if let Ok(admin) = a.trim().parse() {
-                    envoy.admin = admin;
-                    if let Ok(r) = request(admin, "GET", "/ready", &[]).await {
-                        if r.status == 200 {
-                            if let Some(addr) = envoy.listener().await {
-                                envoy.addr = addr;
-                                return envoy;
-                            }
-                        }
-                    }
+            let admin = std::fs::read_to_string(&admin_path).ok().and_then(|a| a.trim().parse().ok());
+            if let Some(admin) = admin {
+                envoy.admin = admin;
+                let ready = request(admin, "GET", "/ready", &[]).await.is_ok_and(|r| r.status == 200);
+                if let Some(addr) = if ready { envoy.listener().await } else { None } {
+                    envoy.addr = addr;
+                    return envoy;
                 }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
