@@ -34,7 +34,6 @@ use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request as AttrRequest};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tokio::net::TcpListener;
-use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 use tollgate::config::Config;
 use tollgate::metrics::Metrics;
@@ -203,6 +202,15 @@ impl Redis {
                 Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
             })
             .collect()
+    }
+
+    /// redis-server's CPU seconds so far (user + sys, from `INFO cpu`).
+    fn cpu_seconds(&self) -> f64 {
+        self.cli(&["INFO", "cpu"])
+            .lines()
+            .filter_map(|l| l.strip_prefix("used_cpu_user:").or_else(|| l.strip_prefix("used_cpu_sys:")))
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum()
     }
 
     /// `redis-server --version`, first line.
@@ -496,6 +504,19 @@ async fn run_load(client: &AuthorizationClient<Channel>, request: &CheckRequest,
     total
 }
 
+/// This process's CPU seconds so far (user + sys from `/proc/self/stat`, in 1/100 s ticks); NaN off Linux.
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<f64>().ok());
+    match (ticks(14), ticks(15)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
 /// The median of `xs` (mean of the middle two for an even count).
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
@@ -561,10 +582,13 @@ fn main() {
     let (mut memory_runs, mut redis_runs) = (Vec::new(), Vec::new());
     for round in 1..=ROUNDS {
         for (name, server) in [("memory", &memory), ("redis", &on_redis)] {
+            let (redis_cpu, own_cpu) = (redis.cpu_seconds(), process_cpu_seconds());
             let run = rt.block_on(run_load(&server.client, &request, CHECKS_PER_RUN));
+            let secs = run.elapsed.as_secs_f64();
+            let (redis_cpu, own_cpu) = (redis.cpu_seconds() - redis_cpu, process_cpu_seconds() - own_cpu);
             println!(
                 "  round {round} {name:<6}: {} checks ({} allowed, {} denied, {} errors) in {:.3}s = {:.0} checks/s, \
-                 p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                 p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; CPU: bench process {:.2} cores, redis-server {:.2} cores",
                 run.calls(),
                 run.allowed,
                 run.denied,
@@ -574,6 +598,8 @@ fn main() {
                 run.percentile_ms(0.50),
                 run.percentile_ms(0.99),
                 run.percentile_ms(1.0),
+                own_cpu / secs,
+                redis_cpu / secs,
             );
             if name == "memory" { memory_runs.push(run) } else { redis_runs.push(run) }
         }

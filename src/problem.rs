@@ -204,7 +204,7 @@ fn default_detail(code: Code, d: &Decision, v: &Vars) -> String {
         },
         Code::RateLimited => match d.denying_quota() {
             Some(q) => format!(
-                "Plan {plan} allows {} {} {}; retry in {} seconds.",
+                "Plan {plan} allows {} {} {}; retry in {}s.",
                 q.quota.limit,
                 q.quota.meter,
                 per_window(q.quota.window),
