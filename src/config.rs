@@ -752,6 +752,7 @@ mod raw {
                         extra_features: a.features.iter().cloned().collect(),
                         quota_overrides: quotas(&a.quotas, &format!("{p}.quotas"))?,
                         stripe_customer: a.stripe_customer.clone(),
+                        billing_event_at: None,
                     },
                     api_keys: a.api_keys.clone(),
                     credits: a.credits as u64,

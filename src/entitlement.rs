@@ -185,6 +185,8 @@ pub struct Account {
     pub quota_overrides: Vec<Quota>,
     /// The Stripe customer id, to map webhook events to this account.
     pub stripe_customer: Option<String>,
+    /// `created` of the newest billing event applied; older events arriving late are ignored.
+    pub billing_event_at: Option<DateTime<Utc>>,
 }
 
 impl Account {

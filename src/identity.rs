@@ -108,11 +108,37 @@ fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
     got.eq_ignore_ascii_case(scheme).then(|| rest.trim())
 }
 
+/// What is kept of an API key besides its hash: enough to recognise it in a
+/// list, never enough to use it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyMeta {
+    /// The first characters of the key (`tg_3f9a1c…`), as shown to operators.
+    pub prefix: String,
+    /// A label given at creation.
+    #[serde(default)]
+    pub name: String,
+    /// When the key was created.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl KeyMeta {
+    /// Metadata for `key`, showing its first `shown` characters.
+    pub fn for_key(key: &str, shown: usize, name: &str, created_at: chrono::DateTime<chrono::Utc>) -> Self {
+        let prefix: String = key.chars().take(shown).collect();
+        Self { prefix: format!("{prefix}…"), name: name.to_owned(), created_at }
+    }
+}
+
 /// The SHA-256 of an API key: the only form in which keys are stored.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KeyHash(pub [u8; 32]);
 
 impl KeyHash {
+    /// Parses the lower-case hex form (a key's id in the API).
+    pub fn from_hex(s: &str) -> Option<Self> {
+        hex::decode(s).ok()?.try_into().ok().map(KeyHash)
+    }
+
     /// Hashes a presented or newly created key.
     pub fn of(key: &str) -> Self {
         Self(Sha256::digest(key.as_bytes()).into())

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tollgate::config::{Backend, Config, ConfigError, DEMO_CONFIG, StoreUrl};
 use tollgate::metrics::Metrics;
 use tollgate::server::{self, Handle, Listeners};
-use tollgate::store::{self, Seed, Store};
+use tollgate::store::{self, Store};
 
 /// Exit code for a bad config or command line (EX_USAGE), before any port is bound.
 const EXIT_CONFIG: i32 = 64;
@@ -91,11 +91,6 @@ fn open_store(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn
         .with_context(|| format!("opening the {:?} store", config.store.backend))
 }
 
-async fn seed_all(store: &dyn Store, config: &Config) -> anyhow::Result<usize> {
-    let seeds = config.accounts.iter().map(|a| Seed { account: &a.account, api_keys: &a.api_keys, credits: a.credits });
-    Ok(store::seed(store, seeds).await?)
-}
-
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -157,7 +152,7 @@ async fn main() -> anyhow::Result<()> {
             let config = load_or_exit(cli.config.as_deref(), cli.redis_url.as_deref());
             init_logging(cli.log_format);
             let store = open_store(&config, &Arc::new(Metrics::new()))?;
-            let n = seed_all(store.as_ref(), &config).await?;
+            let n = store::seed_config(store.as_ref(), &config).await?;
             println!("seeded {n} accounts into the {:?} store", config.store.backend);
             return Ok(());
         }
@@ -170,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
     let store = open_store(&config, &metrics)?;
     if config.store.backend == Backend::Memory {
         // The memory store starts empty: the config's accounts are its data.
-        seed_all(store.as_ref(), &config).await?;
+        store::seed_config(store.as_ref(), &config).await?;
     }
     let grpc = TcpListener::bind(config.server.grpc_listen)
         .await

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use common::{Answer, TestServer, http_check, spec_config, with_jwt};
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, attribute_context::Peer};
 use tollgate::config::Config;
-use tollgate::entitlement::Account;
-use tollgate::identity::KeyHash;
+use tollgate::entitlement::{Account, Quota};
+use tollgate::identity::{KeyHash, KeyMeta};
 use tollgate::store::{Store, StoreError};
 use tollgate::usage::{Spend, SpendAnswer};
 
@@ -344,28 +344,60 @@ async fn concurrent_checks_never_exceed_an_exact_quota() {
     s.stop().await;
 }
 
-/// A store that always fails, as an unreachable Redis would.
+fn down() -> StoreError {
+    StoreError::Unavailable("connection refused".into())
+}
+
+/// A store that always fails, as an unreachable Redis would (its ping still
+/// answers, so the server is ready and Checks reach it).
 struct DownStore;
 
 #[async_trait]
 impl Store for DownStore {
     async fn account_for_key(&self, _: &KeyHash) -> Result<Option<String>, StoreError> {
-        Err(StoreError::Unavailable("connection refused".into()))
+        Err(down())
     }
     async fn account(&self, _: &str) -> Result<Option<Arc<Account>>, StoreError> {
-        Err(StoreError::Unavailable("connection refused".into()))
+        Err(down())
     }
     async fn spend(&self, _: &Spend) -> Result<SpendAnswer, StoreError> {
-        Err(StoreError::Unavailable("connection refused".into()))
+        Err(down())
     }
     async fn put_account(&self, _: &Account) -> Result<(), StoreError> {
-        Ok(())
+        Err(down())
     }
-    async fn put_key(&self, _: &KeyHash, _: &str) -> Result<(), StoreError> {
-        Ok(())
+    async fn put_account_if_newer(&self, _: &Account) -> Result<bool, StoreError> {
+        Err(down())
+    }
+    async fn account_for_customer(&self, _: &str) -> Result<Option<String>, StoreError> {
+        Err(down())
+    }
+    async fn put_key(&self, _: &KeyHash, _: &str, _: &KeyMeta) -> Result<(), StoreError> {
+        Err(down())
+    }
+    async fn revoke_key(&self, _: &str, _: &KeyHash) -> Result<bool, StoreError> {
+        Err(down())
+    }
+    async fn list_keys(&self, _: &str) -> Result<Vec<(KeyHash, KeyMeta)>, StoreError> {
+        Err(down())
     }
     async fn set_credits(&self, _: &str, _: u64) -> Result<(), StoreError> {
-        Ok(())
+        Err(down())
+    }
+    async fn credits(&self, _: &str) -> Result<u64, StoreError> {
+        Err(down())
+    }
+    async fn add_credits(&self, _: &str, _: i64) -> Result<Option<u64>, StoreError> {
+        Err(down())
+    }
+    async fn reset_usage(&self, _: &str, _: &[Quota], _: chrono::DateTime<chrono::Utc>) -> Result<(), StoreError> {
+        Err(down())
+    }
+    async fn remember_event(&self, _: &str, _: std::time::Duration) -> Result<bool, StoreError> {
+        Err(down())
+    }
+    async fn forget_event(&self, _: &str) -> Result<(), StoreError> {
+        Err(down())
     }
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())

@@ -218,13 +218,8 @@ async fn losing_redis_fails_closed_turns_unready_and_recovers_by_itself() {
 
     // Back, empty (no persistence): re-seed, as an operator would, and carry on without a restart.
     redis.restart();
-    let seeds = tollgate::config::Config::parse(&yaml, "t").unwrap();
-    let seeds = seeds.accounts.iter().map(|a| tollgate::store::Seed {
-        account: &a.account,
-        api_keys: &a.api_keys,
-        credits: a.credits,
-    });
-    tollgate::store::seed(s.handle.authorizer.store().as_ref(), seeds).await.unwrap();
+    let config = tollgate::config::Config::parse(&yaml, "t").unwrap();
+    tollgate::store::seed_config(s.handle.authorizer.store().as_ref(), &config).await.unwrap();
     wait_for(async || search(&s, "pro-key").await.allowed, "checks to succeed again").await;
     wait_for(async || http_get(s.http, "/readyz").await.is_ok_and(|r| r.0 == 200), "/readyz 200").await;
     s.stop().await;

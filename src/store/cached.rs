@@ -15,8 +15,10 @@ use moka::Expiry;
 use moka::future::Cache;
 
 use super::{Invalidation, Store, StoreError};
-use crate::entitlement::Account;
-use crate::identity::KeyHash;
+use chrono::{DateTime, Utc};
+
+use crate::entitlement::{Account, Quota};
+use crate::identity::{KeyHash, KeyMeta};
 use crate::usage::{Spend, SpendAnswer};
 
 /// Called with `true` on a hit and `false` on a miss (metrics).
@@ -130,14 +132,54 @@ impl Store for CachedStore {
         Ok(())
     }
 
-    async fn put_key(&self, key: &KeyHash, account: &str) -> Result<(), StoreError> {
-        self.inner.put_key(key, account).await?;
+    async fn put_account_if_newer(&self, account: &Account) -> Result<bool, StoreError> {
+        let written = self.inner.put_account_if_newer(account).await?;
+        self.accounts.invalidate(&account.id).await;
+        Ok(written)
+    }
+
+    async fn account_for_customer(&self, customer: &str) -> Result<Option<String>, StoreError> {
+        self.inner.account_for_customer(customer).await
+    }
+
+    async fn put_key(&self, key: &KeyHash, account: &str, meta: &KeyMeta) -> Result<(), StoreError> {
+        self.inner.put_key(key, account, meta).await?;
         self.keys.invalidate(key).await;
         Ok(())
     }
 
+    async fn revoke_key(&self, account: &str, key: &KeyHash) -> Result<bool, StoreError> {
+        let revoked = self.inner.revoke_key(account, key).await?;
+        self.keys.invalidate(key).await;
+        Ok(revoked)
+    }
+
+    async fn list_keys(&self, account: &str) -> Result<Vec<(KeyHash, KeyMeta)>, StoreError> {
+        self.inner.list_keys(account).await
+    }
+
     async fn set_credits(&self, account: &str, credits: u64) -> Result<(), StoreError> {
         self.inner.set_credits(account, credits).await
+    }
+
+    async fn credits(&self, account: &str) -> Result<u64, StoreError> {
+        self.inner.credits(account).await
+    }
+
+    async fn add_credits(&self, account: &str, delta: i64) -> Result<Option<u64>, StoreError> {
+        self.inner.add_credits(account, delta).await
+    }
+
+    async fn reset_usage(&self, account: &str, quotas: &[Quota], now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.inner.reset_usage(account, quotas, now).await
+    }
+
+    async fn remember_event(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
+        self.inner.remember_event(id, ttl).await
+    }
+
+    async fn forget_event(&self, id: &str) -> Result<(), StoreError> {
+        self.inner.forget_event(id).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -183,11 +225,38 @@ mod tests {
         async fn put_account(&self, a: &Account) -> Result<(), StoreError> {
             self.inner.put_account(a).await
         }
-        async fn put_key(&self, k: &KeyHash, a: &str) -> Result<(), StoreError> {
-            self.inner.put_key(k, a).await
+        async fn put_account_if_newer(&self, a: &Account) -> Result<bool, StoreError> {
+            self.inner.put_account_if_newer(a).await
+        }
+        async fn account_for_customer(&self, c: &str) -> Result<Option<String>, StoreError> {
+            self.inner.account_for_customer(c).await
+        }
+        async fn put_key(&self, k: &KeyHash, a: &str, m: &KeyMeta) -> Result<(), StoreError> {
+            self.inner.put_key(k, a, m).await
+        }
+        async fn revoke_key(&self, a: &str, k: &KeyHash) -> Result<bool, StoreError> {
+            self.inner.revoke_key(a, k).await
+        }
+        async fn list_keys(&self, a: &str) -> Result<Vec<(KeyHash, KeyMeta)>, StoreError> {
+            self.inner.list_keys(a).await
         }
         async fn set_credits(&self, a: &str, c: u64) -> Result<(), StoreError> {
             self.inner.set_credits(a, c).await
+        }
+        async fn credits(&self, a: &str) -> Result<u64, StoreError> {
+            self.inner.credits(a).await
+        }
+        async fn add_credits(&self, a: &str, d: i64) -> Result<Option<u64>, StoreError> {
+            self.inner.add_credits(a, d).await
+        }
+        async fn reset_usage(&self, a: &str, q: &[Quota], now: DateTime<Utc>) -> Result<(), StoreError> {
+            self.inner.reset_usage(a, q, now).await
+        }
+        async fn remember_event(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
+            self.inner.remember_event(id, ttl).await
+        }
+        async fn forget_event(&self, id: &str) -> Result<(), StoreError> {
+            self.inner.forget_event(id).await
         }
         async fn ping(&self) -> Result<(), StoreError> {
             Ok(())
@@ -222,7 +291,8 @@ mod tests {
         assert_eq!(backend.reads.load(Ordering::SeqCst), 1, "50 concurrent misses, one read");
         assert_eq!(hits.load(Ordering::SeqCst), 49);
         // A key created later is seen once its invalidation arrives.
-        backend.put_key(&unknown, "acct").await.unwrap();
+        let meta = KeyMeta::for_key("nope", 2, "", chrono::Utc::now());
+        backend.put_key(&unknown, "acct", &meta).await.unwrap();
         assert_eq!(cache.account_for_key(&unknown).await.unwrap(), None, "still the cached negative");
         cache.invalidate(&Invalidation::Key(unknown)).await;
         assert_eq!(cache.account_for_key(&unknown).await.unwrap(), Some("acct".into()));

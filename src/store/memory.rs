@@ -9,13 +9,14 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{Store, StoreError};
 use crate::entitlement::{Account, Quota, Window};
-use crate::identity::KeyHash;
+use crate::identity::{KeyHash, KeyMeta};
 use crate::usage::{CreditBalance, QuotaUsage, Spend, SpendAnswer};
 
 const SHARDS: usize = 16;
@@ -24,9 +25,18 @@ const SHARDS: usize = 16;
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     accounts: RwLock<HashMap<String, Arc<Account>>>,
-    keys: RwLock<HashMap<KeyHash, String>>,
+    keys: RwLock<Keys>,
+    /// Webhook event ids with the instant they may be forgotten.
+    events: Mutex<HashMap<String, Instant>>,
     /// Per-account credits and counters, sharded by account id.
     usage: [Mutex<HashMap<String, Usage>>; SHARDS],
+}
+
+/// API keys both ways: hash → account for lookups, account → keys for listing.
+#[derive(Debug, Default)]
+struct Keys {
+    by_hash: HashMap<KeyHash, String>,
+    by_account: HashMap<String, HashMap<KeyHash, KeyMeta>>,
 }
 
 /// One account's mutable balance and counters.
@@ -123,6 +133,14 @@ impl MemoryStore {
     }
 }
 
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A poisoned lock means a panic elsewhere mid-update; the data is still
 /// consistent (every update is a few plain assignments), so keep serving.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -132,13 +150,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[async_trait]
 impl Store for MemoryStore {
     async fn account_for_key(&self, key: &KeyHash) -> Result<Option<String>, StoreError> {
-        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        Ok(keys.get(key).cloned())
+        Ok(read(&self.keys).by_hash.get(key).cloned())
     }
 
     async fn account(&self, id: &str) -> Result<Option<Arc<Account>>, StoreError> {
-        let accounts = self.accounts.read().unwrap_or_else(|e| e.into_inner());
-        Ok(accounts.get(id).cloned())
+        Ok(read(&self.accounts).get(id).cloned())
     }
 
     async fn spend(&self, spend: &Spend) -> Result<SpendAnswer, StoreError> {
@@ -179,19 +195,98 @@ impl Store for MemoryStore {
     }
 
     async fn put_account(&self, account: &Account) -> Result<(), StoreError> {
-        let mut accounts = self.accounts.write().unwrap_or_else(|e| e.into_inner());
-        accounts.insert(account.id.clone(), Arc::new(account.clone()));
+        write(&self.accounts).insert(account.id.clone(), Arc::new(account.clone()));
         Ok(())
     }
 
-    async fn put_key(&self, key: &KeyHash, account: &str) -> Result<(), StoreError> {
-        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        keys.insert(*key, account.to_owned());
+    async fn put_account_if_newer(&self, account: &Account) -> Result<bool, StoreError> {
+        let mut accounts = write(&self.accounts);
+        let stored = accounts.get(&account.id).and_then(|a| a.billing_event_at);
+        if stored.is_some_and(|s| account.billing_event_at.is_none_or(|new| new < s)) {
+            return Ok(false);
+        }
+        accounts.insert(account.id.clone(), Arc::new(account.clone()));
+        Ok(true)
+    }
+
+    async fn account_for_customer(&self, customer: &str) -> Result<Option<String>, StoreError> {
+        let accounts = read(&self.accounts);
+        Ok(accounts.values().find(|a| a.stripe_customer.as_deref() == Some(customer)).map(|a| a.id.clone()))
+    }
+
+    async fn put_key(&self, key: &KeyHash, account: &str, meta: &KeyMeta) -> Result<(), StoreError> {
+        let mut keys = write(&self.keys);
+        if let Some(old) = keys.by_hash.insert(*key, account.to_owned()) {
+            keys.by_account.entry(old).or_default().remove(key);
+        }
+        keys.by_account.entry(account.to_owned()).or_default().insert(*key, meta.clone());
         Ok(())
+    }
+
+    async fn revoke_key(&self, account: &str, key: &KeyHash) -> Result<bool, StoreError> {
+        let mut keys = write(&self.keys);
+        if keys.by_hash.get(key).map(String::as_str) != Some(account) {
+            return Ok(false);
+        }
+        keys.by_hash.remove(key);
+        keys.by_account.entry(account.to_owned()).or_default().remove(key);
+        Ok(true)
+    }
+
+    async fn list_keys(&self, account: &str) -> Result<Vec<(KeyHash, KeyMeta)>, StoreError> {
+        let keys = read(&self.keys);
+        let mut list: Vec<(KeyHash, KeyMeta)> =
+            keys.by_account.get(account).map(|m| m.iter().map(|(k, v)| (*k, v.clone())).collect()).unwrap_or_default();
+        list.sort_by(|a, b| a.1.created_at.cmp(&b.1.created_at).then(a.0.0.cmp(&b.0.0)));
+        Ok(list)
     }
 
     async fn set_credits(&self, account: &str, credits: u64) -> Result<(), StoreError> {
         lock(self.shard(account)).entry(account.to_owned()).or_default().credits = credits;
+        Ok(())
+    }
+
+    async fn credits(&self, account: &str) -> Result<u64, StoreError> {
+        Ok(lock(self.shard(account)).get(account).map_or(0, |u| u.credits))
+    }
+
+    async fn add_credits(&self, account: &str, delta: i64) -> Result<Option<u64>, StoreError> {
+        let mut shard = lock(self.shard(account));
+        let usage = shard.entry(account.to_owned()).or_default();
+        let Some(balance) = usage.credits.checked_add_signed(delta) else { return Ok(None) };
+        usage.credits = balance;
+        Ok(Some(balance))
+    }
+
+    async fn reset_usage(&self, account: &str, quotas: &[Quota], _now: DateTime<Utc>) -> Result<(), StoreError> {
+        let mut shard = lock(self.shard(account));
+        if let Some(usage) = shard.get_mut(account) {
+            for q in quotas {
+                if let Some(m) = usage.counters.get_mut(&q.meter) {
+                    m.remove(&q.window);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn remember_event(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut events = lock(&self.events);
+        let now = Instant::now();
+        if events.len() > 10_000 {
+            events.retain(|_, until| *until > now);
+        }
+        match events.get(id) {
+            Some(until) if *until > now => Ok(false),
+            _ => {
+                events.insert(id.to_owned(), now + ttl);
+                Ok(true)
+            }
+        }
+    }
+
+    async fn forget_event(&self, id: &str) -> Result<(), StoreError> {
+        lock(&self.events).remove(id);
         Ok(())
     }
 
@@ -204,7 +299,6 @@ impl Store for MemoryStore {
 mod tests {
     use super::*;
     use crate::entitlement::Period;
-    use std::time::Duration;
 
     fn t(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()

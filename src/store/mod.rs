@@ -15,8 +15,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::config::{Backend, CacheConfig, StoreConfig};
-use crate::entitlement::Account;
-use crate::identity::KeyHash;
+use chrono::{DateTime, Utc};
+
+use crate::entitlement::{Account, Quota};
+use crate::identity::{KeyHash, KeyMeta};
 use crate::usage::{Spend, SpendAnswer};
 
 pub use cached::{CachedStore, LookupObserver};
@@ -60,11 +62,41 @@ pub trait Store: Send + Sync + 'static {
     /// Creates or replaces an account's entitlement (not its keys, credits or usage).
     async fn put_account(&self, account: &Account) -> Result<(), StoreError>;
 
-    /// Maps an API key hash to an account.
-    async fn put_key(&self, key: &KeyHash, account: &str) -> Result<(), StoreError>;
+    /// Writes `account` unless the stored one has a newer `billing_event_at`
+    /// (atomically, so late billing events never roll an account back);
+    /// returns whether it was written.
+    async fn put_account_if_newer(&self, account: &Account) -> Result<bool, StoreError>;
+
+    /// The account whose `stripe_customer` is `customer`.
+    async fn account_for_customer(&self, customer: &str) -> Result<Option<String>, StoreError>;
+
+    /// Maps an API key hash to an account, with what operators may see of it.
+    async fn put_key(&self, key: &KeyHash, account: &str, meta: &KeyMeta) -> Result<(), StoreError>;
+
+    /// Revokes one of `account`'s keys; false when it has no such key.
+    async fn revoke_key(&self, account: &str, key: &KeyHash) -> Result<bool, StoreError>;
+
+    /// The account's keys: hashes and metadata, never the keys.
+    async fn list_keys(&self, account: &str) -> Result<Vec<(KeyHash, KeyMeta)>, StoreError>;
 
     /// Sets an account's prepaid balance.
     async fn set_credits(&self, account: &str, credits: u64) -> Result<(), StoreError>;
+
+    /// An account's prepaid balance (0 when none was ever set).
+    async fn credits(&self, account: &str) -> Result<u64, StoreError>;
+
+    /// Adds `delta` (which may be negative) atomically; `None`, and no change,
+    /// when the balance would go below zero.
+    async fn add_credits(&self, account: &str, delta: i64) -> Result<Option<u64>, StoreError>;
+
+    /// Zeroes the current windows of `quotas` (rolling logs are emptied).
+    async fn reset_usage(&self, account: &str, quotas: &[Quota], now: DateTime<Utc>) -> Result<(), StoreError>;
+
+    /// Records an event id for `ttl`; false when it was already recorded (a replay).
+    async fn remember_event(&self, id: &str, ttl: Duration) -> Result<bool, StoreError>;
+
+    /// Forgets an event id, so a retry of an event that failed is processed.
+    async fn forget_event(&self, id: &str) -> Result<(), StoreError>;
 
     /// Succeeds when the backend answers; drives readiness.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -114,15 +146,24 @@ pub struct Seed<'a> {
 /// (usage counters are not touched; credits are set, not added).
 pub async fn seed<'a>(store: &dyn Store, seeds: impl IntoIterator<Item = Seed<'a>>) -> Result<usize, StoreError> {
     let mut n = 0;
+    let now = Utc::now();
     for s in seeds {
         store.put_account(s.account).await?;
         for key in s.api_keys {
-            store.put_key(&KeyHash::of(key), &s.account.id).await?;
+            // Seeded keys are chosen by people: show less of them than of generated ones.
+            let meta = KeyMeta::for_key(key, 4, "seeded", now);
+            store.put_key(&KeyHash::of(key), &s.account.id, &meta).await?;
         }
         store.set_credits(&s.account.id, s.credits).await?;
         n += 1;
     }
     Ok(n)
+}
+
+/// Seeds `store` with `config`'s `accounts:`.
+pub async fn seed_config(store: &dyn Store, config: &crate::config::Config) -> Result<usize, StoreError> {
+    seed(store, config.accounts.iter().map(|a| Seed { account: &a.account, api_keys: &a.api_keys, credits: a.credits }))
+        .await
 }
 
 /// Opens the configured backend: the memory store, or Redis behind the moka

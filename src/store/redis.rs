@@ -41,7 +41,7 @@ use tokio::sync::Mutex;
 
 use super::{Invalidation, Store, StoreError};
 use crate::entitlement::{Account, Period, Quota, Status, Window};
-use crate::identity::KeyHash;
+use crate::identity::{KeyHash, KeyMeta};
 use crate::usage::{CreditBalance, QuotaUsage, Spend, SpendAnswer};
 
 /// Check-and-spend of SPEC §4's atomicity paragraph. See the module doc for keys.
@@ -142,6 +142,34 @@ end
 return out
 "#;
 
+/// Writes an account unless the stored one applied a newer billing event.
+const PUT_IF_NEWER_LUA: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, obj = pcall(cjson.decode, cur)
+  if ok and type(obj) == 'table' and obj.billing_event_ms and tonumber(obj.billing_event_ms) > tonumber(ARGV[2]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"#;
+
+/// Adds to a balance unless it would go negative (-1: refused).
+const ADD_CREDITS_LUA: &str = r#"
+local v = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(ARGV[1])
+if v < 0 then return -1 end
+redis.call('SET', KEYS[1], v)
+return v
+"#;
+
+/// Removes a key from the index only if it belongs to the account.
+const REVOKE_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"#;
+
 /// A connection to one Redis or a Redis Cluster; cheap to clone.
 #[derive(Clone)]
 enum Conn {
@@ -193,6 +221,9 @@ pub struct RedisStore {
     subscribe_urls: Vec<String>,
     prefix: String,
     script: redis::Script,
+    put_if_newer: redis::Script,
+    add_credits: redis::Script,
+    revoke: redis::Script,
 }
 
 impl fmt::Debug for RedisStore {
@@ -246,6 +277,9 @@ struct AccountRecord {
     quotas: Vec<QuotaRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     stripe_customer: Option<String>,
+    /// Milliseconds, so the put-if-newer script can compare without parsing dates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    billing_event_ms: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -284,6 +318,7 @@ impl AccountRecord {
                 })
                 .collect(),
             stripe_customer: a.stripe_customer.clone(),
+            billing_event_ms: a.billing_event_at.map(millis),
         }
     }
 
@@ -307,6 +342,7 @@ impl AccountRecord {
             extra_features: self.features.into_iter().collect(),
             quota_overrides: quotas,
             stripe_customer: self.stripe_customer,
+            billing_event_at: self.billing_event_ms.map(from_millis),
         })
     }
 }
@@ -347,7 +383,15 @@ impl RedisStore {
             let manager = ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?;
             (Target::Single(manager), vec![url.to_owned()])
         };
-        Ok(Self { target, subscribe_urls, prefix: prefix.to_owned(), script: redis::Script::new(SPEND_LUA) })
+        Ok(Self {
+            target,
+            subscribe_urls,
+            prefix: prefix.to_owned(),
+            script: redis::Script::new(SPEND_LUA),
+            put_if_newer: redis::Script::new(PUT_IF_NEWER_LUA),
+            add_credits: redis::Script::new(ADD_CREDITS_LUA),
+            revoke: redis::Script::new(REVOKE_LUA),
+        })
     }
 
     async fn conn(&self) -> Result<Conn, StoreError> {
@@ -375,6 +419,48 @@ impl RedisStore {
 
     fn keys_key(&self, id: &str) -> String {
         format!("{}{{{id}}}:keys", self.prefix)
+    }
+
+    fn customer_key(&self, customer: &str) -> String {
+        format!("{}customer:{customer}", self.prefix)
+    }
+
+    fn event_key(&self, id: &str) -> String {
+        format!("{}event:{id}", self.prefix)
+    }
+
+    /// The keys of `q`'s current window: the calendar counter, or the rolling log's sums and log.
+    fn window_keys(&self, id: &str, q: &Quota, now: DateTime<Utc>) -> Vec<String> {
+        match q.window {
+            Window::Calendar(p) => {
+                let (start, _) = p.bounds(now);
+                vec![format!("{}{{{id}}}:q:{}:{}:{}", self.prefix, q.meter, p.as_str(), millis(start))]
+            }
+            Window::Rolling(d) => {
+                let log = format!("{}{{{id}}}:r:{}:{}", self.prefix, q.meter, d.as_millis());
+                vec![log.clone(), format!("{log}:m")]
+            }
+        }
+    }
+
+    fn record_json(&self, account: &Account) -> Result<String, StoreError> {
+        if !valid_id(&account.id) {
+            return Err(StoreError::Corrupt(format!("account id {:?} cannot be a hash tag", account.id)));
+        }
+        serde_json::to_string(&AccountRecord::of(account)).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// Indexes the account's Stripe customer and tells every replica.
+    async fn after_account_write(&self, conn: &mut Conn, account: &Account) -> Result<(), StoreError> {
+        if let Some(customer) = &account.stripe_customer {
+            redis::cmd("SET")
+                .arg(self.customer_key(customer))
+                .arg(&account.id)
+                .query_async::<()>(conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        self.publish(conn, Invalidation::Account(account.id.clone())).await
     }
 
     fn api_key_key(&self, key: &KeyHash) -> String {
@@ -482,18 +568,17 @@ impl Store for RedisStore {
             .arg(spend.quotas.len());
         let mut ends = Vec::with_capacity(spend.quotas.len());
         for q in &spend.quotas {
+            for key in self.window_keys(id, q, spend.now) {
+                inv.key(key);
+            }
             match q.window {
                 Window::Calendar(p) => {
-                    let (start, end) = p.bounds(spend.now);
-                    inv.key(format!("{}{{{id}}}:q:{}:{}:{}", self.prefix, q.meter, p.as_str(), millis(start)));
+                    let end = p.bounds(spend.now).1;
                     inv.arg("c").arg(q.limit).arg(millis(end));
                     ends.push(Some(end));
                 }
                 Window::Rolling(d) => {
-                    let ms = d.as_millis() as u64;
-                    let z = format!("{}{{{id}}}:r:{}:{ms}", self.prefix, q.meter);
-                    inv.key(&z).key(format!("{z}:m"));
-                    inv.arg("r").arg(q.limit).arg(ms);
+                    inv.arg("r").arg(q.limit).arg(d.as_millis() as u64);
                     ends.push(None);
                 }
             }
@@ -519,46 +604,131 @@ impl Store for RedisStore {
     }
 
     async fn put_account(&self, account: &Account) -> Result<(), StoreError> {
-        if !valid_id(&account.id) {
-            return Err(StoreError::Corrupt(format!("account id {:?} cannot be a hash tag", account.id)));
-        }
-        let json =
-            serde_json::to_string(&AccountRecord::of(account)).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let json = self.record_json(account)?;
         let mut conn = self.conn().await?;
-        redis::cmd("SET")
-            .arg(self.account_key(&account.id))
-            .arg(json)
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        self.publish(&mut conn, Invalidation::Account(account.id.clone())).await
+        redis::cmd("SET").arg(self.account_key(&account.id)).arg(json).query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        self.after_account_write(&mut conn, account).await
     }
 
-    async fn put_key(&self, key: &KeyHash, account: &str) -> Result<(), StoreError> {
+    async fn put_account_if_newer(&self, account: &Account) -> Result<bool, StoreError> {
+        let json = self.record_json(account)?;
+        let event_ms = account.billing_event_at.map_or(i64::MIN, millis);
         let mut conn = self.conn().await?;
-        redis::cmd("SET")
-            .arg(self.api_key_key(key))
-            .arg(account)
-            .query_async::<()>(&mut conn)
+        let written: i64 = self
+            .put_if_newer
+            .key(self.account_key(&account.id))
+            .arg(json)
+            .arg(event_ms)
+            .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        redis::cmd("SADD")
+        if written == 1 {
+            self.after_account_write(&mut conn, account).await?;
+        }
+        Ok(written == 1)
+    }
+
+    async fn account_for_customer(&self, customer: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("GET").arg(self.customer_key(customer)).query_async(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn put_key(&self, key: &KeyHash, account: &str, meta: &KeyMeta) -> Result<(), StoreError> {
+        if !valid_id(account) {
+            return Err(StoreError::Corrupt(format!("account id {account:?} cannot be a hash tag")));
+        }
+        let meta = serde_json::to_string(meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut conn = self.conn().await?;
+        redis::cmd("HSET")
             .arg(self.keys_key(account))
             .arg(key.to_hex())
+            .arg(meta)
             .query_async::<()>(&mut conn)
             .await
             .map_err(unavailable)?;
+        redis::cmd("SET").arg(self.api_key_key(key)).arg(account).query_async::<()>(&mut conn).await.map_err(unavailable)?;
         self.publish(&mut conn, Invalidation::Key(*key)).await
+    }
+
+    async fn revoke_key(&self, account: &str, key: &KeyHash) -> Result<bool, StoreError> {
+        if !valid_id(account) {
+            return Ok(false);
+        }
+        let mut conn = self.conn().await?;
+        let removed: i64 =
+            self.revoke.key(self.api_key_key(key)).arg(account).invoke_async(&mut conn).await.map_err(unavailable)?;
+        redis::cmd("HDEL").arg(self.keys_key(account)).arg(key.to_hex()).query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        self.publish(&mut conn, Invalidation::Key(*key)).await?;
+        Ok(removed == 1)
+    }
+
+    async fn list_keys(&self, account: &str) -> Result<Vec<(KeyHash, KeyMeta)>, StoreError> {
+        if !valid_id(account) {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        let all: std::collections::HashMap<String, String> =
+            redis::cmd("HGETALL").arg(self.keys_key(account)).query_async(&mut conn).await.map_err(unavailable)?;
+        let mut keys = Vec::with_capacity(all.len());
+        for (hex, meta) in all {
+            let hash = KeyHash::from_hex(&hex).ok_or_else(|| StoreError::Corrupt(format!("key id {hex:?}")))?;
+            let meta: KeyMeta =
+                serde_json::from_str(&meta).map_err(|e| StoreError::Corrupt(format!("key {hex}: {e}")))?;
+            keys.push((hash, meta));
+        }
+        keys.sort_by(|a, b| a.1.created_at.cmp(&b.1.created_at).then(a.0.0.cmp(&b.0.0)));
+        Ok(keys)
     }
 
     async fn set_credits(&self, account: &str, credits: u64) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        redis::cmd("SET")
-            .arg(self.credits_key(account))
-            .arg(credits)
-            .query_async::<()>(&mut conn)
+        redis::cmd("SET").arg(self.credits_key(account)).arg(credits).query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn credits(&self, account: &str) -> Result<u64, StoreError> {
+        let mut conn = self.conn().await?;
+        let v: Option<i64> =
+            redis::cmd("GET").arg(self.credits_key(account)).query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(v.unwrap_or(0).max(0) as u64)
+    }
+
+    async fn add_credits(&self, account: &str, delta: i64) -> Result<Option<u64>, StoreError> {
+        let mut conn = self.conn().await?;
+        let v: i64 =
+            self.add_credits.key(self.credits_key(account)).arg(delta).invoke_async(&mut conn).await.map_err(unavailable)?;
+        Ok(u64::try_from(v).ok())
+    }
+
+    async fn reset_usage(&self, account: &str, quotas: &[Quota], now: DateTime<Utc>) -> Result<(), StoreError> {
+        if !valid_id(account) {
+            return Ok(());
+        }
+        let mut conn = self.conn().await?;
+        for q in quotas {
+            for key in self.window_keys(account, q, now) {
+                redis::cmd("DEL").arg(key).query_async::<()>(&mut conn).await.map_err(unavailable)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn remember_event(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.event_key(id))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut conn)
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        Ok(set.is_some())
+    }
+
+    async fn forget_event(&self, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("DEL").arg(self.event_key(id)).query_async::<()>(&mut conn).await.map_err(unavailable)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

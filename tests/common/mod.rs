@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tollgate::config::Config;
 use tollgate::server::{self, Handle, Listeners};
-use tollgate::store::{self, MemoryStore, Seed, Store};
+use tollgate::store::{self, MemoryStore, Store};
 use tonic::transport::Channel;
 
 /// A tollgate running in this process.
@@ -41,9 +41,7 @@ impl TestServer {
     pub async fn start(yaml: &str) -> Self {
         let config = Config::parse(yaml, "test.yaml").expect("test config is valid");
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let seeds =
-            config.accounts.iter().map(|a| Seed { account: &a.account, api_keys: &a.api_keys, credits: a.credits });
-        store::seed(store.as_ref(), seeds).await.expect("seed");
+        store::seed_config(store.as_ref(), &config).await.expect("seed");
         Self::start_with(config, store).await
     }
 
@@ -56,9 +54,7 @@ impl TestServer {
         let observe: store::LookupObserver = Arc::new(move |hit| m.record_cache(if hit { "hit" } else { "miss" }));
         let store = store::open(&config.store, &config.cache, observe).expect("open store");
         if seed {
-            let seeds =
-                config.accounts.iter().map(|a| Seed { account: &a.account, api_keys: &a.api_keys, credits: a.credits });
-            store::seed(store.as_ref(), seeds).await.expect("seed");
+            store::seed_config(store.as_ref(), &config).await.expect("seed");
         }
         Self::start_full(metrics, config, store).await
     }
