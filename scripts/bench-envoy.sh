@@ -337,6 +337,30 @@ results="$work/results.tsv"
 : >"$results"
 declare -A sent=([a]=0 [b]=0 [c-mem]=0 [c-redis]=0)
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+
+# CPU accounting around each measured run, from /proc (no extra processes):
+# every started process's utime+stime, this shell's reaped children (wrk),
+# and the machine's busy and total ticks.
+clk="$(getconf CLK_TCK)"
+declare -A cpu0=() cpu1=()
+cpu_sample() { # name of an associative array to fill
+  local -n out="$1"
+  local name line f
+  out=()
+  for name in "${!pid[@]}"; do
+    read -r line <"/proc/${pid[$name]}/stat" || continue
+    read -r -a f <<<"${line##*) }"
+    out[$name]=$((f[11] + f[12]))
+  done
+  read -r line <"/proc/$$/stat"
+  read -r -a f <<<"${line##*) }"
+  out[_children]=$((f[13] + f[14]))
+  read -r -a f </proc/stat
+  out[_busy]=$((f[1] + f[2] + f[3] + f[6] + f[7] + f[8]))
+  out[_total]=$((f[1] + f[2] + f[3] + f[4] + f[5] + f[6] + f[7] + f[8]))
+}
+cpu_delta() { echo $((${cpu1[$1]:-0} - ${cpu0[$1]:-0})); }
+declare -A authz_name=([a]="" [b]=noop [c-mem]=tollgate-memory [c-redis]=tollgate-redis)
 run_wrk() { # variant seconds out
   local v="$1" secs="$2" out="$3"
   check_deadline $((secs + 5))
@@ -357,8 +381,22 @@ for round in $(seq "$rounds"); do
   for v in "${variants[@]}"; do
     load1="$(cut -d' ' -f1 /proc/loadavg)"
     run_wrk "$v" "$warmup" "$work/wrk-$v-$round-warmup.txt"
+    cpu_sample cpu0
     run_wrk "$v" "$duration" "$work/wrk-$v-$round.txt"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$v" "$round" "$rps" "$p99" "$total" "$load1" >>"$results"
+    cpu_sample cpu1
+    envoy_t="$(cpu_delta "envoy-$v")"
+    authz_t=0
+    [ -z "${authz_name[$v]}" ] || authz_t="$(cpu_delta "${authz_name[$v]}")"
+    upstream_t="$(cpu_delta upstream)"
+    redis_t="$(cpu_delta redis)"
+    wrk_t="$(cpu_delta _children)"
+    ours_t="$wrk_t"
+    for name in "${!pid[@]}"; do ours_t=$((ours_t + $(cpu_delta "$name"))); done
+    idle_t=$((ours_t - envoy_t - authz_t - upstream_t - redis_t - wrk_t))
+    busy_t="$(cpu_delta _busy)"
+    printf '%s\t' "$v" "$round" "$rps" "$p99" "$total" "$load1" "$envoy_t" "$authz_t" "$upstream_t" "$redis_t" \
+      "$wrk_t" "$idle_t" "$((busy_t - ours_t))" "$busy_t" "$(cpu_delta _total)" >>"$results"
+    echo >>"$results"
     log "round $round $v: $rps req/s, p99 ${p99} ms ($total requests, $non2xx non-2xx, load1 $load1)"
   done
 done
@@ -374,7 +412,7 @@ done
 redis_keys="$(redis-cli -h 127.0.0.1 -p "$redis_port" DBSIZE)"
 
 # ------------------------------------------------------------------ report
-python3 - "$results" <<EOF
+python3 - "$results" "$clk" <<EOF
 import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 variants = ["a", "b", "c-mem", "c-redis"]
@@ -384,6 +422,10 @@ rounds = sorted({int(r[1]) for r in rows})
 rps = {(r[0], int(r[1])): float(r[2]) for r in rows}
 p99 = {(r[0], int(r[1])): float(r[3]) for r in rows}
 load = {(r[0], int(r[1])): r[5] for r in rows}
+reqs = {(r[0], int(r[1])): int(r[4]) for r in rows}
+clk = int(sys.argv[2])
+# CPU columns: envoy, authz, upstream, redis, wrk, our idle processes, other processes, busy, total (ticks).
+cpu = {(r[0], int(r[1])): [int(x) for x in r[6:15]] for r in rows}
 med_rps = {v: statistics.median(rps[v, n] for n in rounds) for v in variants}
 med_p99 = {v: statistics.median(p99[v, n] for n in rounds) for v in variants}
 head = "| variant | " + " | ".join(f"round {n} req/s | round {n} p99 ms" for n in rounds) + \
@@ -406,8 +448,23 @@ print()
 print("Conditions: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')); "
       "wrk -t1 -c$conns -d${duration}s --latency (after a ${warmup}s warm-up per run), GET $target_path with x-api-key, "
       "$rounds rounds interleaved a, b, c-mem, c-redis; Envoy $envoy_version --concurrency 1 from "
-      "deploy/envoy/envoy.yaml (access log to a file); wrk, Envoy, tollgate, noop_authz, redis-server and the "
+      "deploy/envoy/envoy.yaml (its per-request access log written to /dev/null); wrk, Envoy, tollgate, noop_authz, redis-server and the "
       "upstream all on this machine, on 127.0.0.1. Load average (1/5/15 min) before: $load_before, after: "
       "$load_after; 1-min load before each run: " + ", ".join(f"{v} r{n} {load[v, n]}" for n in rounds for v in variants) + ".")
+print()
+print("CPU per request during the measured runs, µs (median of rounds; ticks of 1/%d s from /proc):" % clk)
+print()
+print("| variant | Envoy | ext_authz server | upstream | redis-server | wrk | our idle processes | sum | "
+      "other processes (cores) | machine busy |")
+print("|---|" + "---|" * 9)
+for v in variants:
+    def us(i):
+        return statistics.median(cpu[v, n][i] / clk / reqs[v, n] * 1e6 for n in rounds)
+    parts = [us(i) for i in range(6)]
+    other = statistics.median(cpu[v, n][6] / cpu[v, n][8] * $(nproc) for n in rounds)
+    busy = statistics.median(cpu[v, n][7] / cpu[v, n][8] for n in rounds)
+    print(f"| {names[v]} | " + " | ".join(f"{x:.1f}" for x in parts) +
+          f" | {sum(parts):.1f} | {other:.2f} | {busy:.0%} |")
+print()
 print("Spend check: $spent""Redis DBSIZE $redis_keys.")
 EOF

@@ -606,7 +606,12 @@ impl Store for RedisStore {
     async fn put_account(&self, account: &Account) -> Result<(), StoreError> {
         let json = self.record_json(account)?;
         let mut conn = self.conn().await?;
-        redis::cmd("SET").arg(self.account_key(&account.id)).arg(json).query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        redis::cmd("SET")
+            .arg(self.account_key(&account.id))
+            .arg(json)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
         self.after_account_write(&mut conn, account).await
     }
 
@@ -646,7 +651,12 @@ impl Store for RedisStore {
             .query_async::<()>(&mut conn)
             .await
             .map_err(unavailable)?;
-        redis::cmd("SET").arg(self.api_key_key(key)).arg(account).query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        redis::cmd("SET")
+            .arg(self.api_key_key(key))
+            .arg(account)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
         self.publish(&mut conn, Invalidation::Key(*key)).await
     }
 
@@ -657,7 +667,12 @@ impl Store for RedisStore {
         let mut conn = self.conn().await?;
         let removed: i64 =
             self.revoke.key(self.api_key_key(key)).arg(account).invoke_async(&mut conn).await.map_err(unavailable)?;
-        redis::cmd("HDEL").arg(self.keys_key(account)).arg(key.to_hex()).query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        redis::cmd("HDEL")
+            .arg(self.keys_key(account))
+            .arg(key.to_hex())
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
         self.publish(&mut conn, Invalidation::Key(*key)).await?;
         Ok(removed == 1)
     }
@@ -682,7 +697,12 @@ impl Store for RedisStore {
 
     async fn set_credits(&self, account: &str, credits: u64) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        redis::cmd("SET").arg(self.credits_key(account)).arg(credits).query_async::<()>(&mut conn).await.map_err(unavailable)
+        redis::cmd("SET")
+            .arg(self.credits_key(account))
+            .arg(credits)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
     }
 
     async fn credits(&self, account: &str) -> Result<u64, StoreError> {
@@ -694,8 +714,13 @@ impl Store for RedisStore {
 
     async fn add_credits(&self, account: &str, delta: i64) -> Result<Option<u64>, StoreError> {
         let mut conn = self.conn().await?;
-        let v: i64 =
-            self.add_credits.key(self.credits_key(account)).arg(delta).invoke_async(&mut conn).await.map_err(unavailable)?;
+        let v: i64 = self
+            .add_credits
+            .key(self.credits_key(account))
+            .arg(delta)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
         Ok(u64::try_from(v).ok())
     }
 

@@ -65,6 +65,10 @@ impl TestServer {
     }
 
     async fn start_full(metrics: Arc<tollgate::metrics::Metrics>, config: Config, store: Arc<dyn Store>) -> Self {
+        // TOLLGATE_TEST_LOG=debug shows the server's logs in failing tests.
+        if let Ok(filter) = std::env::var("TOLLGATE_TEST_LOG") {
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        }
         let grpc_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc, http) = (grpc_l.local_addr().unwrap(), http_l.local_addr().unwrap());
