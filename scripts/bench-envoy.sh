@@ -40,6 +40,9 @@ deadline="${BENCH_DEADLINE:-290}"
 key="bench-key-0123456789"
 target_path="/v1/search?q=x"
 variants=(a b c-mem c-redis)
+# Diagnostic (off by default): b-shaped, noop_authz answering tollgate's allow
+# verbatim (headers, header removal, dynamic metadata) without deciding anything.
+[ "${BENCH_SHAPED_FLOOR:-0}" = 1 ] && variants=(a b b-shaped c-mem c-redis)
 
 log() { echo "bench-envoy: $*" >&2; }
 die() {
@@ -195,7 +198,7 @@ check_deadline() { # seconds the next step needs
 # Free loopback ports, all bound at once so they differ.
 read -r -a ports <<<"$(python3 -c '
 import socket
-s = [socket.socket() for _ in range(15)]
+s = [socket.socket() for _ in range(18)]
 for x in s: x.bind(("127.0.0.1", 0))
 print(" ".join(str(x.getsockname()[1]) for x in s))
 ')"
@@ -204,9 +207,12 @@ noop_port=${ports[1]}
 redis_port=${ports[2]}
 declare -A grpc_port=([c-mem]=${ports[3]} [c-redis]=${ports[5]})
 declare -A http_port=([c-mem]=${ports[4]} [c-redis]=${ports[6]})
-declare -A listen_port=([a]=${ports[7]} [b]=${ports[8]} [c-mem]=${ports[9]} [c-redis]=${ports[10]})
-declare -A admin_port=([a]=${ports[11]} [b]=${ports[12]} [c-mem]=${ports[13]} [c-redis]=${ports[14]})
-declare -A authz_port=([a]=$noop_port [b]=$noop_port [c-mem]=${grpc_port[c-mem]} [c-redis]=${grpc_port[c-redis]})
+noop_shaped_port=${ports[15]}
+declare -A listen_port=([a]=${ports[7]} [b]=${ports[8]} [c-mem]=${ports[9]} [c-redis]=${ports[10]} [b-shaped]=${ports[16]})
+declare -A admin_port=([a]=${ports[11]} [b]=${ports[12]} [c-mem]=${ports[13]} [c-redis]=${ports[14]} [b-shaped]=${ports[17]})
+declare -A authz_port=([a]=$noop_port [b]=$noop_port [c-mem]=${grpc_port[c-mem]} [c-redis]=${grpc_port[c-redis]}
+  [b-shaped]=$noop_shaped_port)
+declare -A authz_name=([a]="" [b]=noop [c-mem]=tollgate-memory [c-redis]=tollgate-redis [b-shaped]=noop-shaped)
 
 # tollgate's config: config/demo.yaml + a `bench` plan and account; STORE_BACKEND picks the store.
 tollgate_config() { # backend grpc_port http_port out
@@ -255,6 +261,9 @@ EOF
 log "starting upstream, noop_authz, redis-server, tollgate (memory, redis) on 127.0.0.1"
 start upstream "$upstream_bin" "127.0.0.1:$upstream_port"
 start noop "$noop_bin" --serve "127.0.0.1:$noop_port"
+if [[ " ${variants[*]} " == *" b-shaped "* ]]; then
+  start noop-shaped "$noop_bin" --serve "127.0.0.1:$noop_shaped_port" --shaped
+fi
 mkdir -p "$work/redis"
 start redis redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work/redis"
 tollgate_config memory "${grpc_port[c-mem]}" "${http_port[c-mem]}" "$work/tollgate-memory.yaml"
@@ -266,6 +275,7 @@ start tollgate-memory env -u TOLLGATE_REDIS_URL "$tollgate_bin" --config "$work/
 start tollgate-redis env -u TOLLGATE_REDIS_URL "$tollgate_bin" --config "$work/tollgate-redis.yaml"
 wait_for "upstream" 15 curl -sf -o /dev/null "http://127.0.0.1:$upstream_port/healthz"
 wait_for "noop_authz" 15 bash -c ": </dev/tcp/127.0.0.1/$noop_port"
+[ -z "${pid[noop-shaped]:-}" ] || wait_for "noop_authz --shaped" 15 bash -c ": </dev/tcp/127.0.0.1/$noop_shaped_port"
 wait_for "tollgate-memory" 15 curl -sf -o /dev/null "http://127.0.0.1:${http_port[c-mem]}/readyz"
 wait_for "tollgate-redis" 15 curl -sf -o /dev/null "http://127.0.0.1:${http_port[c-redis]}/readyz"
 
@@ -285,7 +295,8 @@ for v in "${variants[@]}"; do
 done
 
 # Each variant is wired as claimed: 200 with the key; tollgate answers 401
-# without it and tells the upstream the account; the others do neither.
+# without it and tells the upstream the account; a and b do neither; b-shaped
+# tells the upstream the account but lets anyone in.
 for v in "${variants[@]}"; do
   url="http://127.0.0.1:${listen_port[$v]}$target_path"
   code="$(curl -s -m 5 -o "$work/sanity-$v.txt" -w '%{http_code}' -H "x-api-key: $key" "$url")"
@@ -295,6 +306,10 @@ for v in "${variants[@]}"; do
     c-*)
       grep -q '^  x-tollgate-account: acct_bench$' "$work/sanity-$v.txt" || die "$v: upstream did not see x-tollgate-account"
       [ "$code_nokey" = 401 ] || die "$v: without a key expected 401, got $code_nokey"
+      ;;
+    b-shaped)
+      grep -q '^  x-tollgate-account: acct_bench$' "$work/sanity-$v.txt" || die "$v: upstream did not see x-tollgate-account"
+      [ "$code_nokey" = 200 ] || die "$v: without a key expected 200, got $code_nokey"
       ;;
     *)
       ! grep -q 'x-tollgate-account' "$work/sanity-$v.txt" || die "$v: upstream saw x-tollgate-account"
@@ -335,7 +350,8 @@ EOF
 
 results="$work/results.tsv"
 : >"$results"
-declare -A sent=([a]=0 [b]=0 [c-mem]=0 [c-redis]=0)
+declare -A sent=()
+for v in "${variants[@]}"; do sent[$v]=0; done
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # CPU accounting around each measured run, from /proc (no extra processes):
@@ -360,7 +376,6 @@ cpu_sample() { # name of an associative array to fill
   out[_total]=$((f[1] + f[2] + f[3] + f[4] + f[5] + f[6] + f[7] + f[8]))
 }
 cpu_delta() { echo $((${cpu1[$1]:-0} - ${cpu0[$1]:-0})); }
-declare -A authz_name=([a]="" [b]=noop [c-mem]=tollgate-memory [c-redis]=tollgate-redis)
 run_wrk() { # variant seconds out
   local v="$1" secs="$2" out="$3"
   check_deadline $((secs + 5))
@@ -411,23 +426,51 @@ for v in c-mem c-redis; do
 done
 redis_keys="$(redis-cli -h 127.0.0.1 -p "$redis_port" DBSIZE)"
 
+# Envoy's own view of the two hops (cumulative over warm-ups and runs; Envoy's
+# default histogram buckets, so coarse): the Check (cluster tollgate) and the app.
+hops=""
+for v in "${variants[@]}"; do
+  stats="$(curl -sf -m 5 "http://127.0.0.1:${admin_port[$v]}/stats?usedonly&filter=upstream_rq_time" || true)"
+  hops+="$v: $(python3 -c '
+import re, sys
+out = []
+for line in sys.stdin:
+    m = re.match(r"cluster\.(\w+)\.upstream_rq_time: (.*)", line)
+    if m:
+        q = dict(re.findall(r"P(\d+(?:\.\d+)?)\([^,]*,([^)]*)\)", m.group(2)))
+        name = "Check" if m.group(1) == "tollgate" else m.group(1)
+        out.append(f"{name} P50 {q.get(\"50\", \"?\")} ms, P99 {q.get(\"99\", \"?\")} ms")
+print("; ".join(sorted(out)) or "no stats")' <<<"$stats")"$'\n'
+done
+
 # ------------------------------------------------------------------ report
-python3 - "$results" "$clk" <<EOF
-import statistics, sys
-rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-variants = ["a", "b", "c-mem", "c-redis"]
-names = {"a": "a: no ext_authz", "b": "b: noop ext_authz (floor)", "c-mem": "c: tollgate, memory store",
-         "c-redis": "c: tollgate, Redis store"}
+cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
+export BENCH_RESULTS="$results" BENCH_CLK="$clk" BENCH_NPROC="$(nproc)" BENCH_VARIANTS="${variants[*]}"
+export BENCH_CPU_MODEL="$cpu_model"
+export BENCH_CONDITIONS="wrk -t1 -c$conns -d${duration}s --latency (after a ${warmup}s warm-up per run), \
+GET $target_path with x-api-key, $rounds rounds interleaved ${variants[*]}; Envoy $envoy_version \
+--concurrency 1 from deploy/envoy/envoy.yaml (its per-request access log written to /dev/null); wrk, Envoy, \
+tollgate, noop_authz, redis-server and the upstream all on this machine, on 127.0.0.1"
+export BENCH_LOAD_BEFORE="$load_before" BENCH_LOAD_AFTER="$load_after" BENCH_SPENT="$spent" BENCH_REDIS_KEYS="$redis_keys"
+export BENCH_HOPS="$hops"
+python3 - <<'EOF'
+import os, statistics
+env = os.environ
+rows = [l.rstrip("\n").split("\t") for l in open(env["BENCH_RESULTS"]) if l.strip()]
+variants = env["BENCH_VARIANTS"].split()
+names = {"a": "a: no ext_authz", "b": "b: noop ext_authz (floor)", "b-shaped": "b-shaped: noop, tollgate-shaped answer",
+         "c-mem": "c: tollgate, memory store", "c-redis": "c: tollgate, Redis store"}
 rounds = sorted({int(r[1]) for r in rows})
 rps = {(r[0], int(r[1])): float(r[2]) for r in rows}
 p99 = {(r[0], int(r[1])): float(r[3]) for r in rows}
-load = {(r[0], int(r[1])): r[5] for r in rows}
 reqs = {(r[0], int(r[1])): int(r[4]) for r in rows}
-clk = int(sys.argv[2])
-# CPU columns: envoy, authz, upstream, redis, wrk, our idle processes, other processes, busy, total (ticks).
+load = {(r[0], int(r[1])): r[5] for r in rows}
+# CPU ticks: envoy, authz server, upstream, redis, wrk, our idle processes, other processes, busy, total.
 cpu = {(r[0], int(r[1])): [int(x) for x in r[6:15]] for r in rows}
+clk, nproc = int(env["BENCH_CLK"]), int(env["BENCH_NPROC"])
 med_rps = {v: statistics.median(rps[v, n] for n in rounds) for v in variants}
 med_p99 = {v: statistics.median(p99[v, n] for n in rounds) for v in variants}
+
 head = "| variant | " + " | ".join(f"round {n} req/s | round {n} p99 ms" for n in rounds) + \
        " | median req/s | median p99 ms |"
 print()
@@ -436,35 +479,41 @@ print("|" + "---|" * (head.count("|") - 1))
 for v in variants:
     cells = " | ".join(f"{rps[v, n]:,.0f} | {p99[v, n]:.2f}" for n in rounds)
     print(f"| {names[v]} | {cells} | {med_rps[v]:,.0f} | {med_p99[v]:.2f} |")
+
 print()
 print("| ratio (req/s) | " + " | ".join(f"round {n}" for n in rounds) + " | median | target |")
 print("|---|" + "---|" * (len(rounds) + 2))
-for c, base, target in [("c-mem", "b", 0.9), ("c-mem", "a", None), ("c-redis", "b", 0.8), ("c-redis", "a", None)]:
+ratios = [("c-mem", "b", 0.9), ("c-mem", "a", None), ("c-redis", "b", 0.8), ("c-redis", "a", None)]
+if "b-shaped" in variants:
+    ratios += [("b-shaped", "b", None), ("c-mem", "b-shaped", None), ("c-redis", "b-shaped", None)]
+for c, base, target in ratios:
     per = " | ".join(f"{rps[c, n] / rps[base, n]:.2f}" for n in rounds)
     m = med_rps[c] / med_rps[base]
-    t = f"≥ {target} {'met' if m >= target else 'MISSED'}" if target else ""
-    print(f"| {names[c].split(', ')[1]} {c[0]}/{base} | {per} | {m:.2f} | {t} |")
+    t = f"≥ {target}: {'met' if m >= target else 'MISSED'}" if target else ""
+    print(f"| {c}/{base} | {per} | {m:.2f} | {t} |")
+
 print()
-print("Conditions: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')); "
-      "wrk -t1 -c$conns -d${duration}s --latency (after a ${warmup}s warm-up per run), GET $target_path with x-api-key, "
-      "$rounds rounds interleaved a, b, c-mem, c-redis; Envoy $envoy_version --concurrency 1 from "
-      "deploy/envoy/envoy.yaml (its per-request access log written to /dev/null); wrk, Envoy, tollgate, noop_authz, redis-server and the "
-      "upstream all on this machine, on 127.0.0.1. Load average (1/5/15 min) before: $load_before, after: "
-      "$load_after; 1-min load before each run: " + ", ".join(f"{v} r{n} {load[v, n]}" for n in rounds for v in variants) + ".")
+print(f"Conditions: {nproc} cores ({env['BENCH_CPU_MODEL']}); {env['BENCH_CONDITIONS']}. "
+      f"Load average (1/5/15 min) before: {env['BENCH_LOAD_BEFORE']}, after: {env['BENCH_LOAD_AFTER']}; "
+      "1-min load before each run: " + ", ".join(f"{v} r{n} {load[v, n]}" for n in rounds for v in variants) + ".")
+
 print()
-print("CPU per request during the measured runs, µs (median of rounds; ticks of 1/%d s from /proc):" % clk)
+print(f"CPU per request during the measured runs, µs (median of rounds; /proc ticks of 1/{clk} s):")
 print()
 print("| variant | Envoy | ext_authz server | upstream | redis-server | wrk | our idle processes | sum | "
       "other processes (cores) | machine busy |")
 print("|---|" + "---|" * 9)
 for v in variants:
-    def us(i):
-        return statistics.median(cpu[v, n][i] / clk / reqs[v, n] * 1e6 for n in rounds)
-    parts = [us(i) for i in range(6)]
-    other = statistics.median(cpu[v, n][6] / cpu[v, n][8] * $(nproc) for n in rounds)
+    parts = [statistics.median(cpu[v, n][i] / clk / reqs[v, n] * 1e6 for n in rounds) for i in range(6)]
+    other = statistics.median(cpu[v, n][6] / cpu[v, n][8] * nproc for n in rounds)
     busy = statistics.median(cpu[v, n][7] / cpu[v, n][8] for n in rounds)
     print(f"| {names[v]} | " + " | ".join(f"{x:.1f}" for x in parts) +
           f" | {sum(parts):.1f} | {other:.2f} | {busy:.0%} |")
+
 print()
-print("Spend check: $spent""Redis DBSIZE $redis_keys.")
+print("Envoy's upstream_rq_time (cumulative, coarse buckets):")
+for line in env["BENCH_HOPS"].strip().splitlines():
+    print(f"- {line}")
+print()
+print(f"Spend check: {env['BENCH_SPENT']}Redis DBSIZE {env['BENCH_REDIS_KEYS']}.")
 EOF

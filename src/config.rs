@@ -115,6 +115,52 @@ impl fmt::Display for StoreUrl {
     }
 }
 
+/// Secrets that must never print: admin tokens, webhook signing secrets.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secrets(pub Vec<String>);
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} redacted>", self.0.len())
+    }
+}
+
+impl Secrets {
+    /// The comma-separated values of environment variable `var` (none when unset).
+    pub fn from_env(var: &str) -> Self {
+        let raw = std::env::var(var).unwrap_or_default();
+        Self(raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+    }
+}
+
+/// Who may call the read-only RPCs of `tollgate.v1` (GetEntitlement, ListApiKeys, GetUsage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadAccess {
+    /// Anyone who can reach the gRPC port.
+    Open,
+    /// Only callers with an admin token.
+    #[default]
+    Token,
+}
+
+/// `server.tls`: PEM files read at load, so a missing file fails before binding.
+#[derive(Clone)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM).
+    pub cert: Vec<u8>,
+    /// Server private key (PEM).
+    pub key: Vec<u8>,
+    /// CA that client certificates must chain to; set for mTLS.
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConfig").field("mtls", &self.client_ca.is_some()).finish_non_exhaustive()
+    }
+}
+
 /// `server:`: listeners and admin credentials.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -124,6 +170,14 @@ pub struct ServerConfig {
     pub http_listen: SocketAddr,
     /// Environment variable holding comma-separated admin tokens.
     pub admin_tokens_env: String,
+    /// Admin tokens: `server.admin_tokens` plus those in `admin_tokens_env`, read at (re)load.
+    pub admin_tokens: Secrets,
+    /// Who may call the read-only internal RPCs.
+    pub read_access: ReadAccess,
+    /// TLS (and mTLS) on the gRPC port.
+    pub tls: Option<TlsConfig>,
+    /// Re-read the config file when it changes (polled every 2 s), besides SIGHUP.
+    pub watch_config: bool,
     /// After SIGTERM, how long health reports NOT_SERVING before listeners close,
     /// so load balancers stop sending first.
     pub drain_delay: Duration,
@@ -160,12 +214,16 @@ pub struct CacheConfig {
 pub struct StripeConfig {
     /// Environment variable with comma-separated signing secrets.
     pub webhook_secrets_env: String,
+    /// Signing secrets: `webhook_secrets` plus those in `webhook_secrets_env`, read at (re)load.
+    pub webhook_secrets: Secrets,
     /// Maximum age of a signed event.
     pub tolerance: Duration,
     /// `customer`, or `metadata:<key>` on the subscription.
     pub account_from: String,
     /// Stripe price id → plan name.
     pub prices: BTreeMap<String, String>,
+    /// Stripe entitlement feature lookup key → tollgate feature (unmapped keys are used as-is).
+    pub features: BTreeMap<String, String>,
 }
 
 /// `billing:`.
@@ -402,10 +460,33 @@ mod raw {
         grpc_listen: Option<String>,
         http_listen: Option<String>,
         admin_tokens_env: Option<String>,
+        #[serde(default)]
+        admin_tokens: Vec<String>,
+        #[serde(default)]
+        read_access: ReadAccess,
+        tls: Option<Tls>,
+        #[serde(default)]
+        watch_config: bool,
         #[serde(default, deserialize_with = "opt_duration")]
         drain_delay: Option<Duration>,
         #[serde(default, deserialize_with = "opt_duration")]
         drain_timeout: Option<Duration>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Tls {
+        cert: String,
+        key: String,
+        client_ca: Option<String>,
+    }
+
+    fn pem(path: &str, field: &str) -> Result<Vec<u8>, Invalid> {
+        let bytes = std::fs::read(path).map_err(|e| invalid(field, format!("cannot read {path:?}: {e}")))?;
+        if !String::from_utf8_lossy(&bytes).contains("-----BEGIN ") {
+            return Err(invalid(field, format!("{path:?} is not a PEM file")));
+        }
+        Ok(bytes)
     }
 
     #[derive(Deserialize, Default)]
@@ -478,6 +559,10 @@ mod raw {
     #[serde(deny_unknown_fields)]
     struct Stripe {
         webhook_secrets_env: Option<String>,
+        #[serde(default)]
+        webhook_secrets: Vec<String>,
+        #[serde(default)]
+        features: BTreeMap<String, String>,
         #[serde(default, deserialize_with = "opt_duration")]
         tolerance: Option<Duration>,
         account_from: Option<String>,
@@ -576,10 +661,8 @@ mod raw {
         Ok(h)
     }
 
-    /// Account ids become Redis hash tags and URL parts: keep them plain.
     fn account_id(id: &str, path: &str) -> Result<(), Invalid> {
-        let ok = |b: u8| b.is_ascii_alphanumeric() || b"_-.:@".contains(&b);
-        if id.is_empty() || id.len() > 128 || !id.bytes().all(ok) {
+        if !crate::entitlement::is_valid_account_id(id) {
             return Err(invalid(path, format!("{id:?} is not a valid account id (1-128 of A-Z a-z 0-9 _ - . : @)")));
         }
         Ok(())
@@ -617,7 +700,25 @@ mod raw {
             let server = ServerConfig {
                 grpc_listen: listen(&self.server.grpc_listen, "0.0.0.0:9191", "server.grpc_listen")?,
                 http_listen: listen(&self.server.http_listen, "0.0.0.0:9090", "server.http_listen")?,
+                admin_tokens: {
+                    let env = self.server.admin_tokens_env.as_deref().unwrap_or("TOLLGATE_ADMIN_TOKENS");
+                    let mut tokens = Secrets::from_env(env);
+                    tokens
+                        .0
+                        .extend(self.server.admin_tokens.iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()));
+                    tokens
+                },
                 admin_tokens_env: self.server.admin_tokens_env.unwrap_or_else(|| "TOLLGATE_ADMIN_TOKENS".into()),
+                read_access: self.server.read_access,
+                tls: match &self.server.tls {
+                    None => None,
+                    Some(t) => Some(TlsConfig {
+                        cert: pem(&t.cert, "server.tls.cert")?,
+                        key: pem(&t.key, "server.tls.key")?,
+                        client_ca: t.client_ca.as_deref().map(|c| pem(c, "server.tls.client_ca")).transpose()?,
+                    }),
+                },
+                watch_config: self.server.watch_config,
                 drain_delay: self.server.drain_delay.unwrap_or(Duration::ZERO),
                 drain_timeout: self.server.drain_timeout.unwrap_or(Duration::from_secs(30)),
             };
@@ -835,10 +936,13 @@ mod raw {
                     {
                         return Err(invalid("billing.stripe.account_from", "must be customer or metadata:<key>"));
                     }
+                    let env = s.webhook_secrets_env.unwrap_or_else(|| "TOLLGATE_STRIPE_WEBHOOK_SECRETS".into());
+                    let mut secrets = Secrets::from_env(&env);
+                    secrets.0.extend(s.webhook_secrets.iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()));
                     Some(StripeConfig {
-                        webhook_secrets_env: s
-                            .webhook_secrets_env
-                            .unwrap_or_else(|| "TOLLGATE_STRIPE_WEBHOOK_SECRETS".into()),
+                        webhook_secrets_env: env,
+                        webhook_secrets: secrets,
+                        features: s.features,
                         tolerance: positive(
                             s.tolerance.unwrap_or(Duration::from_secs(300)),
                             "billing.stripe.tolerance",

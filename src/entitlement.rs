@@ -38,6 +38,22 @@ impl Status {
         matches!(self, Status::Canceled | Status::Unpaid | Status::Expired | Status::Paused)
     }
 
+    /// Every status.
+    pub const ALL: [Status; 7] = [
+        Status::Active,
+        Status::Trialing,
+        Status::PastDue,
+        Status::Canceled,
+        Status::Unpaid,
+        Status::Expired,
+        Status::Paused,
+    ];
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
     /// The wire name, as in config and problem bodies.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -73,6 +89,11 @@ pub enum Period {
 }
 
 impl Period {
+    /// Parses a wire name (`month`).
+    pub fn parse(s: &str) -> Option<Period> {
+        [Period::Minute, Period::Hour, Period::Day, Period::Month].into_iter().find(|p| p.as_str() == s)
+    }
+
     /// The wire name (`month`), used in policy names and counter keys.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -106,6 +127,13 @@ impl Period {
         };
         (start, end)
     }
+}
+
+/// Whether `id` can be an account id: 1–128 of `A-Z a-z 0-9 _ - . : @`. Ids
+/// become Redis hash tags and URL parts, so braces, slashes and spaces are out.
+pub fn is_valid_account_id(id: &str) -> bool {
+    let ok = |b: u8| b.is_ascii_alphanumeric() || b"_-.:@".contains(&b);
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(ok)
 }
 
 /// How a quota counts: a calendar allowance or a rolling rate window.
@@ -190,6 +218,14 @@ pub struct Account {
 }
 
 impl Account {
+    /// Every quota that applies to this account, meter by meter.
+    pub fn all_quotas(&self, plan: &Plan) -> Vec<Quota> {
+        let mut meters: Vec<&str> = plan.quotas.iter().chain(&self.quota_overrides).map(|q| q.meter.as_str()).collect();
+        meters.sort_unstable();
+        meters.dedup();
+        meters.into_iter().flat_map(|m| self.quotas_for(plan, m)).collect()
+    }
+
     /// Whether the plan or the account grants `feature`.
     pub fn has_feature(&self, plan: &Plan, feature: &str) -> bool {
         plan.features.contains(feature) || self.extra_features.contains(feature)

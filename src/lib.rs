@@ -16,7 +16,8 @@
 //! | [`metrics`] | Prometheus registry | `decision` (labels) |
 //! | [`authorizer`] | route → identify → store → decide → render | all of the above |
 //! | [`grpc`] | ext_authz and `tollgate.v1` translations | `authorizer` |
-//! | [`http`] | `/healthz`, `/readyz`, `/metrics` | `metrics` |
+//! | [`stripe`] | webhook signatures, events → account changes | `entitlement`, `store`, `config` |
+//! | [`http`] | `/healthz`, `/readyz`, `/metrics`, `/webhooks/stripe` | `metrics`, `stripe`, `authorizer` |
 //! | [`server`] | wiring, health, graceful shutdown | everything |
 //!
 //! Envoy and prost types stop at [`grpc`]. Locks are `std::sync` ones: none is
@@ -34,4 +35,5 @@ pub mod problem;
 pub mod route;
 pub mod server;
 pub mod store;
+pub mod stripe;
 pub mod usage;

@@ -17,6 +17,7 @@ use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -95,6 +96,8 @@ pub async fn run_with_metrics(
 ) -> Result<(), ServerError> {
     let drain_delay = config.server.drain_delay;
     let drain_timeout = config.server.drain_timeout;
+    // TLS is fixed at start-up: a reload does not re-read certificates.
+    let tls = config.server.tls.clone();
     let authorizer = Arc::new(Authorizer::new(config, store.clone(), metrics.clone()));
     on_start(Handle { authorizer: authorizer.clone() });
 
@@ -135,7 +138,15 @@ pub async fn run_with_metrics(
     let wait_stop = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let grpc = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        let mut t = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
+        if let Some(ca) = &tls.client_ca {
+            t = t.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(t)?;
+    }
+    let grpc = builder
         .add_service(health_service)
         .add_service(AuthorizationServer::new(ExtAuthz::new(authorizer.clone())))
         .add_service(TollgateServer::new(Api::new(authorizer.clone())))
@@ -145,7 +156,7 @@ pub async fn run_with_metrics(
             TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             wait_stop(stop_rx.clone()),
         );
-    let router = http::router(HttpState { metrics, ready: ready.clone() });
+    let router = http::router(HttpState { metrics, ready: ready.clone(), authorizer: authorizer.clone() });
     let http = axum::serve(listeners.http, router).with_graceful_shutdown(wait_stop(stop_rx.clone()));
     let mut grpc = tokio::spawn(grpc);
     let mut http = tokio::spawn(async move { http.await });

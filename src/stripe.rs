@@ -1,0 +1,373 @@
+//! Stripe webhooks: subscription and payment events become entitlement changes.
+//!
+//! Pure parts (signature check, event → account change) are functions of
+//! their inputs; [`handle`] does the I/O: verify the raw body first (nothing
+//! is parsed before the signature holds), drop replays by event id, find the
+//! account, and write it only if no newer event was applied already, so
+//! Stripe's out-of-order and repeated deliveries never roll an account back.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::Sha256;
+
+use crate::config::StripeConfig;
+use crate::entitlement::{Account, Status};
+use crate::store::{Store, StoreError};
+
+/// How long event ids are remembered: Stripe retries a delivery for up to three days.
+pub const REMEMBER_EVENTS: Duration = Duration::from_secs(72 * 3600);
+
+/// Why a signature was rejected (the response says only "invalid signature").
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    /// No `Stripe-Signature` header, or one without `t=` and `v1=`.
+    #[error("Stripe-Signature header missing or malformed")]
+    Malformed,
+    /// The signed timestamp is outside the tolerance.
+    #[error("signature timestamp outside the tolerance")]
+    Stale,
+    /// No `v1` matched any configured secret.
+    #[error("no v1 signature matches a configured secret")]
+    Mismatch,
+    /// No secret is configured: every event is rejected.
+    #[error("no webhook signing secret is configured")]
+    NoSecret,
+}
+
+/// Checks `Stripe-Signature` (`t=…,v1=…[,v1=…]`) over `t.payload` with every
+/// secret (rotation), in constant time per comparison.
+pub fn verify(
+    header: &str,
+    payload: &[u8],
+    secrets: &[String],
+    tolerance: Duration,
+    now: i64,
+) -> Result<(), SignatureError> {
+    if secrets.is_empty() {
+        return Err(SignatureError::NoSecret);
+    }
+    let mut t = None;
+    let mut v1 = Vec::new();
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", v)) => t = v.parse::<i64>().ok(),
+            Some(("v1", v)) => v1.extend(hex::decode(v).ok()),
+            _ => {}
+        }
+    }
+    let (Some(t), false) = (t, v1.is_empty()) else { return Err(SignatureError::Malformed) };
+    if (now - t).unsigned_abs() > tolerance.as_secs() {
+        return Err(SignatureError::Stale);
+    }
+    for secret in secrets {
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else { continue };
+        mac.update(t.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(payload);
+        for sig in &v1 {
+            if mac.clone().verify_slice(sig).is_ok() {
+                return Ok(());
+            }
+        }
+    }
+    Err(SignatureError::Mismatch)
+}
+
+/// The `Stripe-Signature` header value for `payload` (tests and local tooling).
+pub fn sign(payload: &[u8], secret: &str, t: i64) -> String {
+    // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap_or_else(|_| unreachable!());
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(payload);
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The parts of a Stripe event we read.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Event {
+    /// `evt_…`, unique per event (not per delivery).
+    pub id: String,
+    /// e.g. `customer.subscription.updated`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Unix seconds when Stripe created the event: the ordering key.
+    pub created: i64,
+    /// `data.object`: the subscription, invoice or entitlement summary.
+    pub data: EventData,
+}
+
+/// `data` of an event.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EventData {
+    /// The object the event is about.
+    pub object: Value,
+}
+
+impl Event {
+    /// When the event was created.
+    pub fn created_at(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp(self.created, 0).unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+
+    fn object_str(&self, field: &str) -> Option<&str> {
+        self.data.object.get(field).and_then(Value::as_str)
+    }
+
+    /// The Stripe customer the event is about.
+    pub fn customer(&self) -> Option<&str> {
+        self.object_str("customer")
+    }
+
+    /// `metadata[key]` of the subscription (or, for invoices, of the subscription it bills).
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        let o = &self.data.object;
+        [
+            o.get("metadata"),
+            o.pointer("/parent/subscription_details/metadata"),
+            o.pointer("/subscription_details/metadata"),
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(|m| m.get(key).and_then(Value::as_str))
+    }
+}
+
+/// Maps a Stripe subscription status to ours.
+pub fn status_of(stripe: &str) -> Option<Status> {
+    Some(match stripe {
+        "active" => Status::Active,
+        "trialing" => Status::Trialing,
+        "past_due" => Status::PastDue,
+        "canceled" => Status::Canceled,
+        "unpaid" | "incomplete" => Status::Unpaid,
+        "incomplete_expired" => Status::Expired,
+        "paused" => Status::Paused,
+        _ => return None,
+    })
+}
+
+/// What an event does to an account; `None` for events that change nothing we track.
+pub fn apply(event: &Event, account: &Account, config: &StripeConfig) -> Option<Account> {
+    let mut a = account.clone();
+    let at = event.created_at();
+    let set_status = |a: &mut Account, status: Status| {
+        if status == Status::PastDue {
+            // Keep the first failure's date: grace counts from there.
+            if a.status != Status::PastDue || a.past_due_since.is_none() {
+                a.past_due_since = Some(at);
+            }
+        } else {
+            a.past_due_since = None;
+        }
+        a.status = status;
+    };
+    match event.kind.as_str() {
+        "customer.subscription.created"
+        | "customer.subscription.updated"
+        | "customer.subscription.paused"
+        | "customer.subscription.resumed" => {
+            let status = event.object_str("status").and_then(status_of)?;
+            set_status(&mut a, status);
+            let prices = event.data.object.pointer("/items/data").and_then(Value::as_array);
+            let plan = prices.into_iter().flatten().find_map(|item| {
+                let price = item.pointer("/price/id").and_then(Value::as_str)?;
+                config.prices.get(price)
+            });
+            if let Some(plan) = plan {
+                a.plan = plan.clone();
+            }
+        }
+        "customer.subscription.deleted" => set_status(&mut a, Status::Canceled),
+        "invoice.payment_failed" => set_status(&mut a, Status::PastDue),
+        "invoice.paid" | "invoice.payment_succeeded" => {
+            if matches!(a.status, Status::PastDue | Status::Unpaid) {
+                set_status(&mut a, Status::Active);
+            }
+        }
+        "entitlements.active_entitlement_summary.updated" => {
+            let list = event.data.object.pointer("/entitlements/data").and_then(Value::as_array)?;
+            a.extra_features = list
+                .iter()
+                .filter_map(|e| e.get("lookup_key").and_then(Value::as_str))
+                .map(|k| config.features.get(k).cloned().unwrap_or_else(|| k.to_owned()))
+                .collect();
+        }
+        _ => return None,
+    }
+    a.billing_event_at = Some(at);
+    Some(a)
+}
+
+/// The outcome of one delivery, as the HTTP layer reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The account was updated.
+    Applied {
+        /// Which account.
+        account: String,
+    },
+    /// Accepted, nothing to do (with why: replay, unknown account, older than applied, ignored type).
+    Ignored(&'static str),
+    /// Rejected: bad signature or body (400; Stripe shows it in the dashboard).
+    Rejected(String),
+    /// The store failed; Stripe should retry (503).
+    Unavailable,
+}
+
+/// Verifies, de-duplicates and applies one delivery.
+pub async fn handle(
+    store: &dyn Store,
+    config: &StripeConfig,
+    secrets: &[String],
+    signature: Option<&str>,
+    body: &[u8],
+) -> Outcome {
+    let now = Utc::now().timestamp();
+    if let Err(e) = verify(signature.unwrap_or(""), body, secrets, config.tolerance, now) {
+        tracing::warn!(reason = %e, "stripe webhook rejected");
+        return Outcome::Rejected("invalid signature".into());
+    }
+    let event: Event = match serde_json::from_slice(body) {
+        Ok(e) => e,
+        Err(e) => return Outcome::Rejected(format!("not a Stripe event: {e}")),
+    };
+    match store.remember_event(&event.id, REMEMBER_EVENTS).await {
+        Ok(true) => {}
+        Ok(false) => return Outcome::Ignored("duplicate event"),
+        Err(e) => return unavailable(e),
+    }
+    let outcome = apply_event(store, config, &event).await;
+    if outcome == Outcome::Unavailable {
+        // Let Stripe's retry of this event be processed.
+        let _ = store.forget_event(&event.id).await;
+    }
+    tracing::info!(event = %event.id, kind = %event.kind, outcome = ?outcome, "stripe event");
+    outcome
+}
+
+fn unavailable(e: StoreError) -> Outcome {
+    tracing::warn!(error = %e, "store failed while handling a stripe event");
+    Outcome::Unavailable
+}
+
+async fn apply_event(store: &dyn Store, config: &StripeConfig, event: &Event) -> Outcome {
+    let by_metadata = config.account_from.strip_prefix("metadata:").and_then(|key| event.metadata(key));
+    let id = match by_metadata {
+        Some(id) => Some(id.to_owned()),
+        None => match event.customer() {
+            Some(c) => match store.account_for_customer(c).await {
+                Ok(id) => id,
+                Err(e) => return unavailable(e),
+            },
+            None => None,
+        },
+    };
+    let Some(id) = id else { return Outcome::Ignored("no account for this customer") };
+    let account = match store.account(&id).await {
+        Ok(Some(a)) => a,
+        Ok(None) => return Outcome::Ignored("no such account"),
+        Err(e) => return unavailable(e),
+    };
+    if account.billing_event_at.is_some_and(|applied| event.created_at() < applied) {
+        return Outcome::Ignored("older than the last applied event");
+    }
+    let Some(mut updated) = apply(event, &account, config) else { return Outcome::Ignored("event type not used") };
+    if updated.stripe_customer.is_none() {
+        updated.stripe_customer = event.customer().map(str::to_owned);
+    }
+    match store.put_account_if_newer(&updated).await {
+        Ok(true) => Outcome::Applied { account: id },
+        Ok(false) => Outcome::Ignored("older than the last applied event"),
+        Err(e) => unavailable(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> StripeConfig {
+        StripeConfig {
+            webhook_secrets_env: "X".into(),
+            webhook_secrets: crate::config::Secrets(vec![]),
+            tolerance: Duration::from_secs(300),
+            account_from: "customer".into(),
+            prices: [("price_pro".to_string(), "pro".to_string())].into(),
+            features: [("ai-access".to_string(), "ai".to_string())].into(),
+        }
+    }
+
+    fn event(kind: &str, created: i64, object: Value) -> Event {
+        Event { id: "evt_1".into(), kind: kind.into(), created, data: EventData { object } }
+    }
+
+    #[test]
+    fn signatures_verify_with_any_secret_and_any_v1() {
+        let body = br#"{"id":"evt_1"}"#;
+        let secrets = vec!["whsec_old".to_string(), "whsec_new".to_string()];
+        let good = sign(body, "whsec_new", 1000);
+        assert_eq!(verify(&good, body, &secrets, Duration::from_secs(300), 1100), Ok(()));
+        let two = format!("{},v1={}", sign(body, "whsec_other", 1000), good.split("v1=").nth(1).unwrap());
+        assert_eq!(verify(&two, body, &secrets, Duration::from_secs(300), 1000), Ok(()));
+        assert_eq!(verify(&good, b"{}", &secrets, Duration::from_secs(300), 1000), Err(SignatureError::Mismatch));
+        assert_eq!(verify(&good, body, &secrets, Duration::from_secs(300), 1301), Err(SignatureError::Stale));
+        assert_eq!(verify("v1=abcd", body, &secrets, Duration::from_secs(300), 1000), Err(SignatureError::Malformed));
+        assert_eq!(verify(&good, body, &[], Duration::from_secs(300), 1000), Err(SignatureError::NoSecret));
+    }
+
+    #[test]
+    fn subscription_updates_set_status_and_plan() {
+        let a = Account { id: "a".into(), plan: "free".into(), ..Account::default() };
+        let e = event(
+            "customer.subscription.updated",
+            1_700_000_000,
+            serde_json::json!({"status": "past_due", "items": {"data": [{"price": {"id": "price_pro"}}]}}),
+        );
+        let b = apply(&e, &a, &config()).unwrap();
+        assert_eq!((b.plan.as_str(), b.status), ("pro", Status::PastDue));
+        assert_eq!(b.past_due_since, Some(e.created_at()));
+        assert_eq!(b.billing_event_at, Some(e.created_at()));
+        let later = event("customer.subscription.updated", 1_700_000_100, serde_json::json!({"status": "past_due"}));
+        assert_eq!(
+            apply(&later, &b, &config()).unwrap().past_due_since,
+            Some(e.created_at()),
+            "grace counts from the first failure"
+        );
+        let paid = event("invoice.paid", 1_700_000_200, serde_json::json!({}));
+        let c = apply(&paid, &b, &config()).unwrap();
+        assert_eq!((c.status, c.past_due_since), (Status::Active, None));
+    }
+
+    #[test]
+    fn every_stripe_status_maps() {
+        for (s, want) in [
+            ("active", Status::Active),
+            ("trialing", Status::Trialing),
+            ("past_due", Status::PastDue),
+            ("canceled", Status::Canceled),
+            ("unpaid", Status::Unpaid),
+            ("incomplete", Status::Unpaid),
+            ("incomplete_expired", Status::Expired),
+            ("paused", Status::Paused),
+        ] {
+            assert_eq!(status_of(s), Some(want), "{s}");
+        }
+        assert_eq!(status_of("weird"), None);
+    }
+
+    #[test]
+    fn entitlement_summaries_replace_extra_features() {
+        let a = Account { extra_features: ["old".to_string()].into(), ..Account::default() };
+        let e = event(
+            "entitlements.active_entitlement_summary.updated",
+            1,
+            serde_json::json!({"entitlements": {"data": [{"lookup_key": "ai-access"}, {"lookup_key": "export"}]}}),
+        );
+        let b = apply(&e, &a, &config()).unwrap();
+        assert_eq!(b.extra_features, ["ai".to_string(), "export".to_string()].into());
+    }
+}
