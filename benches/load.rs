@@ -352,7 +352,7 @@ async fn start_tollgate(store_yaml: &str) -> Tollgate {
     let config = Arc::new(Config::parse(&yaml, "<load bench config>").expect("bench config"));
     let metrics = Arc::new(Metrics::new());
     let m = metrics.clone();
-    let observe: store::LookupObserver = Arc::new(move |hit| m.record_cache(if hit { "hit" } else { "miss" }));
+    let observe: store::LookupObserver = Arc::new(move |hit| m.record_cache(hit));
     let store = store::open(&config.store, &config.cache, observe).expect("open store");
     let seeds = config.accounts.iter().map(|a| Seed { account: &a.account, api_keys: &a.api_keys, credits: a.credits });
     let seeded = store::seed(store.as_ref(), seeds).await.expect("seed");

@@ -126,10 +126,12 @@ impl Authorizer {
         timeout: std::time::Duration,
         f: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        let started = std::time::Instant::now();
         let r = match tokio::time::timeout(timeout, f).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Timeout(timeout)),
         };
+        self.metrics.record_store_call(started.elapsed());
         if r.is_err() {
             self.metrics.record_store_error();
         }

@@ -18,6 +18,7 @@
 //! | [`grpc`] | ext_authz and `tollgate.v1` translations | `authorizer` |
 //! | [`stripe`] | webhook signatures, events → account changes | `entitlement`, `store`, `config` |
 //! | [`http`] | `/healthz`, `/readyz`, `/metrics`, `/webhooks/stripe` | `metrics`, `stripe`, `authorizer` |
+//! | [`reload`] | config reloads (SIGHUP, file watch) | `config`, `authorizer` |
 //! | [`server`] | wiring, health, graceful shutdown | everything |
 //!
 //! Envoy and prost types stop at [`grpc`]. Locks are `std::sync` ones: none is
@@ -32,6 +33,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod problem;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod store;

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
-use tollgate::config::{Backend, Config, ConfigError, DEMO_CONFIG, StoreUrl};
+use tollgate::config::{Backend, Config};
+use tollgate::reload::{self, Reloader, load};
 use tollgate::metrics::Metrics;
-use tollgate::server::{self, Handle, Listeners};
+use tollgate::server::{self, Listeners};
 use tollgate::store::{self, Store};
 
 /// Exit code for a bad config or command line (EX_USAGE), before any port is bound.
@@ -62,18 +63,6 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn load(path: Option<&Path>, redis_url: Option<&str>) -> Result<Config, ConfigError> {
-    let mut config = match path {
-        Some(p) => Config::load(p)?,
-        None => Config::parse(DEMO_CONFIG, "<bundled demo config>")?,
-    };
-    if let Some(url) = redis_url {
-        config.store.backend = Backend::Redis;
-        config.store.url = StoreUrl(url.to_owned());
-    }
-    Ok(config)
-}
-
 fn load_or_exit(path: Option<&Path>, redis_url: Option<&str>) -> Config {
     match load(path, redis_url) {
         Ok(c) => c,
@@ -86,7 +75,7 @@ fn load_or_exit(path: Option<&Path>, redis_url: Option<&str>) -> Config {
 
 fn open_store(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn Store>> {
     let m = metrics.clone();
-    let observe: store::LookupObserver = Arc::new(move |hit| m.record_cache(if hit { "hit" } else { "miss" }));
+    let observe: store::LookupObserver = Arc::new(move |hit| m.record_cache(hit));
     store::open(&config.store, &config.cache, observe)
         .with_context(|| format!("opening the {:?} store", config.store.backend))
 }
@@ -110,28 +99,6 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-}
-
-/// Reloads the config on SIGHUP; an invalid file keeps the old config.
-#[cfg(unix)]
-fn reload_on_hup(handle: Handle, path: Option<PathBuf>, redis_url: Option<String>) {
-    tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
-        while hup.recv().await.is_some() {
-            let metrics = handle.authorizer.metrics();
-            match load(path.as_deref(), redis_url.as_deref()) {
-                Ok(c) => {
-                    handle.authorizer.replace_config(Arc::new(c));
-                    metrics.record_reload("ok");
-                    tracing::info!("config reloaded");
-                }
-                Err(e) => {
-                    metrics.record_reload("error");
-                    tracing::error!(error = %e, "config reload rejected; keeping the old config");
-                }
-            }
-        }
-    });
 }
 
 #[tokio::main]
@@ -181,19 +148,16 @@ async fn main() -> anyhow::Result<()> {
         "tollgate listening"
     );
     let (path, redis_url) = (cli.config.clone(), cli.redis_url.clone());
-    server::run_with_metrics(
-        metrics,
-        Arc::new(config),
-        store,
-        Listeners { grpc, http },
-        shutdown_signal(),
-        move |handle| {
-            #[cfg(unix)]
-            reload_on_hup(handle, path, redis_url);
-            #[cfg(not(unix))]
-            let _ = (handle, path, redis_url);
-        },
-    )
-    .await?;
+    let watch = config.server.watch_config;
+    let on_start = move |handle: server::Handle| {
+        let reloader = Reloader::new(path, redis_url, handle.authorizer);
+        if watch {
+            reloader.clone().spawn_watch(reload::WATCH_INTERVAL);
+        }
+        #[cfg(unix)]
+        reloader.spawn_on_sighup();
+    };
+    let listeners = Listeners { grpc, http };
+    server::run_with_metrics(metrics, Arc::new(config), store, listeners, shutdown_signal(), on_start).await?;
     Ok(())
 }

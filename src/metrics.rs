@@ -8,7 +8,9 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use std::sync::atomic::AtomicU64;
 use prometheus_client::registry::Registry;
 
 use crate::decision::Verdict;
@@ -34,6 +36,8 @@ pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     check_duration: Histogram,
     cache_requests: Family<ResultLabels, Counter>,
+    cache_hit_ratio: Gauge<f64, AtomicU64>,
+    store_duration: Histogram,
     store_errors: Counter,
     config_reloads: Family<ResultLabels, Counter>,
 }
@@ -77,6 +81,18 @@ impl Metrics {
             "Entitlement cache lookups by result (hit, miss)",
             cache_requests.clone(),
         );
+        let cache_hit_ratio = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "tollgate_cache_hit_ratio",
+            "Share of cache lookups answered from the cache since start (for a window, use rate() of tollgate_cache_requests_total)",
+            cache_hit_ratio.clone(),
+        );
+        let store_duration = Histogram::new(buckets);
+        registry.register(
+            "tollgate_store_duration_seconds",
+            "Time of one store call on the Check path (answered by the cache or the backend), failures included",
+            store_duration.clone(),
+        );
         let store_errors = Counter::default();
         registry.register("tollgate_store_errors", "Store calls that failed or timed out", store_errors.clone());
         let config_reloads = Family::<ResultLabels, Counter>::default();
@@ -88,7 +104,16 @@ impl Metrics {
         for result in ["ok", "error"] {
             let _ = config_reloads.get_or_create(&ResultLabels { result });
         }
-        Self { registry, decisions, check_duration, cache_requests, store_errors, config_reloads }
+        Self {
+            registry,
+            decisions,
+            check_duration,
+            cache_requests,
+            cache_hit_ratio,
+            store_duration,
+            store_errors,
+            config_reloads,
+        }
     }
 
     /// Counts one Check and its latency.
@@ -99,9 +124,20 @@ impl Metrics {
         self.check_duration.observe(elapsed.as_secs_f64());
     }
 
-    /// Counts a cache lookup (`hit` or `miss`).
-    pub fn record_cache(&self, result: &'static str) {
-        self.cache_requests.get_or_create(&ResultLabels { result }).inc();
+    /// Counts a cache lookup.
+    pub fn record_cache(&self, hit: bool) {
+        let count = |result| self.cache_requests.get_or_create(&ResultLabels { result }).inc() + 1;
+        let (hits, misses) = if hit {
+            (count("hit"), self.cache_requests.get_or_create(&ResultLabels { result: "miss" }).get())
+        } else {
+            (self.cache_requests.get_or_create(&ResultLabels { result: "hit" }).get(), count("miss"))
+        };
+        self.cache_hit_ratio.set(hits as f64 / (hits + misses).max(1) as f64);
+    }
+
+    /// Times a store call.
+    pub fn record_store_call(&self, elapsed: Duration) {
+        self.store_duration.observe(elapsed.as_secs_f64());
     }
 
     /// Counts a failed store call.
@@ -133,7 +169,10 @@ mod tests {
         let m = Metrics::new();
         m.record_decision(Verdict::Deny(Code::QuotaExhausted), Duration::from_micros(30));
         m.record_decision(Verdict::Allow(AllowKind::Allowed), Duration::from_micros(30));
-        m.record_cache("hit");
+        m.record_cache(true);
+        m.record_cache(false);
+        m.record_cache(true);
+        m.record_store_call(Duration::from_micros(300));
         m.record_store_error();
         m.record_reload("ok");
         let text = m.encode();
@@ -141,7 +180,9 @@ mod tests {
             "tollgate_decisions_total{status=\"402\",code=\"quota_exhausted\"} 1",
             "tollgate_decisions_total{status=\"200\",code=\"allowed\"} 1",
             "tollgate_check_duration_seconds_bucket{le=\"0.00005\"} 2",
-            "tollgate_cache_requests_total{result=\"hit\"} 1",
+            "tollgate_cache_requests_total{result=\"hit\"} 2",
+            "tollgate_cache_hit_ratio 0.6666",
+            "tollgate_store_duration_seconds_count 1",
             "tollgate_store_errors_total 1",
             "tollgate_config_reloads_total{result=\"ok\"} 1",
         ] {

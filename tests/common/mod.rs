@@ -51,7 +51,7 @@ impl TestServer {
         let config = Config::parse(yaml, "test.yaml").expect("test config is valid");
         let metrics = Arc::new(tollgate::metrics::Metrics::new());
         let m = metrics.clone();
-        let observe: store::LookupObserver = Arc::new(move |hit| m.record_cache(if hit { "hit" } else { "miss" }));
+        let observe: store::LookupObserver = Arc::new(move |hit| m.record_cache(hit));
         let store = store::open(&config.store, &config.cache, observe).expect("open store");
         if seed {
             store::seed_config(store.as_ref(), &config).await.expect("seed");
