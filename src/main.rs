@@ -8,8 +8,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tollgate::config::{Backend, Config};
-use tollgate::reload::{self, Reloader, load};
 use tollgate::metrics::Metrics;
+use tollgate::reload::{self, Reloader, load};
 use tollgate::server::{self, Listeners};
 use tollgate::store::{self, Store};
 
