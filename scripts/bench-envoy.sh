@@ -439,7 +439,7 @@ for line in sys.stdin:
     if m:
         q = dict(re.findall(r"P(\d+(?:\.\d+)?)\([^,]*,([^)]*)\)", m.group(2)))
         name = "Check" if m.group(1) == "tollgate" else m.group(1)
-        p50, p99 = q.get("50", "?"), q.get("99", "?")
+        p50, p99 = (f"{float(q[k]):.1f}" if k in q else "?" for k in ("50", "99"))
         out.append(f"{name} P50 {p50} ms, P99 {p99} ms")
 print("; ".join(sorted(out)) or "no stats")' <<<"$stats")"$'\n'
 done
