@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
-use common::{Answer, TestServer, http_check, spec_config};
+use common::{Answer, TestServer, eventually, http_check, spec_config};
 use tollgate::config::Config;
 use tollgate::grpc::pb::tollgate_client::TollgateClient;
 use tollgate::grpc::pb::{
@@ -244,14 +244,6 @@ async fn invalid_input_is_rejected_naming_the_field() {
     let err = c.get_entitlement(admin(account("acct_ghost"))).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     s.stop().await;
-}
-
-async fn eventually(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while !f().await {
-        assert!(start.elapsed() < within, "{what} did not happen within {within:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
-use common::{Answer, TestServer, http_check, http_get, spec_config};
+use common::{Answer, TestServer, eventually, http_check, http_get, spec_config};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tollgate::reload::Reloader;
 
@@ -85,14 +85,6 @@ impl Drop for Binary {
     }
 }
 
-async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn sighup_swaps_in_a_valid_config_and_keeps_the_old_on_error() {
     let b = Binary::start(&spec_config()).await;
@@ -105,13 +97,15 @@ async fn sighup_swaps_in_a_valid_config_and_keeps_the_old_on_error() {
     );
     b.rewrite(&without_search);
     b.signal("-HUP");
-    eventually("the reload", async || b.metric("tollgate_config_reloads_total{result=\"ok\"}").await >= Some(1.0))
-        .await;
+    eventually("the reload", Duration::from_secs(10), async || {
+        b.metric("tollgate_config_reloads_total{result=\"ok\"}").await >= Some(1.0)
+    })
+    .await;
     assert_eq!(b.check("pro-key").await.code(), "route_not_allowed");
 
     b.rewrite("plans: { free: { quotas: [ { meter: requests, limit: 0, period: month } ] } }\n");
     b.signal("-HUP");
-    eventually("the rejected reload", async || {
+    eventually("the rejected reload", Duration::from_secs(10), async || {
         b.metric("tollgate_config_reloads_total{result=\"error\"}").await >= Some(1.0)
     })
     .await;
@@ -125,7 +119,7 @@ async fn a_watched_config_file_reloads_when_it_changes() {
         "{ id: acct_banned, plan: pro, api_keys: [banned-key], blocked: true }",
         "{ id: acct_banned, plan: pro, api_keys: [banned-key] }",
     ));
-    eventually("the file watch reload", async || {
+    eventually("the file watch reload", Duration::from_secs(10), async || {
         b.metric("tollgate_config_reloads_total{result=\"ok\"}").await >= Some(1.0)
     })
     .await;
@@ -164,8 +158,10 @@ async fn sigterm_drains_an_in_flight_check_and_exits_zero() {
     let started = Instant::now();
     b.signal("-TERM");
     // Not ready during the drain delay, while the Check is still waiting.
-    eventually("readiness to drop", async || http_get(b.http, "/readyz").await.map(|r| r.0).unwrap_or(503) == 503)
-        .await;
+    eventually("readiness to drop", Duration::from_secs(10), async || {
+        http_get(b.http, "/readyz").await.map(|r| r.0).unwrap_or(503) == 503
+    })
+    .await;
     let answer = in_flight.await.unwrap().expect("the in-flight Check is answered");
     assert!(Answer::of(answer.get_ref()).allowed);
     let status = loop {

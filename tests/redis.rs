@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::redis::{RedisCluster, RedisServer};
-use common::{Answer, TestServer, http_check, http_get, spec_config};
+use common::{Answer, TestServer, eventually, http_check, http_get, spec_config};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tollgate::entitlement::Period;
 use tollgate::identity::KeyHash;
@@ -187,14 +187,6 @@ async fn an_allowed_check_costs_one_redis_round_trip() {
     s.stop().await;
 }
 
-async fn wait_for(mut f: impl AsyncFnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn losing_redis_fails_closed_turns_unready_and_recovers_by_itself() {
     let mut redis = RedisServer::start();
@@ -207,7 +199,10 @@ async fn losing_redis_fails_closed_turns_unready_and_recovers_by_itself() {
     assert_eq!((a.http_status, a.code()), (503, "store_unavailable"));
     let a = search(&s, "free-key").await;
     assert_eq!((a.http_status, a.code()), (503, "store_unavailable"), "cold cache too");
-    wait_for(async || http_get(s.http, "/readyz").await.is_ok_and(|r| r.0 == 503), "/readyz 503").await;
+    eventually("/readyz 503", Duration::from_secs(10), async || {
+        http_get(s.http, "/readyz").await.is_ok_and(|r| r.0 == 503)
+    })
+    .await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(s.channel().await);
     let status = health
         .check(tonic_health::pb::HealthCheckRequest { service: "envoy.service.auth.v3.Authorization".into() })
@@ -221,8 +216,11 @@ async fn losing_redis_fails_closed_turns_unready_and_recovers_by_itself() {
     redis.restart();
     let config = tollgate::config::Config::parse(&yaml, "t").unwrap();
     tollgate::store::seed_config(s.handle.authorizer.store().as_ref(), &config).await.unwrap();
-    wait_for(async || search(&s, "pro-key").await.allowed, "checks to succeed again").await;
-    wait_for(async || http_get(s.http, "/readyz").await.is_ok_and(|r| r.0 == 200), "/readyz 200").await;
+    eventually("checks to succeed again", Duration::from_secs(10), async || search(&s, "pro-key").await.allowed).await;
+    eventually("/readyz 200", Duration::from_secs(10), async || {
+        http_get(s.http, "/readyz").await.is_ok_and(|r| r.0 == 200)
+    })
+    .await;
     s.stop().await;
 }
 

@@ -132,6 +132,15 @@ impl TestServer {
     }
 }
 
+/// Polls `f` every 10 ms until it holds; fails the test after `within`.
+pub async fn eventually(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < within, "{what} did not happen within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A CheckRequest for an HTTP request.
 pub fn http_check(method: &str, path: &str, headers: &[(&str, &str)]) -> CheckRequest {
     let headers: HashMap<String, String> = headers
