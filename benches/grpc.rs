@@ -13,7 +13,10 @@
 //! echo, tollgate, echo, tollgate, printing `throughput <name>: <n> req/s`.
 //! Run with `cargo bench --bench grpc`.
 
-use std::collections::HashMap;
+mod support;
+
+use support::check_request;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,9 +26,6 @@ use criterion::Criterion;
 use envoy_types::ext_authz::v3::pb::{
     Authorization, AuthorizationServer, CheckRequest, CheckResponse, HttpResponse, OkHttpResponse,
 };
-use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
-use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request as AttrRequest};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::google::rpc;
 use tokio::net::TcpListener;
@@ -45,9 +45,6 @@ const CONCURRENCY: usize = 32;
 const ROUNDS: usize = 2;
 /// Upper bound on one throughput run; a slower run stops early and reports what it did.
 const RUN_DEADLINE: Duration = Duration::from_secs(60);
-/// The API key of the only account.
-const API_KEY: &str = "bench-key-0123456789";
-
 /// The demo config's shape, with quotas so large the bench never sees a deny.
 const BENCH_CONFIG: &str = r#"
 store:
@@ -94,54 +91,6 @@ impl Authorization for Echo {
             dynamic_metadata: None,
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
         }))
-    }
-}
-
-/// A Check as Envoy sends it for `GET /v1/search?q=x` with an API key.
-fn check_request() -> CheckRequest {
-    let headers: HashMap<String, String> = [
-        (":authority", "api.example.com"),
-        (":method", "GET"),
-        (":path", "/v1/search?q=x"),
-        (":scheme", "https"),
-        ("accept", "application/json"),
-        ("user-agent", "curl/8.5.0"),
-        ("x-api-key", API_KEY),
-        ("x-forwarded-proto", "https"),
-        ("x-request-id", "7f0c2a9e-1b43-4c5d-9e8f-0a1b2c3d4e5f"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    let peer = |ip: &str, port: u32| Peer {
-        address: Some(Address {
-            address: Some(address::Address::SocketAddress(SocketAddress {
-                address: ip.to_owned(),
-                port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
-                ..Default::default()
-            })),
-        }),
-        ..Default::default()
-    };
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            source: Some(peer("10.0.0.7", 53012)),
-            destination: Some(peer("10.0.0.2", 8080)),
-            request: Some(AttrRequest {
-                http: Some(HttpRequest {
-                    id: "12345678901234567890".to_owned(),
-                    method: "GET".to_owned(),
-                    headers,
-                    path: "/v1/search?q=x".to_owned(),
-                    host: "api.example.com".to_owned(),
-                    scheme: "https".to_owned(),
-                    protocol: "HTTP/1.1".to_owned(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
     }
 }
 
