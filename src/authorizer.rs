@@ -67,8 +67,8 @@ pub struct Outcome {
     pub decision: Decision,
     /// What client and upstream see.
     pub response: Response,
-    /// The matched route, for logs (`/v1/search*`), or `-`.
-    pub route: String,
+    /// The matched route's name, for logs (`/v1/search*`); `None` when none matched.
+    pub route: Option<Arc<str>>,
 }
 
 /// The store failed and `on_error: error` asks the transport to fail the RPC.
@@ -176,29 +176,29 @@ impl Authorizer {
                     Unmatched::Allow => Decision::allow(AllowKind::Public),
                     Unmatched::Deny => Decision::deny(Code::RouteNotAllowed),
                 };
-                return Ok(self.finish(config, d, None, "-".into(), now));
+                return Ok(self.finish(config, d, None, None, now));
             }
             Ask::Http(key) => {
                 let path = path_only(key.path);
                 if !path.starts_with('/') {
-                    return Ok(self.finish(config, Decision::deny(Code::RequestInvalid), None, "-".into(), now));
+                    return Ok(self.finish(config, Decision::deny(Code::RequestInvalid), None, None, now));
                 }
                 let key = RouteKey { path, ..key };
                 match config.routes.find(&key) {
-                    Some(r) if r.public => (Target::Public, r.describe()),
+                    Some(r) if r.public => (Target::Public, Some(r.name.clone())),
                     Some(r) => (
                         Target::Metered {
                             feature: r.feature.as_deref(),
                             meter: r.meter.as_deref(),
                             cost: query.cost.filter(|c| *c > 0).unwrap_or(r.cost),
                         },
-                        r.describe(),
+                        Some(r.name.clone()),
                     ),
-                    None => (Target::Unmatched, "-".to_owned()),
+                    None => (Target::Unmatched, None),
                 }
             }
             Ask::Feature { feature, meter } => {
-                (Target::Metered { feature, meter, cost: query.cost.filter(|c| *c > 0).unwrap_or(1) }, "-".to_owned())
+                (Target::Metered { feature, meter, cost: query.cost.filter(|c| *c > 0).unwrap_or(1) }, None)
             }
         };
         if target == Target::Public {
@@ -239,7 +239,7 @@ impl Authorizer {
         error: StoreError,
         account: Option<&Account>,
         credential_header: Option<&str>,
-        route: String,
+        route: Option<Arc<str>>,
         now: DateTime<Utc>,
     ) -> Result<Outcome, StoreUnavailable> {
         tracing::warn!(error = %error, transient = error.is_transient(), on_error = ?config.store.on_error, "store call failed");
@@ -260,7 +260,7 @@ impl Authorizer {
         config: &Config,
         decision: Decision,
         credential_header: Option<&str>,
-        route: String,
+        route: Option<Arc<str>>,
         now: DateTime<Utc>,
     ) -> Outcome {
         let response = problem::render(&decision, config, problem::Context { credential_header }, now);

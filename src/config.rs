@@ -372,7 +372,7 @@ impl Config {
                 )
             };
             let methods = if r.matcher.methods.is_empty() { "ANY".to_owned() } else { r.matcher.methods.join(",") };
-            out += &format!("  [{}] {} {}: {}\n", r.index, methods, r.describe(), what);
+            out += &format!("  [{}] {} {}: {}\n", r.index, methods, r.name, what);
         }
         out += &format!("default: {:?}\naccounts: {}\n", self.policy.unmatched, self.accounts.len());
         out
@@ -905,19 +905,13 @@ mod raw {
                 if cost < 0 {
                     return Err(invalid(format!("{p}.cost"), "must not be negative"));
                 }
-                routes.push(Route {
-                    index: i,
-                    matcher: RouteMatch {
-                        path_prefix: m.path_prefix,
-                        path: m.path,
-                        methods,
-                        host: m.host.map(|h| h.to_ascii_lowercase()),
-                    },
-                    public: r.public,
-                    feature: r.feature,
-                    meter: r.meter,
-                    cost: cost as u64,
-                });
+                let matcher = RouteMatch {
+                    path_prefix: m.path_prefix,
+                    path: m.path,
+                    methods,
+                    host: m.host.map(|h| h.to_ascii_lowercase()),
+                };
+                routes.push(Route::new(i, matcher, r.public, r.feature, r.meter, cost as u64));
             }
 
             let stripe = match self.billing.stripe {

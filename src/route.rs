@@ -3,6 +3,8 @@
 //! Pure data and matching; depends on nothing of ours. First match wins, as
 //! in Envoy's own route tables, so operators read it top to bottom.
 
+use std::sync::Arc;
+
 /// How a route recognises a request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteMatch {
@@ -31,12 +33,25 @@ pub struct Route {
     pub meter: Option<String>,
     /// Units one request spends on the meter (and in credits on prepaid plans).
     pub cost: u64,
+    /// The matcher as configured (`api.example.com/v1/search*`), made once for logs.
+    pub name: Arc<str>,
 }
 
 impl Route {
-    /// A short, stable name for logs and metrics: the matcher as configured.
-    pub fn describe(&self) -> String {
-        let m = &self.matcher;
+    /// A route named after its matcher.
+    pub fn new(
+        index: usize,
+        matcher: RouteMatch,
+        public: bool,
+        feature: Option<String>,
+        meter: Option<String>,
+        cost: u64,
+    ) -> Self {
+        let name = Self::describe(&matcher).into();
+        Self { index, matcher, public, feature, meter, cost, name }
+    }
+
+    fn describe(m: &RouteMatch) -> String {
         let path = m
             .path
             .clone()
@@ -129,7 +144,7 @@ mod tests {
     use super::*;
 
     fn route(index: usize, matcher: RouteMatch) -> Route {
-        Route { index, matcher, public: false, feature: None, meter: None, cost: 1 }
+        Route::new(index, matcher, false, None, None, 1)
     }
 
     fn key<'a>(path: &'a str, method: &'a str, host: &'a str) -> RouteKey<'a> {

@@ -178,7 +178,7 @@ impl Authorization for ExtAuthz {
         if let Verdict::Deny(code) = d.verdict {
             tracing::info!(
                 account = d.account.as_deref().unwrap_or("-"),
-                route = %outcome.route,
+                route = outcome.route.as_deref().unwrap_or("-"),
                 code = code.as_str(),
                 status = code.http_status(),
                 "check denied"

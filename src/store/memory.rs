@@ -165,13 +165,19 @@ impl Store for MemoryStore {
         };
         let mut states = Vec::with_capacity(spend.quotas.len());
         for quota in &spend.quotas {
-            let counter = usage
-                .counters
-                .entry(quota.meter.clone())
-                .or_default()
-                .entry(quota.window)
-                .or_insert_with(|| Counter::new(quota.window));
-            states.push(counter.check(quota, spend.cost, spend.now));
+            // Look up by &str first: the meter name is cloned only the first time.
+            if !usage.counters.contains_key(&quota.meter) {
+                usage.counters.insert(quota.meter.clone(), HashMap::new());
+            }
+            let state = match usage.counters.get_mut(&quota.meter) {
+                Some(windows) => windows
+                    .entry(quota.window)
+                    .or_insert_with(|| Counter::new(quota.window))
+                    .check(quota, spend.cost, spend.now),
+                // Inserted just above; were it missing, refuse rather than misalign the answer.
+                None => QuotaUsage { used: 0, exceeded: true, resets_at: spend.now, retry_at: spend.now },
+            };
+            states.push(state);
         }
         let credits =
             spend.credits.map(|cost| CreditBalance { balance: usage.credits, sufficient: usage.credits >= cost });
