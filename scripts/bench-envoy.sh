@@ -15,12 +15,21 @@
 # allowed and spends one counter. Load: `wrk -t1 -c32 -d10s --latency` on
 # `GET /v1/search?q=x` with the bench account's `x-api-key`, variants interleaved
 # (a, b, c-mem, c-redis, then again), each run preceded by a 2 s warm-up.
-# Prints a markdown table: req/s and p99 per round and their medians, and the
-# ratios c/b and c/a. Fails when any variant answers more than 0.1% non-2xx.
+# Prints markdown: req/s and p99 per round and their medians; the ratios c/b and
+# c/a against the targets (memory >= 0.9 b, Redis >= 0.8 b); the conditions
+# (cores, load average, CPU used by processes that are not ours); CPU per
+# request of each process from /proc (with Envoy on one worker, Envoy's CPU per
+# request bounds the throughput when that worker is saturated); Envoy's view of
+# both hops and its non-2xx and ext_authz counters; and a spend check (tollgate
+# allowed a Check for every request wrk completed). Fails when any variant
+# answers more than 0.1% non-2xx or socket errors, or is not wired as claimed.
 #
 #   scripts/bench-envoy.sh
 #
-# Knobs (environment): BENCH_ROUNDS (2), BENCH_DURATION (10, seconds per run),
+# Knobs (environment): BENCH_VARIANTS ("a b c-mem c-redis", in run order; add
+# b-shaped for a diagnostic floor: noop_authz answering exactly what tollgate
+# answers on an allow, headers and dynamic metadata, without deciding anything),
+# BENCH_ROUNDS (2), BENCH_DURATION (10, seconds per run),
 # BENCH_WARMUP (2), BENCH_CONNECTIONS (32), BENCH_DEADLINE (290, seconds for
 # everything after the build), BENCH_KEEP=1 keeps the work directory (logs,
 # configs, raw wrk output). Needs envoy (ENVOY_BIN, .tools/bin or PATH; installed
@@ -39,10 +48,10 @@ conns="${BENCH_CONNECTIONS:-32}"
 deadline="${BENCH_DEADLINE:-290}"
 key="bench-key-0123456789"
 target_path="/v1/search?q=x"
-variants=(a b c-mem c-redis)
-# Diagnostic (off by default): b-shaped, noop_authz answering tollgate's allow
-# verbatim (headers, header removal, dynamic metadata) without deciding anything.
-[ "${BENCH_SHAPED_FLOOR:-0}" = 1 ] && variants=(a b b-shaped c-mem c-redis)
+read -r -a variants <<<"${BENCH_VARIANTS:-a b c-mem c-redis}"
+for v in "${variants[@]}"; do
+  case "$v" in a | b | b-shaped | c-mem | c-redis) ;; *) echo "bench-envoy: unknown variant $v" >&2 && exit 2 ;; esac
+done
 
 log() { echo "bench-envoy: $*" >&2; }
 die() {
@@ -420,6 +429,7 @@ load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
 # Every request through c-* was a Check that tollgate allowed (and so spent one counter).
 spent=""
 for v in c-mem c-redis; do
+  [ -n "${sent[$v]:-}" ] || continue
   n=$(($(allowed "${http_port[$v]}") - ${allowed_before[$v]}))
   spent+="$v: $n Checks allowed by tollgate for ${sent[$v]} requests wrk completed; "
   ((n >= ${sent[$v]})) || die "$v: tollgate allowed $n Checks but wrk completed ${sent[$v]} requests"
@@ -441,7 +451,11 @@ for line in sys.stdin:
         name = "Check" if m.group(1) == "tollgate" else m.group(1)
         p50, p99 = (f"{float(q[k]):.1f}" if k in q else "?" for k in ("50", "99"))
         out.append(f"{name} P50 {p50} ms, P99 {p99} ms")
-print("; ".join(sorted(out)) or "no stats")' <<<"$stats")"$'\n'
+print("; ".join(sorted(out)) or "no stats")' <<<"$stats")"
+  # Anything not 2xx (the sanity checks above sent one request without a key), and ext_authz's verdicts.
+  counters="$(curl -gsf -m 5 "http://127.0.0.1:${admin_port[$v]}/stats?filter=^http\.ingress\.(downstream_rq_[345]xx|ext_authz\.)" |
+    awk -F': ' '$2 > 0 {sub(/^http\.ingress\./, "", $1); printf "%s%s %s", sep, $1, $2; sep = ", "}' || true)"
+  hops+="; counters: ${counters:-none}"$'\n'
 done
 
 # ------------------------------------------------------------------ report
@@ -488,6 +502,8 @@ ratios = [("c-mem", "b", 0.9), ("c-mem", "a", None), ("c-redis", "b", 0.8), ("c-
 if "b-shaped" in variants:
     ratios += [("b-shaped", "b", None), ("c-mem", "b-shaped", None), ("c-redis", "b-shaped", None)]
 for c, base, target in ratios:
+    if c not in variants or base not in variants:
+        continue
     per = " | ".join(f"{rps[c, n] / rps[base, n]:.2f}" for n in rounds)
     m = med_rps[c] / med_rps[base]
     t = f"≥ {target}: {'met' if m >= target else 'MISSED'}" if target else ""
@@ -512,7 +528,7 @@ for v in variants:
           f" | {sum(parts):.1f} | {other:.2f} | {busy:.0%} |")
 
 print()
-print("Envoy's upstream_rq_time (cumulative, coarse buckets):")
+print("Envoy's upstream_rq_time (cumulative over warm-ups and runs, coarse buckets) and non-zero counters:")
 for line in env["BENCH_HOPS"].strip().splitlines():
     print(f"- {line}")
 print()
