@@ -45,36 +45,6 @@ const CONCURRENCY: usize = 32;
 const ROUNDS: usize = 2;
 /// Upper bound on one throughput run; a slower run stops early and reports what it did.
 const RUN_DEADLINE: Duration = Duration::from_secs(60);
-/// The demo config's shape, with quotas so large the bench never sees a deny.
-const BENCH_CONFIG: &str = r#"
-store:
-  backend: memory
-  on_error: deny
-  timeout: 50ms
-cache:
-  ttl: 30s
-  negative_ttl: 5s
-identity:
-  - api_key: { header: x-api-key }
-  - api_key: { header: authorization, scheme: Bearer }
-billing:
-  portal_url: "https://billing.example.com/accounts/{account}/billing"
-  grace_period: 72h
-plans:
-  free:
-    features: [search]
-    quotas:
-      - { meter: requests, limit: 1000000000, period: month }
-routes:
-  - { match: { path_prefix: /public }, public: true }
-  - { match: { path_prefix: /v1/search, methods: [GET] }, feature: search, meter: requests, cost: 1 }
-default: deny
-non_http: deny
-accounts:
-  - { id: acct_bench, plan: free, api_keys: [bench-key-0123456789] }
-problems:
-  type_base: "https://docs.example.com/problems/"
-"#;
 
 /// The floor: a tonic `Authorization` service with no logic at all.
 #[derive(Debug, Default)]
@@ -124,7 +94,8 @@ async fn start() -> Servers {
     });
 
     // tollgate with the memory store, seeded like `tollgate seed` does.
-    let config = Arc::new(Config::parse(BENCH_CONFIG, "<bench config>").expect("bench config"));
+    let yaml = support::CONFIG.replace("STORE", "{ backend: memory, on_error: deny, timeout: 50ms }");
+    let config = Arc::new(Config::parse(&yaml, "<bench config>").expect("bench config"));
     let memory: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let seeds = config.accounts.iter().map(|a| Seed { account: &a.account, api_keys: &a.api_keys, credits: a.credits });
     let seeded = store::seed(memory.as_ref(), seeds).await.expect("seed");

@@ -63,37 +63,8 @@ const BENCHMARK_REQUESTS: usize = 200_000;
 const BENCHMARK_CLIENTS: usize = 50;
 /// Upper bound on any child process we wait for.
 const CHILD_DEADLINE: Duration = Duration::from_secs(120);
-/// The API key of the only account.
 /// Commands a Check's spend script runs inside Redis for one calendar quota (no credits).
 const SCRIPT_INTERNAL: [&str; 4] = ["time", "get", "incrby", "pexpireat"];
-
-/// The config of both servers; `STORE` becomes the `store:` mapping.
-const CONFIG: &str = r#"
-store: STORE
-cache:
-  ttl: 30s
-  negative_ttl: 5s
-identity:
-  - api_key: { header: x-api-key }
-  - api_key: { header: authorization, scheme: Bearer }
-billing:
-  portal_url: "https://billing.example.com/accounts/{account}/billing"
-  grace_period: 72h
-plans:
-  bench:
-    features: [search]
-    quotas:
-      - { meter: requests, limit: 1000000000000, period: month }
-routes:
-  - { match: { path_prefix: /public }, public: true }
-  - { match: { path_prefix: /v1/search, methods: [GET] }, feature: search, meter: requests, cost: 1 }
-default: deny
-non_http: deny
-accounts:
-  - { id: acct_bench, plan: bench, api_keys: [bench-key-0123456789] }
-problems:
-  type_base: "https://docs.example.com/problems/"
-"#;
 
 // ---------------------------------------------------------------- redis-server
 
@@ -348,7 +319,7 @@ struct Tollgate {
 
 /// Starts tollgate with `store_yaml` as its `store:`, seeded from the config's accounts, and waits until SERVING.
 async fn start_tollgate(store_yaml: &str) -> Tollgate {
-    let yaml = CONFIG.replace("STORE", store_yaml);
+    let yaml = support::CONFIG.replace("STORE", store_yaml);
     let config = Arc::new(Config::parse(&yaml, "<load bench config>").expect("bench config"));
     let metrics = Arc::new(Metrics::new());
     let m = metrics.clone();

@@ -1,4 +1,4 @@
-//! What the bench binaries share: the Check request they send.
+//! What the bench binaries share: the config they serve and the Check request they send.
 
 use std::collections::HashMap;
 
@@ -6,6 +6,34 @@ use envoy_types::ext_authz::v3::pb::CheckRequest;
 use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
 use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request as AttrRequest};
+
+/// The config of both servers; `STORE` becomes the `store:` mapping.
+pub const CONFIG: &str = r#"
+store: STORE
+cache:
+  ttl: 30s
+  negative_ttl: 5s
+identity:
+  - api_key: { header: x-api-key }
+  - api_key: { header: authorization, scheme: Bearer }
+billing:
+  portal_url: "https://billing.example.com/accounts/{account}/billing"
+  grace_period: 72h
+plans:
+  bench:
+    features: [search]
+    quotas:
+      - { meter: requests, limit: 1000000000000, period: month }
+routes:
+  - { match: { path_prefix: /public }, public: true }
+  - { match: { path_prefix: /v1/search, methods: [GET] }, feature: search, meter: requests, cost: 1 }
+default: deny
+non_http: deny
+accounts:
+  - { id: acct_bench, plan: bench, api_keys: [bench-key-0123456789] }
+problems:
+  type_base: "https://docs.example.com/problems/"
+"#;
 
 /// The API key of the bench account in every bench config.
 pub const API_KEY: &str = "bench-key-0123456789";
