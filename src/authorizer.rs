@@ -89,11 +89,6 @@ impl std::fmt::Debug for Authorizer {
     }
 }
 
-enum Resolved {
-    Caller(Option<Arc<Account>>, bool),
-    Failed(StoreError),
-}
-
 impl Authorizer {
     /// An authorizer over `store` with `config`.
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
@@ -138,23 +133,20 @@ impl Authorizer {
         r
     }
 
-    async fn resolve(&self, config: &Config, presented: &Presented) -> Resolved {
+    /// The account a credential names; `None` when none was presented or it names no account.
+    async fn resolve(&self, config: &Config, presented: &Presented) -> Result<Option<Arc<Account>>, StoreError> {
         let timeout = config.store.timeout;
         let id = match presented {
-            Presented::Nothing => return Resolved::Caller(None, false),
+            Presented::Nothing => return Ok(None),
             Presented::Account(id) => id.clone(),
             Presented::ApiKey { key, .. } => {
-                match self.call(timeout, self.store.account_for_key(&KeyHash::of(key))).await {
-                    Ok(Some(id)) => id,
-                    Ok(None) => return Resolved::Caller(None, true),
-                    Err(e) => return Resolved::Failed(e),
+                match self.call(timeout, self.store.account_for_key(&KeyHash::of(key))).await? {
+                    Some(id) => id,
+                    None => return Ok(None),
                 }
             }
         };
-        match self.call(timeout, self.store.account(&id)).await {
-            Ok(account) => Resolved::Caller(account.clone(), account.is_none()),
-            Err(e) => Resolved::Failed(e),
-        }
+        self.call(timeout, self.store.account(&id)).await
     }
 
     /// Decides `query` now.
@@ -214,14 +206,14 @@ impl Authorizer {
             Presented::ApiKey { header, .. } if !header.is_empty() => Some(header.as_str()),
             _ => None,
         };
-        let (account, invalid) = match self.resolve(config, &presented).await {
-            Resolved::Caller(account, invalid) => (account, invalid),
-            Resolved::Failed(e) => return self.store_failed(config, e, None, credential_header, route, now),
+        let account = match self.resolve(config, &presented).await {
+            Ok(account) => account,
+            Err(e) => return self.store_failed(config, e, None, credential_header, route, now),
         };
-        let caller = match (&account, invalid) {
+        let caller = match (&account, &presented) {
             (Some(a), _) => Caller::Known(a),
-            (None, true) => Caller::Invalid,
-            (None, false) => Caller::Missing,
+            (None, Presented::Nothing) => Caller::Missing,
+            (None, _) => Caller::Invalid,
         };
         let decision = match decision::evaluate(&config.policy, target, caller, now, query.dry_run) {
             Step::Done(d) => d,
