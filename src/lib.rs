@@ -12,7 +12,7 @@
 //! | [`decision`] | the decision table as a pure function | `entitlement`, `usage` |
 //! | [`config`] | YAML → validated domain types | domain modules |
 //! | [`problem`] | decisions → problem bodies and headers | `decision`, `config` |
-//! | [`store`] | the `Store` trait; memory backend | `entitlement`, `usage`, `identity` |
+//! | [`store`] | the `Store` trait; memory and Redis backends; the moka cache | `entitlement`, `usage`, `identity`, `config` (settings) |
 //! | [`metrics`] | Prometheus registry | `decision` (labels) |
 //! | [`authorizer`] | route → identify → store → decide → render | all of the above |
 //! | [`grpc`] | ext_authz and `tollgate.v1` translations | `authorizer` |
@@ -22,7 +22,8 @@
 //! | [`server`] | wiring, health, graceful shutdown | everything |
 //!
 //! Envoy and prost types stop at [`grpc`]. Locks are `std::sync` ones: none is
-//! ever held across an `.await`, and each guards a few assignments.
+//! ever held across an `.await`, and each guards a few assignments (the one
+//! exception, the cluster connection's first connect, is a tokio mutex).
 
 pub mod authorizer;
 pub mod config;

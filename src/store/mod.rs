@@ -1,7 +1,9 @@
 //! Where entitlements, API-key hashes, credits and usage counters live.
 //!
 //! [`Store`] is the small seam between the server and its backends: the
-//! [`memory::MemoryStore`] (demo, tests, single replica) and, later, Redis.
+//! [`memory::MemoryStore`] (demo, tests, single replica) and
+//! [`redis::RedisStore`] (shared by replicas), the latter behind
+//! [`cached::CachedStore`].
 //! Stores know the domain (`entitlement`, `usage`, `identity::KeyHash`) and
 //! nothing of decisions or transports.
 
