@@ -33,7 +33,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 use tollgate::config::Config;
 use tollgate::server::{self, Listeners};
-use tollgate::store::{self, MemoryStore, Seed, Store};
+use tollgate::store::{self, MemoryStore, Store};
 use tonic::transport::Channel;
 use tonic::transport::server::TcpIncoming;
 
@@ -97,8 +97,7 @@ async fn start() -> Servers {
     let yaml = support::CONFIG.replace("STORE", "{ backend: memory, on_error: deny, timeout: 50ms }");
     let config = Arc::new(Config::parse(&yaml, "<bench config>").expect("bench config"));
     let memory: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let seeds = config.accounts.iter().map(|a| Seed { account: &a.account, api_keys: &a.api_keys, credits: a.credits });
-    let seeded = store::seed(memory.as_ref(), seeds).await.expect("seed");
+    let seeded = store::seed_config(memory.as_ref(), &config).await.expect("seed");
     assert_eq!(seeded, 1);
     let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
     let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");

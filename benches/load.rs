@@ -39,7 +39,7 @@ use tokio::sync::oneshot;
 use tollgate::config::Config;
 use tollgate::metrics::Metrics;
 use tollgate::server::{self, Listeners};
-use tollgate::store::{self, Seed};
+use tollgate::store::{self};
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -325,8 +325,7 @@ async fn start_tollgate(store_yaml: &str) -> Tollgate {
     let m = metrics.clone();
     let observe: store::LookupObserver = Arc::new(move |hit| m.record_cache(hit));
     let store = store::open(&config.store, &config.cache, observe).expect("open store");
-    let seeds = config.accounts.iter().map(|a| Seed { account: &a.account, api_keys: &a.api_keys, credits: a.credits });
-    let seeded = store::seed(store.as_ref(), seeds).await.expect("seed");
+    let seeded = store::seed_config(store.as_ref(), &config).await.expect("seed");
     assert_eq!(seeded, 1);
 
     let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
