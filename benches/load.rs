@@ -22,6 +22,10 @@
 
 mod support;
 
+/// The binary's allocator, so the figures are the binary's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use support::check_request;
 
 use std::collections::HashMap;
