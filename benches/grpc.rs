@@ -35,9 +35,6 @@ use envoy_types::pb::google::rpc;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
-use tollgate::config::Config;
-use tollgate::server::{self, Listeners};
-use tollgate::store::{self, MemoryStore, Store};
 use tonic::transport::Channel;
 use tonic::transport::server::TcpIncoming;
 
@@ -98,27 +95,13 @@ async fn start() -> Servers {
     });
 
     // tollgate with the memory store, seeded like `tollgate seed` does.
-    let yaml = support::CONFIG.replace("STORE", "{ backend: memory, on_error: deny, timeout: 50ms }");
-    let config = Arc::new(Config::parse(&yaml, "<bench config>").expect("bench config"));
-    let memory: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let seeded = store::seed_config(memory.as_ref(), &config).await.expect("seed");
-    assert_eq!(seeded, 1);
-    let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
-    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-    let tollgate_addr = grpc.local_addr().expect("grpc addr");
-    let (tollgate_stop, tollgate_rx) = oneshot::channel::<()>();
-    let tollgate_task = tokio::spawn(async move {
-        let shutdown = async {
-            let _ = tollgate_rx.await;
-        };
-        server::run(config, memory, Listeners { grpc, http }, shutdown, |_| {}).await.expect("tollgate server");
-    });
+    let tollgate = support::start_tollgate("{ backend: memory, on_error: deny, timeout: 50ms }").await;
 
     Servers {
         echo: connect(echo_addr).await,
-        tollgate: connect(tollgate_addr).await,
-        stops: vec![echo_stop, tollgate_stop],
-        tasks: vec![echo_task, tollgate_task],
+        tollgate: tollgate.client,
+        stops: vec![echo_stop, tollgate.stop],
+        tasks: vec![echo_task, tollgate.task],
     }
 }
 

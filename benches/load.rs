@@ -29,7 +29,6 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use support::check_request;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -38,16 +37,7 @@ use std::time::{Duration, Instant};
 
 use envoy_types::ext_authz::v3::pb::CheckRequest;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tollgate::config::Config;
-use tollgate::metrics::Metrics;
-use tollgate::server::{self, Listeners};
-use tollgate::store::{self};
 use tonic::transport::Channel;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 /// Checks per measured run.
 const CHECKS_PER_RUN: usize = 30_000;
@@ -314,54 +304,6 @@ fn redis_benchmark(redis: &Redis, pipeline: usize, command: &[String]) -> Option
 
 // ---------------------------------------------------------------- tollgate
 
-/// A tollgate running in this process.
-struct Tollgate {
-    client: AuthorizationClient<Channel>,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-/// Starts tollgate with `store_yaml` as its `store:`, seeded from the config's accounts, and waits until SERVING.
-async fn start_tollgate(store_yaml: &str) -> Tollgate {
-    let yaml = support::CONFIG.replace("STORE", store_yaml);
-    let config = Arc::new(Config::parse(&yaml, "<load bench config>").expect("bench config"));
-    let metrics = Arc::new(Metrics::new());
-    let m = metrics.clone();
-    let observe: store::LookupObserver = Arc::new(move |hit| m.record_cache(hit));
-    let store = store::open(&config.store, &config.cache, observe).expect("open store");
-    let seeded = store::seed_config(store.as_ref(), &config).await.expect("seed");
-    assert_eq!(seeded, 1);
-
-    let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
-    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-    let addr = grpc.local_addr().expect("grpc addr");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let shutdown = async {
-            let _ = stopped.await;
-        };
-        server::run_with_metrics(metrics, config, store, Listeners { grpc, http }, shutdown, |_| {})
-            .await
-            .expect("tollgate server");
-    });
-    let channel = connect(addr).await;
-    let mut health = HealthClient::new(channel.clone());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = health.check(HealthCheckRequest { service: String::new() }).await.map(|r| r.into_inner().status);
-        if status.ok() == Some(ServingStatus::Serving as i32) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "tollgate did not become SERVING");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Tollgate { client: AuthorizationClient::new(channel), stop, task }
-}
-
-async fn connect(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect")
-}
-
 // ---------------------------------------------------------------- load
 
 /// What one run did.
@@ -481,9 +423,9 @@ fn main() {
     let redis = Redis::start();
     println!("load: {} on 127.0.0.1:{} ({})", redis.server.display(), redis.port, redis.version());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let memory = rt.block_on(start_tollgate("{ backend: memory, on_error: deny, timeout: 200ms }"));
+    let memory = rt.block_on(support::start_tollgate("{ backend: memory, on_error: deny, timeout: 200ms }"));
     let redis_store = format!("{{ backend: redis, url: \"{}\", on_error: deny, timeout: 200ms }}", redis.url());
-    let on_redis = rt.block_on(start_tollgate(&redis_store));
+    let on_redis = rt.block_on(support::start_tollgate(&redis_store));
     let request = check_request();
     let mut redis_allowed_total = 0usize;
 
@@ -569,8 +511,8 @@ fn main() {
     let bench = replay.as_ref().map(|cmd| (redis_benchmark(&redis, 1, cmd), redis_benchmark(&redis, 16, cmd)));
 
     // Stop everything.
-    let Tollgate { client: c1, stop: s1, task: t1 } = memory;
-    let Tollgate { client: c2, stop: s2, task: t2 } = on_redis;
+    let support::Tollgate { client: c1, stop: s1, task: t1 } = memory;
+    let support::Tollgate { client: c2, stop: s2, task: t2 } = on_redis;
     drop((c1, c2));
     let _ = (s1.send(()), s2.send(()));
     rt.block_on(async {

@@ -1,6 +1,22 @@
-//! What the bench binaries share: the config they serve and the Check request they send.
+//! What the bench binaries share: the config they serve, the in-process
+//! tollgate they start and the Check request they send.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tollgate::config::Config;
+use tollgate::metrics::Metrics;
+use tollgate::server::{self, Listeners};
+use tollgate::store;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 use envoy_types::ext_authz::v3::pb::CheckRequest;
 use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
@@ -84,4 +100,55 @@ pub fn check_request() -> CheckRequest {
             ..Default::default()
         }),
     }
+}
+
+/// A tollgate running in this process.
+pub struct Tollgate {
+    /// A client on one HTTP/2 channel.
+    pub client: AuthorizationClient<Channel>,
+    /// Send to begin shutdown.
+    pub stop: oneshot::Sender<()>,
+    /// The server task.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts tollgate with `store_yaml` as its `store:`, seeded from the config's accounts, and waits until SERVING.
+pub async fn start_tollgate(store_yaml: &str) -> Tollgate {
+    let yaml = CONFIG.replace("STORE", store_yaml);
+    let config = Arc::new(Config::parse(&yaml, "<bench config>").expect("bench config"));
+    let metrics = Arc::new(Metrics::new());
+    let m = metrics.clone();
+    let observe: store::LookupObserver = Arc::new(move |hit| m.record_cache(hit));
+    let store = store::open(&config.store, &config.cache, observe).expect("open store");
+    let seeded = store::seed_config(store.as_ref(), &config).await.expect("seed");
+    assert_eq!(seeded, 1);
+
+    let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+    let addr = grpc.local_addr().expect("grpc addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        server::run_with_metrics(metrics, config, store, Listeners { grpc, http }, shutdown, |_| {})
+            .await
+            .expect("tollgate server");
+    });
+    let channel = connect(addr).await;
+    let mut health = HealthClient::new(channel.clone());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = health.check(HealthCheckRequest { service: String::new() }).await.map(|r| r.into_inner().status);
+        if status.ok() == Some(ServingStatus::Serving as i32) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tollgate did not become SERVING");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Tollgate { client: AuthorizationClient::new(channel), stop, task }
+}
+
+async fn connect(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect")
 }
