@@ -35,7 +35,9 @@ pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
     check_duration: Histogram,
-    cache_requests: Family<ResultLabels, Counter>,
+    /// The `hit` and `miss` series of `tollgate_cache_requests_total`, held so a lookup takes no lock.
+    cache_hits: Counter,
+    cache_misses: Counter,
     cache_hit_ratio: Gauge<f64, AtomicU64>,
     store_duration: Histogram,
     store_errors: Counter,
@@ -98,9 +100,8 @@ impl Metrics {
         let config_reloads = Family::<ResultLabels, Counter>::default();
         registry.register("tollgate_config_reloads", "Config reloads by result (ok, error)", config_reloads.clone());
         // Export every series from the start, so dashboards and alerts see 0, not "no data".
-        for result in ["hit", "miss"] {
-            let _ = cache_requests.get_or_create(&ResultLabels { result });
-        }
+        let cache_hits = cache_requests.get_or_create(&ResultLabels { result: "hit" }).clone();
+        let cache_misses = cache_requests.get_or_create(&ResultLabels { result: "miss" }).clone();
         for result in ["ok", "error"] {
             let _ = config_reloads.get_or_create(&ResultLabels { result });
         }
@@ -108,7 +109,8 @@ impl Metrics {
             registry,
             decisions,
             check_duration,
-            cache_requests,
+            cache_hits,
+            cache_misses,
             cache_hit_ratio,
             store_duration,
             store_errors,
@@ -126,11 +128,10 @@ impl Metrics {
 
     /// Counts a cache lookup.
     pub fn record_cache(&self, hit: bool) {
-        let count = |result| self.cache_requests.get_or_create(&ResultLabels { result }).inc() + 1;
         let (hits, misses) = if hit {
-            (count("hit"), self.cache_requests.get_or_create(&ResultLabels { result: "miss" }).get())
+            (self.cache_hits.inc() + 1, self.cache_misses.get())
         } else {
-            (self.cache_requests.get_or_create(&ResultLabels { result: "hit" }).get(), count("miss"))
+            (self.cache_hits.get(), self.cache_misses.inc() + 1)
         };
         self.cache_hit_ratio.set(hits as f64 / (hits + misses).max(1) as f64);
     }

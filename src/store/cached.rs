@@ -101,6 +101,11 @@ impl CachedStore {
 #[async_trait]
 impl Store for CachedStore {
     async fn account_for_key(&self, key: &KeyHash) -> Result<Option<String>, StoreError> {
+        // A plain get first: the backend read (a boxed future) is built on misses only.
+        if let Some(hit) = self.keys.get(key).await {
+            (self.observe)(true);
+            return Ok(hit);
+        }
         let entry = self
             .keys
             .entry(*key)
@@ -112,6 +117,10 @@ impl Store for CachedStore {
     }
 
     async fn account(&self, id: &str) -> Result<Option<Arc<Account>>, StoreError> {
+        if let Some(hit) = self.accounts.get(id).await {
+            (self.observe)(true);
+            return Ok(hit);
+        }
         let entry = self
             .accounts
             .entry_by_ref(id)
