@@ -164,6 +164,6 @@ async fn main() -> anyhow::Result<()> {
         reloader.spawn_on_sighup();
     };
     let listeners = Listeners { grpc, http };
-    server::run_with_metrics(metrics, Arc::new(config), store, listeners, shutdown_signal(), on_start).await?;
+    server::run(metrics, Arc::new(config), store, listeners, shutdown_signal(), on_start).await?;
     Ok(())
 }

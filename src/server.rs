@@ -75,18 +75,8 @@ async fn set_ready(reporter: &HealthReporter, serving: bool) {
 
 /// Runs tollgate on `listeners` until `shutdown` resolves; `on_start` receives
 /// the handle once the services exist (before the first request is served).
+/// `metrics` is made by the caller so the store's cache can report into it.
 pub async fn run(
-    config: Arc<Config>,
-    store: Arc<dyn Store>,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()> + Send,
-    on_start: impl FnOnce(Handle) + Send,
-) -> Result<(), ServerError> {
-    run_with_metrics(Arc::new(Metrics::new()), config, store, listeners, shutdown, on_start).await
-}
-
-/// [`run`] with a registry the caller made (so the store's cache can report into it).
-pub async fn run_with_metrics(
     metrics: Arc<Metrics>,
     config: Arc<Config>,
     store: Arc<dyn Store>,

@@ -131,9 +131,7 @@ pub async fn start_tollgate(store_yaml: &str) -> Tollgate {
         let shutdown = async {
             let _ = stopped.await;
         };
-        server::run_with_metrics(metrics, config, store, Listeners { grpc, http }, shutdown, |_| {})
-            .await
-            .expect("tollgate server");
+        server::run(metrics, config, store, Listeners { grpc, http }, shutdown, |_| {}).await.expect("tollgate server");
     });
     let channel = connect(addr).await;
     let mut health = HealthClient::new(channel.clone());

@@ -522,18 +522,6 @@ impl RedisStore {
             }
         })
     }
-
-    /// Deletes every key under the prefix (tests and `ResetUsage`-style tooling
-    /// on a single node; not for production data).
-    pub async fn flush_prefix(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        let keys: Vec<String> =
-            redis::cmd("KEYS").arg(format!("{}*", self.prefix)).query_async(&mut conn).await.map_err(unavailable)?;
-        for k in keys {
-            redis::cmd("DEL").arg(k).query_async::<()>(&mut conn).await.map_err(unavailable)?;
-        }
-        Ok(())
-    }
 }
 
 #[async_trait]

@@ -74,7 +74,7 @@ impl TestServer {
         let (grpc, http) = (grpc_l.local_addr().unwrap(), http_l.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let (handle_tx, handle_rx) = oneshot::channel();
-        let task = tokio::spawn(server::run_with_metrics(
+        let task = tokio::spawn(server::run(
             metrics,
             Arc::new(config),
             store.clone(),
