@@ -129,6 +129,26 @@ impl Period {
     }
 }
 
+/// The earliest instant accepted on any way in (config, API, Stripe, stored records).
+pub fn min_time() -> DateTime<Utc> {
+    DateTime::<Utc>::UNIX_EPOCH
+}
+
+/// The latest instant accepted on any way in: 9999-12-31T23:59:59Z. Far from
+/// chrono's limits, so adding any [`MAX_WINDOW`]-bounded duration cannot overflow.
+pub fn max_time() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).single().unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// Whether `t` lies in [`min_time`]..=[`max_time`]: dates outside are refused
+/// before they are stored, so no later time arithmetic can overflow.
+pub fn is_valid_time(t: DateTime<Utc>) -> bool {
+    (min_time()..=max_time()).contains(&t)
+}
+
+/// The longest rolling window (`per:`) and grace period accepted: 366 days.
+pub const MAX_WINDOW: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Whether `id` can be an account id: 1–128 of `A-Z a-z 0-9 _ - . : @`. Ids
 /// become Redis hash tags and URL parts, so braces, slashes and spaces are out.
 pub fn is_valid_account_id(id: &str) -> bool {

@@ -8,6 +8,18 @@ use chrono::{DateTime, Utc};
 
 use crate::entitlement::Quota;
 
+/// The most units one request may spend (a route's `cost`, `Authorize.cost`).
+/// Far below the counters' ranges, so `used + cost` stays exact everywhere,
+/// including in Redis Lua, whose numbers are doubles (exact to 2^53).
+pub const MAX_COST: u64 = 1_000_000_000;
+
+/// The largest quota limit accepted from config, the API or a stored record.
+pub const MAX_LIMIT: u64 = 1_000_000_000_000_000;
+
+/// The largest prepaid balance a store keeps; `SetCredits`/`AddCredits` past it
+/// are refused. With [`MAX_COST`] it keeps every balance sum below 2^53.
+pub const MAX_CREDITS: u64 = 1_000_000_000_000_000;
+
 /// Everything one request would spend, checked and applied all-or-nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spend {
