@@ -161,6 +161,50 @@ impl fmt::Debug for TlsConfig {
     }
 }
 
+/// `server.limits:`: bounds on what a caller can make a replica hold, on both ports.
+///
+/// Defaults fit a Check (Envoy sends no body; headers are capped by Envoy at
+/// 60 KiB) with room to spare, and keep one replica far below a 256 MiB pod
+/// limit under a flood of unfinished streams or silent connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// HTTP/2 streams one gRPC connection may have open at once (advertised in SETTINGS).
+    pub max_concurrent_streams: u32,
+    /// Largest gRPC message accepted (decoded), in bytes.
+    pub max_message_bytes: usize,
+    /// Largest HTTP/2 header list (gRPC metadata) accepted, in bytes.
+    pub max_header_list_bytes: u32,
+    /// Open connections per port; further ones are closed at once.
+    pub max_connections: usize,
+    /// How long a new connection may take to finish its TLS handshake and
+    /// send its first request headers (HTTP/1) or HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// Upper bound on one request (a gRPC call, an HTTP request).
+    pub request_timeout: Duration,
+    /// HTTP/2 keepalive ping interval on the gRPC port.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+    /// Largest HTTP request body (webhooks), in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 128,
+            max_message_bytes: 256 * 1024,
+            max_header_list_bytes: 64 * 1024,
+            max_connections: 2048,
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(15),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
 /// `server:`: listeners and admin credentials.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -183,6 +227,8 @@ pub struct ServerConfig {
     pub drain_delay: Duration,
     /// Upper bound on waiting for in-flight requests after the listeners close.
     pub drain_timeout: Duration,
+    /// Connection, stream, message and time bounds on both ports.
+    pub limits: Limits,
 }
 
 /// `store:`.
@@ -207,6 +253,8 @@ pub struct CacheConfig {
     pub ttl: Duration,
     /// Lifetime of "no such API key" answers.
     pub negative_ttl: Duration,
+    /// Upper bound on the cache's memory, in bytes (entries are weighed by size).
+    pub max_bytes: u64,
 }
 
 /// `billing.stripe:`.
@@ -471,6 +519,118 @@ mod raw {
         drain_delay: Option<Duration>,
         #[serde(default, deserialize_with = "opt_duration")]
         drain_timeout: Option<Duration>,
+        #[serde(default)]
+        limits: LimitsDef,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct LimitsDef {
+        max_concurrent_streams: Option<u32>,
+        max_message_bytes: Option<usize>,
+        max_header_list_bytes: Option<u32>,
+        max_connections: Option<usize>,
+        #[serde(default, deserialize_with = "opt_duration")]
+        handshake_timeout: Option<Duration>,
+        #[serde(default, deserialize_with = "opt_duration")]
+        request_timeout: Option<Duration>,
+        #[serde(default, deserialize_with = "opt_duration")]
+        keepalive_interval: Option<Duration>,
+        #[serde(default, deserialize_with = "opt_duration")]
+        keepalive_timeout: Option<Duration>,
+        max_body_bytes: Option<usize>,
+    }
+
+    /// `value` (or `default`) if it lies in `min..=max`.
+    fn bounded<T: PartialOrd + Copy + fmt::Display>(
+        value: Option<T>,
+        default: T,
+        min: T,
+        max: T,
+        path: &str,
+    ) -> Result<T, Invalid> {
+        let v = value.unwrap_or(default);
+        if v < min || v > max {
+            return Err(invalid(path, format!("must be between {min} and {max}, got {v}")));
+        }
+        Ok(v)
+    }
+
+    /// `value` (or `default`) if it lies in `min..=max`, for durations.
+    fn bounded_duration(
+        value: Option<Duration>,
+        default: Duration,
+        min: Duration,
+        max: Duration,
+        path: &str,
+    ) -> Result<Duration, Invalid> {
+        let v = value.unwrap_or(default);
+        if v < min || v > max {
+            let f = |d: Duration| humantime::format_duration(d).to_string();
+            return Err(invalid(path, format!("must be between {} and {}, got {}", f(min), f(max), f(v))));
+        }
+        Ok(v)
+    }
+
+    impl LimitsDef {
+        fn validate(&self) -> Result<Limits, Invalid> {
+            let d = Limits::default();
+            let p = |f: &str| format!("server.limits.{f}");
+            let (ms, hour) = (Duration::from_millis(1), Duration::from_secs(3600));
+            Ok(Limits {
+                max_concurrent_streams: bounded(
+                    self.max_concurrent_streams,
+                    d.max_concurrent_streams,
+                    1,
+                    65_536,
+                    &p("max_concurrent_streams"),
+                )?,
+                max_message_bytes: bounded(
+                    self.max_message_bytes,
+                    d.max_message_bytes,
+                    1024,
+                    16 << 20,
+                    &p("max_message_bytes"),
+                )?,
+                max_header_list_bytes: bounded(
+                    self.max_header_list_bytes,
+                    d.max_header_list_bytes,
+                    1024,
+                    1 << 20,
+                    &p("max_header_list_bytes"),
+                )?,
+                max_connections: bounded(self.max_connections, d.max_connections, 1, 1 << 20, &p("max_connections"))?,
+                handshake_timeout: bounded_duration(
+                    self.handshake_timeout,
+                    d.handshake_timeout,
+                    ms,
+                    hour,
+                    &p("handshake_timeout"),
+                )?,
+                request_timeout: bounded_duration(
+                    self.request_timeout,
+                    d.request_timeout,
+                    ms,
+                    hour,
+                    &p("request_timeout"),
+                )?,
+                keepalive_interval: bounded_duration(
+                    self.keepalive_interval,
+                    d.keepalive_interval,
+                    Duration::from_secs(1),
+                    hour,
+                    &p("keepalive_interval"),
+                )?,
+                keepalive_timeout: bounded_duration(
+                    self.keepalive_timeout,
+                    d.keepalive_timeout,
+                    ms,
+                    hour,
+                    &p("keepalive_timeout"),
+                )?,
+                max_body_bytes: bounded(self.max_body_bytes, d.max_body_bytes, 1024, 64 << 20, &p("max_body_bytes"))?,
+            })
+        }
     }
 
     #[derive(Deserialize)]
@@ -509,6 +669,7 @@ mod raw {
         ttl: Option<Duration>,
         #[serde(default, deserialize_with = "opt_duration")]
         negative_ttl: Option<Duration>,
+        max_bytes: Option<u64>,
     }
 
     /// One of the three keys; a struct rather than an enum so YAML needs no tags.
@@ -721,6 +882,7 @@ mod raw {
                 watch_config: self.server.watch_config,
                 drain_delay: self.server.drain_delay.unwrap_or(Duration::ZERO),
                 drain_timeout: self.server.drain_timeout.unwrap_or(Duration::from_secs(30)),
+                limits: self.server.limits.validate()?,
             };
 
             let url = self.store.url.unwrap_or_default();
@@ -746,6 +908,7 @@ mod raw {
             let cache = CacheConfig {
                 ttl: self.cache.ttl.unwrap_or(Duration::from_secs(30)),
                 negative_ttl: self.cache.negative_ttl.unwrap_or(Duration::from_secs(5)),
+                max_bytes: bounded(self.cache.max_bytes, 64 << 20, 1 << 20, 1 << 40, "cache.max_bytes")?,
             };
 
             let identity_defs = self.identity.unwrap_or_else(|| {
