@@ -134,7 +134,8 @@ fn bench_render(c: &mut Criterion) {
     assert_eq!(exhausted.verdict, Verdict::Deny(Code::QuotaExhausted));
     let allowed = decide(&config.policy, SEARCH, &account, &answer(42, false));
     assert!(allowed.is_allowed());
-    let ctx = Context { credential_header: Some("x-api-key") };
+    let strip = ["x-api-key".to_owned()];
+    let ctx = Context { strip: &strip };
     let t = now();
     let sample = problem::render(&exhausted, &config, ctx, t);
     assert_eq!(sample.status, 402);

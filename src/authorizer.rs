@@ -14,10 +14,11 @@ use chrono::{DateTime, Utc};
 use crate::config::{Config, OnError};
 use crate::decision::{self, AllowKind, Caller, Code, Decision, Step, Target, Unmatched};
 use crate::entitlement::Account;
-use crate::identity::{Credentials, KeyHash, Presented, identify};
+use crate::entitlement::is_valid_account_id;
+use crate::identity::{Credentials, KeyHash, Presented, credential_headers, identify, is_valid_key};
 use crate::metrics::Metrics;
 use crate::problem::{self, Response};
-use crate::route::{RouteKey, path_only};
+use crate::route::{RouteKey, check_path, match_form};
 use crate::store::{Store, StoreError};
 
 /// Who asks.
@@ -58,6 +59,9 @@ pub struct Query<'a, C> {
     pub cost: Option<u64>,
     /// Check without spending.
     pub dry_run: bool,
+    /// The caller may assert identity (JWT metadata, trusted headers): the
+    /// transport decided so from `server.trusted_callers` (e.g. an mTLS peer).
+    pub trusted: bool,
 }
 
 /// The answer, rendered.
@@ -136,8 +140,11 @@ impl Authorizer {
     /// The account a credential names; `None` when none was presented or it names no account.
     async fn resolve(&self, config: &Config, presented: &Presented) -> Result<Option<Arc<Account>>, StoreError> {
         let timeout = config.store.timeout;
+        // Bounded before any cache or store lookup: a malformed credential names no account.
         let id = match presented {
             Presented::Nothing => return Ok(None),
+            Presented::Account(id) if !is_valid_account_id(id) => return Ok(None),
+            Presented::ApiKey { key, .. } if !is_valid_key(key) => return Ok(None),
             Presented::Account(id) => id.clone(),
             Presented::ApiKey { key, .. } => {
                 match self.call(timeout, self.store.account_for_key(&KeyHash::of(key))).await? {
@@ -162,20 +169,30 @@ impl Authorizer {
         query: Query<'_, C>,
         now: DateTime<Utc>,
     ) -> Result<Outcome, StoreUnavailable> {
+        // Headers the upstream must not see from the client, whatever is decided.
+        let strip = match query.subject {
+            Subject::Request(creds) => strip_headers(config, creds),
+            _ => Vec::new(),
+        };
         let (target, route) = match query.ask {
             Ask::NotHttp => {
                 let d = match config.non_http {
                     Unmatched::Allow => Decision::allow(AllowKind::Public),
                     Unmatched::Deny => Decision::deny(Code::RouteNotAllowed),
                 };
-                return Ok(self.finish(config, d, None, None, now));
+                return Ok(self.finish(config, d, &strip, None, now));
             }
             Ask::Http(key) => {
-                let path = path_only(key.path);
-                if !path.starts_with('/') {
-                    return Ok(self.finish(config, Decision::deny(Code::RequestInvalid), None, None, now));
+                // Routes match the path alone, and only its normal form: the
+                // upstream decides what a path means, so one it could read as
+                // another (dot segments, encoded slashes) is refused.
+                let path = key.path.split('?').next().unwrap_or("");
+                if let Err(e) = check_path(path) {
+                    tracing::debug!(reason = %e, "path not in normal form");
+                    return Ok(self.finish(config, Decision::deny(Code::RequestInvalid), &strip, None, now));
                 }
-                let key = RouteKey { path, ..key };
+                let form = match_form(path);
+                let key = RouteKey { path: &form, ..key };
                 match config.routes.find(&key) {
                     Some(r) if r.public => (Target::Public, Some(r.name.clone())),
                     Some(r) => (
@@ -194,21 +211,17 @@ impl Authorizer {
             }
         };
         if target == Target::Public {
-            return Ok(self.finish(config, Decision::allow(AllowKind::Public), None, route, now));
+            return Ok(self.finish(config, Decision::allow(AllowKind::Public), &strip, route, now));
         }
 
         let presented = match query.subject {
-            Subject::Request(creds) => identify(&config.identity, creds),
+            Subject::Request(creds) => identify(&config.identity, creds, query.trusted),
             Subject::AccountId(id) => Presented::Account(id.to_owned()),
             Subject::ApiKey(key) => Presented::ApiKey { header: String::new(), key: key.to_owned() },
         };
-        let credential_header = match &presented {
-            Presented::ApiKey { header, .. } if !header.is_empty() => Some(header.as_str()),
-            _ => None,
-        };
         let account = match self.resolve(config, &presented).await {
             Ok(account) => account,
-            Err(e) => return self.store_failed(config, e, None, credential_header, route, now),
+            Err(e) => return self.store_failed(config, e, None, &strip, route, now),
         };
         let caller = match (&account, &presented) {
             (Some(a), _) => Caller::Known(a),
@@ -219,10 +232,10 @@ impl Authorizer {
             Step::Done(d) => d,
             Step::Spend(spend, partial) => match self.call(config.store.timeout, self.store.spend(&spend)).await {
                 Ok(answer) => decision::settle(&spend, &answer, partial),
-                Err(e) => return self.store_failed(config, e, account.as_deref(), credential_header, route, now),
+                Err(e) => return self.store_failed(config, e, account.as_deref(), &strip, route, now),
             },
         };
-        Ok(self.finish(config, decision, credential_header, route, now))
+        Ok(self.finish(config, decision, &strip, route, now))
     }
 
     fn store_failed(
@@ -230,7 +243,7 @@ impl Authorizer {
         config: &Config,
         error: StoreError,
         account: Option<&Account>,
-        credential_header: Option<&str>,
+        strip: &[String],
         route: Option<Arc<str>>,
         now: DateTime<Utc>,
     ) -> Result<Outcome, StoreUnavailable> {
@@ -244,18 +257,31 @@ impl Authorizer {
             d.account = Some(a.id.clone());
             d.plan = Some(a.plan.clone());
         }
-        Ok(self.finish(config, d, credential_header, route, now))
+        Ok(self.finish(config, d, strip, route, now))
     }
 
     fn finish(
         &self,
         config: &Config,
         decision: Decision,
-        credential_header: Option<&str>,
+        strip: &[String],
         route: Option<Arc<str>>,
         now: DateTime<Utc>,
     ) -> Outcome {
-        let response = problem::render(&decision, config, problem::Context { credential_header }, now);
+        let response = problem::render(&decision, config, problem::Context { strip }, now);
         Outcome { decision, response, route }
     }
+}
+
+/// The request headers to remove before the upstream: every configured
+/// credential header present and every `x-tollgate-*` header the client sent
+/// (only tollgate may set those; `problem` overwrites the ones it sets).
+fn strip_headers<C: Credentials>(config: &Config, creds: &C) -> Vec<String> {
+    let mut out: Vec<String> = credential_headers(&config.identity, creds).into_iter().map(str::to_owned).collect();
+    for name in creds.headers_with_prefix(problem::HEADER_PREFIX) {
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out
 }

@@ -17,9 +17,10 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 use crate::decision::{Code, Policy, Unmatched};
-use crate::entitlement::{Account, Period, Plan, Quota, Status, Window};
+use crate::entitlement::{Account, MAX_WINDOW, Period, Plan, Quota, Status, Window};
 use crate::identity::IdentitySource;
 use crate::route::{Route, RouteMatch, RouteTable};
+use crate::usage::{MAX_COST, MAX_CREDITS, MAX_LIMIT};
 
 /// The config `cargo run` uses when no `--config` is given: memory store, demo accounts.
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
@@ -144,6 +145,28 @@ pub enum ReadAccess {
     Token,
 }
 
+/// Who may assert an identity on a Check (`server.trusted_callers`): JWT
+/// claims from Envoy's metadata and trusted headers are the caller's word,
+/// and anyone who reaches the gRPC port can send a Check with forged ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TrustedCallers {
+    /// Only peers with a client certificate the server verified (`server.tls.client_ca`).
+    #[default]
+    Mtls,
+    /// Any caller: the operator vouches that only the proxy reaches the port
+    /// (a NetworkPolicy, a loopback-only listener).
+    Any,
+    /// Nobody: asserted identities are never honoured.
+    None,
+}
+
+/// The placeholder admin token once shipped in `deploy/k8s`; refused at load.
+pub const PLACEHOLDER_TOKEN: &str = "change-me-to-a-long-random-token";
+
+/// The shortest admin or service token accepted: 32 characters (e.g. `openssl rand -hex 32` gives 64).
+pub const MIN_TOKEN_CHARS: usize = 32;
+
 /// `server.tls`: PEM files read at load, so a missing file fails before binding.
 #[derive(Clone)]
 pub struct TlsConfig {
@@ -216,8 +239,15 @@ pub struct ServerConfig {
     pub admin_tokens_env: String,
     /// Admin tokens: `server.admin_tokens` plus those in `admin_tokens_env`, read at (re)load.
     pub admin_tokens: Secrets,
+    /// Environment variable holding comma-separated service tokens.
+    pub service_tokens_env: String,
+    /// Service tokens: may call `Authorize` by account id or with spending,
+    /// nothing else. `server.service_tokens` plus those in `service_tokens_env`.
+    pub service_tokens: Secrets,
     /// Who may call the read-only internal RPCs.
     pub read_access: ReadAccess,
+    /// Who may assert identity (JWT metadata, trusted headers) on a Check.
+    pub trusted_callers: TrustedCallers,
     /// TLS (and mTLS) on the gRPC port.
     pub tls: Option<TlsConfig>,
     /// Re-read the config file when it changes (polled every 2 s), besides SIGHUP.
@@ -355,6 +385,47 @@ pub struct Config {
     pub accounts: Vec<SeedAccount>,
     /// Problem body settings.
     pub problems: ProblemsConfig,
+}
+
+impl Config {
+    /// Things that are valid but probably not what the operator meant, one
+    /// line each: logged at start and reload, printed by `check-config`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (shadowed, by) in self.routes.shadowed() {
+            let r = &self.routes.routes()[shadowed];
+            let e = &self.routes.routes()[by];
+            out.push(format!(
+                "routes[{shadowed}] ({}) is never used: routes[{by}] ({}) matches every request it matches",
+                r.name, e.name
+            ));
+        }
+        let asserted: Vec<String> = self
+            .identity
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_asserted())
+            .map(|(i, _)| format!("identity[{i}]"))
+            .collect();
+        if !asserted.is_empty() {
+            let sources = asserted.join(", ");
+            match self.server.trusted_callers {
+                TrustedCallers::Mtls if self.server.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) => {
+                    out.push(format!(
+                        "{sources}: ignored on every Check: server.trusted_callers is mtls but server.tls.client_ca \
+                         is not set (set it, or trusted_callers: any behind a NetworkPolicy)"
+                    ));
+                }
+                TrustedCallers::Any => out.push(format!(
+                    "{sources}: honoured from any caller of the gRPC port (server.trusted_callers: any); \
+                     make sure only the proxy can reach it"
+                )),
+                TrustedCallers::None => out.push(format!("{sources}: ignored (server.trusted_callers: none)")),
+                TrustedCallers::Mtls => {}
+            }
+        }
+        out
+    }
 }
 
 impl Config {
@@ -510,8 +581,13 @@ mod raw {
         admin_tokens_env: Option<String>,
         #[serde(default)]
         admin_tokens: Vec<String>,
+        service_tokens_env: Option<String>,
+        #[serde(default)]
+        service_tokens: Vec<String>,
         #[serde(default)]
         read_access: ReadAccess,
+        #[serde(default)]
+        trusted_callers: TrustedCallers,
         tls: Option<Tls>,
         #[serde(default)]
         watch_config: bool,
@@ -768,6 +844,7 @@ mod raw {
     #[serde(deny_unknown_fields)]
     struct MatchDef {
         path_prefix: Option<String>,
+        string_prefix: Option<String>,
         path: Option<String>,
         #[serde(default)]
         methods: Vec<String>,
@@ -804,9 +881,48 @@ mod raw {
         overrides: BTreeMap<String, ProblemOverride>,
     }
 
+    /// The tokens of `listed` plus those in environment variable `env`; each
+    /// must be long and not the documented placeholder (never echoed).
+    fn tokens(listed: &[String], env: &str, path: &str) -> Result<Secrets, Invalid> {
+        let mut all = Secrets::from_env(env);
+        let from_env = all.0.len();
+        all.0.extend(listed.iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()));
+        for (i, t) in all.0.iter().enumerate() {
+            let place = if i < from_env { format!("{env} (environment), token {}", i + 1) } else { path.to_owned() };
+            if t == PLACEHOLDER_TOKEN {
+                return Err(invalid(place, "is the documented placeholder; generate one (openssl rand -hex 32)"));
+            }
+            if t.chars().count() < MIN_TOKEN_CHARS {
+                return Err(invalid(place, format!("tokens must be at least {MIN_TOKEN_CHARS} characters")));
+            }
+            if !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(invalid(place, "tokens must be visible ASCII without spaces"));
+            }
+        }
+        Ok(all)
+    }
+
     fn listen(value: &Option<String>, default: &str, path: &str) -> Result<SocketAddr, Invalid> {
         let s = value.as_deref().unwrap_or(default);
         s.parse().map_err(|_| invalid(path, format!("{s:?} is not a socket address (want e.g. 0.0.0.0:9191)")))
+    }
+
+    /// A rolling window or grace period: positive and at most [`MAX_WINDOW`].
+    fn window(d: Duration, path: &str) -> Result<Duration, Invalid> {
+        if d > MAX_WINDOW {
+            return Err(invalid(path, "must be at most 366d"));
+        }
+        positive(d, path)
+    }
+
+    /// A date inside what every way in accepts.
+    fn date(t: Option<DateTime<Utc>>, path: &str) -> Result<Option<DateTime<Utc>>, Invalid> {
+        match t {
+            Some(t) if !crate::entitlement::is_valid_time(t) => {
+                Err(invalid(path, "must be between 1970-01-01 and 9999-12-31"))
+            }
+            t => Ok(t),
+        }
     }
 
     fn positive(d: Duration, path: &str) -> Result<Duration, Invalid> {
@@ -836,12 +952,15 @@ mod raw {
             if q.meter.trim().is_empty() {
                 return Err(invalid(format!("{p}.meter"), "must not be empty"));
             }
-            if q.limit < 1 {
-                return Err(invalid(format!("{p}.limit"), format!("must be at least 1, got {}", q.limit)));
+            if q.limit < 1 || q.limit as u64 > MAX_LIMIT {
+                return Err(invalid(
+                    format!("{p}.limit"),
+                    format!("must be between 1 and {MAX_LIMIT}, got {}", q.limit),
+                ));
             }
             let window = match (q.period, q.per) {
                 (Some(period), None) => Window::Calendar(period),
-                (None, Some(per)) => Window::Rolling(positive(per, &format!("{p}.per"))?),
+                (None, Some(per)) => Window::Rolling(window(per, &format!("{p}.per"))?),
                 (Some(_), Some(_)) => {
                     return Err(invalid(p, "set either period (a paid allowance) or per (a rate limit), not both"));
                 }
@@ -858,19 +977,18 @@ mod raw {
 
     impl Config {
         pub fn validate(self) -> Result<super::Config, Invalid> {
+            let admin_env = self.server.admin_tokens_env.clone().unwrap_or_else(|| "TOLLGATE_ADMIN_TOKENS".into());
+            let service_env =
+                self.server.service_tokens_env.clone().unwrap_or_else(|| "TOLLGATE_SERVICE_TOKENS".into());
             let server = ServerConfig {
                 grpc_listen: listen(&self.server.grpc_listen, "0.0.0.0:9191", "server.grpc_listen")?,
                 http_listen: listen(&self.server.http_listen, "0.0.0.0:9090", "server.http_listen")?,
-                admin_tokens: {
-                    let env = self.server.admin_tokens_env.as_deref().unwrap_or("TOLLGATE_ADMIN_TOKENS");
-                    let mut tokens = Secrets::from_env(env);
-                    tokens
-                        .0
-                        .extend(self.server.admin_tokens.iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()));
-                    tokens
-                },
-                admin_tokens_env: self.server.admin_tokens_env.unwrap_or_else(|| "TOLLGATE_ADMIN_TOKENS".into()),
+                admin_tokens: tokens(&self.server.admin_tokens, &admin_env, "server.admin_tokens")?,
+                admin_tokens_env: admin_env.clone(),
+                service_tokens: tokens(&self.server.service_tokens, &service_env, "server.service_tokens")?,
+                service_tokens_env: service_env.clone(),
                 read_access: self.server.read_access,
+                trusted_callers: self.server.trusted_callers,
                 tls: match &self.server.tls {
                     None => None,
                     Some(t) => Some(TlsConfig {
@@ -988,10 +1106,13 @@ mod raw {
                     return Err(invalid(format!("{p}.plan"), unknown("plan", &a.plan, plans.keys())));
                 }
                 for (k, key) in a.api_keys.iter().enumerate() {
-                    if key.trim().is_empty() || key.trim() != key {
+                    if !crate::identity::is_valid_key(key) {
                         return Err(invalid(
                             format!("{p}.api_keys[{k}]"),
-                            "must be non-empty, without surrounding spaces",
+                            format!(
+                                "must be 1-{} visible ASCII characters, without spaces",
+                                crate::identity::MAX_KEY_BYTES
+                            ),
                         ));
                     }
                     if !keys.insert(key.as_str()) {
@@ -1002,9 +1123,11 @@ mod raw {
                 if a.status == Status::PastDue && a.past_due_since.is_none() {
                     return Err(invalid(format!("{p}.past_due_since"), "required when status is past_due"));
                 }
-                if a.credits < 0 {
-                    return Err(invalid(format!("{p}.credits"), "must not be negative"));
+                if a.credits < 0 || a.credits as u64 > MAX_CREDITS {
+                    return Err(invalid(format!("{p}.credits"), format!("must be between 0 and {MAX_CREDITS}")));
                 }
+                date(a.past_due_since, &format!("{p}.past_due_since"))?;
+                date(a.expires_at, &format!("{p}.expires_at"))?;
                 accounts.push(SeedAccount {
                     account: Account {
                         id: a.id.clone(),
@@ -1033,17 +1156,26 @@ mod raw {
             for (i, r) in self.routes.into_iter().enumerate() {
                 let p = format!("routes[{i}]");
                 let m = r.matcher;
-                for (name, v) in [("path_prefix", &m.path_prefix), ("path", &m.path)] {
+                for (name, v) in
+                    [("path_prefix", &m.path_prefix), ("path", &m.path), ("string_prefix", &m.string_prefix)]
+                {
                     if let Some(v) = v
-                        && !v.starts_with('/')
+                        && let Err(e) = crate::route::check_path(v)
                     {
-                        return Err(invalid(format!("{p}.match.{name}"), format!("{v:?} must start with /")));
+                        // A route in another form could never match: tollgate refuses such paths.
+                        return Err(invalid(
+                            format!("{p}.match.{name}"),
+                            format!("{v:?}: {e} (routes match normal paths)"),
+                        ));
                     }
                 }
-                if m.path_prefix.is_none() && m.path.is_none() && m.host.is_none() {
+                if [&m.path_prefix, &m.path, &m.string_prefix].iter().filter(|v| v.is_some()).count() > 1 {
+                    return Err(invalid(format!("{p}.match"), "set one of path_prefix, path, string_prefix"));
+                }
+                if m.path_prefix.is_none() && m.path.is_none() && m.string_prefix.is_none() && m.host.is_none() {
                     return Err(invalid(
                         format!("{p}.match"),
-                        "needs path_prefix, path or host (path_prefix: / matches all)",
+                        "needs path_prefix, path, string_prefix or host (path_prefix: / matches all)",
                     ));
                 }
                 let mut methods = Vec::with_capacity(m.methods.len());
@@ -1065,11 +1197,12 @@ mod raw {
                     return Err(invalid(format!("{p}.feature"), unknown("feature", f, known_features.iter())));
                 }
                 let cost = r.cost.unwrap_or(1);
-                if cost < 0 {
-                    return Err(invalid(format!("{p}.cost"), "must not be negative"));
+                if cost < 0 || cost as u64 > MAX_COST {
+                    return Err(invalid(format!("{p}.cost"), format!("must be between 0 and {MAX_COST}")));
                 }
                 let matcher = RouteMatch {
                     path_prefix: m.path_prefix,
+                    string_prefix: m.string_prefix,
                     path: m.path,
                     methods,
                     host: m.host.map(|h| h.to_ascii_lowercase()),
@@ -1130,7 +1263,12 @@ mod raw {
                 billing: BillingConfig { portal_url: self.billing.portal_url, stripe },
                 policy: Policy {
                     plans,
-                    grace_period: self.billing.grace_period.unwrap_or(Duration::from_secs(72 * 3600)),
+                    grace_period: match self.billing.grace_period {
+                        Some(g) if g > MAX_WINDOW => {
+                            return Err(invalid("billing.grace_period", "must be at most 366d"));
+                        }
+                        g => g.unwrap_or(Duration::from_secs(72 * 3600)),
+                    },
                     unmatched: self.default.into(),
                 },
                 routes: RouteTable::new(routes),

@@ -333,9 +333,15 @@ pub fn evaluate(policy: &Policy, target: Target<'_>, caller: Caller<'_>, now: Da
         return deny(d, Code::SubscriptionInactive);
     }
     if account.status == Status::PastDue {
-        let grace = chrono::Duration::from_std(policy.grace_period).unwrap_or(chrono::Duration::MAX);
-        // A past-due account without a date has no grace to count: overdue now.
-        let until = account.past_due_since.map_or(now, |since| since + grace);
+        // A past-due account without a date has no grace to count, and one
+        // whose date cannot be added to (out of any sane range: stores and
+        // the API refuse such dates) has none either: overdue now.
+        let until = account
+            .past_due_since
+            // A payment cannot fail in the future: such a date counts from now.
+            .map(|since| since.min(now))
+            .and_then(|since| since.checked_add_signed(chrono::Duration::from_std(policy.grace_period).ok()?))
+            .unwrap_or(now);
         d.grace_until = Some(until);
         if now >= until {
             return deny(d, Code::PaymentOverdue);

@@ -41,6 +41,20 @@ pub trait Credentials {
     fn header(&self, name: &str) -> Option<&str>;
     /// A string claim from verified JWT metadata.
     fn claim(&self, namespace: &str, field: &str, claim: &str) -> Option<String>;
+    /// The lower-case names of the request's headers starting with `prefix`
+    /// (so forged `x-tollgate-*` headers can be removed); none by default.
+    fn headers_with_prefix(&self, _prefix: &str) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// The longest API key looked up; longer values are invalid without a lookup.
+pub const MAX_KEY_BYTES: usize = 256;
+
+/// Whether `key` can be an API key: 1–[`MAX_KEY_BYTES`] visible ASCII
+/// characters. Checked before hashing or any cache or store lookup.
+pub fn is_valid_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= MAX_KEY_BYTES && key.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// What the caller presented, before the store is asked about it.
@@ -69,10 +83,24 @@ impl fmt::Debug for Presented {
     }
 }
 
+impl IdentitySource {
+    /// Whether this source takes the account id on the caller's word (a JWT
+    /// claim or a header someone in front of tollgate is trusted to set),
+    /// rather than proving it with a secret tollgate checks itself.
+    pub fn is_asserted(&self) -> bool {
+        !matches!(self, IdentitySource::ApiKey { .. })
+    }
+}
+
 /// Tries `sources` in order; the first that yields a credential decides, so an
-/// invalid API key is never rescued by a later source.
-pub fn identify(sources: &[IdentitySource], creds: &impl Credentials) -> Presented {
+/// invalid API key is never rescued by a later source. Asserted sources (JWT
+/// claims, trusted headers) are skipped unless the caller is `trusted`: anyone
+/// who can reach the gRPC port can forge JWT metadata or any header.
+pub fn identify(sources: &[IdentitySource], creds: &impl Credentials, trusted: bool) -> Presented {
     for source in sources {
+        if source.is_asserted() && !trusted {
+            continue;
+        }
         match source {
             IdentitySource::ApiKey { header, scheme } => {
                 let Some(value) = creds.header(header) else { continue };
@@ -100,6 +128,28 @@ pub fn identify(sources: &[IdentitySource], creds: &impl Credentials) -> Present
         }
     }
     Presented::Nothing
+}
+
+/// The configured credential headers this request carries (an API-key header
+/// in its scheme, a trusted header): removed before the upstream on every
+/// route, public ones included, whichever of them identified the caller.
+pub fn credential_headers<'s>(sources: &'s [IdentitySource], creds: &impl Credentials) -> Vec<&'s str> {
+    let mut out: Vec<&str> = Vec::new();
+    for source in sources {
+        let header = match source {
+            IdentitySource::ApiKey { header, scheme } => match (creds.header(header), scheme) {
+                (Some(v), Some(scheme)) if strip_scheme(v, scheme).is_some() => header,
+                (Some(_), None) => header,
+                _ => continue,
+            },
+            IdentitySource::TrustedHeader { header } if creds.header(header).is_some() => header,
+            _ => continue,
+        };
+        if !out.contains(&header.as_str()) {
+            out.push(header);
+        }
+    }
+    out
 }
 
 fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
@@ -193,6 +243,7 @@ mod tests {
     fn sources_are_tried_in_order() {
         let s = sources();
         let key = |h: &str, k: &str| Presented::ApiKey { header: h.into(), key: k.into() };
+        let identify = |s: &[IdentitySource], r: &Req| identify(s, r, true);
         assert_eq!(identify(&s, &req(&[], &[])), Presented::Nothing);
         assert_eq!(identify(&s, &req(&[("x-api-key", " k1 ")], &[])), key("x-api-key", "k1"));
         assert_eq!(
@@ -206,6 +257,26 @@ mod tests {
         );
         assert_eq!(identify(&s, &req(&[("x-account-id", "a")], &[])), Presented::Account("a".into()));
         assert_eq!(identify(&s, &req(&[("x-api-key", "")], &[])), Presented::Nothing);
+    }
+
+    #[test]
+    fn asserted_sources_need_a_trusted_caller() {
+        let s = sources();
+        let r = req(&[("x-account-id", "a")], &[("org_id", "o")]);
+        assert_eq!(identify(&s, &r, false), Presented::Nothing, "forged metadata and headers are ignored");
+        assert_eq!(identify(&s, &r, true), Presented::Account("o".into()));
+        let k = req(&[("x-api-key", "k")], &[]);
+        assert_eq!(identify(&s, &k, false), Presented::ApiKey { header: "x-api-key".into(), key: "k".into() });
+    }
+
+    #[test]
+    fn keys_are_bounded_before_lookup() {
+        assert!(is_valid_key("tg_0123abcd"));
+        assert!(!is_valid_key(""));
+        assert!(!is_valid_key(&"k".repeat(MAX_KEY_BYTES + 1)));
+        assert!(!is_valid_key("has space"));
+        assert!(!is_valid_key("caf\u{e9}"));
+        assert!(!is_valid_key("nul\0"));
     }
 
     #[test]

@@ -114,6 +114,9 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::CheckConfig { path }) => match load(Some(path), cli.redis_url.as_deref()) {
             Ok(c) => {
                 println!("{}: valid\n{}", path.display(), c.summary());
+                for w in c.warnings() {
+                    println!("warning: {w}");
+                }
                 return Ok(());
             }
             Err(e) => {
@@ -134,6 +137,9 @@ async fn main() -> anyhow::Result<()> {
 
     let config = load_or_exit(cli.config.as_deref(), cli.redis_url.as_deref());
     init_logging(cli.log_format);
+    for w in config.warnings() {
+        tracing::warn!("config: {w}");
+    }
     let metrics = Arc::new(Metrics::new());
     let store = open_store(&config, &metrics)?;
     if config.store.backend == Backend::Memory {

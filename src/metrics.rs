@@ -25,6 +25,12 @@ struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthLabels {
+    rpc: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -42,6 +48,7 @@ pub struct Metrics {
     store_duration: Histogram,
     store_errors: Counter,
     config_reloads: Family<ResultLabels, Counter>,
+    auth_failures: Family<AuthLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -99,6 +106,12 @@ impl Metrics {
         registry.register("tollgate_store_errors", "Store calls that failed or timed out", store_errors.clone());
         let config_reloads = Family::<ResultLabels, Counter>::default();
         registry.register("tollgate_config_reloads", "Config reloads by result (ok, error)", config_reloads.clone());
+        let auth_failures = Family::<AuthLabels, Counter>::default();
+        registry.register(
+            "tollgate_auth_failures",
+            "tollgate.v1 calls refused for a missing or wrong admin/service token, by RPC and reason (missing, invalid)",
+            auth_failures.clone(),
+        );
         // Export every series from the start, so dashboards and alerts see 0, not "no data".
         let cache_hits = cache_requests.get_or_create(&ResultLabels { result: "hit" }).clone();
         let cache_misses = cache_requests.get_or_create(&ResultLabels { result: "miss" }).clone();
@@ -115,7 +128,13 @@ impl Metrics {
             store_duration,
             store_errors,
             config_reloads,
+            auth_failures,
         }
+    }
+
+    /// Counts a `tollgate.v1` call refused for its token (`missing` or `invalid`).
+    pub fn record_auth_failure(&self, rpc: &'static str, reason: &'static str) {
+        self.auth_failures.get_or_create(&AuthLabels { rpc, reason }).inc();
     }
 
     /// Counts one Check and its latency.
@@ -176,6 +195,7 @@ mod tests {
         m.record_store_call(Duration::from_micros(300));
         m.record_store_error();
         m.record_reload("ok");
+        m.record_auth_failure("PutEntitlement", "invalid");
         let text = m.encode();
         for needle in [
             "tollgate_decisions_total{status=\"402\",code=\"quota_exhausted\"} 1",
@@ -186,6 +206,7 @@ mod tests {
             "tollgate_store_duration_seconds_count 1",
             "tollgate_store_errors_total 1",
             "tollgate_config_reloads_total{result=\"ok\"} 1",
+            "tollgate_auth_failures_total{rpc=\"PutEntitlement\",reason=\"invalid\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -14,6 +14,8 @@ use crate::decision::{AllowKind, Code, Decision, QuotaState, Verdict};
 use crate::entitlement::{Period, Window};
 use crate::identity::IdentitySource;
 
+/// The prefix of every header tollgate sets; the client's copies never reach the upstream.
+pub const HEADER_PREFIX: &str = "x-tollgate-";
 /// Header telling the upstream which account is calling.
 pub const ACCOUNT_HEADER: &str = "x-tollgate-account";
 /// Header telling the upstream the account's plan.
@@ -41,8 +43,9 @@ pub struct Response {
 /// What the caller sent that shapes the response.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Context<'a> {
-    /// The header that carried an API key: stripped before the upstream.
-    pub credential_header: Option<&'a str>,
+    /// Request headers to remove before the upstream (credentials, forged
+    /// `x-tollgate-*`), lower-case; those tollgate sets are overwritten instead.
+    pub strip: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -292,16 +295,9 @@ pub fn render(d: &Decision, config: &Config, ctx: Context<'_>, now: DateTime<Utc
 
 fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>, now: DateTime<Utc>) -> Response {
     let mut r = Response { status: 200, ..Response::default() };
-    match (&d.account, &d.plan) {
-        (Some(account), Some(plan)) => {
-            r.upstream_headers.push((ACCOUNT_HEADER.into(), account.clone()));
-            r.upstream_headers.push((PLAN_HEADER.into(), plan.clone()));
-        }
-        // No verified identity: make sure a client cannot forge one for the upstream.
-        _ => r.upstream_remove.extend([ACCOUNT_HEADER.to_owned(), PLAN_HEADER.to_owned()]),
-    }
-    if let Some(h) = ctx.credential_header {
-        r.upstream_remove.push(h.to_owned());
+    if let (Some(account), Some(plan)) = (&d.account, &d.plan) {
+        r.upstream_headers.push((ACCOUNT_HEADER.into(), account.clone()));
+        r.upstream_headers.push((PLAN_HEADER.into(), plan.clone()));
     }
     if kind == AllowKind::FailOpen {
         r.upstream_headers.push((DEGRADED_HEADER.into(), Code::StoreUnavailable.as_str().into()));
@@ -315,6 +311,21 @@ fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>
             r.client_headers.push(("link".into(), format!("<{link}>; rel=\"payment\"")));
         }
     }
+    // Our own headers are removed when not set (the proxy may not have
+    // shown us the client's copy); a header we set is overwritten, never
+    // removed, since Envoy applies removals after additions.
+    let set = |name: &str| r.upstream_headers.iter().any(|(k, _)| k == name);
+    let mut remove: Vec<String> = [ACCOUNT_HEADER, PLAN_HEADER, DEGRADED_HEADER, BILLING_WARNING_HEADER]
+        .into_iter()
+        .filter(|h| !set(h))
+        .map(str::to_owned)
+        .collect();
+    for h in ctx.strip {
+        if !set(h) && !remove.contains(h) {
+            remove.push(h.clone());
+        }
+    }
+    r.upstream_remove = remove;
     ratelimit_headers(d, now, &mut r.client_headers);
     r
 }

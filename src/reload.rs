@@ -62,6 +62,9 @@ impl Reloader {
                         tracing::warn!(field = what, "changed in the config; takes effect on restart");
                     }
                 }
+                for w in new.warnings() {
+                    tracing::warn!("config: {w}");
+                }
                 self.authorizer.replace_config(Arc::new(new));
                 metrics.record_reload("ok");
                 tracing::info!("config reloaded");

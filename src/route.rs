@@ -2,14 +2,185 @@
 //!
 //! Pure data and matching; depends on nothing of ours. First match wins, as
 //! in Envoy's own route tables, so operators read it top to bottom.
+//!
+//! Routes match the *normal form* of a path only ([`check_path`]): a path
+//! an upstream could read as another one (`/public/../v1/ai`, `%2e%2e`,
+//! `%2f`, `\`, `//`, `..;` for servlet containers, `%61` for `a`) is refused
+//! before any route is looked at, because the upstream, not tollgate, decides
+//! what it finally serves. Prefixes match whole segments: `/public` matches
+//! `/public` and `/public/x`, never `/publicity`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
+
+/// The longest path (without query) tollgate decides on; longer ones are refused.
+pub const MAX_PATH_BYTES: usize = 4096;
+
+/// Why a path is not in normal form; each is answered 400 `request_invalid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// Empty, or not starting with `/`.
+    #[error("path must start with /")]
+    NotAbsolute,
+    /// Longer than [`MAX_PATH_BYTES`].
+    #[error("path is longer than {MAX_PATH_BYTES} bytes")]
+    TooLong,
+    /// A `.` or `..` segment (also `..;x`, which servlet containers read as `..`).
+    #[error("path has a dot segment")]
+    DotSegment,
+    /// `//`, or an empty segment before `;` (read as `//` once parameters are dropped).
+    #[error("path has an empty segment")]
+    EmptySegment,
+    /// `%2e`, `%2f`, `%5c` or a percent-encoded unreserved character, which
+    /// upstreams decode into a different path.
+    #[error("path has a percent-encoded delimiter or unreserved character")]
+    EncodedCharacter,
+    /// `%` not followed by two hex digits.
+    #[error("path has a malformed percent-encoding")]
+    BadPercent,
+    /// A backslash, which some upstreams read as `/`.
+    #[error("path has a backslash")]
+    Backslash,
+    /// A `#`: fragments are never sent, so one here is an attempt to split the path.
+    #[error("path has a fragment")]
+    Fragment,
+    /// A control character, space or non-ASCII byte (those must be percent-encoded).
+    #[error("path has a byte that must be percent-encoded")]
+    Unencoded,
+}
+
+/// Checks that `path` (without its query string) is in normal form: absolute,
+/// no dot or empty segments, no encoded `.`, `/`, `\` or unreserved
+/// characters, no raw `\`, `#`, controls, spaces or non-ASCII. A path in
+/// normal form names one resource however an upstream resolves it; a
+/// normalising proxy (Envoy with `normalize_path`, `merge_slashes` and escaped
+/// slashes unescaped) only ever sends such paths.
+pub fn check_path(path: &str) -> Result<(), PathError> {
+    if !path.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    if path.len() > MAX_PATH_BYTES {
+        return Err(PathError::TooLong);
+    }
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => return Err(PathError::Backslash),
+            b'#' => return Err(PathError::Fragment),
+            b'%' => {
+                let hex = |j: usize| bytes.get(j).and_then(|b| (*b as char).to_digit(16));
+                let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) else { return Err(PathError::BadPercent) };
+                let c = (hi * 16 + lo) as u8;
+                if c.is_ascii_alphanumeric() || b"-._~/\\".contains(&c) || c.is_ascii_control() {
+                    return Err(PathError::EncodedCharacter);
+                }
+                i += 3;
+                continue;
+            }
+            b if !(0x21..=0x7e).contains(&b) => return Err(PathError::Unencoded),
+            _ => {}
+        }
+        i += 1;
+    }
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    let last = segments.len() - 1;
+    for (n, segment) in segments.iter().enumerate() {
+        // Servlet containers drop `;parameters` before resolving dot segments.
+        let name = segment.split(';').next().unwrap_or("");
+        if name == "." || name == ".." {
+            return Err(PathError::DotSegment);
+        }
+        if name.is_empty() && (n != last || segment.contains(';')) {
+            return Err(PathError::EmptySegment);
+        }
+    }
+    Ok(())
+}
+
+/// The path routes compare against: `;parameters` dropped from every segment,
+/// so `/v1/ai;x/chat` is metered as `/v1/ai/chat`, as a servlet upstream serves it.
+/// Borrows when there are none (the usual case).
+pub fn match_form(path: &str) -> Cow<'_, str> {
+    if !path.contains(';') {
+        return Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    for (n, segment) in path.split('/').enumerate() {
+        if n > 0 {
+            out.push('/');
+        }
+        out.push_str(segment.split(';').next().unwrap_or(""));
+    }
+    Cow::Owned(out)
+}
+
+/// The path the most permissive upstream would serve for `path`: `#...` cut,
+/// `%XX` of unreserved characters, `/` and `\\` decoded, `\\` read as `/`,
+/// `;parameters` dropped, slashes merged and dot segments resolved (RFC 3986
+/// §5.2.4). tollgate never routes on this (it refuses what is not already in
+/// normal form); tests and fuzzers use it as the model of an upstream:
+/// for every path [`check_path`] accepts, `resolve(p) == match_form(p)`.
+pub fn resolve(path: &str) -> String {
+    let path = path.split('#').next().unwrap_or("");
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |j: usize| bytes.get(j).and_then(|b| (*b as char).to_digit(16));
+        if bytes[i] == b'%'
+            && let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2))
+        {
+            let c = (hi * 16 + lo) as u8;
+            if c.is_ascii_alphanumeric() || b"-._~/\\".contains(&c) {
+                decoded.push(c);
+                i += 3;
+                continue;
+            }
+        }
+        decoded.push(bytes[i]);
+        i += 1;
+    }
+    let decoded = String::from_utf8_lossy(&decoded).replace('\\', "/");
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded.split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    let mut trailing = false;
+    for (n, segment) in segments.iter().enumerate() {
+        let name = segment.split(';').next().unwrap_or("");
+        trailing = n == last && (name.is_empty() || name == "." || name == "..") && n > 0;
+        match name {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            name => out.push(name),
+        }
+    }
+    let mut r = format!("/{}", out.join("/"));
+    if trailing && r != "/" {
+        r.push('/');
+    }
+    r
+}
+
+/// Whether `path` lies under `prefix` segment by segment: equal, or continuing
+/// with `/` (a prefix ending in `/` covers everything below it).
+pub fn under_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/'),
+        None => false,
+    }
+}
 
 /// How a route recognises a request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteMatch {
-    /// Path must start with this.
+    /// Path must be this or lie below it, segment by segment.
     pub path_prefix: Option<String>,
+    /// Path must start with this string (not segment-aware: `/public` also
+    /// matches `/publicity`); for configs that relied on that before.
+    pub string_prefix: Option<String>,
     /// Path must equal this.
     pub path: Option<String>,
     /// Upper-case methods; empty matches any.
@@ -56,6 +227,7 @@ impl Route {
             .path
             .clone()
             .or_else(|| m.path_prefix.as_ref().map(|p| format!("{p}*")))
+            .or_else(|| m.string_prefix.as_ref().map(|p| format!("{p}**")))
             .unwrap_or_else(|| "*".to_owned());
         match &m.host {
             Some(h) => format!("{h}{path}"),
@@ -67,7 +239,8 @@ impl Route {
 /// The request attributes routes match on.
 #[derive(Debug, Clone, Copy)]
 pub struct RouteKey<'a> {
-    /// Path without query string or fragment.
+    /// Path without query string, in normal form ([`check_path`]) and
+    /// without `;parameters` ([`match_form`]).
     pub path: &'a str,
     /// Method as sent (compared case-insensitively).
     pub method: &'a str,
@@ -83,6 +256,11 @@ impl RouteMatch {
             return false;
         }
         if let Some(prefix) = &self.path_prefix
+            && !under_prefix(key.path, prefix)
+        {
+            return false;
+        }
+        if let Some(prefix) = &self.string_prefix
             && !key.path.starts_with(prefix.as_str())
         {
             return false;
@@ -96,6 +274,32 @@ impl RouteMatch {
             return false;
         }
         true
+    }
+}
+
+impl RouteMatch {
+    /// Whether every request `other` matches is also matched by `self`, so a
+    /// route with `other` placed after one with `self` can never be reached.
+    pub fn covers(&self, other: &RouteMatch) -> bool {
+        let methods = self.methods.is_empty()
+            || (!other.methods.is_empty() && other.methods.iter().all(|m| self.methods.contains(m)));
+        let host = self.host.is_none() || self.host == other.host;
+        // Every path `other` can match starts with this string and, when
+        // `segment` is set, on a segment boundary.
+        let (other_path, segment) = match (&other.path, &other.path_prefix, &other.string_prefix) {
+            (Some(p), _, _) => (p.as_str(), true),
+            (None, Some(p), _) => (p.as_str(), true),
+            (None, None, Some(p)) => (p.as_str(), false),
+            (None, None, None) => ("/", false),
+        };
+        let exact_other = other.path.is_some();
+        let path = match (&self.path, &self.path_prefix, &self.string_prefix) {
+            (Some(p), _, _) => exact_other && other.path.as_deref() == Some(p.as_str()),
+            (None, Some(p), _) => p == "/" || (segment && under_prefix(other_path, p)),
+            (None, None, Some(p)) => other_path.starts_with(p.as_str()),
+            (None, None, None) => true,
+        };
+        methods && host && path
     }
 }
 
@@ -119,6 +323,18 @@ impl RouteTable {
     /// All routes, in order.
     pub fn routes(&self) -> &[Route] {
         &self.routes
+    }
+
+    /// `(shadowed, by)` index pairs: routes an earlier route always matches
+    /// first, so they never apply (`check-config` warns about each).
+    pub fn shadowed(&self) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        for (j, later) in self.routes.iter().enumerate() {
+            if let Some(i) = self.routes[..j].iter().position(|earlier| earlier.matcher.covers(&later.matcher)) {
+                out.push((j, i));
+            }
+        }
+        out
     }
 }
 
@@ -177,6 +393,136 @@ mod tests {
         assert_eq!(idx(key(path_only("/v1/search?q=1"), "get", "x")), Some(1));
         assert_eq!(idx(key("/v1/search", "POST", "x")), None);
         assert_eq!(idx(key("/v1/search", "POST", "API.example.com:8443")), Some(2));
+    }
+
+    #[test]
+    fn normal_paths_pass() {
+        for p in ["/", "/v1/ai/chat", "/v1/ai/", "/a%20b", "/a%25b", "/a%3Bb", "/v1/ai;jsessionid=1/chat", "/x-y_z~.a"]
+        {
+            assert_eq!(check_path(p), Ok(()), "{p}");
+        }
+    }
+
+    #[test]
+    fn every_confusable_path_is_refused() {
+        use PathError::*;
+        let cases: &[(&str, Result<(), PathError>)] = &[
+            ("", Err(NotAbsolute)),
+            ("v1/ai", Err(NotAbsolute)),
+            ("/public/../v1/ai/chat", Err(DotSegment)),
+            ("/public/./v1", Err(DotSegment)),
+            ("/public/..", Err(DotSegment)),
+            ("/public/..;/v1/ai/chat", Err(DotSegment)),
+            ("/public/.;x/v1", Err(DotSegment)),
+            ("/public/%2e%2e/v1/ai/chat", Err(EncodedCharacter)),
+            ("/public/%2E%2E/v1/ai/chat", Err(EncodedCharacter)),
+            ("/public%2f..%2fv1%2fai%2fchat", Err(EncodedCharacter)),
+            ("/public%2F..%2Fv1", Err(EncodedCharacter)),
+            ("/public/..%5cv1/ai", Err(EncodedCharacter)),
+            ("/v1/%61i/chat", Err(EncodedCharacter)),
+            ("/v1/ai%00.json", Err(EncodedCharacter)),
+            ("/public/..\\v1/ai", Err(Backslash)),
+            ("/public#/../v1/ai", Err(Fragment)),
+            ("//v1/ai/chat", Err(EmptySegment)),
+            ("/public//v1", Err(EmptySegment)),
+            ("/v1/;x/ai", Err(EmptySegment)),
+            ("/v1/ai;x", Ok(())),
+            ("/a%2", Err(BadPercent)),
+            ("/a%zz", Err(BadPercent)),
+            ("/a b", Err(Unencoded)),
+            ("/a\tb", Err(Unencoded)),
+            ("/caf\u{e9}", Err(Unencoded)),
+        ];
+        for (p, want) in cases {
+            assert_eq!(check_path(p), *want, "{p:?}");
+        }
+        assert_eq!(check_path(&format!("/{}", "a".repeat(MAX_PATH_BYTES))), Err(TooLong));
+    }
+
+    #[test]
+    fn prefixes_match_whole_segments() {
+        let table = RouteTable::new(vec![
+            route(0, RouteMatch { path_prefix: Some("/public".into()), ..Default::default() }),
+            route(1, RouteMatch { path_prefix: Some("/v1/search".into()), ..Default::default() }),
+            route(2, RouteMatch { string_prefix: Some("/legacy".into()), ..Default::default() }),
+            route(3, RouteMatch { path_prefix: Some("/v2/".into()), ..Default::default() }),
+        ]);
+        let idx = |p: &str| table.find(&key(&match_form(p), "GET", "h")).map(|r| r.index);
+        assert_eq!(idx("/public"), Some(0));
+        assert_eq!(idx("/public/x"), Some(0));
+        assert_eq!(idx("/publicity"), None);
+        assert_eq!(idx("/v1/search"), Some(1));
+        assert_eq!(idx("/v1/searchX"), None);
+        assert_eq!(idx("/v1/search;jsessionid=1/x"), Some(1), "parameters do not hide a segment");
+        assert_eq!(idx("/public;x"), Some(0));
+        assert_eq!(idx("/legacyX"), Some(2), "string_prefix keeps the plain string match");
+        assert_eq!(idx("/v2/anything"), Some(3));
+        assert_eq!(idx("/v2"), None);
+    }
+
+    #[test]
+    fn shadowed_routes_are_found() {
+        let m = |prefix: &str, methods: &[&str]| RouteMatch {
+            path_prefix: Some(prefix.into()),
+            methods: methods.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let table = RouteTable::new(vec![
+            route(0, m("/v1", &["GET"])),
+            route(1, m("/v1/search", &["GET"])),
+            route(2, m("/v1/search", &[])),
+            route(3, m("/v1x", &[])),
+            route(4, RouteMatch { path: Some("/v1/search/x".into()), ..Default::default() }),
+            route(5, m("/", &[])),
+            route(6, m("/anything", &["POST"])),
+        ]);
+        assert_eq!(table.shadowed(), vec![(1, 0), (4, 2), (6, 5)]);
+    }
+
+    #[test]
+    fn resolve_models_a_permissive_upstream() {
+        assert_eq!(resolve("/public/../v1/ai/chat"), "/v1/ai/chat");
+        assert_eq!(resolve("/public/%2e%2e/v1/ai/chat"), "/v1/ai/chat");
+        assert_eq!(resolve("/public%2f..%2fv1%2fai%2fchat"), "/v1/ai/chat");
+        assert_eq!(resolve("/public/..%5cv1/ai"), "/v1/ai");
+        assert_eq!(resolve("/public/..;/v1/ai/chat"), "/v1/ai/chat");
+        assert_eq!(resolve("//v1//ai/"), "/v1/ai/");
+        assert_eq!(resolve("/v1/%61i"), "/v1/ai");
+        assert_eq!(resolve("/"), "/");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4000))]
+
+        /// Resolving twice is resolving once.
+        #[test]
+        fn resolve_is_idempotent(p in "/[a-z./;%25cfe2\\\\#]{0,24}") {
+            let once = resolve(&p);
+            proptest::prop_assert_eq!(resolve(&once), once);
+        }
+
+        /// A path tollgate accepts is the path a permissive upstream serves,
+        /// so the route tollgate matched is the route that is served.
+        #[test]
+        fn accepted_paths_are_what_the_upstream_serves(p in "/[a-z./;%25cfe2\\\\#]{0,24}") {
+            if check_path(&p).is_ok() {
+                proptest::prop_assert_eq!(resolve(&p), match_form(&p).into_owned());
+            }
+        }
+
+        /// No accepted path reaches a paid route by resolution while being routed elsewhere.
+        #[test]
+        fn accepted_paths_never_reach_another_route(p in "/(public|v1|ai|\\.\\.|\\.|%2e|%2f|;x|/){0,8}") {
+            let table = RouteTable::new(vec![
+                route(0, RouteMatch { path_prefix: Some("/public".into()), ..Default::default() }),
+                route(1, RouteMatch { path_prefix: Some("/v1/ai".into()), ..Default::default() }),
+            ]);
+            if check_path(&p).is_ok() {
+                let routed = table.find(&key(&match_form(&p), "GET", "h")).map(|r| r.index);
+                let served = table.find(&key(&resolve(&p), "GET", "h")).map(|r| r.index);
+                proptest::prop_assert_eq!(routed, served);
+            }
+        }
     }
 
     #[test]

@@ -1,10 +1,15 @@
 //! `tollgate.v1.Tollgate`: decisions for internal services without Envoy, and
 //! the control plane (entitlements, credits, keys, usage).
 //!
-//! Mutating calls need an admin token (`authorization: Bearer <token>`),
-//! compared in constant time against every configured token, so rotation is
-//! "add the new, deploy, remove the old". Inputs are validated here and
-//! answered INVALID_ARGUMENT naming the field; the store does the rest.
+//! Who may call what (SPEC §10): mutating calls need an admin token
+//! (`authorization: Bearer <token>`); `Authorize` that names an account
+//! directly or spends needs an admin or a service token (a service token can
+//! do nothing else); `Authorize` with an API key and `dry_run` is open, like
+//! a Check: the key is the credential. Tokens are compared in constant time
+//! against every configured one, so rotation is "add the new, deploy, remove
+//! the old"; every refusal is logged (never with the token) and counted in
+//! `tollgate_auth_failures_total`. Inputs are bounded and validated here,
+//! before any store lookup, and answered INVALID_ARGUMENT naming the field.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +31,7 @@ use crate::entitlement::{self, Account, Period, Quota, Window};
 use crate::identity::{Credentials, KeyHash, KeyMeta};
 use crate::route::RouteKey;
 use crate::store::StoreError;
-use crate::usage::Spend;
+use crate::usage::{MAX_COST, MAX_CREDITS, MAX_LIMIT, Spend};
 
 /// The internal API service.
 #[derive(Debug, Clone)]
@@ -82,21 +87,67 @@ fn quota_state(q: &crate::decision::QuotaState) -> QuotaState {
     }
 }
 
-/// Constant-time check of `authorization: Bearer <token>` against every admin token.
-fn is_admin(config: &Config, metadata: &tonic::metadata::MetadataMap) -> bool {
-    let presented = metadata
+/// What a presented token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Everything.
+    Admin,
+    /// `Authorize` by account id or with spending.
+    Service,
+}
+
+/// The bearer token of `authorization: Bearer <token>`, or "".
+fn bearer(metadata: &tonic::metadata::MetadataMap) -> &str {
+    metadata
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map(|(_, t)| t.trim())
         })
-        .unwrap_or("");
+        .unwrap_or("")
+}
+
+/// Constant-time comparison of `presented` against every token of `tokens`.
+fn matches_any(tokens: &[String], presented: &str) -> bool {
     let mut ok = subtle::Choice::from(0u8);
-    for token in &config.server.admin_tokens.0 {
+    for token in tokens {
         // `ct_eq` on slices of different lengths is false without looking at contents.
         ok |= token.as_bytes().ct_eq(presented.as_bytes());
     }
     !presented.is_empty() && bool::from(ok)
+}
+
+/// The scope of the token presented in `metadata`, if it is a configured one.
+fn scope(config: &Config, metadata: &tonic::metadata::MetadataMap) -> Option<Scope> {
+    let presented = bearer(metadata);
+    if matches_any(&config.server.admin_tokens.0, presented) {
+        Some(Scope::Admin)
+    } else if matches_any(&config.server.service_tokens.0, presented) {
+        Some(Scope::Service)
+    } else {
+        None
+    }
+}
+
+/// The longest feature, meter, plan, customer or key-name string accepted.
+const MAX_NAME_BYTES: usize = 128;
+
+/// At most [`MAX_NAME_BYTES`] bytes, no control characters.
+fn name(value: &str, field: &str) -> Result<(), Status> {
+    if value.len() > MAX_NAME_BYTES || value.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "{field}: at most {MAX_NAME_BYTES} bytes, no control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// A timestamp inside what every way in accepts (1970 to 9999).
+fn bounded_time(t: &prost_types::Timestamp, field: &str) -> Result<chrono::DateTime<chrono::Utc>, Status> {
+    from_timestamp(t, field)
+        .ok()
+        .filter(|t| entitlement::is_valid_time(*t))
+        .ok_or_else(|| Status::invalid_argument(format!("{field}: must be between 1970-01-01 and 9999-12-31")))
 }
 
 fn account_id(id: &str, field: &str) -> Result<(), Status> {
@@ -112,14 +163,17 @@ fn quota_override(q: &QuotaOverride, field: &str) -> Result<Quota, Status> {
     if q.meter.trim().is_empty() {
         return Err(Status::invalid_argument(format!("{field}.meter: required")));
     }
-    if q.limit == 0 {
-        return Err(Status::invalid_argument(format!("{field}.limit: must be at least 1")));
+    name(&q.meter, &format!("{field}.meter"))?;
+    if q.limit == 0 || q.limit > MAX_LIMIT {
+        return Err(Status::invalid_argument(format!("{field}.limit: must be between 1 and {MAX_LIMIT}")));
     }
     let window =
         match (q.period.as_str(), &q.per) {
             ("", Some(per)) => {
-                let d = Duration::try_from(*per).ok().filter(|d| !d.is_zero());
-                Window::Rolling(d.ok_or_else(|| Status::invalid_argument(format!("{field}.per: must be positive")))?)
+                let d = Duration::try_from(*per).ok().filter(|d| !d.is_zero() && *d <= entitlement::MAX_WINDOW);
+                Window::Rolling(
+                    d.ok_or_else(|| Status::invalid_argument(format!("{field}.per: must be positive, at most 366d")))?,
+                )
             }
             (p, None) => Window::Calendar(Period::parse(p).ok_or_else(|| {
                 Status::invalid_argument(format!("{field}.period: minute|hour|day|month, or set per"))
@@ -167,22 +221,35 @@ fn new_api_key() -> Result<String, Status> {
 }
 
 impl Api {
-    fn require_admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        if is_admin(&self.authorizer.config(), req.metadata()) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("this call needs authorization: Bearer <admin token>"))
+    /// Logs and counts a refused call, never with the token.
+    fn refuse<T>(&self, rpc: &'static str, req: &Request<T>, needs: &str) -> Status {
+        let reason = if bearer(req.metadata()).is_empty() { "missing" } else { "invalid" };
+        self.authorizer.metrics().record_auth_failure(rpc, reason);
+        tracing::warn!(rpc, reason, peer = ?req.remote_addr(), "tollgate.v1 call refused: token {reason}");
+        Status::unauthenticated(format!("this call needs authorization: Bearer <{needs}>"))
+    }
+
+    fn require_admin<T>(&self, rpc: &'static str, req: &Request<T>) -> Result<(), Status> {
+        match scope(&self.authorizer.config(), req.metadata()) {
+            Some(Scope::Admin) => Ok(()),
+            _ => Err(self.refuse(rpc, req, "admin token")),
         }
     }
 
-    fn require_read<T>(&self, req: &Request<T>) -> Result<(), Status> {
+    fn require_service<T>(&self, rpc: &'static str, req: &Request<T>) -> Result<(), Status> {
+        match scope(&self.authorizer.config(), req.metadata()) {
+            Some(_) => Ok(()),
+            None => Err(self.refuse(rpc, req, "admin or service token")),
+        }
+    }
+
+    fn require_read<T>(&self, rpc: &'static str, req: &Request<T>) -> Result<(), Status> {
         let config = self.authorizer.config();
-        if config.server.read_access == ReadAccess::Open || is_admin(&config, req.metadata()) {
+        if config.server.read_access == ReadAccess::Open || scope(&config, req.metadata()) == Some(Scope::Admin) {
             Ok(())
         } else {
-            Err(Status::unauthenticated(
-                "this call needs authorization: Bearer <admin token> (server.read_access: token)",
-            ))
+            // `server.read_access: token` (the default) keeps account state behind the admin token.
+            Err(self.refuse(rpc, req, "admin token"))
         }
     }
 
@@ -201,7 +268,7 @@ impl Api {
     }
 
     async fn set_blocked(&self, req: Request<AccountRequest>, blocked: bool) -> Result<Response<Entitlement>, Status> {
-        self.require_admin(&req)?;
+        self.require_admin(if blocked { "BlockAccount" } else { "UnblockAccount" }, &req)?;
         let mut a = self.load(&req.get_ref().account_id).await?;
         a.blocked = blocked;
         self.authorizer.store().put_account(&a).await.map_err(store_status)?;
@@ -251,27 +318,61 @@ impl Api {
 #[tonic::async_trait]
 impl Tollgate for Api {
     async fn authorize(&self, request: Request<AuthorizeRequest>) -> Result<Response<AuthorizeResponse>, Status> {
+        // Naming an account, or spending, needs a token: only an API key
+        // proves the caller may see or use an account, and a dry run with it
+        // reveals no more than a Check with the same key would.
+        let by_account = matches!(request.get_ref().subject, Some(PbSubject::AccountId(_)));
+        if by_account || !request.get_ref().dry_run {
+            self.require_service("Authorize", &request)?;
+        }
         let req = request.into_inner();
         let subject = match &req.subject {
-            Some(PbSubject::AccountId(id)) if !id.is_empty() => Subject::AccountId(id),
-            Some(PbSubject::ApiKey(key)) if !key.is_empty() => Subject::ApiKey(key),
+            Some(PbSubject::AccountId(id)) if !id.is_empty() => {
+                account_id(id, "account_id")?;
+                Subject::AccountId(id)
+            }
+            Some(PbSubject::ApiKey(key)) if !key.is_empty() => {
+                if !crate::identity::is_valid_key(key) {
+                    return Err(Status::invalid_argument(format!(
+                        "api_key: must be 1-{} visible ASCII characters",
+                        crate::identity::MAX_KEY_BYTES
+                    )));
+                }
+                Subject::ApiKey(key)
+            }
             _ => return Err(Status::invalid_argument("subject: set account_id or api_key")),
         };
+        if req.cost > MAX_COST {
+            return Err(Status::invalid_argument(format!("cost: must be at most {MAX_COST}")));
+        }
         let ask = match &req.target {
             Some(PbTarget::Route(r)) => {
                 if !r.path.starts_with('/') {
                     return Err(Status::invalid_argument("route.path: must start with /"));
                 }
+                name(&r.method, "route.method")?;
+                if r.host.len() > 255 {
+                    return Err(Status::invalid_argument("route.host: at most 255 bytes"));
+                }
                 Ask::Http(RouteKey { path: &r.path, method: &r.method, host: &r.host })
             }
-            Some(PbTarget::Feature(f)) => Ask::Feature {
-                feature: Some(f.feature.as_str()).filter(|s| !s.is_empty()),
-                meter: Some(f.meter.as_str()).filter(|s| !s.is_empty()),
-            },
+            Some(PbTarget::Feature(f)) => {
+                name(&f.feature, "feature.feature")?;
+                name(&f.meter, "feature.meter")?;
+                Ask::Feature {
+                    feature: Some(f.feature.as_str()).filter(|s| !s.is_empty()),
+                    meter: Some(f.meter.as_str()).filter(|s| !s.is_empty()),
+                }
+            }
             None => return Err(Status::invalid_argument("target: set feature or route")),
         };
-        let query =
-            Query::<NoCredentials> { subject, ask, cost: Some(req.cost).filter(|c| *c > 0), dry_run: req.dry_run };
+        let query = Query::<NoCredentials> {
+            subject,
+            ask,
+            cost: Some(req.cost).filter(|c| *c > 0),
+            dry_run: req.dry_run,
+            trusted: false,
+        };
         let outcome = self.authorizer.authorize(query).await.map_err(|e| Status::unavailable(e.to_string()))?;
         let d = &outcome.decision;
         Ok(Response::new(AuthorizeResponse {
@@ -288,13 +389,13 @@ impl Tollgate for Api {
     }
 
     async fn get_entitlement(&self, req: Request<AccountRequest>) -> Result<Response<Entitlement>, Status> {
-        self.require_read(&req)?;
+        self.require_read("GetEntitlement", &req)?;
         let a = self.load(&req.get_ref().account_id).await?;
         self.entitlement(&a).await
     }
 
     async fn put_entitlement(&self, req: Request<PutEntitlementRequest>) -> Result<Response<Entitlement>, Status> {
-        self.require_admin(&req)?;
+        self.require_admin("PutEntitlement", &req)?;
         let e = req.into_inner().entitlement.ok_or_else(|| Status::invalid_argument("entitlement: required"))?;
         account_id(&e.account_id, "entitlement.account_id")?;
         let config = self.authorizer.config();
@@ -316,9 +417,17 @@ impl Tollgate for Api {
             })?,
         };
         let past_due_since =
-            e.past_due_since.as_ref().map(|t| from_timestamp(t, "entitlement.past_due_since")).transpose()?;
+            e.past_due_since.as_ref().map(|t| bounded_time(t, "entitlement.past_due_since")).transpose()?;
         if status == entitlement::Status::PastDue && past_due_since.is_none() {
             return Err(Status::invalid_argument("entitlement.past_due_since: required when status is past_due"));
+        }
+        name(&e.plan, "entitlement.plan")?;
+        name(&e.stripe_customer, "entitlement.stripe_customer")?;
+        if e.extra_features.len() > 256 || e.quota_overrides.len() > 256 {
+            return Err(Status::invalid_argument("entitlement: at most 256 extra_features and 256 quota_overrides"));
+        }
+        for (i, f) in e.extra_features.iter().enumerate() {
+            name(f, &format!("entitlement.extra_features[{i}]"))?;
         }
         let mut quota_overrides = Vec::with_capacity(e.quota_overrides.len());
         for (i, q) in e.quota_overrides.iter().enumerate() {
@@ -338,7 +447,7 @@ impl Tollgate for Api {
             plan: e.plan,
             status,
             past_due_since,
-            expires_at: e.expires_at.as_ref().map(|t| from_timestamp(t, "entitlement.expires_at")).transpose()?,
+            expires_at: e.expires_at.as_ref().map(|t| bounded_time(t, "entitlement.expires_at")).transpose()?,
             blocked: e.blocked,
             extra_features: e.extra_features.into_iter().filter(|f| !f.trim().is_empty()).collect(),
             quota_overrides,
@@ -359,20 +468,28 @@ impl Tollgate for Api {
     }
 
     async fn set_credits(&self, req: Request<SetCreditsRequest>) -> Result<Response<CreditsResponse>, Status> {
-        self.require_admin(&req)?;
+        self.require_admin("SetCredits", &req)?;
         let r = req.into_inner();
+        if r.credits > MAX_CREDITS {
+            return Err(Status::invalid_argument(format!("credits: must be at most {MAX_CREDITS}")));
+        }
         let a = self.load(&r.account_id).await?;
         self.authorizer.store().set_credits(&a.id, r.credits).await.map_err(store_status)?;
         Ok(Response::new(CreditsResponse { account_id: a.id, credits: r.credits }))
     }
 
     async fn add_credits(&self, req: Request<AddCreditsRequest>) -> Result<Response<CreditsResponse>, Status> {
-        self.require_admin(&req)?;
+        self.require_admin("AddCredits", &req)?;
         let r = req.into_inner();
+        if r.delta.unsigned_abs() > MAX_CREDITS {
+            return Err(Status::invalid_argument(format!("delta: must be within ±{MAX_CREDITS}")));
+        }
         let a = self.load(&r.account_id).await?;
         match self.authorizer.store().add_credits(&a.id, r.delta).await.map_err(store_status)? {
             Some(credits) => Ok(Response::new(CreditsResponse { account_id: a.id, credits })),
-            None => Err(Status::failed_precondition("delta: the balance would go below zero; nothing changed")),
+            None => Err(Status::failed_precondition(format!(
+                "delta: the balance would go below zero or above {MAX_CREDITS}; nothing changed"
+            ))),
         }
     }
 
@@ -380,8 +497,9 @@ impl Tollgate for Api {
         &self,
         req: Request<CreateApiKeyRequest>,
     ) -> Result<Response<CreateApiKeyResponse>, Status> {
-        self.require_admin(&req)?;
+        self.require_admin("CreateApiKey", &req)?;
         let r = req.into_inner();
+        name(&r.name, "name")?;
         let a = self.load(&r.account_id).await?;
         let key = new_api_key()?;
         let hash = KeyHash::of(&key);
@@ -395,7 +513,7 @@ impl Tollgate for Api {
         &self,
         req: Request<RevokeApiKeyRequest>,
     ) -> Result<Response<RevokeApiKeyResponse>, Status> {
-        self.require_admin(&req)?;
+        self.require_admin("RevokeApiKey", &req)?;
         let r = req.into_inner();
         account_id(&r.account_id, "account_id")?;
         let hash = KeyHash::from_hex(&r.key_id)
@@ -406,7 +524,7 @@ impl Tollgate for Api {
     }
 
     async fn list_api_keys(&self, req: Request<AccountRequest>) -> Result<Response<ListApiKeysResponse>, Status> {
-        self.require_read(&req)?;
+        self.require_read("ListApiKeys", &req)?;
         let id = &req.get_ref().account_id;
         account_id(id, "account_id")?;
         let keys = self.authorizer.store().list_keys(id).await.map_err(store_status)?;
@@ -414,13 +532,15 @@ impl Tollgate for Api {
     }
 
     async fn get_usage(&self, req: Request<UsageRequest>) -> Result<Response<UsageResponse>, Status> {
-        self.require_read(&req)?;
+        self.require_read("GetUsage", &req)?;
+        name(&req.get_ref().meter, "meter")?;
         let a = self.load(&req.get_ref().account_id).await?;
         self.usage(&a, &req.get_ref().meter).await
     }
 
     async fn reset_usage(&self, req: Request<UsageRequest>) -> Result<Response<UsageResponse>, Status> {
-        self.require_admin(&req)?;
+        self.require_admin("ResetUsage", &req)?;
+        name(&req.get_ref().meter, "meter")?;
         let r = req.into_inner();
         let a = self.load(&r.account_id).await?;
         let config = self.authorizer.config();

@@ -20,6 +20,7 @@ use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
 use crate::authorizer::{Ask, Authorizer, Outcome, Query, Subject};
+use crate::config::TrustedCallers;
 use crate::decision::{Code, Verdict};
 use crate::identity::Credentials;
 use crate::route::RouteKey;
@@ -70,6 +71,32 @@ impl Credentials for EnvoyCredentials<'_> {
             Some(Kind::NumberValue(n)) if n.fract() == 0.0 => Some(format!("{n:.0}")),
             _ => None,
         }
+    }
+
+    fn headers_with_prefix(&self, prefix: &str) -> Vec<String> {
+        let Some(http) = self.http else { return Vec::new() };
+        let has = |k: &str| k.len() >= prefix.len() && k[..prefix.len()].eq_ignore_ascii_case(prefix);
+        let mut out: Vec<String> = http.headers.keys().filter(|k| has(k)).map(|k| k.to_ascii_lowercase()).collect();
+        if let Some(map) = &http.header_map {
+            for h in map.headers.iter().filter(|h| has(&h.key)) {
+                let name = h.key.to_ascii_lowercase();
+                if !out.contains(&name) {
+                    out.push(name);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Whether this Check's caller may assert identity (JWT metadata, trusted
+/// headers): per `server.trusted_callers`, any caller, none, or only peers
+/// that presented a client certificate the server verified (mTLS).
+fn caller_trusted<T>(trust: TrustedCallers, request: &Request<T>) -> bool {
+    match trust {
+        TrustedCallers::Any => true,
+        TrustedCallers::None => false,
+        TrustedCallers::Mtls => request.peer_certs().is_some_and(|certs| !certs.is_empty()),
     }
 }
 
@@ -154,6 +181,7 @@ pub fn check_response(outcome: &Outcome) -> CheckResponse {
 impl Authorization for ExtAuthz {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
+        let trusted = caller_trusted(self.authorizer.config().server.trusted_callers, &request);
         let req = request.into_inner();
         let attributes = req.attributes.as_ref();
         let http = attributes.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
@@ -165,7 +193,7 @@ impl Authorization for ExtAuthz {
             // Nothing to go on: an empty path is answered 400 `request_invalid`.
             _ => Ask::Http(RouteKey { path: "", method: "", host: "" }),
         };
-        let query = Query { subject: Subject::Request(&creds), ask, cost: None, dry_run: false };
+        let query = Query { subject: Subject::Request(&creds), ask, cost: None, dry_run: false, trusted };
         let outcome = match self.authorizer.authorize(query).await {
             Ok(o) => o,
             Err(e) => {
