@@ -18,7 +18,8 @@ use tollgate::grpc::pb::{
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
-const TOKENS: &str = "server: { admin_tokens: [old-token-0123456789, new-token-0123456789] }\n";
+const TOKENS: &str =
+    "server: { admin_tokens: [old-token-0123456789abcdef0123456789, new-token-0123456789abcdef0123456789] }\n";
 
 fn with<T>(msg: T, token: Option<&str>) -> Request<T> {
     let mut r = Request::new(msg);
@@ -29,7 +30,7 @@ fn with<T>(msg: T, token: Option<&str>) -> Request<T> {
 }
 
 fn admin<T>(msg: T) -> Request<T> {
-    with(msg, Some("new-token-0123456789"))
+    with(msg, Some("new-token-0123456789abcdef0123456789"))
 }
 
 fn account(id: &str) -> AccountRequest {
@@ -52,22 +53,28 @@ async fn mutating_calls_need_an_admin_token_and_rotation_works() {
     assert_eq!(err.code(), Code::Unauthenticated);
     let err = c.block_account(with(account("acct_pro"), Some("wrong-token"))).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    let err = c.block_account(with(account("acct_pro"), Some("new-token-012345678"))).await.unwrap_err();
+    let err =
+        c.block_account(with(account("acct_pro"), Some("new-token-0123456789abcdef012345678"))).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "a prefix of a token is not the token");
     assert!(search(&s, "pro-key").await.allowed, "nothing changed");
 
     assert!(
-        c.block_account(with(account("acct_pro"), Some("old-token-0123456789"))).await.unwrap().into_inner().blocked
+        c.block_account(with(account("acct_pro"), Some("old-token-0123456789abcdef0123456789")))
+            .await
+            .unwrap()
+            .into_inner()
+            .blocked
     );
     assert!(!c.unblock_account(admin(account("acct_pro"))).await.unwrap().into_inner().blocked);
     let mut lower = Request::new(account("acct_pro"));
-    lower.metadata_mut().insert("authorization", "bearer new-token-0123456789".parse().unwrap());
+    lower.metadata_mut().insert("authorization", "bearer new-token-0123456789abcdef0123456789".parse().unwrap());
     assert!(c.block_account(lower).await.is_ok(), "the scheme is case-insensitive");
 
     // Rotation: the old token is removed from config; it stops working at once.
-    let rotated = spec_config() + "server: { admin_tokens: [new-token-0123456789] }\n";
+    let rotated = spec_config() + "server: { admin_tokens: [new-token-0123456789abcdef0123456789] }\n";
     s.handle.authorizer.replace_config(Arc::new(Config::parse(&rotated, "t").unwrap()));
-    let err = c.unblock_account(with(account("acct_pro"), Some("old-token-0123456789"))).await.unwrap_err();
+    let err =
+        c.unblock_account(with(account("acct_pro"), Some("old-token-0123456789abcdef0123456789"))).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     assert!(c.unblock_account(admin(account("acct_pro"))).await.is_ok());
     s.stop().await;
@@ -91,7 +98,7 @@ async fn reads_need_a_token_unless_read_access_is_open() {
     assert_eq!((e.plan.as_str(), e.status.as_str()), ("pro", "active"));
     s.stop().await;
 
-    let open = spec_config() + "server: { admin_tokens: [t-0123456789abcdef], read_access: open }\n";
+    let open = spec_config() + "server: { admin_tokens: [t-0123456789abcdef0123456789abcdef], read_access: open }\n";
     let s = TestServer::start(&open).await;
     let mut c = api(&s).await;
     assert!(c.get_entitlement(with(account("acct_pro"), None)).await.is_ok());

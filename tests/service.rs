@@ -78,6 +78,28 @@ async fn shutdown_turns_health_not_serving_before_the_listeners_close() {
     s.stop().await;
 }
 
+const SERVICE_TOKEN: &str = "service-0123456789abcdef0123456789abcdef";
+
+/// The spec config with a service token, which `Authorize` by account or with spending needs.
+fn service_config() -> String {
+    spec_config() + &format!("server: {{ service_tokens: [{SERVICE_TOKEN}] }}\n")
+}
+
+/// A `tollgate.v1` client that sends the service token on every call.
+async fn service_client(
+    s: &TestServer,
+) -> TollgateClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + use<>,
+    >,
+> {
+    TollgateClient::with_interceptor(s.channel().await, |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", format!("Bearer {SERVICE_TOKEN}").parse().unwrap());
+        Ok(r)
+    })
+}
+
 fn authorize(subject: Subject, target: Target, dry_run: bool) -> AuthorizeRequest {
     AuthorizeRequest { subject: Some(subject), target: Some(target), cost: 0, dry_run }
 }
@@ -88,8 +110,8 @@ fn search_route() -> Target {
 
 #[tokio::test]
 async fn authorize_answers_like_a_check_and_dry_run_spends_nothing() {
-    let s = TestServer::start(&spec_config()).await;
-    let mut c = TollgateClient::new(s.channel().await);
+    let s = TestServer::start(&service_config()).await;
+    let mut c = service_client(&s).await;
     for _ in 0..3 {
         let r = c
             .authorize(authorize(Subject::AccountId("acct_free".into()), search_route(), true))
@@ -138,8 +160,8 @@ async fn authorize_answers_like_a_check_and_dry_run_spends_nothing() {
 
 #[tokio::test]
 async fn authorize_rejects_requests_without_subject_or_target() {
-    let s = TestServer::start(&spec_config()).await;
-    let mut c = TollgateClient::new(s.channel().await);
+    let s = TestServer::start(&service_config()).await;
+    let mut c = service_client(&s).await;
     let err = c.authorize(AuthorizeRequest { target: Some(search_route()), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("subject"));
