@@ -115,14 +115,17 @@ impl Period {
         // Every UTC instant has a unique truncation; `None` cannot happen, but
         // falling back to `now` keeps this total.
         .unwrap_or(now);
+        // Total even at the end of chrono's range (never reached from a real
+        // clock, but `now` is an argument): the window then ends at the limit.
+        let after = |d: chrono::Duration| start.checked_add_signed(d).unwrap_or(DateTime::<Utc>::MAX_UTC);
         let end = match self {
-            Period::Minute => start + chrono::Duration::minutes(1),
-            Period::Hour => start + chrono::Duration::hours(1),
-            Period::Day => start + chrono::Duration::days(1),
+            Period::Minute => after(chrono::Duration::minutes(1)),
+            Period::Hour => after(chrono::Duration::hours(1)),
+            Period::Day => after(chrono::Duration::days(1)),
             Period::Month => {
                 let (y, m) =
                     if start.month() == 12 { (start.year() + 1, 1) } else { (start.year(), start.month() + 1) };
-                Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single().unwrap_or(start + chrono::Duration::days(31))
+                Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single().unwrap_or_else(|| after(chrono::Duration::days(31)))
             }
         };
         (start, end)
@@ -285,6 +288,16 @@ mod tests {
             Period::Month.bounds(t("2028-02-10T00:00:00Z")),
             (t("2028-02-01T00:00:00Z"), t("2028-03-01T00:00:00Z"))
         );
+    }
+
+    #[test]
+    fn windows_at_the_end_of_time_do_not_panic() {
+        for p in [Period::Minute, Period::Hour, Period::Day, Period::Month] {
+            let (start, end) = p.bounds(DateTime::<Utc>::MAX_UTC);
+            assert!(start <= end);
+            let (start, end) = p.bounds(DateTime::<Utc>::MIN_UTC);
+            assert!(start <= end);
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{Answer, TestServer, http_check, spec_config};
+use common::{Answer, TestServer, http_check, spec_config, with_jwt};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -90,6 +90,28 @@ async fn mtls_requires_a_client_certificate_from_the_ca() {
         Ok(ch) => check(ch).await.is_err(),
     };
     assert!(without, "no client certificate, no Check");
+    s.stop().await;
+}
+
+/// With `trusted_callers: mtls` (the default), a JWT claim in the Check's
+/// metadata names the account only when the caller proved itself with a
+/// client certificate; over plain TLS the same Check is anonymous.
+#[tokio::test]
+async fn asserted_identity_is_honoured_only_from_mtls_callers() {
+    let forged = || with_jwt(http_check("GET", "/v1/search", &[]), &[("org_id", "acct_pro")]);
+    let pki = Pki::new("trust-mtls");
+    let s = TestServer::start(&pki.config(true)).await;
+    let mut c = AuthorizationClient::new(pki.channel(&s, true).await.unwrap());
+    let a = Answer::of(c.check(forged()).await.unwrap().get_ref());
+    assert!(a.allowed, "an mTLS peer (the proxy) may assert identity");
+    assert_eq!(a.upstream_headers["x-tollgate-account"], "acct_pro");
+    s.stop().await;
+
+    let pki = Pki::new("trust-tls");
+    let s = TestServer::start(&pki.config(false)).await;
+    let mut c = AuthorizationClient::new(pki.channel(&s, false).await.unwrap());
+    let a = Answer::of(c.check(forged()).await.unwrap().get_ref());
+    assert_eq!((a.http_status, a.code()), (401, "credentials_missing"), "a TLS peer without a certificate may not");
     s.stop().await;
 }
 
