@@ -213,8 +213,14 @@ pub struct Options {
 /// An Envoy config derived from `deploy/envoy/envoy.yaml`: the same filters and
 /// settings, with ports pointed at the test's processes.
 pub fn config(tollgate: SocketAddr, upstream: SocketAddr, opts: Options) -> String {
+    config_from("deploy/envoy/envoy.yaml", tollgate, upstream, opts)
+}
+
+/// Like [`config`], from another shipped Envoy file (`file` relative to the
+/// crate root, e.g. `deploy/envoy/envoy-mtls.yaml`).
+pub fn config_from(file: &str, tollgate: SocketAddr, upstream: SocketAddr, opts: Options) -> String {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let deploy = std::fs::read_to_string(root.join("deploy/envoy/envoy.yaml")).unwrap();
+    let deploy = std::fs::read_to_string(root.join(file)).unwrap();
     let mut c = deploy
         .replace("port_value: 9901", "port_value: 0")
         .replace("port_value: 10000", "port_value: 0")
