@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::envoy::{self, Envoy, Options, Response, echo_upstream};
+use common::envoy::{self, Envoy, Options, Pki, Response, echo_upstream};
 use common::{TestServer, spec_config};
 
 /// Paths that a lax proxy and a lax upstream read differently: each one names
@@ -301,6 +301,43 @@ async fn credentials_never_reach_the_upstream_on_a_paid_route() {
         let echo = upstream_saw(&r).unwrap_or_else(|| panic!("{r:?}"));
         assert!(!upstream_header_names(&echo).contains(&key.0.to_owned()), "{key:?}: {echo}");
     }
+    s.stop().await;
+}
+
+/// tollgate requiring client certificates from `pki`'s CA, behind Envoy built
+/// from `file` with its certificate paths pointed at `certs`.
+async fn mtls_stack(pki: &Pki, file: &str, certs: &Pki) -> Stack {
+    let tollgate = TestServer::start(&(spec_config() + &pki.tollgate_tls())).await;
+    let upstream = echo_upstream().await;
+    let config = certs.envoy_config(&envoy::config_from(file, tollgate.grpc, upstream, Options::default()));
+    Stack { tollgate, envoy: Envoy::start(&config).await }
+}
+
+#[tokio::test]
+async fn the_mtls_config_reaches_a_tollgate_that_requires_client_certificates() {
+    let pki = Pki::new("mtls-ok");
+    let s = mtls_stack(&pki, "deploy/envoy/envoy-mtls.yaml", &pki).await;
+    s.envoy.wait_cluster_healthy("tollgate").await;
+    let r = s.send("POST", "/v1/ai/chat", &[("x-api-key", "pro-key")]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["headers"]["x-tollgate-account"], "acct_pro");
+    assert_eq!(s.send("POST", "/public/../v1/ai/chat", &[]).await.status, 401);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_proxy_without_a_client_certificate_from_the_ca_gets_no_decision_and_fails_closed() {
+    let pki = Pki::new("mtls-server");
+    // The plaintext config: no TLS at all.
+    let s = mtls_stack(&pki, "deploy/envoy/envoy.yaml", &pki).await;
+    assert_eq!(s.send("POST", "/v1/ai/chat", &[("x-api-key", "pro-key")]).await.status, 503);
+    s.stop().await;
+    // The mTLS config with a client certificate from another CA (trusting tollgate's).
+    let other = Pki::new("mtls-other");
+    std::fs::copy(pki.dir.join("ca.crt"), other.dir.join("ca.crt")).unwrap();
+    let s = mtls_stack(&pki, "deploy/envoy/envoy-mtls.yaml", &other).await;
+    assert_eq!(s.send("POST", "/v1/ai/chat", &[("x-api-key", "pro-key")]).await.status, 503);
+    assert_eq!(s.send("GET", "/public/docs", &[]).await.status, 503);
     s.stop().await;
 }
 
