@@ -697,3 +697,118 @@ fn relative(from: &Path, to: &Path) -> String {
     let downs = t[common..].iter().map(|c| c.as_os_str().to_string_lossy().into_owned());
     ups.chain(downs).collect::<Vec<_>>().join("/")
 }
+
+/// A process started by a test; killed on drop.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls tollgate's /readyz for `within`; true once it answers 200.
+async fn becomes_ready(http: u16, within: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
+        if let Ok((200, _, _)) = common::http_get(addr, "/readyz").await {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// The redis-tls component end to end: redis-server with the component's
+/// arguments, and the tollgate binary with the ConfigMap, the component's
+/// TOLLGATE_REDIS_URL and SSL_CERT_FILE (certificates made by the test, for
+/// `localhost` instead of the Service name).
+#[tokio::test]
+async fn the_redis_tls_component_connects_tollgate_to_redis_over_tls_with_the_password() {
+    let component = deploy_root().join("k8s/components/redis-tls");
+    let redis_patch: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(component.join("redis.yaml")).unwrap()).unwrap();
+    let tollgate_patch: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(component.join("deployment.yaml")).unwrap()).unwrap();
+    let pki = common::envoy::Pki::new("redis-tls");
+    let password = "fedcba9876543210fedcba9876543210";
+    let redis_port = free_port();
+
+    let args: Vec<String> = strs(&redis_patch["spec"]["template"]["spec"]["containers"][0]["args"])
+        .iter()
+        .map(|a| match *a {
+            "6379" => redis_port.to_string(),
+            "/tls/tls.crt" => pki.path("localhost.crt"),
+            "/tls/tls.key" => pki.path("localhost.key"),
+            "/tls/ca.crt" => pki.path("ca.crt"),
+            "$(REDIS_PASSWORD)" => password.to_owned(),
+            other => other.to_owned(),
+        })
+        .collect();
+    assert!(args.contains(&"--tls-port".to_owned()) && args.contains(&"--requirepass".to_owned()));
+    let redis_bin = std::env::var("TOLLGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    let _redis = Process(
+        std::process::Command::new(redis_bin)
+            .args(&args)
+            .args(["--bind", "127.0.0.1", "--appendonly", "no", "--dir"])
+            .arg(&pki.dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server"),
+    );
+
+    let c = &tollgate_patch["spec"]["template"]["spec"]["containers"][0];
+    let url = env(c, "TOLLGATE_REDIS_URL").1["value"].as_str().unwrap();
+    assert!(url.starts_with("rediss://"), "{url}");
+    let url = url
+        .replace("$(REDIS_PASSWORD)", password)
+        .replace("redis.tollgate.svc.cluster.local:6379", &format!("localhost:{redis_port}"));
+    let ca_file = env(c, "SSL_CERT_FILE").1["value"].as_str().unwrap();
+    let mount = seq(&c["volumeMounts"]).iter().find(|m| ca_file.starts_with(m["mountPath"].as_str().unwrap()));
+    assert!(mount.is_some(), "SSL_CERT_FILE {ca_file} is in a mounted volume");
+
+    let docs = shipped();
+    let (grpc, http) = (free_port(), free_port());
+    let config = kind(&docs, "ConfigMap", "tollgate-config")["data"]["tollgate.yaml"]
+        .as_str()
+        .unwrap()
+        .replace("0.0.0.0:9191", &format!("127.0.0.1:{grpc}"))
+        .replace("0.0.0.0:9090", &format!("127.0.0.1:{http}"));
+    let config_path = pki.dir.join("tollgate.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let tollgate = |trust_ca: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.arg("--config")
+            .arg(&config_path)
+            .env("TOLLGATE_REDIS_URL", &url)
+            .env("TOLLGATE_ADMIN_TOKENS", "0123456789abcdef0123456789abcdef0123456789abcdef")
+            .env_remove("SSL_CERT_DIR")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if trust_ca {
+            cmd.env("SSL_CERT_FILE", pki.path("ca.crt"));
+        } else {
+            cmd.env("SSL_CERT_FILE", pki.path("tls.crt")); // some other certificate: not the CA
+        }
+        Process(cmd.spawn().expect("tollgate binary"))
+    };
+
+    {
+        let _t = tollgate(false);
+        assert!(
+            !becomes_ready(http, std::time::Duration::from_secs(2)).await,
+            "ready over TLS without trusting Redis's CA"
+        );
+    }
+    let _t = tollgate(true);
+    assert!(
+        becomes_ready(http, std::time::Duration::from_secs(15)).await,
+        "tollgate never reached Redis over rediss:// with the password"
+    );
+}

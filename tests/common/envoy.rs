@@ -265,9 +265,11 @@ pub const MTLS_DIR: &str = "/etc/envoy/tollgate-tls/";
 /// The DNS name the shipped mTLS config requires in tollgate's certificate.
 pub const TOLLGATE_SAN: &str = "tollgate.tollgate.svc.cluster.local";
 
-/// A CA, a tollgate server certificate for [`TOLLGATE_SAN`] and an Envoy
-/// client certificate, written to a temporary directory (removed on drop)
-/// under the file names the shipped configs use.
+/// A CA, a tollgate server certificate for [`TOLLGATE_SAN`] (`server.crt`),
+/// an Envoy client certificate (`tls.crt`) and a server certificate for
+/// `localhost` (`localhost.crt`), written with their keys and the CA
+/// (`ca.crt`) to a temporary directory (removed on drop) under the file names
+/// the shipped configs use.
 pub struct Pki {
     pub dir: PathBuf,
 }
@@ -295,12 +297,15 @@ impl Pki {
         };
         let (server_cert, server_key) = leaf(TOLLGATE_SAN);
         let (client_cert, client_key) = leaf("envoy");
+        let (local_cert, local_key) = leaf("localhost");
         for (file, pem) in [
             ("ca.crt", &ca),
             ("tls.crt", &client_cert),
             ("tls.key", &client_key),
             ("server.crt", &server_cert),
             ("server.key", &server_key),
+            ("localhost.crt", &local_cert),
+            ("localhost.key", &local_key),
         ] {
             std::fs::write(dir.join(file), pem).unwrap();
         }
