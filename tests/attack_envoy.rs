@@ -14,6 +14,7 @@ mod common;
 
 use common::envoy::{self, Envoy, Options, Pki, Response, echo_upstream};
 use common::{TestServer, spec_config};
+use futures_util::future::join_all;
 
 /// Paths that a lax proxy and a lax upstream read differently: each one names
 /// a paid route (`/v1/ai`) to an upstream that resolves dot segments, decodes
@@ -172,16 +173,17 @@ fn the_laxest_reading_of_every_confusion_path_is_paid() {
 #[tokio::test]
 async fn no_confusion_path_reaches_a_paid_upstream_route_without_a_credential() {
     let s = Stack::start().await;
-    for path in PATH_CONFUSION {
-        for method in ["GET", "POST"] {
-            let r = s.send(method, path, &[]).await;
-            let refused = matches!(r.status, 400 | 401 | 403 | 404) || (300..400).contains(&r.status);
-            if let Some(echo) = upstream_saw(&r) {
-                let got = echo["path"].as_str().unwrap();
-                assert!(!is_paid(got), "{method} {path}: the upstream served {got} without a credential");
-            } else {
-                assert!(refused, "{method} {path}: {r:?}");
-            }
+    let attempts: Vec<(&str, &str)> = PATH_CONFUSION.iter().flat_map(|p| [("GET", *p), ("POST", *p)]).collect();
+    // Concurrently: Envoy closes a connection it refused after its delayed-close
+    // timeout, which would make one request after another slow.
+    let answers = join_all(attempts.iter().map(|(method, path)| s.send(method, path, &[]))).await;
+    for ((method, path), r) in attempts.iter().zip(answers) {
+        let refused = matches!(r.status, 400 | 401 | 403 | 404) || (300..400).contains(&r.status);
+        if let Some(echo) = upstream_saw(&r) {
+            let got = echo["path"].as_str().unwrap();
+            assert!(!is_paid(got), "{method} {path}: the upstream served {got} without a credential");
+        } else {
+            assert!(refused, "{method} {path}: {r:?}");
         }
     }
     s.stop().await;
@@ -190,7 +192,7 @@ async fn no_confusion_path_reaches_a_paid_upstream_route_without_a_credential() 
 #[tokio::test]
 async fn the_edge_refuses_encoded_slashes_and_double_encodings_with_400() {
     let s = Stack::start().await;
-    for path in [
+    let paths = [
         "/public%2f..%2fv1%2fai%2fchat",
         "/public/..%5Cv1/ai/chat",
         "/public/%2e%2e%2fv1/ai/chat",
@@ -201,8 +203,10 @@ async fn the_edge_refuses_encoded_slashes_and_double_encodings_with_400() {
         "/public/%252e%252e/v1/ai/chat",
         "/public/..%252fv1/ai/chat",
         "/public/..%255cv1/ai/chat",
-    ] {
-        assert_eq!(s.send("GET", path, &[]).await.status, 400, "{path}");
+    ];
+    let answers = join_all(paths.iter().map(|path| s.send("GET", path, &[]))).await;
+    for (path, r) in paths.iter().zip(answers) {
+        assert_eq!(r.status, 400, "{path}: {r:?}");
     }
     s.stop().await;
 }
