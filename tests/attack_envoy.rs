@@ -63,14 +63,15 @@ const PATH_CONFUSION: &[&str] = &[
 
 /// The forged headers a client may try, in the spellings upstreams accept.
 const FORGED: &[(&str, &str)] = &[
-    ("x-tollgate-account", "acct_pro"),
-    ("X-Tollgate-Plan", "pro"),
+    // Values no real answer carries, so a forged one is told from tollgate's.
+    ("x-tollgate-account", "acct_forged"),
+    ("X-Tollgate-Plan", "forged-plan"),
     ("x-tollgate-degraded", "store_unavailable"),
     ("x-tollgate-billing-warning", "none"),
     ("x-tollgate-anything", "forged"),
     ("X-TOLLGATE-ANYTHING-ELSE", "forged"),
     // CGI-style upstreams (Rack, WSGI, PHP) read this as x-tollgate-account.
-    ("x_tollgate_account", "acct_pro"),
+    ("x_tollgate_account", "acct_forged_underscore"),
 ];
 
 struct Stack {
