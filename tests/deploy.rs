@@ -1,5 +1,11 @@
 //! Every YAML under `deploy/` parses, and the ports, probe service names,
-//! config keys and names agree with each other and with the code's defaults.
+//! config keys and names agree with each other and with the code's defaults;
+//! and the hardening the shipped files promise (SPEC §10) is there: paths
+//! normalized at the edge, client `x-tollgate-*` headers stripped first, no
+//! usable placeholder secret, network policies, Redis behind a password, TLS
+//! options that build and validate.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 
@@ -18,23 +24,48 @@ fn deploy_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+fn deploy_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+fn parse_all(text: &str, what: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{what}: {e}")))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
 /// Every document of every YAML file under deploy/, with its file name.
 fn documents() -> Vec<(String, Value)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let root = deploy_root();
     let mut files = Vec::new();
     deploy_files(&root, &mut files);
     files.sort();
     let mut docs = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
-        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-            let v = Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-            if !v.is_null() {
-                docs.push((f.strip_prefix(&root).unwrap().display().to_string(), v));
-            }
+        for v in parse_all(&text, &f.display().to_string()) {
+            docs.push((f.strip_prefix(&root).unwrap().display().to_string(), v));
         }
     }
     docs
+}
+
+/// What `kubectl apply -k deploy/k8s` applies (the kustomization's
+/// resources), plus the Istio and Envoy files: no component patches.
+fn shipped() -> Vec<(String, Value)> {
+    let k = kustomization();
+    let resources: Vec<String> =
+        k["resources"].as_sequence().unwrap().iter().map(|r| format!("k8s/{}", r.as_str().unwrap())).collect();
+    documents()
+        .into_iter()
+        .filter(|(f, _)| resources.contains(f) || f.starts_with("istio/") || f.starts_with("envoy/"))
+        .collect()
+}
+
+fn kustomization() -> Value {
+    let text = std::fs::read_to_string(deploy_root().join("k8s/kustomization.yaml")).unwrap();
+    serde_yaml_ng::from_str(&text).unwrap()
 }
 
 fn kind<'a>(docs: &'a [(String, Value)], kind: &str, name: &str) -> &'a Value {
@@ -42,6 +73,27 @@ fn kind<'a>(docs: &'a [(String, Value)], kind: &str, name: &str) -> &'a Value {
         .map(|(_, v)| v)
         .find(|v| v["kind"].as_str() == Some(kind) && v["metadata"]["name"].as_str() == Some(name))
         .unwrap_or_else(|| panic!("no {kind}/{name} under deploy/"))
+}
+
+fn file<'a>(docs: &'a [(String, Value)], name: &str) -> &'a Value {
+    docs.iter().find(|(f, _)| f == name).map(|(_, v)| v).unwrap_or_else(|| panic!("no {name}"))
+}
+
+fn seq(v: &Value) -> &[Value] {
+    v.as_sequence().map(Vec::as_slice).unwrap_or(&[])
+}
+
+fn strs(v: &Value) -> Vec<&str> {
+    seq(v).iter().filter_map(Value::as_str).collect()
+}
+
+/// The env entry `name` of a container, with its position.
+fn env<'a>(container: &'a Value, name: &str) -> (usize, &'a Value) {
+    seq(&container["env"])
+        .iter()
+        .enumerate()
+        .find(|(_, e)| e["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no env {name}"))
 }
 
 fn defaults() -> Config {
@@ -53,16 +105,30 @@ fn every_deploy_yaml_parses() {
     let docs = documents();
     assert!(docs.len() >= 12, "{} documents", docs.len());
     let files: Vec<&str> = docs.iter().map(|(f, _)| f.as_str()).collect();
-    for want in
-        ["envoy/envoy.yaml", "k8s/deployment.yaml", "k8s/hpa.yaml", "k8s/pdb.yaml", "istio/authorization-policy.yaml"]
-    {
+    for want in [
+        "envoy/envoy.yaml",
+        "envoy/envoy-mtls.yaml",
+        "k8s/deployment.yaml",
+        "k8s/hpa.yaml",
+        "k8s/pdb.yaml",
+        "k8s/network-policy.yaml",
+        "k8s/components/mtls/kustomization.yaml",
+        "k8s/components/redis-tls/kustomization.yaml",
+        "istio/authorization-policy.yaml",
+        "istio/envoy-filter.yaml",
+    ] {
         assert!(files.contains(&want), "missing {want}");
+    }
+    // Every file the kustomization names exists and parses.
+    let shipped: Vec<String> = shipped().into_iter().map(|(f, _)| f).collect();
+    for r in strs(&kustomization()["resources"]) {
+        assert!(shipped.contains(&format!("k8s/{r}")), "kustomization resource {r} missing");
     }
 }
 
 #[test]
 fn kubernetes_manifests_agree_with_the_code() {
-    let docs = documents();
+    let docs = shipped();
     let d = defaults();
     let (grpc, http) = (d.server.grpc_listen.port() as u64, d.server.http_listen.port() as u64);
 
@@ -92,12 +158,12 @@ fn kubernetes_manifests_agree_with_the_code() {
     assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
     assert!(c["resources"]["requests"]["cpu"].is_string() && c["resources"]["limits"]["memory"].is_string());
 
-    // The admin token: Secret key → env var → the config's admin_tokens_env.
-    let env = c["env"].as_sequence().unwrap();
-    let admin = env.iter().find(|e| e["name"].as_str() == Some(config.server.admin_tokens_env.as_str())).unwrap();
+    // The admin token: a Secret the operator creates → env var → the config's admin_tokens_env.
+    let (_, admin) = env(c, &config.server.admin_tokens_env);
     let secret_ref = &admin["valueFrom"]["secretKeyRef"];
-    let secret = kind(&docs, "Secret", secret_ref["name"].as_str().unwrap());
-    assert!(secret["stringData"][secret_ref["key"].as_str().unwrap()].is_string());
+    assert_eq!(secret_ref["name"].as_str(), Some("tollgate-admin"));
+    assert_eq!(secret_ref["key"].as_str(), Some("tokens"));
+    assert_eq!(secret_ref["optional"].as_bool(), Some(false), "no pod starts without the admin Secret");
 
     // The config file is mounted where args point.
     let args: Vec<&str> = c["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
@@ -133,7 +199,7 @@ fn kubernetes_manifests_agree_with_the_code() {
 
 #[test]
 fn istio_provider_and_policy_agree_with_the_service() {
-    let docs = documents();
+    let docs = shipped();
     let grpc = defaults().server.grpc_listen.port() as u64;
     let mesh = docs.iter().map(|(_, v)| v).find(|v| v["kind"].as_str() == Some("IstioOperator")).unwrap();
     let provider = &mesh["spec"]["meshConfig"]["extensionProviders"][0];
@@ -152,9 +218,14 @@ fn istio_provider_and_policy_agree_with_the_service() {
 
 #[test]
 fn envoy_config_points_at_tollgate_defaults() {
-    let docs = documents();
+    let docs = shipped();
     let grpc = defaults().server.grpc_listen.port() as u64;
-    let envoy = docs.iter().find(|(f, _)| f == "envoy/envoy.yaml").map(|(_, v)| v).unwrap();
+    for name in ENVOY_FILES {
+        envoy_points_at_tollgate(file(&docs, name), grpc);
+    }
+}
+
+fn envoy_points_at_tollgate(envoy: &Value, grpc: u64) {
     let clusters = envoy["static_resources"]["clusters"].as_sequence().unwrap();
     let tollgate = clusters.iter().find(|c| c["name"].as_str() == Some("tollgate")).unwrap();
     let endpoint =
@@ -175,10 +246,569 @@ fn envoy_config_points_at_tollgate_defaults() {
     assert_eq!(names.last(), Some(&"envoy.filters.http.router"));
     // The headers Envoy sends are the ones the default identity sources read.
     let allowed: Vec<&str> =
-        t["allowed_headers"]["patterns"].as_sequence().unwrap().iter().map(|p| p["exact"].as_str().unwrap()).collect();
+        t["allowed_headers"]["patterns"].as_sequence().unwrap().iter().filter_map(|p| p["exact"].as_str()).collect();
     for source in defaults().identity {
         if let tollgate::identity::IdentitySource::ApiKey { header, .. } = source {
             assert!(allowed.contains(&header.as_str()), "{header} not in allowed_headers");
         }
     }
+}
+
+/// The Envoy configs the project ships, relative to deploy/.
+const ENVOY_FILES: [&str; 2] = ["envoy/envoy.yaml", "envoy/envoy-mtls.yaml"];
+
+/// The listener's HTTP connection manager config.
+fn hcm(envoy: &Value) -> &Value {
+    &envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+}
+
+fn ext_authz_disabled(route: &Value) -> bool {
+    route["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["disabled"].as_bool() == Some(true)
+}
+
+#[test]
+fn shipped_envoy_configs_normalize_paths_before_routing() {
+    let docs = shipped();
+    for name in ENVOY_FILES {
+        let h = hcm(file(&docs, name));
+        assert_eq!(h["normalize_path"].as_bool(), Some(true), "{name}");
+        assert_eq!(h["merge_slashes"].as_bool(), Some(true), "{name}");
+        assert_eq!(h["path_with_escaped_slashes_action"].as_str(), Some("REJECT_REQUEST"), "{name}");
+        assert_eq!(
+            h["common_http_protocol_options"]["headers_with_underscores_action"].as_str(),
+            Some("DROP_HEADER"),
+            "{name}: x_tollgate_account must not reach CGI-style upstreams"
+        );
+    }
+}
+
+#[test]
+fn routes_without_ext_authz_are_exact_and_forward_no_credentials() {
+    let docs = shipped();
+    for name in ENVOY_FILES {
+        let routes = seq(&hcm(file(&docs, name))["route_config"]["virtual_hosts"][0]["routes"]);
+        let health = routes.iter().find(|r| ext_authz_disabled(r)).unwrap_or_else(|| panic!("{name}: no health route"));
+        assert_eq!(health["match"]["path"].as_str(), Some("/healthz"), "{name}: matched exactly");
+        for r in routes.iter().filter(|r| ext_authz_disabled(r)) {
+            let m = r["match"].as_mapping().unwrap();
+            assert!(m.len() == 1 && r["match"]["path"].is_string(), "{name}: ext_authz off only on exact paths: {m:?}");
+            let removed = strs(&r["request_headers_to_remove"]);
+            for credential in ["x-api-key", "authorization"] {
+                assert!(removed.contains(&credential), "{name}: {credential} reaches the upstream on {m:?}");
+            }
+        }
+        // The catch-all runs ext_authz.
+        let last = routes.last().unwrap();
+        assert_eq!(last["match"]["prefix"].as_str(), Some("/"));
+        assert!(!ext_authz_disabled(last));
+    }
+}
+
+/// The header filter every shipped proxy config puts first.
+fn header_filter(docs: &[(String, Value)]) -> Value {
+    seq(&hcm(file(docs, "envoy/envoy.yaml"))["http_filters"])[0].clone()
+}
+
+#[test]
+fn the_first_filter_strips_every_client_tollgate_header() {
+    let docs = shipped();
+    for name in ENVOY_FILES {
+        let filters = seq(&hcm(file(&docs, name))["http_filters"]);
+        let names: Vec<&str> = filters.iter().map(|f| f["name"].as_str().unwrap()).collect();
+        assert_eq!(names[0], "envoy.filters.http.header_mutation", "{name}: {names:?}");
+        let first = &filters[0];
+        let mutations = seq(&first["typed_config"]["mutations"]["request_mutations"]);
+        assert!(
+            mutations.iter().any(|m| m["remove_on_match"]["key_matcher"]["prefix"].as_str() == Some("x-tollgate-")),
+            "{name}: {mutations:?}"
+        );
+        assert!(first["typed_config"]["mutations"]["response_mutations"].is_null(), "{name}: request side only");
+        assert_eq!(first, &header_filter(&docs), "{name}: the same filter as envoy.yaml");
+        // tollgate sees whatever x-tollgate-* might get past it, as a second layer.
+        let authz = filters.iter().find(|f| f["name"].as_str() == Some("envoy.filters.http.ext_authz")).unwrap();
+        let prefixes: Vec<&str> = seq(&authz["typed_config"]["allowed_headers"]["patterns"])
+            .iter()
+            .filter_map(|p| p["prefix"].as_str())
+            .collect();
+        assert_eq!(prefixes, ["x-tollgate-"], "{name}");
+    }
+}
+
+#[test]
+fn the_mtls_envoy_config_is_envoy_yaml_plus_a_client_certificate_to_tollgate() {
+    let docs = shipped();
+    let plain = file(&docs, "envoy/envoy.yaml");
+    let mut mtls = file(&docs, "envoy/envoy-mtls.yaml").clone();
+    let clusters = mtls["static_resources"]["clusters"].as_sequence_mut().unwrap();
+    let tollgate = clusters.iter_mut().find(|c| c["name"].as_str() == Some("tollgate")).unwrap();
+    let socket = tollgate.as_mapping_mut().unwrap().remove("transport_socket").expect("a transport socket");
+    let tls = &socket["typed_config"];
+    assert_eq!(
+        tls["@type"].as_str(),
+        Some("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext")
+    );
+    let ctx = &tls["common_tls_context"];
+    assert!(ctx["tls_certificates"][0]["certificate_chain"]["filename"].is_string(), "a client certificate");
+    assert!(ctx["tls_certificates"][0]["private_key"]["filename"].is_string());
+    assert!(ctx["validation_context"]["trusted_ca"]["filename"].is_string(), "tollgate's certificate is verified");
+    let san = &ctx["validation_context"]["match_typed_subject_alt_names"][0];
+    assert_eq!(san["matcher"]["exact"].as_str(), Some(common::envoy::TOLLGATE_SAN));
+    assert_eq!(tls["sni"].as_str(), Some(common::envoy::TOLLGATE_SAN));
+    // Everything else is the plaintext config (YAML comments do not parse).
+    assert_eq!(&mtls, plain, "keep envoy-mtls.yaml in step with envoy.yaml");
+}
+
+#[test]
+fn every_shipped_envoy_config_passes_envoy_validate() {
+    let pki = common::envoy::Pki::new("validate");
+    for name in ENVOY_FILES {
+        let text = std::fs::read_to_string(deploy_root().join(name)).unwrap();
+        // The mTLS file's certificates, made for the test where it expects them.
+        let text = pki.envoy_config(&text);
+        if let Err(out) = common::envoy::validate(&text) {
+            panic!("{name} does not validate:\n{out}");
+        }
+    }
+}
+
+#[test]
+fn no_secret_with_a_value_is_shipped() {
+    // `kubectl apply -k` creates no Secret: the operator does, with real values.
+    for (f, v) in shipped() {
+        assert_ne!(v["kind"].as_str(), Some("Secret"), "{f} ships a Secret");
+    }
+    let k = kustomization();
+    assert!(k["secretGenerator"].is_null(), "no generated Secret: {:?}", k["secretGenerator"]);
+    // The old placeholder appears only in comments, anywhere under deploy/.
+    let mut files = Vec::new();
+    deploy_files(&deploy_root(), &mut files);
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for line in text.lines().filter(|l| l.contains("change-me-to-a-long-random-token")) {
+            let before = &line[..line.find("change-me").unwrap()];
+            assert!(before.contains('#'), "{}: placeholder outside a comment: {line}", f.display());
+        }
+    }
+}
+
+/// Every Secret a workload reads, as (workload, secret name, optional flag).
+fn secret_refs(docs: &[(String, Value)]) -> Vec<(String, String, Option<bool>)> {
+    let mut out = Vec::new();
+    for (_, v) in docs {
+        let pod = &v["spec"]["template"]["spec"];
+        let workload = format!("{}/{}", v["kind"].as_str().unwrap_or(""), v["metadata"]["name"].as_str().unwrap_or(""));
+        for c in seq(&pod["containers"]) {
+            for e in seq(&c["env"]) {
+                let r = &e["valueFrom"]["secretKeyRef"];
+                if let Some(name) = r["name"].as_str() {
+                    out.push((workload.clone(), name.to_owned(), r["optional"].as_bool()));
+                }
+            }
+        }
+        for vol in seq(&pod["volumes"]) {
+            if let Some(name) = vol["secret"]["secretName"].as_str() {
+                out.push((workload.clone(), name.to_owned(), vol["secret"]["optional"].as_bool()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn pods_do_not_start_without_the_secrets_the_operator_creates() {
+    let refs = secret_refs(&documents());
+    let names: Vec<&str> = refs.iter().map(|(_, n, _)| n.as_str()).collect();
+    for want in ["tollgate-admin", "redis-auth", "tollgate-tls", "redis-tls"] {
+        assert!(names.contains(&want), "{want} not referenced: {refs:?}");
+    }
+    for (workload, name, optional) in &refs {
+        assert_eq!(*optional, Some(false), "{workload} reads {name}: say optional: false");
+    }
+}
+
+/// The pod template labels of a workload.
+fn pod_labels(v: &Value) -> &Value {
+    &v["spec"]["template"]["metadata"]["labels"]
+}
+
+/// Each peer of a rule as (namespace labels, pod labels).
+fn peers(rule: &Value) -> Vec<(&Value, &Value)> {
+    seq(&rule["from"])
+        .iter()
+        .map(|p| (&p["namespaceSelector"]["matchLabels"], &p["podSelector"]["matchLabels"]))
+        .collect()
+}
+
+fn ports(rule: &Value) -> Vec<u64> {
+    seq(&rule["ports"]).iter().map(|p| p["port"].as_u64().expect("numeric port")).collect()
+}
+
+#[test]
+fn network_policies_admit_only_the_gateway_to_grpc_and_only_tollgate_to_redis() {
+    let docs = shipped();
+    let d = defaults();
+    let (grpc, http) = (d.server.grpc_listen.port() as u64, d.server.http_listen.port() as u64);
+
+    let deny = kind(&docs, "NetworkPolicy", "default-deny-ingress");
+    assert_eq!(deny["metadata"]["namespace"].as_str(), Some("tollgate"));
+    assert_eq!(deny["spec"]["podSelector"].as_mapping().map(|m| m.len()), Some(0), "selects every pod");
+    assert_eq!(strs(&deny["spec"]["policyTypes"]), ["Ingress"]);
+    assert!(deny["spec"]["ingress"].is_null(), "admits nothing");
+
+    let tollgate = kind(&docs, "NetworkPolicy", "tollgate");
+    assert_eq!(&tollgate["spec"]["podSelector"]["matchLabels"], pod_labels(kind(&docs, "Deployment", "tollgate")));
+    let rules = seq(&tollgate["spec"]["ingress"]);
+    let rule_for = |port: u64| {
+        let matching: Vec<&Value> = rules.iter().filter(|r| ports(r).contains(&port)).collect();
+        assert_eq!(matching.len(), 1, "one rule for port {port}");
+        assert_eq!(ports(matching[0]), [port], "a rule names exactly its port");
+        matching[0]
+    };
+    let mut all_ports: Vec<u64> = rules.iter().flat_map(ports).collect();
+    all_ports.sort();
+    assert_eq!(all_ports, [http, grpc]);
+    // gRPC: the labelled proxies and the Istio ingress gateway, each a pod
+    // selector inside a namespace selector (never "any pod" or "any namespace").
+    let grpc_peers = peers(rule_for(grpc));
+    assert!(!grpc_peers.is_empty());
+    for (ns, pod) in &grpc_peers {
+        assert!(ns.as_mapping().is_some_and(|m| !m.is_empty()), "grpc peer without a namespace selector");
+        assert!(pod.as_mapping().is_some_and(|m| !m.is_empty()), "grpc peer without a pod selector");
+    }
+    assert!(grpc_peers.iter().any(|(_, pod)| pod["tollgate.io/ext-authz-client"].as_str() == Some("true")));
+    assert!(grpc_peers.iter().any(|(ns, pod)| {
+        ns["kubernetes.io/metadata.name"].as_str() == Some("istio-system")
+            && pod["istio"].as_str() == Some("ingressgateway")
+    }));
+    // HTTP: Prometheus and the same gateways (Stripe webhooks come through them).
+    let http_peers = peers(rule_for(http));
+    assert!(http_peers.iter().any(|(_, pod)| pod["app.kubernetes.io/name"].as_str() == Some("prometheus")));
+    for peer in &grpc_peers {
+        assert!(http_peers.contains(peer), "{peer:?} cannot deliver webhooks");
+    }
+
+    let redis = kind(&docs, "NetworkPolicy", "redis");
+    assert_eq!(&redis["spec"]["podSelector"]["matchLabels"], pod_labels(kind(&docs, "StatefulSet", "redis")));
+    let redis_port = kind(&docs, "Service", "redis")["spec"]["ports"][0]["port"].as_u64().unwrap();
+    let rules = seq(&redis["spec"]["ingress"]);
+    assert_eq!(rules.len(), 1);
+    assert_eq!(ports(&rules[0]), [redis_port]);
+    let redis_peers = seq(&rules[0]["from"]);
+    assert_eq!(redis_peers.len(), 1);
+    assert!(redis_peers[0]["namespaceSelector"].is_null(), "tollgate's namespace only");
+    assert_eq!(&redis_peers[0]["podSelector"]["matchLabels"], pod_labels(kind(&docs, "Deployment", "tollgate")));
+}
+
+#[test]
+fn redis_requires_the_password_tollgate_sends() {
+    let docs = shipped();
+    let redis = &kind(&docs, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0];
+    let args = strs(&redis["args"]);
+    let at = args.iter().position(|a| *a == "--requirepass").expect("--requirepass");
+    assert_eq!(args[at + 1], "$(REDIS_PASSWORD)");
+    let secret = |c: &Value, var: &str| env(c, var).1["valueFrom"]["secretKeyRef"].clone();
+    let auth = secret(redis, "REDIS_PASSWORD");
+    assert_eq!((auth["name"].as_str(), auth["key"].as_str()), (Some("redis-auth"), Some("password")));
+    assert_eq!(secret(redis, "REDISCLI_AUTH"), auth, "the readiness probe authenticates");
+    let probe = strs(&redis["readinessProbe"]["exec"]["command"]).join(" ");
+    assert!(probe.contains("PONG"), "redis-cli exits 0 on NOAUTH: the probe must look for PONG: {probe}");
+
+    let tollgate = &kind(&docs, "Deployment", "tollgate")["spec"]["template"]["spec"]["containers"][0];
+    let (password_at, _) = env(tollgate, "REDIS_PASSWORD");
+    assert_eq!(secret(tollgate, "REDIS_PASSWORD"), auth);
+    let (url_at, url) = env(tollgate, "TOLLGATE_REDIS_URL");
+    assert!(password_at < url_at, "Kubernetes expands $(REDIS_PASSWORD) only from earlier variables");
+    let url = url["value"].as_str().unwrap();
+    let cm = kind(&docs, "ConfigMap", "tollgate-config");
+    let config = Config::parse(cm["data"]["tollgate.yaml"].as_str().unwrap(), "configmap").unwrap();
+    let host = config.store.url.0.strip_prefix("redis://").unwrap();
+    assert_eq!(url, format!("redis://:$(REDIS_PASSWORD)@{host}"), "the ConfigMap's address, with the password");
+}
+
+#[tokio::test]
+async fn the_deployment_redis_url_authenticates_to_a_password_protected_redis() {
+    let docs = shipped();
+    let tollgate = &kind(&docs, "Deployment", "tollgate")["spec"]["template"]["spec"]["containers"][0];
+    let template = env(tollgate, "TOLLGATE_REDIS_URL").1["value"].as_str().unwrap().to_owned();
+    let redis = common::redis::RedisServer::start();
+    let password = "0123456789abcdef0123456789abcdef"; // hex, as `openssl rand -hex` makes
+    assert_eq!(redis.cli(&["CONFIG", "SET", "requirepass", password]).map(|o| o.trim().to_owned()), Some("OK".into()));
+    let local = |url: &str| url.replace("redis.tollgate.svc.cluster.local:6379", &format!("127.0.0.1:{}", redis.port));
+
+    // The binary's path: the ConfigMap's file, then TOLLGATE_REDIS_URL (--redis-url) over store.url.
+    let cm = kind(&docs, "ConfigMap", "tollgate-config");
+    let dir = std::env::temp_dir().join(format!("tollgate-deploy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tollgate.yaml");
+    std::fs::write(&path, cm["data"]["tollgate.yaml"].as_str().unwrap()).unwrap();
+    let ping = |url: String| {
+        let path = path.clone();
+        async move {
+            let config = tollgate::reload::load(Some(&path), Some(&url)).unwrap();
+            assert_eq!(config.store.url.0, url, "TOLLGATE_REDIS_URL overrides store.url");
+            let store = tollgate::store::open(&config.store, &config.cache, std::sync::Arc::new(|_| {})).unwrap();
+            let mut last = None;
+            for _ in 0..20 {
+                match store.ping().await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = Some(e.to_string()),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(last.unwrap())
+        }
+    };
+    let with_password = local(&template.replace("$(REDIS_PASSWORD)", password));
+    ping(with_password).await.expect("the expanded URL authenticates");
+    let without = local(&template.replace(":$(REDIS_PASSWORD)@", ""));
+    assert!(ping(without).await.is_err(), "Redis refuses tollgate without the password");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn istio_normalizes_paths_and_strips_client_headers_first() {
+    let docs = shipped();
+    let mesh = docs.iter().map(|(_, v)| v).find(|v| v["kind"].as_str() == Some("IstioOperator")).unwrap();
+    assert_eq!(
+        mesh["spec"]["meshConfig"]["pathNormalization"]["normalization"].as_str(),
+        Some("DECODE_AND_MERGE_SLASHES")
+    );
+    let ext = &mesh["spec"]["meshConfig"]["extensionProviders"][0]["envoyExtAuthzGrpc"];
+    assert!(strs(&ext["includeRequestHeadersInCheck"]).contains(&"x-tollgate-*"));
+
+    let policy = kind(&docs, "AuthorizationPolicy", "tollgate");
+    let filters: Vec<&Value> =
+        docs.iter().map(|(_, v)| v).filter(|v| v["kind"].as_str() == Some("EnvoyFilter")).collect();
+    assert!(!filters.is_empty());
+    for f in &filters {
+        for patch in seq(&f["spec"]["configPatches"]) {
+            assert_eq!(patch["applyTo"].as_str(), Some("HTTP_FILTER"));
+            assert_eq!(
+                patch["match"]["listener"]["filterChain"]["filter"]["name"].as_str(),
+                Some("envoy.filters.network.http_connection_manager")
+            );
+            assert_eq!(patch["patch"]["operation"].as_str(), Some("INSERT_FIRST"));
+            assert_eq!(patch["patch"]["value"], header_filter(&docs), "the validated filter from envoy.yaml");
+        }
+    }
+    // One runs where the CUSTOM policy runs ext_authz: the protected workload's inbound sidecar.
+    assert!(filters.iter().any(|f| {
+        f["metadata"]["namespace"] == policy["metadata"]["namespace"]
+            && f["spec"]["workloadSelector"]["labels"] == policy["spec"]["selector"]["matchLabels"]
+            && seq(&f["spec"]["configPatches"])
+                .iter()
+                .all(|p| p["match"]["context"].as_str() == Some("SIDECAR_INBOUND"))
+    }));
+}
+
+#[test]
+fn the_mtls_component_is_the_configmap_plus_server_tls() {
+    let root = deploy_root().join("k8s");
+    let base = kind(&shipped(), "ConfigMap", "tollgate-config")["data"]["tollgate.yaml"].as_str().unwrap().to_owned();
+    let text = std::fs::read_to_string(root.join("components/mtls/configmap.yaml")).unwrap();
+    let patch: Value = serde_yaml_ng::from_str(&text).unwrap();
+    let with_tls = patch["data"]["tollgate.yaml"].as_str().unwrap();
+    // Differs from the base only by the tls block.
+    let without_tls: Vec<&str> = with_tls
+        .lines()
+        .scan(false, |in_tls, l| {
+            if l == "  tls:" {
+                *in_tls = true;
+            } else if *in_tls && !l.starts_with("    ") {
+                *in_tls = false;
+            }
+            Some((!*in_tls).then_some(l))
+        })
+        .flatten()
+        .collect();
+    assert_eq!(without_tls.join("\n"), base.trim_end(), "keep components/mtls/configmap.yaml in step");
+    // Valid for the code, with mTLS on, once the Secret's files exist.
+    let pki = common::envoy::Pki::new("component");
+    let yaml = with_tls
+        .replace("/etc/tollgate-tls/tls.crt", &pki.path("server.crt"))
+        .replace("/etc/tollgate-tls/tls.key", &pki.path("server.key"))
+        .replace("/etc/tollgate-tls/ca.crt", &pki.path("ca.crt"));
+    let config = Config::parse(&yaml, "components/mtls tollgate.yaml").unwrap();
+    assert!(config.server.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), "mutual TLS");
+
+    // The Deployment patch mounts the Secret where the config reads it, and
+    // probes over HTTP (the kubelet's gRPC probe cannot speak TLS).
+    let text = std::fs::read_to_string(root.join("components/mtls/deployment.yaml")).unwrap();
+    let patch: Value = serde_yaml_ng::from_str(&text).unwrap();
+    let c = &patch["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["volumeMounts"][0]["mountPath"].as_str(), Some("/etc/tollgate-tls"));
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert!(c[probe].as_mapping().unwrap().contains_key("grpc") && c[probe]["grpc"].is_null(), "{probe}");
+        assert_eq!(c[probe]["httpGet"]["path"].as_str(), Some(path));
+    }
+}
+
+/// `kubectl kustomize` on the base and on an overlay with every component,
+/// when kubectl is installed (it is not part of scripts/test.sh's tools).
+#[test]
+fn kustomize_builds_the_base_and_every_component() {
+    let Ok(version) = std::process::Command::new("kubectl").args(["version", "--client"]).output() else {
+        eprintln!("kubectl not installed: kustomize builds not checked");
+        return;
+    };
+    assert!(version.status.success());
+    let build = |dir: &Path| -> Vec<Value> {
+        let out = std::process::Command::new("kubectl").arg("kustomize").arg(dir).output().unwrap();
+        assert!(out.status.success(), "{}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+        parse_all(&String::from_utf8_lossy(&out.stdout), "kustomize output")
+    };
+    let base = build(&deploy_root().join("k8s"));
+    // kustomize wants relative paths: the overlay lives inside deploy/'s parent tree.
+    let overlay = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("overlay-{}", std::process::id()));
+    std::fs::create_dir_all(&overlay).unwrap();
+    let rel = relative(&overlay, &deploy_root().join("k8s"));
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        format!("resources: [{rel}]\ncomponents: [{rel}/components/mtls, {rel}/components/redis-tls]\n"),
+    )
+    .unwrap();
+    let all = build(&overlay);
+    let _ = std::fs::remove_dir_all(&overlay);
+    for docs in [&base, &all] {
+        assert!(!docs.iter().any(|d| d["kind"].as_str() == Some("Secret")), "no Secret is generated");
+        let deployment = docs.iter().find(|d| d["kind"].as_str() == Some("Deployment")).unwrap();
+        let c = &deployment["spec"]["template"]["spec"]["containers"][0];
+        assert!(env(c, "REDIS_PASSWORD").0 < env(c, "TOLLGATE_REDIS_URL").0, "expansion order survives the patches");
+        let named: Vec<(String, Value)> = docs.iter().map(|d| (String::new(), d.clone())).collect();
+        for (workload, name, optional) in secret_refs(&named) {
+            assert_eq!(optional, Some(false), "{workload} reads {name}");
+        }
+    }
+    let c = &all.iter().find(|d| d["kind"].as_str() == Some("Deployment")).unwrap()["spec"]["template"]["spec"]["containers"]
+        [0];
+    assert!(env(c, "TOLLGATE_REDIS_URL").1["value"].as_str().unwrap().starts_with("rediss://"));
+    assert!(c["readinessProbe"]["grpc"].is_null() && c["readinessProbe"]["httpGet"].is_mapping());
+    let redis = &all.iter().find(|d| d["kind"].as_str() == Some("StatefulSet")).unwrap()["spec"]["template"]["spec"]["containers"]
+        [0];
+    let args = strs(&redis["args"]);
+    assert!(args.contains(&"--tls-port") && args.contains(&"--requirepass"), "{args:?}");
+}
+
+/// `to` relative to `from` (both absolute).
+fn relative(from: &Path, to: &Path) -> String {
+    let (f, t): (Vec<_>, Vec<_>) = (from.components().collect(), to.components().collect());
+    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let ups = std::iter::repeat_n("..".to_owned(), f.len() - common);
+    let downs = t[common..].iter().map(|c| c.as_os_str().to_string_lossy().into_owned());
+    ups.chain(downs).collect::<Vec<_>>().join("/")
+}
+
+/// A process started by a test; killed on drop.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls tollgate's /readyz for `within`; true once it answers 200.
+async fn becomes_ready(http: u16, within: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
+        if let Ok((200, _, _)) = common::http_get(addr, "/readyz").await {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// The redis-tls component end to end: redis-server with the component's
+/// arguments, and the tollgate binary with the ConfigMap, the component's
+/// TOLLGATE_REDIS_URL and SSL_CERT_FILE (certificates made by the test, for
+/// `localhost` instead of the Service name).
+#[tokio::test]
+async fn the_redis_tls_component_connects_tollgate_to_redis_over_tls_with_the_password() {
+    let component = deploy_root().join("k8s/components/redis-tls");
+    let redis_patch: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(component.join("redis.yaml")).unwrap()).unwrap();
+    let tollgate_patch: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(component.join("deployment.yaml")).unwrap()).unwrap();
+    let pki = common::envoy::Pki::new("redis-tls");
+    let password = "fedcba9876543210fedcba9876543210";
+    let redis_port = free_port();
+
+    let args: Vec<String> = strs(&redis_patch["spec"]["template"]["spec"]["containers"][0]["args"])
+        .iter()
+        .map(|a| match *a {
+            "6379" => redis_port.to_string(),
+            "/tls/tls.crt" => pki.path("localhost.crt"),
+            "/tls/tls.key" => pki.path("localhost.key"),
+            "/tls/ca.crt" => pki.path("ca.crt"),
+            "$(REDIS_PASSWORD)" => password.to_owned(),
+            other => other.to_owned(),
+        })
+        .collect();
+    assert!(args.contains(&"--tls-port".to_owned()) && args.contains(&"--requirepass".to_owned()));
+    let redis_bin = std::env::var("TOLLGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    let _redis = Process(
+        std::process::Command::new(redis_bin)
+            .args(&args)
+            .args(["--bind", "127.0.0.1", "--appendonly", "no", "--dir"])
+            .arg(&pki.dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server"),
+    );
+
+    let c = &tollgate_patch["spec"]["template"]["spec"]["containers"][0];
+    let url = env(c, "TOLLGATE_REDIS_URL").1["value"].as_str().unwrap();
+    assert!(url.starts_with("rediss://"), "{url}");
+    let url = url
+        .replace("$(REDIS_PASSWORD)", password)
+        .replace("redis.tollgate.svc.cluster.local:6379", &format!("localhost:{redis_port}"));
+    let ca_file = env(c, "SSL_CERT_FILE").1["value"].as_str().unwrap();
+    let mount = seq(&c["volumeMounts"]).iter().find(|m| ca_file.starts_with(m["mountPath"].as_str().unwrap()));
+    assert!(mount.is_some(), "SSL_CERT_FILE {ca_file} is in a mounted volume");
+
+    let docs = shipped();
+    let (grpc, http) = (free_port(), free_port());
+    let config = kind(&docs, "ConfigMap", "tollgate-config")["data"]["tollgate.yaml"]
+        .as_str()
+        .unwrap()
+        .replace("0.0.0.0:9191", &format!("127.0.0.1:{grpc}"))
+        .replace("0.0.0.0:9090", &format!("127.0.0.1:{http}"));
+    let config_path = pki.dir.join("tollgate.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let tollgate = |trust_ca: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.arg("--config")
+            .arg(&config_path)
+            .env("TOLLGATE_REDIS_URL", &url)
+            .env("TOLLGATE_ADMIN_TOKENS", "0123456789abcdef0123456789abcdef0123456789abcdef")
+            .env_remove("SSL_CERT_DIR")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if trust_ca {
+            cmd.env("SSL_CERT_FILE", pki.path("ca.crt"));
+        } else {
+            cmd.env("SSL_CERT_FILE", pki.path("tls.crt")); // some other certificate: not the CA
+        }
+        Process(cmd.spawn().expect("tollgate binary"))
+    };
+
+    {
+        let _t = tollgate(false);
+        assert!(
+            !becomes_ready(http, std::time::Duration::from_secs(2)).await,
+            "ready over TLS without trusting Redis's CA"
+        );
+    }
+    let _t = tollgate(true);
+    assert!(
+        becomes_ready(http, std::time::Duration::from_secs(15)).await,
+        "tollgate never reached Redis over rediss:// with the password"
+    );
 }

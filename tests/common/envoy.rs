@@ -213,8 +213,14 @@ pub struct Options {
 /// An Envoy config derived from `deploy/envoy/envoy.yaml`: the same filters and
 /// settings, with ports pointed at the test's processes.
 pub fn config(tollgate: SocketAddr, upstream: SocketAddr, opts: Options) -> String {
+    config_from("deploy/envoy/envoy.yaml", tollgate, upstream, opts)
+}
+
+/// Like [`config`], from another shipped Envoy file (`file` relative to the
+/// crate root, e.g. `deploy/envoy/envoy-mtls.yaml`).
+pub fn config_from(file: &str, tollgate: SocketAddr, upstream: SocketAddr, opts: Options) -> String {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let deploy = std::fs::read_to_string(root.join("deploy/envoy/envoy.yaml")).unwrap();
+    let deploy = std::fs::read_to_string(root.join(file)).unwrap();
     let mut c = deploy
         .replace("port_value: 9901", "port_value: 0")
         .replace("port_value: 10000", "port_value: 0")
@@ -251,4 +257,97 @@ pub fn config(tollgate: SocketAddr, upstream: SocketAddr, opts: Options) -> Stri
         c = c.replace("                http_filters:\n", &format!("                http_filters:\n{filter}"));
     }
     c
+}
+
+/// Where `deploy/envoy/envoy-mtls.yaml` reads its certificates from.
+pub const MTLS_DIR: &str = "/etc/envoy/tollgate-tls/";
+
+/// The DNS name the shipped mTLS config requires in tollgate's certificate.
+pub const TOLLGATE_SAN: &str = "tollgate.tollgate.svc.cluster.local";
+
+/// A CA, a tollgate server certificate for [`TOLLGATE_SAN`] (`server.crt`),
+/// an Envoy client certificate (`tls.crt`) and a server certificate for
+/// `localhost` (`localhost.crt`), written with their keys and the CA
+/// (`ca.crt`) to a temporary directory (removed on drop) under the file names
+/// the shipped configs use.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(name: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("tollgate-pki-{}-{name}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Distinct subject names: BoringSSL (Envoy) rejects a leaf whose
+        // subject equals its issuer's, which rcgen's default names produce.
+        ca_params.distinguished_name.push(DnType::CommonName, "tollgate test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |san: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(vec![san.to_owned()]).unwrap();
+            params.distinguished_name.push(DnType::CommonName, san);
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(TOLLGATE_SAN);
+        let (client_cert, client_key) = leaf("envoy");
+        let (local_cert, local_key) = leaf("localhost");
+        for (file, pem) in [
+            ("ca.crt", &ca),
+            ("tls.crt", &client_cert),
+            ("tls.key", &client_key),
+            ("server.crt", &server_cert),
+            ("server.key", &server_key),
+            ("localhost.crt", &local_cert),
+            ("localhost.key", &local_key),
+        ] {
+            std::fs::write(dir.join(file), pem).unwrap();
+        }
+        Self { dir }
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.dir.join(file).display().to_string()
+    }
+
+    /// An Envoy config with [`MTLS_DIR`] pointed at these files.
+    pub fn envoy_config(&self, config: &str) -> String {
+        config.replace(MTLS_DIR, &format!("{}/", self.dir.display()))
+    }
+
+    /// The `server.tls` block for a tollgate that requires this CA's client certificates.
+    pub fn tollgate_tls(&self) -> String {
+        format!(
+            "server: {{ tls: {{ cert: \"{}\", key: \"{}\", client_ca: \"{}\" }} }}\n",
+            self.path("server.crt"),
+            self.path("server.key"),
+            self.path("ca.crt")
+        )
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `envoy --mode validate` on a config text; `Err` carries Envoy's output.
+pub fn validate(config: &str) -> Result<(), String> {
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let path = std::env::temp_dir().join(format!("tollgate-validate-{}-{n}.yaml", std::process::id()));
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(envoy_bin())
+        .args(["--mode", "validate", "-c", path.to_str().unwrap(), "--disable-hot-restart", "-l", "error"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() && text.contains("OK") { Ok(()) } else { Err(text) }
 }
