@@ -192,7 +192,7 @@ impl Counter {
                 // An entry whose end cannot be computed never ages out (it cannot happen
                 // for windows within MAX_WINDOW, which `spend` checks first).
                 while let Some(&(t, units)) = log.front() {
-                    if !after(t, d).is_some_and(|end| end <= now) {
+                    if after(t, d).is_none_or(|end| end > now) {
                         break;
                     }
                     log.pop_front();
