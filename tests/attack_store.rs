@@ -195,6 +195,11 @@ async fn spends_at_impossible_times_or_windows_are_refused_not_panics() {
             let r = b.store.spend(&spend(&[month(), bad.clone()], 1, None)).await;
             assert!(matches!(r, Err(StoreError::Corrupt(_))), "{}: {bad:?}: {r:?}", b.name);
         }
+        // One counter named twice would be checked once and spent twice.
+        for twice in [[month(), month()], [rate(5), Quota { limit: 9, ..rate(5) }]] {
+            let r = b.store.spend(&spend(&twice, 1, None)).await;
+            assert!(matches!(r, Err(StoreError::Corrupt(_))), "{}: {twice:?}: {r:?}", b.name);
+        }
         assert_eq!(state(&b, &q).await.0, vec![0], "{}: nothing moved", b.name);
     }
 }

@@ -38,7 +38,7 @@ pub mod bounds {
     use chrono::{DateTime, Utc};
 
     use crate::entitlement::{Account, MAX_WINDOW, Quota, Window, is_valid_account_id, is_valid_time};
-    use crate::usage::MAX_LIMIT;
+    use crate::usage::{MAX_LIMIT, Spend};
 
     /// The longest plan, meter or feature name: names are config keys and
     /// Redis key parts, never prose.
@@ -116,9 +116,28 @@ pub mod bounds {
         Ok(())
     }
 
-    /// Why `now` cannot be a spend's clock: outside the instants any way in accepts.
-    pub fn check_time(now: DateTime<Utc>) -> Result<(), String> {
-        if is_valid_time(now) { Ok(()) } else { Err(format!("instant {now} is out of range")) }
+    /// Why `spend` cannot be carried out: its clock is outside the instants
+    /// any way in accepts, a quota is out of bounds, or two quotas share a
+    /// counter (same meter and window, rolling ones compared in whole
+    /// milliseconds as Redis keys them), which would spend that counter twice
+    /// after checking it once. Both stores check this before anything moves.
+    pub fn check_spend(spend: &Spend) -> Result<(), String> {
+        if !is_valid_time(spend.now) {
+            return Err(format!("spend instant {} is out of range", spend.now));
+        }
+        fn counter(q: &Quota) -> (&str, Result<u128, crate::entitlement::Period>) {
+            match q.window {
+                Window::Calendar(p) => (q.meter.as_str(), Err(p)),
+                Window::Rolling(d) => (q.meter.as_str(), Ok(d.as_millis())),
+            }
+        }
+        for (i, q) in spend.quotas.iter().enumerate() {
+            check_quota(q)?;
+            if spend.quotas[..i].iter().any(|earlier| counter(earlier) == counter(q)) {
+                return Err(format!("quota {} appears twice in one spend", q.policy_name()));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -278,10 +297,7 @@ impl Store for MemoryStore {
 
     async fn spend(&self, spend: &Spend) -> Result<SpendAnswer, StoreError> {
         // Checked before anything moves: with these bounds no window end can overflow.
-        bounds::check_time(spend.now).map_err(StoreError::Corrupt)?;
-        for q in &spend.quotas {
-            bounds::check_quota(q).map_err(StoreError::Corrupt)?;
-        }
+        bounds::check_spend(spend).map_err(StoreError::Corrupt)?;
         let mut shard = lock(self.shard(&spend.account));
         let usage = match shard.get_mut(&spend.account) {
             Some(u) => u,
@@ -600,6 +616,8 @@ mod tests {
             let r = s.spend(&spend(vec![ok_q.clone(), bad.clone()], 1, Some(1), now)).await;
             assert!(matches!(r, Err(StoreError::Corrupt(_))), "{bad:?}: {r:?}");
         }
+        let twice = s.spend(&spend(vec![ok_q.clone(), ok_q.clone()], 1, Some(1), now)).await;
+        assert!(matches!(twice, Err(StoreError::Corrupt(_))), "one counter spent twice: {twice:?}");
         let a = s.spend(&spend(vec![ok_q], 1, Some(1), now)).await.unwrap();
         assert_eq!((a.quotas[0].used, s.credits("a").await.unwrap()), (1, 9), "the refused spends moved nothing");
     }

@@ -106,7 +106,7 @@ local function corrupt(what) return redis.error_reply('TOLLGATE_CORRUPT ' .. wha
     pub const SPEND: &str = concat!(
         prelude!(),
         r#"
-local n = uint(ARGV[4], 64)
+local n = uint(ARGV[4], 1000)
 if n == nil or #ARGV ~= 4 + 3 * n then return bad('quota count') end
 local cost = uint(ARGV[1], MAX_COST)
 if cost == nil then return bad('cost') end
@@ -732,10 +732,7 @@ impl Store for RedisStore {
             return Err(StoreError::Corrupt(format!("account id {id:?} cannot be a hash tag")));
         }
         // Checked here so the script's own checks are a second line, never the first.
-        bounds::check_time(spend.now).map_err(StoreError::Corrupt)?;
-        for q in &spend.quotas {
-            bounds::check_quota(q).map_err(StoreError::Corrupt)?;
-        }
+        bounds::check_spend(spend).map_err(StoreError::Corrupt)?;
         if spend.cost > MAX_COST || spend.credits.is_some_and(|c| c > MAX_COST) {
             return Ok(oversized(spend));
         }
