@@ -5,6 +5,14 @@
 //! is parsed before the signature holds), drop replays by event id, find the
 //! account, and write it only if no newer event was applied already, so
 //! Stripe's out-of-order and repeated deliveries never roll an account back.
+//!
+//! An event moves an account only when the event's customer is the account's
+//! `stripe_customer`, however the account was found (`account_from: customer`
+//! or `metadata:<key>`): subscription metadata is writable by whoever can edit
+//! the subscription, so it may name an account but never bind a customer to
+//! it. An account without a `stripe_customer` is never bound implicitly; the
+//! operator sets it (`PutEntitlement`, config `accounts:`). Every field read
+//! from an event is bounded before it reaches the store (SPEC §10).
 
 use std::time::Duration;
 
@@ -15,11 +23,19 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use crate::config::StripeConfig;
-use crate::entitlement::{Account, Status};
+use crate::entitlement::{Account, Status, is_valid_account_id, is_valid_time};
+use crate::store::memory::bounds::{MAX_ITEMS, is_valid_customer_id, is_valid_name};
 use crate::store::{Store, StoreError};
 
 /// How long event ids are remembered: Stripe retries a delivery for up to three days.
 pub const REMEMBER_EVENTS: Duration = Duration::from_secs(72 * 3600);
+
+/// The most `v1=` signatures read from one header: Stripe sends one per
+/// active secret; more is someone making us compute HMACs.
+const MAX_SIGNATURES: usize = 8;
+
+/// The longest event id or type accepted (Stripe's are ~30 characters).
+const MAX_EVENT_FIELD: usize = 255;
 
 /// Why a signature was rejected (the response says only "invalid signature").
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,12 +71,13 @@ pub fn verify(
     for part in header.split(',') {
         match part.trim().split_once('=') {
             Some(("t", v)) => t = v.parse::<i64>().ok(),
-            Some(("v1", v)) => v1.extend(hex::decode(v).ok()),
+            Some(("v1", v)) if v1.len() < MAX_SIGNATURES => v1.extend(hex::decode(v).ok()),
             _ => {}
         }
     }
     let (Some(t), false) = (t, v1.is_empty()) else { return Err(SignatureError::Malformed) };
-    if (now - t).unsigned_abs() > tolerance.as_secs() {
+    // `t` is the sender's: a far one must not overflow the subtraction.
+    if now.checked_sub(t).is_none_or(|age| age.unsigned_abs() > tolerance.as_secs()) {
         return Err(SignatureError::Stale);
     }
     for secret in secrets {
@@ -108,9 +125,36 @@ pub struct EventData {
 }
 
 impl Event {
-    /// When the event was created.
-    pub fn created_at(&self) -> DateTime<Utc> {
-        DateTime::from_timestamp(self.created, 0).unwrap_or(DateTime::<Utc>::MIN_UTC)
+    /// When the event was created; `None` outside the instants tollgate stores
+    /// ([`is_valid_time`]), so no later date arithmetic can overflow.
+    pub fn created_at(&self) -> Option<DateTime<Utc>> {
+        DateTime::from_timestamp(self.created, 0).filter(|t| is_valid_time(*t))
+    }
+
+    /// Why the event cannot be processed: the first field out of bounds. Run
+    /// before anything of it reaches the store.
+    pub fn check(&self) -> Result<(), String> {
+        let id_ok = |s: &str| s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if self.id.is_empty() || self.id.len() > MAX_EVENT_FIELD || !id_ok(&self.id) {
+            return Err("event id is not a Stripe id".into());
+        }
+        let kind_ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._".contains(&b);
+        if self.kind.is_empty() || self.kind.len() > MAX_EVENT_FIELD || !self.kind.bytes().all(kind_ok) {
+            return Err("event type is not a Stripe event type".into());
+        }
+        if self.created_at().is_none() {
+            return Err(format!("event created {} is out of range", self.created));
+        }
+        if self.data.object.get("customer").and_then(Value::as_str).is_some_and(|c| !is_valid_customer_id(c)) {
+            return Err("customer is not a Stripe customer id".into());
+        }
+        if let Some(list) = self.data.object.pointer("/entitlements/data").and_then(Value::as_array) {
+            let key_ok = |e: &Value| e.get("lookup_key").and_then(Value::as_str).is_none_or(is_valid_name);
+            if list.len() > MAX_ITEMS || !list.iter().all(key_ok) {
+                return Err(format!("entitlements: more than {MAX_ITEMS}, or a lookup_key that is not a name"));
+            }
+        }
+        Ok(())
     }
 
     fn object_str(&self, field: &str) -> Option<&str> {
@@ -150,10 +194,11 @@ pub fn status_of(stripe: &str) -> Option<Status> {
     })
 }
 
-/// What an event does to an account; `None` for events that change nothing we track.
+/// What an event does to an account; `None` for events that change nothing we
+/// track (and for events whose `created` is out of range, which [`Event::check`] refuses).
 pub fn apply(event: &Event, account: &Account, config: &StripeConfig) -> Option<Account> {
     let mut a = account.clone();
-    let at = event.created_at();
+    let at = event.created_at()?;
     let set_status = |a: &mut Account, status: Status| {
         if status == Status::PastDue {
             // Keep the first failure's date: grace counts from there.
@@ -235,6 +280,10 @@ pub async fn handle(
         Ok(e) => e,
         Err(e) => return Outcome::Rejected(format!("not a Stripe event: {e}")),
     };
+    if let Err(why) = event.check() {
+        tracing::warn!(reason = %why, "stripe event refused");
+        return Outcome::Rejected(why);
+    }
     match store.remember_event(&event.id, REMEMBER_EVENTS).await {
         Ok(true) => {}
         Ok(false) => return Outcome::Ignored("duplicate event"),
@@ -257,7 +306,8 @@ fn unavailable(e: StoreError) -> Outcome {
 async fn apply_event(store: &dyn Store, config: &StripeConfig, event: &Event) -> Outcome {
     let by_metadata = config.account_from.strip_prefix("metadata:").and_then(|key| event.metadata(key));
     let id = match by_metadata {
-        Some(id) => Some(id.to_owned()),
+        Some(id) if is_valid_account_id(id) => Some(id.to_owned()),
+        Some(_) => return Outcome::Rejected("subscription metadata names no valid account id".into()),
         None => match event.customer() {
             Some(c) => match store.account_for_customer(c).await {
                 Ok(id) => id,
@@ -272,13 +322,21 @@ async fn apply_event(store: &dyn Store, config: &StripeConfig, event: &Event) ->
         Ok(None) => return Outcome::Ignored("no such account"),
         Err(e) => return unavailable(e),
     };
-    if account.billing_event_at.is_some_and(|applied| event.created_at() < applied) {
+    // Metadata (or a stale index) may name any account: only its own customer moves it.
+    if account.stripe_customer.is_none() || account.stripe_customer.as_deref() != event.customer() {
+        tracing::warn!(
+            event = %event.id,
+            account = %id,
+            customer = event.customer().unwrap_or("-"),
+            "stripe event's customer is not the account's stripe_customer; not applied"
+        );
+        return Outcome::Ignored("customer does not match the account");
+    }
+    let Some(created) = event.created_at() else { return Outcome::Rejected("event created is out of range".into()) };
+    if account.billing_event_at.is_some_and(|applied| created < applied) {
         return Outcome::Ignored("older than the last applied event");
     }
-    let Some(mut updated) = apply(event, &account, config) else { return Outcome::Ignored("event type not used") };
-    if updated.stripe_customer.is_none() {
-        updated.stripe_customer = event.customer().map(str::to_owned);
-    }
+    let Some(updated) = apply(event, &account, config) else { return Outcome::Ignored("event type not used") };
     match store.put_account_if_newer(&updated).await {
         Ok(true) => Outcome::Applied { account: id },
         Ok(false) => Outcome::Ignored("older than the last applied event"),
@@ -329,12 +387,12 @@ mod tests {
         );
         let b = apply(&e, &a, &config()).unwrap();
         assert_eq!((b.plan.as_str(), b.status), ("pro", Status::PastDue));
-        assert_eq!(b.past_due_since, Some(e.created_at()));
-        assert_eq!(b.billing_event_at, Some(e.created_at()));
+        assert_eq!(b.past_due_since, e.created_at());
+        assert_eq!(b.billing_event_at, e.created_at());
         let later = event("customer.subscription.updated", 1_700_000_100, serde_json::json!({"status": "past_due"}));
         assert_eq!(
             apply(&later, &b, &config()).unwrap().past_due_since,
-            Some(e.created_at()),
+            e.created_at(),
             "grace counts from the first failure"
         );
         let paid = event("invoice.paid", 1_700_000_200, serde_json::json!({}));
@@ -369,5 +427,59 @@ mod tests {
         );
         let b = apply(&e, &a, &config()).unwrap();
         assert_eq!(b.extra_features, ["ai".to_string(), "export".to_string()].into());
+    }
+
+    #[test]
+    fn signature_timestamps_at_the_ends_of_i64_are_stale_not_a_panic() {
+        let body = br#"{"id":"evt_1"}"#;
+        let secrets = vec!["whsec".to_string()];
+        for (t, now) in [(i64::MIN, i64::MAX), (i64::MAX, i64::MIN), (i64::MIN, 0), (i64::MAX, -1), (-1, i64::MAX)] {
+            let r = verify(&sign(body, "whsec", t), body, &secrets, Duration::from_secs(300), now);
+            assert_eq!(r, Err(SignatureError::Stale), "t={t} now={now}");
+        }
+    }
+
+    #[test]
+    fn only_the_first_signatures_of_a_header_are_tried() {
+        let body = br#"{"id":"evt_1"}"#;
+        let secrets = vec!["whsec".to_string()];
+        let good = sign(body, "whsec", 1000);
+        let junk = ",v1=00".repeat(MAX_SIGNATURES);
+        let late = format!("t=1000{junk},{}", good.split(',').nth(1).unwrap());
+        assert_eq!(verify(&late, body, &secrets, Duration::from_secs(300), 1000), Err(SignatureError::Mismatch));
+    }
+
+    #[test]
+    fn events_created_out_of_range_change_nothing_and_do_not_panic() {
+        let a = Account { id: "a".into(), plan: "free".into(), ..Account::default() };
+        for created in [i64::MIN, i64::MAX, -1, 253_402_300_800, 8_210_266_876_799] {
+            let e = event("invoice.payment_failed", created, serde_json::json!({"customer": "cus_1"}));
+            assert_eq!(e.created_at(), None, "{created}");
+            assert!(e.check().is_err(), "{created}");
+            assert_eq!(apply(&e, &a, &config()), None, "{created}");
+        }
+        let last = event("invoice.payment_failed", 253_402_300_799, serde_json::json!({"customer": "cus_1"}));
+        assert!(last.check().is_ok() && apply(&last, &a, &config()).is_some(), "max_time itself is fine");
+    }
+
+    #[test]
+    fn events_with_unbounded_fields_are_refused() {
+        let ok = event("customer.subscription.updated", 1_700_000_000, serde_json::json!({"customer": "cus_1"}));
+        assert_eq!(ok.check(), Ok(()));
+        let with = |f: &dyn Fn(&mut Event)| {
+            let mut e = ok.clone();
+            f(&mut e);
+            e.check()
+        };
+        assert!(with(&|e| e.id = "evt_".to_string() + &"x".repeat(300)).is_err());
+        assert!(with(&|e| e.id = "evt 1".into()).is_err());
+        assert!(with(&|e| e.id = String::new()).is_err());
+        assert!(with(&|e| e.kind = "invoice.paid\n".into()).is_err());
+        assert!(with(&|e| e.data.object = serde_json::json!({"customer": "cus_{x}"})).is_err());
+        assert!(with(&|e| e.data.object = serde_json::json!({"customer": "c".repeat(256)})).is_err());
+        let many: Vec<Value> = (0..=MAX_ITEMS).map(|i| serde_json::json!({"lookup_key": format!("f{i}")})).collect();
+        assert!(with(&|e| e.data.object = serde_json::json!({"entitlements": {"data": many.clone()}})).is_err());
+        let long = serde_json::json!({"entitlements": {"data": [{"lookup_key": "k".repeat(129)}]}});
+        assert!(with(&|e| e.data.object = long.clone()).is_err());
     }
 }

@@ -268,3 +268,37 @@ fn seed_writes_accounts_idempotently_and_keys_only_as_hashes() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_corrupt_record_in_redis_fails_closed_without_taking_the_server_down() {
+    let redis = RedisServer::start();
+    let s = TestServer::start_configured(&redis_config(&redis.url(), "deny"), true).await;
+    // Written behind tollgate's back, before anything cached the account.
+    let huge = [
+        r#"{"plan":"pro","status":"past_due","past_due_since":"+200000-01-01T00:00:00Z"}"#,
+        r#"{"plan":"pro","quotas":[{"meter":"requests","limit":5,"per_ms":9223372036854775808}]}"#,
+        r#"{"plan":"pro","status":"past_due","past_due_since":"1960-01-01T00:00:00Z"}"#,
+    ];
+    let accounts = [("acct_late", "late-key"), ("acct_grace", "grace-key"), ("acct_banned", "banned-key")];
+    for (json, (account, key)) in huge.into_iter().zip(accounts) {
+        redis.cli(&["SET", &format!("tollgate:{{{account}}}:account"), json]).unwrap();
+        let a = search(&s, key).await;
+        assert_eq!((a.http_status, a.code()), (503, "store_unavailable"), "{json}");
+    }
+    assert!(search(&s, "pro-key").await.allowed, "other accounts are served as before");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_float_balance_in_redis_fails_closed_and_spends_nothing() {
+    let redis = RedisServer::start();
+    let s = TestServer::start_configured(&redis_config(&redis.url(), "deny"), true).await;
+    redis.cli(&["SET", "tollgate:{acct_wallet}:credits", "1.8e+19"]).unwrap();
+    let a = search(&s, "wallet-key").await;
+    assert_eq!((a.http_status, a.code()), (503, "store_unavailable"));
+    assert_eq!(redis.cli(&["GET", "tollgate:{acct_wallet}:credits"]).unwrap().trim(), "1.8e+19", "nothing written");
+    redis.cli(&["SET", "tollgate:{acct_wallet}:credits", "15"]).unwrap();
+    assert!(search(&s, "wallet-key").await.allowed);
+    assert_eq!(redis.cli(&["GET", "tollgate:{acct_wallet}:credits"]).unwrap().trim(), "14");
+    s.stop().await;
+}

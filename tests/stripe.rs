@@ -179,10 +179,86 @@ async fn entitlement_summaries_grant_features() {
 #[tokio::test]
 async fn accounts_are_found_by_subscription_metadata_when_configured() {
     let s = TestServer::start(&stripe_config("    account_from: metadata:account_id\n")).await;
-    let mut sub = subscription("active", "price_pro_monthly");
-    sub["customer"] = json!("cus_unknown_to_tollgate");
+    let sub = subscription("active", "price_pro_monthly");
     assert_eq!(deliver(&s, &event("evt_m", "customer.subscription.created", now(), sub)).await.1["applied"], true);
     assert_eq!(account(&s).await.plan, "pro");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn metadata_naming_an_account_of_another_customer_moves_nothing() {
+    let s = TestServer::start(&stripe_config("    account_from: metadata:account_id\n")).await;
+    let mut sub = subscription("active", "price_pro_monthly");
+    sub["customer"] = json!("cus_attacker");
+    let (status, body) = deliver(&s, &event("evt_steal", "customer.subscription.created", now(), sub)).await;
+    assert_eq!(
+        (status, body["applied"].as_bool(), body["reason"].as_str()),
+        (200, Some(false), Some("customer does not match the account")),
+        "acknowledged, so Stripe stops retrying, but not applied"
+    );
+    let a = account(&s).await;
+    assert_eq!((a.plan.as_str(), a.stripe_customer.as_deref()), ("free", Some("cus_free")));
+    let mut fail = invoice();
+    fail["customer"] = json!("cus_attacker");
+    deliver(&s, &event("evt_steal_2", "invoice.payment_failed", now(), fail)).await;
+    assert_eq!(account(&s).await.status, Status::Active, "nor a payment failure of another customer");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn metadata_never_binds_a_customer_to_an_account_that_has_none() {
+    let s = TestServer::start(&stripe_config("    account_from: metadata:account_id\n")).await;
+    let mut sub = subscription("active", "price_pro_monthly");
+    sub["customer"] = json!("cus_attacker");
+    sub["metadata"] = json!({ "account_id": "acct_canceled" });
+    let (status, body) = deliver(&s, &event("evt_bind", "customer.subscription.updated", now(), sub)).await;
+    assert_eq!((status, body["reason"].as_str()), (200, Some("customer does not match the account")));
+    let a = s.store.account("acct_canceled").await.unwrap().unwrap();
+    assert_eq!((a.status, a.stripe_customer.as_deref()), (Status::Canceled, None), "still canceled, still unbound");
+    assert_eq!(s.store.account_for_customer("cus_attacker").await.unwrap(), None);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn metadata_that_is_no_account_id_is_refused() {
+    let s = TestServer::start(&stripe_config("    account_from: metadata:account_id\n")).await;
+    for (i, bad) in ["{acct_free}", "acct free", &"a".repeat(129)].into_iter().enumerate() {
+        let mut sub = subscription("active", "price_pro_monthly");
+        sub["metadata"] = json!({ "account_id": bad });
+        let (status, _) =
+            deliver(&s, &event(&format!("evt_meta_{i}"), "customer.subscription.updated", now(), sub)).await;
+        assert_eq!(status, 400, "{bad}");
+    }
+    assert_eq!(account(&s).await.plan, "free");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn events_created_out_of_range_are_refused_without_panicking() {
+    let s = TestServer::start(&stripe_config("")).await;
+    for (i, created) in [i64::MAX, i64::MIN, -1, 253_402_300_800, 8_210_266_876_799].into_iter().enumerate() {
+        let e = event(&format!("evt_time_{i}"), "invoice.payment_failed", created, invoice());
+        let (status, body) = deliver(&s, &e).await;
+        assert_eq!(status, 400, "created {created}: {body}");
+    }
+    let a = account(&s).await;
+    assert_eq!((a.status, a.past_due_since, a.billing_event_at), (Status::Active, None, None), "nothing applied");
+    // The server is still up, and a sane event still applies after them.
+    let e = event("evt_time_ok", "invoice.payment_failed", now(), invoice());
+    assert_eq!(deliver(&s, &e).await.1["applied"], true);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn events_with_ids_or_customers_out_of_bounds_are_refused() {
+    let s = TestServer::start(&stripe_config("")).await;
+    let long_id = format!("evt_{}", "x".repeat(300));
+    let (status, _) = deliver(&s, &event(&long_id, "invoice.paid", now(), invoice())).await;
+    assert_eq!(status, 400);
+    let mut sub = subscription("active", "price_pro_monthly");
+    sub["customer"] = json!("cus_free\r\nx");
+    assert_eq!(deliver(&s, &event("evt_cus", "customer.subscription.updated", now(), sub)).await.0, 400);
+    assert_eq!(account(&s).await.plan, "free");
     s.stop().await;
 }
 

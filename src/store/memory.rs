@@ -4,6 +4,12 @@
 //! keyed by account, so one account's check-and-spend is atomic and different
 //! accounts rarely contend. Rolling windows are an exact sliding log whose
 //! length is bounded by the quota's limit (each entry holds at least one unit).
+//!
+//! Arithmetic never wraps and time arithmetic never panics (SPEC §10): sums
+//! are checked (an overflowing `used + cost` is simply "exceeded"), balances
+//! stay within [`MAX_CREDITS`], and instants are added with `checked_*`. The
+//! [`bounds`] every store keeps on what it stores live here too, shared with
+//! the Redis store, which applies them to what it reads back.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
@@ -17,17 +23,132 @@ use chrono::{DateTime, Utc};
 use super::{Store, StoreError};
 use crate::entitlement::{Account, Quota, Window};
 use crate::identity::{KeyHash, KeyMeta};
-use crate::usage::{CreditBalance, QuotaUsage, Spend, SpendAnswer};
+use crate::usage::{CreditBalance, MAX_COST, MAX_CREDITS, QuotaUsage, Spend, SpendAnswer};
 
 const SHARDS: usize = 16;
+
+/// The bounds every store keeps on what it stores, so that nothing read back
+/// can overflow later arithmetic or grow without limit (SPEC §10). Both
+/// stores check an account with [`bounds::check_account`] before writing it,
+/// and the Redis store checks again what it reads (another writer may have
+/// put anything there).
+pub mod bounds {
+    use std::time::Duration;
+
+    use chrono::{DateTime, Utc};
+
+    use crate::entitlement::{Account, MAX_WINDOW, Quota, Window, is_valid_account_id, is_valid_time};
+    use crate::usage::{MAX_LIMIT, Spend};
+
+    /// The longest plan, meter or feature name: names are config keys and
+    /// Redis key parts, never prose.
+    pub const MAX_NAME: usize = 128;
+
+    /// The longest Stripe customer id (Stripe's are `cus_` and ~14 characters).
+    pub const MAX_CUSTOMER_ID: usize = 255;
+
+    /// The most extra features or quota overrides one account carries.
+    pub const MAX_ITEMS: usize = 256;
+
+    /// The shortest rolling window: windows are kept in whole milliseconds.
+    pub const MIN_WINDOW: Duration = Duration::from_millis(1);
+
+    /// Whether `id` can be a Stripe customer id: 1–255 of `A-Z a-z 0-9 _`.
+    /// Customer ids become Redis keys and log fields.
+    pub fn is_valid_customer_id(id: &str) -> bool {
+        !id.is_empty() && id.len() <= MAX_CUSTOMER_ID && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    }
+
+    /// Whether `name` can be a plan, meter or feature name: 1–128 bytes,
+    /// no control characters.
+    pub fn is_valid_name(name: &str) -> bool {
+        !name.is_empty() && name.len() <= MAX_NAME && !name.chars().any(char::is_control)
+    }
+
+    /// Whether a rolling window's length is one a store keeps.
+    pub fn is_valid_window(d: Duration) -> bool {
+        (MIN_WINDOW..=MAX_WINDOW).contains(&d)
+    }
+
+    /// Why `q` cannot be counted: its limit or window is out of bounds.
+    pub fn check_quota(q: &Quota) -> Result<(), String> {
+        if !is_valid_name(&q.meter) {
+            return Err(format!("quota meter {:?} is not a valid name", q.meter));
+        }
+        if q.limit > MAX_LIMIT {
+            return Err(format!("quota {}: limit {} is above {MAX_LIMIT}", q.meter, q.limit));
+        }
+        match q.window {
+            Window::Rolling(d) if !is_valid_window(d) => {
+                Err(format!("quota {}: window {d:?} is outside {MIN_WINDOW:?}..={MAX_WINDOW:?}", q.meter))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Why `a` cannot be stored: the first field out of bounds.
+    pub fn check_account(a: &Account) -> Result<(), String> {
+        if !is_valid_account_id(&a.id) {
+            return Err(format!("account id {:?} is not valid", a.id));
+        }
+        let id = &a.id;
+        if !is_valid_name(&a.plan) {
+            return Err(format!("account {id}: plan {:?} is not a valid name", a.plan));
+        }
+        let dates = [("past_due_since", a.past_due_since), ("expires_at", a.expires_at)];
+        for (field, t) in dates.into_iter().chain([("billing_event_at", a.billing_event_at)]) {
+            if let Some(t) = t.filter(|t: &DateTime<Utc>| !is_valid_time(*t)) {
+                return Err(format!("account {id}: {field} {t} is out of range"));
+            }
+        }
+        if a.extra_features.len() > MAX_ITEMS || a.quota_overrides.len() > MAX_ITEMS {
+            return Err(format!("account {id}: more than {MAX_ITEMS} features or quotas"));
+        }
+        if let Some(f) = a.extra_features.iter().find(|f| !is_valid_name(f)) {
+            return Err(format!("account {id}: feature {f:?} is not a valid name"));
+        }
+        for q in &a.quota_overrides {
+            check_quota(q).map_err(|e| format!("account {id}: {e}"))?;
+        }
+        if let Some(c) = a.stripe_customer.as_deref().filter(|c| !is_valid_customer_id(c)) {
+            return Err(format!("account {id}: stripe_customer {c:?} is not a valid customer id"));
+        }
+        Ok(())
+    }
+
+    /// Why `spend` cannot be carried out: its clock is outside the instants
+    /// any way in accepts, a quota is out of bounds, or two quotas share a
+    /// counter (same meter and window, rolling ones compared in whole
+    /// milliseconds as Redis keys them), which would spend that counter twice
+    /// after checking it once. Both stores check this before anything moves.
+    pub fn check_spend(spend: &Spend) -> Result<(), String> {
+        if !is_valid_time(spend.now) {
+            return Err(format!("spend instant {} is out of range", spend.now));
+        }
+        fn counter(q: &Quota) -> (&str, Result<u128, crate::entitlement::Period>) {
+            match q.window {
+                Window::Calendar(p) => (q.meter.as_str(), Err(p)),
+                Window::Rolling(d) => (q.meter.as_str(), Ok(d.as_millis())),
+            }
+        }
+        for (i, q) in spend.quotas.iter().enumerate() {
+            check_quota(q)?;
+            if spend.quotas[..i].iter().any(|earlier| counter(earlier) == counter(q)) {
+                return Err(format!("quota {} appears twice in one spend", q.policy_name()));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// A store that keeps everything in this process; lost on restart.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     accounts: RwLock<HashMap<String, Arc<Account>>>,
     keys: RwLock<Keys>,
-    /// Webhook event ids with the instant they may be forgotten.
-    events: Mutex<HashMap<String, Instant>>,
+    /// Webhook event ids with the instant they may be forgotten (`None`: never,
+    /// for a TTL too long for the clock).
+    events: Mutex<HashMap<String, Option<Instant>>>,
     /// Per-account credits and counters, sharded by account id.
     usage: [Mutex<HashMap<String, Usage>>; SHARDS],
 }
@@ -55,6 +176,16 @@ enum Counter {
     Rolling { log: VecDeque<(DateTime<Utc>, u64)>, used: u64 },
 }
 
+/// `t + d`, or `None` where that leaves chrono's range (never for bounded windows and times).
+fn after(t: DateTime<Utc>, d: Duration) -> Option<DateTime<Utc>> {
+    chrono::Duration::from_std(d).ok().and_then(|d| t.checked_add_signed(d))
+}
+
+/// `t + d`, saturating at the last instant chrono knows instead of panicking.
+fn after_or_max(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    after(t, d).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 impl Counter {
     fn new(window: Window) -> Self {
         match window {
@@ -64,7 +195,9 @@ impl Counter {
     }
 
     /// Brings the counter to `now` and reports how `cost` more would stand.
+    /// A cost above [`MAX_COST`], or one whose sum would overflow, never fits.
     fn check(&mut self, quota: &Quota, cost: u64, now: DateTime<Utc>) -> QuotaUsage {
+        let fits = |used: u64| cost <= MAX_COST && used.checked_add(cost).is_some_and(|sum| sum <= quota.limit);
         match (self, quota.window) {
             (Counter::Calendar { start, used }, Window::Calendar(period)) => {
                 let (window_start, end) = period.bounds(now);
@@ -72,26 +205,29 @@ impl Counter {
                     *start = window_start;
                     *used = 0;
                 }
-                QuotaUsage { used: *used, exceeded: *used + cost > quota.limit, resets_at: end, retry_at: end }
+                QuotaUsage { used: *used, exceeded: !fits(*used), resets_at: end, retry_at: end }
             }
             (Counter::Rolling { log, used }, Window::Rolling(d)) => {
-                let span = chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
-                while log.front().is_some_and(|(t, _)| *t + span <= now) {
-                    if let Some((_, units)) = log.pop_front() {
-                        *used -= units;
+                // An entry whose end cannot be computed never ages out (it cannot happen
+                // for windows within MAX_WINDOW, which `spend` checks first).
+                while let Some(&(t, units)) = log.front() {
+                    if after(t, d).is_none_or(|end| end > now) {
+                        break;
                     }
+                    log.pop_front();
+                    *used = used.saturating_sub(units);
                 }
-                let resets_at = log.back().map_or(now, |(t, _)| *t + span);
-                let exceeded = *used + cost > quota.limit;
+                let resets_at = log.back().map_or(now, |(t, _)| after_or_max(*t, d));
+                let exceeded = !fits(*used);
                 let mut retry_at = now;
                 if exceeded {
                     // The first instant enough old entries have aged out for `cost` to fit.
                     retry_at = resets_at;
                     let mut left = *used;
                     for (t, units) in log.iter() {
-                        left -= units;
-                        if left + cost <= quota.limit {
-                            retry_at = *t + span;
+                        left = left.saturating_sub(*units);
+                        if fits(left) {
+                            retry_at = after_or_max(*t, d);
                             break;
                         }
                     }
@@ -103,20 +239,22 @@ impl Counter {
         }
     }
 
+    /// Spends `cost`, which [`Counter::check`] found to fit: the sums stay at
+    /// or below the limit, so saturating never actually clips.
     fn add(&mut self, quota: &Quota, cost: u64, now: DateTime<Utc>, state: &mut QuotaUsage) {
         match self {
-            Counter::Calendar { used, .. } => *used += cost,
+            Counter::Calendar { used, .. } => *used = used.saturating_add(cost),
             Counter::Rolling { log, used } => {
                 if cost > 0 {
                     log.push_back((now, cost));
-                    *used += cost;
+                    *used = used.saturating_add(cost);
                 }
                 if let Window::Rolling(d) = quota.window {
-                    state.resets_at = now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+                    state.resets_at = after_or_max(now, d);
                 }
             }
         }
-        state.used += cost;
+        state.used = state.used.saturating_add(cost);
     }
 }
 
@@ -158,6 +296,8 @@ impl Store for MemoryStore {
     }
 
     async fn spend(&self, spend: &Spend) -> Result<SpendAnswer, StoreError> {
+        // Checked before anything moves: with these bounds no window end can overflow.
+        bounds::check_spend(spend).map_err(StoreError::Corrupt)?;
         let mut shard = lock(self.shard(&spend.account));
         let usage = match shard.get_mut(&spend.account) {
             Some(u) => u,
@@ -179,8 +319,10 @@ impl Store for MemoryStore {
             };
             states.push(state);
         }
-        let credits =
-            spend.credits.map(|cost| CreditBalance { balance: usage.credits, sufficient: usage.credits >= cost });
+        let credits = spend.credits.map(|cost| CreditBalance {
+            balance: usage.credits,
+            sufficient: cost <= MAX_COST && usage.credits >= cost,
+        });
         let fits = states.iter().all(|s| !s.exceeded) && credits.is_none_or(|c| c.sufficient);
         if !fits || spend.dry_run {
             return Ok(SpendAnswer { spent: false, quotas: states, credits });
@@ -192,7 +334,8 @@ impl Store for MemoryStore {
         }
         let credits = match (spend.credits, credits) {
             (Some(cost), Some(c)) => {
-                usage.credits -= cost;
+                // Sufficient means `credits >= cost`: this never clips.
+                usage.credits = usage.credits.saturating_sub(cost);
                 Some(CreditBalance { balance: usage.credits, sufficient: c.sufficient })
             }
             _ => credits,
@@ -201,11 +344,13 @@ impl Store for MemoryStore {
     }
 
     async fn put_account(&self, account: &Account) -> Result<(), StoreError> {
+        bounds::check_account(account).map_err(StoreError::Corrupt)?;
         write(&self.accounts).insert(account.id.clone(), Arc::new(account.clone()));
         Ok(())
     }
 
     async fn put_account_if_newer(&self, account: &Account) -> Result<bool, StoreError> {
+        bounds::check_account(account).map_err(StoreError::Corrupt)?;
         let mut accounts = write(&self.accounts);
         let stored = accounts.get(&account.id).and_then(|a| a.billing_event_at);
         if stored.is_some_and(|s| account.billing_event_at.is_none_or(|new| new < s)) {
@@ -247,7 +392,11 @@ impl Store for MemoryStore {
         Ok(list)
     }
 
+    /// Refuses balances above [`MAX_CREDITS`]: callers validate first; this is the last line.
     async fn set_credits(&self, account: &str, credits: u64) -> Result<(), StoreError> {
+        if credits > MAX_CREDITS {
+            return Err(StoreError::Corrupt(format!("credits {credits} are above MAX_CREDITS ({MAX_CREDITS})")));
+        }
         lock(self.shard(account)).entry(account.to_owned()).or_default().credits = credits;
         Ok(())
     }
@@ -259,7 +408,10 @@ impl Store for MemoryStore {
     async fn add_credits(&self, account: &str, delta: i64) -> Result<Option<u64>, StoreError> {
         let mut shard = lock(self.shard(account));
         let usage = shard.entry(account.to_owned()).or_default();
-        let Some(balance) = usage.credits.checked_add_signed(delta) else { return Ok(None) };
+        // Below zero or above MAX_CREDITS: refused, nothing changes.
+        let Some(balance) = usage.credits.checked_add_signed(delta).filter(|b| *b <= MAX_CREDITS) else {
+            return Ok(None);
+        };
         usage.credits = balance;
         Ok(Some(balance))
     }
@@ -279,13 +431,14 @@ impl Store for MemoryStore {
     async fn remember_event(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
         let mut events = lock(&self.events);
         let now = Instant::now();
+        let live = |until: &Option<Instant>| until.is_none_or(|u| u > now);
         if events.len() > 10_000 {
-            events.retain(|_, until| *until > now);
+            events.retain(|_, until| live(until));
         }
         match events.get(id) {
-            Some(until) if *until > now => Ok(false),
+            Some(until) if live(until) => Ok(false),
             _ => {
-                events.insert(id.to_owned(), now + ttl);
+                events.insert(id.to_owned(), now.checked_add(ttl));
                 Ok(true)
             }
         }
@@ -303,8 +456,11 @@ impl Store for MemoryStore {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
     use crate::entitlement::Period;
+    use crate::usage::MAX_LIMIT;
 
     fn t(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()
@@ -386,6 +542,205 @@ mod tests {
         let a = s.spend(&dry).await.unwrap();
         assert!(!a.spent && !a.quotas[0].exceeded);
         assert!(s.spend(&spend(q, 1, None, now)).await.unwrap().spent);
+    }
+
+    #[tokio::test]
+    async fn huge_costs_never_wrap_or_reset_an_exhausted_quota() {
+        let s = MemoryStore::new();
+        let now = t("2026-11-22T00:00:00Z");
+        for window in [Window::Calendar(Period::Month), Window::Rolling(Duration::from_secs(3600))] {
+            let q = vec![Quota { meter: format!("m-{}", window.label()), limit: 3, window }];
+            assert!(s.spend(&spend(q.clone(), 3, None, now)).await.unwrap().spent);
+            for cost in [u64::MAX, u64::MAX - 2, MAX_COST + 1, i64::MAX as u64, 1u64 << 63] {
+                let a = s.spend(&spend(q.clone(), cost, None, now)).await.unwrap();
+                assert!(!a.spent && a.quotas[0].exceeded, "cost {cost} must not fit ({window:?})");
+                assert_eq!(a.quotas[0].used, 3, "cost {cost} reset the quota ({window:?})");
+            }
+            assert!(!s.spend(&spend(q.clone(), 1, None, now)).await.unwrap().spent, "still exhausted");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cost_above_max_cost_never_fits_even_under_a_huge_limit() {
+        let s = MemoryStore::new();
+        let q = vec![quota(MAX_LIMIT, Window::Calendar(Period::Day))];
+        let now = t("2026-11-22T00:00:00Z");
+        let a = s.spend(&spend(q.clone(), MAX_COST + 1, None, now)).await.unwrap();
+        assert!(!a.spent && a.quotas[0].exceeded && a.quotas[0].used == 0);
+        assert!(s.spend(&spend(q, MAX_COST, None, now)).await.unwrap().spent);
+    }
+
+    #[tokio::test]
+    async fn credit_costs_above_max_cost_are_insufficient_and_spend_nothing() {
+        let s = MemoryStore::new();
+        s.set_credits("a", MAX_CREDITS).await.unwrap();
+        let now = t("2026-11-22T00:00:00Z");
+        for cost in [MAX_COST + 1, i64::MAX as u64, u64::MAX] {
+            let a = s.spend(&spend(vec![], 1, Some(cost), now)).await.unwrap();
+            assert!(!a.spent);
+            assert_eq!(a.credits, Some(CreditBalance { balance: MAX_CREDITS, sufficient: false }));
+        }
+        assert_eq!(s.credits("a").await.unwrap(), MAX_CREDITS);
+    }
+
+    #[tokio::test]
+    async fn balances_above_max_credits_are_refused_with_no_change() {
+        let s = MemoryStore::new();
+        assert!(matches!(s.set_credits("a", MAX_CREDITS + 1).await, Err(StoreError::Corrupt(_))));
+        assert!(matches!(s.set_credits("a", u64::MAX).await, Err(StoreError::Corrupt(_))));
+        assert_eq!(s.credits("a").await.unwrap(), 0);
+        s.set_credits("a", MAX_CREDITS - 5).await.unwrap();
+        assert_eq!(s.add_credits("a", 6).await.unwrap(), None, "past MAX_CREDITS");
+        assert_eq!(s.add_credits("a", i64::MAX).await.unwrap(), None);
+        assert_eq!(s.add_credits("a", i64::MIN).await.unwrap(), None, "below zero");
+        assert_eq!(s.credits("a").await.unwrap(), MAX_CREDITS - 5);
+        assert_eq!(s.add_credits("a", 5).await.unwrap(), Some(MAX_CREDITS));
+    }
+
+    #[tokio::test]
+    async fn spends_at_impossible_times_or_windows_are_refused_before_anything_moves() {
+        let s = MemoryStore::new();
+        s.set_credits("a", 10).await.unwrap();
+        let ok_q = quota(10, Window::Calendar(Period::Day));
+        for now in [DateTime::<Utc>::MAX_UTC, DateTime::<Utc>::MIN_UTC, t("+200000-01-01T00:00:00Z")] {
+            let r = s.spend(&spend(vec![ok_q.clone()], 1, Some(1), now)).await;
+            assert!(matches!(r, Err(StoreError::Corrupt(_))), "{now}: {r:?}");
+        }
+        let now = t("2026-11-22T00:00:00Z");
+        for bad in [
+            quota(10, Window::Rolling(Duration::MAX)),
+            quota(10, Window::Rolling(crate::entitlement::MAX_WINDOW + Duration::from_secs(1))),
+            quota(10, Window::Rolling(Duration::ZERO)),
+            quota(MAX_LIMIT + 1, Window::Calendar(Period::Day)),
+        ] {
+            let r = s.spend(&spend(vec![ok_q.clone(), bad.clone()], 1, Some(1), now)).await;
+            assert!(matches!(r, Err(StoreError::Corrupt(_))), "{bad:?}: {r:?}");
+        }
+        let twice = s.spend(&spend(vec![ok_q.clone(), ok_q.clone()], 1, Some(1), now)).await;
+        assert!(matches!(twice, Err(StoreError::Corrupt(_))), "one counter spent twice: {twice:?}");
+        let a = s.spend(&spend(vec![ok_q], 1, Some(1), now)).await.unwrap();
+        assert_eq!((a.quotas[0].used, s.credits("a").await.unwrap()), (1, 9), "the refused spends moved nothing");
+    }
+
+    #[tokio::test]
+    async fn the_longest_window_at_the_latest_instant_does_not_panic() {
+        let s = MemoryStore::new();
+        let q = vec![quota(1, Window::Rolling(crate::entitlement::MAX_WINDOW))];
+        let now = crate::entitlement::max_time();
+        assert!(s.spend(&spend(q.clone(), 1, None, now)).await.unwrap().spent);
+        let a = s.spend(&spend(q, 1, None, now)).await.unwrap();
+        assert!(!a.spent && a.quotas[0].retry_at > now);
+    }
+
+    #[tokio::test]
+    async fn accounts_out_of_bounds_are_not_stored() {
+        let s = MemoryStore::new();
+        let good = Account { id: "acct_1".into(), plan: "pro".into(), ..Account::default() };
+        let far = DateTime::<Utc>::MAX_UTC;
+        let bad = [
+            Account { past_due_since: Some(far), ..good.clone() },
+            Account { expires_at: Some(DateTime::<Utc>::MIN_UTC), ..good.clone() },
+            Account { billing_event_at: Some(far), ..good.clone() },
+            Account { quota_overrides: vec![quota(u64::MAX, Window::Calendar(Period::Day))], ..good.clone() },
+            Account { quota_overrides: vec![quota(1, Window::Rolling(Duration::MAX))], ..good.clone() },
+            Account { stripe_customer: Some("cus 1".into()), ..good.clone() },
+            Account { plan: "p".repeat(129), ..good.clone() },
+            Account { id: "{acct}".into(), ..good.clone() },
+        ];
+        for a in &bad {
+            assert!(matches!(s.put_account(a).await, Err(StoreError::Corrupt(_))), "{a:?}");
+            assert!(matches!(s.put_account_if_newer(a).await, Err(StoreError::Corrupt(_))), "{a:?}");
+        }
+        assert!(s.account("acct_1").await.unwrap().is_none());
+        s.put_account(&good).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn remembering_an_event_for_longer_than_the_clock_can_say_does_not_panic() {
+        let s = MemoryStore::new();
+        assert!(s.remember_event("evt_1", Duration::MAX).await.unwrap());
+        assert!(!s.remember_event("evt_1", Duration::MAX).await.unwrap(), "remembered for ever");
+    }
+
+    /// Runs a memory-store future, which never waits (its locks are std ones).
+    fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+        use futures_util::FutureExt;
+        f.now_or_never().expect("the memory store never waits")
+    }
+
+    fn any_cost() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            0..5u64,
+            Just(MAX_COST),
+            Just(MAX_COST + 1),
+            Just(i64::MAX as u64),
+            Just(u64::MAX),
+            (u64::MAX - 5)..=u64::MAX,
+            any::<u64>(),
+        ]
+    }
+
+    fn any_limit() -> impl Strategy<Value = u64> {
+        prop_oneof![0..12u64, Just(MAX_LIMIT), (MAX_LIMIT - 5)..=MAX_LIMIT, 0..=MAX_LIMIT]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Within one window, whatever the costs and limits: a spend that fits adds
+        /// exactly its cost and stays within its limit; one that does not moves
+        /// nothing; `used` never goes down; credits never go up or wrap.
+        #[test]
+        fn spends_never_wrap_pass_their_limit_or_undo_usage(
+            steps in proptest::collection::vec((any_cost(), any_limit(), any_limit(), proptest::option::of(any_cost())), 1..48),
+            credits in 0..=MAX_CREDITS,
+        ) {
+            let s = MemoryStore::new();
+            run(s.set_credits("a", credits)).unwrap();
+            let t0 = t("2026-11-01T00:00:00Z");
+            let (mut month, mut rate, mut balance) = (0u64, 0u64, credits);
+            for (i, (cost, month_limit, rate_limit, credit_cost)) in steps.into_iter().enumerate() {
+                let q = vec![
+                    quota(month_limit, Window::Calendar(Period::Month)),
+                    quota(rate_limit, Window::Rolling(Duration::from_secs(86_400))),
+                ];
+                let now = t0 + chrono::Duration::seconds(i as i64);
+                let a = run(s.spend(&spend(q, cost, credit_cost, now))).unwrap();
+                let fits = |used: u64, limit: u64| cost <= MAX_COST && used.checked_add(cost).is_some_and(|s| s <= limit);
+                let credit_fits = credit_cost.is_none_or(|c| c <= MAX_COST && c <= balance);
+                prop_assert_eq!(a.spent, fits(month, month_limit) && fits(rate, rate_limit) && credit_fits);
+                if a.spent {
+                    prop_assert_eq!((a.quotas[0].used, a.quotas[1].used), (month + cost, rate + cost));
+                    prop_assert!(a.quotas[0].used <= month_limit && a.quotas[1].used <= rate_limit);
+                    month += cost;
+                    rate += cost;
+                    balance -= credit_cost.unwrap_or(0);
+                } else {
+                    prop_assert_eq!((a.quotas[0].used, a.quotas[1].used), (month, rate));
+                }
+                prop_assert_eq!(run(s.credits("a")).unwrap(), balance);
+            }
+        }
+
+        /// No instant, window, limit or cost makes a spend panic: it answers or refuses.
+        #[test]
+        fn no_spend_panics(
+            secs in prop_oneof![0..=253_402_300_799i64, any::<i64>()],
+            window_ms in any::<u64>(),
+            limit in any::<u64>(),
+            cost in any::<u64>(),
+            credit in proptest::option::of(any::<u64>()),
+        ) {
+            let s = MemoryStore::new();
+            let now = DateTime::from_timestamp(secs, 0).unwrap_or(DateTime::<Utc>::MAX_UTC);
+            let q = vec![
+                quota(limit, Window::Rolling(Duration::from_millis(window_ms))),
+                quota(limit, Window::Calendar(Period::Month)),
+            ];
+            for _ in 0..3 {
+                let _ = run(s.spend(&spend(q.clone(), cost, credit, now)));
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

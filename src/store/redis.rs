@@ -39,74 +39,174 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use super::memory::bounds;
 use super::{Invalidation, Store, StoreError};
-use crate::entitlement::{Account, Period, Quota, Status, Window};
+use crate::entitlement::{Account, MAX_WINDOW, Period, Quota, Status, Window, is_valid_account_id};
 use crate::identity::{KeyHash, KeyMeta};
-use crate::usage::{CreditBalance, QuotaUsage, Spend, SpendAnswer};
+use crate::usage::{CreditBalance, MAX_COST, MAX_CREDITS, QuotaUsage, Spend, SpendAnswer};
 
-/// Check-and-spend of SPEC §4's atomicity paragraph. See the module doc for keys.
-const SPEND_LUA: &str = r#"
-local cost = tonumber(ARGV[1])
-local credit_cost = tonumber(ARGV[2])
+/// The Lua scripts, exactly as the store sends them: public so they can be
+/// audited, and called with `EVAL` and hostile arguments by tests.
+///
+/// Every script is integer-only and strict (SPEC §10). It parses each argument
+/// and each stored value it reads as a decimal integer within its bound (at
+/// most 16 digits, so exact as a Lua number, a double), and answers an error
+/// reply — `TOLLGATE_BADARG` for an argument, `TOLLGATE_CORRUPT` for a stored
+/// value — *before its first write*: Redis keeps whatever a script wrote
+/// before it failed, so all-or-nothing holds only if nothing can fail after
+/// the first write. Numbers are written with `%d`, never `tostring`, which in
+/// Redis's Lua 5.1 prints 10^15 as `1e+15`.
+pub mod lua {
+    /// Bounds (the Rust constants, checked by a unit test) and parsers shared by every script.
+    macro_rules! prelude {
+        () => {
+            r#"
+local MAX_COST = 1000000000
+local MAX_LIMIT = 1000000000000000
+local MAX_CREDITS = 1000000000000000
+local MAX_WINDOW_MS = 31622400000
+local MAX_TIME_MS = 253402300799000
+-- A decimal integer in [0, hi] given as a string; nil for anything else
+-- (signs, dots, exponents, spaces, more than 16 digits, non-strings).
+local function uint(s, hi)
+  if type(s) ~= 'string' or #s == 0 or #s > 16 or not string.find(s, '^%d+$') then return nil end
+  local n = tonumber(s)
+  if n == nil or n > hi then return nil end
+  return n
+end
+-- As uint, with an optional leading '-' down to lo.
+local function int(s, lo, hi)
+  if type(s) == 'string' and string.sub(s, 1, 1) == '-' then
+    local n = uint(string.sub(s, 2), -lo)
+    if n == nil then return nil end
+    return -n
+  end
+  return uint(s, hi)
+end
+-- A stored integer (a GET/HGET reply; false when absent, which counts as 0).
+local function stored(v, hi)
+  if v == false or v == nil then return 0 end
+  return uint(v, hi)
+end
+local function str(n) return string.format('%d', n) end
+local function bad(what) return redis.error_reply('TOLLGATE_BADARG ' .. what) end
+local function corrupt(what) return redis.error_reply('TOLLGATE_CORRUPT ' .. what) end
+"#
+        };
+    }
+
+    /// Check-and-spend of SPEC §4's atomicity paragraph. See the module doc for keys.
+    ///
+    /// ARGV: cost, credit cost (`''` for none), dry run (`0`/`1`), quota count
+    /// n, then per quota: kind (`c` calendar / `r` rolling), limit, and the
+    /// window's end (calendar, ms) or length (rolling, ms). KEYS: per quota its
+    /// counter (calendar) or log and sums (rolling), then the credits key.
+    /// Answers `{spent, balance (-1 without credits), sufficient}` and per
+    /// quota `{used, exceeded, resets ms, retry ms}`.
+    pub const SPEND: &str = concat!(
+        prelude!(),
+        r#"
+local n = uint(ARGV[4], 1000)
+if n == nil or #ARGV ~= 4 + 3 * n then return bad('quota count') end
+local cost = uint(ARGV[1], MAX_COST)
+if cost == nil then return bad('cost') end
+local credit_cost = false
+if ARGV[2] ~= '' then
+  credit_cost = uint(ARGV[2], MAX_COST)
+  if credit_cost == nil then return bad('credit cost') end
+end
+if ARGV[3] ~= '0' and ARGV[3] ~= '1' then return bad('dry run flag') end
 local dry = ARGV[3] == '1'
-local n = tonumber(ARGV[4])
+local st, nk = {}, 1
+for i = 1, n do
+  local a = 2 + 3 * i
+  local kind, limit, w = ARGV[a], uint(ARGV[a + 1], MAX_LIMIT), nil
+  if limit == nil then return bad('limit') end
+  if kind == 'c' then
+    w = uint(ARGV[a + 2], MAX_TIME_MS)
+    st[i] = {kind = kind, limit = limit, w = w, key = KEYS[nk]}
+    nk = nk + 1
+  elseif kind == 'r' then
+    w = uint(ARGV[a + 2], MAX_WINDOW_MS)
+    if w == 0 then w = nil end
+    st[i] = {kind = kind, limit = limit, w = w, key = KEYS[nk], mkey = KEYS[nk + 1]}
+    nk = nk + 2
+  else
+    return bad('window kind')
+  end
+  if w == nil then return bad('window') end
+end
+if #KEYS ~= nk then return bad('key count') end
+local ckey = KEYS[nk]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ok = true
-local ki, ai = 1, 5
-local st = {}
 local function units(member)
-  return tonumber(string.match(member, ':(%d+)$'))
+  local u = string.match(member, '^%d+:%d+:(%d+)$')
+  return u and uint(u, MAX_COST)
 end
+
+-- Read and check everything; nothing is written until all of it is known good.
+local ok = true
 for i = 1, n do
-  local kind, limit, w = ARGV[ai], tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
-  ai = ai + 3
-  if kind == 'c' then
-    local key = KEYS[ki]
-    ki = ki + 1
-    local used = tonumber(redis.call('GET', key) or '0')
-    local exceeded = used + cost > limit
-    st[i] = {kind = kind, key = key, used = used, exceeded = exceeded, resets = w, retry = w, w = w}
+  local s = st[i]
+  if s.kind == 'c' then
+    s.used = stored(redis.call('GET', s.key), MAX_LIMIT)
+    if s.used == nil then return corrupt('counter ' .. s.key) end
+    s.resets, s.retry = s.w, s.w
   else
-    local zkey, mkey = KEYS[ki], KEYS[ki + 1]
-    ki = ki + 2
-    local cutoff = now - w
-    local used = tonumber(redis.call('HGET', mkey, 'used') or '0')
-    local old = redis.call('ZRANGEBYSCORE', zkey, '-inf', cutoff)
-    if #old > 0 then
-      for _, m in ipairs(old) do used = used - units(m) end
-      if used < 0 then used = 0 end
-      redis.call('ZREMRANGEBYSCORE', zkey, '-inf', cutoff)
-      redis.call('HSET', mkey, 'used', used)
+    s.cutoff = now - s.w
+    local used = stored(redis.call('HGET', s.mkey, 'used'), MAX_LIMIT)
+    local seq = stored(redis.call('HGET', s.mkey, 'seq'), MAX_LIMIT)
+    if used == nil or seq == nil then return corrupt('rolling sums ' .. s.mkey) end
+    local old = redis.call('ZRANGEBYSCORE', s.key, '-inf', str(s.cutoff))
+    for _, m in ipairs(old) do
+      local u = units(m)
+      if u == nil then return corrupt('rolling log ' .. s.key) end
+      used = used - u
     end
-    local exceeded = used + cost > limit
-    local resets = now
-    local newest = redis.call('ZRANGE', zkey, -1, -1, 'WITHSCORES')
-    if #newest > 0 then resets = tonumber(newest[2]) + w end
-    local retry = now
-    if exceeded then
-      retry = resets
-      local all = redis.call('ZRANGE', zkey, 0, -1, 'WITHSCORES')
+    if used < 0 then used = 0 end
+    s.expired, s.used, s.resets, s.retry = #old > 0, used, now, now
+    local newest = redis.call('ZRANGE', s.key, -1, -1, 'WITHSCORES')
+    if #newest > 0 then
+      local at = uint(newest[2], MAX_TIME_MS)
+      if at == nil then return corrupt('rolling log ' .. s.key) end
+      if at > s.cutoff then s.resets = at + s.w end
+    end
+    if used + cost > s.limit then
+      -- The first instant enough old entries have aged out for `cost` to fit.
+      s.retry = s.resets
+      local live = redis.call('ZRANGEBYSCORE', s.key, '(' .. str(s.cutoff), '+inf', 'WITHSCORES')
       local left = used
-      for j = 1, #all, 2 do
-        left = left - units(all[j])
-        if left + cost <= limit then
-          retry = tonumber(all[j + 1]) + w
+      for j = 1, #live, 2 do
+        local u, at = units(live[j]), uint(live[j + 1], MAX_TIME_MS)
+        if u == nil or at == nil then return corrupt('rolling log ' .. s.key) end
+        left = left - u
+        if left + cost <= s.limit then
+          s.retry = at + s.w
           break
         end
       end
     end
-    st[i] = {kind = kind, key = zkey, mkey = mkey, used = used, exceeded = exceeded, resets = resets, retry = retry, w = w}
   end
-  if st[i].exceeded then ok = false end
+  s.exceeded = s.used + cost > s.limit
+  if s.exceeded then ok = false end
 end
-local ckey = KEYS[ki]
 local balance, sufficient = -1, 1
-if credit_cost >= 0 then
-  balance = tonumber(redis.call('GET', ckey) or '0')
+if credit_cost then
+  balance = stored(redis.call('GET', ckey), MAX_CREDITS)
+  if balance == nil then return corrupt('credits ' .. ckey) end
   if balance < credit_cost then
     sufficient = 0
     ok = false
+  end
+end
+
+-- Everything is checked: from here on nothing can fail half-way.
+for i = 1, n do
+  local s = st[i]
+  if s.kind == 'r' and s.expired then
+    redis.call('ZREMRANGEBYSCORE', s.key, '-inf', str(s.cutoff))
+    redis.call('HSET', s.mkey, 'used', str(s.used))
   end
 end
 local spent = 0
@@ -115,20 +215,20 @@ if ok and not dry then
   for i = 1, n do
     local s = st[i]
     if s.kind == 'c' then
-      redis.call('INCRBY', s.key, cost)
-      redis.call('PEXPIREAT', s.key, s.w + 60000)
+      redis.call('INCRBY', s.key, str(cost))
+      redis.call('PEXPIREAT', s.key, str(s.w + 60000))
     elseif cost > 0 then
       local seq = redis.call('HINCRBY', s.mkey, 'seq', 1)
-      redis.call('ZADD', s.key, now, now .. ':' .. seq .. ':' .. cost)
-      redis.call('HINCRBY', s.mkey, 'used', cost)
-      redis.call('PEXPIRE', s.key, s.w + 1000)
-      redis.call('PEXPIRE', s.mkey, s.w + 1000)
+      redis.call('ZADD', s.key, str(now), str(now) .. ':' .. str(seq) .. ':' .. str(cost))
+      redis.call('HINCRBY', s.mkey, 'used', str(cost))
+      redis.call('PEXPIRE', s.key, str(s.w + 1000))
+      redis.call('PEXPIRE', s.mkey, str(s.w + 1000))
       s.resets = now + s.w
     end
     s.used = s.used + cost
   end
-  if credit_cost >= 0 then
-    balance = redis.call('DECRBY', ckey, credit_cost)
+  if credit_cost then
+    balance = redis.call('DECRBY', ckey, str(credit_cost))
   end
 end
 local out = {spent, balance, sufficient}
@@ -140,35 +240,64 @@ for i = 1, n do
   out[#out + 1] = s.retry
 end
 return out
-"#;
+"#
+    );
 
-/// Writes an account unless the stored one applied a newer billing event.
-const PUT_IF_NEWER_LUA: &str = r#"
+    /// Writes an account unless the stored one applied a newer billing event.
+    ///
+    /// ARGV: the record's JSON, the event's ms (`''` when it carries none).
+    /// A stored record whose event time cannot be read is replaced: the write repairs it.
+    pub const PUT_IF_NEWER: &str = concat!(
+        prelude!(),
+        r#"
+if #KEYS ~= 1 or #ARGV ~= 2 or ARGV[1] == '' then return bad('arguments') end
+local event_ms = -1
+if ARGV[2] ~= '' then
+  event_ms = uint(ARGV[2], MAX_TIME_MS)
+  if event_ms == nil then return bad('event time') end
+end
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local ok, obj = pcall(cjson.decode, cur)
-  if ok and type(obj) == 'table' and obj.billing_event_ms and tonumber(obj.billing_event_ms) > tonumber(ARGV[2]) then
-    return 0
+  if ok and type(obj) == 'table' then
+    local at = obj.billing_event_ms
+    if type(at) == 'number' and at >= 0 and at <= MAX_TIME_MS and at > event_ms then return 0 end
   end
 end
 redis.call('SET', KEYS[1], ARGV[1])
 return 1
-"#;
+"#
+    );
 
-/// Adds to a balance unless it would go negative (-1: refused).
-const ADD_CREDITS_LUA: &str = r#"
-local v = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(ARGV[1])
+    /// Adds to a balance, refusing with no change when it would go below zero
+    /// (-1) or above `MAX_CREDITS` (-2). ARGV: the signed delta.
+    pub const ADD_CREDITS: &str = concat!(
+        prelude!(),
+        r#"
+if #KEYS ~= 1 or #ARGV ~= 1 then return bad('arguments') end
+local delta = int(ARGV[1], -MAX_CREDITS, MAX_CREDITS)
+if delta == nil then return bad('delta') end
+local cur = stored(redis.call('GET', KEYS[1]), MAX_CREDITS)
+if cur == nil then return corrupt('credits ' .. KEYS[1]) end
+local v = cur + delta
 if v < 0 then return -1 end
-redis.call('SET', KEYS[1], v)
+if v > MAX_CREDITS then return -2 end
+redis.call('SET', KEYS[1], str(v))
 return v
-"#;
+"#
+    );
 
-/// Removes a key from the index only if it belongs to the account.
-const REVOKE_LUA: &str = r#"
+    /// Removes a key from the index only if it belongs to the account. ARGV: the account id.
+    pub const REVOKE: &str = concat!(
+        prelude!(),
+        r#"
+if #KEYS ~= 1 or #ARGV ~= 1 or ARGV[1] == '' then return bad('arguments') end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
-"#;
+"#
+    );
+}
 
 /// A connection to one Redis or a Redis Cluster; cheap to clone.
 #[derive(Clone)]
@@ -233,6 +362,10 @@ impl fmt::Debug for RedisStore {
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
+    // Our scripts' own refusals: a bad argument is a bug here, a bad stored value a foreign writer.
+    if matches!(e.code(), Some("TOLLGATE_BADARG" | "TOLLGATE_CORRUPT")) {
+        return StoreError::Corrupt(e.to_string());
+    }
     if e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
         StoreError::Unavailable(e.to_string())
     } else if e.kind() == redis::ErrorKind::Parse || e.kind() == redis::ErrorKind::UnexpectedReturnType {
@@ -312,7 +445,7 @@ impl AccountRecord {
                         Window::Rolling(_) => None,
                     },
                     per_ms: match q.window {
-                        Window::Rolling(d) => Some(d.as_millis() as u64),
+                        Window::Rolling(d) => Some(window_ms(d)),
                         Window::Calendar(_) => None,
                     },
                 })
@@ -322,17 +455,30 @@ impl AccountRecord {
         }
     }
 
+    /// The account, if every field is within [`bounds`]: a record written by
+    /// another writer (or by hand) may hold anything, and what is read here
+    /// later feeds time and counter arithmetic.
     fn into_account(self, id: &str) -> Result<Account, StoreError> {
+        let corrupt = |why: String| StoreError::Corrupt(format!("account {id}: {why}"));
+        if self.quotas.len() > bounds::MAX_ITEMS || self.features.len() > bounds::MAX_ITEMS {
+            return Err(corrupt(format!("more than {} features or quotas", bounds::MAX_ITEMS)));
+        }
         let mut quotas = Vec::with_capacity(self.quotas.len());
         for q in self.quotas {
             let window = match (q.period, q.per_ms) {
                 (Some(p), None) => Window::Calendar(p),
-                (None, Some(ms)) if ms > 0 => Window::Rolling(Duration::from_millis(ms)),
-                _ => return Err(StoreError::Corrupt(format!("account {id}: quota {} has no valid window", q.meter))),
+                (None, Some(ms)) if (1..=window_ms(MAX_WINDOW)).contains(&ms) => {
+                    Window::Rolling(Duration::from_millis(ms))
+                }
+                _ => return Err(corrupt(format!("quota {:?} has no valid window", q.meter))),
             };
             quotas.push(Quota { meter: q.meter, limit: q.limit, window });
         }
-        Ok(Account {
+        let billing_event_at = match self.billing_event_ms {
+            Some(ms) => Some(from_millis(ms).ok_or_else(|| corrupt(format!("billing_event_ms {ms} is out of range")))?),
+            None => None,
+        };
+        let account = Account {
             id: id.to_owned(),
             plan: self.plan,
             status: self.status,
@@ -342,22 +488,60 @@ impl AccountRecord {
             extra_features: self.features.into_iter().collect(),
             quota_overrides: quotas,
             stripe_customer: self.stripe_customer,
-            billing_event_at: self.billing_event_ms.map(from_millis),
-        })
+            billing_event_at,
+        };
+        bounds::check_account(&account).map_err(StoreError::Corrupt)?;
+        Ok(account)
     }
 }
 
 /// Account ids become hash tags: one with braces would escape its slot.
 fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 128 && !id.contains(['{', '}'])
+    is_valid_account_id(id)
 }
 
 fn millis(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
-fn from_millis(ms: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(ms).single().unwrap_or(DateTime::<Utc>::MIN_UTC)
+/// The instant `ms` after the epoch; `None` outside chrono's range.
+fn from_millis(ms: i64) -> Option<DateTime<Utc>> {
+    Utc.timestamp_millis_opt(ms).single()
+}
+
+/// A window's length in whole milliseconds, as keys and scripts carry it
+/// (saturating: lengths past `MAX_WINDOW` are refused before they get here).
+fn window_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A time the spend script answered, in ms; one outside chrono's range is corrupt.
+fn script_time(ms: i64) -> Result<DateTime<Utc>, StoreError> {
+    from_millis(ms).ok_or_else(|| StoreError::Corrupt(format!("spend script answered the instant {ms}")))
+}
+
+/// What a spend that cannot fit answers without asking Redis: a cost or
+/// credit cost above [`MAX_COST`] is exceeded / insufficient whatever the
+/// counters hold, so the counters are not read (their `used` and the balance
+/// show as 0).
+fn oversized(spend: &Spend) -> SpendAnswer {
+    let too_big = spend.cost > MAX_COST;
+    let quotas = spend
+        .quotas
+        .iter()
+        .map(|q| {
+            let end = match q.window {
+                Window::Calendar(p) => p.bounds(spend.now).1,
+                Window::Rolling(d) => chrono::Duration::from_std(d)
+                    .ok()
+                    .and_then(|d| spend.now.checked_add_signed(d))
+                    .unwrap_or(spend.now),
+            };
+            QuotaUsage { used: 0, exceeded: too_big, resets_at: end, retry_at: end }
+        })
+        .collect();
+    let credits = spend.credits.map(|c| CreditBalance { balance: 0, sufficient: c <= MAX_COST });
+    SpendAnswer { spent: false, quotas, credits }
 }
 
 impl RedisStore {
@@ -387,10 +571,10 @@ impl RedisStore {
             target,
             subscribe_urls,
             prefix: prefix.to_owned(),
-            script: redis::Script::new(SPEND_LUA),
-            put_if_newer: redis::Script::new(PUT_IF_NEWER_LUA),
-            add_credits: redis::Script::new(ADD_CREDITS_LUA),
-            revoke: redis::Script::new(REVOKE_LUA),
+            script: redis::Script::new(lua::SPEND),
+            put_if_newer: redis::Script::new(lua::PUT_IF_NEWER),
+            add_credits: redis::Script::new(lua::ADD_CREDITS),
+            revoke: redis::Script::new(lua::REVOKE),
         })
     }
 
@@ -444,9 +628,7 @@ impl RedisStore {
     }
 
     fn record_json(&self, account: &Account) -> Result<String, StoreError> {
-        if !valid_id(&account.id) {
-            return Err(StoreError::Corrupt(format!("account id {:?} cannot be a hash tag", account.id)));
-        }
+        bounds::check_account(account).map_err(StoreError::Corrupt)?;
         serde_json::to_string(&AccountRecord::of(account)).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
@@ -549,9 +731,14 @@ impl Store for RedisStore {
         if !valid_id(id) {
             return Err(StoreError::Corrupt(format!("account id {id:?} cannot be a hash tag")));
         }
+        // Checked here so the script's own checks are a second line, never the first.
+        bounds::check_spend(spend).map_err(StoreError::Corrupt)?;
+        if spend.cost > MAX_COST || spend.credits.is_some_and(|c| c > MAX_COST) {
+            return Ok(oversized(spend));
+        }
         let mut inv = self.script.prepare_invoke();
         inv.arg(spend.cost)
-            .arg(spend.credits.map_or(-1, |c| c as i64))
+            .arg(spend.credits.map_or_else(String::new, |c| c.to_string()))
             .arg(u8::from(spend.dry_run))
             .arg(spend.quotas.len());
         let mut ends = Vec::with_capacity(spend.quotas.len());
@@ -566,7 +753,7 @@ impl Store for RedisStore {
                     ends.push(Some(end));
                 }
                 Window::Rolling(d) => {
-                    inv.arg("r").arg(q.limit).arg(d.as_millis() as u64);
+                    inv.arg("r").arg(q.limit).arg(window_ms(d));
                     ends.push(None);
                 }
             }
@@ -577,17 +764,24 @@ impl Store for RedisStore {
         if out.len() != 3 + 4 * spend.quotas.len() {
             return Err(StoreError::Corrupt(format!("spend script returned {} values", out.len())));
         }
-        let quotas = out[3..]
-            .chunks_exact(4)
-            .zip(&ends)
-            .map(|(c, end)| QuotaUsage {
-                used: c[0].max(0) as u64,
-                exceeded: c[1] == 1,
-                resets_at: end.unwrap_or_else(|| from_millis(c[2])),
-                retry_at: end.unwrap_or_else(|| from_millis(c[3])),
-            })
-            .collect();
-        let credits = spend.credits.map(|_| CreditBalance { balance: out[1].max(0) as u64, sufficient: out[2] == 1 });
+        let mut quotas = Vec::with_capacity(spend.quotas.len());
+        for (c, end) in out[3..].chunks_exact(4).zip(&ends) {
+            let used = u64::try_from(c[0])
+                .map_err(|_| StoreError::Corrupt(format!("spend script answered used = {}", c[0])))?;
+            let (resets_at, retry_at) = match end {
+                Some(end) => (*end, *end),
+                None => (script_time(c[2])?, script_time(c[3])?),
+            };
+            quotas.push(QuotaUsage { used, exceeded: c[1] == 1, resets_at, retry_at });
+        }
+        let credits = match spend.credits {
+            Some(_) => Some(CreditBalance {
+                balance: u64::try_from(out[1])
+                    .map_err(|_| StoreError::Corrupt(format!("spend script answered balance = {}", out[1])))?,
+                sufficient: out[2] == 1,
+            }),
+            None => None,
+        };
         Ok(SpendAnswer { spent: out[0] == 1, quotas, credits })
     }
 
@@ -605,7 +799,8 @@ impl Store for RedisStore {
 
     async fn put_account_if_newer(&self, account: &Account) -> Result<bool, StoreError> {
         let json = self.record_json(account)?;
-        let event_ms = account.billing_event_at.map_or(i64::MIN, millis);
+        // check_account (in record_json) keeps the event time within min_time..=max_time: never negative.
+        let event_ms = account.billing_event_at.map_or_else(String::new, |t| millis(t).to_string());
         let mut conn = self.conn().await?;
         let written: i64 = self
             .put_if_newer
@@ -622,8 +817,16 @@ impl Store for RedisStore {
     }
 
     async fn account_for_customer(&self, customer: &str) -> Result<Option<String>, StoreError> {
+        if !bounds::is_valid_customer_id(customer) {
+            return Ok(None);
+        }
         let mut conn = self.conn().await?;
-        redis::cmd("GET").arg(self.customer_key(customer)).query_async(&mut conn).await.map_err(unavailable)
+        let id: Option<String> =
+            redis::cmd("GET").arg(self.customer_key(customer)).query_async(&mut conn).await.map_err(unavailable)?;
+        match id {
+            Some(id) if !valid_id(&id) => Err(StoreError::Corrupt(format!("customer {customer} maps to {id:?}"))),
+            id => Ok(id),
+        }
     }
 
     async fn put_key(&self, key: &KeyHash, account: &str, meta: &KeyMeta) -> Result<(), StoreError> {
@@ -683,7 +886,14 @@ impl Store for RedisStore {
         Ok(keys)
     }
 
+    /// Refuses balances above [`MAX_CREDITS`]: callers validate first; this is the last line.
     async fn set_credits(&self, account: &str, credits: u64) -> Result<(), StoreError> {
+        if !valid_id(account) {
+            return Err(StoreError::Corrupt(format!("account id {account:?} cannot be a hash tag")));
+        }
+        if credits > MAX_CREDITS {
+            return Err(StoreError::Corrupt(format!("credits {credits} are above MAX_CREDITS ({MAX_CREDITS})")));
+        }
         let mut conn = self.conn().await?;
         redis::cmd("SET")
             .arg(self.credits_key(account))
@@ -694,13 +904,28 @@ impl Store for RedisStore {
     }
 
     async fn credits(&self, account: &str) -> Result<u64, StoreError> {
+        if !valid_id(account) {
+            return Ok(0);
+        }
         let mut conn = self.conn().await?;
-        let v: Option<i64> =
+        let v: Option<String> =
             redis::cmd("GET").arg(self.credits_key(account)).query_async(&mut conn).await.map_err(unavailable)?;
-        Ok(v.unwrap_or(0).max(0) as u64)
+        let Some(v) = v else { return Ok(0) };
+        // Digits only: a float, a sign or a balance past MAX_CREDITS was not written by us.
+        v.parse::<u64>()
+            .ok()
+            .filter(|c| v.bytes().all(|b| b.is_ascii_digit()) && *c <= MAX_CREDITS)
+            .ok_or_else(|| StoreError::Corrupt(format!("account {account}: credits {v:?}")))
     }
 
     async fn add_credits(&self, account: &str, delta: i64) -> Result<Option<u64>, StoreError> {
+        if !valid_id(account) {
+            return Err(StoreError::Corrupt(format!("account id {account:?} cannot be a hash tag")));
+        }
+        // Every balance is within 0..=MAX_CREDITS, so such a delta can only leave that range.
+        if delta.unsigned_abs() > MAX_CREDITS {
+            return Ok(None);
+        }
         let mut conn = self.conn().await?;
         let v: i64 = self
             .add_credits
@@ -709,7 +934,13 @@ impl Store for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(u64::try_from(v).ok())
+        match v {
+            // -1: below zero; -2: above MAX_CREDITS. Nothing changed.
+            -2 | -1 => Ok(None),
+            v => {
+                u64::try_from(v).map(Some).map_err(|_| StoreError::Corrupt(format!("add-credits script answered {v}")))
+            }
+        }
     }
 
     async fn reset_usage(&self, account: &str, quotas: &[Quota], now: DateTime<Utc>) -> Result<(), StoreError> {
@@ -732,7 +963,8 @@ impl Store for RedisStore {
             .arg(1)
             .arg("NX")
             .arg("PX")
-            .arg(ttl.as_millis().max(1) as u64)
+            // Events are remembered for days; a TTL past MAX_WINDOW is clipped, not overflowed.
+            .arg(window_ms(ttl.min(MAX_WINDOW)).max(1))
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -769,6 +1001,75 @@ mod tests {
             assert_eq!(Invalidation::decode(&inv.encode()), Some(inv));
         }
         assert_eq!(Invalidation::decode("key:zz"), None);
+    }
+
+    #[test]
+    fn lua_bounds_match_the_rust_constants() {
+        let want = [
+            ("MAX_COST", MAX_COST),
+            ("MAX_LIMIT", crate::usage::MAX_LIMIT),
+            ("MAX_CREDITS", MAX_CREDITS),
+            ("MAX_WINDOW_MS", window_ms(MAX_WINDOW)),
+            ("MAX_TIME_MS", millis(crate::entitlement::max_time()) as u64),
+        ];
+        for script in [lua::SPEND, lua::PUT_IF_NEWER, lua::ADD_CREDITS, lua::REVOKE] {
+            for (name, value) in want {
+                assert!(script.contains(&format!("local {name} = {value}\n")), "{name} must be {value}");
+            }
+        }
+    }
+
+    /// Reads a stored record as `account` does: JSON, then bounds.
+    fn read(json: &str) -> Result<Account, StoreError> {
+        serde_json::from_str::<AccountRecord>(json)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+            .and_then(|r| r.into_account("acct_x"))
+    }
+
+    #[test]
+    fn stored_records_out_of_bounds_are_corrupt_not_panics() {
+        let max_limit = crate::usage::MAX_LIMIT;
+        let records = [
+            r#"{"plan":"pro","quotas":[{"meter":"r","limit":5,"per_ms":9223372036854775808}]}"#.to_owned(),
+            r#"{"plan":"pro","quotas":[{"meter":"r","limit":5,"per_ms":18446744073709551615}]}"#.to_owned(),
+            r#"{"plan":"pro","quotas":[{"meter":"r","limit":5,"per_ms":0}]}"#.to_owned(),
+            r#"{"plan":"pro","quotas":[{"meter":"r","limit":5,"per_ms":-1}]}"#.to_owned(),
+            r#"{"plan":"pro","quotas":[{"meter":"r","limit":5,"per_ms":1.5}]}"#.to_owned(),
+            format!(r#"{{"plan":"pro","quotas":[{{"meter":"r","limit":{},"period":"day"}}]}}"#, max_limit + 1),
+            r#"{"plan":"pro","quotas":[{"meter":"r","limit":1e300,"period":"day"}]}"#.to_owned(),
+            r#"{"plan":"pro","past_due_since":"+200000-01-01T00:00:00Z"}"#.to_owned(),
+            r#"{"plan":"pro","past_due_since":"-0001-01-01T00:00:00Z"}"#.to_owned(),
+            r#"{"plan":"pro","expires_at":"1969-12-31T23:59:59Z"}"#.to_owned(),
+            r#"{"plan":"pro","billing_event_ms":9223372036854775807}"#.to_owned(),
+            r#"{"plan":"pro","billing_event_ms":-9223372036854775808}"#.to_owned(),
+            r#"{"plan":"pro","billing_event_ms":-1}"#.to_owned(),
+            format!(r#"{{"plan":"{}"}}"#, "p".repeat(129)),
+            r#"{"plan":""}"#.to_owned(),
+            format!(r#"{{"plan":"pro","features":{:?}}}"#, vec!["f"; 257]),
+            r#"{"plan":"pro","stripe_customer":"cus 1"}"#.to_owned(),
+        ];
+        for json in &records {
+            assert!(matches!(read(json), Err(StoreError::Corrupt(_))), "{json} was accepted");
+        }
+        assert!(read(r#"{"plan":"pro","past_due_since":"9999-12-31T23:59:59Z"}"#).is_ok(), "max_time itself is fine");
+    }
+
+    #[tokio::test]
+    async fn accounts_out_of_bounds_are_never_written() {
+        let store = RedisStore::open("redis://127.0.0.1:1", "t:", Duration::from_millis(10)).unwrap();
+        let good = Account { id: "acct_1".into(), plan: "pro".into(), ..Account::default() };
+        assert!(store.record_json(&good).is_ok());
+        for bad in [
+            Account { past_due_since: Some(DateTime::<Utc>::MAX_UTC), ..good.clone() },
+            Account { billing_event_at: Some(DateTime::<Utc>::MIN_UTC), ..good.clone() },
+            Account {
+                quota_overrides: vec![Quota { meter: "r".into(), limit: 1, window: Window::Rolling(Duration::MAX) }],
+                ..good.clone()
+            },
+            Account { id: "{acct}".into(), ..good.clone() },
+        ] {
+            assert!(matches!(store.record_json(&bad), Err(StoreError::Corrupt(_))), "{bad:?}");
+        }
     }
 
     #[test]
