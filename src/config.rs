@@ -907,12 +907,15 @@ mod raw {
         s.parse().map_err(|_| invalid(path, format!("{s:?} is not a socket address (want e.g. 0.0.0.0:9191)")))
     }
 
-    /// A rolling window or grace period: positive and at most [`MAX_WINDOW`].
+    /// A rolling window: 1ms to [`MAX_WINDOW`] (windows are kept in whole milliseconds).
     fn window(d: Duration, path: &str) -> Result<Duration, Invalid> {
         if d > MAX_WINDOW {
             return Err(invalid(path, "must be at most 366d"));
         }
-        positive(d, path)
+        if !crate::bounds::is_valid_window(d) {
+            return Err(invalid(path, "must be at least 1ms"));
+        }
+        Ok(d)
     }
 
     /// A date inside what every way in accepts.
@@ -923,6 +926,17 @@ mod raw {
             }
             t => Ok(t),
         }
+    }
+
+    /// A plan, meter or feature name: 1-128 bytes, no control characters (names become Redis key parts).
+    fn name(value: &str, path: &str) -> Result<(), Invalid> {
+        if !crate::bounds::is_valid_name(value) {
+            return Err(invalid(
+                path,
+                format!("must be 1-{} bytes without control characters", crate::bounds::MAX_NAME),
+            ));
+        }
+        Ok(())
     }
 
     fn positive(d: Duration, path: &str) -> Result<Duration, Invalid> {
@@ -952,6 +966,7 @@ mod raw {
             if q.meter.trim().is_empty() {
                 return Err(invalid(format!("{p}.meter"), "must not be empty"));
             }
+            name(&q.meter, &format!("{p}.meter"))?;
             if q.limit < 1 || q.limit as u64 > MAX_LIMIT {
                 return Err(invalid(
                     format!("{p}.limit"),
@@ -1077,11 +1092,13 @@ mod raw {
             let mut plans = HashMap::new();
             for (name, def) in &self.plans {
                 let p = format!("plans.{name}");
+                self::name(name, &p)?;
                 let mut features = BTreeSet::new();
                 for (i, f) in def.features.iter().enumerate() {
                     if f.trim().is_empty() {
                         return Err(invalid(format!("{p}.features[{i}]"), "must not be empty"));
                     }
+                    self::name(f, &format!("{p}.features[{i}]"))?;
                     features.insert(f.clone());
                 }
                 let plan = Plan {
@@ -1126,7 +1143,19 @@ mod raw {
                 if a.credits < 0 || a.credits as u64 > MAX_CREDITS {
                     return Err(invalid(format!("{p}.credits"), format!("must be between 0 and {MAX_CREDITS}")));
                 }
+                for (k, f) in a.features.iter().enumerate() {
+                    name(f, &format!("{p}.features[{k}]"))?;
+                }
+                if a.features.len() > crate::bounds::MAX_ITEMS || a.quotas.len() > crate::bounds::MAX_ITEMS {
+                    return Err(invalid(p, format!("at most {} features and quotas", crate::bounds::MAX_ITEMS)));
+                }
                 date(a.past_due_since, &format!("{p}.past_due_since"))?;
+                if let Some(c) = a.stripe_customer.as_deref().filter(|c| !crate::bounds::is_valid_customer_id(c)) {
+                    return Err(invalid(
+                        format!("{p}.stripe_customer"),
+                        format!("{c:?} is not 1-255 of A-Z a-z 0-9 _"),
+                    ));
+                }
                 date(a.expires_at, &format!("{p}.expires_at"))?;
                 accounts.push(SeedAccount {
                     account: Account {

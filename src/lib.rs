@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | [`entitlement`] | plans, accounts, quotas, calendar windows | nothing of ours |
 //! | [`usage`] | what a request spends and what the counters answer | `entitlement` |
+//! | [`bounds`] | the bounds on every input (ids, names, windows, dates, accounts, spends) | `entitlement`, `usage` |
 //! | [`route`] | the route table and matching | nothing of ours |
 //! | [`identity`] | identity sources, API-key hashing | nothing of ours |
 //! | [`decision`] | the decision table as a pure function | `entitlement`, `usage` |
@@ -26,6 +27,7 @@
 //! exception, the cluster connection's first connect, is a tokio mutex).
 
 pub mod authorizer;
+pub mod bounds;
 pub mod config;
 pub mod decision;
 pub mod entitlement;

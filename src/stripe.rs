@@ -22,9 +22,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::Sha256;
 
+use crate::bounds::{MAX_ITEMS, is_valid_customer_id, is_valid_name};
 use crate::config::StripeConfig;
 use crate::entitlement::{Account, Status, is_valid_account_id, is_valid_time};
-use crate::store::memory::bounds::{MAX_ITEMS, is_valid_customer_id, is_valid_name};
 use crate::store::{Store, StoreError};
 
 /// How long event ids are remembered: Stripe retries a delivery for up to three days.

@@ -26,6 +26,7 @@ use super::pb::{
     QuotaState, RevokeApiKeyRequest, RevokeApiKeyResponse, SetCreditsRequest, UsageRequest, UsageResponse,
 };
 use crate::authorizer::{Ask, Authorizer, Query, Subject};
+use crate::bounds;
 use crate::config::{Config, ReadAccess};
 use crate::entitlement::{self, Account, Period, Quota, Window};
 use crate::identity::{Credentials, KeyHash, KeyMeta};
@@ -129,15 +130,21 @@ fn scope(config: &Config, metadata: &tonic::metadata::MetadataMap) -> Option<Sco
     }
 }
 
-/// The longest feature, meter, plan, customer or key-name string accepted.
-const MAX_NAME_BYTES: usize = 128;
-
-/// At most [`MAX_NAME_BYTES`] bytes, no control characters.
+/// An optional name (empty allowed): at most 128 bytes, no control characters.
 fn name(value: &str, field: &str) -> Result<(), Status> {
-    if value.len() > MAX_NAME_BYTES || value.chars().any(char::is_control) {
+    if !value.is_empty() && !bounds::is_valid_name(value) {
         return Err(Status::invalid_argument(format!(
-            "{field}: at most {MAX_NAME_BYTES} bytes, no control characters"
+            "{field}: at most {} bytes, no control characters",
+            bounds::MAX_NAME
         )));
+    }
+    Ok(())
+}
+
+/// A plan, meter or feature name that must be there: 1–128 bytes, no control characters.
+fn required_name(value: &str, field: &str) -> Result<(), Status> {
+    if !bounds::is_valid_name(value) {
+        return Err(Status::invalid_argument(format!("{field}: 1-{} bytes, no control characters", bounds::MAX_NAME)));
     }
     Ok(())
 }
@@ -163,16 +170,16 @@ fn quota_override(q: &QuotaOverride, field: &str) -> Result<Quota, Status> {
     if q.meter.trim().is_empty() {
         return Err(Status::invalid_argument(format!("{field}.meter: required")));
     }
-    name(&q.meter, &format!("{field}.meter"))?;
+    required_name(&q.meter, &format!("{field}.meter"))?;
     if q.limit == 0 || q.limit > MAX_LIMIT {
         return Err(Status::invalid_argument(format!("{field}.limit: must be between 1 and {MAX_LIMIT}")));
     }
     let window =
         match (q.period.as_str(), &q.per) {
             ("", Some(per)) => {
-                let d = Duration::try_from(*per).ok().filter(|d| !d.is_zero() && *d <= entitlement::MAX_WINDOW);
+                let d = Duration::try_from(*per).ok().filter(|d| bounds::is_valid_window(*d));
                 Window::Rolling(
-                    d.ok_or_else(|| Status::invalid_argument(format!("{field}.per: must be positive, at most 366d")))?,
+                    d.ok_or_else(|| Status::invalid_argument(format!("{field}.per: must be between 1ms and 366d")))?,
                 )
             }
             (p, None) => Window::Calendar(Period::parse(p).ok_or_else(|| {
@@ -421,13 +428,15 @@ impl Tollgate for Api {
         if status == entitlement::Status::PastDue && past_due_since.is_none() {
             return Err(Status::invalid_argument("entitlement.past_due_since: required when status is past_due"));
         }
-        name(&e.plan, "entitlement.plan")?;
-        name(&e.stripe_customer, "entitlement.stripe_customer")?;
+        required_name(&e.plan, "entitlement.plan")?;
+        if !e.stripe_customer.is_empty() && !bounds::is_valid_customer_id(&e.stripe_customer) {
+            return Err(Status::invalid_argument("entitlement.stripe_customer: 1-255 of A-Z a-z 0-9 _"));
+        }
         if e.extra_features.len() > 256 || e.quota_overrides.len() > 256 {
             return Err(Status::invalid_argument("entitlement: at most 256 extra_features and 256 quota_overrides"));
         }
         for (i, f) in e.extra_features.iter().enumerate() {
-            name(f, &format!("entitlement.extra_features[{i}]"))?;
+            required_name(f, &format!("entitlement.extra_features[{i}]"))?;
         }
         let mut quota_overrides = Vec::with_capacity(e.quota_overrides.len());
         for (i, q) in e.quota_overrides.iter().enumerate() {

@@ -39,8 +39,8 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use super::memory::bounds;
 use super::{Invalidation, Store, StoreError};
+use crate::bounds;
 use crate::entitlement::{Account, MAX_WINDOW, Period, Quota, Status, Window, is_valid_account_id};
 use crate::identity::{KeyHash, KeyMeta};
 use crate::usage::{CreditBalance, MAX_COST, MAX_CREDITS, QuotaUsage, Spend, SpendAnswer};
