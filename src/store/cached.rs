@@ -357,4 +357,73 @@ mod tests {
         cache.invalidate(&Invalidation::Key(unknown)).await;
         assert_eq!(cache.account_for_key(&unknown).await.unwrap(), Some("acct".into()));
     }
+
+    fn counting() -> Arc<Counting> {
+        Arc::new(Counting { inner: MemoryStore::new(), reads: AtomicUsize::new(0) })
+    }
+
+    #[tokio::test]
+    async fn large_entries_keep_the_cache_within_its_byte_budget() {
+        const BUDGET: u64 = 1 << 20;
+        let backend = counting();
+        let cache = CachedStore::new(
+            backend.clone(),
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+            BUDGET,
+            Arc::new(|_| {}),
+        );
+        // 400 accounts of ~8 KiB each: about 3 MiB of entitlements for a 512 KiB half.
+        for i in 0..400 {
+            let account = Account {
+                id: format!("acct_{i}"),
+                plan: "pro".into(),
+                extra_features: (0..8).map(|f| format!("{f}{}", "x".repeat(1024))).collect(),
+                ..Default::default()
+            };
+            backend.put_account(&account).await.unwrap();
+            assert!(cache.account(&account.id).await.unwrap().is_some());
+        }
+        // 5,000 keys, each naming a 128-byte account id: about 1.5 MiB for the other half.
+        for i in 0..5_000 {
+            let key = KeyHash::of(&format!("key-{i}"));
+            let meta = KeyMeta::for_key("k", 2, "", chrono::Utc::now());
+            backend.inner.put_key(&key, &format!("{i:0>128}"), &meta).await.unwrap();
+            cache.keys.insert(key, backend.inner.account_for_key(&key).await.unwrap()).await;
+        }
+        cache.accounts.run_pending_tasks().await;
+        cache.keys.run_pending_tasks().await;
+        let (accounts, keys) = (cache.accounts.weighted_size(), cache.keys.weighted_size());
+        assert!(accounts <= BUDGET / 2, "accounts weigh {accounts} bytes");
+        assert!(keys <= BUDGET / 2, "keys weigh {keys} bytes");
+        assert!(accounts + keys > BUDGET / 4, "the budget is used: {accounts} + {keys}");
+        let one = account_entry_weight(
+            "acct_0",
+            &Some(Arc::new(Account {
+                extra_features: (0..8).map(|f| format!("{f}{}", "x".repeat(1024))).collect(),
+                ..Default::default()
+            })),
+        );
+        assert!(one > 8 * 1024, "an entry weighs at least its strings: {one}");
+    }
+
+    #[tokio::test]
+    async fn an_invalid_account_id_never_reaches_the_backend_nor_the_cache() {
+        let backend = counting();
+        let cache = CachedStore::new(
+            backend.clone(),
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+            1 << 20,
+            Arc::new(|_| {}),
+        );
+        for id in ["x".repeat(1 << 20), String::new(), "acct/../other".into(), "acct\n".into(), "a".repeat(129)] {
+            assert_eq!(cache.account(&id).await.unwrap(), None);
+        }
+        cache.accounts.run_pending_tasks().await;
+        assert_eq!(backend.reads.load(Ordering::SeqCst), 0, "no backend read");
+        assert_eq!(cache.accounts.entry_count(), 0, "nothing cached");
+        assert_eq!(cache.account("acct_ok").await.unwrap(), None);
+        assert_eq!(backend.reads.load(Ordering::SeqCst), 1, "a valid unknown id is looked up once");
+    }
 }
