@@ -159,8 +159,7 @@ mod h2raw {
             while let Ok(ack) = acks_rx.try_recv() {
                 conn.write.write_all(&ack).await.unwrap();
             }
-            // Later acks (PINGs) are written by a forwarding task on a dup'ed handle: not needed
-            // within a test's few seconds, so they are dropped.
+            // Later PINGs go unanswered: keepalive_interval (30 s) outlasts every test here.
             drop(acks_rx);
             conn.write.flush().await.unwrap();
             conn
@@ -434,23 +433,26 @@ async fn a_stream_flood_on_one_connection_is_capped_at_the_advertised_limit_and_
     conn.reader.abort();
 }
 
-/// (b) A 5 MB message is refused with OUT_OF_RANGE; a prefix announcing one
+/// (b) A 1 MiB or 5 MiB message is refused with OUT_OF_RANGE; a prefix announcing 5 MiB
 /// is answered at once, before any of the body is sent, so nothing is buffered.
 #[tokio::test]
 async fn a_message_over_max_message_bytes_is_refused_from_its_prefix() {
     let s = TestServer::start(&spec_config()).await;
-    let big = "x".repeat(5 << 20);
     let mut client = AuthorizationClient::new(s.channel().await);
-    let status = client
-        .check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key"), ("x-padding", &big)]))
-        .await
-        .expect_err("5 MB is over the limit");
-    assert!(
-        matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted),
-        "{:?}: {}",
-        status.code(),
-        status.message()
-    );
+    // 1 MiB: over max_message_bytes (256 KiB), under tonic's own default (4 MiB).
+    for size in [1 << 20, 5 << 20] {
+        let big = "x".repeat(size);
+        let status = client
+            .check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key"), ("x-padding", &big)]))
+            .await
+            .expect_err("over the limit");
+        assert!(
+            matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted),
+            "{size}: {:?}: {}",
+            status.code(),
+            status.message()
+        );
+    }
     // A normal Check on the same channel still works.
     let ok = client.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await.unwrap();
     assert!(common::Answer::of(ok.get_ref()).allowed);
@@ -467,6 +469,25 @@ async fn a_message_over_max_message_bytes_is_refused_from_its_prefix() {
     // Closed before the drain: this client answers no PING, so hyper's graceful close would wait on it.
     conn.reader.abort();
     drop(conn);
+    s.stop().await;
+}
+
+/// gRPC metadata (HTTP/2 headers) is bounded by max_header_list_bytes
+/// (default 64 KiB; hyper's own default would be 16 KiB): 32 KiB passes,
+/// 100 KiB is refused, and the connection keeps serving.
+#[tokio::test]
+async fn metadata_is_bounded_by_max_header_list_bytes() {
+    let s = TestServer::start(&spec_config()).await;
+    let mut client = AuthorizationClient::new(s.channel().await);
+    let padded = |kib: usize| {
+        let mut request = tonic::Request::new(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")]));
+        request.metadata_mut().insert("x-padding", "x".repeat(kib * 1024).parse().unwrap());
+        request
+    };
+    assert!(client.check(padded(32)).await.is_ok(), "32 KiB of metadata is within 64 KiB");
+    assert!(client.check(padded(100)).await.is_err(), "100 KiB of metadata is over 64 KiB");
+    let ok = client.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await.unwrap();
+    assert!(common::Answer::of(ok.get_ref()).allowed);
     s.stop().await;
 }
 
