@@ -6,8 +6,8 @@
 //!   ([`LimitedIncoming`]);
 //! - request heads: hyper's header read timeout (`handshake_timeout`, from
 //!   the first byte a head is awaited, so it also closes idle keep-alive
-//!   connections and slow-loris heads) and a read buffer of
-//!   `max_header_list_bytes` (a larger head is refused with 431);
+//!   connections and slow-loris heads) and at most `max_header_list_bytes`
+//!   per head (a larger head is refused with 431);
 //! - request bodies: read in full within `request_timeout` (else 408) and at
 //!   most `max_body_bytes` (else 413) before any handler runs.
 //!
@@ -51,7 +51,7 @@ pub struct HttpState {
     pub authorizer: Arc<Authorizer>,
 }
 
-/// The smallest read buffer hyper accepts for HTTP/1 (its own minimum).
+/// The smallest read buffer hyper accepts for HTTP/1 (it panics below its own minimum).
 const MIN_HEAD_BUFFER: usize = 8192;
 
 /// The router of the HTTP port, with `limits`' body size and body time bounds.
@@ -108,11 +108,14 @@ pub async fn serve(
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    let max_head = usize::try_from(limits.max_header_list_bytes).unwrap_or(usize::MAX);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.handshake_timeout)
-        .max_buf_size(usize::try_from(limits.max_header_list_bytes).unwrap_or(usize::MAX).max(MIN_HEAD_BUFFER));
+        // The exact bound on a head (431 beyond it), and on the read buffer that holds it.
+        .max_header_size(max_head)
+        .max_buf_size(max_head.max(MIN_HEAD_BUFFER));
     // Every connection task holds a receiver; `closed()` is when the last is gone.
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut shutdown = pin!(shutdown);

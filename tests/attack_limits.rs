@@ -614,6 +614,22 @@ async fn a_slow_loris_head_is_closed_after_the_header_timeout() {
     s.stop().await;
 }
 
+/// An HTTP/1 head over max_header_list_bytes is refused with 431, not buffered.
+#[tokio::test]
+async fn an_http_head_over_max_header_list_bytes_gets_431() {
+    let s = TestServer::start(&spec_config()).await;
+    let head = format!("GET /healthz HTTP/1.1\r\nHost: tollgate\r\nX-Padding: {}\r\n\r\n", "x".repeat(100 * 1024));
+    let (_, response) = send_and_read(s.http, head.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 431"), "{response:?}");
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nHost: tollgate\r\nConnection: close\r\nX-Padding: {}\r\n\r\n",
+        "x".repeat(32 * 1024)
+    );
+    let (_, response) = send_and_read(s.http, head.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "32 KiB of headers is within 64 KiB: {response:?}");
+    s.stop().await;
+}
+
 /// (e) A webhook body over max_body_bytes gets 413, whether its length is
 /// announced (refused before it is sent) or streamed (refused at the limit).
 #[tokio::test]
