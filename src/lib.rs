@@ -19,6 +19,7 @@
 //! | [`grpc`] | ext_authz and `tollgate.v1` translations | `authorizer` |
 //! | [`stripe`] | webhook signatures, events → account changes | `entitlement`, `store`, `config` |
 //! | [`http`] | `/healthz`, `/readyz`, `/metrics`, `/webhooks/stripe` | `metrics`, `stripe`, `authorizer` |
+//! | [`listener`] | accepting within bounds: connection cap, handshake deadline | `config` (limits) |
 //! | [`reload`] | config reloads (SIGHUP, file watch) | `config`, `authorizer` |
 //! | [`server`] | wiring, health, graceful shutdown | everything |
 //!
@@ -34,6 +35,7 @@ pub mod entitlement;
 pub mod grpc;
 pub mod http;
 pub mod identity;
+pub mod listener;
 pub mod metrics;
 pub mod problem;
 pub mod reload;

@@ -7,6 +7,13 @@
 //! does not. Liveness (`""`, `/healthz`) holds until shutdown. On shutdown
 //! everything turns NOT_SERVING, then the listeners close and in-flight
 //! requests drain, bounded by `server.drain_timeout`.
+//!
+//! Both ports accept through [`LimitedIncoming`] (connection cap, handshake
+//! deadline). On the gRPC port tonic enforces the rest of `server.limits`:
+//! HTTP/2 streams per connection (advertised in SETTINGS; further streams are
+//! refused), header list size, keepalive pings, a deadline per call, and the
+//! message size per service, checked on the 5-byte gRPC frame prefix, before
+//! any of the message is buffered. The limits, like TLS, are fixed at start-up.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,7 +23,6 @@ use std::time::Duration;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -27,6 +33,7 @@ use crate::grpc::api::Api;
 use crate::grpc::ext_authz::ExtAuthz;
 use crate::grpc::pb::tollgate_server::TollgateServer;
 use crate::http::{self, HttpState};
+use crate::listener::LimitedIncoming;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -86,8 +93,9 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let drain_delay = config.server.drain_delay;
     let drain_timeout = config.server.drain_timeout;
-    // TLS is fixed at start-up: a reload does not re-read certificates.
+    // TLS and limits are fixed at start-up: a reload does not re-read certificates.
     let tls = config.server.tls.clone();
+    let limits = config.server.limits;
     let authorizer = Arc::new(Authorizer::new(config, store.clone(), metrics.clone()));
     on_start(Handle { authorizer: authorizer.clone() });
 
@@ -128,28 +136,44 @@ pub async fn run(
     let wait_stop = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let mut builder = tonic::transport::Server::builder();
+    let streams = limits.max_concurrent_streams;
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(streams)
+        .concurrency_limit_per_connection(usize::try_from(streams).unwrap_or(usize::MAX))
+        .http2_max_header_list_size(limits.max_header_list_bytes)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .timeout(limits.request_timeout);
     if let Some(tls) = &tls {
-        let mut t = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
+        let mut t =
+            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key)).timeout(limits.handshake_timeout);
         if let Some(ca) = &tls.client_ca {
             t = t.client_ca_root(Certificate::from_pem(ca));
         }
         builder = builder.tls_config(t)?;
     }
+    let max_message = limits.max_message_bytes;
     let grpc = builder
-        .add_service(health_service)
-        .add_service(AuthorizationServer::new(ExtAuthz::new(authorizer.clone())))
-        .add_service(TollgateServer::new(Api::new(authorizer.clone())))
-        // Nagle's algorithm would hold each small reply for the peer's delayed
-        // ACK (~40 ms per Check); tonic only disables it on its own bind path.
+        .add_service(health_service.max_decoding_message_size(max_message).max_encoding_message_size(max_message))
+        .add_service(
+            AuthorizationServer::new(ExtAuthz::new(authorizer.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .add_service(
+            TollgateServer::new(Api::new(authorizer.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        // LimitedIncoming sets TCP_NODELAY (tonic only sets it on its own bind path).
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            LimitedIncoming::new(listeners.grpc, &limits).count_after_tls(tls.is_some()),
             wait_stop(stop_rx.clone()),
         );
-    let router = http::router(HttpState { metrics, ready: ready.clone(), authorizer: authorizer.clone() });
-    let http = axum::serve(listeners.http, router).with_graceful_shutdown(wait_stop(stop_rx.clone()));
+    let router = http::router(HttpState { metrics, ready: ready.clone(), authorizer: authorizer.clone() }, &limits);
+    let http = http::serve(LimitedIncoming::new(listeners.http, &limits), router, limits, wait_stop(stop_rx.clone()));
     let mut grpc = tokio::spawn(grpc);
-    let mut http = tokio::spawn(async move { http.await });
+    let mut http = tokio::spawn(http);
 
     tokio::select! {
         _ = shutdown => {}

@@ -6,6 +6,12 @@
 //! `negative_ttl`. Changes arrive as [`Invalidation`]s (pub/sub on Redis); the
 //! TTL is the backstop when a message is lost. Counters and credits are never
 //! cached: `spend` always goes to the backend.
+//!
+//! Memory is bounded in bytes, not entries (`cache.max_bytes`, half for each
+//! cache): every entry is weighed by the lengths of its strings plus a fixed
+//! overhead, and the least recently used are evicted past the budget. An
+//! account id that [`is_valid_account_id`] rejects is answered `None` without
+//! a lookup, so it is neither stored nor sent to the backend.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +23,7 @@ use moka::future::Cache;
 use super::{Invalidation, Store, StoreError};
 use chrono::{DateTime, Utc};
 
-use crate::entitlement::{Account, Quota};
+use crate::entitlement::{Account, Quota, is_valid_account_id};
 use crate::identity::{KeyHash, KeyMeta};
 use crate::usage::{Spend, SpendAnswer};
 
@@ -60,17 +66,57 @@ impl std::fmt::Debug for CachedStore {
     }
 }
 
-/// Bounds memory: entries beyond this are evicted least-recently-used first.
-const MAX_ENTRIES: u64 = 1_000_000;
+/// What one cache entry costs beyond the strings it holds: moka's entry and
+/// its indexes (deque nodes, hash table slot, timer wheel), roughly.
+const ENTRY_OVERHEAD: usize = 160;
+
+/// The approximate bytes of a key-cache entry: a key hash and an account id.
+fn key_entry_weight(_key: &KeyHash, account: &Option<String>) -> u32 {
+    let size = size_of::<KeyHash>() + size_of::<Option<String>>() + account.as_ref().map_or(0, String::len);
+    saturate(ENTRY_OVERHEAD + size)
+}
+
+/// The approximate bytes of an account-cache entry: the id twice (key and
+/// value) and every string and quota the entitlement holds.
+fn account_entry_weight(id: &str, account: &Option<Arc<Account>>) -> u32 {
+    let value = account.as_deref().map_or(0, |a| {
+        // A BTreeSet spends about a pointer or two per element beyond the string.
+        let features: usize = a.extra_features.iter().map(|f| size_of::<String>() + 16 + f.len()).sum();
+        let quotas: usize = a.quota_overrides.iter().map(|q| size_of::<Quota>() + q.meter.len()).sum();
+        size_of::<Account>()
+            + a.id.len()
+            + a.plan.len()
+            + a.stripe_customer.as_ref().map_or(0, String::len)
+            + features
+            + quotas
+    });
+    saturate(ENTRY_OVERHEAD + size_of::<String>() + id.len() + size_of::<Option<Arc<Account>>>() + value)
+}
+
+fn saturate(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
 
 impl CachedStore {
-    /// Caches `inner`'s lookups for `ttl` (found) and `negative_ttl` (not found).
-    pub fn new(inner: Arc<dyn Store>, ttl: Duration, negative_ttl: Duration, observe: LookupObserver) -> Self {
+    /// Caches `inner`'s lookups for `ttl` (found) and `negative_ttl` (not
+    /// found), in at most about `max_bytes` (half for API keys, half for accounts).
+    pub fn new(
+        inner: Arc<dyn Store>,
+        ttl: Duration,
+        negative_ttl: Duration,
+        max_bytes: u64,
+        observe: LookupObserver,
+    ) -> Self {
         let build = || TtlByAnswer { ttl, negative_ttl };
+        let half = max_bytes / 2;
         Self {
             inner,
-            keys: Cache::builder().max_capacity(MAX_ENTRIES).expire_after(build()).build(),
-            accounts: Cache::builder().max_capacity(MAX_ENTRIES).expire_after(build()).build(),
+            keys: Cache::builder().max_capacity(half).weigher(key_entry_weight).expire_after(build()).build(),
+            accounts: Cache::builder()
+                .max_capacity(max_bytes - half)
+                .weigher(|id: &String, account: &Option<Arc<Account>>| account_entry_weight(id, account))
+                .expire_after(build())
+                .build(),
             observe,
             listener: std::sync::Mutex::new(None),
         }
@@ -117,6 +163,10 @@ impl Store for CachedStore {
     }
 
     async fn account(&self, id: &str) -> Result<Option<Arc<Account>>, StoreError> {
+        // No such account can exist: not worth a backend read nor a cache slot.
+        if !is_valid_account_id(id) {
+            return Ok(None);
+        }
         if let Some(hit) = self.accounts.get(id).await {
             (self.observe)(true);
             return Ok(hit);
@@ -281,6 +331,7 @@ mod tests {
             backend.clone(),
             Duration::from_secs(30),
             Duration::from_secs(5),
+            64 << 20,
             Arc::new(move |hit| {
                 if hit {
                     h.fetch_add(1, Ordering::SeqCst);
@@ -305,5 +356,74 @@ mod tests {
         assert_eq!(cache.account_for_key(&unknown).await.unwrap(), None, "still the cached negative");
         cache.invalidate(&Invalidation::Key(unknown)).await;
         assert_eq!(cache.account_for_key(&unknown).await.unwrap(), Some("acct".into()));
+    }
+
+    fn counting() -> Arc<Counting> {
+        Arc::new(Counting { inner: MemoryStore::new(), reads: AtomicUsize::new(0) })
+    }
+
+    #[tokio::test]
+    async fn large_entries_keep_the_cache_within_its_byte_budget() {
+        const BUDGET: u64 = 1 << 20;
+        let backend = counting();
+        let cache = CachedStore::new(
+            backend.clone(),
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+            BUDGET,
+            Arc::new(|_| {}),
+        );
+        // 400 accounts of ~8 KiB each: about 3 MiB of entitlements for a 512 KiB half.
+        for i in 0..400 {
+            let account = Account {
+                id: format!("acct_{i}"),
+                plan: "pro".into(),
+                extra_features: (0..8).map(|f| format!("{f}{}", "x".repeat(1024))).collect(),
+                ..Default::default()
+            };
+            backend.put_account(&account).await.unwrap();
+            assert!(cache.account(&account.id).await.unwrap().is_some());
+        }
+        // 5,000 keys, each naming a 128-byte account id: about 1.5 MiB for the other half.
+        for i in 0..5_000 {
+            let key = KeyHash::of(&format!("key-{i}"));
+            let meta = KeyMeta::for_key("k", 2, "", chrono::Utc::now());
+            backend.inner.put_key(&key, &format!("{i:0>128}"), &meta).await.unwrap();
+            cache.keys.insert(key, backend.inner.account_for_key(&key).await.unwrap()).await;
+        }
+        cache.accounts.run_pending_tasks().await;
+        cache.keys.run_pending_tasks().await;
+        let (accounts, keys) = (cache.accounts.weighted_size(), cache.keys.weighted_size());
+        assert!(accounts <= BUDGET / 2, "accounts weigh {accounts} bytes");
+        assert!(keys <= BUDGET / 2, "keys weigh {keys} bytes");
+        assert!(accounts + keys > BUDGET / 4, "the budget is used: {accounts} + {keys}");
+        let one = account_entry_weight(
+            "acct_0",
+            &Some(Arc::new(Account {
+                extra_features: (0..8).map(|f| format!("{f}{}", "x".repeat(1024))).collect(),
+                ..Default::default()
+            })),
+        );
+        assert!(one > 8 * 1024, "an entry weighs at least its strings: {one}");
+    }
+
+    #[tokio::test]
+    async fn an_invalid_account_id_never_reaches_the_backend_nor_the_cache() {
+        let backend = counting();
+        let cache = CachedStore::new(
+            backend.clone(),
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+            1 << 20,
+            Arc::new(|_| {}),
+        );
+        for id in ["x".repeat(1 << 20), String::new(), "acct/../other".into(), "acct\n".into(), "a".repeat(129)] {
+            assert_eq!(cache.account(&id).await.unwrap(), None);
+        }
+        cache.accounts.run_pending_tasks().await;
+        assert_eq!(backend.reads.load(Ordering::SeqCst), 0, "no backend read");
+        assert_eq!(cache.accounts.entry_count(), 0, "nothing cached");
+        assert_eq!(cache.account("acct_ok").await.unwrap(), None);
+        assert_eq!(backend.reads.load(Ordering::SeqCst), 1, "a valid unknown id is looked up once");
     }
 }

@@ -176,7 +176,8 @@ pub fn open(store: &StoreConfig, cache: &CacheConfig, observe: LookupObserver) -
         Backend::Memory => Ok(Arc::new(MemoryStore::new())),
         Backend::Redis => {
             let redis = Arc::new(RedisStore::open(&store.url.0, &store.key_prefix, store.timeout)?);
-            let cached = Arc::new(CachedStore::new(redis.clone(), cache.ttl, cache.negative_ttl, observe));
+            let cached =
+                Arc::new(CachedStore::new(redis.clone(), cache.ttl, cache.negative_ttl, cache.max_bytes, observe));
             let (on_message, on_reconnect) = (Arc::downgrade(&cached), Arc::downgrade(&cached));
             let task = redis.spawn_listener(
                 move |inv| {
