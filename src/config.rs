@@ -210,6 +210,10 @@ pub struct Limits {
     pub keepalive_timeout: Duration,
     /// Largest HTTP request body (webhooks), in bytes.
     pub max_body_bytes: usize,
+    /// Requests in flight at once per port, over all connections; more are
+    /// refused at once (gRPC RESOURCE_EXHAUSTED, HTTP 503). Bounds the message
+    /// buffers a replica holds (`max_inflight_requests × max_message_bytes`).
+    pub max_inflight_requests: usize,
 }
 
 impl Default for Limits {
@@ -224,6 +228,7 @@ impl Default for Limits {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             max_body_bytes: 1024 * 1024,
+            max_inflight_requests: 256,
         }
     }
 }
@@ -615,6 +620,7 @@ mod raw {
         #[serde(default, deserialize_with = "opt_duration")]
         keepalive_timeout: Option<Duration>,
         max_body_bytes: Option<usize>,
+        max_inflight_requests: Option<usize>,
     }
 
     /// `value` (or `default`) if it lies in `min..=max`.
@@ -705,6 +711,13 @@ mod raw {
                     &p("keepalive_timeout"),
                 )?,
                 max_body_bytes: bounded(self.max_body_bytes, d.max_body_bytes, 1024, 64 << 20, &p("max_body_bytes"))?,
+                max_inflight_requests: bounded(
+                    self.max_inflight_requests,
+                    d.max_inflight_requests,
+                    1,
+                    1 << 20,
+                    &p("max_inflight_requests"),
+                )?,
             })
         }
     }

@@ -25,7 +25,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self as axum_middleware, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -56,7 +56,11 @@ const MIN_HEAD_BUFFER: usize = 8192;
 
 /// The router of the HTTP port, with `limits`' body size and body time bounds.
 pub fn router(state: HttpState, limits: &Limits) -> Router {
-    let body = BodyBounds { max_bytes: limits.max_body_bytes, timeout: limits.request_timeout };
+    let body = BodyBounds {
+        max_bytes: limits.max_body_bytes,
+        timeout: limits.request_timeout,
+        inflight: Arc::new(tokio::sync::Semaphore::new(limits.max_inflight_requests)),
+    };
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -69,18 +73,32 @@ pub fn router(state: HttpState, limits: &Limits) -> Router {
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
 }
 
-/// How much of a request body is read, and for how long.
-#[derive(Debug, Clone, Copy)]
+/// How much of a request body is read, for how long, and how many at once.
+#[derive(Debug, Clone)]
 struct BodyBounds {
     max_bytes: usize,
     timeout: Duration,
+    /// Requests in flight over all connections (`max_inflight_requests`):
+    /// bounds the bodies held at once, whatever the number of connections.
+    inflight: Arc<tokio::sync::Semaphore>,
 }
 
 /// Reads the whole body within the bounds before the handler runs: a body
 /// that is too large is refused with 413 (at once when its `Content-Length`
 /// says so, so a client that sent `Expect: 100-continue` never sends it), one
-/// that arrives too slowly with 408.
+/// that arrives too slowly with 408; beyond `max_inflight_requests` at once, 503.
 async fn receive_body(State(bounds): State<BodyBounds>, request: Request, next: Next) -> Response {
+    // Probes and scrapes (GET, HEAD) carry no body we read: never counted, so
+    // a webhook flood cannot fail liveness.
+    if request.method() == Method::GET || request.method() == Method::HEAD {
+        let (parts, _) = request.into_parts();
+        return next.run(Request::from_parts(parts, Body::empty())).await;
+    }
+    // Held until the handler is done: the body lives that long.
+    let Ok(_permit) = bounds.inflight.clone().try_acquire_owned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], "too many requests in flight\n")
+            .into_response();
+    };
     let too_large = || (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response();
     let (parts, body) = request.into_parts();
     if HttpBody::size_hint(&body).lower() > bounds.max_bytes as u64 {

@@ -18,7 +18,7 @@
 //! | [`authorizer`] | route → identify → store → decide → render | all of the above |
 //! | [`grpc`] | ext_authz and `tollgate.v1` translations | `authorizer` |
 //! | [`stripe`] | webhook signatures, events → account changes | `entitlement`, `store`, `config` |
-//! | [`http`] | `/healthz`, `/readyz`, `/metrics`, `/webhooks/stripe` | `metrics`, `stripe`, `authorizer` |
+//! | [`http`] | `/healthz`, `/readyz`, `/metrics`, `/webhooks/stripe` | `metrics`, `stripe`, `authorizer`, `listener`, `config` (limits) |
 //! | [`listener`] | accepting within bounds: connection cap, handshake deadline | `config` (limits) |
 //! | [`reload`] | config reloads (SIGHUP, file watch) | `config`, `authorizer` |
 //! | [`server`] | wiring, health, graceful shutdown | everything |

@@ -143,7 +143,11 @@ pub async fn run(
         .http2_max_header_list_size(limits.max_header_list_bytes)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .timeout(limits.request_timeout);
+        .timeout(limits.request_timeout)
+        // Calls beyond the global cap are refused at once (RESOURCE_EXHAUSTED)
+        // rather than queued: a call holds its message buffer while it runs.
+        .load_shed(true)
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_inflight_requests));
     if let Some(tls) = &tls {
         let mut t =
             ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key)).timeout(limits.handshake_timeout);

@@ -433,6 +433,67 @@ async fn a_stream_flood_on_one_connection_is_capped_at_the_advertised_limit_and_
     conn.reader.abort();
 }
 
+/// (a') The same flood spread over 8 connections (1,024 streams, each
+/// announcing a message just under max_message_bytes): what one replica
+/// holds is bounded by `max_inflight_requests` over all connections, not per
+/// connection; calls beyond it are refused at once with RESOURCE_EXHAUSTED.
+#[tokio::test]
+async fn a_stream_flood_over_many_connections_is_bounded_by_max_inflight_requests() {
+    const CONNS: usize = 8;
+    let mut b = Binary::start("request_timeout: 6s, max_inflight_requests: 32").await;
+    assert!(check_allowed(b.grpc).await, "warm-up Check");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = b.rss_kib();
+    let announce: u32 = (256 << 10) - 64;
+    let mut conns = Vec::with_capacity(CONNS);
+    let mut opened = 0usize;
+    for _ in 0..CONNS {
+        let mut conn = h2raw::Conn::open(b.grpc).await;
+        let advertised = conn.seen.lock().unwrap().max_concurrent_streams.unwrap_or(128).min(128);
+        for i in 0..advertised {
+            let id = 2 * i + 1;
+            let mut f = h2raw::check_headers(id);
+            f.extend(h2raw::frame(h2raw::DATA, 0, id, &h2raw::grpc_prefix(announce)));
+            if conn.send(&f).await.is_err() {
+                break;
+            }
+            opened += 1;
+        }
+        conns.push(conn);
+    }
+    // Shed calls end at once; the admitted ones wait for a body that never comes.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ended = loop {
+        let ended: usize = conns.iter().map(|c| c.seen.lock().unwrap().ended.len()).sum();
+        if ended + 32 >= opened || Instant::now() > deadline {
+            break ended;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let after = b.rss_kib();
+    let grown_mib = after.saturating_sub(before) as f64 / 1024.0;
+    eprintln!(
+        "multi-connection flood: {opened} streams on {CONNS} connections, {ended} ended at once; RSS {} MiB -> {} MiB \
+         (+{grown_mib:.1} MiB)",
+        before / 1024,
+        after / 1024
+    );
+    assert!(ended + 32 >= opened, "all but the {} admitted calls are refused at once ({ended} of {opened})", 32);
+    // 32 calls × 256 KiB = 8 MiB of message buffers, plus h2 state for ~1,000 streams.
+    assert!(grown_mib < 24.0, "RSS grew {grown_mib:.1} MiB under the flood");
+    assert_eq!(http_get(b.http, "/healthz").await.unwrap().0, 200, "liveness holds");
+    for c in &conns {
+        c.reader.abort();
+    }
+    drop(conns);
+    // Once the flood is gone, Checks are served again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check_allowed(b.grpc).await {
+        assert!(Instant::now() < deadline, "Checks are served again after the flood");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// (b) A 1 MiB or 5 MiB message is refused with OUT_OF_RANGE; a prefix announcing 5 MiB
 /// is answered at once, before any of the body is sent, so nothing is buffered.
 #[tokio::test]
