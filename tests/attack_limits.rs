@@ -13,11 +13,10 @@ mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::process::TollgateProcess;
 use common::{TestServer, http_check, http_get, spec_config};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,10 +25,6 @@ use tokio::net::tcp::OwnedReadHalf;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
 
 /// `spec_config()` with `server.limits` set to `limits` (a YAML flow mapping body).
 fn config_with_limits(limits: &str) -> String {
@@ -242,56 +237,15 @@ mod h2raw {
 // ---------------------------------------------------------------------------
 // The real binary, for RSS.
 
-/// The tollgate binary on a config file; killed on drop.
-struct Binary {
-    child: Child,
-    grpc: SocketAddr,
-    http: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Binary {
-    async fn start(limits: &str) -> Self {
-        let (grpc, http) = (free_addr(), free_addr());
-        let dir = std::env::temp_dir().join(format!("tollgate-attack-{}-{}", std::process::id(), grpc.port()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("tollgate.yaml");
-        let yaml = spec_config()
-            + &format!("server: {{ grpc_listen: \"{grpc}\", http_listen: \"{http}\", limits: {{ {limits} }} }}\n");
-        std::fs::write(&file, yaml).unwrap();
-        let bin = std::env::var("TOLLGATE_ATTACK_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tollgate").to_owned());
-        let child = Command::new(bin)
-            .args(["--config", file.to_str().unwrap()])
-            .env_remove("TOLLGATE_REDIS_URL")
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let b = Self { child, grpc, http, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !http_get(b.http, "/readyz").await.is_ok_and(|r| r.0 == 200) {
-            assert!(Instant::now() < deadline, "tollgate binary did not become ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        b
-    }
-
-    /// Resident set size in KiB, from `/proc/<pid>/status`.
-    fn rss_kib(&mut self) -> u64 {
-        assert!(self.child.try_wait().unwrap().is_none(), "tollgate exited");
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS in /proc status");
-        line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmRSS value")
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// The tollgate binary with `server.limits` set, for RSS (override the binary
+/// with `TOLLGATE_ATTACK_BIN` to measure another build).
+async fn start_binary(limits: &str) -> TollgateProcess {
+    let bin = std::env::var("TOLLGATE_ATTACK_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tollgate").to_owned());
+    TollgateProcess::start(&bin, &[], |grpc, http| {
+        spec_config()
+            + &format!("server: {{ grpc_listen: \"{grpc}\", http_listen: \"{http}\", limits: {{ {limits} }} }}\n")
+    })
+    .await
 }
 
 async fn check_allowed(grpc: SocketAddr) -> bool {
@@ -308,7 +262,7 @@ async fn a_stream_flood_on_one_connection_is_capped_at_the_advertised_limit_and_
     const STREAMS: u32 = 1_000;
     let max_total: usize =
         std::env::var("TOLLGATE_ATTACK_MAX_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(320) << 20;
-    let mut b = Binary::start("request_timeout: 8s").await;
+    let mut b = start_binary("request_timeout: 8s").await;
     assert!(check_allowed(b.grpc).await, "warm-up Check");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = b.rss_kib();
@@ -440,7 +394,7 @@ async fn a_stream_flood_on_one_connection_is_capped_at_the_advertised_limit_and_
 #[tokio::test]
 async fn a_stream_flood_over_many_connections_is_bounded_by_max_inflight_requests() {
     const CONNS: usize = 8;
-    let mut b = Binary::start("request_timeout: 6s, max_inflight_requests: 32").await;
+    let mut b = start_binary("request_timeout: 6s, max_inflight_requests: 32").await;
     assert!(check_allowed(b.grpc).await, "warm-up Check");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = b.rss_kib();

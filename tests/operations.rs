@@ -4,26 +4,30 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::process::TollgateProcess;
 use common::redis::RedisServer;
 use common::{Answer, TestServer, eventually, http_check, http_get, spec_config};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tollgate::reload::Reloader;
 
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+/// The tollgate binary on a config file that tests rewrite; killed on drop.
+struct Binary(TollgateProcess);
+
+impl std::ops::Deref for Binary {
+    type Target = TollgateProcess;
+    fn deref(&self) -> &TollgateProcess {
+        &self.0
+    }
 }
 
-/// The tollgate binary on a config file; killed on drop.
-struct Binary {
-    child: Child,
-    grpc: SocketAddr,
-    http: SocketAddr,
-    file: PathBuf,
+impl std::ops::DerefMut for Binary {
+    fn deref_mut(&mut self) -> &mut TollgateProcess {
+        &mut self.0
+    }
 }
 
 impl Binary {
@@ -34,25 +38,8 @@ impl Binary {
     }
 
     async fn start(body: &str) -> Self {
-        let (grpc, http) = (free_addr(), free_addr());
-        let dir = std::env::temp_dir().join(format!("tollgate-ops-{}-{}", std::process::id(), grpc.port()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("tollgate.yaml");
-        std::fs::write(&file, Self::config(grpc, http, body)).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["--config", file.to_str().unwrap(), "--log-format", "json"])
-            .env_remove("TOLLGATE_REDIS_URL")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let b = Self { child, grpc, http, file };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !http_get(b.http, "/readyz").await.is_ok_and(|r| r.0 == 200) {
-            assert!(Instant::now() < deadline, "tollgate binary did not become ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        b
+        let bin = env!("CARGO_BIN_EXE_tollgate");
+        Self(TollgateProcess::start(bin, &["--log-format", "json"], |g, h| Self::config(g, h, body)).await)
     }
 
     fn rewrite(&self, body: &str) {
@@ -72,16 +59,6 @@ impl Binary {
     async fn metric(&self, line_start: &str) -> Option<f64> {
         let (_, _, body) = http_get(self.http, "/metrics").await.ok()?;
         body.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(dir) = self.file.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     }
 }
 

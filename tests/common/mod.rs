@@ -5,6 +5,7 @@
 #![allow(dead_code, missing_docs)]
 
 pub mod envoy;
+pub mod process;
 pub mod redis;
 
 use std::collections::HashMap;
