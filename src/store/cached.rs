@@ -373,12 +373,12 @@ mod tests {
             BUDGET,
             Arc::new(|_| {}),
         );
-        // 400 accounts of ~8 KiB each: about 3 MiB of entitlements for a 512 KiB half.
+        // 400 accounts of ~8 KiB each (64 features of 128 bytes, the longest name): about 3 MiB of entitlements for a 512 KiB half.
         for i in 0..400 {
             let account = Account {
                 id: format!("acct_{i}"),
                 plan: "pro".into(),
-                extra_features: (0..8).map(|f| format!("{f}{}", "x".repeat(1024))).collect(),
+                extra_features: (0..64).map(|f| format!("{f:0>2}{}", "x".repeat(126))).collect(),
                 ..Default::default()
             };
             backend.put_account(&account).await.unwrap();
@@ -400,7 +400,7 @@ mod tests {
         let one = account_entry_weight(
             "acct_0",
             &Some(Arc::new(Account {
-                extra_features: (0..8).map(|f| format!("{f}{}", "x".repeat(1024))).collect(),
+                extra_features: (0..64).map(|f| format!("{f:0>2}{}", "x".repeat(126))).collect(),
                 ..Default::default()
             })),
         );
