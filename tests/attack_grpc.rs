@@ -120,8 +120,9 @@ async fn forged_jwt_metadata_and_trusted_headers_are_ignored_from_untrusted_call
     let s = TestServer::start(&(spec_config() + "server: { trusted_callers: any }\n")).await;
     let a = Answer::of(&s.check(with_jwt(http_check("GET", "/v1/search", &[]), &[("org_id", "acct_pro")])).await);
     assert!(a.allowed, "honoured once the operator vouches for every caller");
-    // A malformed asserted id is invalid without any lookup, never a panic.
-    let huge = "a".repeat(1 << 20);
+    // A malformed asserted id is invalid without any lookup, never a panic
+    // (just under max_message_bytes, so the message itself is accepted).
+    let huge = "a".repeat(200_000);
     let a = Answer::of(&s.check(with_jwt(http_check("GET", "/v1/search", &[]), &[("org_id", &huge)])).await);
     assert_eq!(a.code(), "credentials_invalid");
     let a = ask(&s, "/v1/search", &[("x-account-id", "acct_{pro}")]).await;
@@ -193,7 +194,8 @@ async fn authorize_inputs_are_bounded() {
     let cases = [
         (Subject::AccountId("acct_free".into()), u64::MAX, "cost"),
         (Subject::AccountId("acct_free".into()), tollgate::usage::MAX_COST + 1, "cost"),
-        (Subject::AccountId("a".repeat(1 << 20)), 1, "account_id"),
+        // Under max_message_bytes (256 KiB), so the id itself is what is refused.
+        (Subject::AccountId("a".repeat(200_000)), 1, "account_id"),
         (Subject::AccountId("acct_{free}".into()), 1, "account_id"),
         (Subject::ApiKey("k".repeat(100_000)), 1, "api_key"),
         (Subject::ApiKey("free key".into()), 1, "api_key"),
@@ -205,6 +207,14 @@ async fn authorize_inputs_are_bounded() {
         assert!(err.message().starts_with(field), "{}", err.message());
     }
     assert_eq!(used(&s, "acct_free").await, 0);
+    // A message over max_message_bytes is refused before it is decoded.
+    let msg = AuthorizeRequest {
+        subject: Some(Subject::AccountId("a".repeat(1 << 20))),
+        target: feature(),
+        cost: 1,
+        dry_run: false,
+    };
+    assert_eq!(c.authorize(bearer(msg, Some(SERVICE))).await.unwrap_err().code(), Code::OutOfRange);
     // A route target goes through the same normal-form check as a Check.
     let msg = AuthorizeRequest {
         subject: Some(Subject::ApiKey("pro-key".into())),
