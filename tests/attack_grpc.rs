@@ -336,6 +336,20 @@ async fn extreme_dates_and_windows_are_refused_or_harmless() {
     s.stop().await;
 }
 
+/// Header names with multi-byte characters where `x-tollgate-` would end
+/// (found by the `check` fuzz target: slicing the name panicked) are
+/// answered, and the server keeps serving.
+#[tokio::test]
+async fn header_names_with_multibyte_characters_do_not_crash_the_check() {
+    let s = TestServer::start(&spec_config()).await;
+    for name in ["x-tollgate\u{e9}", "\u{1f600}\u{1f600}\u{1f600}", "x-tollgate-\u{e9}", "é"] {
+        let a = ask(&s, "/public", &[(name, "1")]).await;
+        assert!(a.allowed, "{name:?}");
+    }
+    assert!(ask(&s, "/v1/search", &[("x-api-key", "free-key")]).await.allowed, "still serving");
+    s.stop().await;
+}
+
 /// Oversized or odd credentials are invalid without a lookup and never crash.
 #[tokio::test]
 async fn oversized_credentials_are_invalid_not_fatal() {

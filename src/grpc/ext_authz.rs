@@ -75,7 +75,9 @@ impl Credentials for EnvoyCredentials<'_> {
 
     fn headers_with_prefix(&self, prefix: &str) -> Vec<String> {
         let Some(http) = self.http else { return Vec::new() };
-        let has = |k: &str| k.len() >= prefix.len() && k[..prefix.len()].eq_ignore_ascii_case(prefix);
+        // Bytes, not `str` slicing: a header name with a multi-byte character
+        // would make `&k[..n]` panic off a char boundary.
+        let has = |k: &str| k.as_bytes().get(..prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(prefix.as_bytes()));
         let mut out: Vec<String> = http.headers.keys().filter(|k| has(k)).map(|k| k.to_ascii_lowercase()).collect();
         if let Some(map) = &http.header_map {
             for h in map.headers.iter().filter(|h| has(&h.key)) {
