@@ -69,10 +69,10 @@ pub fn check_path(path: &str) -> Result<(), PathError> {
             b'\\' => return Err(PathError::Backslash),
             b'#' => return Err(PathError::Fragment),
             b'%' => {
-                let hex = |j: usize| bytes.get(j).and_then(|b| (*b as char).to_digit(16));
-                let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) else { return Err(PathError::BadPercent) };
-                let c = (hi * 16 + lo) as u8;
-                if c.is_ascii_alphanumeric() || b"-._~/\\".contains(&c) || c.is_ascii_control() {
+                let Some(c) = hex_pair(bytes, i + 1) else { return Err(PathError::BadPercent) };
+                // `%25` followed by a confusable escape is that escape encoded
+                // twice (`%252e`): an upstream that decodes twice reads `.`.
+                if is_confusable(c) || (c == b'%' && hex_pair(bytes, i + 3).is_some_and(is_confusable)) {
                     return Err(PathError::EncodedCharacter);
                 }
                 i += 3;
@@ -123,23 +123,15 @@ pub fn match_form(path: &str) -> Cow<'_, str> {
 /// for every path [`check_path`] accepts, `resolve(p) == match_form(p)`.
 pub fn resolve(path: &str) -> String {
     let path = path.split('#').next().unwrap_or("");
-    let bytes = path.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |j: usize| bytes.get(j).and_then(|b| (*b as char).to_digit(16));
-        if bytes[i] == b'%'
-            && let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2))
-        {
-            let c = (hi * 16 + lo) as u8;
-            if c.is_ascii_alphanumeric() || b"-._~/\\".contains(&c) {
-                decoded.push(c);
-                i += 3;
-                continue;
-            }
+    // Decoded until nothing changes (`%4%41` decodes to `%4A`, an escape of
+    // its own). Each round that changes anything is shorter, so this ends.
+    let mut decoded = path.as_bytes().to_vec();
+    loop {
+        let next = decode_unreserved(&decoded);
+        if next == decoded {
+            break;
         }
-        decoded.push(bytes[i]);
-        i += 1;
+        decoded = next;
     }
     let decoded = String::from_utf8_lossy(&decoded).replace('\\', "/");
     let mut out: Vec<&str> = Vec::new();
@@ -162,6 +154,37 @@ pub fn resolve(path: &str) -> String {
         r.push('/');
     }
     r
+}
+
+/// Whether `c`, once decoded from `%XX`, would change the path an upstream
+/// serves: an unreserved character (it has a literal form), `/`, `\\`, or a control.
+fn is_confusable(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"-._~/\\".contains(&c) || c.is_ascii_control()
+}
+
+/// One round of decoding `%XX` of unreserved characters, `/` and `\\`.
+fn decode_unreserved(bytes: &[u8]) -> Vec<u8> {
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(c) = hex_pair(bytes, i + 1)
+            && (c.is_ascii_alphanumeric() || b"-._~/\\".contains(&c))
+        {
+            decoded.push(c);
+            i += 3;
+            continue;
+        }
+        decoded.push(bytes[i]);
+        i += 1;
+    }
+    decoded
+}
+
+/// The byte `bytes[at..at + 2]` encodes in hex, if both are hex digits.
+fn hex_pair(bytes: &[u8], at: usize) -> Option<u8> {
+    let hex = |j: usize| bytes.get(j).and_then(|b| (*b as char).to_digit(16));
+    Some((hex(at)? * 16 + hex(at + 1)?) as u8)
 }
 
 /// Whether `path` lies under `prefix` segment by segment: equal, or continuing
@@ -397,8 +420,17 @@ mod tests {
 
     #[test]
     fn normal_paths_pass() {
-        for p in ["/", "/v1/ai/chat", "/v1/ai/", "/a%20b", "/a%25b", "/a%3Bb", "/v1/ai;jsessionid=1/chat", "/x-y_z~.a"]
-        {
+        for p in [
+            "/",
+            "/v1/ai/chat",
+            "/v1/ai/",
+            "/a%20b",
+            "/a%25b",
+            "/a%2520",
+            "/a%3Bb",
+            "/v1/ai;jsessionid=1/chat",
+            "/x-y_z~.a",
+        ] {
             assert_eq!(check_path(p), Ok(()), "{p}");
         }
     }
@@ -421,6 +453,9 @@ mod tests {
             ("/public/..%5cv1/ai", Err(EncodedCharacter)),
             ("/v1/%61i/chat", Err(EncodedCharacter)),
             ("/v1/ai%00.json", Err(EncodedCharacter)),
+            ("/public/%252e%252e/v1/ai/chat", Err(EncodedCharacter)),
+            ("/public%252fv1", Err(EncodedCharacter)),
+            ("/a%2541", Err(EncodedCharacter)),
             ("/public/..\\v1/ai", Err(Backslash)),
             ("/public#/../v1/ai", Err(Fragment)),
             ("//v1/ai/chat", Err(EmptySegment)),
@@ -489,6 +524,7 @@ mod tests {
         assert_eq!(resolve("//v1//ai/"), "/v1/ai/");
         assert_eq!(resolve("/v1/%61i"), "/v1/ai");
         assert_eq!(resolve("/"), "/");
+        assert_eq!(resolve("/%4%41"), "/J", "decoded until nothing changes (found by the path fuzz target)");
     }
 
     proptest::proptest! {
