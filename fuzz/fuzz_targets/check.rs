@@ -92,7 +92,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let h = harness();
-    let svc = if data.len() % 2 == 0 { &h.untrusted } else { &h.trusted };
+    let svc = if data.len().is_multiple_of(2) { &h.untrusted } else { &h.trusted };
     let http = req.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
     let path = http.map(|h| h.path.clone());
     let forged = tollgate_headers(&req);
