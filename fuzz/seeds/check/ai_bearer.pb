@@ -1,0 +1,3 @@
+
+N"LJPOST$
+authorizationBearer demo-pro-key"/v1/ai/chat*api.example.com

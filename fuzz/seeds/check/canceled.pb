@@ -1,0 +1,4 @@
+
+F"DBGET
+	x-api-keydemo-canceled-key"
+/v1/search*api.example.com

@@ -1,0 +1,4 @@
+
+B"@>GET
+	x-api-keydemo-late-key"
+/v1/search*api.example.com

@@ -1,0 +1,3 @@
+
+$
+"" spiffe://cluster.local/ns/a/sa/b

@@ -1,0 +1,2 @@
+
+%"#!GET"	/public/x*api.example.com
