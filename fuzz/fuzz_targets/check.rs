@@ -49,7 +49,11 @@ fn service(runtime: &Runtime, mut config: Config, trust: TrustedCallers) -> ExtA
 fn harness() -> &'static Harness {
     HARNESS.get_or_init(|| {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a runtime");
-        let config = Config::parse(DEMO_CONFIG, "demo.yaml").expect("the demo config parses");
+        // The demo config with its JWT identity source switched on (it is
+        // commented out there), so the trusted service reads JWT metadata.
+        let yaml = DEMO_CONFIG.replace("  # - jwt_claim:", "  - jwt_claim:");
+        assert_ne!(yaml, DEMO_CONFIG, "the demo config still carries its jwt_claim line");
+        let config = Config::parse(&yaml, "demo.yaml").expect("the demo config parses");
         let untrusted = service(&runtime, config.clone(), config.server.trusted_callers);
         let trusted = service(&runtime, config, TrustedCallers::Any);
         Harness { runtime, untrusted, trusted }
