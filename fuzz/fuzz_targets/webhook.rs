@@ -79,7 +79,6 @@ fuzz_target!(|data: &[u8]| {
         }
     };
 
-
     // The pure parts, as the HTTP layer and tests call them.
     let _ = stripe::verify(signature.as_deref().unwrap_or(""), body, &h.secrets, config.tolerance, now);
     if let Ok(event) = serde_json::from_slice::<Event>(body) {
