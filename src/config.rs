@@ -206,6 +206,10 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// HTTP/2 keepalive ping interval on the gRPC port.
     pub keepalive_interval: Duration,
+    /// After this, a gRPC connection is asked to go away (GOAWAY; in-flight
+    /// calls get `request_timeout` to finish): idle or long-lived connections,
+    /// and streams such as health `Watch`, cannot hold slots forever.
+    pub max_connection_age: Duration,
     /// How long a keepalive ping may go unanswered before the connection is closed.
     pub keepalive_timeout: Duration,
     /// Largest HTTP request body (webhooks), in bytes.
@@ -227,6 +231,7 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(15),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(600),
             max_body_bytes: 1024 * 1024,
             max_inflight_requests: 256,
         }
@@ -619,6 +624,8 @@ mod raw {
         keepalive_interval: Option<Duration>,
         #[serde(default, deserialize_with = "opt_duration")]
         keepalive_timeout: Option<Duration>,
+        #[serde(default, deserialize_with = "opt_duration")]
+        max_connection_age: Option<Duration>,
         max_body_bytes: Option<usize>,
         max_inflight_requests: Option<usize>,
     }
@@ -709,6 +716,13 @@ mod raw {
                     ms,
                     hour,
                     &p("keepalive_timeout"),
+                )?,
+                max_connection_age: bounded_duration(
+                    self.max_connection_age,
+                    d.max_connection_age,
+                    Duration::from_secs(1),
+                    Duration::from_secs(7 * 24 * 3600),
+                    &p("max_connection_age"),
                 )?,
                 max_body_bytes: bounded(self.max_body_bytes, d.max_body_bytes, 1024, 64 << 20, &p("max_body_bytes"))?,
                 max_inflight_requests: bounded(

@@ -372,10 +372,12 @@ fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.find(']').map_or(host, |i| &host[..i + 2]);
     }
-    match host.rfind(':') {
+    let host = match host.rfind(':') {
         Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
         _ => host,
-    }
+    };
+    // `api.example.com.` (fully qualified) is the same host to every upstream.
+    host.strip_suffix('.').unwrap_or(host)
 }
 
 #[cfg(test)]
@@ -574,5 +576,7 @@ mod tests {
         assert_eq!(strip_port("example.com"), "example.com");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
         assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(strip_port("api.example.com."), "api.example.com", "a trailing dot names the same host");
+        assert_eq!(strip_port("api.example.com.:443"), "api.example.com");
     }
 }

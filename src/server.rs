@@ -144,6 +144,8 @@ pub async fn run(
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .timeout(limits.request_timeout)
+        .max_connection_age(limits.max_connection_age)
+        .max_connection_age_grace(limits.request_timeout)
         // Calls beyond the global cap are refused at once (RESOURCE_EXHAUSTED)
         // rather than queued: a call holds its message buffer while it runs.
         .load_shed(true)

@@ -448,6 +448,29 @@ async fn a_stream_flood_over_many_connections_is_bounded_by_max_inflight_request
     }
 }
 
+/// A connection that stays (pinging, or holding a stream such as a health
+/// `Watch`) is sent GOAWAY at `max_connection_age`, so none holds a slot
+/// of `max_connections` forever.
+#[tokio::test]
+async fn connections_are_sent_goaway_at_max_connection_age() {
+    let b = start_binary("max_connection_age: 1s, request_timeout: 1s").await;
+    let conn = h2raw::Conn::open(b.grpc).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (goaway, closed) = {
+            let s = conn.seen.lock().unwrap();
+            (s.goaway, s.closed)
+        };
+        if goaway.is_some() || closed {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no GOAWAY within 10 s of a 1 s max_connection_age");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    conn.reader.abort();
+    assert!(check_allowed(b.grpc).await, "new connections are served");
+}
+
 /// (b) A 1 MiB or 5 MiB message is refused with OUT_OF_RANGE; a prefix announcing 5 MiB
 /// is answered at once, before any of the body is sent, so nothing is buffered.
 #[tokio::test]

@@ -318,10 +318,13 @@ fn the_first_filter_strips_every_client_tollgate_header() {
         assert_eq!(names[0], "envoy.filters.http.header_mutation", "{name}: {names:?}");
         let first = &filters[0];
         let mutations = seq(&first["typed_config"]["mutations"]["request_mutations"]);
-        assert!(
-            mutations.iter().any(|m| m["remove_on_match"]["key_matcher"]["prefix"].as_str() == Some("x-tollgate-")),
-            "{name}: {mutations:?}"
-        );
+        for prefix in ["x-tollgate-", "x_tollgate_"] {
+            assert!(
+                mutations.iter().any(|m| m["remove_on_match"]["key_matcher"]["prefix"].as_str() == Some(prefix)),
+                "{name}: {prefix} in {mutations:?}"
+            );
+        }
+        assert_eq!(hcm(file(&docs, name))["strip_trailing_host_dot"].as_bool(), Some(true), "{name}");
         assert!(first["typed_config"]["mutations"]["response_mutations"].is_null(), "{name}: request side only");
         assert_eq!(first, &header_filter(&docs), "{name}: the same filter as envoy.yaml");
         // tollgate sees whatever x-tollgate-* might get past it, as a second layer.
