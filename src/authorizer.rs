@@ -11,7 +11,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 
-use crate::config::{Config, OnError};
+use crate::config::{Config, OnError, TrustedCallers};
 use crate::decision::{self, AllowKind, Caller, Code, Decision, Step, Target, Unmatched};
 use crate::entitlement::Account;
 use crate::entitlement::is_valid_account_id;
@@ -59,9 +59,10 @@ pub struct Query<'a, C> {
     pub cost: Option<u64>,
     /// Check without spending.
     pub dry_run: bool,
-    /// The caller may assert identity (JWT metadata, trusted headers): the
-    /// transport decided so from `server.trusted_callers` (e.g. an mTLS peer).
-    pub trusted: bool,
+    /// The caller presented a client certificate the server verified (mTLS);
+    /// with `server.trusted_callers` it decides whether asserted identities
+    /// (JWT metadata, trusted headers) are honoured.
+    pub peer_verified: bool,
 }
 
 /// The answer, rendered.
@@ -215,7 +216,14 @@ impl Authorizer {
         }
 
         let presented = match query.subject {
-            Subject::Request(creds) => identify(&config.identity, creds, query.trusted),
+            Subject::Request(creds) => {
+                let trusted = match config.server.trusted_callers {
+                    TrustedCallers::Any => true,
+                    TrustedCallers::None => false,
+                    TrustedCallers::Mtls => query.peer_verified,
+                };
+                identify(&config.identity, creds, trusted)
+            }
             Subject::AccountId(id) => Presented::Account(id.to_owned()),
             Subject::ApiKey(key) => Presented::ApiKey { header: String::new(), key: key.to_owned() },
         };

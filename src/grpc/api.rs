@@ -378,7 +378,7 @@ impl Tollgate for Api {
             ask,
             cost: Some(req.cost).filter(|c| *c > 0),
             dry_run: req.dry_run,
-            trusted: false,
+            peer_verified: false,
         };
         let outcome = self.authorizer.authorize(query).await.map_err(|e| Status::unavailable(e.to_string()))?;
         let d = &outcome.decision;

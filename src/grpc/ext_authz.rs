@@ -20,7 +20,6 @@ use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
 use crate::authorizer::{Ask, Authorizer, Outcome, Query, Subject};
-use crate::config::TrustedCallers;
 use crate::decision::{Code, Verdict};
 use crate::identity::Credentials;
 use crate::route::RouteKey;
@@ -88,17 +87,6 @@ impl Credentials for EnvoyCredentials<'_> {
             }
         }
         out
-    }
-}
-
-/// Whether this Check's caller may assert identity (JWT metadata, trusted
-/// headers): per `server.trusted_callers`, any caller, none, or only peers
-/// that presented a client certificate the server verified (mTLS).
-fn caller_trusted<T>(trust: TrustedCallers, request: &Request<T>) -> bool {
-    match trust {
-        TrustedCallers::Any => true,
-        TrustedCallers::None => false,
-        TrustedCallers::Mtls => request.peer_certs().is_some_and(|certs| !certs.is_empty()),
     }
 }
 
@@ -183,7 +171,8 @@ pub fn check_response(outcome: &Outcome) -> CheckResponse {
 impl Authorization for ExtAuthz {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
-        let trusted = caller_trusted(self.authorizer.config().server.trusted_callers, &request);
+        // A fact for `server.trusted_callers`, which the authorizer applies with its config snapshot.
+        let peer_verified = request.peer_certs().is_some_and(|certs| !certs.is_empty());
         let req = request.into_inner();
         let attributes = req.attributes.as_ref();
         let http = attributes.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
@@ -195,7 +184,7 @@ impl Authorization for ExtAuthz {
             // Nothing to go on: an empty path is answered 400 `request_invalid`.
             _ => Ask::Http(RouteKey { path: "", method: "", host: "" }),
         };
-        let query = Query { subject: Subject::Request(&creds), ask, cost: None, dry_run: false, trusted };
+        let query = Query { subject: Subject::Request(&creds), ask, cost: None, dry_run: false, peer_verified };
         let outcome = match self.authorizer.authorize(query).await {
             Ok(o) => o,
             Err(e) => {
