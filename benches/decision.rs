@@ -134,7 +134,7 @@ fn bench_render(c: &mut Criterion) {
     assert_eq!(exhausted.verdict, Verdict::Deny(Code::QuotaExhausted));
     let allowed = decide(&config.policy, SEARCH, &account, &answer(42, false));
     assert!(allowed.is_allowed());
-    let strip = ["x-api-key".to_owned()];
+    let strip = [std::borrow::Cow::Borrowed("x-api-key")];
     let ctx = Context { strip: &strip };
     let t = now();
     let sample = problem::render(&exhausted, &config, ctx, t);

@@ -5,6 +5,7 @@
 //! the live config behind an `ArcSwap`, so a reload swaps it atomically while
 //! in-flight requests finish on the snapshot they loaded.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -251,7 +252,7 @@ impl Authorizer {
         config: &Config,
         error: StoreError,
         account: Option<&Account>,
-        strip: &[String],
+        strip: &[Cow<'_, str>],
         route: Option<Arc<str>>,
         now: DateTime<Utc>,
     ) -> Result<Outcome, StoreUnavailable> {
@@ -272,7 +273,7 @@ impl Authorizer {
         &self,
         config: &Config,
         decision: Decision,
-        strip: &[String],
+        strip: &[Cow<'_, str>],
         route: Option<Arc<str>>,
         now: DateTime<Utc>,
     ) -> Outcome {
@@ -284,8 +285,10 @@ impl Authorizer {
 /// The request headers to remove before the upstream: every configured
 /// credential header present and every `x-tollgate-*` header the client sent
 /// (only tollgate may set those; `problem` overwrites the ones it sets).
-fn strip_headers<C: Credentials>(config: &Config, creds: &C) -> Vec<String> {
-    let mut out: Vec<String> = credential_headers(&config.identity, creds).into_iter().map(str::to_owned).collect();
+/// Borrowed from the config and the request: nothing is copied until the response is built.
+fn strip_headers<'a, C: Credentials>(config: &'a Config, creds: &'a C) -> Vec<Cow<'a, str>> {
+    let mut out: Vec<Cow<'a, str>> =
+        credential_headers(&config.identity, creds).into_iter().map(Cow::Borrowed).collect();
     for name in creds.headers_with_prefix(problem::HEADER_PREFIX) {
         if !out.contains(&name) {
             out.push(name);

@@ -3,6 +3,7 @@
 //! Depends on nothing of ours. The transport (gRPC ext_authz, the internal
 //! API) implements [`Credentials`] so that prost types never reach here.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use sha2::{Digest, Sha256};
@@ -43,7 +44,8 @@ pub trait Credentials {
     fn claim(&self, namespace: &str, field: &str, claim: &str) -> Option<String>;
     /// The lower-case names of the request's headers starting with `prefix`
     /// (so forged `x-tollgate-*` headers can be removed); none by default.
-    fn headers_with_prefix(&self, _prefix: &str) -> Vec<String> {
+    /// Borrowed when the name is lower-case already (as Envoy sends them).
+    fn headers_with_prefix(&self, _prefix: &str) -> Vec<Cow<'_, str>> {
         Vec::new()
     }
 }

@@ -6,6 +6,8 @@
 //! The one place decisions become responses, so both transports (Envoy's
 //! ext_authz and `tollgate.v1.Authorize`) answer with the same words.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 
@@ -45,7 +47,7 @@ pub struct Response {
 pub struct Context<'a> {
     /// Request headers to remove before the upstream (credentials, forged
     /// `x-tollgate-*`), lower-case; those tollgate sets are overwritten instead.
-    pub strip: &'a [String],
+    pub strip: &'a [Cow<'a, str>],
 }
 
 #[derive(Serialize)]
@@ -321,8 +323,8 @@ fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>
         .map(str::to_owned)
         .collect();
     for h in ctx.strip {
-        if !set(h) && !remove.contains(h) {
-            remove.push(h.clone());
+        if !set(h) && !remove.iter().any(|r| r == h) {
+            remove.push(h.as_ref().to_owned());
         }
     }
     r.upstream_remove = remove;

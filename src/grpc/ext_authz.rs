@@ -5,6 +5,7 @@
 //! except under `store.on_error: error`, where a store fault fails the RPC
 //! with UNAVAILABLE so that Envoy's `failure_mode_allow` decides.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -72,21 +73,30 @@ impl Credentials for EnvoyCredentials<'_> {
         }
     }
 
-    fn headers_with_prefix(&self, prefix: &str) -> Vec<String> {
+    fn headers_with_prefix(&self, prefix: &str) -> Vec<Cow<'_, str>> {
         let Some(http) = self.http else { return Vec::new() };
         // Bytes, not `str` slicing: a header name with a multi-byte character
         // would make `&k[..n]` panic off a char boundary.
         let has = |k: &str| k.as_bytes().get(..prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(prefix.as_bytes()));
-        let mut out: Vec<String> = http.headers.keys().filter(|k| has(k)).map(|k| k.to_ascii_lowercase()).collect();
+        let mut out: Vec<Cow<'_, str>> = http.headers.keys().filter(|k| has(k)).map(|k| lower(k)).collect();
         if let Some(map) = &http.header_map {
             for h in map.headers.iter().filter(|h| has(&h.key)) {
-                let name = h.key.to_ascii_lowercase();
+                let name = lower(&h.key);
                 if !out.contains(&name) {
                     out.push(name);
                 }
             }
         }
         out
+    }
+}
+
+/// `name` in lower case, borrowed when it is already (Envoy lower-cases header names).
+fn lower(name: &str) -> Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
     }
 }
 
