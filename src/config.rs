@@ -630,33 +630,27 @@ mod raw {
         max_inflight_requests: Option<usize>,
     }
 
-    /// `value` (or `default`) if it lies in `min..=max`.
-    fn bounded<T: PartialOrd + Copy + fmt::Display>(
-        value: Option<T>,
-        default: T,
-        min: T,
-        max: T,
-        path: &str,
-    ) -> Result<T, Invalid> {
-        let v = value.unwrap_or(default);
-        if v < min || v > max {
-            return Err(invalid(path, format!("must be between {min} and {max}, got {v}")));
-        }
-        Ok(v)
+    /// A bounded setting, shown in errors as it is written in YAML.
+    trait Bounded: PartialOrd + Copy {
+        fn show(self) -> String;
     }
 
-    /// `value` (or `default`) if it lies in `min..=max`, for durations.
-    fn bounded_duration(
-        value: Option<Duration>,
-        default: Duration,
-        min: Duration,
-        max: Duration,
-        path: &str,
-    ) -> Result<Duration, Invalid> {
+    macro_rules! bounded_number {
+        ($($t:ty),*) => { $(impl Bounded for $t { fn show(self) -> String { self.to_string() } })* };
+    }
+    bounded_number!(u32, u64, usize);
+
+    impl Bounded for Duration {
+        fn show(self) -> String {
+            humantime::format_duration(self).to_string()
+        }
+    }
+
+    /// `value` (or `default`) if it lies in `min..=max`.
+    fn bounded<T: Bounded>(value: Option<T>, default: T, min: T, max: T, path: &str) -> Result<T, Invalid> {
         let v = value.unwrap_or(default);
         if v < min || v > max {
-            let f = |d: Duration| humantime::format_duration(d).to_string();
-            return Err(invalid(path, format!("must be between {} and {}, got {}", f(min), f(max), f(v))));
+            return Err(invalid(path, format!("must be between {} and {}, got {}", min.show(), max.show(), v.show())));
         }
         Ok(v)
     }
@@ -689,35 +683,29 @@ mod raw {
                     &p("max_header_list_bytes"),
                 )?,
                 max_connections: bounded(self.max_connections, d.max_connections, 1, 1 << 20, &p("max_connections"))?,
-                handshake_timeout: bounded_duration(
+                handshake_timeout: bounded(
                     self.handshake_timeout,
                     d.handshake_timeout,
                     ms,
                     hour,
                     &p("handshake_timeout"),
                 )?,
-                request_timeout: bounded_duration(
-                    self.request_timeout,
-                    d.request_timeout,
-                    ms,
-                    hour,
-                    &p("request_timeout"),
-                )?,
-                keepalive_interval: bounded_duration(
+                request_timeout: bounded(self.request_timeout, d.request_timeout, ms, hour, &p("request_timeout"))?,
+                keepalive_interval: bounded(
                     self.keepalive_interval,
                     d.keepalive_interval,
                     Duration::from_secs(1),
                     hour,
                     &p("keepalive_interval"),
                 )?,
-                keepalive_timeout: bounded_duration(
+                keepalive_timeout: bounded(
                     self.keepalive_timeout,
                     d.keepalive_timeout,
                     ms,
                     hour,
                     &p("keepalive_timeout"),
                 )?,
-                max_connection_age: bounded_duration(
+                max_connection_age: bounded(
                     self.max_connection_age,
                     d.max_connection_age,
                     Duration::from_secs(1),
