@@ -361,7 +361,9 @@ impl RouteTable {
     }
 }
 
-/// The path Envoy sends, without `?query` and `#fragment`: routes match on the path alone.
+/// The path without `?query` and `#fragment`, for logs and tools. Not what
+/// the authorizer routes on: it cuts only the query, so a `#` in a request
+/// path reaches [`check_path`] and is refused (clients never send fragments).
 pub fn path_only(path: &str) -> &str {
     let end = path.find(['?', '#']).unwrap_or(path.len());
     &path[..end]
