@@ -495,11 +495,6 @@ impl AccountRecord {
     }
 }
 
-/// Account ids become hash tags: one with braces would escape its slot.
-fn valid_id(id: &str) -> bool {
-    is_valid_account_id(id)
-}
-
 fn millis(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
@@ -714,7 +709,7 @@ impl Store for RedisStore {
     }
 
     async fn account(&self, id: &str) -> Result<Option<Arc<Account>>, StoreError> {
-        if !valid_id(id) {
+        if !is_valid_account_id(id) {
             return Ok(None);
         }
         let mut conn = self.conn().await?;
@@ -728,7 +723,7 @@ impl Store for RedisStore {
 
     async fn spend(&self, spend: &Spend) -> Result<SpendAnswer, StoreError> {
         let id = &spend.account;
-        if !valid_id(id) {
+        if !is_valid_account_id(id) {
             return Err(StoreError::Corrupt(format!("account id {id:?} cannot be a hash tag")));
         }
         // Checked here so the script's own checks are a second line, never the first.
@@ -824,13 +819,15 @@ impl Store for RedisStore {
         let id: Option<String> =
             redis::cmd("GET").arg(self.customer_key(customer)).query_async(&mut conn).await.map_err(unavailable)?;
         match id {
-            Some(id) if !valid_id(&id) => Err(StoreError::Corrupt(format!("customer {customer} maps to {id:?}"))),
+            Some(id) if !is_valid_account_id(&id) => {
+                Err(StoreError::Corrupt(format!("customer {customer} maps to {id:?}")))
+            }
             id => Ok(id),
         }
     }
 
     async fn put_key(&self, key: &KeyHash, account: &str, meta: &KeyMeta) -> Result<(), StoreError> {
-        if !valid_id(account) {
+        if !is_valid_account_id(account) {
             return Err(StoreError::Corrupt(format!("account id {account:?} cannot be a hash tag")));
         }
         let meta = serde_json::to_string(meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -852,7 +849,7 @@ impl Store for RedisStore {
     }
 
     async fn revoke_key(&self, account: &str, key: &KeyHash) -> Result<bool, StoreError> {
-        if !valid_id(account) {
+        if !is_valid_account_id(account) {
             return Ok(false);
         }
         let mut conn = self.conn().await?;
@@ -869,7 +866,7 @@ impl Store for RedisStore {
     }
 
     async fn list_keys(&self, account: &str) -> Result<Vec<(KeyHash, KeyMeta)>, StoreError> {
-        if !valid_id(account) {
+        if !is_valid_account_id(account) {
             return Ok(Vec::new());
         }
         let mut conn = self.conn().await?;
@@ -888,7 +885,7 @@ impl Store for RedisStore {
 
     /// Refuses balances above [`MAX_CREDITS`]: callers validate first; this is the last line.
     async fn set_credits(&self, account: &str, credits: u64) -> Result<(), StoreError> {
-        if !valid_id(account) {
+        if !is_valid_account_id(account) {
             return Err(StoreError::Corrupt(format!("account id {account:?} cannot be a hash tag")));
         }
         if credits > MAX_CREDITS {
@@ -904,7 +901,7 @@ impl Store for RedisStore {
     }
 
     async fn credits(&self, account: &str) -> Result<u64, StoreError> {
-        if !valid_id(account) {
+        if !is_valid_account_id(account) {
             return Ok(0);
         }
         let mut conn = self.conn().await?;
@@ -919,7 +916,7 @@ impl Store for RedisStore {
     }
 
     async fn add_credits(&self, account: &str, delta: i64) -> Result<Option<u64>, StoreError> {
-        if !valid_id(account) {
+        if !is_valid_account_id(account) {
             return Err(StoreError::Corrupt(format!("account id {account:?} cannot be a hash tag")));
         }
         // Every balance is within 0..=MAX_CREDITS, so such a delta can only leave that range.
@@ -944,7 +941,7 @@ impl Store for RedisStore {
     }
 
     async fn reset_usage(&self, account: &str, quotas: &[Quota], now: DateTime<Utc>) -> Result<(), StoreError> {
-        if !valid_id(account) {
+        if !is_valid_account_id(account) {
             return Ok(());
         }
         let mut conn = self.conn().await?;
