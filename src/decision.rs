@@ -747,10 +747,21 @@ mod tests {
     fn spend_covers_every_quota_of_the_meter_and_nothing_else() {
         let a = Account { quota_overrides: vec![month(5)], ..account("free") };
         let Step::Spend(spend, _) = eval(SEARCH, Caller::Known(&a)) else { panic!() };
-        assert_eq!(spend.quotas, vec![per_second(10), month(5)]);
+        assert_eq!(spend.quotas, vec![month(5), per_second(10)], "the override keeps the plan quota's place");
         assert_eq!((spend.cost, spend.credits, spend.now, spend.dry_run), (1, None, now(), false));
         let other = Target::Metered { feature: None, meter: Some("tokens"), cost: 1 };
         assert!(done(eval(other, Caller::Known(&a))).is_allowed(), "no quota on that meter: nothing to spend");
+    }
+
+    #[test]
+    fn an_identical_override_names_the_same_denied_quota() {
+        let both_exhausted =
+            |_: &Spend| SpendAnswer { spent: false, quotas: vec![usage(1000, true), usage(10, true)], credits: None };
+        let plain = decide(SEARCH, &account("free"), both_exhausted);
+        let same = Account { quota_overrides: vec![month(1000)], ..account("free") };
+        let overridden = decide(SEARCH, &same, both_exhausted);
+        assert_eq!(plain.denied_quota, overridden.denied_quota);
+        assert_eq!(plain.verdict, overridden.verdict);
     }
 
     #[test]

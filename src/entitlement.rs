@@ -257,14 +257,22 @@ impl Account {
     /// The quotas of `meter` that apply to this account: the plan's, with the
     /// account's overrides replacing those of the same window and adding the rest.
     pub fn quotas_for(&self, plan: &Plan, meter: &str) -> Vec<Quota> {
+        // An override takes its plan quota's place in the list, so a deny
+        // names the same quota (policy, reset, Retry-After) as it would for
+        // an account without the override.
+        let same = |a: &Quota, b: &Quota| a.meter == b.meter && a.window == b.window;
         let mut quotas: Vec<Quota> = plan
             .quotas
             .iter()
             .filter(|q| q.meter == meter)
-            .filter(|q| !self.quota_overrides.iter().any(|o| o.meter == q.meter && o.window == q.window))
-            .cloned()
+            .map(|q| self.quota_overrides.iter().find(|o| same(o, q)).unwrap_or(q).clone())
             .collect();
-        quotas.extend(self.quota_overrides.iter().filter(|o| o.meter == meter).cloned());
+        quotas.extend(
+            self.quota_overrides
+                .iter()
+                .filter(|o| o.meter == meter && !plan.quotas.iter().any(|q| same(q, o)))
+                .cloned(),
+        );
         quotas
     }
 }
@@ -327,7 +335,7 @@ mod tests {
             ..Account::default()
         };
         let limits: Vec<u64> = account.quotas_for(&plan, "requests").iter().map(|q| q.limit).collect();
-        assert_eq!(limits, vec![10, 5000, 100]);
+        assert_eq!(limits, vec![5000, 10, 100], "an override keeps its plan quota's place");
         assert!(account.quotas_for(&plan, "none").is_empty());
     }
 }
