@@ -1,0 +1,367 @@
+use super::*;
+use crate::entitlement::{Period, Window};
+use crate::usage::{CreditBalance, QuotaUsage};
+
+fn now() -> DateTime<Utc> {
+    "2026-11-22T12:00:00Z".parse().unwrap()
+}
+
+fn month(limit: u64) -> Quota {
+    Quota { meter: "requests".into(), limit, window: Window::Calendar(Period::Month) }
+}
+
+fn per_second(limit: u64) -> Quota {
+    Quota { meter: "requests".into(), limit, window: Window::Rolling(Duration::from_secs(1)) }
+}
+
+fn policy() -> Policy {
+    let plan = |name: &str, features: &[&str], quotas: Vec<Quota>, prepaid| Plan {
+        name: name.into(),
+        features: features.iter().map(|f| f.to_string()).collect(),
+        quotas,
+        prepaid,
+    };
+    Policy {
+        plans: [
+            plan("free", &["search"], vec![month(1000), per_second(10)], false),
+            plan("pro", &["search", "ai"], vec![month(1_000_000)], false),
+            plan("payg", &["search", "ai"], vec![], true),
+            plan("flat", &["search"], vec![], false),
+        ]
+        .into_iter()
+        .map(|p| (p.name.clone(), p))
+        .collect(),
+        grace_period: Duration::from_secs(72 * 3600),
+        unmatched: Unmatched::Deny,
+    }
+}
+
+fn account(plan: &str) -> Account {
+    Account { id: format!("acct_{plan}"), plan: plan.into(), ..Account::default() }
+}
+
+const SEARCH: Target<'static> = Target::Metered { feature: Some("search"), meter: Some("requests"), cost: 1 };
+const AI: Target<'static> = Target::Metered { feature: Some("ai"), meter: Some("requests"), cost: 10 };
+
+fn eval(target: Target<'_>, caller: Caller<'_>) -> Step {
+    evaluate(&policy(), target, caller, now(), false)
+}
+
+fn done(step: Step) -> Decision {
+    match step {
+        Step::Done(d) => d,
+        Step::Spend(s, _) => panic!("expected a decision, got a spend {s:?}"),
+    }
+}
+
+fn code(step: Step) -> Option<Code> {
+    match done(step).verdict {
+        Verdict::Deny(c) => Some(c),
+        Verdict::Allow(_) => None,
+    }
+}
+
+fn usage(used: u64, exceeded: bool) -> QuotaUsage {
+    QuotaUsage { used, exceeded, resets_at: now(), retry_at: now() }
+}
+
+/// Runs evaluate and, if it asks, settles with the given counters' answer.
+fn decide(target: Target<'_>, a: &Account, answer: impl FnOnce(&Spend) -> SpendAnswer) -> Decision {
+    match eval(target, Caller::Known(a)) {
+        Step::Done(d) => d,
+        Step::Spend(spend, d) => settle(&spend, &answer(&spend), d),
+    }
+}
+
+fn all_fit(spend: &Spend) -> SpendAnswer {
+    SpendAnswer {
+        spent: true,
+        quotas: spend.quotas.iter().map(|_| usage(1, false)).collect(),
+        credits: spend.credits.map(|_| CreditBalance { balance: 100, sufficient: true }),
+    }
+}
+
+// One test per row of SPEC §4, in table order.
+
+#[test]
+fn row01_public_route_allows_without_credentials() {
+    let d = done(eval(Target::Public, Caller::Missing));
+    assert_eq!(d.verdict, Verdict::Allow(AllowKind::Public));
+    assert_eq!(d.account, None);
+}
+
+#[test]
+fn row02_missing_credentials_are_401() {
+    assert_eq!(code(eval(SEARCH, Caller::Missing)), Some(Code::CredentialsMissing));
+    assert_eq!(Code::CredentialsMissing.http_status(), 401);
+}
+
+#[test]
+fn row03_invalid_credentials_are_401() {
+    assert_eq!(code(eval(SEARCH, Caller::Invalid)), Some(Code::CredentialsInvalid));
+    assert_eq!(Code::CredentialsInvalid.http_status(), 401);
+}
+
+#[test]
+fn row04_unmatched_route_is_403_under_default_deny() {
+    let a = account("free");
+    let d = done(eval(Target::Unmatched, Caller::Known(&a)));
+    assert_eq!(d.verdict, Verdict::Deny(Code::RouteNotAllowed));
+    assert_eq!(d.verdict.http_status(), 403);
+    assert_eq!(d.account.as_deref(), Some("acct_free"));
+}
+
+#[test]
+fn row04_unmatched_route_under_default_allow_checks_standing_but_meters_nothing() {
+    let mut p = policy();
+    p.unmatched = Unmatched::Allow;
+    let a = account("free");
+    assert_eq!(
+        done(evaluate(&p, Target::Unmatched, Caller::Known(&a), now(), false)).verdict,
+        Verdict::Allow(AllowKind::Allowed)
+    );
+    let blocked = Account { blocked: true, ..account("free") };
+    assert_eq!(
+        code(evaluate(&p, Target::Unmatched, Caller::Known(&blocked), now(), false)),
+        Some(Code::AccountBlocked)
+    );
+}
+
+#[test]
+fn row05_blocked_account_is_403() {
+    let a = Account { blocked: true, ..account("pro") };
+    assert_eq!(code(eval(SEARCH, Caller::Known(&a))), Some(Code::AccountBlocked));
+    assert_eq!(Code::AccountBlocked.http_status(), 403);
+}
+
+#[test]
+fn row06_inactive_subscriptions_are_402() {
+    for status in [Status::Canceled, Status::Unpaid, Status::Expired, Status::Paused] {
+        let a = Account { status, ..account("pro") };
+        let d = done(eval(SEARCH, Caller::Known(&a)));
+        assert_eq!(d.verdict, Verdict::Deny(Code::SubscriptionInactive), "{status}");
+        assert_eq!(d.status, Some(status));
+        assert_eq!(d.verdict.http_status(), 402);
+    }
+}
+
+#[test]
+fn row06_a_passed_expiry_date_is_inactive_whatever_the_status() {
+    let a = Account { expires_at: Some(now()), ..account("pro") };
+    let d = done(eval(SEARCH, Caller::Known(&a)));
+    assert_eq!(d.verdict, Verdict::Deny(Code::SubscriptionInactive));
+    assert_eq!(d.status, Some(Status::Expired));
+    let later = Account { expires_at: Some(now() + chrono::Duration::seconds(1)), ..account("flat") };
+    assert!(done(eval(SEARCH, Caller::Known(&later))).is_allowed());
+}
+
+#[test]
+fn row07_past_due_inside_grace_is_allowed_with_grace_marker() {
+    let since = now() - chrono::Duration::hours(71);
+    let a = Account { status: Status::PastDue, past_due_since: Some(since), ..account("pro") };
+    let d = decide(SEARCH, &a, all_fit);
+    assert_eq!(d.verdict, Verdict::Allow(AllowKind::Grace));
+    assert_eq!(d.grace_until, Some(since + chrono::Duration::hours(72)));
+}
+
+#[test]
+fn row08_past_due_after_grace_is_402_payment_overdue() {
+    let since = now() - chrono::Duration::hours(72);
+    let a = Account { status: Status::PastDue, past_due_since: Some(since), ..account("pro") };
+    let d = done(eval(SEARCH, Caller::Known(&a)));
+    assert_eq!(d.verdict, Verdict::Deny(Code::PaymentOverdue));
+    assert_eq!(d.grace_until, Some(now()), "the grace period ends exactly 72h after");
+    let undated = Account { status: Status::PastDue, ..account("pro") };
+    assert_eq!(code(eval(SEARCH, Caller::Known(&undated))), Some(Code::PaymentOverdue));
+}
+
+#[test]
+fn row09_missing_feature_is_402() {
+    let a = account("free");
+    let d = done(eval(AI, Caller::Known(&a)));
+    assert_eq!(d.verdict, Verdict::Deny(Code::FeatureNotInPlan));
+    assert_eq!(d.feature.as_deref(), Some("ai"));
+    let extra = Account { extra_features: ["ai".to_string()].into(), ..account("flat") };
+    assert!(done(eval(AI, Caller::Known(&extra))).is_allowed(), "account extras count");
+}
+
+#[test]
+fn row10_insufficient_credits_is_402() {
+    let a = account("payg");
+    let d = decide(AI, &a, |spend| {
+        assert_eq!(spend.credits, Some(10), "prepaid spends the route's cost in credits");
+        SpendAnswer { spent: false, quotas: vec![], credits: Some(CreditBalance { balance: 9, sufficient: false }) }
+    });
+    assert_eq!(d.verdict, Verdict::Deny(Code::InsufficientCredits));
+    assert_eq!(d.credits, Some(9));
+    assert_eq!(d.cost, 10);
+}
+
+#[test]
+fn row11_period_quota_exceeded_is_402() {
+    let a = account("free");
+    let d = decide(SEARCH, &a, |spend| SpendAnswer {
+        spent: false,
+        quotas: vec![usage(1000, true), usage(3, false)],
+        credits: spend.credits.map(|_| unreachable!()),
+    });
+    assert_eq!(d.verdict, Verdict::Deny(Code::QuotaExhausted));
+    let q = d.denying_quota().unwrap();
+    assert_eq!((q.quota.limit, q.used, q.remaining), (1000, 1000, 0));
+}
+
+#[test]
+fn row12_rate_quota_exceeded_is_429() {
+    let a = account("free");
+    let d = decide(SEARCH, &a, |_| SpendAnswer {
+        spent: false,
+        quotas: vec![usage(5, false), usage(10, true)],
+        credits: None,
+    });
+    assert_eq!(d.verdict, Verdict::Deny(Code::RateLimited));
+    assert_eq!(d.verdict.http_status(), 429);
+    assert_eq!(d.denying_quota().unwrap().quota, per_second(10));
+}
+
+#[test]
+fn row13_store_unavailable_is_503() {
+    assert_eq!(Decision::deny(Code::StoreUnavailable).verdict.http_status(), 503);
+}
+
+#[test]
+fn row14_otherwise_allowed_with_quota_state() {
+    let a = account("free");
+    let d = decide(SEARCH, &a, all_fit);
+    assert_eq!(d.verdict, Verdict::Allow(AllowKind::Allowed));
+    assert_eq!(d.quotas.len(), 2);
+    assert_eq!(d.quotas[0].remaining, 999);
+    assert_eq!(d.plan.as_deref(), Some("free"));
+}
+
+// Precedence: when several rows apply, the earlier wins.
+
+#[test]
+fn public_wins_over_everything() {
+    let a = Account { blocked: true, status: Status::Canceled, ..account("free") };
+    assert!(done(eval(Target::Public, Caller::Known(&a))).is_allowed());
+    assert!(done(eval(Target::Public, Caller::Invalid)).is_allowed());
+}
+
+#[test]
+fn credentials_are_checked_before_the_route_is() {
+    assert_eq!(code(eval(Target::Unmatched, Caller::Missing)), Some(Code::CredentialsMissing));
+    assert_eq!(code(eval(Target::Unmatched, Caller::Invalid)), Some(Code::CredentialsInvalid));
+}
+
+#[test]
+fn unmatched_route_wins_over_blocked() {
+    let a = Account { blocked: true, ..account("free") };
+    assert_eq!(code(eval(Target::Unmatched, Caller::Known(&a))), Some(Code::RouteNotAllowed));
+}
+
+#[test]
+fn blocked_wins_over_billing() {
+    let a = Account { blocked: true, status: Status::Canceled, ..account("free") };
+    assert_eq!(code(eval(AI, Caller::Known(&a))), Some(Code::AccountBlocked));
+}
+
+#[test]
+fn canceled_wins_over_missing_feature_and_quota() {
+    let a = Account { status: Status::Canceled, ..account("free") };
+    assert_eq!(code(eval(AI, Caller::Known(&a))), Some(Code::SubscriptionInactive));
+    assert_eq!(code(eval(SEARCH, Caller::Known(&a))), Some(Code::SubscriptionInactive), "no spend is even attempted");
+}
+
+#[test]
+fn overdue_wins_over_missing_feature() {
+    let a = Account {
+        status: Status::PastDue,
+        past_due_since: Some(now() - chrono::Duration::days(30)),
+        ..account("free")
+    };
+    assert_eq!(code(eval(AI, Caller::Known(&a))), Some(Code::PaymentOverdue));
+}
+
+#[test]
+fn grace_still_checks_features_and_quotas() {
+    let a = Account { status: Status::PastDue, past_due_since: Some(now()), ..account("free") };
+    assert_eq!(code(eval(AI, Caller::Known(&a))), Some(Code::FeatureNotInPlan));
+    let d = decide(SEARCH, &a, |_| SpendAnswer {
+        spent: false,
+        quotas: vec![usage(1000, true), usage(0, false)],
+        credits: None,
+    });
+    assert_eq!(d.verdict, Verdict::Deny(Code::QuotaExhausted));
+}
+
+#[test]
+fn credits_win_over_quotas_and_quotas_over_rates() {
+    let payg_with_quotas = Policy {
+        plans: [(
+            "payg".to_string(),
+            Plan {
+                name: "payg".into(),
+                features: ["search".to_string()].into(),
+                quotas: vec![per_second(1), month(5)],
+                prepaid: true,
+            },
+        )]
+        .into(),
+        ..policy()
+    };
+    let a = account("payg");
+    let Step::Spend(spend, d) = evaluate(&payg_with_quotas, SEARCH, Caller::Known(&a), now(), false) else { panic!() };
+    let everything_fails = SpendAnswer {
+        spent: false,
+        quotas: vec![usage(1, true), usage(5, true)],
+        credits: Some(CreditBalance { balance: 0, sufficient: false }),
+    };
+    assert_eq!(settle(&spend, &everything_fails, d.clone()).verdict, Verdict::Deny(Code::InsufficientCredits));
+    let quotas_fail = SpendAnswer { credits: Some(CreditBalance { balance: 5, sufficient: true }), ..everything_fails };
+    let s = settle(&spend, &quotas_fail, d);
+    assert_eq!(s.verdict, Verdict::Deny(Code::QuotaExhausted), "the period quota is reported though it comes second");
+    assert_eq!(s.denied_quota, Some(1));
+}
+
+#[test]
+fn spend_covers_every_quota_of_the_meter_and_nothing_else() {
+    let a = Account { quota_overrides: vec![month(5)], ..account("free") };
+    let Step::Spend(spend, _) = eval(SEARCH, Caller::Known(&a)) else { panic!() };
+    assert_eq!(spend.quotas, vec![month(5), per_second(10)], "the override keeps the plan quota's place");
+    assert_eq!((spend.cost, spend.credits, spend.now, spend.dry_run), (1, None, now(), false));
+    let other = Target::Metered { feature: None, meter: Some("tokens"), cost: 1 };
+    assert!(done(eval(other, Caller::Known(&a))).is_allowed(), "no quota on that meter: nothing to spend");
+}
+
+#[test]
+fn an_identical_override_names_the_same_denied_quota() {
+    let both_exhausted =
+        |_: &Spend| SpendAnswer { spent: false, quotas: vec![usage(1000, true), usage(10, true)], credits: None };
+    let plain = decide(SEARCH, &account("free"), both_exhausted);
+    let same = Account { quota_overrides: vec![month(1000)], ..account("free") };
+    let overridden = decide(SEARCH, &same, both_exhausted);
+    assert_eq!(plain.denied_quota, overridden.denied_quota);
+    assert_eq!(plain.verdict, overridden.verdict);
+}
+
+#[test]
+fn dry_run_is_passed_to_the_store() {
+    let a = account("free");
+    let Step::Spend(spend, _) = evaluate(&policy(), SEARCH, Caller::Known(&a), now(), true) else { panic!() };
+    assert!(spend.dry_run);
+}
+
+#[test]
+fn unknown_plan_is_an_operator_error() {
+    let a = account("gold");
+    assert_eq!(code(eval(SEARCH, Caller::Known(&a))), Some(Code::PlanUnknown));
+}
+
+#[test]
+fn codes_round_trip_and_map_to_statuses() {
+    for c in Code::ALL {
+        assert_eq!(Code::parse(c.as_str()), Some(c));
+        assert!(matches!(c.http_status(), 400..=599));
+    }
+    assert_eq!(Code::parse("nope"), None);
+}
