@@ -1,0 +1,307 @@
+//! Unit tests of the memory store: its arithmetic, bounds and locking. What every
+//! store must do alike is in `tests/store_contract.rs`.
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::entitlement::Period;
+use crate::usage::MAX_LIMIT;
+
+fn t(s: &str) -> DateTime<Utc> {
+    s.parse().unwrap()
+}
+
+fn quota(limit: u64, window: Window) -> Quota {
+    Quota { meter: "requests".into(), limit, window }
+}
+
+fn spend(quotas: Vec<Quota>, cost: u64, credits: Option<u64>, now: DateTime<Utc>) -> Spend {
+    Spend { account: "a".into(), quotas, cost, credits, now, dry_run: false }
+}
+
+#[tokio::test]
+async fn calendar_quota_counts_until_limit_then_resets_with_the_window() {
+    let s = MemoryStore::new();
+    let q = vec![quota(3, Window::Calendar(Period::Month))];
+    let now = t("2026-11-30T23:59:59Z");
+    for used in 1..=3 {
+        let a = s.spend(&spend(q.clone(), 1, None, now)).await.unwrap();
+        assert!(a.spent);
+        assert_eq!(a.quotas[0].used, used);
+        assert_eq!(a.quotas[0].resets_at, t("2026-12-01T00:00:00Z"));
+    }
+    let a = s.spend(&spend(q.clone(), 1, None, now)).await.unwrap();
+    assert!(!a.spent && a.quotas[0].exceeded);
+    assert_eq!(a.quotas[0].used, 3, "a denied request spends nothing");
+    let a = s.spend(&spend(q, 1, None, t("2026-12-01T00:00:00Z"))).await.unwrap();
+    assert!(a.spent);
+    assert_eq!(a.quotas[0].used, 1);
+}
+
+#[tokio::test]
+async fn rolling_window_is_an_exact_sliding_log() {
+    let s = MemoryStore::new();
+    let q = vec![quota(2, Window::Rolling(Duration::from_secs(10)))];
+    let t0 = t("2026-11-22T00:00:00Z");
+    let at = |secs: i64| t0 + chrono::Duration::seconds(secs);
+    assert!(s.spend(&spend(q.clone(), 1, None, at(0))).await.unwrap().spent);
+    assert!(s.spend(&spend(q.clone(), 1, None, at(5))).await.unwrap().spent);
+    let denied = s.spend(&spend(q.clone(), 1, None, at(9))).await.unwrap();
+    assert!(!denied.spent);
+    assert_eq!(denied.quotas[0].retry_at, at(10), "the first entry ages out at t=10");
+    assert_eq!(denied.quotas[0].resets_at, at(15));
+    let ok = s.spend(&spend(q.clone(), 1, None, at(10))).await.unwrap();
+    assert!(ok.spent);
+    assert_eq!(ok.quotas[0].used, 2);
+    let two = s.spend(&spend(q, 2, None, at(11))).await.unwrap();
+    assert_eq!(two.quotas[0].retry_at, at(20), "both remaining entries must age out for cost 2");
+}
+
+#[tokio::test]
+async fn all_or_nothing_across_quotas_and_credits() {
+    let s = MemoryStore::new();
+    s.set_credits("a", 5).await.unwrap();
+    let q = vec![quota(100, Window::Calendar(Period::Day)), quota(1, Window::Rolling(Duration::from_secs(60)))];
+    let now = t("2026-11-22T00:00:00Z");
+    let a = s.spend(&spend(q.clone(), 1, Some(3), now)).await.unwrap();
+    assert!(a.spent);
+    assert_eq!(a.credits, Some(CreditBalance { balance: 2, sufficient: true }));
+    // The rate quota is full: nothing else may move.
+    let b = s.spend(&spend(q.clone(), 1, Some(1), now)).await.unwrap();
+    assert!(!b.spent);
+    assert_eq!((b.quotas[0].used, b.credits.unwrap().balance), (1, 2));
+    // Credits too low: the quotas stay put.
+    let later = now + chrono::Duration::seconds(61);
+    let c = s.spend(&spend(q.clone(), 1, Some(3), later)).await.unwrap();
+    assert!(!c.spent && !c.credits.unwrap().sufficient);
+    assert_eq!(c.quotas[0].used, 1);
+}
+
+#[tokio::test]
+async fn dry_run_reports_without_spending() {
+    let s = MemoryStore::new();
+    let q = vec![quota(1, Window::Calendar(Period::Day))];
+    let now = t("2026-11-22T00:00:00Z");
+    let mut dry = spend(q.clone(), 1, None, now);
+    dry.dry_run = true;
+    let a = s.spend(&dry).await.unwrap();
+    assert!(!a.spent && !a.quotas[0].exceeded);
+    assert!(s.spend(&spend(q, 1, None, now)).await.unwrap().spent);
+}
+
+#[tokio::test]
+async fn huge_costs_never_wrap_or_reset_an_exhausted_quota() {
+    let s = MemoryStore::new();
+    let now = t("2026-11-22T00:00:00Z");
+    for window in [Window::Calendar(Period::Month), Window::Rolling(Duration::from_secs(3600))] {
+        let q = vec![Quota { meter: format!("m-{}", window.label()), limit: 3, window }];
+        assert!(s.spend(&spend(q.clone(), 3, None, now)).await.unwrap().spent);
+        for cost in [u64::MAX, u64::MAX - 2, MAX_COST + 1, i64::MAX as u64, 1u64 << 63] {
+            let a = s.spend(&spend(q.clone(), cost, None, now)).await.unwrap();
+            assert!(!a.spent && a.quotas[0].exceeded, "cost {cost} must not fit ({window:?})");
+            assert_eq!(a.quotas[0].used, 3, "cost {cost} reset the quota ({window:?})");
+        }
+        assert!(!s.spend(&spend(q.clone(), 1, None, now)).await.unwrap().spent, "still exhausted");
+    }
+}
+
+#[tokio::test]
+async fn a_cost_above_max_cost_never_fits_even_under_a_huge_limit() {
+    let s = MemoryStore::new();
+    let q = vec![quota(MAX_LIMIT, Window::Calendar(Period::Day))];
+    let now = t("2026-11-22T00:00:00Z");
+    let a = s.spend(&spend(q.clone(), MAX_COST + 1, None, now)).await.unwrap();
+    assert!(!a.spent && a.quotas[0].exceeded && a.quotas[0].used == 0);
+    assert!(s.spend(&spend(q, MAX_COST, None, now)).await.unwrap().spent);
+}
+
+#[tokio::test]
+async fn credit_costs_above_max_cost_are_insufficient_and_spend_nothing() {
+    let s = MemoryStore::new();
+    s.set_credits("a", MAX_CREDITS).await.unwrap();
+    let now = t("2026-11-22T00:00:00Z");
+    for cost in [MAX_COST + 1, i64::MAX as u64, u64::MAX] {
+        let a = s.spend(&spend(vec![], 1, Some(cost), now)).await.unwrap();
+        assert!(!a.spent);
+        assert_eq!(a.credits, Some(CreditBalance { balance: MAX_CREDITS, sufficient: false }));
+    }
+    assert_eq!(s.credits("a").await.unwrap(), MAX_CREDITS);
+}
+
+#[tokio::test]
+async fn balances_above_max_credits_are_refused_with_no_change() {
+    let s = MemoryStore::new();
+    assert!(matches!(s.set_credits("a", MAX_CREDITS + 1).await, Err(StoreError::Corrupt(_))));
+    assert!(matches!(s.set_credits("a", u64::MAX).await, Err(StoreError::Corrupt(_))));
+    assert_eq!(s.credits("a").await.unwrap(), 0);
+    s.set_credits("a", MAX_CREDITS - 5).await.unwrap();
+    assert_eq!(s.add_credits("a", 6).await.unwrap(), None, "past MAX_CREDITS");
+    assert_eq!(s.add_credits("a", i64::MAX).await.unwrap(), None);
+    assert_eq!(s.add_credits("a", i64::MIN).await.unwrap(), None, "below zero");
+    assert_eq!(s.credits("a").await.unwrap(), MAX_CREDITS - 5);
+    assert_eq!(s.add_credits("a", 5).await.unwrap(), Some(MAX_CREDITS));
+}
+
+#[tokio::test]
+async fn spends_at_impossible_times_or_windows_are_refused_before_anything_moves() {
+    let s = MemoryStore::new();
+    s.set_credits("a", 10).await.unwrap();
+    let ok_q = quota(10, Window::Calendar(Period::Day));
+    for now in [DateTime::<Utc>::MAX_UTC, DateTime::<Utc>::MIN_UTC, t("+200000-01-01T00:00:00Z")] {
+        let r = s.spend(&spend(vec![ok_q.clone()], 1, Some(1), now)).await;
+        assert!(matches!(r, Err(StoreError::Corrupt(_))), "{now}: {r:?}");
+    }
+    let now = t("2026-11-22T00:00:00Z");
+    for bad in [
+        quota(10, Window::Rolling(Duration::MAX)),
+        quota(10, Window::Rolling(crate::entitlement::MAX_WINDOW + Duration::from_secs(1))),
+        quota(10, Window::Rolling(Duration::ZERO)),
+        quota(MAX_LIMIT + 1, Window::Calendar(Period::Day)),
+    ] {
+        let r = s.spend(&spend(vec![ok_q.clone(), bad.clone()], 1, Some(1), now)).await;
+        assert!(matches!(r, Err(StoreError::Corrupt(_))), "{bad:?}: {r:?}");
+    }
+    let twice = s.spend(&spend(vec![ok_q.clone(), ok_q.clone()], 1, Some(1), now)).await;
+    assert!(matches!(twice, Err(StoreError::Corrupt(_))), "one counter spent twice: {twice:?}");
+    let a = s.spend(&spend(vec![ok_q], 1, Some(1), now)).await.unwrap();
+    assert_eq!((a.quotas[0].used, s.credits("a").await.unwrap()), (1, 9), "the refused spends moved nothing");
+}
+
+#[tokio::test]
+async fn the_longest_window_at_the_latest_instant_does_not_panic() {
+    let s = MemoryStore::new();
+    let q = vec![quota(1, Window::Rolling(crate::entitlement::MAX_WINDOW))];
+    let now = crate::entitlement::max_time();
+    assert!(s.spend(&spend(q.clone(), 1, None, now)).await.unwrap().spent);
+    let a = s.spend(&spend(q, 1, None, now)).await.unwrap();
+    assert!(!a.spent && a.quotas[0].retry_at > now);
+}
+
+#[tokio::test]
+async fn accounts_out_of_bounds_are_not_stored() {
+    let s = MemoryStore::new();
+    let good = Account { id: "acct_1".into(), plan: "pro".into(), ..Account::default() };
+    let far = DateTime::<Utc>::MAX_UTC;
+    let bad = [
+        Account { past_due_since: Some(far), ..good.clone() },
+        Account { expires_at: Some(DateTime::<Utc>::MIN_UTC), ..good.clone() },
+        Account { billing_event_at: Some(far), ..good.clone() },
+        Account { quota_overrides: vec![quota(u64::MAX, Window::Calendar(Period::Day))], ..good.clone() },
+        Account { quota_overrides: vec![quota(1, Window::Rolling(Duration::MAX))], ..good.clone() },
+        Account { stripe_customer: Some("cus 1".into()), ..good.clone() },
+        Account { plan: "p".repeat(129), ..good.clone() },
+        Account { id: "{acct}".into(), ..good.clone() },
+    ];
+    for a in &bad {
+        assert!(matches!(s.put_account(a).await, Err(StoreError::Corrupt(_))), "{a:?}");
+        assert!(matches!(s.put_account_if_newer(a).await, Err(StoreError::Corrupt(_))), "{a:?}");
+    }
+    assert!(s.account("acct_1").await.unwrap().is_none());
+    s.put_account(&good).await.unwrap();
+}
+
+#[tokio::test]
+async fn remembering_an_event_for_longer_than_the_clock_can_say_does_not_panic() {
+    let s = MemoryStore::new();
+    assert!(s.remember_event("evt_1", Duration::MAX).await.unwrap());
+    assert!(!s.remember_event("evt_1", Duration::MAX).await.unwrap(), "remembered for ever");
+}
+
+/// Runs a memory-store future, which never waits (its locks are std ones).
+fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+    use futures_util::FutureExt;
+    f.now_or_never().expect("the memory store never waits")
+}
+
+fn any_cost() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        0..5u64,
+        Just(MAX_COST),
+        Just(MAX_COST + 1),
+        Just(i64::MAX as u64),
+        Just(u64::MAX),
+        (u64::MAX - 5)..=u64::MAX,
+        any::<u64>(),
+    ]
+}
+
+fn any_limit() -> impl Strategy<Value = u64> {
+    prop_oneof![0..12u64, Just(MAX_LIMIT), (MAX_LIMIT - 5)..=MAX_LIMIT, 0..=MAX_LIMIT]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Within one window, whatever the costs and limits: a spend that fits adds
+    /// exactly its cost and stays within its limit; one that does not moves
+    /// nothing; `used` never goes down; credits never go up or wrap.
+    #[test]
+    fn spends_never_wrap_pass_their_limit_or_undo_usage(
+        steps in proptest::collection::vec((any_cost(), any_limit(), any_limit(), proptest::option::of(any_cost())), 1..48),
+        credits in 0..=MAX_CREDITS,
+    ) {
+        let s = MemoryStore::new();
+        run(s.set_credits("a", credits)).unwrap();
+        let t0 = t("2026-11-01T00:00:00Z");
+        let (mut month, mut rate, mut balance) = (0u64, 0u64, credits);
+        for (i, (cost, month_limit, rate_limit, credit_cost)) in steps.into_iter().enumerate() {
+            let q = vec![
+                quota(month_limit, Window::Calendar(Period::Month)),
+                quota(rate_limit, Window::Rolling(Duration::from_secs(86_400))),
+            ];
+            let now = t0 + chrono::Duration::seconds(i as i64);
+            let a = run(s.spend(&spend(q, cost, credit_cost, now))).unwrap();
+            let fits = |used: u64, limit: u64| cost <= MAX_COST && used.checked_add(cost).is_some_and(|s| s <= limit);
+            let credit_fits = credit_cost.is_none_or(|c| c <= MAX_COST && c <= balance);
+            prop_assert_eq!(a.spent, fits(month, month_limit) && fits(rate, rate_limit) && credit_fits);
+            if a.spent {
+                prop_assert_eq!((a.quotas[0].used, a.quotas[1].used), (month + cost, rate + cost));
+                prop_assert!(a.quotas[0].used <= month_limit && a.quotas[1].used <= rate_limit);
+                month += cost;
+                rate += cost;
+                balance -= credit_cost.unwrap_or(0);
+            } else {
+                prop_assert_eq!((a.quotas[0].used, a.quotas[1].used), (month, rate));
+            }
+            prop_assert_eq!(run(s.credits("a")).unwrap(), balance);
+        }
+    }
+
+    /// No instant, window, limit or cost makes a spend panic: it answers or refuses.
+    #[test]
+    fn no_spend_panics(
+        secs in prop_oneof![0..=253_402_300_799i64, any::<i64>()],
+        window_ms in any::<u64>(),
+        limit in any::<u64>(),
+        cost in any::<u64>(),
+        credit in proptest::option::of(any::<u64>()),
+    ) {
+        let s = MemoryStore::new();
+        let now = DateTime::from_timestamp(secs, 0).unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let q = vec![
+            quota(limit, Window::Rolling(Duration::from_millis(window_ms))),
+            quota(limit, Window::Calendar(Period::Month)),
+        ];
+        for _ in 0..3 {
+            let _ = run(s.spend(&spend(q.clone(), cost, credit, now)));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_spends_never_exceed_the_limit() {
+    let s = Arc::new(MemoryStore::new());
+    let q = vec![quota(100, Window::Calendar(Period::Month)), quota(1000, Window::Rolling(Duration::from_secs(60)))];
+    let now = t("2026-11-22T00:00:00Z");
+    let tasks: Vec<_> = (0..500)
+        .map(|_| {
+            let (s, sp) = (s.clone(), spend(q.clone(), 1, None, now));
+            tokio::spawn(async move { s.spend(&sp).await.unwrap().spent })
+        })
+        .collect();
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += t.await.unwrap() as u32;
+    }
+    assert_eq!(allowed, 100);
+}

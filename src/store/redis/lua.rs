@@ -1,0 +1,47 @@
+//! The Lua scripts, exactly as the store sends them: public so they can be
+//! audited, and called with `EVAL` and hostile arguments by tests.
+//!
+//! The Lua lives in `.lua` files next to this one, included at build time;
+//! every script is `prelude.lua` followed by its own file. (The two newlines
+//! keep each script byte-for-byte what it was when it was a Rust string, so
+//! its SHA1, the name `EVALSHA` calls it by, did not change.) Depends on nothing.
+//!
+//! Every script is integer-only and strict (SPEC §10). It parses each argument
+//! and each stored value it reads as a decimal integer within its bound (at
+//! most 16 digits, so exact as a Lua number, a double), and answers an error
+//! reply — `TOLLGATE_BADARG` for an argument, `TOLLGATE_CORRUPT` for a stored
+//! value — *before its first write*: Redis keeps whatever a script wrote
+//! before it failed, so all-or-nothing holds only if nothing can fail after
+//! the first write. Numbers are written with `%d`, never `tostring`, which in
+//! Redis's Lua 5.1 prints 10^15 as `1e+15`. The bounds at the top of
+//! `prelude.lua` are the Rust constants (a unit test checks they agree).
+
+/// `prelude.lua` then `$file`, as one string literal.
+macro_rules! script {
+    ($file:literal) => {
+        concat!("\n", include_str!("prelude.lua"), "\n", include_str!($file))
+    };
+}
+
+/// Check-and-spend of SPEC §4's atomicity paragraph. See the store's module doc for keys.
+///
+/// ARGV: cost, credit cost (`''` for none), dry run (`0`/`1`), quota count
+/// n, then per quota: kind (`c` calendar / `r` rolling), limit, and the
+/// window's end (calendar, ms) or length (rolling, ms). KEYS: per quota its
+/// counter (calendar) or log and sums (rolling), then the credits key.
+/// Answers `{spent, balance (-1 without credits), sufficient}` and per
+/// quota `{used, exceeded, resets ms, retry ms}`.
+pub const SPEND: &str = script!("spend.lua");
+
+/// Writes an account unless the stored one applied a newer billing event.
+///
+/// ARGV: the record's JSON, the event's ms (`''` when it carries none).
+/// A stored record whose event time cannot be read is replaced: the write repairs it.
+pub const PUT_IF_NEWER: &str = script!("put_if_newer.lua");
+
+/// Adds to a balance, refusing with no change when it would go below zero
+/// (-1) or above `MAX_CREDITS` (-2). ARGV: the signed delta.
+pub const ADD_CREDITS: &str = script!("add_credits.lua");
+
+/// Removes a key from the index only if it belongs to the account. ARGV: the account id.
+pub const REVOKE: &str = script!("revoke.lua");

@@ -1,0 +1,361 @@
+//! The Redis store: the source of truth shared by every replica, on one Redis
+//! or a Redis Cluster.
+//!
+//! Key layout (prefix `P`, default `tollgate:`; every key of one account
+//! carries the hash tag `{<account>}`, so one account lives in one cluster
+//! slot and one Lua script can touch all of its counters atomically):
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `P{acct}:account` | string (JSON) | the entitlement |
+//! | `P{acct}:credits` | string (integer) | prepaid balance |
+//! | `P{acct}:keys` | hash | SHA-256 hex of the account's API keys → what operators may see of them |
+//! | `P{acct}:q:<meter>:<period>:<start ms>` | string (integer) | calendar counter; expires a minute after its window |
+//! | `P{acct}:r:<meter>:<duration ms>` | sorted set | rolling log: member `<ms>:<seq>:<units>`, score = Redis time in ms |
+//! | `P{acct}:r:<meter>:<duration ms>:m` | hash | rolling log's `used` sum and `seq` |
+//! | `Pkey:<sha256 hex>` | string | API key hash → account id (a global index: looked up before the account is known) |
+//! | `Pcustomer:<id>` | string | Stripe customer → account id |
+//! | `Pevent:<id>` | string | a webhook event already handled, for its TTL |
+//! | `Pinvalidate` | pub/sub channel | `account:<id>` / `key:<hex>` on every change |
+//!
+//! Times: calendar windows come from the caller's clock (`Spend::now`): a
+//! replica whose clock is off by δ counts a request made within δ of a window
+//! boundary in the neighbouring window, nothing more. Rolling windows use Redis
+//! `TIME` inside the script: all of an account's keys live on one server, so
+//! every replica measures a rate against the same clock, whatever their skew.
+//!
+//! One allowed Check costs one round trip: `EVALSHA` of the spend script (the
+//! entitlement and key lookups are cached above this store).
+//!
+//! | module | what | may use |
+//! |---|---|---|
+//! | [`lua`] (`*.lua`) | the scripts, as sent | nothing |
+//! | `keys` | key names, millisecond forms | `entitlement`, `identity` |
+//! | `records` | stored values: encode, decode, bounds | `keys`, `entitlement`, `identity`, `usage`, `bounds` |
+//! | `connection` | single/cluster connections, pub/sub, error mapping | `store::{Invalidation, StoreError}` |
+//! | `spend` | the spend script's arguments and answer | `keys`, `entitlement`, `usage` |
+//! | this file | [`RedisStore`] and its [`Store`] impl | all of the above |
+
+mod connection;
+mod keys;
+pub mod lua;
+mod records;
+mod spend;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use self::connection::{Conn, Connections, unavailable};
+use self::keys::{Keys, window_ms};
+use super::{Invalidation, Store, StoreError};
+use crate::bounds;
+use crate::entitlement::{Account, MAX_WINDOW, Quota, is_valid_account_id};
+use crate::identity::{KeyHash, KeyMeta};
+use crate::usage::{MAX_CREDITS, Spend, SpendAnswer};
+
+/// The Redis-backed [`Store`].
+pub struct RedisStore {
+    connections: Connections,
+    keys: Keys,
+    script: redis::Script,
+    put_if_newer: redis::Script,
+    add_credits: redis::Script,
+    revoke: redis::Script,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore").field("prefix", &self.keys.prefix()).finish_non_exhaustive()
+    }
+}
+
+/// The error for an id that cannot be a hash tag (nothing is written under it).
+fn bad_account_id(id: &str) -> StoreError {
+    StoreError::Corrupt(format!("account id {id:?} cannot be a hash tag"))
+}
+
+impl RedisStore {
+    /// A store for `url` (`redis://`, `rediss://`, `redis+cluster://`); does no
+    /// I/O, so tollgate starts (NOT_SERVING) while Redis is still down.
+    pub fn open(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
+        Ok(Self {
+            connections: Connections::open(url, timeout)?,
+            keys: Keys::new(prefix),
+            script: redis::Script::new(lua::SPEND),
+            put_if_newer: redis::Script::new(lua::PUT_IF_NEWER),
+            add_credits: redis::Script::new(lua::ADD_CREDITS),
+            revoke: redis::Script::new(lua::REVOKE),
+        })
+    }
+
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        self.connections.get().await
+    }
+
+    /// The pub/sub channel of cache invalidations.
+    pub fn channel(&self) -> String {
+        self.keys.channel()
+    }
+
+    /// Indexes the account's Stripe customer and tells every replica.
+    async fn after_account_write(&self, conn: &mut Conn, account: &Account) -> Result<(), StoreError> {
+        if let Some(customer) = &account.stripe_customer {
+            redis::cmd("SET")
+                .arg(self.keys.customer(customer))
+                .arg(&account.id)
+                .query_async::<()>(conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        self.publish(conn, Invalidation::Account(account.id.clone())).await
+    }
+
+    async fn publish(&self, conn: &mut Conn, what: Invalidation) -> Result<(), StoreError> {
+        redis::cmd("PUBLISH").arg(self.channel()).arg(what.encode()).query_async::<()>(conn).await.map_err(unavailable)
+    }
+
+    /// Listens for invalidations for as long as the returned task lives,
+    /// reconnecting by itself (to the next node, on a cluster) when the
+    /// subscription drops. `on_reconnect` runs after every (re)subscription:
+    /// changes made while disconnected were missed, so callers flush their cache.
+    pub fn spawn_listener<F, Fut>(
+        &self,
+        on_message: F,
+        on_reconnect: impl Fn() + Send + Sync + 'static,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(Invalidation) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        self.connections.spawn_listener(self.channel(), on_message, on_reconnect)
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn account_for_key(&self, key: &KeyHash) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("GET").arg(self.keys.api_key(key)).query_async(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn account(&self, id: &str) -> Result<Option<Arc<Account>>, StoreError> {
+        if !is_valid_account_id(id) {
+            return Ok(None);
+        }
+        let mut conn = self.conn().await?;
+        let json: Option<String> =
+            redis::cmd("GET").arg(self.keys.account(id)).query_async(&mut conn).await.map_err(unavailable)?;
+        let Some(json) = json else { return Ok(None) };
+        Ok(Some(Arc::new(records::decode_account(id, &json)?)))
+    }
+
+    async fn spend(&self, spend: &Spend) -> Result<SpendAnswer, StoreError> {
+        if !is_valid_account_id(&spend.account) {
+            return Err(bad_account_id(&spend.account));
+        }
+        // Checked here so the script's own checks are a second line, never the first.
+        bounds::check_spend(spend).map_err(StoreError::Corrupt)?;
+        if spend::is_oversized(spend) {
+            return Ok(spend::oversized(spend));
+        }
+        let (invocation, ends) = spend::invocation(&self.script, &self.keys, spend);
+        let mut conn = self.conn().await?;
+        let out: Vec<i64> = invocation.invoke_async(&mut conn).await.map_err(unavailable)?;
+        spend::answer(&out, spend, &ends)
+    }
+
+    async fn put_account(&self, account: &Account) -> Result<(), StoreError> {
+        let json = records::encode_account(account)?;
+        let mut conn = self.conn().await?;
+        redis::cmd("SET")
+            .arg(self.keys.account(&account.id))
+            .arg(json)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        self.after_account_write(&mut conn, account).await
+    }
+
+    async fn put_account_if_newer(&self, account: &Account) -> Result<bool, StoreError> {
+        let json = records::encode_account(account)?;
+        let mut conn = self.conn().await?;
+        let written: i64 = self
+            .put_if_newer
+            .key(self.keys.account(&account.id))
+            .arg(json)
+            .arg(records::billing_event_arg(account))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if written == 1 {
+            self.after_account_write(&mut conn, account).await?;
+        }
+        Ok(written == 1)
+    }
+
+    async fn account_for_customer(&self, customer: &str) -> Result<Option<String>, StoreError> {
+        if !bounds::is_valid_customer_id(customer) {
+            return Ok(None);
+        }
+        let mut conn = self.conn().await?;
+        let id: Option<String> =
+            redis::cmd("GET").arg(self.keys.customer(customer)).query_async(&mut conn).await.map_err(unavailable)?;
+        match id {
+            Some(id) if !is_valid_account_id(&id) => {
+                Err(StoreError::Corrupt(format!("customer {customer} maps to {id:?}")))
+            }
+            id => Ok(id),
+        }
+    }
+
+    async fn put_key(&self, key: &KeyHash, account: &str, meta: &KeyMeta) -> Result<(), StoreError> {
+        if !is_valid_account_id(account) {
+            return Err(bad_account_id(account));
+        }
+        let meta = records::encode_key_meta(meta)?;
+        let mut conn = self.conn().await?;
+        redis::cmd("HSET")
+            .arg(self.keys.account_keys(account))
+            .arg(key.to_hex())
+            .arg(meta)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        redis::cmd("SET")
+            .arg(self.keys.api_key(key))
+            .arg(account)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        self.publish(&mut conn, Invalidation::Key(*key)).await
+    }
+
+    async fn revoke_key(&self, account: &str, key: &KeyHash) -> Result<bool, StoreError> {
+        if !is_valid_account_id(account) {
+            return Ok(false);
+        }
+        let mut conn = self.conn().await?;
+        let removed: i64 =
+            self.revoke.key(self.keys.api_key(key)).arg(account).invoke_async(&mut conn).await.map_err(unavailable)?;
+        redis::cmd("HDEL")
+            .arg(self.keys.account_keys(account))
+            .arg(key.to_hex())
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        self.publish(&mut conn, Invalidation::Key(*key)).await?;
+        Ok(removed == 1)
+    }
+
+    async fn list_keys(&self, account: &str) -> Result<Vec<(KeyHash, KeyMeta)>, StoreError> {
+        if !is_valid_account_id(account) {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        let all: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.keys.account_keys(account))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut keys = all.iter().map(|(hex, meta)| records::decode_key(hex, meta)).collect::<Result<Vec<_>, _>>()?;
+        keys.sort_by(|a, b| a.1.created_at.cmp(&b.1.created_at).then(a.0.0.cmp(&b.0.0)));
+        Ok(keys)
+    }
+
+    /// Refuses balances above [`MAX_CREDITS`]: callers validate first; this is the last line.
+    async fn set_credits(&self, account: &str, credits: u64) -> Result<(), StoreError> {
+        if !is_valid_account_id(account) {
+            return Err(bad_account_id(account));
+        }
+        if credits > MAX_CREDITS {
+            return Err(StoreError::Corrupt(format!("credits {credits} are above MAX_CREDITS ({MAX_CREDITS})")));
+        }
+        let mut conn = self.conn().await?;
+        redis::cmd("SET")
+            .arg(self.keys.credits(account))
+            .arg(credits)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn credits(&self, account: &str) -> Result<u64, StoreError> {
+        if !is_valid_account_id(account) {
+            return Ok(0);
+        }
+        let mut conn = self.conn().await?;
+        let v: Option<String> =
+            redis::cmd("GET").arg(self.keys.credits(account)).query_async(&mut conn).await.map_err(unavailable)?;
+        v.map_or(Ok(0), |v| records::decode_credits(account, &v))
+    }
+
+    async fn add_credits(&self, account: &str, delta: i64) -> Result<Option<u64>, StoreError> {
+        if !is_valid_account_id(account) {
+            return Err(bad_account_id(account));
+        }
+        // Every balance is within 0..=MAX_CREDITS, so such a delta can only leave that range.
+        if delta.unsigned_abs() > MAX_CREDITS {
+            return Ok(None);
+        }
+        let mut conn = self.conn().await?;
+        let v: i64 = self
+            .add_credits
+            .key(self.keys.credits(account))
+            .arg(delta)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        match v {
+            // -1: below zero; -2: above MAX_CREDITS. Nothing changed.
+            -2 | -1 => Ok(None),
+            v => {
+                u64::try_from(v).map(Some).map_err(|_| StoreError::Corrupt(format!("add-credits script answered {v}")))
+            }
+        }
+    }
+
+    async fn reset_usage(&self, account: &str, quotas: &[Quota], now: DateTime<Utc>) -> Result<(), StoreError> {
+        if !is_valid_account_id(account) {
+            return Ok(());
+        }
+        let mut conn = self.conn().await?;
+        for q in quotas {
+            for key in self.keys.window(account, q, now) {
+                redis::cmd("DEL").arg(key).query_async::<()>(&mut conn).await.map_err(unavailable)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn remember_event(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.keys.event(id))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            // Events are remembered for days; a TTL past MAX_WINDOW is clipped, not overflowed.
+            .arg(window_ms(ttl.min(MAX_WINDOW)).max(1))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(set.is_some())
+    }
+
+    async fn forget_event(&self, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("DEL").arg(self.keys.event(id)).query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("PING").query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests;
