@@ -287,6 +287,8 @@ async fn a_rolling_window_fits_up_to_its_limit_and_retries_when_enough_ages_out(
     assert_eq!((a.exceeded, a.retry_at), (true, e2 + wd), "once both age out");
     let a = go(4).await;
     assert_eq!((a.exceeded, a.resets_at, a.retry_at), (true, e2 + wd, e2 + wd), "more than the limit: when empty");
+    let lowered = s.spend(&spend(&[rolling(2, w)], 0, None, s.clock.now())).await.quotas[0];
+    assert_eq!((lowered.used, lowered.exceeded, lowered.retry_at), (3, true, e1 + wd), "a limit lowered below use");
 
     s.clock.sleep_until(e1 + wd).await;
     let a = go(1).await;

@@ -131,15 +131,16 @@ impl Counter {
     fn add(&mut self, quota: &Quota, cost: u64, now: DateTime<Utc>, state: &mut QuotaUsage) {
         match self {
             Counter::Calendar { used, .. } => *used = used.saturating_add(cost),
-            Counter::Rolling { log, used } => {
-                if cost > 0 {
-                    log.push_back((now, cost));
-                    *used = used.saturating_add(cost);
-                }
+            // A cost of 0 logs nothing, so the window is restored when it was
+            // before (`now` for an empty one), as in the Redis script.
+            Counter::Rolling { log, used } if cost > 0 => {
+                log.push_back((now, cost));
+                *used = used.saturating_add(cost);
                 if let Window::Rolling(d) = quota.window {
                     state.resets_at = after_or_max(now, d);
                 }
             }
+            Counter::Rolling { .. } => {}
         }
         state.used = state.used.saturating_add(cost);
     }
