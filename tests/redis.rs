@@ -1,6 +1,9 @@
-//! The Redis store with real `redis-server` processes: exact quotas across
-//! replicas, all-or-nothing spending, cache invalidation over pub/sub, the
-//! negative cache, faults and recovery, Redis Cluster, and `tollgate seed`.
+//! The Redis store with real `redis-server` processes, through whole tollgate
+//! servers: exact quotas across replicas, all-or-nothing spending as Checks
+//! see it, cache invalidation over pub/sub, the negative cache, faults and
+//! recovery, Redis Cluster, and `tollgate seed`. What the store itself answers
+//! (spends, windows, credits, keys, accounts, invalidations), alike with the
+//! memory store, is `tests/store_contract.rs`.
 
 mod common;
 

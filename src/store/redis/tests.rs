@@ -118,4 +118,3 @@ async fn a_store_opens_without_connecting_and_keeps_its_url_out_of_debug() {
     let debug = format!("{store:?}");
     assert!(debug.contains("\"t:\"") && !debug.contains("secret"), "{debug}");
 }
-
