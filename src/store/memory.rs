@@ -4,12 +4,18 @@
 //! keyed by account, so one account's check-and-spend is atomic and different
 //! accounts rarely contend. Rolling windows are an exact sliding log whose
 //! length is bounded by the quota's limit (each entry holds at least one unit).
+//! It answers what the Redis spend script answers, field by field (used,
+//! exceeded, `resets_at`, `retry_at`), only on `Spend::now` instead of Redis
+//! `TIME`: `tests/store_contract.rs` runs the same cases on both.
 //!
 //! Arithmetic never wraps and time arithmetic never panics (SPEC §10): sums
 //! are checked (an overflowing `used + cost` is simply "exceeded"), balances
 //! stay within [`MAX_CREDITS`], and instants are added with `checked_*`.
 //! Accounts and spends are checked against [`crate::bounds`] before anything
 //! is stored or moved.
+//!
+//! May use `entitlement`, `identity`, `usage`, `bounds` and the [`Store`] trait;
+//! nothing of Redis or of the cache.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};

@@ -1,7 +1,7 @@
 //! The Rust side of the spend script ([`super::lua::SPEND`]): the keys and
 //! arguments a [`Spend`] becomes, and the [`SpendAnswer`] its reply becomes.
 //!
-//! Depends on `usage`, `entitlement` and [`super::keys`].
+//! Depends on `usage`, `entitlement`, [`StoreError`] and [`super::keys`].
 
 use chrono::{DateTime, Utc};
 use redis::{Script, ScriptInvocation};
