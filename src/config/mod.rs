@@ -23,7 +23,7 @@ use crate::route::{Route, RouteMatch, RouteTable};
 use crate::usage::{MAX_COST, MAX_CREDITS, MAX_LIMIT};
 
 /// The config `cargo run` uses when no `--config` is given: memory store, demo accounts.
-pub const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
+pub const DEMO_CONFIG: &str = include_str!("../../config/demo.yaml");
 
 /// A config that could not be loaded; the message names the place and the reason.
 #[derive(Debug, thiserror::Error)]
