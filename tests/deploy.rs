@@ -5,13 +5,12 @@
 //! usable placeholder secret, network policies, Redis behind a password, TLS
 //! options that build and validate.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 use tollgate::config::{Backend, Config};
+use tollgate_testkit::process::{KillOnDrop, becomes_ready, free_addr, free_port};
 
 fn deploy_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -355,20 +354,20 @@ fn the_mtls_envoy_config_is_envoy_yaml_plus_a_client_certificate_to_tollgate() {
     assert!(ctx["tls_certificates"][0]["private_key"]["filename"].is_string());
     assert!(ctx["validation_context"]["trusted_ca"]["filename"].is_string(), "tollgate's certificate is verified");
     let san = &ctx["validation_context"]["match_typed_subject_alt_names"][0];
-    assert_eq!(san["matcher"]["exact"].as_str(), Some(common::envoy::TOLLGATE_SAN));
-    assert_eq!(tls["sni"].as_str(), Some(common::envoy::TOLLGATE_SAN));
+    assert_eq!(san["matcher"]["exact"].as_str(), Some(tollgate_testkit::envoy::TOLLGATE_SAN));
+    assert_eq!(tls["sni"].as_str(), Some(tollgate_testkit::envoy::TOLLGATE_SAN));
     // Everything else is the plaintext config (YAML comments do not parse).
     assert_eq!(&mtls, plain, "keep envoy-mtls.yaml in step with envoy.yaml");
 }
 
 #[test]
 fn every_shipped_envoy_config_passes_envoy_validate() {
-    let pki = common::envoy::Pki::new("validate");
+    let pki = tollgate_testkit::envoy::Pki::new("validate");
     for name in ENVOY_FILES {
         let text = std::fs::read_to_string(deploy_root().join(name)).unwrap();
         // The mTLS file's certificates, made for the test where it expects them.
         let text = pki.envoy_config(&text);
-        if let Err(out) = common::envoy::validate(&text) {
+        if let Err(out) = tollgate_testkit::envoy::validate(&text) {
             panic!("{name} does not validate:\n{out}");
         }
     }
@@ -533,7 +532,7 @@ async fn the_deployment_redis_url_authenticates_to_a_password_protected_redis() 
     let docs = shipped();
     let tollgate = &kind(&docs, "Deployment", "tollgate")["spec"]["template"]["spec"]["containers"][0];
     let template = env(tollgate, "TOLLGATE_REDIS_URL").1["value"].as_str().unwrap().to_owned();
-    let redis = common::redis::RedisServer::start();
+    let redis = tollgate_testkit::redis::RedisServer::start();
     let password = "0123456789abcdef0123456789abcdef"; // hex, as `openssl rand -hex` makes
     assert_eq!(redis.cli(&["CONFIG", "SET", "requirepass", password]).map(|o| o.trim().to_owned()), Some("OK".into()));
     let local = |url: &str| url.replace("redis.tollgate.svc.cluster.local:6379", &format!("127.0.0.1:{}", redis.port));
@@ -626,7 +625,7 @@ fn the_mtls_component_is_the_configmap_plus_server_tls() {
         .collect();
     assert_eq!(without_tls.join("\n"), base.trim_end(), "keep components/mtls/configmap.yaml in step");
     // Valid for the code, with mTLS on, once the Secret's files exist.
-    let pki = common::envoy::Pki::new("component");
+    let pki = tollgate_testkit::envoy::Pki::new("component");
     let yaml = with_tls
         .replace("/etc/tollgate-tls/tls.crt", &pki.path("server.crt"))
         .replace("/etc/tollgate-tls/tls.key", &pki.path("server.key"))
@@ -701,33 +700,6 @@ fn relative(from: &Path, to: &Path) -> String {
     ups.chain(downs).collect::<Vec<_>>().join("/")
 }
 
-/// A process started by a test; killed on drop.
-struct Process(std::process::Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Polls tollgate's /readyz for `within`; true once it answers 200.
-async fn becomes_ready(http: u16, within: std::time::Duration) -> bool {
-    let deadline = std::time::Instant::now() + within;
-    while std::time::Instant::now() < deadline {
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
-        if let Ok((200, _, _)) = common::http_get(addr, "/readyz").await {
-            return true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    false
-}
-
 /// The redis-tls component end to end: redis-server with the component's
 /// arguments, and the tollgate binary with the ConfigMap, the component's
 /// TOLLGATE_REDIS_URL and SSL_CERT_FILE (certificates made by the test, for
@@ -739,7 +711,7 @@ async fn the_redis_tls_component_connects_tollgate_to_redis_over_tls_with_the_pa
         serde_yaml_ng::from_str(&std::fs::read_to_string(component.join("redis.yaml")).unwrap()).unwrap();
     let tollgate_patch: Value =
         serde_yaml_ng::from_str(&std::fs::read_to_string(component.join("deployment.yaml")).unwrap()).unwrap();
-    let pki = common::envoy::Pki::new("redis-tls");
+    let pki = tollgate_testkit::envoy::Pki::new("redis-tls");
     let password = "fedcba9876543210fedcba9876543210";
     let redis_port = free_port();
 
@@ -755,9 +727,8 @@ async fn the_redis_tls_component_connects_tollgate_to_redis_over_tls_with_the_pa
         })
         .collect();
     assert!(args.contains(&"--tls-port".to_owned()) && args.contains(&"--requirepass".to_owned()));
-    let redis_bin = std::env::var("TOLLGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-    let _redis = Process(
-        std::process::Command::new(redis_bin)
+    let _redis = KillOnDrop(
+        std::process::Command::new(tollgate_testkit::redis::server_bin())
             .args(&args)
             .args(["--bind", "127.0.0.1", "--appendonly", "no", "--dir"])
             .arg(&pki.dir)
@@ -777,12 +748,12 @@ async fn the_redis_tls_component_connects_tollgate_to_redis_over_tls_with_the_pa
     assert!(mount.is_some(), "SSL_CERT_FILE {ca_file} is in a mounted volume");
 
     let docs = shipped();
-    let (grpc, http) = (free_port(), free_port());
+    let (grpc, http) = (free_addr(), free_addr());
     let config = kind(&docs, "ConfigMap", "tollgate-config")["data"]["tollgate.yaml"]
         .as_str()
         .unwrap()
-        .replace("0.0.0.0:9191", &format!("127.0.0.1:{grpc}"))
-        .replace("0.0.0.0:9090", &format!("127.0.0.1:{http}"));
+        .replace("0.0.0.0:9191", &grpc.to_string())
+        .replace("0.0.0.0:9090", &http.to_string());
     let config_path = pki.dir.join("tollgate.yaml");
     std::fs::write(&config_path, config).unwrap();
     let tollgate = |trust_ca: bool| {
@@ -799,7 +770,7 @@ async fn the_redis_tls_component_connects_tollgate_to_redis_over_tls_with_the_pa
         } else {
             cmd.env("SSL_CERT_FILE", pki.path("tls.crt")); // some other certificate: not the CA
         }
-        Process(cmd.spawn().expect("tollgate binary"))
+        KillOnDrop(cmd.spawn().expect("tollgate binary"))
     };
 
     {

@@ -2,17 +2,15 @@
 //! on file change, draining on SIGTERM with a Check in flight, and a
 //! Prometheus scrape that parses.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::process::TollgateProcess;
-use common::redis::RedisServer;
-use common::{Answer, TestServer, eventually, http_check, http_get, spec_config};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tollgate::reload::Reloader;
+use tollgate_testkit::process::TollgateProcess;
+use tollgate_testkit::redis::RedisServer;
+use tollgate_testkit::{Answer, TestServer, eventually, http_check, http_get, spec_config};
 
 /// The tollgate binary on a config file that tests rewrite; killed on drop.
 struct Binary(TollgateProcess);
@@ -121,10 +119,9 @@ async fn sigterm_drains_an_in_flight_check_and_exits_zero() {
     assert!(b.check("pro-key").await.allowed, "warm: key and account cached");
 
     // Redis stalls for 2 s: the next Check's spend waits on it, in flight.
-    let port = redis.port;
-    let stall = std::thread::spawn(move || {
-        Command::new("redis-cli").args(["-p", &port.to_string(), "DEBUG", "SLEEP", "2"]).output().unwrap()
-    });
+    let mut sleep = redis.cli_command();
+    sleep.args(["DEBUG", "SLEEP", "2"]);
+    let stall = std::thread::spawn(move || sleep.output().unwrap());
     std::thread::sleep(Duration::from_millis(200));
     let grpc = b.grpc;
     let in_flight = tokio::spawn(async move {

@@ -1,0 +1,116 @@
+//! tollgate's test kit: the harness its integration tests and benches share.
+//!
+//! A dev-only crate (`publish = false`), a dev-dependency of the root
+//! package: compiled once rather than into every test binary, with no
+//! `#[allow(dead_code)]`, and the same code under `tests/` and `benches/`.
+//! The library's own unit tests do not use it (it links the non-test build
+//! of `tollgate`).
+//!
+//! # Layout
+//!
+//! | module | what |
+//! |---|---|
+//! | [`server`] | [`TestServer`]: tollgate in this process on `127.0.0.1:0` |
+//! | [`check`] | [`http_check`], [`with_jwt`]: Check requests; [`Answer`]: a response flattened |
+//! | [`http`] | a small HTTP/1.1 client: [`http_get`], [`http::request`] |
+//! | [`process`] | tool finding, free ports, [`process::TollgateProcess`]: the real binary |
+//! | [`redis`] | [`redis::RedisServer`], [`redis::RedisCluster`], MONITOR, `redis-benchmark` |
+//! | [`envoy`] | [`envoy::Envoy`], the echo upstream, the shipped configs for tests, [`envoy::Stack`] |
+//! | [`pki`] | [`pki::Pki`]: a CA and certificates written to a temporary folder |
+//! | [`bench`] | the benches' config and the Check they send |
+//! | [`load`] | load loops: [`load::run_load`], [`load::Run`], medians, CPU time |
+//! | [`noop`] | an ext_authz server that allows everything (the floor) |
+//!
+//! Binaries: `ENVOY_BIN`, `TOLLGATE_REDIS_SERVER`, `TOLLGATE_REDIS_CLI`,
+//! `TOLLGATE_REDIS_BENCHMARK` when set, else `PATH`, else `.tools/bin`
+//! (what `scripts/test.sh` installs); see [`process::tool`].
+
+pub mod bench;
+pub mod check;
+pub mod envoy;
+pub mod http;
+pub mod load;
+pub mod noop;
+pub mod pki;
+pub mod process;
+pub mod redis;
+pub mod server;
+
+use std::path::Path;
+use std::time::Duration;
+
+pub use check::{Answer, http_check, with_jwt};
+pub use http::http_get;
+pub use server::TestServer;
+
+/// The repository root (the `tollgate` package), where `deploy/`, `config/`
+/// and `tests/fixtures/` live.
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("testkit/ sits in the repository root")
+}
+
+/// Polls `f` every 10 ms until it holds; fails the test after `within`.
+pub async fn eventually(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < within, "{what} did not happen within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// RFC 3339 timestamp `offset` from now.
+pub fn ago(offset: chrono::Duration) -> String {
+    (chrono::Utc::now() - offset).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// The config most tests use: the spec's example shape, on the memory store.
+pub fn spec_config() -> String {
+    format!(
+        r#"
+billing:
+  portal_url: "https://billing.example.com/accounts/{{account}}/billing"
+  grace_period: 72h
+identity:
+  - api_key: {{ header: x-api-key }}
+  - api_key: {{ header: authorization, scheme: Bearer }}
+  - jwt_claim: {{ namespace: envoy.filters.http.jwt_authn, field: jwt_payload, claim: org_id }}
+  - trusted_header: {{ header: x-account-id }}
+plans:
+  free:
+    features: [search]
+    quotas:
+      - {{ meter: requests, limit: 5, period: month }}
+      - {{ meter: requests, limit: 100, per: 1s }}
+  tiny_rate:
+    features: [search]
+    quotas:
+      - {{ meter: requests, limit: 1000, period: month }}
+      - {{ meter: requests, limit: 2, per: 1h }}
+  pro:
+    features: [search, export, ai]
+    quotas:
+      - {{ meter: requests, limit: 1000000, period: month }}
+  payg:
+    features: [search, ai]
+    prepaid: true
+routes:
+  - {{ match: {{ path_prefix: /public }}, public: true }}
+  - {{ match: {{ path_prefix: /v1/search, methods: [GET] }}, feature: search, meter: requests, cost: 1 }}
+  - {{ match: {{ path_prefix: /v1/ai }}, feature: ai, meter: requests, cost: 10 }}
+default: deny
+accounts:
+  - {{ id: acct_free, plan: free, api_keys: [free-key] }}
+  - {{ id: acct_rate, plan: tiny_rate, api_keys: [rate-key] }}
+  - {{ id: acct_pro, plan: pro, api_keys: [pro-key] }}
+  - {{ id: acct_grace, plan: pro, api_keys: [grace-key], status: past_due, past_due_since: {grace} }}
+  - {{ id: acct_late, plan: pro, api_keys: [late-key], status: past_due, past_due_since: {late} }}
+  - {{ id: acct_canceled, plan: pro, api_keys: [canceled-key], status: canceled }}
+  - {{ id: acct_wallet, plan: payg, api_keys: [wallet-key], credits: 15 }}
+  - {{ id: acct_banned, plan: pro, api_keys: [banned-key], blocked: true }}
+problems:
+  type_base: "https://docs.example.com/problems/"
+"#,
+        grace = ago(chrono::Duration::hours(1)),
+        late = ago(chrono::Duration::hours(73)),
+    )
+}
