@@ -13,20 +13,18 @@
 //!
 //! Run one case with `CONTRACT_CASE=<part of its name> cargo test --test store_contract`.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::redis::{RedisCluster, RedisServer};
 use futures_util::future::BoxFuture;
 use tokio::sync::{Notify, mpsc};
 use tollgate::entitlement::{Account, Period, Quota, Status, Window};
 use tollgate::identity::{KeyHash, KeyMeta};
 use tollgate::store::{CachedStore, Invalidation, MemoryStore, RedisStore, Store, StoreError};
 use tollgate::usage::{CreditBalance, MAX_CREDITS, Spend, SpendAnswer};
+use tollgate_testkit::redis::{RedisCluster, RedisServer};
 
 const ACCT: &str = "acct_c";
 

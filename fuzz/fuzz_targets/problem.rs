@@ -149,7 +149,8 @@ fuzz_target!(|input: Input| {
         base
     };
 
-    let r = render(&d, config, Context { strip: &input.strip }, now);
+    let strip: Vec<std::borrow::Cow<str>> = input.strip.iter().map(|s| s.as_str().into()).collect();
+    let r = render(&d, config, Context { strip: &strip }, now);
     assert_eq!(r.status, verdict.http_status());
     match verdict {
         Verdict::Deny(_) => {
