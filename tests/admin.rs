@@ -2,19 +2,17 @@
 //! rotated), read access, every RPC's effect on real Checks, input
 //! validation, and changes reaching another replica through Redis.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::redis::RedisServer;
-use common::{Answer, TestServer, eventually, http_check, spec_config};
 use tollgate::config::Config;
 use tollgate::grpc::pb::tollgate_client::TollgateClient;
 use tollgate::grpc::pb::{
     AccountRequest, AddCreditsRequest, CreateApiKeyRequest, Entitlement, PutEntitlementRequest, QuotaOverride,
     RevokeApiKeyRequest, SetCreditsRequest, UsageRequest,
 };
+use tollgate_testkit::redis::RedisServer;
+use tollgate_testkit::{Answer, TestServer, eventually, http_check, spec_config};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 

@@ -10,11 +10,9 @@
 //! the credential header it sees) live in tests whose names end with
 //! `_with_tollgate_second_layer`.
 
-mod common;
-
-use common::envoy::{self, Envoy, Options, Pki, Response, echo_upstream};
-use common::{TestServer, spec_config};
 use futures_util::future::join_all;
+use tollgate_testkit::envoy::{self, Envoy, Options, Pki, Response, echo_upstream};
+use tollgate_testkit::{TestServer, spec_config};
 
 /// Paths that a lax proxy and a lax upstream read differently: each one names
 /// a paid route (`/v1/ai`) to an upstream that resolves dot segments, decodes

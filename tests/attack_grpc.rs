@@ -6,9 +6,6 @@
 //! trusts, a panic. The same attacks through a real Envoy are in
 //! `attack_envoy.rs`; against the stores' arithmetic in `attack_store.rs`.
 
-mod common;
-
-use common::{Answer, TestServer, http_check, spec_config, with_jwt};
 use tollgate::config::Config;
 use tollgate::grpc::pb::authorize_request::{Subject, Target};
 use tollgate::grpc::pb::tollgate_client::TollgateClient;
@@ -16,6 +13,7 @@ use tollgate::grpc::pb::{
     AccountRequest, AuthorizeRequest, Entitlement, FeatureTarget, PutEntitlementRequest, QuotaOverride, RouteTarget,
     UsageRequest,
 };
+use tollgate_testkit::{Answer, TestServer, http_check, spec_config, with_jwt};
 use tonic::{Code, Request};
 
 const ADMIN: &str = "admin-0123456789abcdef0123456789abcdef";
@@ -177,7 +175,7 @@ async fn authorize_by_account_or_spending_needs_a_token() {
     assert_eq!(err.unwrap_err().code(), Code::Unauthenticated);
 
     // Every refusal is counted; the token never appears in the metrics.
-    let (_, _, metrics) = common::http_get(s.http, "/metrics").await.unwrap();
+    let (_, _, metrics) = tollgate_testkit::http_get(s.http, "/metrics").await.unwrap();
     assert!(metrics.contains(r#"tollgate_auth_failures_total{rpc="Authorize",reason="missing"} 3"#), "{metrics}");
     assert!(metrics.contains(r#"tollgate_auth_failures_total{rpc="Authorize",reason="invalid"} 2"#), "{metrics}");
     assert!(metrics.contains(r#"tollgate_auth_failures_total{rpc="BlockAccount",reason="invalid"} 1"#));
@@ -331,7 +329,7 @@ async fn extreme_dates_and_windows_are_refused_or_harmless() {
     c.put_entitlement(put(e)).await.unwrap();
     let a = ask(&s, "/v1/ai/chat", &[("x-api-key", "pro-key")]).await;
     assert_eq!(a.metadata.get("decision").map(String::as_str), Some("grace"));
-    let (status, _, _) = common::http_get(s.http, "/healthz").await.unwrap();
+    let (status, _, _) = tollgate_testkit::http_get(s.http, "/healthz").await.unwrap();
     assert_eq!(status, 200, "still alive");
     s.stop().await;
 }

@@ -9,19 +9,17 @@
 //! `TOLLGATE_ATTACK_MAX_MB` (default 320) caps what the flood sends in total,
 //! so an unbounded build grows by at most that much.
 
-mod common;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::process::TollgateProcess;
-use common::{TestServer, http_check, http_get, spec_config};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
+use tollgate_testkit::process::TollgateProcess;
+use tollgate_testkit::{TestServer, http_check, http_get, spec_config};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
@@ -251,7 +249,7 @@ async fn start_binary(limits: &str) -> TollgateProcess {
 async fn check_allowed(grpc: SocketAddr) -> bool {
     let Ok(mut c) = AuthorizationClient::connect(format!("http://{grpc}")).await else { return false };
     let r = c.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await;
-    r.is_ok_and(|r| common::Answer::of(r.get_ref()).allowed)
+    r.is_ok_and(|r| tollgate_testkit::Answer::of(r.get_ref()).allowed)
 }
 
 /// (a) One connection opens 1,000 Check streams, sends each a gRPC prefix
@@ -493,7 +491,7 @@ async fn a_message_over_max_message_bytes_is_refused_from_its_prefix() {
     }
     // A normal Check on the same channel still works.
     let ok = client.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await.unwrap();
-    assert!(common::Answer::of(ok.get_ref()).allowed);
+    assert!(tollgate_testkit::Answer::of(ok.get_ref()).allowed);
 
     let mut conn = h2raw::Conn::open(s.grpc).await;
     let mut f = h2raw::check_headers(1);
@@ -525,7 +523,7 @@ async fn metadata_is_bounded_by_max_header_list_bytes() {
     assert!(client.check(padded(32)).await.is_ok(), "32 KiB of metadata is within 64 KiB");
     assert!(client.check(padded(100)).await.is_err(), "100 KiB of metadata is over 64 KiB");
     let ok = client.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await.unwrap();
-    assert!(common::Answer::of(ok.get_ref()).allowed);
+    assert!(tollgate_testkit::Answer::of(ok.get_ref()).allowed);
     s.stop().await;
 }
 

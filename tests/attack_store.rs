@@ -5,17 +5,15 @@
 //! someone else, and the Lua scripts called directly with bad arguments.
 //! Nothing may wrap, panic, reset a quota, or write half of anything.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::redis::RedisServer;
 use tollgate::entitlement::{Period, Quota, Window};
 use tollgate::store::redis::lua;
 use tollgate::store::{MemoryStore, RedisStore, Store, StoreError};
 use tollgate::usage::{MAX_COST, MAX_CREDITS, MAX_LIMIT, Spend, SpendAnswer};
+use tollgate_testkit::redis::RedisServer;
 
 /// One store under attack; `redis` is set for the Redis one (to look at its keys).
 struct Backend {

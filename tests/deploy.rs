@@ -5,8 +5,6 @@
 //! usable placeholder secret, network policies, Redis behind a password, TLS
 //! options that build and validate.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -355,20 +353,20 @@ fn the_mtls_envoy_config_is_envoy_yaml_plus_a_client_certificate_to_tollgate() {
     assert!(ctx["tls_certificates"][0]["private_key"]["filename"].is_string());
     assert!(ctx["validation_context"]["trusted_ca"]["filename"].is_string(), "tollgate's certificate is verified");
     let san = &ctx["validation_context"]["match_typed_subject_alt_names"][0];
-    assert_eq!(san["matcher"]["exact"].as_str(), Some(common::envoy::TOLLGATE_SAN));
-    assert_eq!(tls["sni"].as_str(), Some(common::envoy::TOLLGATE_SAN));
+    assert_eq!(san["matcher"]["exact"].as_str(), Some(tollgate_testkit::envoy::TOLLGATE_SAN));
+    assert_eq!(tls["sni"].as_str(), Some(tollgate_testkit::envoy::TOLLGATE_SAN));
     // Everything else is the plaintext config (YAML comments do not parse).
     assert_eq!(&mtls, plain, "keep envoy-mtls.yaml in step with envoy.yaml");
 }
 
 #[test]
 fn every_shipped_envoy_config_passes_envoy_validate() {
-    let pki = common::envoy::Pki::new("validate");
+    let pki = tollgate_testkit::envoy::Pki::new("validate");
     for name in ENVOY_FILES {
         let text = std::fs::read_to_string(deploy_root().join(name)).unwrap();
         // The mTLS file's certificates, made for the test where it expects them.
         let text = pki.envoy_config(&text);
-        if let Err(out) = common::envoy::validate(&text) {
+        if let Err(out) = tollgate_testkit::envoy::validate(&text) {
             panic!("{name} does not validate:\n{out}");
         }
     }
@@ -533,7 +531,7 @@ async fn the_deployment_redis_url_authenticates_to_a_password_protected_redis() 
     let docs = shipped();
     let tollgate = &kind(&docs, "Deployment", "tollgate")["spec"]["template"]["spec"]["containers"][0];
     let template = env(tollgate, "TOLLGATE_REDIS_URL").1["value"].as_str().unwrap().to_owned();
-    let redis = common::redis::RedisServer::start();
+    let redis = tollgate_testkit::redis::RedisServer::start();
     let password = "0123456789abcdef0123456789abcdef"; // hex, as `openssl rand -hex` makes
     assert_eq!(redis.cli(&["CONFIG", "SET", "requirepass", password]).map(|o| o.trim().to_owned()), Some("OK".into()));
     let local = |url: &str| url.replace("redis.tollgate.svc.cluster.local:6379", &format!("127.0.0.1:{}", redis.port));
@@ -626,7 +624,7 @@ fn the_mtls_component_is_the_configmap_plus_server_tls() {
         .collect();
     assert_eq!(without_tls.join("\n"), base.trim_end(), "keep components/mtls/configmap.yaml in step");
     // Valid for the code, with mTLS on, once the Secret's files exist.
-    let pki = common::envoy::Pki::new("component");
+    let pki = tollgate_testkit::envoy::Pki::new("component");
     let yaml = with_tls
         .replace("/etc/tollgate-tls/tls.crt", &pki.path("server.crt"))
         .replace("/etc/tollgate-tls/tls.key", &pki.path("server.key"))
@@ -720,7 +718,7 @@ async fn becomes_ready(http: u16, within: std::time::Duration) -> bool {
     let deadline = std::time::Instant::now() + within;
     while std::time::Instant::now() < deadline {
         let addr: std::net::SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
-        if let Ok((200, _, _)) = common::http_get(addr, "/readyz").await {
+        if let Ok((200, _, _)) = tollgate_testkit::http_get(addr, "/readyz").await {
             return true;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -739,7 +737,7 @@ async fn the_redis_tls_component_connects_tollgate_to_redis_over_tls_with_the_pa
         serde_yaml_ng::from_str(&std::fs::read_to_string(component.join("redis.yaml")).unwrap()).unwrap();
     let tollgate_patch: Value =
         serde_yaml_ng::from_str(&std::fs::read_to_string(component.join("deployment.yaml")).unwrap()).unwrap();
-    let pki = common::envoy::Pki::new("redis-tls");
+    let pki = tollgate_testkit::envoy::Pki::new("redis-tls");
     let password = "fedcba9876543210fedcba9876543210";
     let redis_port = free_port();
 

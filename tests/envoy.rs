@@ -3,13 +3,11 @@
 //! a plain HTTP client sees for every decision row, what the upstream
 //! receives, JWT identity through `jwt_authn`, and Envoy's failure modes.
 
-mod common;
-
 use std::net::SocketAddr;
 
-use common::envoy::{self, Envoy, Options, Response, echo_upstream};
-use common::redis::RedisServer;
-use common::{TestServer, spec_config};
+use tollgate_testkit::envoy::{self, Envoy, Options, Response, echo_upstream};
+use tollgate_testkit::redis::RedisServer;
+use tollgate_testkit::{TestServer, spec_config};
 
 const JWT_IDENTITY: &str =
     "  - jwt_claim: { namespace: envoy.filters.http.jwt_authn, field: jwt_payload, claim: org_id }\n";

@@ -1,18 +1,16 @@
 //! Every row of the decision table (SPEC §4) end to end through the ext_authz
 //! gRPC API, with the response formats of SPEC §5.
 
-mod common;
-
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use common::{Answer, TestServer, http_check, spec_config, with_jwt};
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, attribute_context::Peer};
 use tollgate::config::Config;
 use tollgate::entitlement::{Account, Quota};
 use tollgate::identity::{KeyHash, KeyMeta};
 use tollgate::store::{Store, StoreError};
 use tollgate::usage::{Spend, SpendAnswer};
+use tollgate_testkit::{Answer, TestServer, http_check, spec_config, with_jwt};
 
 const UNAUTHENTICATED: i32 = 16;
 const PERMISSION_DENIED: i32 = 7;

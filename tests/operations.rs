@@ -2,17 +2,15 @@
 //! on file change, draining on SIGTERM with a Check in flight, and a
 //! Prometheus scrape that parses.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::process::TollgateProcess;
-use common::redis::RedisServer;
-use common::{Answer, TestServer, eventually, http_check, http_get, spec_config};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tollgate::reload::Reloader;
+use tollgate_testkit::process::TollgateProcess;
+use tollgate_testkit::redis::RedisServer;
+use tollgate_testkit::{Answer, TestServer, eventually, http_check, http_get, spec_config};
 
 /// The tollgate binary on a config file that tests rewrite; killed on drop.
 struct Binary(TollgateProcess);

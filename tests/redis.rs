@@ -2,15 +2,13 @@
 //! replicas, all-or-nothing spending, cache invalidation over pub/sub, the
 //! negative cache, faults and recovery, Redis Cluster, and `tollgate seed`.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::redis::{RedisCluster, RedisServer};
-use common::{Answer, TestServer, eventually, http_check, http_get, spec_config};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tollgate::entitlement::Period;
 use tollgate::identity::KeyHash;
+use tollgate_testkit::redis::{RedisCluster, RedisServer};
+use tollgate_testkit::{Answer, TestServer, eventually, http_check, http_get, spec_config};
 
 /// The spec config on Redis, plus a plan that is prepaid *and* quota'd.
 fn redis_config(url: &str, on_error: &str) -> String {

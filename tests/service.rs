@@ -1,14 +1,12 @@
 //! The server around the decision: gRPC health, HTTP health and metrics,
 //! graceful shutdown, and the `tollgate.v1` Authorize API.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestServer, http_check, http_get, spec_config};
 use tollgate::grpc::pb::authorize_request::{Subject, Target};
 use tollgate::grpc::pb::tollgate_client::TollgateClient;
 use tollgate::grpc::pb::{AuthorizeRequest, FeatureTarget, RouteTarget};
+use tollgate_testkit::{TestServer, http_check, http_get, spec_config};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -70,7 +68,7 @@ async fn shutdown_turns_health_not_serving_before_the_listeners_close() {
     let next = tokio::time::timeout(Duration::from_secs(5), watch.message()).await.unwrap().unwrap().unwrap();
     assert_eq!(next.status, ServingStatus::NotServing as i32);
     // Still answering Checks during the drain delay.
-    let a = common::Answer::of(&s.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await);
+    let a = tollgate_testkit::Answer::of(&s.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await);
     assert!(a.allowed);
     assert_eq!(http_get(s.http, "/readyz").await.unwrap().0, 503);
     // An open Watch stream would hold the drain until drain_timeout.

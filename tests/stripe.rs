@@ -1,15 +1,13 @@
 //! Stripe webhooks end to end: real signed payloads (built here, in the
 //! shapes Stripe sends) posted to `/webhooks/stripe`, and their effect on Checks.
 
-mod common;
-
 use std::net::SocketAddr;
 
-use common::redis::RedisServer;
-use common::{Answer, TestServer, http_check, spec_config};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tollgate::entitlement::Status;
+use tollgate_testkit::redis::RedisServer;
+use tollgate_testkit::{Answer, TestServer, http_check, spec_config};
 
 const SECRET: &str = "whsec_test_current";
 

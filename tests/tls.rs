@@ -1,12 +1,10 @@
 //! TLS and mTLS on the gRPC port, with certificates made by the test.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::{Answer, TestServer, http_check, spec_config, with_jwt};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use tollgate_testkit::{Answer, TestServer, http_check, spec_config, with_jwt};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 struct Pki {

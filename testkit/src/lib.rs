@@ -2,7 +2,7 @@
 //! builds CheckRequests as Envoy sends them (lower-case header keys, the query
 //! string inside `path`).
 
-#![allow(dead_code, missing_docs)]
+#![allow(missing_docs)]
 
 pub mod envoy;
 pub mod process;
@@ -26,6 +26,12 @@ use tollgate::config::Config;
 use tollgate::server::{self, Handle, Listeners};
 use tollgate::store::{self, MemoryStore, Store};
 use tonic::transport::Channel;
+
+/// The repository root (the `tollgate` package), where `deploy/`, `config/`
+/// and `tests/fixtures/` live.
+pub fn repo_root() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("testkit/ sits in the repository root")
+}
 
 /// A tollgate running in this process.
 pub struct TestServer {

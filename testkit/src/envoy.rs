@@ -219,7 +219,7 @@ pub fn config(tollgate: SocketAddr, upstream: SocketAddr, opts: Options) -> Stri
 /// Like [`config`], from another shipped Envoy file (`file` relative to the
 /// crate root, e.g. `deploy/envoy/envoy-mtls.yaml`).
 pub fn config_from(file: &str, tollgate: SocketAddr, upstream: SocketAddr, opts: Options) -> String {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = crate::repo_root();
     let deploy = std::fs::read_to_string(root.join(file)).unwrap();
     let mut c = deploy
         .replace("port_value: 9901", "port_value: 0")
