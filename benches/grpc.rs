@@ -1,42 +1,35 @@
 //! End-to-end ext_authz `Check` over gRPC on loopback, client in the same process.
 //!
 //! Two servers run in-process on one 2-worker tokio runtime:
-//! - `echo`: a bare tonic `Authorization` service whose `check` returns an OK
-//!   `CheckResponse` with no logic (the floor: tonic unary round trip), accepting
-//!   connections as tonic's `Server::serve` does by default (TCP_NODELAY on);
-//! - `tollgate-memory`: [`tollgate::server::run`] with the memory store, a
-//!   config whose quotas are never reached, and a metered `/v1/search` route,
-//!   on listeners bound here exactly as `main` binds them.
+//! - `echo`: the kit's `noop` server, a bare tonic `Authorization` service whose
+//!   `check` returns an OK `CheckResponse` with no logic (the floor: tonic unary
+//!   round trip), accepting connections as tonic's `Server::serve` does by
+//!   default (TCP_NODELAY on);
+//! - `tollgate-memory`: [`tollgate::server::run`] with the memory store, the
+//!   kit's bench config (quotas never reached, a metered `/v1/search` route),
+//!   started in-process as the kit's `TestServer`.
 //!
 //! Measures (a) sequential latency per call with criterion, and (b) throughput
 //! at concurrency 32: a bounded custom loop of N calls per run, interleaved
 //! echo, tollgate, echo, tollgate, printing `throughput <name>: <n> req/s`.
 //! Run with `cargo bench --bench grpc`.
 
-mod support;
-
 /// The binary's allocator, so the figures are the binary's.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use support::check_request;
-
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::Criterion;
-use envoy_types::ext_authz::v3::pb::{
-    Authorization, AuthorizationServer, CheckRequest, CheckResponse, HttpResponse, OkHttpResponse,
-};
+use envoy_types::ext_authz::v3::pb::CheckRequest;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use envoy_types::pb::google::rpc;
-use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
-use tokio::sync::oneshot;
+use tollgate_testkit::TestServer;
+use tollgate_testkit::bench::{self, check_request};
+use tollgate_testkit::load::{Run, run_load};
+use tollgate_testkit::noop::{Noop, NoopServer};
+use tollgate_testkit::server::channel;
 use tonic::transport::Channel;
-use tonic::transport::server::TcpIncoming;
 
 /// Calls per throughput run.
 const THROUGHPUT_CALLS: usize = 20_000;
@@ -44,64 +37,25 @@ const THROUGHPUT_CALLS: usize = 20_000;
 const CONCURRENCY: usize = 32;
 /// Rounds of (echo, tollgate).
 const ROUNDS: usize = 2;
-/// Upper bound on one throughput run; a slower run stops early and reports what it did.
-const RUN_DEADLINE: Duration = Duration::from_secs(60);
-
-/// The floor: a tonic `Authorization` service with no logic at all.
-#[derive(Debug, Default)]
-struct Echo;
-
-#[tonic::async_trait]
-impl Authorization for Echo {
-    async fn check(
-        &self,
-        _request: tonic::Request<CheckRequest>,
-    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        Ok(tonic::Response::new(CheckResponse {
-            status: Some(rpc::Status { code: 0, message: String::new(), details: Vec::new() }),
-            dynamic_metadata: None,
-            http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
-        }))
-    }
-}
 
 /// The servers and one client channel to each.
 struct Servers {
     echo: AuthorizationClient<Channel>,
     tollgate: AuthorizationClient<Channel>,
-    stops: Vec<oneshot::Sender<()>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-async fn connect(addr: SocketAddr) -> AuthorizationClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
-    AuthorizationClient::new(channel)
+    echo_server: NoopServer,
+    tollgate_server: TestServer,
 }
 
 async fn start() -> Servers {
-    // The echo floor, accepting like `Server::serve` does by default (TCP_NODELAY on).
-    let echo_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let echo_addr = echo_listener.local_addr().expect("echo addr");
-    let echo_incoming = TcpIncoming::from(echo_listener).with_nodelay(Some(true));
-    let (echo_stop, echo_rx) = oneshot::channel::<()>();
-    let echo_task = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(AuthorizationServer::new(Echo))
-            .serve_with_incoming_shutdown(echo_incoming, async {
-                let _ = echo_rx.await;
-            })
-            .await
-            .expect("echo server");
-    });
-
+    // The floor: a tonic `Authorization` service with no logic at all.
+    let echo_server = NoopServer::start(Noop::bare()).await;
     // tollgate with the memory store, seeded like `tollgate seed` does.
-    let tollgate = support::start_tollgate("{ backend: memory, on_error: deny, timeout: 50ms }").await;
-
+    let tollgate_server = bench::start("{ backend: memory, on_error: deny, timeout: 50ms }").await;
     Servers {
-        echo: connect(echo_addr).await,
-        tollgate: tollgate.client,
-        stops: vec![echo_stop, tollgate.stop],
-        tasks: vec![echo_task, tollgate.task],
+        echo: AuthorizationClient::new(channel(echo_server.addr).await),
+        tollgate: tollgate_server.client().await,
+        echo_server,
+        tollgate_server,
     }
 }
 
@@ -112,28 +66,17 @@ async fn check_ok(client: &mut AuthorizationClient<Channel>, request: CheckReque
     assert_eq!(code, 0, "expected an allow, got {response:?}");
 }
 
-/// Runs up to `calls` Checks with `CONCURRENCY` in flight; returns (calls done, elapsed).
-async fn run_load(client: &AuthorizationClient<Channel>, request: &CheckRequest, calls: usize) -> (usize, Duration) {
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let workers: Vec<_> = (0..CONCURRENCY)
-        .map(|_| {
-            let (mut client, request, next) = (client.clone(), request.clone(), next.clone());
-            tokio::spawn(async move {
-                let mut done = 0usize;
-                while next.fetch_add(1, Ordering::Relaxed) < calls && started.elapsed() < RUN_DEADLINE {
-                    check_ok(&mut client, request.clone()).await;
-                    done += 1;
-                }
-                done
-            })
-        })
-        .collect();
-    let mut done = 0;
-    for w in workers {
-        done += w.await.expect("load worker");
-    }
-    (done, started.elapsed())
+/// Up to `calls` Checks with `CONCURRENCY` in flight; panics unless every one was allowed.
+fn run_allowed(
+    rt: &Runtime,
+    name: &str,
+    client: &AuthorizationClient<Channel>,
+    request: &CheckRequest,
+    calls: usize,
+) -> Run {
+    let run = rt.block_on(run_load(client, request, calls, CONCURRENCY));
+    assert_eq!(run.allowed, run.calls(), "{name}: every Check must be allowed: {run:?}");
+    run
 }
 
 /// The throughput comparison: echo, tollgate, echo, tollgate at concurrency 32.
@@ -144,13 +87,14 @@ fn throughput(rt: &Runtime, servers: &Servers, request: &CheckRequest) {
          one HTTP/2 channel per server, client and servers on one 2-worker runtime"
     );
     // Warm up connections, allocators and the store's counters.
-    for (_, client) in targets {
-        rt.block_on(run_load(client, request, 2_000));
+    for (name, client) in targets {
+        run_allowed(rt, name, client, request, 2_000);
     }
     let mut totals = [(0usize, Duration::ZERO); 2];
     for round in 1..=ROUNDS {
         for (i, (name, client)) in targets.iter().enumerate() {
-            let (done, elapsed) = rt.block_on(run_load(client, request, THROUGHPUT_CALLS));
+            let run = run_allowed(rt, name, client, request, THROUGHPUT_CALLS);
+            let (done, elapsed) = (run.calls(), run.elapsed);
             println!(
                 "  round {round} {name}: {done} calls in {:.3}s = {:.0} req/s",
                 elapsed.as_secs_f64(),
@@ -188,26 +132,18 @@ fn main() {
     rt.block_on(check_ok(&mut servers.echo.clone(), request.clone()));
     rt.block_on(check_ok(&mut servers.tollgate.clone(), request.clone()));
 
-    // Like criterion: measure only under `cargo bench` (which passes `--bench`), not when listing or testing.
-    let args: Vec<String> = std::env::args().collect();
-    let measuring = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--list" || a == "--test");
-
     let mut criterion = Criterion::default().configure_from_args();
     sequential(&mut criterion, &rt, &servers, &request);
     criterion.final_summary();
 
-    if measuring {
+    if bench::measuring() {
         throughput(&rt, &servers, &request);
     }
 
-    let Servers { echo, tollgate, stops, tasks } = servers;
+    let Servers { echo, tollgate, echo_server, tollgate_server } = servers;
     drop((echo, tollgate));
-    for stop in stops {
-        let _ = stop.send(());
-    }
     rt.block_on(async {
-        for task in tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-        }
+        echo_server.stop().await;
+        tollgate_server.stop().await;
     });
 }

@@ -80,9 +80,7 @@ fn load_or_exit(path: Option<&Path>, redis_url: Option<&str>) -> Config {
 }
 
 fn open_store(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn Store>> {
-    let m = metrics.clone();
-    let observe: store::LookupObserver = Arc::new(move |hit| m.record_cache(hit));
-    store::open(&config.store, &config.cache, observe)
+    store::open(&config.store, &config.cache, metrics.cache_observer())
         .with_context(|| format!("opening the {:?} store", config.store.backend))
 }
 

@@ -3,6 +3,7 @@
 //! Label values are `&'static str` so recording allocates nothing on the
 //! Check path. Depends on `decision` for the label names only.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -145,6 +146,14 @@ impl Metrics {
         self.check_duration.observe(elapsed.as_secs_f64());
     }
 
+    /// The cache-lookup observer `store::open` takes (a `store::LookupObserver`):
+    /// it counts each lookup here as a hit or a miss. The type is spelled out
+    /// so that this module keeps depending on nothing of ours but `decision`.
+    pub fn cache_observer(self: &Arc<Self>) -> Arc<dyn Fn(bool) + Send + Sync> {
+        let metrics = Arc::clone(self);
+        Arc::new(move |hit| metrics.record_cache(hit))
+    }
+
     /// Counts a cache lookup.
     pub fn record_cache(&self, hit: bool) {
         let (hits, misses) = if hit {
@@ -186,12 +195,13 @@ mod tests {
 
     #[test]
     fn names_match_the_spec() {
-        let m = Metrics::new();
+        let m = Arc::new(Metrics::new());
         m.record_decision(Verdict::Deny(Code::QuotaExhausted), Duration::from_micros(30));
         m.record_decision(Verdict::Allow(AllowKind::Allowed), Duration::from_micros(30));
-        m.record_cache(true);
-        m.record_cache(false);
-        m.record_cache(true);
+        let observe = m.cache_observer();
+        observe(true);
+        observe(false);
+        observe(true);
         m.record_store_call(Duration::from_micros(300));
         m.record_store_error();
         m.record_reload("ok");

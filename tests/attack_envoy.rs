@@ -11,7 +11,7 @@
 //! `_with_tollgate_second_layer`.
 
 use futures_util::future::join_all;
-use tollgate_testkit::envoy::{self, Envoy, Options, Pki, Response, echo_upstream};
+use tollgate_testkit::envoy::{self, Options, Pki, Response, Stack};
 use tollgate_testkit::{TestServer, spec_config};
 
 /// Paths that a lax proxy and a lax upstream read differently: each one names
@@ -72,33 +72,14 @@ const FORGED: &[(&str, &str)] = &[
     ("x_tollgate_account", "acct_forged_underscore"),
 ];
 
-struct Stack {
-    tollgate: TestServer,
-    envoy: Envoy,
+/// tollgate on the spec config behind Envoy on the shipped config.
+async fn stack() -> Stack {
+    stack_with_config(|c| c).await
 }
 
-impl Stack {
-    async fn start() -> Self {
-        Self::start_with_config(|c| c).await
-    }
-
-    /// A stack whose Envoy config is the shipped one after `edit`.
-    async fn start_with_config(edit: impl FnOnce(String) -> String) -> Self {
-        let tollgate = TestServer::start(&spec_config()).await;
-        let upstream = echo_upstream().await;
-        let envoy = Envoy::start(&edit(envoy::config(tollgate.grpc, upstream, Options::default()))).await;
-        envoy.wait_cluster_healthy("tollgate").await;
-        Stack { tollgate, envoy }
-    }
-
-    async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> Response {
-        self.envoy.send(method, path, headers).await
-    }
-
-    async fn stop(self) {
-        drop(self.envoy);
-        self.tollgate.stop().await;
-    }
+/// A stack whose Envoy config is the shipped one after `edit`.
+async fn stack_with_config(edit: impl FnOnce(String) -> String) -> Stack {
+    Stack::start(&spec_config(), |tollgate, upstream| edit(envoy::config(tollgate, upstream, Options::default()))).await
 }
 
 /// The path as the laxest upstream would serve it: query and fragment
@@ -171,7 +152,7 @@ fn the_laxest_reading_of_every_confusion_path_is_paid() {
 
 #[tokio::test]
 async fn no_confusion_path_reaches_a_paid_upstream_route_without_a_credential() {
-    let s = Stack::start().await;
+    let s = stack().await;
     let attempts: Vec<(&str, &str)> = PATH_CONFUSION.iter().flat_map(|p| [("GET", *p), ("POST", *p)]).collect();
     // Concurrently: Envoy closes a connection it refused after its delayed-close
     // timeout, which would make one request after another slow.
@@ -190,7 +171,7 @@ async fn no_confusion_path_reaches_a_paid_upstream_route_without_a_credential() 
 
 #[tokio::test]
 async fn the_edge_refuses_encoded_slashes_and_double_encodings_with_400() {
-    let s = Stack::start().await;
+    let s = stack().await;
     let paths = [
         "/public%2f..%2fv1%2fai%2fchat",
         "/public/..%5Cv1/ai/chat",
@@ -212,7 +193,7 @@ async fn the_edge_refuses_encoded_slashes_and_double_encodings_with_400() {
 
 #[tokio::test]
 async fn dot_segments_and_double_slashes_are_resolved_before_tollgate_decides() {
-    let s = Stack::start().await;
+    let s = stack().await;
     // Normalized to /v1/ai/chat, then decided as that: no key, 401.
     for path in [
         "/public/../v1/ai/chat",
@@ -238,7 +219,7 @@ async fn dot_segments_and_double_slashes_are_resolved_before_tollgate_decides() 
 
 #[tokio::test]
 async fn the_health_route_is_exact_and_everything_else_is_checked() {
-    let s = Stack::start().await;
+    let s = stack().await;
     for path in ["/healthz", "/healthz?probe=1"] {
         let r = s.send("GET", path, &[]).await;
         assert_eq!(r.status, 200, "{path}: {r:?}");
@@ -255,7 +236,7 @@ async fn the_health_route_is_exact_and_everything_else_is_checked() {
 
 #[tokio::test]
 async fn forged_tollgate_headers_never_reach_the_upstream_on_public_paid_or_health_routes() {
-    let s = Stack::start().await;
+    let s = stack().await;
     for path in ["/public/docs", "/healthz"] {
         let r = s.send("GET", path, FORGED).await;
         let echo = upstream_saw(&r).unwrap_or_else(|| panic!("{path}: {r:?}"));
@@ -280,7 +261,7 @@ async fn forged_tollgate_headers_never_reach_the_upstream_on_public_paid_or_heal
 async fn a_forged_identity_header_does_not_reach_tollgate_through_the_edge() {
     // spec_config trusts x-account-id (a header a mesh sets), but the shipped
     // ext_authz sends tollgate only the headers listed in allowed_headers.
-    let s = Stack::start().await;
+    let s = stack().await;
     let r = s.send("POST", "/v1/ai/chat", &[("x-account-id", "acct_pro")]).await;
     assert_eq!(r.status, 401, "{r:?}");
     s.stop().await;
@@ -288,7 +269,7 @@ async fn a_forged_identity_header_does_not_reach_tollgate_through_the_edge() {
 
 #[tokio::test]
 async fn credentials_never_reach_the_upstream_on_the_health_route() {
-    let s = Stack::start().await;
+    let s = stack().await;
     let r = s.send("GET", "/healthz", &[("x-api-key", "pro-key"), ("authorization", "Bearer pro-key")]).await;
     let echo = upstream_saw(&r).unwrap_or_else(|| panic!("{r:?}"));
     let names = upstream_header_names(&echo);
@@ -298,7 +279,7 @@ async fn credentials_never_reach_the_upstream_on_the_health_route() {
 
 #[tokio::test]
 async fn credentials_never_reach_the_upstream_on_a_paid_route() {
-    let s = Stack::start().await;
+    let s = stack().await;
     for key in [("x-api-key", "pro-key"), ("authorization", "Bearer pro-key")] {
         let r = s.send("POST", "/v1/ai/chat", &[key]).await;
         let echo = upstream_saw(&r).unwrap_or_else(|| panic!("{r:?}"));
@@ -311,9 +292,10 @@ async fn credentials_never_reach_the_upstream_on_a_paid_route() {
 /// from `file` with its certificate paths pointed at `certs`.
 async fn mtls_stack(pki: &Pki, file: &str, certs: &Pki) -> Stack {
     let tollgate = TestServer::start(&(spec_config() + &pki.tollgate_tls())).await;
-    let upstream = echo_upstream().await;
-    let config = certs.envoy_config(&envoy::config_from(file, tollgate.grpc, upstream, Options::default()));
-    Stack { tollgate, envoy: Envoy::start(&config).await }
+    Stack::around(tollgate, |tollgate, upstream| {
+        certs.envoy_config(&envoy::config_from(file, tollgate, upstream, Options::default()))
+    })
+    .await
 }
 
 #[tokio::test]
@@ -350,7 +332,7 @@ async fn a_proxy_without_a_client_certificate_from_the_ca_gets_no_decision_and_f
 #[tokio::test]
 async fn credentials_never_reach_the_upstream_on_a_public_route_with_tollgate_second_layer() {
     // Needs tollgate: Envoy does not know which routes tollgate calls public.
-    let s = Stack::start().await;
+    let s = stack().await;
     for key in [("x-api-key", "pro-key"), ("authorization", "Bearer pro-key")] {
         let r = s.send("GET", "/public/docs", &[key]).await;
         let echo = upstream_saw(&r).unwrap_or_else(|| panic!("{r:?}"));
@@ -363,7 +345,7 @@ async fn credentials_never_reach_the_upstream_on_a_public_route_with_tollgate_se
 async fn forged_headers_are_removed_by_tollgate_even_without_the_edge_filter_with_tollgate_second_layer() {
     // The edge filter taken out (a misordered or forgotten filter): ext_authz
     // still sends tollgate every x-tollgate-* header, and tollgate removes them.
-    let s = Stack::start_with_config(without_header_filter).await;
+    let s = stack_with_config(without_header_filter).await;
     let forged: Vec<(&str, &str)> = FORGED.iter().copied().filter(|(k, _)| !k.contains('_')).collect();
     for (path, key) in [("/public/docs", None), ("/v1/ai/chat", Some(("x-api-key", "pro-key")))] {
         let mut headers = forged.clone();

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 use tollgate::config::{Backend, Config};
+use tollgate_testkit::process::{KillOnDrop, becomes_ready, free_addr, free_port};
 
 fn deploy_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -699,33 +700,6 @@ fn relative(from: &Path, to: &Path) -> String {
     ups.chain(downs).collect::<Vec<_>>().join("/")
 }
 
-/// A process started by a test; killed on drop.
-struct Process(std::process::Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Polls tollgate's /readyz for `within`; true once it answers 200.
-async fn becomes_ready(http: u16, within: std::time::Duration) -> bool {
-    let deadline = std::time::Instant::now() + within;
-    while std::time::Instant::now() < deadline {
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
-        if let Ok((200, _, _)) = tollgate_testkit::http_get(addr, "/readyz").await {
-            return true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    false
-}
-
 /// The redis-tls component end to end: redis-server with the component's
 /// arguments, and the tollgate binary with the ConfigMap, the component's
 /// TOLLGATE_REDIS_URL and SSL_CERT_FILE (certificates made by the test, for
@@ -753,9 +727,8 @@ async fn the_redis_tls_component_connects_tollgate_to_redis_over_tls_with_the_pa
         })
         .collect();
     assert!(args.contains(&"--tls-port".to_owned()) && args.contains(&"--requirepass".to_owned()));
-    let redis_bin = std::env::var("TOLLGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-    let _redis = Process(
-        std::process::Command::new(redis_bin)
+    let _redis = KillOnDrop(
+        std::process::Command::new(tollgate_testkit::redis::server_bin())
             .args(&args)
             .args(["--bind", "127.0.0.1", "--appendonly", "no", "--dir"])
             .arg(&pki.dir)
@@ -775,12 +748,12 @@ async fn the_redis_tls_component_connects_tollgate_to_redis_over_tls_with_the_pa
     assert!(mount.is_some(), "SSL_CERT_FILE {ca_file} is in a mounted volume");
 
     let docs = shipped();
-    let (grpc, http) = (free_port(), free_port());
+    let (grpc, http) = (free_addr(), free_addr());
     let config = kind(&docs, "ConfigMap", "tollgate-config")["data"]["tollgate.yaml"]
         .as_str()
         .unwrap()
-        .replace("0.0.0.0:9191", &format!("127.0.0.1:{grpc}"))
-        .replace("0.0.0.0:9090", &format!("127.0.0.1:{http}"));
+        .replace("0.0.0.0:9191", &grpc.to_string())
+        .replace("0.0.0.0:9090", &http.to_string());
     let config_path = pki.dir.join("tollgate.yaml");
     std::fs::write(&config_path, config).unwrap();
     let tollgate = |trust_ca: bool| {
@@ -797,7 +770,7 @@ async fn the_redis_tls_component_connects_tollgate_to_redis_over_tls_with_the_pa
         } else {
             cmd.env("SSL_CERT_FILE", pki.path("tls.crt")); // some other certificate: not the CA
         }
-        Process(cmd.spawn().expect("tollgate binary"))
+        KillOnDrop(cmd.spawn().expect("tollgate binary"))
     };
 
     {

@@ -5,39 +5,20 @@
 
 use std::net::SocketAddr;
 
-use tollgate_testkit::envoy::{self, Envoy, Options, Response, echo_upstream};
+use tollgate_testkit::envoy::{self, Envoy, Options, Response, Stack, echo_upstream};
+use tollgate_testkit::process::free_addr;
 use tollgate_testkit::redis::RedisServer;
 use tollgate_testkit::{TestServer, spec_config};
 
 const JWT_IDENTITY: &str =
     "  - jwt_claim: { namespace: envoy.filters.http.jwt_authn, field: jwt_payload, claim: org_id }\n";
 
-struct Stack {
-    tollgate: TestServer,
-    envoy: Envoy,
-}
-
 async fn stack_with(yaml: &str, opts: Options) -> Stack {
-    let tollgate = TestServer::start(yaml).await;
-    let upstream = echo_upstream().await;
-    let envoy = Envoy::start(&envoy::config(tollgate.grpc, upstream, opts)).await;
-    envoy.wait_cluster_healthy("tollgate").await;
-    Stack { tollgate, envoy }
+    Stack::start(yaml, |tollgate, upstream| envoy::config(tollgate, upstream, opts)).await
 }
 
 async fn stack() -> Stack {
     stack_with(&spec_config(), Options::default()).await
-}
-
-impl Stack {
-    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
-        self.envoy.send("GET", path, headers).await
-    }
-
-    async fn stop(self) {
-        drop(self.envoy);
-        self.tollgate.stop().await;
-    }
 }
 
 fn jwt(name: &str) -> String {
@@ -175,7 +156,7 @@ async fn a_verified_jwt_names_the_account_through_jwt_authn() {
 
 async fn dead_tollgate(opts: Options) -> (Envoy, SocketAddr) {
     // A port nothing listens on: tollgate is down.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = free_addr();
     let upstream = echo_upstream().await;
     (Envoy::start(&envoy::config(dead, upstream, opts)).await, upstream)
 }
@@ -201,16 +182,14 @@ async fn redis_backed_tollgate_behind_envoy_meters_exactly() {
     let redis = RedisServer::start();
     let yaml = spec_config() + &format!("store: {{ backend: redis, url: \"{}\" }}\n", redis.url());
     let tollgate = TestServer::start_configured(&yaml, true).await;
-    let upstream = echo_upstream().await;
-    let envoy = Envoy::start(&envoy::config(tollgate.grpc, upstream, Options::default())).await;
-    envoy.wait_cluster_healthy("tollgate").await;
+    let s = Stack::around(tollgate, |tollgate, upstream| envoy::config(tollgate, upstream, Options::default())).await;
+    s.envoy.wait_cluster_healthy("tollgate").await;
     for i in 0..5 {
-        let r = envoy.send("GET", "/v1/search", &[("x-api-key", "free-key")]).await;
+        let r = s.get("/v1/search", &[("x-api-key", "free-key")]).await;
         assert_eq!(r.status, 200, "request {i}: {r:?}");
         assert_eq!(r.json()["headers"]["x-tollgate-account"], "acct_free");
     }
-    let r = envoy.send("GET", "/v1/search", &[("x-api-key", "free-key")]).await;
+    let r = s.get("/v1/search", &[("x-api-key", "free-key")]).await;
     assert_problem(&r, 402, "quota_exhausted");
-    drop(envoy);
-    tollgate.stop().await;
+    s.stop().await;
 }

@@ -119,10 +119,9 @@ async fn sigterm_drains_an_in_flight_check_and_exits_zero() {
     assert!(b.check("pro-key").await.allowed, "warm: key and account cached");
 
     // Redis stalls for 2 s: the next Check's spend waits on it, in flight.
-    let port = redis.port;
-    let stall = std::thread::spawn(move || {
-        Command::new("redis-cli").args(["-p", &port.to_string(), "DEBUG", "SLEEP", "2"]).output().unwrap()
-    });
+    let mut sleep = redis.cli_command();
+    sleep.args(["DEBUG", "SLEEP", "2"]);
+    let stall = std::thread::spawn(move || sleep.output().unwrap());
     std::thread::sleep(Duration::from_millis(200));
     let grpc = b.grpc;
     let in_flight = tokio::spawn(async move {

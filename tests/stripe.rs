@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tollgate::entitlement::Status;
+use tollgate_testkit::http::request_with_body;
 use tollgate_testkit::redis::RedisServer;
 use tollgate_testkit::{Answer, TestServer, http_check, spec_config};
 
@@ -22,18 +22,10 @@ fn stripe_config(extra: &str) -> String {
 }
 
 async fn post(addr: SocketAddr, body: &str, signature: Option<&str>) -> (u16, Value) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let sig = signature.map(|v| format!("Stripe-Signature: {v}\r\n")).unwrap_or_default();
-    let req = format!(
-        "POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{sig}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let status = buf.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    let mut headers = vec![("Content-Type", "application/json")];
+    headers.extend(signature.map(|v| ("Stripe-Signature", v)));
+    let r = request_with_body(addr, "POST", "/webhooks/stripe", &headers, body).await.unwrap();
+    (r.status, serde_json::from_str(&r.body).unwrap_or(Value::Null))
 }
 
 /// Posts an event signed as Stripe signs it: HMAC-SHA256 over `t.payload`.

@@ -1,61 +1,25 @@
 //! TLS and mTLS on the gRPC port, with certificates made by the test.
 
-use std::path::PathBuf;
-
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use tollgate_testkit::pki::Pki;
 use tollgate_testkit::{Answer, TestServer, http_check, spec_config, with_jwt};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
-struct Pki {
-    dir: PathBuf,
-    ca: String,
-    client_cert: String,
-    client_key: String,
+/// tollgate on the spec config with TLS on the gRPC port (the `localhost`
+/// certificate), requiring client certificates from the CA when `mtls` is set.
+fn config(pki: &Pki, mtls: bool) -> String {
+    let ca = if mtls { format!(", client_ca: \"{}\"", pki.path("ca.crt")) } else { String::new() };
+    let (cert, key) = (pki.path("localhost.crt"), pki.path("localhost.key"));
+    spec_config() + &format!("server: {{ tls: {{ cert: \"{cert}\", key: \"{key}\"{ca} }} }}\n")
 }
 
-impl Pki {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("tollgate-tls-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).unwrap().pem();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf = |san: &str| {
-            let key = KeyPair::generate().unwrap();
-            let cert = CertificateParams::new(vec![san.to_owned()]).unwrap().signed_by(&key, &issuer).unwrap();
-            (cert.pem(), key.serialize_pem())
-        };
-        let (server_cert, server_key) = leaf("localhost");
-        let (client_cert, client_key) = leaf("billing-service");
-        for (file, pem) in [("ca.pem", &ca), ("server.pem", &server_cert), ("server.key", &server_key)] {
-            std::fs::write(dir.join(file), pem).unwrap();
-        }
-        Self { dir, ca, client_cert, client_key }
-    }
-
-    fn config(&self, mtls: bool) -> String {
-        let p = |f: &str| self.dir.join(f).display().to_string();
-        let ca = if mtls { format!(", client_ca: \"{}\"", p("ca.pem")) } else { String::new() };
-        spec_config()
-            + &format!("server: {{ tls: {{ cert: \"{}\", key: \"{}\"{ca} }} }}\n", p("server.pem"), p("server.key"))
-    }
-
-    async fn channel(&self, s: &TestServer, with_client_cert: bool) -> Result<Channel, tonic::transport::Error> {
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca)).domain_name("localhost");
-        if with_client_cert {
-            tls = tls.identity(Identity::from_pem(&self.client_cert, &self.client_key));
-        }
-        Channel::from_shared(format!("https://{}", s.grpc)).unwrap().tls_config(tls)?.connect().await
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A TLS channel to `s` trusting the CA, with the client certificate when asked.
+async fn channel(pki: &Pki, s: &TestServer, with_client_cert: bool) -> Result<Channel, tonic::transport::Error> {
+    Channel::from_shared(format!("https://{}", s.grpc))
+        .unwrap()
+        .tls_config(pki.client_tls(with_client_cert))?
+        .connect()
+        .await
 }
 
 async fn check(channel: Channel) -> Result<Answer, tonic::Status> {
@@ -67,8 +31,8 @@ async fn check(channel: Channel) -> Result<Answer, tonic::Status> {
 #[tokio::test]
 async fn tls_serves_checks_to_clients_that_trust_the_ca() {
     let pki = Pki::new("tls");
-    let s = TestServer::start(&pki.config(false)).await;
-    assert!(check(pki.channel(&s, false).await.unwrap()).await.unwrap().allowed);
+    let s = TestServer::start(&config(&pki, false)).await;
+    assert!(check(channel(&pki, &s, false).await.unwrap()).await.unwrap().allowed);
     let plain = Channel::from_shared(format!("http://{}", s.grpc)).unwrap().connect().await;
     let plain_failed = match plain {
         Err(_) => true,
@@ -81,9 +45,9 @@ async fn tls_serves_checks_to_clients_that_trust_the_ca() {
 #[tokio::test]
 async fn mtls_requires_a_client_certificate_from_the_ca() {
     let pki = Pki::new("mtls");
-    let s = TestServer::start(&pki.config(true)).await;
-    assert!(check(pki.channel(&s, true).await.unwrap()).await.unwrap().allowed);
-    let without = match pki.channel(&s, false).await {
+    let s = TestServer::start(&config(&pki, true)).await;
+    assert!(check(channel(&pki, &s, true).await.unwrap()).await.unwrap().allowed);
+    let without = match channel(&pki, &s, false).await {
         Err(_) => true,
         Ok(ch) => check(ch).await.is_err(),
     };
@@ -98,16 +62,16 @@ async fn mtls_requires_a_client_certificate_from_the_ca() {
 async fn asserted_identity_is_honoured_only_from_mtls_callers() {
     let forged = || with_jwt(http_check("GET", "/v1/search", &[]), &[("org_id", "acct_pro")]);
     let pki = Pki::new("trust-mtls");
-    let s = TestServer::start(&pki.config(true)).await;
-    let mut c = AuthorizationClient::new(pki.channel(&s, true).await.unwrap());
+    let s = TestServer::start(&config(&pki, true)).await;
+    let mut c = AuthorizationClient::new(channel(&pki, &s, true).await.unwrap());
     let a = Answer::of(c.check(forged()).await.unwrap().get_ref());
     assert!(a.allowed, "an mTLS peer (the proxy) may assert identity");
     assert_eq!(a.upstream_headers["x-tollgate-account"], "acct_pro");
     s.stop().await;
 
     let pki = Pki::new("trust-tls");
-    let s = TestServer::start(&pki.config(false)).await;
-    let mut c = AuthorizationClient::new(pki.channel(&s, false).await.unwrap());
+    let s = TestServer::start(&config(&pki, false)).await;
+    let mut c = AuthorizationClient::new(channel(&pki, &s, false).await.unwrap());
     let a = Answer::of(c.check(forged()).await.unwrap().get_ref());
     assert_eq!((a.http_status, a.code()), (401, "credentials_missing"), "a TLS peer without a certificate may not");
     s.stop().await;

