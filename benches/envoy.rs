@@ -50,16 +50,15 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use tollgate_testkit::bench::{self, API_KEY};
 use tollgate_testkit::envoy::{self, Envoy, Options};
-use tollgate_testkit::process::{TollgateProcess, free_addr};
+use tollgate_testkit::load::median;
+use tollgate_testkit::process::{KillOnDrop, TollgateProcess, free_addr, temp_dir, tool};
 use tollgate_testkit::redis::RedisServer;
-
-/// The bench account's API key.
-const KEY: &str = "bench-key-0123456789";
 /// What wrk asks for: a metered route of the demo config.
 const TARGET_PATH: &str = "/v1/search?q=x";
 
@@ -88,7 +87,7 @@ struct Args {
     /// Keep the work directory (wrk's raw output, logs) after a successful run.
     #[arg(long, env = "BENCH_KEEP", value_parser = clap::builder::BoolishValueParser::new())]
     keep: bool,
-    /// Set by `cargo bench`; without it (`cargo test --benches`) nothing runs.
+    /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
 }
@@ -141,32 +140,27 @@ type Fallible<T> = Result<T, String>;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let args = Args::parse();
-    if !args.bench {
-        println!("envoy bench: not run under `cargo test`; use `cargo bench --bench envoy` or scripts/bench-envoy.sh");
+    if !bench::measuring() {
+        println!("envoy bench: not a test; run `cargo bench --bench envoy` or scripts/bench-envoy.sh");
         return;
     }
-    if let Err(e) = run(args).await {
+    if let Err(e) = run(Args::parse()).await {
         eprintln!("bench-envoy: FAILED: {e}");
         std::process::exit(1);
     }
 }
 
 async fn run(args: Args) -> Fallible<()> {
-    let variants = args
-        .variants
-        .split([' ', ','])
-        .filter(|s| !s.is_empty())
-        .map(Variant::parse)
-        .collect::<Fallible<Vec<_>>>()?;
+    let variants =
+        args.variants.split([' ', ',']).filter(|s| !s.is_empty()).map(Variant::parse).collect::<Fallible<Vec<_>>>()?;
     if variants.is_empty() || args.rounds == 0 || args.duration == 0 {
         return Err("nothing to measure: give variants, --rounds ≥ 1 and --duration ≥ 1".into());
     }
-    let wrk = Wrk::find(args.connections)?;
+    let wrk = Wrk::find(args.connections);
     let helpers = Helpers::build()?;
     let started = Instant::now();
     let deadline = Duration::from_secs(args.deadline);
-    let mut work = WorkDir::new(args.keep)?;
+    let mut work = WorkDir::new(args.keep);
     let mut stack = Stack::start(&variants, &helpers, &work.path).await?;
     stack.check_wiring(&variants).await?;
     log(&format!("all variants ready and wired ({}s)", started.elapsed().as_secs()));
@@ -189,7 +183,11 @@ async fn run(args: Args) -> Fallible<()> {
                 }
                 stack.all_alive()?;
                 let before = measured.then(|| stack.cpu_sample());
-                let name = if measured { format!("wrk-{}-{round}.txt", v.id()) } else { format!("wrk-{}-{round}-warmup.txt", v.id()) };
+                let name = if measured {
+                    format!("wrk-{}-{round}.txt", v.id())
+                } else {
+                    format!("wrk-{}-{round}-warmup.txt", v.id())
+                };
                 let out = wrk.run(&url, secs, &work.path.join(name)).map_err(|e| format!("{}: {e}", v.id()))?;
                 *sent.entry(v).or_default() += out.requests;
                 let Some(before) = before else { continue };
@@ -273,21 +271,26 @@ impl Helpers {
     fn build() -> Fallible<Self> {
         log("building release binaries (examples/upstream, benches/noop_authz)");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
-        let out = Command::new(cargo)
+        let mut build = Command::new(cargo);
+        build
             .args(["build", "--release", "--locked", "--example", "upstream", "--bench", "noop_authz"])
             .args(["--message-format=json-render-diagnostics"])
             .current_dir(tollgate_testkit::repo_root())
-            // What cargo sets for the bench it runs would mark build scripts
-            // that read it (ring reads CARGO_MANIFEST_DIR) dirty: a rebuild.
-            .env_remove("CARGO_MANIFEST_DIR")
-            .env_remove("CARGO_MANIFEST_PATH")
-            .env_remove("CARGO_CRATE_NAME")
-            .env_remove("CARGO_PRIMARY_PACKAGE")
-            .env_remove("CARGO_TARGET_TMPDIR")
-            .env_remove("OUT_DIR")
-            .stderr(Stdio::inherit())
-            .output()
-            .map_err(|e| format!("cargo build: {e}"))?;
+            .stderr(Stdio::inherit());
+        // What cargo sets for the bench it runs would differ from a build
+        // started in a shell and mark build scripts that read it dirty (ring
+        // tracks CARGO_MANIFEST_DIR): everything above them would rebuild.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            let set_for_crate = name.starts_with("CARGO_PKG_")
+                || ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH", "CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE"]
+                    .contains(&name.as_ref())
+                || ["CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&name.as_ref());
+            if set_for_crate {
+                build.env_remove(name.as_ref());
+            }
+        }
+        let out = build.output().map_err(|e| format!("cargo build: {e}"))?;
         if !out.status.success() {
             return Err("cargo build failed".into());
         }
@@ -302,14 +305,18 @@ impl Helpers {
         let mut take = |kind: &str, name: &str| {
             found.remove(&(kind.to_owned(), name.to_owned())).ok_or_else(|| format!("cargo built no {kind} {name}"))
         };
-        Ok(Self { tollgate: env!("CARGO_BIN_EXE_tollgate").into(), upstream: take("example", "upstream")?, noop: take("bench", "noop_authz")? })
+        Ok(Self {
+            tollgate: env!("CARGO_BIN_EXE_tollgate").into(),
+            upstream: take("example", "upstream")?,
+            noop: take("bench", "noop_authz")?,
+        })
     }
 }
 
 /// A process this bench spawned itself (the app, the floor); killed on drop.
 struct Spawned {
     name: &'static str,
-    child: Child,
+    child: KillOnDrop,
     stderr: PathBuf,
 }
 
@@ -323,21 +330,18 @@ impl Spawned {
             .stderr(file)
             .spawn()
             .map_err(|e| format!("{name}: cannot start {}: {e}", exe.display()))?;
-        Ok(Self { name, child, stderr })
+        Ok(Self { name, child: KillOnDrop(child), stderr })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.0.id()
     }
 
     fn alive(&mut self) -> Fallible<()> {
-        match self.child.try_wait() {
+        match self.child.0.try_wait() {
             Ok(None) => Ok(()),
             _ => Err(format!("{} exited early: {}", self.name, tail(&self.stderr))),
         }
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -474,11 +478,15 @@ impl Stack {
     async fn check_wiring(&self, variants: &[Variant]) -> Fallible<()> {
         for &v in variants {
             let addr = self.envoys[&v].0.addr;
-            let with = envoy::request(addr, "GET", TARGET_PATH, &[("x-api-key", KEY)]).await.map_err(|e| e.to_string())?;
+            let with =
+                envoy::request(addr, "GET", TARGET_PATH, &[("x-api-key", API_KEY)]).await.map_err(|e| e.to_string())?;
             let without = envoy::request(addr, "GET", TARGET_PATH, &[]).await.map_err(|e| e.to_string())?;
             let id = v.id();
             if with.status != 200 {
-                return Err(format!("{id}: GET {TARGET_PATH} with the key answered {}: {:.500}", with.status, with.body));
+                return Err(format!(
+                    "{id}: GET {TARGET_PATH} with the key answered {}: {:.500}",
+                    with.status, with.body
+                ));
             }
             let told = with.body.lines().any(|l| l == "  x-tollgate-account: acct_bench");
             let (want_told, want_without) = match v {
@@ -521,13 +529,13 @@ impl Stack {
 
     /// Every process of ours with what it is in variant `v`'s run.
     fn roles(&self, v: Variant) -> Vec<(u32, Option<Role>)> {
-        let mut out = vec![(self.upstream.0.child.id(), Some(Role::Upstream))];
+        let mut out = vec![(self.upstream.0.pid(), Some(Role::Upstream))];
         let authz = |hit: bool| hit.then_some(Role::Authz);
         if let Some((s, _)) = &self.noop {
-            out.push((s.child.id(), authz(v == Variant::B)));
+            out.push((s.pid(), authz(v == Variant::B)));
         }
         if let Some((s, _)) = &self.noop_shaped {
-            out.push((s.child.id(), authz(v == Variant::BShaped)));
+            out.push((s.pid(), authz(v == Variant::BShaped)));
         }
         for w in [Variant::CMem, Variant::CRedis] {
             if let Some(t) = self.tollgate(w) {
@@ -542,8 +550,8 @@ impl Stack {
     }
 
     fn cpu_sample(&self) -> CpuSample {
-        let mut pids: Vec<u32> = vec![self.upstream.0.child.id()];
-        pids.extend([&self.noop, &self.noop_shaped].into_iter().flatten().map(|s| s.0.child.id()));
+        let mut pids: Vec<u32> = vec![self.upstream.0.pid()];
+        pids.extend([&self.noop, &self.noop_shaped].into_iter().flatten().map(|s| s.0.pid()));
         pids.extend([&self.tollgate_mem, &self.tollgate_redis].into_iter().flatten().map(|t| t.child.id()));
         pids.extend(self.redis_pid);
         pids.extend(self.envoys.values().map(|e| e.1));
@@ -555,7 +563,9 @@ impl Stack {
         let mut out = HashMap::new();
         for v in [Variant::CMem, Variant::CRedis] {
             let Some(t) = self.tollgate(v) else { continue };
-            let r = envoy::request(t.http, "GET", "/metrics", &[]).await.map_err(|e| format!("{}: /metrics: {e}", v.id()))?;
+            let r = envoy::request(t.http, "GET", "/metrics", &[])
+                .await
+                .map_err(|e| format!("{}: /metrics: {e}", v.id()))?;
             let n: f64 = r
                 .body
                 .lines()
@@ -582,9 +592,7 @@ impl Stack {
             let cluster = name.strip_prefix("cluster.").and_then(|n| n.strip_suffix(".upstream_rq_time"));
             // `cluster.app.upstream_rq_time`, not its `.internal`/`.external` splits.
             if let Some(cluster) = cluster.filter(|c| !c.contains('.')) {
-                let q = |p: &str| {
-                    percentile(value, p).map_or("?".to_owned(), |x| format!("{x:.1}"))
-                };
+                let q = |p: &str| percentile(value, p).map_or("?".to_owned(), |x| format!("{x:.1}"));
                 let cluster = if cluster == "tollgate" { "Check" } else { cluster };
                 hops.push(format!("{cluster} P50 {} ms, P99 {} ms", q("50"), q("99")));
             }
@@ -637,7 +645,7 @@ fn tollgate_config(backend: &str, grpc: SocketAddr, http: SocketAddr, redis_port
         "\nplans:\n",
         "\nplans:\n  bench:\n    features: [search]\n    quotas:\n      - { meter: requests, limit: 1000000000000, period: month }\n",
     );
-    sub("\naccounts:\n", &format!("\naccounts:\n  - {{ id: acct_bench, plan: bench, api_keys: [{KEY}] }}\n"));
+    sub("\naccounts:\n", &format!("\naccounts:\n  - {{ id: acct_bench, plan: bench, api_keys: [{API_KEY}] }}\n"));
     c
 }
 
@@ -672,7 +680,7 @@ fn envoy_version() -> String {
 
 /// wrk, with the connection count of every run.
 struct Wrk {
-    exe: String,
+    exe: PathBuf,
     connections: u32,
 }
 
@@ -687,12 +695,9 @@ struct WrkOutput {
 }
 
 impl Wrk {
-    fn find(connections: u32) -> Fallible<Self> {
-        let exe = std::env::var("WRK_BIN").unwrap_or_else(|_| "wrk".into());
-        match Command::new(&exe).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status() {
-            Ok(_) => Ok(Self { exe, connections }),
-            Err(_) => Err(format!("{exe} not found: run `scripts/tools.sh` (or `scripts/bench-envoy.sh`, which does)")),
-        }
+    /// `WRK_BIN`, else `wrk` on PATH, else in `.tools/bin` (`scripts/tools.sh` installs it there).
+    fn find(connections: u32) -> Self {
+        Self { exe: tool("WRK_BIN", "wrk"), connections }
     }
 
     /// `wrk -t1 -c<connections> -d<secs>s --latency` with the bench key, its
@@ -701,7 +706,7 @@ impl Wrk {
         let file = std::fs::File::create(out).map_err(|e| e.to_string())?;
         let mut child = Command::new(&self.exe)
             .args(["-t1", &format!("-c{}", self.connections), &format!("-d{secs}s"), "--latency"])
-            .args(["-H", &format!("x-api-key: {KEY}"), url])
+            .args(["-H", &format!("x-api-key: {API_KEY}"), url])
             .stdout(file.try_clone().map_err(|e| e.to_string())?)
             .stderr(file)
             .spawn()
@@ -892,19 +897,6 @@ struct Report<'a> {
     redis_keys: Option<String>,
 }
 
-/// The median (the mean of the middle two for an even count), as Python's `statistics.median`.
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    }
-}
-
 /// `12,345` (rounded to a whole number, thousands separated).
 fn thousands(x: f64) -> String {
     let digits = format!("{:.0}", x.abs());
@@ -1008,8 +1000,11 @@ impl Report<'_> {
             writeln!(o, "| {} | {cells} | {sum:.1} | {other:.2} | {:.0}% |", v.title(), busy * 100.0).unwrap();
         }
 
-        writeln!(o, "\nEnvoy's upstream_rq_time (cumulative over warm-ups and runs, coarse buckets) and non-zero counters:")
-            .unwrap();
+        writeln!(
+            o,
+            "\nEnvoy's upstream_rq_time (cumulative over warm-ups and runs, coarse buckets) and non-zero counters:"
+        )
+        .unwrap();
         for line in &self.hops {
             writeln!(o, "- {line}").unwrap();
         }
@@ -1030,10 +1025,8 @@ struct WorkDir {
 }
 
 impl WorkDir {
-    fn new(keep: bool) -> Fallible<Self> {
-        let path = std::env::temp_dir().join(format!("tollgate-bench-envoy-{}", std::process::id()));
-        std::fs::create_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(Self { path, keep, ok: false })
+    fn new(keep: bool) -> Self {
+        Self { path: temp_dir("bench-envoy"), keep, ok: false }
     }
 
     fn succeeded(&mut self) {
@@ -1050,4 +1043,3 @@ impl Drop for WorkDir {
         }
     }
 }
-
