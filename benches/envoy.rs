@@ -11,8 +11,8 @@
 //! ```
 //!
 //! ```text
-//! scripts/bench-envoy.sh [-- ARGS]           # installs wrk/Envoy/Redis when missing, then:
-//! cargo bench --bench envoy -- [ARGS]        # --help lists the knobs
+//! scripts/bench-envoy.sh [ARGS]              # installs wrk/Envoy/Redis when missing, then:
+//! cargo bench --bench envoy -- [ARGS]        # --help lists the knobs (also BENCH_* variables)
 //! ```
 //!
 //! Every Envoy is the test kit's ([`tollgate_testkit::envoy`]): its config comes
@@ -37,9 +37,9 @@
 //! for every request wrk completed). Fails when any variant answers more than
 //! 0.1% non-2xx or socket errors, or is not wired as claimed.
 //!
-//! Needs envoy (`ENVOY_BIN` or PATH), redis-server and redis-cli (PATH or
-//! `TOLLGATE_REDIS_SERVER`/`TOLLGATE_REDIS_CLI`) and wrk (`WRK_BIN` or PATH):
-//! `scripts/tools.sh` installs them into `.tools/`. All traffic stays on
+//! Needs envoy, redis-server, redis-cli and wrk, found as the kit finds tools
+//! (`ENVOY_BIN`, `TOLLGATE_REDIS_SERVER`, `TOLLGATE_REDIS_CLI`, `WRK_BIN`, else
+//! PATH, else `.tools/bin`, where `scripts/tools.sh` installs them). All traffic stays on
 //! 127.0.0.1; every wait and every load run is bounded, and the whole run after
 //! the build by `--deadline`.
 //!
@@ -59,10 +59,16 @@ use tollgate_testkit::envoy::{self, Envoy, Options};
 use tollgate_testkit::load::median;
 use tollgate_testkit::process::{KillOnDrop, TollgateProcess, free_addr, temp_dir, tool};
 use tollgate_testkit::redis::RedisServer;
+
+/// This package's root: the configs read and where cargo builds the helpers.
+/// Not the kit's `repo_root()`: with a target directory shared between
+/// checkouts, a fresh-looking kit may have been compiled in another one.
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// What wrk asks for: a metered route of the demo config.
 const TARGET_PATH: &str = "/v1/search?q=x";
 
-/// The knobs; each flag also reads the environment variable the old script read.
+/// The knobs; each flag also reads a `BENCH_*` variable (the names the shell
+/// version of this bench read).
 #[derive(Debug, Parser)]
 #[command(name = "envoy bench", about = "Load through a real Envoy: no ext_authz, a do-nothing ext_authz, tollgate")]
 struct Args {
@@ -156,68 +162,31 @@ async fn run(args: Args) -> Fallible<()> {
     if variants.is_empty() || args.rounds == 0 || args.duration == 0 {
         return Err("nothing to measure: give variants, --rounds ≥ 1 and --duration ≥ 1".into());
     }
-    let wrk = Wrk::find(args.connections);
     let helpers = Helpers::build()?;
     let started = Instant::now();
-    let deadline = Duration::from_secs(args.deadline);
     let mut work = WorkDir::new(args.keep);
     let mut stack = Stack::start(&variants, &helpers, &work.path).await?;
     stack.check_wiring(&variants).await?;
     log(&format!("all variants ready and wired ({}s)", started.elapsed().as_secs()));
 
     let allowed_before = stack.allowed().await?;
-    let mut sent: HashMap<Variant, u64> = HashMap::new();
-    let mut runs: BTreeMap<(Variant, usize), Run> = BTreeMap::new();
     let load_before = loadavg();
-    let clk = clock_ticks();
-    for round in 1..=args.rounds {
-        for &v in &variants {
-            let load1 = loadavg().split(' ').next().unwrap_or("?").to_owned();
-            let url = stack.url(v);
-            for (secs, measured) in [(args.warmup, false), (args.duration, true)] {
-                if secs == 0 {
-                    continue;
-                }
-                if started.elapsed() + Duration::from_secs(secs + 5) > deadline {
-                    return Err(format!("the run would exceed the deadline of {}s", args.deadline));
-                }
-                stack.all_alive()?;
-                let before = measured.then(|| stack.cpu_sample());
-                let name = if measured {
-                    format!("wrk-{}-{round}.txt", v.id())
-                } else {
-                    format!("wrk-{}-{round}-warmup.txt", v.id())
-                };
-                let out = wrk.run(&url, secs, &work.path.join(name)).map_err(|e| format!("{}: {e}", v.id()))?;
-                *sent.entry(v).or_default() += out.requests;
-                let Some(before) = before else { continue };
-                let cpu = stack.cpu_sample().since(&before, stack.roles(v));
-                log(&format!(
-                    "round {round} {}: {:.1} req/s, p99 {:.3} ms ({} requests, {} non-2xx, load1 {load1})",
-                    v.id(),
-                    out.rps,
-                    out.p99_ms,
-                    out.requests,
-                    out.non2xx
-                ));
-                runs.insert((v, round), Run { wrk: out, load1: load1.clone(), cpu });
-            }
-        }
-    }
+    let (runs, sent) = measure(&args, &variants, &mut stack, &work.path, started)?;
     let load_after = loadavg();
 
     // Every request through c-* was a Check that tollgate allowed (and so spent one counter).
     let allowed_after = stack.allowed().await?;
-    let mut spent = String::new();
+    let mut spent = Vec::new();
     for v in [Variant::CMem, Variant::CRedis] {
         let Some(&n_sent) = sent.get(&v) else { continue };
-        let n = allowed_after.get(&v).copied().unwrap_or(0) - allowed_before.get(&v).copied().unwrap_or(0);
-        write!(spent, "{}: {n} Checks allowed by tollgate for {n_sent} requests wrk completed; ", v.id()).unwrap();
+        let n =
+            allowed_after.get(&v).copied().unwrap_or(0).saturating_sub(allowed_before.get(&v).copied().unwrap_or(0));
+        spent.push(format!("{}: {n} Checks allowed by tollgate for {n_sent} requests wrk completed", v.id()));
         if n < n_sent {
             return Err(format!("{}: tollgate allowed {n} Checks but wrk completed {n_sent} requests", v.id()));
         }
     }
-    let redis_keys = stack.redis.as_ref().and_then(|r| r.cli(&["DBSIZE"])).map(|s| s.trim().to_owned());
+    spent.extend(stack.redis.as_ref().and_then(|r| r.cli(&["DBSIZE"])).map(|n| format!("Redis DBSIZE {}", n.trim())));
     let mut hops = Vec::new();
     for &v in &variants {
         hops.push(format!("{}: {}", v.id(), stack.envoy_view(v).await));
@@ -227,7 +196,7 @@ async fn run(args: Args) -> Fallible<()> {
         variants: &variants,
         rounds: args.rounds,
         runs: &runs,
-        clk,
+        clk: clock_ticks(),
         conditions: format!(
             "wrk -t1 -c{} -d{}s --latency (after a {}s warm-up per run), GET {TARGET_PATH} with x-api-key, {} rounds \
              interleaved {}; Envoy {} --concurrency 1 from deploy/envoy/envoy.yaml (its per-request access log \
@@ -244,12 +213,60 @@ async fn run(args: Args) -> Fallible<()> {
         load_after,
         hops,
         spent,
-        redis_keys,
     };
     print!("{}", report.render());
     drop(stack);
     work.succeeded();
     Ok(())
+}
+
+/// The interleaved rounds: per variant a warm-up, then a measured wrk run
+/// with /proc CPU samples around it. Returns the measured runs and, per
+/// variant, every request wrk completed (warm-ups included).
+fn measure(
+    args: &Args,
+    variants: &[Variant],
+    stack: &mut Stack,
+    work: &Path,
+    started: Instant,
+) -> Fallible<(Runs, HashMap<Variant, u64>)> {
+    let wrk = Wrk::find(args.connections);
+    let deadline = Duration::from_secs(args.deadline);
+    let mut runs = BTreeMap::new();
+    let mut sent: HashMap<Variant, u64> = HashMap::new();
+    for round in 1..=args.rounds {
+        for &v in variants {
+            let load1 = loadavg().split(' ').next().unwrap_or("?").to_owned();
+            let url = stack.url(v);
+            for (secs, measured) in [(args.warmup, false), (args.duration, true)] {
+                if secs == 0 {
+                    continue;
+                }
+                if started.elapsed() + Duration::from_secs(secs + 5) > deadline {
+                    return Err(format!("the run would exceed the deadline of {}s", args.deadline));
+                }
+                stack.all_alive()?;
+                let name = format!("wrk-{}-{round}{}.txt", v.id(), if measured { "" } else { "-warmup" });
+                let before = stack.cpu_sample();
+                let out = wrk.run(&url, secs, &work.join(name)).map_err(|e| format!("{}: {e}", v.id()))?;
+                let cpu = stack.cpu_sample().since(&before, stack.roles(v));
+                *sent.entry(v).or_default() += out.requests;
+                if !measured {
+                    continue;
+                }
+                log(&format!(
+                    "round {round} {}: {:.1} req/s, p99 {:.3} ms ({} requests, {} non-2xx, load1 {load1})",
+                    v.id(),
+                    out.rps,
+                    out.p99_ms,
+                    out.requests,
+                    out.non2xx
+                ));
+                runs.insert((v, round), Run { wrk: out, load1: load1.clone(), cpu });
+            }
+        }
+    }
+    Ok((runs, sent))
 }
 
 fn log(msg: &str) {
@@ -275,7 +292,8 @@ impl Helpers {
         build
             .args(["build", "--release", "--locked", "--example", "upstream", "--bench", "noop_authz"])
             .args(["--message-format=json-render-diagnostics"])
-            .current_dir(tollgate_testkit::repo_root())
+            .arg("--manifest-path")
+            .arg(Path::new(ROOT).join("Cargo.toml"))
             .stderr(Stdio::inherit());
         // What cargo sets for the bench it runs would differ from a build
         // started in a shell and mark build scripts that read it dirty (ring
@@ -632,7 +650,7 @@ async fn new_child<T>(start: impl Future<Output = T>) -> Fallible<(T, u32)> {
 /// tollgate's config: `config/demo.yaml` with our ports, `backend`, and a
 /// `bench` plan and account.
 fn tollgate_config(backend: &str, grpc: SocketAddr, http: SocketAddr, redis_port: u16) -> String {
-    let mut c = std::fs::read_to_string(tollgate_testkit::repo_root().join("config/demo.yaml")).unwrap();
+    let mut c = std::fs::read_to_string(Path::new(ROOT).join("config/demo.yaml")).unwrap();
     let mut sub = |old: &str, new: &str| {
         assert_eq!(c.matches(old).count(), 1, "config/demo.yaml changed: {old:?} not found exactly once");
         c = c.replace(old, new);
@@ -653,7 +671,9 @@ fn tollgate_config(backend: &str, grpc: SocketAddr, http: SocketAddr, redis_port
 /// the shipped health-check interval (the kit shortens it for tests); variant a
 /// without the ext_authz filter.
 fn envoy_config(v: Variant, authz: SocketAddr, upstream: SocketAddr) -> Fallible<String> {
-    let mut c = envoy::config_from("deploy/envoy/envoy.yaml", authz, upstream, Options::default());
+    // An absolute path, which the kit's `root.join(file)` keeps.
+    let shipped = Path::new(ROOT).join("deploy/envoy/envoy.yaml");
+    let mut c = envoy::config_from(&shipped.to_string_lossy(), authz, upstream, Options::default());
     if c.matches("interval: 0.2s").count() != 1 {
         return Err("the kit's Envoy config no longer sets `interval: 0.2s` once".into());
     }
@@ -685,7 +705,7 @@ struct Wrk {
 }
 
 /// What one wrk run reports.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 struct WrkOutput {
     rps: f64,
     p99_ms: f64,
@@ -877,6 +897,9 @@ impl CpuSample {
 
 // ---------------------------------------------------------------- the report
 
+/// The measured runs by variant and round (from 1).
+type Runs = BTreeMap<(Variant, usize), Run>;
+
 /// One measured run.
 struct Run {
     wrk: WrkOutput,
@@ -887,14 +910,14 @@ struct Run {
 struct Report<'a> {
     variants: &'a [Variant],
     rounds: usize,
-    runs: &'a BTreeMap<(Variant, usize), Run>,
+    runs: &'a Runs,
     clk: u64,
     conditions: String,
     load_before: String,
     load_after: String,
     hops: Vec<String>,
-    spent: String,
-    redis_keys: Option<String>,
+    /// Allowed Checks against completed requests, and Redis's key count.
+    spent: Vec<String>,
 }
 
 /// `12,345` (rounded to a whole number, thousands separated).
@@ -1008,8 +1031,7 @@ impl Report<'_> {
         for line in &self.hops {
             writeln!(o, "- {line}").unwrap();
         }
-        let keys = self.redis_keys.as_deref().map_or(String::new(), |k| format!("Redis DBSIZE {k}."));
-        writeln!(o, "\nSpend check: {}{keys}", self.spent).unwrap();
+        writeln!(o, "\nSpend check: {}.", self.spent.join("; ")).unwrap();
         o
     }
 }
