@@ -150,9 +150,19 @@ async fn main() {
         println!("envoy bench: not a test; run `cargo bench --bench envoy` or scripts/bench-envoy.sh");
         return;
     }
-    if let Err(e) = run(Args::parse()).await {
+    // A signal drops `run`'s future, and with it every process it started
+    // (each waits asynchronously, so none holds the signal up for long).
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).expect("a SIGINT handler");
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+    let (outcome, code) = tokio::select! {
+        r = run(Args::parse()) => (r, 1),
+        _ = int.recv() => (Err("interrupted (SIGINT)".to_owned()), 130),
+        _ = term.recv() => (Err("interrupted (SIGTERM)".to_owned()), 143),
+    };
+    if let Err(e) = outcome {
         eprintln!("bench-envoy: FAILED: {e}");
-        std::process::exit(1);
+        std::process::exit(code);
     }
 }
 
@@ -162,16 +172,16 @@ async fn run(args: Args) -> Fallible<()> {
     if variants.is_empty() || args.rounds == 0 || args.duration == 0 {
         return Err("nothing to measure: give variants, --rounds ≥ 1 and --duration ≥ 1".into());
     }
-    let helpers = Helpers::build()?;
-    let started = Instant::now();
     let mut work = WorkDir::new(args.keep);
+    let helpers = Helpers::build(&work.path).await?;
+    let started = Instant::now();
     let mut stack = Stack::start(&variants, &helpers, &work.path).await?;
     stack.check_wiring(&variants).await?;
     log(&format!("all variants ready and wired ({}s)", started.elapsed().as_secs()));
 
     let allowed_before = stack.allowed().await?;
     let load_before = loadavg();
-    let (runs, sent) = measure(&args, &variants, &mut stack, &work.path, started)?;
+    let (runs, sent) = measure(&args, &variants, &mut stack, &work.path, started).await?;
     let load_after = loadavg();
 
     // Every request through c-* was a Check that tollgate allowed (and so spent one counter).
@@ -223,7 +233,7 @@ async fn run(args: Args) -> Fallible<()> {
 /// The interleaved rounds: per variant a warm-up, then a measured wrk run
 /// with /proc CPU samples around it. Returns the measured runs and, per
 /// variant, every request wrk completed (warm-ups included).
-fn measure(
+async fn measure(
     args: &Args,
     variants: &[Variant],
     stack: &mut Stack,
@@ -248,7 +258,7 @@ fn measure(
                 stack.all_alive()?;
                 let name = format!("wrk-{}-{round}{}.txt", v.id(), if measured { "" } else { "-warmup" });
                 let before = stack.cpu_sample();
-                let out = wrk.run(&url, secs, &work.join(name)).map_err(|e| format!("{}: {e}", v.id()))?;
+                let out = wrk.run(&url, secs, &work.join(name)).await.map_err(|e| format!("{}: {e}", v.id()))?;
                 let cpu = stack.cpu_sample().since(&before, stack.roles(v));
                 *sent.entry(v).or_default() += out.requests;
                 if !measured {
@@ -285,7 +295,7 @@ struct Helpers {
 impl Helpers {
     /// `cargo build --release` of the app and the floor server (the tollgate
     /// binary is built by `cargo bench` itself); their paths from cargo's JSON.
-    fn build() -> Fallible<Self> {
+    async fn build(work: &Path) -> Fallible<Self> {
         log("building release binaries (examples/upstream, benches/noop_authz)");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
         let mut build = Command::new(cargo);
@@ -294,6 +304,7 @@ impl Helpers {
             .args(["--message-format=json-render-diagnostics"])
             .arg("--manifest-path")
             .arg(Path::new(ROOT).join("Cargo.toml"))
+            .stdout(create(&work.join("cargo-build.json"))?)
             .stderr(Stdio::inherit());
         // What cargo sets for the bench it runs would differ from a build
         // started in a shell and mark build scripts that read it dirty (ring
@@ -308,12 +319,12 @@ impl Helpers {
                 build.env_remove(name.as_ref());
             }
         }
-        let out = build.output().map_err(|e| format!("cargo build: {e}"))?;
-        if !out.status.success() {
+        let mut cargo = KillOnDrop(build.spawn().map_err(|e| format!("cargo build: {e}"))?);
+        if !wait_child("cargo build", &mut cargo, Duration::from_secs(1200)).await?.success() {
             return Err("cargo build failed".into());
         }
         let mut found: HashMap<(String, String), PathBuf> = HashMap::new();
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
+        for line in std::fs::read_to_string(work.join("cargo-build.json")).unwrap_or_default().lines() {
             let Ok(m) = serde_json::from_str::<serde_json::Value>(line) else { continue };
             let (Some(exe), Some(name)) = (m["executable"].as_str(), m["target"]["name"].as_str()) else { continue };
             for kind in m["target"]["kind"].as_array().into_iter().flatten().filter_map(|k| k.as_str()) {
@@ -341,11 +352,10 @@ struct Spawned {
 impl Spawned {
     fn start(name: &'static str, exe: &Path, args: &[&str], work: &Path) -> Fallible<Self> {
         let stderr = work.join(format!("{name}.err"));
-        let file = std::fs::File::create(&stderr).map_err(|e| format!("{}: {e}", stderr.display()))?;
         let child = Command::new(exe)
             .args(args)
             .stdout(Stdio::null())
-            .stderr(file)
+            .stderr(create(&stderr)?)
             .spawn()
             .map_err(|e| format!("{name}: cannot start {}: {e}", exe.display()))?;
         Ok(Self { name, child: KillOnDrop(child), stderr })
@@ -368,6 +378,26 @@ fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// A new file for a child's output.
+fn create(path: &Path) -> Fallible<std::fs::File> {
+    std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Waits for `child` at most `within` without blocking the runtime (a
+/// signal can cancel the wait; the child dies with its guard).
+async fn wait_child(what: &str, child: &mut KillOnDrop, within: Duration) -> Fallible<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.0.try_wait().map_err(|e| e.to_string())? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{what} did not finish within {}s", within.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// What a process does in a variant's run, for the CPU table.
@@ -423,14 +453,17 @@ impl Stack {
             let (redis, pid) = new_child(async { RedisServer::start() }).await?;
             let port = redis.port;
             let p = TollgateProcess::start(tollgate, &[], |g, h| tollgate_config("redis", g, h, port)).await;
+            let log = work.join("seed.out");
             let seed = Command::new(tollgate)
                 .args(["seed", "--config"])
                 .arg(&p.file)
                 .env_remove("TOLLGATE_REDIS_URL")
-                .output()
+                .stdout(create(&log)?)
+                .stderr(create(&log)?)
+                .spawn()
                 .map_err(|e| format!("tollgate seed: {e}"))?;
-            if !seed.status.success() {
-                return Err(format!("tollgate seed failed: {}", String::from_utf8_lossy(&seed.stderr)));
+            if !wait_child("tollgate seed", &mut KillOnDrop(seed), Duration::from_secs(30)).await?.success() {
+                return Err(format!("tollgate seed failed: {}", tail(&log)));
             }
             (stack.redis, stack.redis_pid, stack.tollgate_redis) = (Some(redis), Some(pid), Some(p));
         }
@@ -722,27 +755,16 @@ impl Wrk {
 
     /// `wrk -t1 -c<connections> -d<secs>s --latency` with the bench key, its
     /// output saved in `out`; fails on more than 0.1% non-2xx or socket errors.
-    fn run(&self, url: &str, secs: u64, out: &Path) -> Fallible<WrkOutput> {
-        let file = std::fs::File::create(out).map_err(|e| e.to_string())?;
-        let mut child = Command::new(&self.exe)
+    async fn run(&self, url: &str, secs: u64, out: &Path) -> Fallible<WrkOutput> {
+        let file = create(out)?;
+        let child = Command::new(&self.exe)
             .args(["-t1", &format!("-c{}", self.connections), &format!("-d{secs}s"), "--latency"])
             .args(["-H", &format!("x-api-key: {API_KEY}"), url])
             .stdout(file.try_clone().map_err(|e| e.to_string())?)
             .stderr(file)
             .spawn()
             .map_err(|e| format!("wrk: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(secs + 20);
-        let status = loop {
-            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("wrk did not finish within {}s", secs + 20));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let status = wait_child("wrk", &mut KillOnDrop(child), Duration::from_secs(secs + 20)).await?;
         let text = std::fs::read_to_string(out).unwrap_or_default();
         if !status.success() {
             return Err(format!("wrk failed: {text}"));
