@@ -4,15 +4,13 @@
 //! No I/O and no clock reads: `now` is fixed, the store's answer is built once.
 //! Run with `cargo bench --bench decision`.
 
-use std::collections::HashMap;
 use std::hint::black_box;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use criterion::Criterion;
 use tollgate::config::{Config, DEMO_CONFIG};
-use tollgate::decision::{self, Caller, Code, Decision, Policy, Step, Target, Unmatched, Verdict};
-use tollgate::entitlement::{Account, Period, Plan, Quota, Window};
+use tollgate::decision::{self, Caller, Code, Decision, Policy, Step, Target, Verdict};
+use tollgate::entitlement::{Account, Period, Window};
 use tollgate::problem::{self, Context};
 use tollgate::usage::{QuotaUsage, SpendAnswer};
 
@@ -25,25 +23,9 @@ fn now() -> DateTime<Utc> {
     "2026-11-22T12:00:00Z".parse().expect("timestamp")
 }
 
-/// The demo's plans, built from the domain types: free has a month quota and a 1s rate quota.
-fn policy() -> Policy {
-    let month = |limit| Quota { meter: "requests".into(), limit, window: Window::Calendar(Period::Month) };
-    let per_second = |limit| Quota { meter: "requests".into(), limit, window: Window::Rolling(Duration::from_secs(1)) };
-    let plan = |name: &str, features: &[&str], quotas: Vec<Quota>, prepaid| Plan {
-        name: name.into(),
-        features: features.iter().map(|f| f.to_string()).collect(),
-        quotas,
-        prepaid,
-    };
-    let plans: HashMap<String, Plan> = [
-        plan("free", &["search"], vec![month(1000), per_second(10)], false),
-        plan("pro", &["search", "export", "ai"], vec![month(1_000_000)], false),
-        plan("payg", &["search", "ai"], vec![], true),
-    ]
-    .into_iter()
-    .map(|p| (p.name.clone(), p))
-    .collect();
-    Policy { plans, grace_period: Duration::from_secs(72 * 3600), unmatched: Unmatched::Deny }
+/// The demo config (`config/demo.yaml`): its free plan has a month quota (1,000) and a 1s rate quota (10).
+fn demo() -> Config {
+    Config::parse(DEMO_CONFIG, "<demo>").expect("demo config")
 }
 
 fn free_account() -> Account {
@@ -77,12 +59,14 @@ fn decide(policy: &Policy, target: Target<'_>, account: &Account, answer: &Spend
 }
 
 fn bench_decision(c: &mut Criterion) {
-    let policy = policy();
+    let policy = demo().policy;
     let account = free_account();
     let allowed = answer(42, false);
     let t = now();
 
-    // Sanity: the cases are what their names say.
+    // Sanity: the free plan is the month + rate pair `answer` speaks for, and the cases are what their names say.
+    let windows: Vec<&Window> = policy.plans["free"].quotas.iter().map(|q| &q.window).collect();
+    assert!(matches!(windows[..], [Window::Calendar(Period::Month), Window::Rolling(_)]), "{windows:?}");
     assert_eq!(decide(&policy, SEARCH, &account, &allowed).verdict, Verdict::Allow(decision::AllowKind::Allowed));
     assert_eq!(decide(&policy, AI, &account, &allowed).verdict, Verdict::Deny(Code::FeatureNotInPlan));
 
@@ -128,7 +112,7 @@ fn bench_decision(c: &mut Criterion) {
 }
 
 fn bench_render(c: &mut Criterion) {
-    let config = Config::parse(DEMO_CONFIG, "<demo>").expect("demo config");
+    let config = demo();
     let account = free_account();
     let exhausted = decide(&config.policy, SEARCH, &account, &answer(1000, true));
     assert_eq!(exhausted.verdict, Verdict::Deny(Code::QuotaExhausted));
