@@ -309,13 +309,17 @@ impl Helpers {
         // What cargo sets for the bench it runs would differ from a build
         // started in a shell and mark build scripts that read it dirty (ring
         // tracks CARGO_MANIFEST_DIR): everything above them would rebuild.
+        const SET_FOR_THIS_BENCH: [&str; 6] = [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_CRATE_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "OUT_DIR",
+        ];
         for (name, _) in std::env::vars_os() {
             let name = name.to_string_lossy();
-            let set_for_crate = name.starts_with("CARGO_PKG_")
-                || ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH", "CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE"]
-                    .contains(&name.as_ref())
-                || ["CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&name.as_ref());
-            if set_for_crate {
+            if name.starts_with("CARGO_PKG_") || SET_FOR_THIS_BENCH.contains(&name.as_ref()) {
                 build.env_remove(name.as_ref());
             }
         }
