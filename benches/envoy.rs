@@ -1,0 +1,1093 @@
+//! End-to-end load through a real Envoy (a bench, not a test): what does
+//! putting tollgate in front of an API cost, compared with no ext_authz at all
+//! and with an ext_authz server that does nothing?
+//!
+//! ```text
+//! a         Envoy -> app                        (deploy/envoy/envoy.yaml without ext_authz)
+//! b         Envoy -Check-> noop_authz -> app    (benches/noop_authz.rs: every Check OK; the floor)
+//! b-shaped  Envoy -Check-> noop_authz --shaped  (opt-in: tollgate's allow answer, nothing decided)
+//! c-mem     Envoy -Check-> tollgate (memory store) -> app
+//! c-redis   Envoy -Check-> tollgate (Redis store) -> app
+//! ```
+//!
+//! ```text
+//! scripts/bench-envoy.sh [ARGS]              # installs wrk/Envoy/Redis when missing, then:
+//! cargo bench --bench envoy -- [ARGS]        # --help lists the knobs (also BENCH_* variables)
+//! ```
+//!
+//! Every Envoy is the test kit's ([`tollgate_testkit::envoy`]): its config comes
+//! from `deploy/envoy/envoy.yaml` through `config_from` (ports rewritten, all on
+//! 127.0.0.1; the health-check interval put back to the shipped 5 s), it runs
+//! with `--concurrency 1 --disable-hot-restart`, and its per-request access log
+//! goes to /dev/null (it costs the same in every variant). The app is
+//! `examples/upstream.rs` and the floor `benches/noop_authz.rs`, built here with
+//! `cargo build --release` and run as processes, as is the tollgate binary:
+//! `config/demo.yaml` plus a `bench` plan (a month quota of 10^12, no rate quota)
+//! and one account, so every request is allowed and spends one counter.
+//!
+//! Load: `wrk -t1 -c32 -d10s --latency` on `GET /v1/search?q=x` with the bench
+//! account's `x-api-key`, variants interleaved (a, b, c-mem, c-redis, then
+//! again), each run preceded by a 2 s warm-up. Prints markdown: req/s and p99 per
+//! round and their medians; the ratios c/b and c/a against the targets (memory
+//! ≥ 0.9 b, Redis ≥ 0.8 b); the conditions (cores, load average); CPU per
+//! request of each process from /proc (with Envoy on one worker, Envoy's CPU per
+//! request bounds the throughput when that worker is saturated) and the CPU
+//! used by processes that are not ours; Envoy's view of both hops and its
+//! non-2xx and ext_authz counters; and a spend check (tollgate allowed a Check
+//! for every request wrk completed). Fails when any variant answers more than
+//! 0.1% non-2xx or socket errors, or is not wired as claimed.
+//!
+//! Needs envoy, redis-server, redis-cli and wrk, found as the kit finds tools
+//! (`ENVOY_BIN`, `TOLLGATE_REDIS_SERVER`, `TOLLGATE_REDIS_CLI`, `WRK_BIN`, else
+//! PATH, else `.tools/bin`, where `scripts/tools.sh` installs them). All traffic stays on
+//! 127.0.0.1; every wait and every load run is bounded, and the whole run after
+//! the build by `--deadline`.
+//!
+//! Under `cargo test --benches` (no `--bench` argument) it prints a hint and
+//! exits, as it needs minutes and external tools.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use tollgate_testkit::bench::{self, API_KEY};
+use tollgate_testkit::envoy::{self, Envoy, Options};
+use tollgate_testkit::load::median;
+use tollgate_testkit::process::{KillOnDrop, TollgateProcess, free_addr, temp_dir, tool};
+use tollgate_testkit::redis::RedisServer;
+
+/// This package's root: the configs read and where cargo builds the helpers.
+/// Not the kit's `repo_root()`: with a target directory shared between
+/// checkouts, a fresh-looking kit may have been compiled in another one.
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+/// What wrk asks for: a metered route of the demo config.
+const TARGET_PATH: &str = "/v1/search?q=x";
+
+/// The knobs; each flag also reads a `BENCH_*` variable (the names the shell
+/// version of this bench read).
+#[derive(Debug, Parser)]
+#[command(name = "envoy bench", about = "Load through a real Envoy: no ext_authz, a do-nothing ext_authz, tollgate")]
+struct Args {
+    /// Variants in run order, separated by spaces or commas: a, b, b-shaped, c-mem, c-redis.
+    #[arg(long, env = "BENCH_VARIANTS", default_value = "a b c-mem c-redis")]
+    variants: String,
+    /// Rounds of all variants, interleaved.
+    #[arg(long, env = "BENCH_ROUNDS", default_value_t = 2)]
+    rounds: usize,
+    /// Seconds of each measured wrk run.
+    #[arg(long, env = "BENCH_DURATION", default_value_t = 10)]
+    duration: u64,
+    /// Seconds of the unmeasured wrk run before each measured one.
+    #[arg(long, env = "BENCH_WARMUP", default_value_t = 2)]
+    warmup: u64,
+    /// wrk's connections (`-c`).
+    #[arg(long, env = "BENCH_CONNECTIONS", default_value_t = 32)]
+    connections: u32,
+    /// Seconds for everything after the build; a run that would pass it fails instead.
+    #[arg(long, env = "BENCH_DEADLINE", default_value_t = 290)]
+    deadline: u64,
+    /// Keep the work directory (wrk's raw output, logs) after a successful run.
+    #[arg(long, env = "BENCH_KEEP", value_parser = clap::builder::BoolishValueParser::new())]
+    keep: bool,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// One way of putting Envoy in front of the app.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Variant {
+    A,
+    B,
+    BShaped,
+    CMem,
+    CRedis,
+}
+
+impl Variant {
+    fn parse(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "a" => Self::A,
+            "b" => Self::B,
+            "b-shaped" => Self::BShaped,
+            "c-mem" => Self::CMem,
+            "c-redis" => Self::CRedis,
+            _ => return Err(format!("unknown variant {s} (a, b, b-shaped, c-mem, c-redis)")),
+        })
+    }
+
+    fn id(self) -> &'static str {
+        match self {
+            Self::A => "a",
+            Self::B => "b",
+            Self::BShaped => "b-shaped",
+            Self::CMem => "c-mem",
+            Self::CRedis => "c-redis",
+        }
+    }
+
+    /// The row title in the tables.
+    fn title(self) -> &'static str {
+        match self {
+            Self::A => "a: no ext_authz",
+            Self::B => "b: noop ext_authz (floor)",
+            Self::BShaped => "b-shaped: noop, tollgate-shaped answer",
+            Self::CMem => "c: tollgate, memory store",
+            Self::CRedis => "c: tollgate, Redis store",
+        }
+    }
+}
+
+type Fallible<T> = Result<T, String>;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    if !bench::measuring() {
+        println!("envoy bench: not a test; run `cargo bench --bench envoy` or scripts/bench-envoy.sh");
+        return;
+    }
+    // A signal drops `run`'s future, and with it every process it started
+    // (each waits asynchronously, so none holds the signal up for long).
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).expect("a SIGINT handler");
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+    let (outcome, code) = tokio::select! {
+        r = run(Args::parse()) => (r, 1),
+        _ = int.recv() => (Err("interrupted (SIGINT)".to_owned()), 130),
+        _ = term.recv() => (Err("interrupted (SIGTERM)".to_owned()), 143),
+    };
+    if let Err(e) = outcome {
+        eprintln!("bench-envoy: FAILED: {e}");
+        std::process::exit(code);
+    }
+}
+
+async fn run(args: Args) -> Fallible<()> {
+    let variants =
+        args.variants.split([' ', ',']).filter(|s| !s.is_empty()).map(Variant::parse).collect::<Fallible<Vec<_>>>()?;
+    if variants.is_empty() || args.rounds == 0 || args.duration == 0 {
+        return Err("nothing to measure: give variants, --rounds ≥ 1 and --duration ≥ 1".into());
+    }
+    let mut work = WorkDir::new(args.keep);
+    let helpers = Helpers::build(&work.path).await?;
+    let started = Instant::now();
+    let mut stack = Stack::start(&variants, &helpers, &work.path).await?;
+    stack.check_wiring(&variants).await?;
+    log(&format!("all variants ready and wired ({}s)", started.elapsed().as_secs()));
+
+    let allowed_before = stack.allowed().await?;
+    let load_before = loadavg();
+    let (runs, sent) = measure(&args, &variants, &mut stack, &work.path, started).await?;
+    let load_after = loadavg();
+
+    // Every request through c-* was a Check that tollgate allowed (and so spent one counter).
+    let allowed_after = stack.allowed().await?;
+    let mut spent = Vec::new();
+    for v in [Variant::CMem, Variant::CRedis] {
+        let Some(&n_sent) = sent.get(&v) else { continue };
+        let n =
+            allowed_after.get(&v).copied().unwrap_or(0).saturating_sub(allowed_before.get(&v).copied().unwrap_or(0));
+        spent.push(format!("{}: {n} Checks allowed by tollgate for {n_sent} requests wrk completed", v.id()));
+        if n < n_sent {
+            return Err(format!("{}: tollgate allowed {n} Checks but wrk completed {n_sent} requests", v.id()));
+        }
+    }
+    spent.extend(stack.redis.as_ref().and_then(|r| r.cli(&["DBSIZE"])).map(|n| format!("Redis DBSIZE {}", n.trim())));
+    let mut hops = Vec::new();
+    for &v in &variants {
+        hops.push(format!("{}: {}", v.id(), stack.envoy_view(v).await));
+    }
+
+    let report = Report {
+        variants: &variants,
+        rounds: args.rounds,
+        runs: &runs,
+        clk: clock_ticks(),
+        conditions: format!(
+            "wrk -t1 -c{} -d{}s --latency (after a {}s warm-up per run), GET {TARGET_PATH} with x-api-key, {} rounds \
+             interleaved {}; Envoy {} --concurrency 1 from deploy/envoy/envoy.yaml (its per-request access log \
+             written to /dev/null); wrk, Envoy, tollgate, noop_authz, redis-server and the upstream all on this \
+             machine, on 127.0.0.1",
+            args.connections,
+            args.duration,
+            args.warmup,
+            args.rounds,
+            variants.iter().map(|v| v.id()).collect::<Vec<_>>().join(" "),
+            envoy_version(),
+        ),
+        load_before,
+        load_after,
+        hops,
+        spent,
+    };
+    print!("{}", report.render());
+    drop(stack);
+    work.succeeded();
+    Ok(())
+}
+
+/// The interleaved rounds: per variant a warm-up, then a measured wrk run
+/// with /proc CPU samples around it. Returns the measured runs and, per
+/// variant, every request wrk completed (warm-ups included).
+async fn measure(
+    args: &Args,
+    variants: &[Variant],
+    stack: &mut Stack,
+    work: &Path,
+    started: Instant,
+) -> Fallible<(Runs, HashMap<Variant, u64>)> {
+    let wrk = Wrk::find(args.connections);
+    let deadline = Duration::from_secs(args.deadline);
+    let mut runs = BTreeMap::new();
+    let mut sent: HashMap<Variant, u64> = HashMap::new();
+    for round in 1..=args.rounds {
+        for &v in variants {
+            let load1 = loadavg().split(' ').next().unwrap_or("?").to_owned();
+            let url = stack.url(v);
+            for (secs, measured) in [(args.warmup, false), (args.duration, true)] {
+                if secs == 0 {
+                    continue;
+                }
+                if started.elapsed() + Duration::from_secs(secs + 5) > deadline {
+                    return Err(format!("the run would exceed the deadline of {}s", args.deadline));
+                }
+                stack.all_alive()?;
+                let name = format!("wrk-{}-{round}{}.txt", v.id(), if measured { "" } else { "-warmup" });
+                let before = stack.cpu_sample();
+                let out = wrk.run(&url, secs, &work.join(name)).await.map_err(|e| format!("{}: {e}", v.id()))?;
+                let cpu = stack.cpu_sample().since(&before, stack.roles(v));
+                *sent.entry(v).or_default() += out.requests;
+                if !measured {
+                    continue;
+                }
+                log(&format!(
+                    "round {round} {}: {:.1} req/s, p99 {:.3} ms ({} requests, {} non-2xx, load1 {load1})",
+                    v.id(),
+                    out.rps,
+                    out.p99_ms,
+                    out.requests,
+                    out.non2xx
+                ));
+                runs.insert((v, round), Run { wrk: out, load1: load1.clone(), cpu });
+            }
+        }
+    }
+    Ok((runs, sent))
+}
+
+fn log(msg: &str) {
+    eprintln!("bench-envoy: {msg}");
+}
+
+// ---------------------------------------------------------------- the processes
+
+/// The built executables the kit does not start itself.
+struct Helpers {
+    tollgate: PathBuf,
+    upstream: PathBuf,
+    noop: PathBuf,
+}
+
+impl Helpers {
+    /// `cargo build --release` of the app and the floor server (the tollgate
+    /// binary is built by `cargo bench` itself); their paths from cargo's JSON.
+    async fn build(work: &Path) -> Fallible<Self> {
+        log("building release binaries (examples/upstream, benches/noop_authz)");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
+        let mut build = Command::new(cargo);
+        build
+            .args(["build", "--release", "--locked", "--example", "upstream", "--bench", "noop_authz"])
+            .args(["--message-format=json-render-diagnostics"])
+            .arg("--manifest-path")
+            .arg(Path::new(ROOT).join("Cargo.toml"))
+            .stdout(create(&work.join("cargo-build.json"))?)
+            .stderr(Stdio::inherit());
+        // What cargo sets for the bench it runs would differ from a build
+        // started in a shell and mark build scripts that read it dirty (ring
+        // tracks CARGO_MANIFEST_DIR): everything above them would rebuild.
+        const SET_FOR_THIS_BENCH: [&str; 6] = [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_CRATE_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "OUT_DIR",
+        ];
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_") || SET_FOR_THIS_BENCH.contains(&name.as_ref()) {
+                build.env_remove(name.as_ref());
+            }
+        }
+        let mut cargo = KillOnDrop(build.spawn().map_err(|e| format!("cargo build: {e}"))?);
+        if !wait_child("cargo build", &mut cargo, Duration::from_secs(1200)).await?.success() {
+            return Err("cargo build failed".into());
+        }
+        let mut found: HashMap<(String, String), PathBuf> = HashMap::new();
+        for line in std::fs::read_to_string(work.join("cargo-build.json")).unwrap_or_default().lines() {
+            let Ok(m) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            let (Some(exe), Some(name)) = (m["executable"].as_str(), m["target"]["name"].as_str()) else { continue };
+            for kind in m["target"]["kind"].as_array().into_iter().flatten().filter_map(|k| k.as_str()) {
+                found.insert((kind.to_owned(), name.to_owned()), PathBuf::from(exe));
+            }
+        }
+        let mut take = |kind: &str, name: &str| {
+            found.remove(&(kind.to_owned(), name.to_owned())).ok_or_else(|| format!("cargo built no {kind} {name}"))
+        };
+        Ok(Self {
+            tollgate: env!("CARGO_BIN_EXE_tollgate").into(),
+            upstream: take("example", "upstream")?,
+            noop: take("bench", "noop_authz")?,
+        })
+    }
+}
+
+/// A process this bench spawned itself (the app, the floor); killed on drop.
+struct Spawned {
+    name: &'static str,
+    child: KillOnDrop,
+    stderr: PathBuf,
+}
+
+impl Spawned {
+    fn start(name: &'static str, exe: &Path, args: &[&str], work: &Path) -> Fallible<Self> {
+        let stderr = work.join(format!("{name}.err"));
+        let child = Command::new(exe)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(create(&stderr)?)
+            .spawn()
+            .map_err(|e| format!("{name}: cannot start {}: {e}", exe.display()))?;
+        Ok(Self { name, child: KillOnDrop(child), stderr })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    fn alive(&mut self) -> Fallible<()> {
+        match self.child.0.try_wait() {
+            Ok(None) => Ok(()),
+            _ => Err(format!("{} exited early: {}", self.name, tail(&self.stderr))),
+        }
+    }
+}
+
+/// The last lines of a log file.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// A new file for a child's output.
+fn create(path: &Path) -> Fallible<std::fs::File> {
+    std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Waits for `child` at most `within` without blocking the runtime (a
+/// signal can cancel the wait; the child dies with its guard).
+async fn wait_child(what: &str, child: &mut KillOnDrop, within: Duration) -> Fallible<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.0.try_wait().map_err(|e| e.to_string())? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{what} did not finish within {}s", within.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What a process does in a variant's run, for the CPU table.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Envoy,
+    Authz,
+    Upstream,
+    Redis,
+}
+
+/// Everything the variants need, started once and shared by all rounds.
+struct Stack {
+    upstream: (Spawned, SocketAddr),
+    noop: Option<(Spawned, SocketAddr)>,
+    noop_shaped: Option<(Spawned, SocketAddr)>,
+    redis: Option<RedisServer>,
+    redis_pid: Option<u32>,
+    tollgate_mem: Option<TollgateProcess>,
+    tollgate_redis: Option<TollgateProcess>,
+    /// Each variant's Envoy with its process id.
+    envoys: BTreeMap<Variant, (Envoy, u32)>,
+}
+
+impl Stack {
+    async fn start(variants: &[Variant], helpers: &Helpers, work: &Path) -> Fallible<Self> {
+        let has = |v| variants.contains(&v);
+        log("starting upstream, noop_authz, redis-server, tollgate on 127.0.0.1");
+        let serve = |name: &'static str, exe: &Path, flags: &[&str]| -> Fallible<(Spawned, SocketAddr)> {
+            let addr = free_addr();
+            let addr_arg = addr.to_string();
+            let args: Vec<&str> = [&["--serve", addr_arg.as_str()] as &[&str], flags].concat();
+            Ok((Spawned::start(name, exe, &args, work)?, addr))
+        };
+        let addr = free_addr();
+        let upstream = (Spawned::start("upstream", &helpers.upstream, &[&addr.to_string()], work)?, addr);
+        // Variant a's Envoy keeps the ext_authz cluster (pointed at the floor) but not the filter.
+        let noop = (has(Variant::A) || has(Variant::B)).then(|| serve("noop", &helpers.noop, &[])).transpose()?;
+        let noop_shaped =
+            has(Variant::BShaped).then(|| serve("noop-shaped", &helpers.noop, &["--shaped"])).transpose()?;
+        let mut stack = Self {
+            upstream,
+            noop,
+            noop_shaped,
+            redis: None,
+            redis_pid: None,
+            tollgate_mem: None,
+            tollgate_redis: None,
+            envoys: BTreeMap::new(),
+        };
+        let tollgate = helpers.tollgate.to_str().ok_or("tollgate path is not UTF-8")?;
+        if has(Variant::CRedis) {
+            let (redis, pid) = new_child(async { RedisServer::start() }).await?;
+            let port = redis.port;
+            let p = TollgateProcess::start(tollgate, &[], |g, h| tollgate_config("redis", g, h, port)).await;
+            let log = work.join("seed.out");
+            let seed = Command::new(tollgate)
+                .args(["seed", "--config"])
+                .arg(&p.file)
+                .env_remove("TOLLGATE_REDIS_URL")
+                .stdout(create(&log)?)
+                .stderr(create(&log)?)
+                .spawn()
+                .map_err(|e| format!("tollgate seed: {e}"))?;
+            if !wait_child("tollgate seed", &mut KillOnDrop(seed), Duration::from_secs(30)).await?.success() {
+                return Err(format!("tollgate seed failed: {}", tail(&log)));
+            }
+            (stack.redis, stack.redis_pid, stack.tollgate_redis) = (Some(redis), Some(pid), Some(p));
+        }
+        if has(Variant::CMem) {
+            stack.tollgate_mem =
+                Some(TollgateProcess::start(tollgate, &[], |g, h| tollgate_config("memory", g, h, 6379)).await);
+        }
+        stack.wait_servers().await?;
+
+        for &v in variants {
+            let config = envoy_config(v, stack.authz_addr(v).ok_or("no ext_authz server")?, stack.upstream.1)?;
+            let (envoy, pid) = new_child(Envoy::start(&config)).await?;
+            if v != Variant::A {
+                envoy.wait_cluster_healthy("tollgate").await;
+            }
+            stack.envoys.insert(v, (envoy, pid));
+        }
+        Ok(stack)
+    }
+
+    /// The app and the floor servers answer (tollgate's processes are ready once started).
+    async fn wait_servers(&mut self) -> Fallible<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut addrs = vec![("upstream", self.upstream.1)];
+        addrs.extend(self.noop.as_ref().map(|n| ("noop_authz", n.1)));
+        addrs.extend(self.noop_shaped.as_ref().map(|n| ("noop_authz --shaped", n.1)));
+        for (name, addr) in addrs {
+            while tokio::net::TcpStream::connect(addr).await.is_err() {
+                self.all_alive()?;
+                if Instant::now() > deadline {
+                    return Err(format!("{name} not ready after 15s"));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn authz_addr(&self, v: Variant) -> Option<SocketAddr> {
+        match v {
+            Variant::A | Variant::B => self.noop.as_ref().map(|n| n.1),
+            Variant::BShaped => self.noop_shaped.as_ref().map(|n| n.1),
+            Variant::CMem => self.tollgate_mem.as_ref().map(|t| t.grpc),
+            Variant::CRedis => self.tollgate_redis.as_ref().map(|t| t.grpc),
+        }
+    }
+
+    fn tollgate(&self, v: Variant) -> Option<&TollgateProcess> {
+        match v {
+            Variant::CMem => self.tollgate_mem.as_ref(),
+            Variant::CRedis => self.tollgate_redis.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn url(&self, v: Variant) -> String {
+        format!("http://{}{TARGET_PATH}", self.envoys[&v].0.addr)
+    }
+
+    /// Each variant is wired as claimed: 200 with the key; tollgate answers 401
+    /// without it and tells the upstream the account; a and b do neither;
+    /// b-shaped tells the upstream the account but lets anyone in.
+    async fn check_wiring(&self, variants: &[Variant]) -> Fallible<()> {
+        for &v in variants {
+            let addr = self.envoys[&v].0.addr;
+            let with =
+                envoy::request(addr, "GET", TARGET_PATH, &[("x-api-key", API_KEY)]).await.map_err(|e| e.to_string())?;
+            let without = envoy::request(addr, "GET", TARGET_PATH, &[]).await.map_err(|e| e.to_string())?;
+            let id = v.id();
+            if with.status != 200 {
+                return Err(format!(
+                    "{id}: GET {TARGET_PATH} with the key answered {}: {:.500}",
+                    with.status, with.body
+                ));
+            }
+            let told = with.body.lines().any(|l| l == "  x-tollgate-account: acct_bench");
+            let (want_told, want_without) = match v {
+                Variant::CMem | Variant::CRedis => (true, 401),
+                Variant::BShaped => (true, 200),
+                Variant::A | Variant::B => (false, 200),
+            };
+            if told != want_told {
+                let saw = if told { "saw" } else { "did not see" };
+                return Err(format!("{id}: the upstream {saw} x-tollgate-account"));
+            }
+            if without.status != want_without {
+                return Err(format!("{id}: without a key expected {want_without}, got {}", without.status));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails when a process we started has exited.
+    fn all_alive(&mut self) -> Fallible<()> {
+        self.upstream.0.alive()?;
+        for s in [&mut self.noop, &mut self.noop_shaped].into_iter().flatten() {
+            s.0.alive()?;
+        }
+        for t in [&mut self.tollgate_mem, &mut self.tollgate_redis].into_iter().flatten() {
+            if !matches!(t.child.try_wait(), Ok(None)) {
+                return Err("a tollgate process exited early".into());
+            }
+        }
+        for (v, (envoy, pid)) in &self.envoys {
+            if cpu_ticks(*pid).is_none() {
+                return Err(format!("envoy-{} exited early:\n{}", v.id(), envoy.log()));
+            }
+        }
+        if self.redis_pid.is_some_and(|p| cpu_ticks(p).is_none()) {
+            return Err("redis-server exited early".into());
+        }
+        Ok(())
+    }
+
+    /// Every process of ours with what it is in variant `v`'s run.
+    fn roles(&self, v: Variant) -> Vec<(u32, Option<Role>)> {
+        let mut out = vec![(self.upstream.0.pid(), Some(Role::Upstream))];
+        let authz = |hit: bool| hit.then_some(Role::Authz);
+        if let Some((s, _)) = &self.noop {
+            out.push((s.pid(), authz(v == Variant::B)));
+        }
+        if let Some((s, _)) = &self.noop_shaped {
+            out.push((s.pid(), authz(v == Variant::BShaped)));
+        }
+        for w in [Variant::CMem, Variant::CRedis] {
+            if let Some(t) = self.tollgate(w) {
+                out.push((t.child.id(), authz(v == w)));
+            }
+        }
+        out.extend(self.redis_pid.map(|p| (p, Some(Role::Redis))));
+        for (&w, (_, pid)) in &self.envoys {
+            out.push((*pid, (w == v).then_some(Role::Envoy)));
+        }
+        out
+    }
+
+    fn cpu_sample(&self) -> CpuSample {
+        let mut pids: Vec<u32> = vec![self.upstream.0.pid()];
+        pids.extend([&self.noop, &self.noop_shaped].into_iter().flatten().map(|s| s.0.pid()));
+        pids.extend([&self.tollgate_mem, &self.tollgate_redis].into_iter().flatten().map(|t| t.child.id()));
+        pids.extend(self.redis_pid);
+        pids.extend(self.envoys.values().map(|e| e.1));
+        CpuSample::take(&pids)
+    }
+
+    /// `tollgate_decisions_total{status="200",code="allowed"}` of each tollgate.
+    async fn allowed(&self) -> Fallible<HashMap<Variant, u64>> {
+        let mut out = HashMap::new();
+        for v in [Variant::CMem, Variant::CRedis] {
+            let Some(t) = self.tollgate(v) else { continue };
+            let r = envoy::request(t.http, "GET", "/metrics", &[])
+                .await
+                .map_err(|e| format!("{}: /metrics: {e}", v.id()))?;
+            let n: f64 = r
+                .body
+                .lines()
+                .filter(|l| l.starts_with("tollgate_decisions_total{"))
+                .filter(|l| l.contains("status=\"200\"") && l.contains("code=\"allowed\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            out.insert(v, n as u64);
+        }
+        Ok(out)
+    }
+
+    /// Envoy's own view of the two hops (cumulative over warm-ups and runs;
+    /// Envoy's default histogram buckets, so coarse): the Check (cluster
+    /// tollgate) and the app; then its non-2xx and ext_authz counters (the
+    /// wiring check sent one request without a key).
+    async fn envoy_view(&self, v: Variant) -> String {
+        let admin = self.envoys[&v].0.admin;
+        let stats = envoy::request(admin, "GET", "/stats?usedonly", &[]).await.map(|r| r.body).unwrap_or_default();
+        let mut hops = Vec::new();
+        let mut counters = Vec::new();
+        for line in stats.lines() {
+            let Some((name, value)) = line.split_once(": ") else { continue };
+            let cluster = name.strip_prefix("cluster.").and_then(|n| n.strip_suffix(".upstream_rq_time"));
+            // `cluster.app.upstream_rq_time`, not its `.internal`/`.external` splits.
+            if let Some(cluster) = cluster.filter(|c| !c.contains('.')) {
+                let q = |p: &str| percentile(value, p).map_or("?".to_owned(), |x| format!("{x:.1}"));
+                let cluster = if cluster == "tollgate" { "Check" } else { cluster };
+                hops.push(format!("{cluster} P50 {} ms, P99 {} ms", q("50"), q("99")));
+            }
+            if let Some(counter) = name.strip_prefix("http.ingress.") {
+                let wanted = counter.starts_with("ext_authz.")
+                    || ["downstream_rq_3xx", "downstream_rq_4xx", "downstream_rq_5xx"].contains(&counter);
+                if wanted && value.parse::<u64>().is_ok_and(|n| n > 0) {
+                    counters.push(format!("{counter} {value}"));
+                }
+            }
+        }
+        hops.sort();
+        let hops = if hops.is_empty() { "no stats".to_owned() } else { hops.join("; ") };
+        let counters = if counters.is_empty() { "none".to_owned() } else { counters.join(", ") };
+        format!("{hops}; counters: {counters}")
+    }
+}
+
+/// The cumulative `P<p>(interval,cumulative)` value of an Envoy histogram line.
+fn percentile(value: &str, p: &str) -> Option<f64> {
+    let rest = value.split_whitespace().find_map(|q| q.strip_prefix(&format!("P{p}(")))?;
+    rest.trim_end_matches(')').split(',').nth(1)?.parse().ok()
+}
+
+/// Runs `start`, which spawns one long-lived child process of ours, and
+/// returns its result with that process's id (the kit keeps its children private).
+async fn new_child<T>(start: impl Future<Output = T>) -> Fallible<(T, u32)> {
+    let before = child_pids();
+    let value = start.await;
+    let new: Vec<u32> = child_pids().difference(&before).copied().collect();
+    match new[..] {
+        [pid] => Ok((value, pid)),
+        _ => Err(format!("expected one new child process, found {new:?}")),
+    }
+}
+
+/// tollgate's config: `config/demo.yaml` with our ports, `backend`, and a
+/// `bench` plan and account.
+fn tollgate_config(backend: &str, grpc: SocketAddr, http: SocketAddr, redis_port: u16) -> String {
+    let mut c = std::fs::read_to_string(Path::new(ROOT).join("config/demo.yaml")).unwrap();
+    let mut sub = |old: &str, new: &str| {
+        assert_eq!(c.matches(old).count(), 1, "config/demo.yaml changed: {old:?} not found exactly once");
+        c = c.replace(old, new);
+    };
+    sub("grpc_listen: 0.0.0.0:9191", &format!("grpc_listen: {grpc}"));
+    sub("http_listen: 0.0.0.0:9090", &format!("http_listen: {http}"));
+    sub("  backend: memory ", &format!("  backend: {backend} "));
+    sub("  url: redis://127.0.0.1:6379", &format!("  url: redis://127.0.0.1:{redis_port}"));
+    sub(
+        "\nplans:\n",
+        "\nplans:\n  bench:\n    features: [search]\n    quotas:\n      - { meter: requests, limit: 1000000000000, period: month }\n",
+    );
+    sub("\naccounts:\n", &format!("\naccounts:\n  - {{ id: acct_bench, plan: bench, api_keys: [{API_KEY}] }}\n"));
+    c
+}
+
+/// Envoy's config for variant `v`: the kit's rewrite of the shipped file, with
+/// the shipped health-check interval (the kit shortens it for tests); variant a
+/// without the ext_authz filter.
+fn envoy_config(v: Variant, authz: SocketAddr, upstream: SocketAddr) -> Fallible<String> {
+    // An absolute path, which the kit's `root.join(file)` keeps.
+    let shipped = Path::new(ROOT).join("deploy/envoy/envoy.yaml");
+    let mut c = envoy::config_from(&shipped.to_string_lossy(), authz, upstream, Options::default());
+    if c.matches("interval: 0.2s").count() != 1 {
+        return Err("the kit's Envoy config no longer sets `interval: 0.2s` once".into());
+    }
+    c = c.replace("interval: 0.2s", "interval: 5s");
+    if v == Variant::A {
+        let start = c.find("                  - name: envoy.filters.http.ext_authz\n");
+        let end = c.find("                  - name: envoy.filters.http.router\n");
+        let (Some(start), Some(end)) = (start, end) else {
+            return Err("deploy/envoy/envoy.yaml changed: no ext_authz filter before the router".into());
+        };
+        c.replace_range(start..end, "");
+    }
+    Ok(c)
+}
+
+/// `envoy --version`'s release, e.g. `1.40.0`.
+fn envoy_version() -> String {
+    let out = Command::new(envoy::envoy_bin()).arg("--version").output();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    text.split("version: ").nth(1).and_then(|v| v.split('/').nth(1)).unwrap_or("?").to_owned()
+}
+
+// ---------------------------------------------------------------- load: wrk
+
+/// wrk, with the connection count of every run.
+struct Wrk {
+    exe: PathBuf,
+    connections: u32,
+}
+
+/// What one wrk run reports.
+#[derive(Debug)]
+struct WrkOutput {
+    rps: f64,
+    p99_ms: f64,
+    requests: u64,
+    non2xx: u64,
+    socket_errors: u64,
+}
+
+impl Wrk {
+    /// `WRK_BIN`, else `wrk` on PATH, else in `.tools/bin` (`scripts/tools.sh` installs it there).
+    fn find(connections: u32) -> Self {
+        Self { exe: tool("WRK_BIN", "wrk"), connections }
+    }
+
+    /// `wrk -t1 -c<connections> -d<secs>s --latency` with the bench key, its
+    /// output saved in `out`; fails on more than 0.1% non-2xx or socket errors.
+    async fn run(&self, url: &str, secs: u64, out: &Path) -> Fallible<WrkOutput> {
+        let file = create(out)?;
+        let child = Command::new(&self.exe)
+            .args(["-t1", &format!("-c{}", self.connections), &format!("-d{secs}s"), "--latency"])
+            .args(["-H", &format!("x-api-key: {API_KEY}"), url])
+            .stdout(file.try_clone().map_err(|e| e.to_string())?)
+            .stderr(file)
+            .spawn()
+            .map_err(|e| format!("wrk: {e}"))?;
+        let status = wait_child("wrk", &mut KillOnDrop(child), Duration::from_secs(secs + 20)).await?;
+        let text = std::fs::read_to_string(out).unwrap_or_default();
+        if !status.success() {
+            return Err(format!("wrk failed: {text}"));
+        }
+        let r = parse_wrk(&text)?;
+        if r.requests == 0 || r.non2xx * 1000 > r.requests || r.socket_errors * 1000 > r.requests {
+            return Err(format!(
+                "{} non-2xx responses and {} socket errors in {} requests (more than 0.1%):\n{text}",
+                r.non2xx, r.socket_errors, r.requests
+            ));
+        }
+        Ok(r)
+    }
+}
+
+/// Reads wrk's `--latency` report.
+fn parse_wrk(text: &str) -> Fallible<WrkOutput> {
+    let missing = |what: &str| format!("cannot parse wrk output ({what}):\n{text}");
+    let line = |prefix: &str| text.lines().map(str::trim).find_map(|l| l.strip_prefix(prefix)).map(str::trim);
+    let rps = line("Requests/sec:").and_then(|v| v.parse().ok()).ok_or_else(|| missing("Requests/sec"))?;
+    let p99 = line("99%").ok_or_else(|| missing("99%"))?;
+    let (num, unit) = p99.split_at(p99.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(|| missing("99% unit"))?);
+    let scale = match unit {
+        "us" => 1e-3,
+        "ms" => 1.0,
+        "s" => 1e3,
+        _ => return Err(missing("99% unit")),
+    };
+    let p99_ms = num.parse::<f64>().map_err(|_| missing("99%"))? * scale;
+    let requests = text
+        .lines()
+        .find_map(|l| l.split_once(" requests in ").and_then(|(n, _)| n.trim().parse().ok()))
+        .ok_or_else(|| missing("requests in"))?;
+    let non2xx = line("Non-2xx or 3xx responses:").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let socket_errors = line("Socket errors:")
+        .map(|v| v.split(',').filter_map(|kv| kv.split_whitespace().nth(1)?.parse::<u64>().ok()).sum())
+        .unwrap_or(0);
+    Ok(WrkOutput { rps, p99_ms, requests, non2xx, socket_errors })
+}
+
+// ---------------------------------------------------------------- CPU from /proc
+
+/// User + system ticks a process has used so far; `None` once it is gone.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split(' ').collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// User + system ticks of this process's reaped children (wrk's runs).
+fn reaped_children_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<u64> =
+        stat.rsplit_once(") ").map(|s| s.1.split(' ').filter_map(|f| f.parse().ok()).collect()).unwrap_or_default();
+    // After the state letter (not a number): cutime and cstime are fields 13 and 14 of the rest.
+    fields.get(12).copied().unwrap_or(0) + fields.get(13).copied().unwrap_or(0)
+}
+
+/// The machine's busy (user, nice, system, irq, softirq, steal) and total ticks.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> =
+        stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    (busy, busy + at(3) + at(4))
+}
+
+/// Ids of this process's live children.
+fn child_pids() -> HashSet<u32> {
+    let me = std::process::id().to_string();
+    let mut out = HashSet::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(") ") else { continue };
+        let mut f = rest.split(' ');
+        let (state, ppid) = (f.next(), f.next());
+        if ppid == Some(me.as_str()) && state != Some("Z") {
+            out.insert(pid);
+        }
+    }
+    out
+}
+
+/// `getconf CLK_TCK` (100 when it cannot be asked).
+fn clock_ticks() -> u64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output();
+    out.ok().and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok()).unwrap_or(100)
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn loadavg() -> String {
+    let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    l.split(' ').take(3).collect::<Vec<_>>().join(" ")
+}
+
+/// CPU counters at one instant.
+struct CpuSample {
+    per_pid: HashMap<u32, u64>,
+    children: u64,
+    busy: u64,
+    total: u64,
+}
+
+/// CPU ticks spent during one measured run, by role.
+#[derive(Clone, Copy, Default)]
+struct RunCpu {
+    envoy: u64,
+    authz: u64,
+    upstream: u64,
+    redis: u64,
+    wrk: u64,
+    /// Our processes that play no part in this variant (the other Envoys, servers).
+    idle: u64,
+    /// Ticks of the machine not spent by our processes.
+    other: u64,
+    busy: u64,
+    total: u64,
+}
+
+impl CpuSample {
+    fn take(pids: &[u32]) -> Self {
+        let per_pid = pids.iter().filter_map(|&p| Some((p, cpu_ticks(p)?))).collect();
+        let (busy, total) = machine_ticks();
+        Self { per_pid, children: reaped_children_ticks(), busy, total }
+    }
+
+    fn since(&self, before: &Self, roles: Vec<(u32, Option<Role>)>) -> RunCpu {
+        let mut cpu = RunCpu { wrk: self.children - before.children, ..RunCpu::default() };
+        let mut ours = cpu.wrk;
+        for (pid, role) in roles {
+            let d = self.per_pid.get(&pid).copied().unwrap_or(0) - before.per_pid.get(&pid).copied().unwrap_or(0);
+            ours += d;
+            match role {
+                Some(Role::Envoy) => cpu.envoy += d,
+                Some(Role::Authz) => cpu.authz += d,
+                Some(Role::Upstream) => cpu.upstream += d,
+                Some(Role::Redis) => cpu.redis += d,
+                None => cpu.idle += d,
+            }
+        }
+        cpu.busy = self.busy - before.busy;
+        cpu.total = self.total - before.total;
+        cpu.other = cpu.busy.saturating_sub(ours);
+        cpu
+    }
+}
+
+// ---------------------------------------------------------------- the report
+
+/// The measured runs by variant and round (from 1).
+type Runs = BTreeMap<(Variant, usize), Run>;
+
+/// One measured run.
+struct Run {
+    wrk: WrkOutput,
+    load1: String,
+    cpu: RunCpu,
+}
+
+struct Report<'a> {
+    variants: &'a [Variant],
+    rounds: usize,
+    runs: &'a Runs,
+    clk: u64,
+    conditions: String,
+    load_before: String,
+    load_after: String,
+    hops: Vec<String>,
+    /// Allowed Checks against completed requests, and Redis's key count.
+    spent: Vec<String>,
+}
+
+/// `12,345` (rounded to a whole number, thousands separated).
+fn thousands(x: f64) -> String {
+    let digits = format!("{:.0}", x.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if x < -0.5 { format!("-{out}") } else { out }
+}
+
+impl Report<'_> {
+    fn per_round<T>(&self, v: Variant, f: impl Fn(&Run) -> T) -> Vec<T> {
+        (1..=self.rounds).map(|n| f(&self.runs[&(v, n)])).collect()
+    }
+
+    fn median_rps(&self, v: Variant) -> f64 {
+        median(self.per_round(v, |r| r.wrk.rps))
+    }
+
+    fn render(&self) -> String {
+        let mut o = String::new();
+        let rounds = 1..=self.rounds;
+        let cols = |f: &dyn Fn(usize) -> String| rounds.clone().map(f).collect::<Vec<_>>().join(" | ");
+
+        let head = format!(
+            "| variant | {} | median req/s | median p99 ms |",
+            cols(&|n| format!("round {n} req/s | round {n} p99 ms"))
+        );
+        writeln!(o, "\n{head}\n|{}", "---|".repeat(head.matches('|').count() - 1)).unwrap();
+        for &v in self.variants {
+            let cells = cols(&|n| {
+                let r = &self.runs[&(v, n)].wrk;
+                format!("{} | {:.2}", thousands(r.rps), r.p99_ms)
+            });
+            let p99 = median(self.per_round(v, |r| r.wrk.p99_ms));
+            writeln!(o, "| {} | {cells} | {} | {p99:.2} |", v.title(), thousands(self.median_rps(v))).unwrap();
+        }
+
+        writeln!(o, "\n| ratio (req/s) | {} | median | target |", cols(&|n| format!("round {n}"))).unwrap();
+        writeln!(o, "|---|{}", "---|".repeat(self.rounds + 2)).unwrap();
+        use Variant::*;
+        let mut ratios = vec![(CMem, B, Some(0.9)), (CMem, A, None), (CRedis, B, Some(0.8)), (CRedis, A, None)];
+        if self.variants.contains(&BShaped) {
+            ratios.extend([(BShaped, B, None), (CMem, BShaped, None), (CRedis, BShaped, None)]);
+        }
+        for (c, base, target) in ratios {
+            if !self.variants.contains(&c) || !self.variants.contains(&base) {
+                continue;
+            }
+            let per = cols(&|n| format!("{:.2}", self.runs[&(c, n)].wrk.rps / self.runs[&(base, n)].wrk.rps));
+            let m = self.median_rps(c) / self.median_rps(base);
+            let t = target.map_or(String::new(), |t| format!("≥ {t}: {}", if m >= t { "met" } else { "MISSED" }));
+            writeln!(o, "| {}/{} | {per} | {m:.2} | {t} |", c.id(), base.id()).unwrap();
+        }
+
+        let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let model = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map_or("unknown CPU", |(_, m)| m.trim());
+        let loads = rounds
+            .clone()
+            .flat_map(|n| self.variants.iter().map(move |&v| (v, n)))
+            .map(|(v, n)| format!("{} r{n} {}", v.id(), self.runs[&(v, n)].load1))
+            .collect::<Vec<_>>()
+            .join(", ");
+        writeln!(
+            o,
+            "\nConditions: {nproc} cores ({model}); {}. Load average (1/5/15 min) before: {}, after: {}; \
+             1-min load before each run: {loads}.",
+            self.conditions, self.load_before, self.load_after
+        )
+        .unwrap();
+
+        let clk = self.clk as f64;
+        writeln!(o, "\nCPU per request during the measured runs, µs (median of rounds; /proc ticks of 1/{clk} s):\n")
+            .unwrap();
+        writeln!(
+            o,
+            "| variant | Envoy | ext_authz server | upstream | redis-server | wrk | our idle processes | sum | \
+             other processes (cores) | machine busy |\n|---|{}",
+            "---|".repeat(9)
+        )
+        .unwrap();
+        let parts: [fn(&RunCpu) -> u64; 6] =
+            [|c| c.envoy, |c| c.authz, |c| c.upstream, |c| c.redis, |c| c.wrk, |c| c.idle];
+        for &v in self.variants {
+            let us: Vec<f64> = parts
+                .iter()
+                .map(|part| median(self.per_round(v, |r| part(&r.cpu) as f64 / clk / r.wrk.requests as f64 * 1e6)))
+                .collect();
+            let other = median(self.per_round(v, |r| r.cpu.other as f64 / r.cpu.total as f64 * nproc as f64));
+            let busy = median(self.per_round(v, |r| r.cpu.busy as f64 / r.cpu.total as f64));
+            let cells = us.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(" | ");
+            let sum: f64 = us.iter().sum();
+            writeln!(o, "| {} | {cells} | {sum:.1} | {other:.2} | {:.0}% |", v.title(), busy * 100.0).unwrap();
+        }
+
+        writeln!(
+            o,
+            "\nEnvoy's upstream_rq_time (cumulative over warm-ups and runs, coarse buckets) and non-zero counters:"
+        )
+        .unwrap();
+        for line in &self.hops {
+            writeln!(o, "- {line}").unwrap();
+        }
+        writeln!(o, "\nSpend check: {}.", self.spent.join("; ")).unwrap();
+        o
+    }
+}
+
+// ---------------------------------------------------------------- the work directory
+
+/// Where wrk's raw output and our processes' stderr go; removed after a
+/// successful run unless kept, kept (and named) after a failure.
+struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+    ok: bool,
+}
+
+impl WorkDir {
+    fn new(keep: bool) -> Self {
+        Self { path: temp_dir("bench-envoy"), keep, ok: false }
+    }
+
+    fn succeeded(&mut self) {
+        self.ok = true;
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.ok && !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        } else {
+            log(&format!("work directory kept: {}", self.path.display()));
+        }
+    }
+}
