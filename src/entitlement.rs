@@ -3,6 +3,9 @@
 //! Plans come from config (they change with a deploy or reload); accounts come
 //! from the store (they change with billing events). Nothing here does I/O or
 //! reads the clock: windows are computed from a `now` the caller passes in.
+//! A quota is built, from config or the internal API alike, by [`Quota::new`],
+//! so the bounds it keeps (names, limits, windows) are defined here, with the
+//! type, and re-exported by `bounds` and `usage`. Depends on nothing of ours.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -152,6 +155,27 @@ pub fn is_valid_time(t: DateTime<Utc>) -> bool {
 /// The longest rolling window (`per:`) and grace period accepted: 366 days.
 pub const MAX_WINDOW: Duration = Duration::from_secs(366 * 24 * 3600);
 
+/// The shortest rolling window: windows are kept in whole milliseconds.
+pub const MIN_WINDOW: Duration = Duration::from_millis(1);
+
+/// Whether a rolling window's length is one a store keeps.
+pub fn is_valid_window(d: Duration) -> bool {
+    (MIN_WINDOW..=MAX_WINDOW).contains(&d)
+}
+
+/// The largest quota limit accepted from config, the API or a stored record.
+pub const MAX_LIMIT: u64 = 1_000_000_000_000_000;
+
+/// The longest plan, meter or feature name: names are config keys and
+/// Redis key parts, never prose.
+pub const MAX_NAME: usize = 128;
+
+/// Whether `name` can be a plan, meter or feature name: 1–128 bytes,
+/// no control characters.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_NAME && !name.chars().any(char::is_control)
+}
+
 /// Whether `id` can be an account id: 1–128 of `A-Z a-z 0-9 _ - . : @`. Ids
 /// become Redis hash tags and URL parts, so braces, slashes and spaces are out.
 pub fn is_valid_account_id(id: &str) -> bool {
@@ -194,7 +218,92 @@ pub struct Quota {
     pub window: Window,
 }
 
+/// Why a quota cannot be built. [`field`](QuotaError::field) names the part
+/// at fault relative to the quota, and `Display` gives the reason, so each
+/// way in roots the same words at its own path: config says
+/// `plans.free.quotas[0].limit: must be between 1 and …`, the internal API
+/// `entitlement.quota_overrides[0].limit: must be between 1 and …`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuotaError {
+    /// The meter is empty or blank.
+    #[error("must not be empty")]
+    MeterEmpty,
+    /// The meter is not a valid name ([`is_valid_name`]).
+    #[error("must be 1-{MAX_NAME} bytes without control characters")]
+    MeterInvalid,
+    /// The limit is below 1 or above [`MAX_LIMIT`]; carries what was given.
+    #[error("must be between 1 and {MAX_LIMIT}, got {0}")]
+    Limit(i128),
+    /// `per` is longer than [`MAX_WINDOW`].
+    #[error("must be at most 366d")]
+    WindowTooLong,
+    /// `per` is shorter than [`MIN_WINDOW`].
+    #[error("must be at least 1ms")]
+    WindowTooShort,
+    /// Both a calendar `period` and a rolling `per` were given.
+    #[error("set either period (a paid allowance) or per (a rate limit), not both")]
+    PeriodAndPer,
+    /// Neither a `period` nor a `per` was given.
+    #[error("needs period (minute|hour|day|month) or per (a duration)")]
+    NoWindow,
+}
+
+impl QuotaError {
+    /// The field at fault, relative to the quota: `meter`, `limit`, `per`, or
+    /// `""` when the quota as a whole is (its window's shape).
+    pub fn field(&self) -> &'static str {
+        match self {
+            QuotaError::MeterEmpty | QuotaError::MeterInvalid => "meter",
+            QuotaError::Limit(_) => "limit",
+            QuotaError::WindowTooLong | QuotaError::WindowTooShort => "per",
+            QuotaError::PeriodAndPer | QuotaError::NoWindow => "",
+        }
+    }
+
+    /// The path of the field at fault, under the quota's own `path`
+    /// (`plans.free.quotas[0]` → `plans.free.quotas[0].limit`).
+    pub fn path(&self, path: &str) -> String {
+        match self.field() {
+            "" => path.to_owned(),
+            field => format!("{path}.{field}"),
+        }
+    }
+}
+
 impl Quota {
+    /// A quota as config or the API states it: a meter, a limit, and exactly
+    /// one of a calendar `period` (an allowance) or a rolling `per` (a rate).
+    /// The one place a new quota is checked: the meter is a name, the limit
+    /// is 1..=[`MAX_LIMIT`] (taken as `i128` so that config's signed and the
+    /// API's unsigned numbers are both reported as given), and `per` is
+    /// within [`MIN_WINDOW`]..=[`MAX_WINDOW`]. Checked in that order, and the
+    /// window's shape before its length.
+    pub fn new(
+        meter: &str,
+        limit: impl Into<i128>,
+        period: Option<Period>,
+        per: Option<Duration>,
+    ) -> Result<Quota, QuotaError> {
+        if meter.trim().is_empty() {
+            return Err(QuotaError::MeterEmpty);
+        }
+        if !is_valid_name(meter) {
+            return Err(QuotaError::MeterInvalid);
+        }
+        let limit = limit.into();
+        let limit =
+            u64::try_from(limit).ok().filter(|l| (1..=MAX_LIMIT).contains(l)).ok_or(QuotaError::Limit(limit))?;
+        let window = match (period, per) {
+            (Some(period), None) => Window::Calendar(period),
+            (None, Some(per)) if per > MAX_WINDOW => return Err(QuotaError::WindowTooLong),
+            (None, Some(per)) if !is_valid_window(per) => return Err(QuotaError::WindowTooShort),
+            (None, Some(per)) => Window::Rolling(per),
+            (Some(_), Some(_)) => return Err(QuotaError::PeriodAndPer),
+            (None, None) => return Err(QuotaError::NoWindow),
+        };
+        Ok(Quota { meter: meter.to_owned(), limit, window })
+    }
+
     /// The name used in `RateLimit-Policy` and problem bodies: `requests-month`, `requests-1s`.
     pub fn policy_name(&self) -> String {
         format!("{}-{}", self.meter, self.window.label())
@@ -314,6 +423,57 @@ mod tests {
         assert_eq!(q(Window::Calendar(Period::Month)).policy_name(), "requests-month");
         assert_eq!(q(Window::Rolling(Duration::from_secs(1))).policy_name(), "requests-1s");
         assert_eq!(q(Window::Rolling(Duration::from_secs(90))).policy_name(), "requests-1m30s");
+    }
+
+    #[test]
+    fn quotas_are_built_within_bounds() {
+        let q = Quota::new("requests", 10u64, Some(Period::Month), None).unwrap();
+        assert_eq!(q, Quota { meter: "requests".into(), limit: 10, window: Window::Calendar(Period::Month) });
+        let q = Quota::new("requests", MAX_LIMIT, None, Some(MAX_WINDOW)).unwrap();
+        assert_eq!((q.limit, q.window), (MAX_LIMIT, Window::Rolling(MAX_WINDOW)));
+        assert!(Quota::new("requests", 1i64, None, Some(MIN_WINDOW)).is_ok());
+    }
+
+    #[test]
+    fn abusive_quotas_are_refused_naming_the_field() {
+        let month = Some(Period::Month);
+        let second = Some(Duration::from_secs(1));
+        let cases: [(Result<Quota, QuotaError>, QuotaError, &str); 12] = [
+            (Quota::new("", 1u64, month, None), QuotaError::MeterEmpty, "meter"),
+            (Quota::new("  ", 1u64, month, None), QuotaError::MeterEmpty, "meter"),
+            (Quota::new(&"m".repeat(MAX_NAME + 1), 1u64, month, None), QuotaError::MeterInvalid, "meter"),
+            (Quota::new("re\nquests", 1u64, month, None), QuotaError::MeterInvalid, "meter"),
+            (Quota::new("requests", 0u64, month, None), QuotaError::Limit(0), "limit"),
+            (Quota::new("requests", -5i64, month, None), QuotaError::Limit(-5), "limit"),
+            (Quota::new("requests", MAX_LIMIT + 1, month, None), QuotaError::Limit(i128::from(MAX_LIMIT) + 1), "limit"),
+            (Quota::new("requests", u64::MAX, month, None), QuotaError::Limit(i128::from(u64::MAX)), "limit"),
+            (Quota::new("requests", 1u64, None, Some(MAX_WINDOW + MIN_WINDOW)), QuotaError::WindowTooLong, "per"),
+            (Quota::new("requests", 1u64, None, Some(Duration::from_micros(999))), QuotaError::WindowTooShort, "per"),
+            (Quota::new("requests", 1u64, month, second), QuotaError::PeriodAndPer, ""),
+            (Quota::new("requests", 1u64, None, None), QuotaError::NoWindow, ""),
+        ];
+        for (got, want, field) in cases {
+            assert_eq!(got.as_ref().unwrap_err(), &want);
+            assert_eq!(want.field(), field, "{want:?}");
+        }
+    }
+
+    #[test]
+    fn quota_errors_read_the_same_under_any_path() {
+        let e = Quota::new("requests", 0u64, Some(Period::Day), None).unwrap_err();
+        assert_eq!(
+            format!("{}: {e}", e.path("plans.free.quotas[0]")),
+            format!("plans.free.quotas[0].limit: must be between 1 and {MAX_LIMIT}, got 0")
+        );
+        let e = Quota::new("requests", 1u64, None, None).unwrap_err();
+        assert_eq!(
+            format!("{}: {e}", e.path("entitlement.quota_overrides[2]")),
+            "entitlement.quota_overrides[2]: needs period (minute|hour|day|month) or per (a duration)"
+        );
+        let e = Quota::new("", 1u64, None, None).unwrap_err();
+        assert_eq!(format!("{}: {e}", e.path("q")), "q.meter: must not be empty", "the meter is checked first");
+        let e = Quota::new("requests", 1u64, Some(Period::Day), Some(Duration::ZERO)).unwrap_err();
+        assert_eq!(e, QuotaError::PeriodAndPer, "the window's shape before its length");
     }
 
     #[test]
