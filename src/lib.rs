@@ -15,7 +15,8 @@
 //! | [`problem`] | decisions → problem bodies and headers | `decision`, `config` |
 //! | [`store`] | the `Store` trait; memory and Redis backends; the moka cache | `entitlement`, `usage`, `identity`, `config` (settings) |
 //! | [`metrics`] | Prometheus registry | `decision` (labels) |
-//! | [`authorizer`] | route → identify → store → decide → render | all of the above |
+//! | [`authorizer`] | route → identify → store → decide → render; the timed store call | all of the above |
+//! | [`accounts`] | entitlement, credit, API-key and usage changes; seeding | `entitlement`, `usage`, `bounds`, `identity`, `decision` (quota state), `store`, `config` (plans, seed accounts), `authorizer` (live config, timed store calls) |
 //! | [`grpc`] | ext_authz and `tollgate.v1` translations | `authorizer` |
 //! | [`stripe`] | webhook signatures, events → account changes | `entitlement`, `store`, `config` |
 //! | [`http`] | `/healthz`, `/readyz`, `/metrics`, `/webhooks/stripe` | `metrics`, `stripe`, `authorizer`, `listener`, `config` (limits) |
@@ -27,6 +28,7 @@
 //! ever held across an `.await`, and each guards a few assignments (the one
 //! exception, the cluster connection's first connect, is a tokio mutex).
 
+pub mod accounts;
 pub mod authorizer;
 pub mod bounds;
 pub mod config;
