@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tollgate::accounts::Accounts;
 use tollgate::config::Config;
 use tollgate::metrics::Metrics;
 use tollgate::server::{self, Listeners};
@@ -120,7 +121,7 @@ pub async fn start_tollgate(store_yaml: &str) -> Tollgate {
     let m = metrics.clone();
     let observe: store::LookupObserver = Arc::new(move |hit| m.record_cache(hit));
     let store = store::open(&config.store, &config.cache, observe).expect("open store");
-    let seeded = store::seed_config(store.as_ref(), &config).await.expect("seed");
+    let seeded = Accounts::seed(store.as_ref(), &config.accounts, &config.policy.plans).await.expect("seed");
     assert_eq!(seeded, 1);
 
     let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");

@@ -26,8 +26,9 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use tokio::runtime::Runtime;
 use tollgate::config::{Config, DEMO_CONFIG, Secrets, StripeConfig};
+use tollgate::accounts::Accounts;
 use tollgate::entitlement::Account;
-use tollgate::store::{MemoryStore, Store, seed_config};
+use tollgate::store::{MemoryStore, Store};
 use tollgate::stripe::{self, Event, Outcome};
 
 const SECRET: &str = "whsec_fuzz_secret";
@@ -89,7 +90,9 @@ fuzz_target!(|data: &[u8]| {
 
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let outcome = h.runtime.block_on(async {
-        seed_config(store.as_ref(), &h.config).await.expect("the memory store seeds");
+        Accounts::seed(store.as_ref(), &h.config.accounts, &h.config.policy.plans)
+            .await
+            .expect("the memory store seeds");
         stripe::handle(store.as_ref(), config, &h.secrets, signature.as_deref(), body).await
     });
     if signed {

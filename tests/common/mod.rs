@@ -22,6 +22,7 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
+use tollgate::accounts::Accounts;
 use tollgate::config::Config;
 use tollgate::server::{self, Handle, Listeners};
 use tollgate::store::{self, MemoryStore, Store};
@@ -42,7 +43,7 @@ impl TestServer {
     pub async fn start(yaml: &str) -> Self {
         let config = Config::parse(yaml, "test.yaml").expect("test config is valid");
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        store::seed_config(store.as_ref(), &config).await.expect("seed");
+        Accounts::seed(store.as_ref(), &config.accounts, &config.policy.plans).await.expect("seed");
         Self::start_with(config, store).await
     }
 
@@ -55,7 +56,7 @@ impl TestServer {
         let observe: store::LookupObserver = Arc::new(move |hit| m.record_cache(hit));
         let store = store::open(&config.store, &config.cache, observe).expect("open store");
         if seed {
-            store::seed_config(store.as_ref(), &config).await.expect("seed");
+            Accounts::seed(store.as_ref(), &config.accounts, &config.policy.plans).await.expect("seed");
         }
         Self::start_full(metrics, config, store).await
     }
