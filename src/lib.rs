@@ -17,16 +17,17 @@
 //! | [`metrics`] | Prometheus registry | `decision` (labels) |
 //! | [`authorizer`] | route → identify → store → decide → render; the timed store call | all of the above |
 //! | [`accounts`] | entitlement, credit, API-key and usage changes; seeding | `entitlement`, `usage`, `bounds`, `identity`, `decision` (quota state), `store`, `config` (plans, seed accounts), `authorizer` (live config, timed store calls) |
-//! | [`grpc`] | ext_authz and `tollgate.v1` translations | `authorizer` |
+//! | [`grpc`] | ext_authz and `tollgate.v1` translations; errors → statuses; ready services and health | `authorizer`, `accounts`, `config` (tokens), the domain types they name |
 //! | [`stripe`] | webhook signatures, events → account changes | `entitlement`, `store`, `config` |
 //! | [`http`] | `/healthz`, `/readyz`, `/metrics`, `/webhooks/stripe` | `metrics`, `stripe`, `authorizer`, `listener`, `config` (limits) |
 //! | [`listener`] | accepting within bounds: connection cap, handshake deadline | `config` (limits) |
 //! | [`reload`] | config reloads (SIGHUP, file watch) | `config`, `authorizer` |
 //! | [`server`] | wiring, health, graceful shutdown | everything |
 //!
-//! Envoy and prost types stop at [`grpc`]. Locks are `std::sync` ones: none is
-//! ever held across an `.await`, and each guards a few assignments (the one
-//! exception, the cluster connection's first connect, is a tokio mutex).
+//! Envoy, prost and generated tonic types stop at [`grpc`]. Locks are
+//! `std::sync` ones: none is ever held across an `.await`, and each guards a
+//! few assignments (the one exception, the cluster connection's first
+//! connect, is a tokio mutex).
 
 pub mod accounts;
 pub mod authorizer;

@@ -20,18 +20,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 
+use crate::accounts::Accounts;
 use crate::authorizer::Authorizer;
 use crate::config::Config;
-use crate::grpc::api::Api;
-use crate::grpc::ext_authz::ExtAuthz;
-use crate::grpc::pb::tollgate_server::TollgateServer;
+use crate::grpc;
 use crate::http::{self, HttpState};
 use crate::listener::LimitedIncoming;
 use crate::metrics::Metrics;
@@ -67,19 +63,6 @@ pub struct Handle {
     pub authorizer: Arc<Authorizer>,
 }
 
-/// Sets the readiness of the services that need the store. The server-wide
-/// `""` status is liveness: SERVING while the process runs, NOT_SERVING only
-/// once shutdown begins, so a Redis outage makes pods unready, never restarted.
-async fn set_ready(reporter: &HealthReporter, serving: bool) {
-    if serving {
-        reporter.set_serving::<AuthorizationServer<ExtAuthz>>().await;
-        reporter.set_serving::<TollgateServer<Api>>().await;
-    } else {
-        reporter.set_not_serving::<AuthorizationServer<ExtAuthz>>().await;
-        reporter.set_not_serving::<TollgateServer<Api>>().await;
-    }
-}
-
 /// Runs tollgate on `listeners` until `shutdown` resolves; `on_start` receives
 /// the handle once the services exist (before the first request is served).
 /// `metrics` is made by the caller so the store's cache can report into it.
@@ -97,18 +80,22 @@ pub async fn run(
     let tls = config.server.tls.clone();
     let limits = config.server.limits;
     let authorizer = Arc::new(Authorizer::new(config, store.clone(), metrics.clone()));
+    let accounts = Arc::new(Accounts::new(authorizer.clone()));
     on_start(Handle { authorizer: authorizer.clone() });
 
-    let (reporter, health_service) = tonic_health::server::health_reporter();
-    reporter.set_service_status("", ServingStatus::Serving).await;
-    set_ready(&reporter, false).await;
+    let grpc::Services { routes, health } =
+        grpc::services(authorizer.clone(), accounts.clone(), limits.max_message_bytes);
+    // Liveness (`""`) is SERVING while the process runs, NOT_SERVING only once
+    // shutdown begins, so a Redis outage makes pods unready, never restarted.
+    health.set_live(true).await;
+    health.set_ready(false).await;
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (probe_stop_tx, probe_stop_rx) = watch::channel(false);
 
     // Readiness follows the store until shutdown begins.
     let probe = {
-        let (reporter, ready, mut stop) = (reporter.clone(), ready.clone(), probe_stop_rx);
+        let (health, ready, mut stop) = (health.clone(), ready.clone(), probe_stop_rx);
         let authorizer = authorizer.clone();
         tokio::spawn(async move {
             let mut last = None;
@@ -122,7 +109,7 @@ pub async fn run(
                         tracing::warn!("store unreachable: not serving");
                     }
                     ready.store(ok, Ordering::Relaxed);
-                    set_ready(&reporter, ok).await;
+                    health.set_ready(ok).await;
                     last = Some(ok);
                 }
                 tokio::select! {
@@ -158,19 +145,8 @@ pub async fn run(
         }
         builder = builder.tls_config(t)?;
     }
-    let max_message = limits.max_message_bytes;
     let grpc = builder
-        .add_service(health_service.max_decoding_message_size(max_message).max_encoding_message_size(max_message))
-        .add_service(
-            AuthorizationServer::new(ExtAuthz::new(authorizer.clone()))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-        )
-        .add_service(
-            TollgateServer::new(Api::new(authorizer.clone()))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-        )
+        .add_routes(routes)
         // LimitedIncoming sets TCP_NODELAY (tonic only sets it on its own bind path).
         .serve_with_incoming_shutdown(
             LimitedIncoming::new(listeners.grpc, &limits).count_after_tls(tls.is_some()),
@@ -190,8 +166,8 @@ pub async fn run(
     let _ = probe_stop_tx.send(true);
     let _ = probe.await;
     ready.store(false, Ordering::Relaxed);
-    reporter.set_service_status("", ServingStatus::NotServing).await;
-    set_ready(&reporter, false).await;
+    health.set_live(false).await;
+    health.set_ready(false).await;
     // Let load balancers see NOT_SERVING before the listeners close.
     tokio::time::sleep(drain_delay).await;
     let _ = stop_tx.send(true);
