@@ -18,8 +18,8 @@
 //! | [`authorizer`] | route → identify → store → decide → render; the timed store call | all of the above |
 //! | [`accounts`] | entitlement, credit, API-key and usage changes; seeding | `entitlement`, `usage`, `bounds`, `identity`, `decision` (quota state), `store`, `config` (plans, seed accounts), `authorizer` (live config, timed store calls) |
 //! | [`grpc`] | ext_authz and `tollgate.v1` translations; errors → statuses; ready services and health | `authorizer`, `accounts`, `config` (tokens), the domain types they name |
-//! | [`stripe`] | webhook signatures, events → account changes | `entitlement`, `store`, `config` |
-//! | [`http`] | `/healthz`, `/readyz`, `/metrics`, `/webhooks/stripe` | `metrics`, `stripe`, `authorizer`, `listener`, `config` (limits) |
+//! | [`stripe`] | webhook signatures, events → account changes | `entitlement`, `bounds`, `accounts`, `config` (Stripe settings) |
+//! | [`http`] | `/healthz`, `/readyz`, `/metrics`, `/webhooks/stripe` | `metrics`, `stripe`, `accounts`, `authorizer`, `listener`, `config` (limits) |
 //! | [`listener`] | accepting within bounds: connection cap, handshake deadline | `config` (limits) |
 //! | [`reload`] | config reloads (SIGHUP, file watch) | `config`, `authorizer` |
 //! | [`server`] | wiring, health, graceful shutdown | everything |

@@ -152,7 +152,8 @@ pub async fn run(
             LimitedIncoming::new(listeners.grpc, &limits).count_after_tls(tls.is_some()),
             wait_stop(stop_rx.clone()),
         );
-    let router = http::router(HttpState { metrics, ready: ready.clone(), authorizer: authorizer.clone() }, &limits);
+    let state = HttpState { metrics, ready: ready.clone(), authorizer: authorizer.clone(), accounts };
+    let router = http::router(state, &limits);
     let http = http::serve(LimitedIncoming::new(listeners.http, &limits), router, limits, wait_stop(stop_rx.clone()));
     let mut grpc = tokio::spawn(grpc);
     let mut http = tokio::spawn(http);

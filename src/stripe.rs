@@ -1,10 +1,12 @@
 //! Stripe webhooks: subscription and payment events become entitlement changes.
 //!
 //! Pure parts (signature check, event → account change) are functions of
-//! their inputs; [`handle`] does the I/O: verify the raw body first (nothing
-//! is parsed before the signature holds), drop replays by event id, find the
-//! account, and write it only if no newer event was applied already, so
-//! Stripe's out-of-order and repeated deliveries never roll an account back.
+//! their inputs; [`handle`] does the I/O, through the [`Accounts`] service
+//! (so every store call has the Check path's timeout and metrics): verify
+//! the raw body first (nothing is parsed before the signature holds), drop
+//! replays by event id, find the account, and write it only if no newer
+//! event was applied already, so Stripe's out-of-order and repeated
+//! deliveries never roll an account back.
 //!
 //! An event moves an account only when the event's customer is the account's
 //! `stripe_customer`, however the account was found (`account_from: customer`
@@ -13,6 +15,8 @@
 //! it. An account without a `stripe_customer` is never bound implicitly; the
 //! operator sets it (`PutEntitlement`, config `accounts:`). Every field read
 //! from an event is bounded before it reaches the store (SPEC §10).
+//!
+//! May use: `accounts`, `entitlement`, `bounds`, `config` (the Stripe settings).
 
 use std::time::Duration;
 
@@ -22,10 +26,10 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::Sha256;
 
+use crate::accounts::{Accounts, AccountsError};
 use crate::bounds::{MAX_ITEMS, is_valid_customer_id, is_valid_name};
 use crate::config::StripeConfig;
 use crate::entitlement::{Account, Status, is_valid_account_id, is_valid_time};
-use crate::store::{Store, StoreError};
 
 /// How long event ids are remembered: Stripe retries a delivery for up to three days.
 pub const REMEMBER_EVENTS: Duration = Duration::from_secs(72 * 3600);
@@ -263,9 +267,9 @@ pub enum Outcome {
     Unavailable,
 }
 
-/// Verifies, de-duplicates and applies one delivery.
+/// Verifies, de-duplicates and applies one delivery through `accounts`.
 pub async fn handle(
-    store: &dyn Store,
+    accounts: &Accounts,
     config: &StripeConfig,
     secrets: &[String],
     signature: Option<&str>,
@@ -284,32 +288,33 @@ pub async fn handle(
         tracing::warn!(reason = %why, "stripe event refused");
         return Outcome::Rejected(why);
     }
-    match store.remember_event(&event.id, REMEMBER_EVENTS).await {
+    match accounts.remember_event(&event.id, REMEMBER_EVENTS).await {
         Ok(true) => {}
         Ok(false) => return Outcome::Ignored("duplicate event"),
         Err(e) => return unavailable(e),
     }
-    let outcome = apply_event(store, config, &event).await;
+    let outcome = apply_event(accounts, config, &event).await;
     if outcome == Outcome::Unavailable {
         // Let Stripe's retry of this event be processed.
-        let _ = store.forget_event(&event.id).await;
+        let _ = accounts.forget_event(&event.id).await;
     }
     tracing::info!(event = %event.id, kind = %event.kind, outcome = ?outcome, "stripe event");
     outcome
 }
 
-fn unavailable(e: StoreError) -> Outcome {
-    tracing::warn!(error = %e, "store failed while handling a stripe event");
+/// A store failure: Stripe retries. The accounts service logged the cause;
+/// [`handle`] logs the outcome with the event.
+fn unavailable(_: AccountsError) -> Outcome {
     Outcome::Unavailable
 }
 
-async fn apply_event(store: &dyn Store, config: &StripeConfig, event: &Event) -> Outcome {
+async fn apply_event(accounts: &Accounts, config: &StripeConfig, event: &Event) -> Outcome {
     let by_metadata = config.account_from.strip_prefix("metadata:").and_then(|key| event.metadata(key));
     let id = match by_metadata {
         Some(id) if is_valid_account_id(id) => Some(id.to_owned()),
         Some(_) => return Outcome::Rejected("subscription metadata names no valid account id".into()),
         None => match event.customer() {
-            Some(c) => match store.account_for_customer(c).await {
+            Some(c) => match accounts.account_for_customer(c).await {
                 Ok(id) => id,
                 Err(e) => return unavailable(e),
             },
@@ -317,7 +322,7 @@ async fn apply_event(store: &dyn Store, config: &StripeConfig, event: &Event) ->
         },
     };
     let Some(id) = id else { return Outcome::Ignored("no account for this customer") };
-    let account = match store.account(&id).await {
+    let account = match accounts.find(&id).await {
         Ok(Some(a)) => a,
         Ok(None) => return Outcome::Ignored("no such account"),
         Err(e) => return unavailable(e),
@@ -337,7 +342,7 @@ async fn apply_event(store: &dyn Store, config: &StripeConfig, event: &Event) ->
         return Outcome::Ignored("older than the last applied event");
     }
     let Some(updated) = apply(event, &account, config) else { return Outcome::Ignored("event type not used") };
-    match store.put_account_if_newer(&updated).await {
+    match accounts.put_if_newer(&updated).await {
         Ok(true) => Outcome::Applied { account: id },
         Ok(false) => Outcome::Ignored("older than the last applied event"),
         Err(e) => unavailable(e),
