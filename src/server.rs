@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinError;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::accounts::Accounts;
@@ -45,6 +46,14 @@ pub enum ServerError {
     /// The HTTP server stopped with an error.
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    /// A server's task panicked or was cancelled, so it returned nothing.
+    #[error("{server} server task failed: {source}")]
+    Task {
+        /// `gRPC` or `HTTP`.
+        server: &'static str,
+        /// Why the task ended.
+        source: JoinError,
+    },
 }
 
 /// The bound listeners (bound by the caller, so tests can use port 0).
@@ -189,16 +198,16 @@ pub async fn run(
     Ok(())
 }
 
-fn flatten_grpc(r: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>) -> Result<(), ServerError> {
+fn flatten_grpc(r: Result<Result<(), tonic::transport::Error>, JoinError>) -> Result<(), ServerError> {
     match r {
         Ok(r) => r.map_err(ServerError::from),
-        Err(e) => Err(ServerError::Http(std::io::Error::other(e))),
+        Err(source) => Err(ServerError::Task { server: "gRPC", source }),
     }
 }
 
-fn flatten_http(r: Result<Result<(), std::io::Error>, tokio::task::JoinError>) -> Result<(), ServerError> {
+fn flatten_http(r: Result<Result<(), std::io::Error>, JoinError>) -> Result<(), ServerError> {
     match r {
         Ok(r) => r.map_err(ServerError::from),
-        Err(e) => Err(ServerError::Http(std::io::Error::other(e))),
+        Err(source) => Err(ServerError::Task { server: "HTTP", source }),
     }
 }
