@@ -5,7 +5,7 @@
 //!
 //! | module | role | may use |
 //! |---|---|---|
-//! | [`entitlement`] | plans, accounts, quotas, calendar windows | nothing of ours |
+//! | [`entitlement`] | plans, accounts, quotas (built and bounded by `Quota::new`), calendar windows | nothing of ours |
 //! | [`usage`] | what a request spends and what the counters answer | `entitlement` |
 //! | [`bounds`] | the bounds on every input (ids, names, windows, dates, accounts, spends) | `entitlement`, `usage` |
 //! | [`route`] | the route table and matching | nothing of ours |
@@ -13,7 +13,7 @@
 //! | [`decision`] | the decision table as a pure function | `entitlement`, `usage` |
 //! | [`config`] | YAML → validated domain types | domain modules |
 //! | [`problem`] | decisions → problem bodies and headers | `decision`, `config` |
-//! | [`store`] | the `Store` trait; memory and Redis backends; the moka cache | `entitlement`, `usage`, `identity`, `config` (settings) |
+//! | [`store`] | the `Store` trait; memory and Redis backends; the moka cache | `entitlement`, `usage`, `bounds`, `identity`, `config` (settings) |
 //! | [`metrics`] | Prometheus registry | `decision` (labels) |
 //! | [`authorizer`] | route → identify → store → decide → render; the timed store call | all of the above |
 //! | [`accounts`] | entitlement, credit, API-key and usage changes; seeding | `entitlement`, `usage`, `bounds`, `identity`, `decision` (quota state), `store`, `config` (plans, seed accounts), `authorizer` (live config, timed store calls) |
