@@ -14,6 +14,9 @@
 //! refused), header list size, keepalive pings, a deadline per call, and the
 //! message size per service, checked on the 5-byte gRPC frame prefix, before
 //! any of the message is buffered. The limits, like TLS, are fixed at start-up.
+//!
+//! May use everything: it builds the authorizer and the accounts service and
+//! hands them to the transports (`grpc::services`, `http::router`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -209,5 +212,25 @@ fn flatten_http(r: Result<Result<(), std::io::Error>, JoinError>) -> Result<(), 
     match r {
         Ok(r) => r.map_err(ServerError::from),
         Err(source) => Err(ServerError::Task { server: "HTTP", source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn failed_task() -> JoinError {
+        let task = tokio::spawn(std::future::pending::<()>());
+        task.abort();
+        task.await.expect_err("an aborted task fails")
+    }
+
+    #[tokio::test]
+    async fn a_failed_task_is_a_task_error_naming_its_server() {
+        let grpc = flatten_grpc(Err(failed_task().await)).unwrap_err();
+        assert!(matches!(grpc, ServerError::Task { server: "gRPC", .. }), "{grpc:?}");
+        assert!(grpc.to_string().starts_with("gRPC server task failed"), "{grpc}");
+        let http = flatten_http(Err(failed_task().await)).unwrap_err();
+        assert!(matches!(http, ServerError::Task { server: "HTTP", .. }), "{http:?}");
     }
 }
