@@ -3,6 +3,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::*;
+use crate::bounds::MAX_ITEMS;
 use crate::config::DEMO_CONFIG;
 use crate::entitlement::{MAX_LIMIT, MAX_WINDOW, Window};
 use crate::metrics::Metrics;
