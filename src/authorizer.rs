@@ -121,8 +121,10 @@ impl Authorizer {
         &self.metrics
     }
 
-    /// Runs a store call under the configured timeout, counting failures.
-    async fn call<T>(
+    /// Runs a store call under the configured timeout, timing it and counting
+    /// failures: every store call a request makes (Checks, `Authorize`, the
+    /// accounts service) goes through here.
+    pub(crate) async fn call<T>(
         &self,
         timeout: std::time::Duration,
         f: impl Future<Output = Result<T, StoreError>>,

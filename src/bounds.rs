@@ -4,16 +4,14 @@
 //! other refuses (and a store never holds what arithmetic cannot handle).
 //! Depends on `entitlement` and `usage` only.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 
-use crate::entitlement::{Account, MAX_WINDOW, Quota, Window, is_valid_account_id, is_valid_time};
-use crate::usage::{MAX_LIMIT, Spend};
+use crate::entitlement::{Account, Quota, Window, is_valid_account_id, is_valid_time};
+use crate::usage::Spend;
 
-/// The longest plan, meter or feature name: names are config keys and
-/// Redis key parts, never prose.
-pub const MAX_NAME: usize = 128;
+// A quota's own bounds live with `Quota::new`, which checks them; they are
+// listed here too, so this stays the index of every bound.
+pub use crate::entitlement::{MAX_LIMIT, MAX_NAME, MAX_WINDOW, MIN_WINDOW, is_valid_name, is_valid_window};
 
 /// The longest Stripe customer id (Stripe's are `cus_` and ~14 characters).
 pub const MAX_CUSTOMER_ID: usize = 255;
@@ -21,27 +19,16 @@ pub const MAX_CUSTOMER_ID: usize = 255;
 /// The most extra features or quota overrides one account carries.
 pub const MAX_ITEMS: usize = 256;
 
-/// The shortest rolling window: windows are kept in whole milliseconds.
-pub const MIN_WINDOW: Duration = Duration::from_millis(1);
-
 /// Whether `id` can be a Stripe customer id: 1–255 of `A-Z a-z 0-9 _`.
 /// Customer ids become Redis keys and log fields.
 pub fn is_valid_customer_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_CUSTOMER_ID && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// Whether `name` can be a plan, meter or feature name: 1–128 bytes,
-/// no control characters.
-pub fn is_valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= MAX_NAME && !name.chars().any(char::is_control)
-}
-
-/// Whether a rolling window's length is one a store keeps.
-pub fn is_valid_window(d: Duration) -> bool {
-    (MIN_WINDOW..=MAX_WINDOW).contains(&d)
-}
-
-/// Why `q` cannot be counted: its limit or window is out of bounds.
+/// Why `q` cannot be counted: its limit or window is out of bounds. For
+/// quotas already made (stored records, spends); a new one is checked by
+/// [`Quota::new`], which also refuses a limit of 0 (a stored 0 is countable:
+/// it never fits).
 pub fn check_quota(q: &Quota) -> Result<(), String> {
     if !is_valid_name(&q.meter) {
         return Err(format!("quota meter {:?} is not a valid name", q.meter));

@@ -3,6 +3,9 @@
 //! Plans come from config (they change with a deploy or reload); accounts come
 //! from the store (they change with billing events). Nothing here does I/O or
 //! reads the clock: windows are computed from a `now` the caller passes in.
+//! A quota is built, from config or the internal API alike, by [`Quota::new`],
+//! so the bounds it keeps (names, limits, windows) are defined here, with the
+//! type, and re-exported by `bounds` and `usage`. Depends on nothing of ours.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -152,6 +155,27 @@ pub fn is_valid_time(t: DateTime<Utc>) -> bool {
 /// The longest rolling window (`per:`) and grace period accepted: 366 days.
 pub const MAX_WINDOW: Duration = Duration::from_secs(366 * 24 * 3600);
 
+/// The shortest rolling window: windows are kept in whole milliseconds.
+pub const MIN_WINDOW: Duration = Duration::from_millis(1);
+
+/// Whether a rolling window's length is one a store keeps.
+pub fn is_valid_window(d: Duration) -> bool {
+    (MIN_WINDOW..=MAX_WINDOW).contains(&d)
+}
+
+/// The largest quota limit accepted from config, the API or a stored record.
+pub const MAX_LIMIT: u64 = 1_000_000_000_000_000;
+
+/// The longest plan, meter or feature name: names are config keys and
+/// Redis key parts, never prose.
+pub const MAX_NAME: usize = 128;
+
+/// Whether `name` can be a plan, meter or feature name: 1–128 bytes,
+/// no control characters.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_NAME && !name.chars().any(char::is_control)
+}
+
 /// Whether `id` can be an account id: 1–128 of `A-Z a-z 0-9 _ - . : @`. Ids
 /// become Redis hash tags and URL parts, so braces, slashes and spaces are out.
 pub fn is_valid_account_id(id: &str) -> bool {
@@ -194,7 +218,92 @@ pub struct Quota {
     pub window: Window,
 }
 
+/// Why a quota cannot be built. [`field`](QuotaError::field) names the part
+/// at fault relative to the quota, and `Display` gives the reason, so each
+/// way in roots the same words at its own path: config says
+/// `plans.free.quotas[0].limit: must be between 1 and …`, the internal API
+/// `entitlement.quota_overrides[0].limit: must be between 1 and …`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuotaError {
+    /// The meter is empty or blank.
+    #[error("must not be empty")]
+    MeterEmpty,
+    /// The meter is not a valid name ([`is_valid_name`]).
+    #[error("must be 1-{MAX_NAME} bytes without control characters")]
+    MeterInvalid,
+    /// The limit is below 1 or above [`MAX_LIMIT`]; carries what was given.
+    #[error("must be between 1 and {MAX_LIMIT}, got {0}")]
+    Limit(i128),
+    /// `per` is longer than [`MAX_WINDOW`].
+    #[error("must be at most 366d")]
+    WindowTooLong,
+    /// `per` is shorter than [`MIN_WINDOW`].
+    #[error("must be at least 1ms")]
+    WindowTooShort,
+    /// Both a calendar `period` and a rolling `per` were given.
+    #[error("set either period (a paid allowance) or per (a rate limit), not both")]
+    PeriodAndPer,
+    /// Neither a `period` nor a `per` was given.
+    #[error("needs period (minute|hour|day|month) or per (a duration)")]
+    NoWindow,
+}
+
+impl QuotaError {
+    /// The field at fault, relative to the quota: `meter`, `limit`, `per`, or
+    /// `""` when the quota as a whole is (its window's shape).
+    pub fn field(&self) -> &'static str {
+        match self {
+            QuotaError::MeterEmpty | QuotaError::MeterInvalid => "meter",
+            QuotaError::Limit(_) => "limit",
+            QuotaError::WindowTooLong | QuotaError::WindowTooShort => "per",
+            QuotaError::PeriodAndPer | QuotaError::NoWindow => "",
+        }
+    }
+
+    /// The path of the field at fault, under the quota's own `path`
+    /// (`plans.free.quotas[0]` → `plans.free.quotas[0].limit`).
+    pub fn path(&self, path: &str) -> String {
+        match self.field() {
+            "" => path.to_owned(),
+            field => format!("{path}.{field}"),
+        }
+    }
+}
+
 impl Quota {
+    /// A quota as config or the API states it: a meter, a limit, and exactly
+    /// one of a calendar `period` (an allowance) or a rolling `per` (a rate).
+    /// The one place a new quota is checked: the meter is a name, the limit
+    /// is 1..=[`MAX_LIMIT`] (taken as `i128` so that config's signed and the
+    /// API's unsigned numbers are both reported as given), and `per` is
+    /// within [`MIN_WINDOW`]..=[`MAX_WINDOW`]. Checked in that order, and the
+    /// window's shape before its length.
+    pub fn new(
+        meter: &str,
+        limit: impl Into<i128>,
+        period: Option<Period>,
+        per: Option<Duration>,
+    ) -> Result<Quota, QuotaError> {
+        if meter.trim().is_empty() {
+            return Err(QuotaError::MeterEmpty);
+        }
+        if !is_valid_name(meter) {
+            return Err(QuotaError::MeterInvalid);
+        }
+        let limit = limit.into();
+        let limit =
+            u64::try_from(limit).ok().filter(|l| (1..=MAX_LIMIT).contains(l)).ok_or(QuotaError::Limit(limit))?;
+        let window = match (period, per) {
+            (Some(period), None) => Window::Calendar(period),
+            (None, Some(per)) if per > MAX_WINDOW => return Err(QuotaError::WindowTooLong),
+            (None, Some(per)) if !is_valid_window(per) => return Err(QuotaError::WindowTooShort),
+            (None, Some(per)) => Window::Rolling(per),
+            (Some(_), Some(_)) => return Err(QuotaError::PeriodAndPer),
+            (None, None) => return Err(QuotaError::NoWindow),
+        };
+        Ok(Quota { meter: meter.to_owned(), limit, window })
+    }
+
     /// The name used in `RateLimit-Policy` and problem bodies: `requests-month`, `requests-1s`.
     pub fn policy_name(&self) -> String {
         format!("{}-{}", self.meter, self.window.label())
@@ -278,64 +387,4 @@ impl Account {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn t(s: &str) -> DateTime<Utc> {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn calendar_windows_are_utc_truncations() {
-        let now = t("2026-12-31T23:59:30.5Z");
-        assert_eq!(Period::Minute.bounds(now), (t("2026-12-31T23:59:00Z"), t("2027-01-01T00:00:00Z")));
-        assert_eq!(Period::Hour.bounds(now), (t("2026-12-31T23:00:00Z"), t("2027-01-01T00:00:00Z")));
-        assert_eq!(Period::Day.bounds(now), (t("2026-12-31T00:00:00Z"), t("2027-01-01T00:00:00Z")));
-        assert_eq!(Period::Month.bounds(now), (t("2026-12-01T00:00:00Z"), t("2027-01-01T00:00:00Z")));
-        assert_eq!(
-            Period::Month.bounds(t("2028-02-10T00:00:00Z")),
-            (t("2028-02-01T00:00:00Z"), t("2028-03-01T00:00:00Z"))
-        );
-    }
-
-    #[test]
-    fn windows_at_the_end_of_time_do_not_panic() {
-        for p in [Period::Minute, Period::Hour, Period::Day, Period::Month] {
-            let (start, end) = p.bounds(DateTime::<Utc>::MAX_UTC);
-            assert!(start <= end);
-            let (start, end) = p.bounds(DateTime::<Utc>::MIN_UTC);
-            assert!(start <= end);
-        }
-    }
-
-    #[test]
-    fn policy_names_follow_the_window() {
-        let q = |window| Quota { meter: "requests".into(), limit: 1, window };
-        assert_eq!(q(Window::Calendar(Period::Month)).policy_name(), "requests-month");
-        assert_eq!(q(Window::Rolling(Duration::from_secs(1))).policy_name(), "requests-1s");
-        assert_eq!(q(Window::Rolling(Duration::from_secs(90))).policy_name(), "requests-1m30s");
-    }
-
-    #[test]
-    fn account_overrides_replace_same_window_and_add_others() {
-        let plan = Plan {
-            name: "free".into(),
-            quotas: vec![
-                Quota { meter: "requests".into(), limit: 1000, window: Window::Calendar(Period::Month) },
-                Quota { meter: "requests".into(), limit: 10, window: Window::Rolling(Duration::from_secs(1)) },
-                Quota { meter: "tokens".into(), limit: 5, window: Window::Calendar(Period::Day) },
-            ],
-            ..Plan::default()
-        };
-        let account = Account {
-            quota_overrides: vec![
-                Quota { meter: "requests".into(), limit: 5000, window: Window::Calendar(Period::Month) },
-                Quota { meter: "requests".into(), limit: 100, window: Window::Calendar(Period::Day) },
-            ],
-            ..Account::default()
-        };
-        let limits: Vec<u64> = account.quotas_for(&plan, "requests").iter().map(|q| q.limit).collect();
-        assert_eq!(limits, vec![5000, 10, 100], "an override keeps its plan quota's place");
-        assert!(account.quotas_for(&plan, "none").is_empty());
-    }
-}
+mod tests;

@@ -34,6 +34,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::sync::watch;
 
+use crate::accounts::Accounts;
 use crate::authorizer::Authorizer;
 use crate::config::Limits;
 use crate::listener::LimitedIncoming;
@@ -47,8 +48,10 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// True while the store answers and no shutdown has begun.
     pub ready: Arc<AtomicBool>,
-    /// Config and store, for webhooks.
+    /// The live config, for webhooks.
     pub authorizer: Arc<Authorizer>,
+    /// Where webhooks apply their account changes.
+    pub accounts: Arc<Accounts>,
 }
 
 /// The smallest read buffer hyper accepts for HTTP/1 (it panics below its own minimum).
@@ -192,9 +195,7 @@ async fn stripe_webhook(State(s): State<HttpState>, headers: HeaderMap, body: By
         return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "billing.stripe is not configured" }));
     };
     let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok());
-    let store = s.authorizer.store().clone();
-    let outcome =
-        stripe::handle(store.as_ref(), stripe_config, &stripe_config.webhook_secrets.0, signature, &body).await;
+    let outcome = stripe::handle(&s.accounts, stripe_config, &stripe_config.webhook_secrets.0, signature, &body).await;
     match outcome {
         Outcome::Applied { account } => {
             json(StatusCode::OK, serde_json::json!({ "received": true, "applied": true, "account": account }))

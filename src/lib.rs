@@ -5,7 +5,7 @@
 //!
 //! | module | role | may use |
 //! |---|---|---|
-//! | [`entitlement`] | plans, accounts, quotas, calendar windows | nothing of ours |
+//! | [`entitlement`] | plans, accounts, quotas (built and bounded by `Quota::new`), calendar windows | nothing of ours |
 //! | [`usage`] | what a request spends and what the counters answer | `entitlement` |
 //! | [`bounds`] | the bounds on every input (ids, names, windows, dates, accounts, spends) | `entitlement`, `usage` |
 //! | [`route`] | the route table and matching | nothing of ours |
@@ -13,20 +13,23 @@
 //! | [`decision`] | the decision table as a pure function | `entitlement`, `usage` |
 //! | [`config`] | YAML → validated domain types | domain modules |
 //! | [`problem`] | decisions → problem bodies and headers | `decision`, `config` |
-//! | [`store`] | the `Store` trait; memory and Redis backends; the moka cache | `entitlement`, `usage`, `identity`, `config` (settings) |
+//! | [`store`] | the `Store` trait; memory and Redis backends; the moka cache | `entitlement`, `usage`, `bounds`, `identity`, `config` (settings) |
 //! | [`metrics`] | Prometheus registry | `decision` (labels) |
-//! | [`authorizer`] | route → identify → store → decide → render | all of the above |
-//! | [`grpc`] | ext_authz and `tollgate.v1` translations | `authorizer` |
-//! | [`stripe`] | webhook signatures, events → account changes | `entitlement`, `store`, `config` |
-//! | [`http`] | `/healthz`, `/readyz`, `/metrics`, `/webhooks/stripe` | `metrics`, `stripe`, `authorizer`, `listener`, `config` (limits) |
+//! | [`authorizer`] | route → identify → store → decide → render; the timed store call | all of the above |
+//! | [`accounts`] | entitlement, credit, API-key and usage changes; seeding | `entitlement`, `usage`, `bounds`, `identity`, `decision` (quota state), `store`, `config` (plans, seed accounts), `authorizer` (live config, timed store calls) |
+//! | [`grpc`] | ext_authz and `tollgate.v1` translations; errors → statuses; ready services and health | `authorizer`, `accounts`, `config` (tokens), the domain types they name |
+//! | [`stripe`] | webhook signatures, events → account changes | `entitlement`, `bounds`, `accounts`, `config` (Stripe settings) |
+//! | [`http`] | `/healthz`, `/readyz`, `/metrics`, `/webhooks/stripe` | `metrics`, `stripe`, `accounts`, `authorizer`, `listener`, `config` (limits) |
 //! | [`listener`] | accepting within bounds: connection cap, handshake deadline | `config` (limits) |
 //! | [`reload`] | config reloads (SIGHUP, file watch) | `config`, `authorizer` |
 //! | [`server`] | wiring, health, graceful shutdown | everything |
 //!
-//! Envoy and prost types stop at [`grpc`]. Locks are `std::sync` ones: none is
-//! ever held across an `.await`, and each guards a few assignments (the one
-//! exception, the cluster connection's first connect, is a tokio mutex).
+//! Envoy, prost and generated tonic types stop at [`grpc`]. Locks are
+//! `std::sync` ones: none is ever held across an `.await`, and each guards a
+//! few assignments (the one exception, the cluster connection's first
+//! connect, is a tokio mutex).
 
+pub mod accounts;
 pub mod authorizer;
 pub mod bounds;
 pub mod config;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
+use tollgate::accounts::Accounts;
 use tollgate::config::{Backend, Config};
 use tollgate::metrics::Metrics;
 use tollgate::reload::{self, Reloader, load};
@@ -126,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
             let config = load_or_exit(cli.config.as_deref(), cli.redis_url.as_deref());
             init_logging(cli.log_format);
             let store = open_store(&config, &Arc::new(Metrics::new()))?;
-            let n = store::seed_config(store.as_ref(), &config).await?;
+            let n = Accounts::seed(store.as_ref(), &config.accounts, &config.policy.plans).await?;
             println!("seeded {n} accounts into the {:?} store", config.store.backend);
             return Ok(());
         }
@@ -142,7 +143,7 @@ async fn main() -> anyhow::Result<()> {
     let store = open_store(&config, &metrics)?;
     if config.store.backend == Backend::Memory {
         // The memory store starts empty: the config's accounts are its data.
-        store::seed_config(store.as_ref(), &config).await?;
+        Accounts::seed(store.as_ref(), &config.accounts, &config.policy.plans).await?;
     }
     let grpc = TcpListener::bind(config.server.grpc_listen)
         .await

@@ -14,24 +14,24 @@
 //! refused), header list size, keepalive pings, a deadline per call, and the
 //! message size per service, checked on the 5-byte gRPC frame prefix, before
 //! any of the message is buffered. The limits, like TLS, are fixed at start-up.
+//!
+//! May use everything: it builds the authorizer and the accounts service and
+//! hands them to the transports (`grpc::services`, `http::router`).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinError;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 
+use crate::accounts::Accounts;
 use crate::authorizer::Authorizer;
 use crate::config::Config;
-use crate::grpc::api::Api;
-use crate::grpc::ext_authz::ExtAuthz;
-use crate::grpc::pb::tollgate_server::TollgateServer;
+use crate::grpc;
 use crate::http::{self, HttpState};
 use crate::listener::LimitedIncoming;
 use crate::metrics::Metrics;
@@ -49,6 +49,14 @@ pub enum ServerError {
     /// The HTTP server stopped with an error.
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    /// A server's task panicked or was cancelled, so it returned nothing.
+    #[error("{server} server task failed: {source}")]
+    Task {
+        /// `gRPC` or `HTTP`.
+        server: &'static str,
+        /// Why the task ended.
+        source: JoinError,
+    },
 }
 
 /// The bound listeners (bound by the caller, so tests can use port 0).
@@ -65,19 +73,6 @@ pub struct Listeners {
 pub struct Handle {
     /// Decides requests; `replace_config` reloads.
     pub authorizer: Arc<Authorizer>,
-}
-
-/// Sets the readiness of the services that need the store. The server-wide
-/// `""` status is liveness: SERVING while the process runs, NOT_SERVING only
-/// once shutdown begins, so a Redis outage makes pods unready, never restarted.
-async fn set_ready(reporter: &HealthReporter, serving: bool) {
-    if serving {
-        reporter.set_serving::<AuthorizationServer<ExtAuthz>>().await;
-        reporter.set_serving::<TollgateServer<Api>>().await;
-    } else {
-        reporter.set_not_serving::<AuthorizationServer<ExtAuthz>>().await;
-        reporter.set_not_serving::<TollgateServer<Api>>().await;
-    }
 }
 
 /// Runs tollgate on `listeners` until `shutdown` resolves; `on_start` receives
@@ -97,18 +92,22 @@ pub async fn run(
     let tls = config.server.tls.clone();
     let limits = config.server.limits;
     let authorizer = Arc::new(Authorizer::new(config, store.clone(), metrics.clone()));
+    let accounts = Arc::new(Accounts::new(authorizer.clone()));
     on_start(Handle { authorizer: authorizer.clone() });
 
-    let (reporter, health_service) = tonic_health::server::health_reporter();
-    reporter.set_service_status("", ServingStatus::Serving).await;
-    set_ready(&reporter, false).await;
+    let grpc::Services { routes, health } =
+        grpc::services(authorizer.clone(), accounts.clone(), limits.max_message_bytes);
+    // Liveness (`""`) is SERVING while the process runs, NOT_SERVING only once
+    // shutdown begins, so a Redis outage makes pods unready, never restarted.
+    health.set_live(true).await;
+    health.set_ready(false).await;
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (probe_stop_tx, probe_stop_rx) = watch::channel(false);
 
     // Readiness follows the store until shutdown begins.
     let probe = {
-        let (reporter, ready, mut stop) = (reporter.clone(), ready.clone(), probe_stop_rx);
+        let (health, ready, mut stop) = (health.clone(), ready.clone(), probe_stop_rx);
         let authorizer = authorizer.clone();
         tokio::spawn(async move {
             let mut last = None;
@@ -122,7 +121,7 @@ pub async fn run(
                         tracing::warn!("store unreachable: not serving");
                     }
                     ready.store(ok, Ordering::Relaxed);
-                    set_ready(&reporter, ok).await;
+                    health.set_ready(ok).await;
                     last = Some(ok);
                 }
                 tokio::select! {
@@ -158,25 +157,15 @@ pub async fn run(
         }
         builder = builder.tls_config(t)?;
     }
-    let max_message = limits.max_message_bytes;
     let grpc = builder
-        .add_service(health_service.max_decoding_message_size(max_message).max_encoding_message_size(max_message))
-        .add_service(
-            AuthorizationServer::new(ExtAuthz::new(authorizer.clone()))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-        )
-        .add_service(
-            TollgateServer::new(Api::new(authorizer.clone()))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-        )
+        .add_routes(routes)
         // LimitedIncoming sets TCP_NODELAY (tonic only sets it on its own bind path).
         .serve_with_incoming_shutdown(
             LimitedIncoming::new(listeners.grpc, &limits).count_after_tls(tls.is_some()),
             wait_stop(stop_rx.clone()),
         );
-    let router = http::router(HttpState { metrics, ready: ready.clone(), authorizer: authorizer.clone() }, &limits);
+    let state = HttpState { metrics, ready: ready.clone(), authorizer: authorizer.clone(), accounts };
+    let router = http::router(state, &limits);
     let http = http::serve(LimitedIncoming::new(listeners.http, &limits), router, limits, wait_stop(stop_rx.clone()));
     let mut grpc = tokio::spawn(grpc);
     let mut http = tokio::spawn(http);
@@ -190,8 +179,8 @@ pub async fn run(
     let _ = probe_stop_tx.send(true);
     let _ = probe.await;
     ready.store(false, Ordering::Relaxed);
-    reporter.set_service_status("", ServingStatus::NotServing).await;
-    set_ready(&reporter, false).await;
+    health.set_live(false).await;
+    health.set_ready(false).await;
     // Let load balancers see NOT_SERVING before the listeners close.
     tokio::time::sleep(drain_delay).await;
     let _ = stop_tx.send(true);
@@ -212,16 +201,36 @@ pub async fn run(
     Ok(())
 }
 
-fn flatten_grpc(r: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>) -> Result<(), ServerError> {
+fn flatten_grpc(r: Result<Result<(), tonic::transport::Error>, JoinError>) -> Result<(), ServerError> {
     match r {
         Ok(r) => r.map_err(ServerError::from),
-        Err(e) => Err(ServerError::Http(std::io::Error::other(e))),
+        Err(source) => Err(ServerError::Task { server: "gRPC", source }),
     }
 }
 
-fn flatten_http(r: Result<Result<(), std::io::Error>, tokio::task::JoinError>) -> Result<(), ServerError> {
+fn flatten_http(r: Result<Result<(), std::io::Error>, JoinError>) -> Result<(), ServerError> {
     match r {
         Ok(r) => r.map_err(ServerError::from),
-        Err(e) => Err(ServerError::Http(std::io::Error::other(e))),
+        Err(source) => Err(ServerError::Task { server: "HTTP", source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn failed_task() -> JoinError {
+        let task = tokio::spawn(std::future::pending::<()>());
+        task.abort();
+        task.await.expect_err("an aborted task fails")
+    }
+
+    #[tokio::test]
+    async fn a_failed_task_is_a_task_error_naming_its_server() {
+        let grpc = flatten_grpc(Err(failed_task().await)).unwrap_err();
+        assert!(matches!(grpc, ServerError::Task { server: "gRPC", .. }), "{grpc:?}");
+        assert!(grpc.to_string().starts_with("gRPC server task failed"), "{grpc}");
+        let http = flatten_http(Err(failed_task().await)).unwrap_err();
+        assert!(matches!(http, ServerError::Task { server: "HTTP", .. }), "{http:?}");
     }
 }

@@ -1,10 +1,12 @@
 //! Stripe webhooks: subscription and payment events become entitlement changes.
 //!
 //! Pure parts (signature check, event → account change) are functions of
-//! their inputs; [`handle`] does the I/O: verify the raw body first (nothing
-//! is parsed before the signature holds), drop replays by event id, find the
-//! account, and write it only if no newer event was applied already, so
-//! Stripe's out-of-order and repeated deliveries never roll an account back.
+//! their inputs; [`handle`] does the I/O, through the [`Accounts`] service
+//! (so every store call has the Check path's timeout and metrics): verify
+//! the raw body first (nothing is parsed before the signature holds), drop
+//! replays by event id, find the account, and write it only if no newer
+//! event was applied already, so Stripe's out-of-order and repeated
+//! deliveries never roll an account back.
 //!
 //! An event moves an account only when the event's customer is the account's
 //! `stripe_customer`, however the account was found (`account_from: customer`
@@ -13,6 +15,8 @@
 //! it. An account without a `stripe_customer` is never bound implicitly; the
 //! operator sets it (`PutEntitlement`, config `accounts:`). Every field read
 //! from an event is bounded before it reaches the store (SPEC §10).
+//!
+//! May use: `accounts`, `entitlement`, `bounds`, `config` (the Stripe settings).
 
 use std::time::Duration;
 
@@ -22,10 +26,10 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::Sha256;
 
+use crate::accounts::{Accounts, AccountsError};
 use crate::bounds::{MAX_ITEMS, is_valid_customer_id, is_valid_name};
 use crate::config::StripeConfig;
 use crate::entitlement::{Account, Status, is_valid_account_id, is_valid_time};
-use crate::store::{Store, StoreError};
 
 /// How long event ids are remembered: Stripe retries a delivery for up to three days.
 pub const REMEMBER_EVENTS: Duration = Duration::from_secs(72 * 3600);
@@ -263,9 +267,9 @@ pub enum Outcome {
     Unavailable,
 }
 
-/// Verifies, de-duplicates and applies one delivery.
+/// Verifies, de-duplicates and applies one delivery through `accounts`.
 pub async fn handle(
-    store: &dyn Store,
+    accounts: &Accounts,
     config: &StripeConfig,
     secrets: &[String],
     signature: Option<&str>,
@@ -284,32 +288,33 @@ pub async fn handle(
         tracing::warn!(reason = %why, "stripe event refused");
         return Outcome::Rejected(why);
     }
-    match store.remember_event(&event.id, REMEMBER_EVENTS).await {
+    match accounts.remember_event(&event.id, REMEMBER_EVENTS).await {
         Ok(true) => {}
         Ok(false) => return Outcome::Ignored("duplicate event"),
         Err(e) => return unavailable(e),
     }
-    let outcome = apply_event(store, config, &event).await;
+    let outcome = apply_event(accounts, config, &event).await;
     if outcome == Outcome::Unavailable {
         // Let Stripe's retry of this event be processed.
-        let _ = store.forget_event(&event.id).await;
+        let _ = accounts.forget_event(&event.id).await;
     }
     tracing::info!(event = %event.id, kind = %event.kind, outcome = ?outcome, "stripe event");
     outcome
 }
 
-fn unavailable(e: StoreError) -> Outcome {
-    tracing::warn!(error = %e, "store failed while handling a stripe event");
+/// A store failure: Stripe retries. The accounts service logged the cause;
+/// [`handle`] logs the outcome with the event.
+fn unavailable(_: AccountsError) -> Outcome {
     Outcome::Unavailable
 }
 
-async fn apply_event(store: &dyn Store, config: &StripeConfig, event: &Event) -> Outcome {
+async fn apply_event(accounts: &Accounts, config: &StripeConfig, event: &Event) -> Outcome {
     let by_metadata = config.account_from.strip_prefix("metadata:").and_then(|key| event.metadata(key));
     let id = match by_metadata {
         Some(id) if is_valid_account_id(id) => Some(id.to_owned()),
         Some(_) => return Outcome::Rejected("subscription metadata names no valid account id".into()),
         None => match event.customer() {
-            Some(c) => match store.account_for_customer(c).await {
+            Some(c) => match accounts.account_for_customer(c).await {
                 Ok(id) => id,
                 Err(e) => return unavailable(e),
             },
@@ -317,7 +322,7 @@ async fn apply_event(store: &dyn Store, config: &StripeConfig, event: &Event) ->
         },
     };
     let Some(id) = id else { return Outcome::Ignored("no account for this customer") };
-    let account = match store.account(&id).await {
+    let account = match accounts.find(&id).await {
         Ok(Some(a)) => a,
         Ok(None) => return Outcome::Ignored("no such account"),
         Err(e) => return unavailable(e),
@@ -337,7 +342,7 @@ async fn apply_event(store: &dyn Store, config: &StripeConfig, event: &Event) ->
         return Outcome::Ignored("older than the last applied event");
     }
     let Some(updated) = apply(event, &account, config) else { return Outcome::Ignored("event type not used") };
-    match store.put_account_if_newer(&updated).await {
+    match accounts.put_if_newer(&updated).await {
         Ok(true) => Outcome::Applied { account: id },
         Ok(false) => Outcome::Ignored("older than the last applied event"),
         Err(e) => unavailable(e),
@@ -345,141 +350,4 @@ async fn apply_event(store: &dyn Store, config: &StripeConfig, event: &Event) ->
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config() -> StripeConfig {
-        StripeConfig {
-            webhook_secrets_env: "X".into(),
-            webhook_secrets: crate::config::Secrets(vec![]),
-            tolerance: Duration::from_secs(300),
-            account_from: "customer".into(),
-            prices: [("price_pro".to_string(), "pro".to_string())].into(),
-            features: [("ai-access".to_string(), "ai".to_string())].into(),
-        }
-    }
-
-    fn event(kind: &str, created: i64, object: Value) -> Event {
-        Event { id: "evt_1".into(), kind: kind.into(), created, data: EventData { object } }
-    }
-
-    #[test]
-    fn signatures_verify_with_any_secret_and_any_v1() {
-        let body = br#"{"id":"evt_1"}"#;
-        let secrets = vec!["whsec_old".to_string(), "whsec_new".to_string()];
-        let good = sign(body, "whsec_new", 1000);
-        assert_eq!(verify(&good, body, &secrets, Duration::from_secs(300), 1100), Ok(()));
-        let two = format!("{},v1={}", sign(body, "whsec_other", 1000), good.split("v1=").nth(1).unwrap());
-        assert_eq!(verify(&two, body, &secrets, Duration::from_secs(300), 1000), Ok(()));
-        assert_eq!(verify(&good, b"{}", &secrets, Duration::from_secs(300), 1000), Err(SignatureError::Mismatch));
-        assert_eq!(verify(&good, body, &secrets, Duration::from_secs(300), 1301), Err(SignatureError::Stale));
-        assert_eq!(verify("v1=abcd", body, &secrets, Duration::from_secs(300), 1000), Err(SignatureError::Malformed));
-        assert_eq!(verify(&good, body, &[], Duration::from_secs(300), 1000), Err(SignatureError::NoSecret));
-    }
-
-    #[test]
-    fn subscription_updates_set_status_and_plan() {
-        let a = Account { id: "a".into(), plan: "free".into(), ..Account::default() };
-        let e = event(
-            "customer.subscription.updated",
-            1_700_000_000,
-            serde_json::json!({"status": "past_due", "items": {"data": [{"price": {"id": "price_pro"}}]}}),
-        );
-        let b = apply(&e, &a, &config()).unwrap();
-        assert_eq!((b.plan.as_str(), b.status), ("pro", Status::PastDue));
-        assert_eq!(b.past_due_since, e.created_at());
-        assert_eq!(b.billing_event_at, e.created_at());
-        let later = event("customer.subscription.updated", 1_700_000_100, serde_json::json!({"status": "past_due"}));
-        assert_eq!(
-            apply(&later, &b, &config()).unwrap().past_due_since,
-            e.created_at(),
-            "grace counts from the first failure"
-        );
-        let paid = event("invoice.paid", 1_700_000_200, serde_json::json!({}));
-        let c = apply(&paid, &b, &config()).unwrap();
-        assert_eq!((c.status, c.past_due_since), (Status::Active, None));
-    }
-
-    #[test]
-    fn every_stripe_status_maps() {
-        for (s, want) in [
-            ("active", Status::Active),
-            ("trialing", Status::Trialing),
-            ("past_due", Status::PastDue),
-            ("canceled", Status::Canceled),
-            ("unpaid", Status::Unpaid),
-            ("incomplete", Status::Unpaid),
-            ("incomplete_expired", Status::Expired),
-            ("paused", Status::Paused),
-        ] {
-            assert_eq!(status_of(s), Some(want), "{s}");
-        }
-        assert_eq!(status_of("weird"), None);
-    }
-
-    #[test]
-    fn entitlement_summaries_replace_extra_features() {
-        let a = Account { extra_features: ["old".to_string()].into(), ..Account::default() };
-        let e = event(
-            "entitlements.active_entitlement_summary.updated",
-            1,
-            serde_json::json!({"entitlements": {"data": [{"lookup_key": "ai-access"}, {"lookup_key": "export"}]}}),
-        );
-        let b = apply(&e, &a, &config()).unwrap();
-        assert_eq!(b.extra_features, ["ai".to_string(), "export".to_string()].into());
-    }
-
-    #[test]
-    fn signature_timestamps_at_the_ends_of_i64_are_stale_not_a_panic() {
-        let body = br#"{"id":"evt_1"}"#;
-        let secrets = vec!["whsec".to_string()];
-        for (t, now) in [(i64::MIN, i64::MAX), (i64::MAX, i64::MIN), (i64::MIN, 0), (i64::MAX, -1), (-1, i64::MAX)] {
-            let r = verify(&sign(body, "whsec", t), body, &secrets, Duration::from_secs(300), now);
-            assert_eq!(r, Err(SignatureError::Stale), "t={t} now={now}");
-        }
-    }
-
-    #[test]
-    fn only_the_first_signatures_of_a_header_are_tried() {
-        let body = br#"{"id":"evt_1"}"#;
-        let secrets = vec!["whsec".to_string()];
-        let good = sign(body, "whsec", 1000);
-        let junk = ",v1=00".repeat(MAX_SIGNATURES);
-        let late = format!("t=1000{junk},{}", good.split(',').nth(1).unwrap());
-        assert_eq!(verify(&late, body, &secrets, Duration::from_secs(300), 1000), Err(SignatureError::Mismatch));
-    }
-
-    #[test]
-    fn events_created_out_of_range_change_nothing_and_do_not_panic() {
-        let a = Account { id: "a".into(), plan: "free".into(), ..Account::default() };
-        for created in [i64::MIN, i64::MAX, -1, 253_402_300_800, 8_210_266_876_799] {
-            let e = event("invoice.payment_failed", created, serde_json::json!({"customer": "cus_1"}));
-            assert_eq!(e.created_at(), None, "{created}");
-            assert!(e.check().is_err(), "{created}");
-            assert_eq!(apply(&e, &a, &config()), None, "{created}");
-        }
-        let last = event("invoice.payment_failed", 253_402_300_799, serde_json::json!({"customer": "cus_1"}));
-        assert!(last.check().is_ok() && apply(&last, &a, &config()).is_some(), "max_time itself is fine");
-    }
-
-    #[test]
-    fn events_with_unbounded_fields_are_refused() {
-        let ok = event("customer.subscription.updated", 1_700_000_000, serde_json::json!({"customer": "cus_1"}));
-        assert_eq!(ok.check(), Ok(()));
-        let with = |f: &dyn Fn(&mut Event)| {
-            let mut e = ok.clone();
-            f(&mut e);
-            e.check()
-        };
-        assert!(with(&|e| e.id = "evt_".to_string() + &"x".repeat(300)).is_err());
-        assert!(with(&|e| e.id = "evt 1".into()).is_err());
-        assert!(with(&|e| e.id = String::new()).is_err());
-        assert!(with(&|e| e.kind = "invoice.paid\n".into()).is_err());
-        assert!(with(&|e| e.data.object = serde_json::json!({"customer": "cus_{x}"})).is_err());
-        assert!(with(&|e| e.data.object = serde_json::json!({"customer": "c".repeat(256)})).is_err());
-        let many: Vec<Value> = (0..=MAX_ITEMS).map(|i| serde_json::json!({"lookup_key": format!("f{i}")})).collect();
-        assert!(with(&|e| e.data.object = serde_json::json!({"entitlements": {"data": many.clone()}})).is_err());
-        let long = serde_json::json!({"entitlements": {"data": [{"lookup_key": "k".repeat(129)}]}});
-        assert!(with(&|e| e.data.object = long.clone()).is_err());
-    }
-}
+mod tests;

@@ -13,8 +13,8 @@ use crate::entitlement::Quota;
 /// including in Redis Lua, whose numbers are doubles (exact to 2^53).
 pub const MAX_COST: u64 = 1_000_000_000;
 
-/// The largest quota limit accepted from config, the API or a stored record.
-pub const MAX_LIMIT: u64 = 1_000_000_000_000_000;
+/// The largest quota limit: defined with `Quota::new`, which checks it.
+pub use crate::entitlement::MAX_LIMIT;
 
 /// The largest prepaid balance a store keeps; `SetCredits`/`AddCredits` past it
 /// are refused. With [`MAX_COST`] it keeps every balance sum below 2^53.

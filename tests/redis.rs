@@ -216,7 +216,8 @@ async fn losing_redis_fails_closed_turns_unready_and_recovers_by_itself() {
     // Back, empty (no persistence): re-seed, as an operator would, and carry on without a restart.
     redis.restart();
     let config = tollgate::config::Config::parse(&yaml, "t").unwrap();
-    tollgate::store::seed_config(s.handle.authorizer.store().as_ref(), &config).await.unwrap();
+    let store = s.handle.authorizer.store();
+    tollgate::accounts::Accounts::seed(store.as_ref(), &config.accounts, &config.policy.plans).await.unwrap();
     eventually("checks to succeed again", Duration::from_secs(10), async || search(&s, "pro-key").await.allowed).await;
     eventually("/readyz 200", Duration::from_secs(10), async || {
         http_get(s.http, "/readyz").await.is_ok_and(|r| r.0 == 200)

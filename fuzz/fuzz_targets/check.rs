@@ -23,12 +23,13 @@ use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use tokio::runtime::Runtime;
+use tollgate::accounts::Accounts;
 use tollgate::authorizer::Authorizer;
 use tollgate::config::{Config, DEMO_CONFIG, TrustedCallers};
 use tollgate::grpc::ext_authz::ExtAuthz;
 use tollgate::metrics::Metrics;
 use tollgate::route::check_path;
-use tollgate::store::{MemoryStore, Store, seed_config};
+use tollgate::store::{MemoryStore, Store};
 
 struct Harness {
     runtime: Runtime,
@@ -41,7 +42,8 @@ static HARNESS: OnceLock<Harness> = OnceLock::new();
 fn service(runtime: &Runtime, mut config: Config, trust: TrustedCallers) -> ExtAuthz {
     config.server.trusted_callers = trust;
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    runtime.block_on(seed_config(store.as_ref(), &config)).expect("the memory store seeds");
+    let seeding = Accounts::seed(store.as_ref(), &config.accounts, &config.policy.plans);
+    runtime.block_on(seeding).expect("the memory store seeds");
     let authorizer = Authorizer::new(Arc::new(config), store, Arc::new(Metrics::new()));
     ExtAuthz::new(Arc::new(authorizer))
 }

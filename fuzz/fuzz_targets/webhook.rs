@@ -25,16 +25,20 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use tokio::runtime::Runtime;
+use tollgate::accounts::Accounts;
+use tollgate::authorizer::Authorizer;
 use tollgate::config::{Config, DEMO_CONFIG, Secrets, StripeConfig};
 use tollgate::entitlement::Account;
-use tollgate::store::{MemoryStore, Store, seed_config};
+use tollgate::metrics::Metrics;
+use tollgate::store::{MemoryStore, Store};
 use tollgate::stripe::{self, Event, Outcome};
 
 const SECRET: &str = "whsec_fuzz_secret";
 
 struct Harness {
     runtime: Runtime,
-    config: Config,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
     by_customer: StripeConfig,
     by_metadata: StripeConfig,
     secrets: Vec<String>,
@@ -56,7 +60,8 @@ fn stripe_config(account_from: &str) -> StripeConfig {
 fn harness() -> &'static Harness {
     HARNESS.get_or_init(|| Harness {
         runtime: tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a runtime"),
-        config: Config::parse(DEMO_CONFIG, "demo.yaml").expect("the demo config parses"),
+        config: Arc::new(Config::parse(DEMO_CONFIG, "demo.yaml").expect("the demo config parses")),
+        metrics: Arc::new(Metrics::new()),
         by_customer: stripe_config("customer"),
         by_metadata: stripe_config("metadata:account_id"),
         secrets: vec![SECRET.into()],
@@ -89,8 +94,11 @@ fuzz_target!(|data: &[u8]| {
 
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let outcome = h.runtime.block_on(async {
-        seed_config(store.as_ref(), &h.config).await.expect("the memory store seeds");
-        stripe::handle(store.as_ref(), config, &h.secrets, signature.as_deref(), body).await
+        Accounts::seed(store.as_ref(), &h.config.accounts, &h.config.policy.plans)
+            .await
+            .expect("the memory store seeds");
+        let accounts = Accounts::new(Arc::new(Authorizer::new(h.config.clone(), store, h.metrics.clone())));
+        stripe::handle(&accounts, config, &h.secrets, signature.as_deref(), body).await
     });
     if signed {
         assert_ne!(outcome, Outcome::Rejected("invalid signature".into()), "a body signed with the secret was refused");

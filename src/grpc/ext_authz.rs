@@ -3,7 +3,8 @@
 //! Always answers with a `CheckResponse` (a deny is a successful RPC whose
 //! `status` is non-OK and whose `denied_response` carries the HTTP answer),
 //! except under `store.on_error: error`, where a store fault fails the RPC
-//! with UNAVAILABLE so that Envoy's `failure_mode_allow` decides.
+//! with UNAVAILABLE (the one mapping, [`super::status`]) so that Envoy's
+//! `failure_mode_allow` decides.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -200,7 +201,7 @@ impl Authorization for ExtAuthz {
             Err(e) => {
                 let metrics = self.authorizer.metrics();
                 metrics.record_decision(Verdict::Deny(Code::StoreUnavailable), started.elapsed());
-                return Err(Status::unavailable(e.to_string()));
+                return Err(e.into());
             }
         };
         let d = &outcome.decision;

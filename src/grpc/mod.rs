@@ -1,13 +1,85 @@
 //! gRPC transports: Envoy's ext_authz and tollgate's own `tollgate.v1` API.
 //!
-//! Thin translations between protobuf messages and the [`Authorizer`](crate::authorizer::Authorizer);
-//! prost and Envoy types stop here.
+//! Thin translations between protobuf messages and the
+//! [`Authorizer`] and [`Accounts`] service; failures become statuses in one
+//! place ([`status`]). Prost, Envoy and generated tonic types stop here:
+//! [`services`] hands the server ready routes and a [`Health`] handle.
+//!
+//! May use: `authorizer`, `accounts`, and what their signatures name.
 
 pub mod api;
 pub mod ext_authz;
+pub mod status;
+
+use std::sync::Arc;
+
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::accounts::Accounts;
+use crate::authorizer::Authorizer;
+use api::Api;
+use ext_authz::ExtAuthz;
+use pb::tollgate_server::TollgateServer;
 
 /// Code generated from `proto/tollgate/v1/tollgate.proto`.
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
     tonic::include_proto!("tollgate.v1");
+}
+
+/// The services of the gRPC port, ready to serve.
+#[derive(Debug)]
+pub struct Services {
+    /// `envoy.service.auth.v3.Authorization`, `tollgate.v1.Tollgate` and
+    /// `grpc.health.v1.Health`.
+    pub routes: Routes,
+    /// What `grpc.health.v1.Health` reports.
+    pub health: Health,
+}
+
+/// Builds every service of the gRPC port, each refusing messages (either
+/// way) over `max_message` bytes; health reports nothing until told.
+pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, max_message: usize) -> Services {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let routes = Routes::new(health.max_decoding_message_size(max_message).max_encoding_message_size(max_message))
+        .add_service(
+            AuthorizationServer::new(ExtAuthz::new(authorizer.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .add_service(
+            TollgateServer::new(Api::new(authorizer, accounts))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        );
+    Services { routes, health: Health { reporter } }
+}
+
+/// Sets what `grpc.health.v1.Health` reports. Statuses are keyed by the
+/// generated server types, so their names cannot drift from the services'.
+#[derive(Debug, Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+}
+
+impl Health {
+    /// Liveness, the server-wide `""` status: SERVING while the process runs.
+    pub async fn set_live(&self, serving: bool) {
+        let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+        self.reporter.set_service_status("", status).await;
+    }
+
+    /// Readiness of the services that need the store (ext_authz, `tollgate.v1`).
+    pub async fn set_ready(&self, serving: bool) {
+        if serving {
+            self.reporter.set_serving::<AuthorizationServer<ExtAuthz>>().await;
+            self.reporter.set_serving::<TollgateServer<Api>>().await;
+        } else {
+            self.reporter.set_not_serving::<AuthorizationServer<ExtAuthz>>().await;
+            self.reporter.set_not_serving::<TollgateServer<Api>>().await;
+        }
+    }
 }

@@ -133,41 +133,6 @@ impl Invalidation {
     }
 }
 
-/// An account as seeded from config: entitlement, plain keys and balance.
-#[derive(Clone)]
-pub struct Seed<'a> {
-    /// The entitlement.
-    pub account: &'a Account,
-    /// Plain API keys; only their hashes are written.
-    pub api_keys: &'a [String],
-    /// Initial balance.
-    pub credits: u64,
-}
-
-/// Writes `seeds` into `store`. Idempotent: running it twice leaves the same state
-/// (usage counters are not touched; credits are set, not added).
-pub async fn seed<'a>(store: &dyn Store, seeds: impl IntoIterator<Item = Seed<'a>>) -> Result<usize, StoreError> {
-    let mut n = 0;
-    let now = Utc::now();
-    for s in seeds {
-        store.put_account(s.account).await?;
-        for key in s.api_keys {
-            // Seeded keys are chosen by people: show less of them than of generated ones.
-            let meta = KeyMeta::for_key(key, 4, "seeded", now);
-            store.put_key(&KeyHash::of(key), &s.account.id, &meta).await?;
-        }
-        store.set_credits(&s.account.id, s.credits).await?;
-        n += 1;
-    }
-    Ok(n)
-}
-
-/// Seeds `store` with `config`'s `accounts:`.
-pub async fn seed_config(store: &dyn Store, config: &crate::config::Config) -> Result<usize, StoreError> {
-    seed(store, config.accounts.iter().map(|a| Seed { account: &a.account, api_keys: &a.api_keys, credits: a.credits }))
-        .await
-}
-
 /// Opens the configured backend: the memory store, or Redis behind the moka
 /// cache, kept fresh by pub/sub invalidation. Does no I/O: a Redis that is
 /// down shows as NOT_SERVING, not as a failed start.

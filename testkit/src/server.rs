@@ -10,6 +10,7 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_client::Authorizati
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tollgate::accounts::Accounts;
 use tollgate::config::Config;
 use tollgate::metrics::Metrics;
 use tollgate::server::{self, Handle, Listeners};
@@ -43,7 +44,7 @@ impl TestServer {
     pub async fn start(yaml: &str) -> Self {
         let config = Config::parse(yaml, "test.yaml").expect("test config is valid");
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        store::seed_config(store.as_ref(), &config).await.expect("seed");
+        Accounts::seed(store.as_ref(), &config.accounts, &config.policy.plans).await.expect("seed");
         Self::start_with(config, store).await
     }
 
@@ -55,7 +56,7 @@ impl TestServer {
         let metrics = Arc::new(Metrics::new());
         let store = store::open(&config.store, &config.cache, metrics.cache_observer()).expect("open store");
         if seed {
-            store::seed_config(store.as_ref(), &config).await.expect("seed");
+            Accounts::seed(store.as_ref(), &config.accounts, &config.policy.plans).await.expect("seed");
         }
         Self::start_full(metrics, config, store).await
     }
