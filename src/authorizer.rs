@@ -4,6 +4,9 @@
 //! [`Query`] and the [`Outcome`] back; everything in between is here. Holds
 //! the live config behind an `ArcSwap`, so a reload swaps it atomically while
 //! in-flight requests finish on the snapshot they loaded.
+//!
+//! May use: `config`, `route`, `identity`, `decision`, `entitlement`, `problem`,
+//! `store`, `metrics` — everything below the transports, nothing above.
 
 use std::borrow::Cow;
 use std::future::Future;

@@ -15,6 +15,8 @@
 //! between `remember_event` and applying it would make Stripe's retry look
 //! like a replay and lose the event. Their store calls are each bounded by
 //! `store.timeout`.
+//!
+//! May use: `metrics`, `stripe`, `accounts`, `authorizer`, `listener`, `config` (limits).
 
 use std::future::Future;
 use std::pin::pin;

@@ -12,7 +12,7 @@
 //! | [`identity`] | identity sources, API-key hashing | nothing of ours |
 //! | [`decision`] | the decision table as a pure function | `entitlement`, `usage` |
 //! | [`config`] | YAML → validated domain types | domain modules |
-//! | [`problem`] | decisions → problem bodies and headers | `decision`, `config` |
+//! | [`problem`] | decisions → problem bodies and headers | `decision`, `entitlement`, `identity`, `config` |
 //! | [`store`] | the `Store` trait; memory and Redis backends; the moka cache | `entitlement`, `usage`, `bounds`, `identity`, `config` (settings) |
 //! | [`metrics`] | Prometheus registry | `decision` (labels) |
 //! | [`authorizer`] | route → identify → store → decide → render; the timed store call | all of the above |

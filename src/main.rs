@@ -1,5 +1,7 @@
 //! The `tollgate` binary: parse the CLI, load and validate config, start logging,
 //! bind, and hand over to [`tollgate::server::run`].
+//!
+//! May use: the library's public API only.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -100,7 +100,7 @@ impl Metrics {
         let store_duration = Histogram::new(buckets);
         registry.register(
             "tollgate_store_duration_seconds",
-            "Time of one store call on the Check path (answered by the cache or the backend), failures included",
+            "Time of one store call (Checks, the admin API and webhooks; answered by the cache or the backend), failures included",
             store_duration.clone(),
         );
         let store_errors = Counter::default();

@@ -5,6 +5,9 @@
 //!
 //! The one place decisions become responses, so both transports (Envoy's
 //! ext_authz and `tollgate.v1.Authorize`) answer with the same words.
+//!
+//! May use: `decision`, `entitlement`, `identity` (credential header names), `config`
+//! (problem overrides, billing links).
 
 use std::borrow::Cow;
 

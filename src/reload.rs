@@ -6,6 +6,8 @@
 //! counted (`tollgate_config_reloads_total{result="error"}`); the old stays.
 //! Listeners, TLS and the store backend are fixed at start-up: a change to
 //! them is reported and takes effect on restart.
+//!
+//! May use: `config`, `authorizer`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -3,6 +3,8 @@
 //! The vocabulary shared by `decision` (which builds a [`Spend`] and reads the
 //! [`SpendAnswer`]) and `store` (which carries it out atomically). Neither
 //! knows the other; both know this.
+//!
+//! May use: `entitlement`.
 
 use chrono::{DateTime, Utc};
 

@@ -5,6 +5,8 @@
 //! except under `store.on_error: error`, where a store fault fails the RPC
 //! with UNAVAILABLE (the one mapping, [`super::status`]) so that Envoy's
 //! `failure_mode_allow` decides.
+//!
+//! May use: `authorizer` (and the domain types its answers name), [`super::status`].
 
 use std::borrow::Cow;
 use std::collections::HashMap;

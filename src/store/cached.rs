@@ -12,6 +12,9 @@
 //! overhead, and the least recently used are evicted past the budget. An
 //! account id that [`is_valid_account_id`] rejects is answered `None` without
 //! a lookup, so it is neither stored nor sent to the backend.
+//!
+//! May use: the [`Store`] trait and [`Invalidation`] of `store`, `entitlement`,
+//! `identity`, `usage`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -6,6 +6,9 @@
 //! [`cached::CachedStore`].
 //! Stores know the domain (`entitlement`, `usage`, `identity::KeyHash`) and
 //! nothing of decisions or transports.
+//!
+//! May use: `entitlement`, `usage`, `bounds`, `identity`, `config` (store and
+//! cache settings only).
 
 pub mod cached;
 pub mod memory;
