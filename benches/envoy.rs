@@ -46,7 +46,7 @@
 //! Under `cargo test --benches` (no `--bench` argument) it prints a hint and
 //! exits, as it needs minutes and external tools.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -55,10 +55,12 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use tollgate_testkit::bench::{self, API_KEY};
+use tollgate_testkit::cpu::{self, child_pids, clock_ticks, loadavg, machine_ticks, reaped_children_ticks};
 use tollgate_testkit::envoy::{self, Envoy, Options};
 use tollgate_testkit::load::median;
-use tollgate_testkit::process::{KillOnDrop, TollgateProcess, free_addr, temp_dir, tool};
+use tollgate_testkit::process::{KillOnDrop, TollgateProcess, free_addr, temp_dir, wait_child};
 use tollgate_testkit::redis::RedisServer;
+use tollgate_testkit::wrk::{Wrk, WrkOutput};
 
 /// This package's root: the configs read and where cargo builds the helpers.
 /// Not the kit's `repo_root()`: with a target directory shared between
@@ -241,6 +243,7 @@ async fn measure(
     started: Instant,
 ) -> Fallible<(Runs, HashMap<Variant, u64>)> {
     let wrk = Wrk::find(args.connections);
+    let key_header = format!("x-api-key: {API_KEY}");
     let deadline = Duration::from_secs(args.deadline);
     let mut runs = BTreeMap::new();
     let mut sent: HashMap<Variant, u64> = HashMap::new();
@@ -258,7 +261,10 @@ async fn measure(
                 stack.all_alive()?;
                 let name = format!("wrk-{}-{round}{}.txt", v.id(), if measured { "" } else { "-warmup" });
                 let before = stack.cpu_sample();
-                let out = wrk.run(&url, secs, &work.join(name)).await.map_err(|e| format!("{}: {e}", v.id()))?;
+                let out = wrk
+                    .run(&url, &[&key_header], secs, &work.join(name))
+                    .await
+                    .map_err(|e| format!("{}: {e}", v.id()))?;
                 let cpu = stack.cpu_sample().since(&before, stack.roles(v));
                 *sent.entry(v).or_default() += out.requests;
                 if !measured {
@@ -387,21 +393,6 @@ fn tail(path: &Path) -> String {
 /// A new file for a child's output.
 fn create(path: &Path) -> Fallible<std::fs::File> {
     std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// Waits for `child` at most `within` without blocking the runtime (a
-/// signal can cancel the wait; the child dies with its guard).
-async fn wait_child(what: &str, child: &mut KillOnDrop, within: Duration) -> Fallible<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.0.try_wait().map_err(|e| e.to_string())? {
-            return Ok(status);
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{what} did not finish within {}s", within.as_secs()));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// What a process does in a variant's run, for the CPU table.
@@ -572,11 +563,11 @@ impl Stack {
             }
         }
         for (v, (envoy, pid)) in &self.envoys {
-            if cpu_ticks(*pid).is_none() {
+            if cpu::ticks(*pid).is_none() {
                 return Err(format!("envoy-{} exited early:\n{}", v.id(), envoy.log()));
             }
         }
-        if self.redis_pid.is_some_and(|p| cpu_ticks(p).is_none()) {
+        if self.redis_pid.is_some_and(|p| cpu::ticks(p).is_none()) {
             return Err("redis-server exited early".into());
         }
         Ok(())
@@ -733,141 +724,7 @@ fn envoy_version() -> String {
     text.split("version: ").nth(1).and_then(|v| v.split('/').nth(1)).unwrap_or("?").to_owned()
 }
 
-// ---------------------------------------------------------------- load: wrk
-
-/// wrk, with the connection count of every run.
-struct Wrk {
-    exe: PathBuf,
-    connections: u32,
-}
-
-/// What one wrk run reports.
-#[derive(Debug)]
-struct WrkOutput {
-    rps: f64,
-    p99_ms: f64,
-    requests: u64,
-    non2xx: u64,
-    socket_errors: u64,
-}
-
-impl Wrk {
-    /// `WRK_BIN`, else `wrk` on PATH, else in `.tools/bin` (`scripts/tools.sh` installs it there).
-    fn find(connections: u32) -> Self {
-        Self { exe: tool("WRK_BIN", "wrk"), connections }
-    }
-
-    /// `wrk -t1 -c<connections> -d<secs>s --latency` with the bench key, its
-    /// output saved in `out`; fails on more than 0.1% non-2xx or socket errors.
-    async fn run(&self, url: &str, secs: u64, out: &Path) -> Fallible<WrkOutput> {
-        let file = create(out)?;
-        let child = Command::new(&self.exe)
-            .args(["-t1", &format!("-c{}", self.connections), &format!("-d{secs}s"), "--latency"])
-            .args(["-H", &format!("x-api-key: {API_KEY}"), url])
-            .stdout(file.try_clone().map_err(|e| e.to_string())?)
-            .stderr(file)
-            .spawn()
-            .map_err(|e| format!("wrk: {e}"))?;
-        let status = wait_child("wrk", &mut KillOnDrop(child), Duration::from_secs(secs + 20)).await?;
-        let text = std::fs::read_to_string(out).unwrap_or_default();
-        if !status.success() {
-            return Err(format!("wrk failed: {text}"));
-        }
-        let r = parse_wrk(&text)?;
-        if r.requests == 0 || r.non2xx * 1000 > r.requests || r.socket_errors * 1000 > r.requests {
-            return Err(format!(
-                "{} non-2xx responses and {} socket errors in {} requests (more than 0.1%):\n{text}",
-                r.non2xx, r.socket_errors, r.requests
-            ));
-        }
-        Ok(r)
-    }
-}
-
-/// Reads wrk's `--latency` report.
-fn parse_wrk(text: &str) -> Fallible<WrkOutput> {
-    let missing = |what: &str| format!("cannot parse wrk output ({what}):\n{text}");
-    let line = |prefix: &str| text.lines().map(str::trim).find_map(|l| l.strip_prefix(prefix)).map(str::trim);
-    let rps = line("Requests/sec:").and_then(|v| v.parse().ok()).ok_or_else(|| missing("Requests/sec"))?;
-    let p99 = line("99%").ok_or_else(|| missing("99%"))?;
-    let (num, unit) = p99.split_at(p99.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(|| missing("99% unit"))?);
-    let scale = match unit {
-        "us" => 1e-3,
-        "ms" => 1.0,
-        "s" => 1e3,
-        _ => return Err(missing("99% unit")),
-    };
-    let p99_ms = num.parse::<f64>().map_err(|_| missing("99%"))? * scale;
-    let requests = text
-        .lines()
-        .find_map(|l| l.split_once(" requests in ").and_then(|(n, _)| n.trim().parse().ok()))
-        .ok_or_else(|| missing("requests in"))?;
-    let non2xx = line("Non-2xx or 3xx responses:").and_then(|v| v.parse().ok()).unwrap_or(0);
-    let socket_errors = line("Socket errors:")
-        .map(|v| v.split(',').filter_map(|kv| kv.split_whitespace().nth(1)?.parse::<u64>().ok()).sum())
-        .unwrap_or(0);
-    Ok(WrkOutput { rps, p99_ms, requests, non2xx, socket_errors })
-}
-
-// ---------------------------------------------------------------- CPU from /proc
-
-/// User + system ticks a process has used so far; `None` once it is gone.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split(' ').collect();
-    if fields.first() == Some(&"Z") {
-        return None;
-    }
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-/// User + system ticks of this process's reaped children (wrk's runs).
-fn reaped_children_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<u64> =
-        stat.rsplit_once(") ").map(|s| s.1.split(' ').filter_map(|f| f.parse().ok()).collect()).unwrap_or_default();
-    // After the state letter (not a number): cutime and cstime are fields 13 and 14 of the rest.
-    fields.get(12).copied().unwrap_or(0) + fields.get(13).copied().unwrap_or(0)
-}
-
-/// The machine's busy (user, nice, system, irq, softirq, steal) and total ticks.
-fn machine_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let f: Vec<u64> =
-        stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-    let at = |i: usize| f.get(i).copied().unwrap_or(0);
-    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
-    (busy, busy + at(3) + at(4))
-}
-
-/// Ids of this process's live children.
-fn child_pids() -> HashSet<u32> {
-    let me = std::process::id().to_string();
-    let mut out = HashSet::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(") ") else { continue };
-        let mut f = rest.split(' ');
-        let (state, ppid) = (f.next(), f.next());
-        if ppid == Some(me.as_str()) && state != Some("Z") {
-            out.insert(pid);
-        }
-    }
-    out
-}
-
-/// `getconf CLK_TCK` (100 when it cannot be asked).
-fn clock_ticks() -> u64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output();
-    out.ok().and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok()).unwrap_or(100)
-}
-
-/// The 1, 5 and 15 minute load averages.
-fn loadavg() -> String {
-    let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    l.split(' ').take(3).collect::<Vec<_>>().join(" ")
-}
+// ---------------------------------------------------------------- CPU by role
 
 /// CPU counters at one instant.
 struct CpuSample {
@@ -895,7 +752,7 @@ struct RunCpu {
 
 impl CpuSample {
     fn take(pids: &[u32]) -> Self {
-        let per_pid = pids.iter().filter_map(|&p| Some((p, cpu_ticks(p)?))).collect();
+        let per_pid = pids.iter().filter_map(|&p| Some((p, cpu::ticks(p)?))).collect();
         let (busy, total) = machine_ticks();
         Self { per_pid, children: reaped_children_ticks(), busy, total }
     }

@@ -30,7 +30,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use tollgate_testkit::bench::{self, check_request};
-use tollgate_testkit::load::{Run, medians, process_cpu_seconds, run_load};
+use tollgate_testkit::cpu::process_cpu_seconds;
+use tollgate_testkit::load::{Run, medians, run_load};
 use tollgate_testkit::redis::{Benchmark, BenchmarkResult, RedisServer};
 
 /// Checks per measured run.

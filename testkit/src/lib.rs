@@ -18,7 +18,9 @@
 //! | [`envoy`] | [`envoy::Envoy`], the echo upstream, the shipped configs for tests, [`envoy::Stack`] |
 //! | [`pki`] | [`pki::Pki`]: a CA and certificates written to a temporary folder |
 //! | [`bench`] | the benches' config and the Check they send |
-//! | [`load`] | load loops: [`load::run_load`], [`load::Run`], medians, CPU time |
+//! | [`load`] | load loops: [`load::run_load`], [`load::Run`], medians |
+//! | [`cpu`] | CPU time from `/proc`: per process, reaped children, the machine |
+//! | [`wrk`] | [`wrk::Wrk`]: one wrk run and its parsed report |
 //! | [`noop`] | an ext_authz server that allows everything (the floor) |
 //!
 //! Binaries: `ENVOY_BIN`, `TOLLGATE_REDIS_SERVER`, `TOLLGATE_REDIS_CLI`,
@@ -27,6 +29,7 @@
 
 pub mod bench;
 pub mod check;
+pub mod cpu;
 pub mod envoy;
 pub mod http;
 pub mod load;
@@ -35,6 +38,7 @@ pub mod pki;
 pub mod process;
 pub mod redis;
 pub mod server;
+pub mod wrk;
 
 use std::path::Path;
 use std::time::Duration;

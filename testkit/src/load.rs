@@ -160,19 +160,6 @@ pub fn medians(runs: &[Run]) -> (f64, f64, f64) {
     )
 }
 
-/// This process's CPU seconds so far (user + sys from `/proc/self/stat`, in 1/100 s ticks); NaN off Linux.
-pub fn process_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<f64>().ok());
-    match (ticks(14), ticks(15)) {
-        (Some(u), Some(s)) => (u + s) / 100.0,
-        _ => f64::NAN,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -137,3 +137,22 @@ impl Drop for TollgateProcess {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Waits for `child` at most `within` without blocking the runtime (a
+/// signal can cancel the wait; the child dies with its guard).
+pub async fn wait_child(
+    what: &str,
+    child: &mut KillOnDrop,
+    within: Duration,
+) -> Result<std::process::ExitStatus, String> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.0.try_wait().map_err(|e| e.to_string())? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{what} did not finish within {}s", within.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
