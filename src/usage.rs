@@ -58,7 +58,7 @@ pub struct QuotaUsage {
     /// Whether this request's cost would take `used` past the limit.
     pub exceeded: bool,
     /// When the window is fully restored: the calendar window's end, or for a
-    /// rolling window when its newest entry ages out.
+    /// rolling window when its newest bucket leaves it (see `store::rolling`).
     pub resets_at: DateTime<Utc>,
     /// When a request of this cost would first fit again (meaningful when `exceeded`).
     pub retry_at: DateTime<Utc>,

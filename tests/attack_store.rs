@@ -94,14 +94,13 @@ async fn a_cost_of_exactly_max_cost_still_fits_a_big_enough_quota() {
         assert!(a.spent, "{}", b.name);
         assert_eq!(state(&b, &q).await.0, vec![MAX_COST, MAX_COST], "{}", b.name);
         if let Some(r) = &b.redis {
-            let members = r.cli(&["--raw", "ZRANGE", "tollgate:{acct_x}:r:requests:3600000", "0", "-1"]).unwrap();
-            let member = members.trim();
-            let parts: Vec<&str> = member.split(':').collect();
+            let fields = r.cli(&["--raw", "HGETALL", "tollgate:{acct_x}:rb:requests:3600000"]).unwrap();
+            let parts: Vec<&str> = fields.split_whitespace().collect();
             assert!(
-                parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit())),
-                "rolling-log member written with integer formatting: {member:?}"
+                parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit())),
+                "rolling bucket written with integer formatting: {parts:?}"
             );
-            assert_eq!(parts[2], MAX_COST.to_string());
+            assert_eq!(parts[1], MAX_COST.to_string());
         }
     }
 }
@@ -234,29 +233,36 @@ async fn corrupt_counters_and_balances_fail_the_spend_before_anything_is_written
     let q = [Quota { limit: 100, ..month() }, rate(100)];
     b.store.set_credits("acct_x", 50).await.unwrap();
     assert!(try_spend(&b, &spend(&q, 1, Some(1))).await.spent);
-    let (month_key, log_key, sums_key) = {
+    let (month_key, buckets_key) = {
         let start = Period::Month.bounds(Utc::now()).0.timestamp_millis();
-        (
-            format!("tollgate:{{acct_x}}:q:requests:month:{start}"),
-            "tollgate:{acct_x}:r:requests:3600000".to_owned(),
-            "tollgate:{acct_x}:r:requests:3600000:m".to_owned(),
-        )
+        (format!("tollgate:{{acct_x}}:q:requests:month:{start}"), "tollgate:{acct_x}:rb:requests:3600000".to_owned())
     };
     let snapshot = || {
         [
             r.cli(&["GET", &month_key]).unwrap(),
-            r.cli(&["ZRANGE", &log_key, "0", "-1", "WITHSCORES"]).unwrap(),
-            r.cli(&["HGETALL", &sums_key]).unwrap(),
+            r.cli(&["HGETALL", &buckets_key]).unwrap(),
             r.cli(&["GET", "tollgate:{acct_x}:credits"]).unwrap(),
         ]
     };
+    // Buckets of the current window that the real spend is not in (an hour's
+    // buckets are 225 s wide: the window holds the current one and the 16 before).
+    let now_bucket = Utc::now().timestamp_millis() / 225_000;
+    let (bucket, older) = ((now_bucket - 2).to_string(), (now_bucket - 3).to_string());
     // Each corruption, then the spend: refused as Corrupt with every other key untouched.
-    let corruptions: [(&[&str], &[&str]); 5] = [
+    let corruptions: [(&[&str], &[&str]); 9] = [
         (&["SET", "tollgate:{acct_x}:credits", "1.8e+19"], &["SET", "tollgate:{acct_x}:credits", "49"]),
         (&["SET", "tollgate:{acct_x}:credits", "-5"], &["SET", "tollgate:{acct_x}:credits", "49"]),
         (&["SET", &month_key, "1.5"], &["SET", &month_key, "1"]),
-        (&["HSET", &sums_key, "used", "1e3"], &["HSET", &sums_key, "used", "1"]),
-        (&["HSET", &sums_key, "seq", "-1"], &["HSET", &sums_key, "seq", "1"]),
+        (&["HSET", &buckets_key, &bucket, "1e3"], &["HDEL", &buckets_key, &bucket]),
+        (&["HSET", &buckets_key, &bucket, "-1"], &["HDEL", &buckets_key, &bucket]),
+        (&["HSET", &buckets_key, "used", "1"], &["HDEL", &buckets_key, "used"]),
+        (&["HSET", &buckets_key, "-7", "1"], &["HDEL", &buckets_key, "-7"]),
+        // One value past MAX_LIMIT, then two whose sum is: counting them would lose exactness.
+        (&["HSET", &buckets_key, &bucket, "1000000000000001"], &["HDEL", &buckets_key, &bucket]),
+        (
+            &["HSET", &buckets_key, &bucket, "600000000000000", &older, "600000000000000"],
+            &["HDEL", &buckets_key, &bucket, &older],
+        ),
     ];
     for (corrupt, repair) in corruptions {
         r.cli(corrupt).unwrap();
@@ -330,4 +336,82 @@ async fn lua_scripts_called_with_bad_arguments_write_nothing() {
         assert!(reply.contains("TOLLGATE_BADARG"), "{bad}: {reply}");
     }
     assert_eq!(r.cli(&["EXISTS", account]).unwrap().trim(), "0", "no record was written");
+}
+
+/// A client hammering a large rolling quota far past its limit: the window's
+/// key stays a handful of buckets (issue 10: an exact log held one entry per
+/// request, 3.5 MB at `limit: 30000, per: 1h`), and a denied spend does the
+/// same fixed work at limit 1,000 as at 100,000: Redis `TIME`, one `HGETALL`
+/// of at most 17 fields, nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_window_hammered_past_its_limit_keeps_bounded_state_and_bounded_deny_work() {
+    let b = Backend::redis();
+    let r = b.redis.as_ref().unwrap();
+    let mut per_deny = Vec::new();
+    for (limit, cost) in [(1_000u64, 1u64), (100_000, 10)] {
+        let account = format!("acct_h{limit}");
+        let q = [rate(limit)];
+        // Twice the limit in units, from 8 clients at once.
+        let calls = 2 * limit / cost;
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let (store, s) = (b.store.clone(), Spend { account: account.clone(), ..spend(&q, cost, None) });
+                tokio::spawn(async move {
+                    let mut allowed = 0;
+                    for _ in (i..calls).step_by(8) {
+                        allowed += u64::from(store.spend(&Spend { now: Utc::now(), ..s.clone() }).await.unwrap().spent);
+                    }
+                    allowed
+                })
+            })
+            .collect();
+        let mut allowed = 0;
+        for t in tasks {
+            allowed += t.await.unwrap();
+        }
+        assert_eq!(allowed * cost, limit, "exactly the limit fits in one window");
+        let key = format!("tollgate:{{{account}}}:rb:requests:3600000");
+        let fields: usize = r.cli(&["HLEN", &key]).unwrap().trim().parse().unwrap();
+        let bytes: u64 = r.cli(&["MEMORY", "USAGE", &key]).unwrap().trim().parse().unwrap();
+        assert!((1..=17).contains(&fields), "limit {limit}: {fields} buckets");
+        assert!(bytes <= 256, "limit {limit}: the key holds {bytes} bytes");
+
+        r.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+        for _ in 0..100 {
+            let a = b.store.spend(&Spend { account: account.clone(), ..spend(&q, cost, None) }).await.unwrap();
+            assert!(!a.spent && a.quotas[0].exceeded && a.quotas[0].used == limit);
+        }
+        let mut stats = r.commandstats();
+        stats.retain(|name, _| !name.starts_with("config") && name != "info");
+        let usec = r.cli(&["INFO", "commandstats"]).unwrap_or_default();
+        let usec = usec.lines().find(|l| l.starts_with("cmdstat_evalsha:")).unwrap_or("").to_owned();
+        eprintln!("limit {limit}: {fields} buckets, MEMORY USAGE {bytes} B; 100 denied spends: {usec}");
+        per_deny.push(stats);
+    }
+    let want: std::collections::HashMap<String, u64> =
+        [("evalsha", 100), ("time", 100), ("hgetall", 100)].map(|(c, n)| (c.to_owned(), n)).into();
+    assert_eq!(per_deny, [want.clone(), want], "a denied spend: TIME, one HGETALL of ≤ 17 fields, no write");
+}
+
+/// Buckets that fall out of the window are deleted by the next spend, so a
+/// rolling window's key never holds more than `count + 1` fields however long
+/// it is hammered (here 1.6 s: 16 buckets of 100 ms, hammered for 3.5 s), and
+/// it expires when its newest bucket leaves the window.
+#[tokio::test]
+async fn a_rolling_windows_key_never_holds_more_than_seventeen_buckets_and_expires_with_its_newest() {
+    let b = Backend::redis();
+    let r = b.redis.as_ref().unwrap();
+    let q = [Quota { window: Window::Rolling(Duration::from_millis(1600)), ..rate(1_000_000) }];
+    let key = "tollgate:{acct_x}:rb:requests:1600";
+    let (end, mut most) = (std::time::Instant::now() + Duration::from_millis(3500), 0);
+    while std::time::Instant::now() < end {
+        let a = try_spend(&b, &spend(&q, 1, None)).await;
+        assert!(a.spent);
+        let fields: usize = r.cli(&["HLEN", key]).unwrap().trim().parse().unwrap();
+        assert!(fields <= 17, "{fields} buckets");
+        most = most.max(fields);
+        let expires: i64 = r.cli(&["PEXPIRETIME", key]).unwrap().trim().parse().unwrap();
+        assert_eq!(expires, a.quotas[0].resets_at.timestamp_millis(), "expires when its newest bucket leaves");
+    }
+    assert!(most >= 15, "the window turned over its buckets ({most} at most)");
 }

@@ -7,9 +7,10 @@
 //! windows run on. The memory store counts every window by `Spend::now`, so
 //! its clock is virtual and moves without sleeping; the Redis store counts
 //! rolling windows by Redis `TIME`, so its clock is the wall clock, waited on.
-//! Cases read rolling-window instants off the store's own answers (an entry
-//! logged at `e` shows as `resets_at = e + w`), so their assertions are exact
-//! on both clocks; only "is this instant now?" allows [`Clock::slack`].
+//! Cases read rolling-window instants off the store's own answers (a spend
+//! in bucket `b` shows as `resets_at` = when `b` leaves the window, see
+//! `tollgate::store::rolling`), so their assertions are exact on both clocks;
+//! only "is this instant now?" allows [`Clock::slack`].
 //!
 //! Run one case with `CONTRACT_CASE=<part of its name> cargo test --test store_contract`.
 
@@ -22,6 +23,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{Notify, mpsc};
 use tollgate::entitlement::{Account, Period, Quota, Status, Window};
 use tollgate::identity::{KeyHash, KeyMeta};
+use tollgate::store::rolling::Buckets;
 use tollgate::store::{CachedStore, Invalidation, MemoryStore, RedisStore, Store, StoreError};
 use tollgate::usage::{CreditBalance, MAX_CREDITS, Spend, SpendAnswer};
 use tollgate_testkit::redis::{RedisCluster, RedisServer};
@@ -74,6 +76,25 @@ impl Clock {
         let now = self.now();
         assert!((t - now).abs() <= self.slack(), "{what}: {t} is not now ({now})");
     }
+
+    /// `t` is when the bucket of a spend made now leaves a window of `per`:
+    /// a whole number of buckets, after `now + per` by at most two bucket widths.
+    #[track_caller]
+    fn assert_bucket_leaves(&self, t: DateTime<Utc>, per: Duration, what: &str) {
+        let g = Buckets::of(per).unwrap();
+        let now = self.now();
+        let want = ms(g.leaves_at(g.index(now.timestamp_millis())));
+        assert_eq!(t.timestamp_millis() % g.width_ms, 0, "{what}: {t} is not a bucket boundary");
+        assert!((t - want).abs() <= self.slack(), "{what}: {t} is not when now's bucket leaves ({want})");
+        let late = t - (now + chrono::Duration::from_std(per).unwrap());
+        let bound = chrono::Duration::milliseconds(2 * g.width_ms) + self.slack();
+        assert!(late > -self.slack() && late <= bound, "{what}: {late} past now + per");
+    }
+}
+
+/// The instant `ms` after the epoch.
+fn ms(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap()
 }
 
 /// One store under contract.
@@ -209,7 +230,7 @@ async fn a_spend_is_all_or_nothing_across_quotas_and_credits(s: &Subject) {
         assert!(a.spent && a.quotas.iter().all(|q| !q.exceeded));
         assert_eq!((used(&a), a.credits), (vec![n; 3], Some(CreditBalance { balance, sufficient: true })));
     }
-    // The day quota is full: nothing else moves, not the month, the rolling log or the credits.
+    // The day quota is full: nothing else moves, not the month, the rolling window or the credits.
     let a = s.spend(&spend(&q, 1, Some(1), now)).await;
     assert!(!a.spent);
     assert_eq!(a.quotas.iter().map(|q| q.exceeded).collect::<Vec<_>>(), [false, true, false], "only the full quota");
@@ -259,61 +280,101 @@ async fn a_calendar_window_fits_up_to_its_limit_then_resets_with_the_window(s: &
     assert_eq!(s.spend(&spend(&day, 1, None, end)).await.quotas[0].used, 1, "each period counts apart");
 }
 
-async fn a_rolling_window_fits_up_to_its_limit_and_retries_when_enough_ages_out(s: &Subject) {
+async fn a_rolling_window_fits_up_to_its_limit_and_retries_when_its_oldest_buckets_leave(s: &Subject) {
     // On the wall clock: every step but the sleeps takes a few ms, far less than w / 2.
+    // 1 s is 16 buckets of 63 ms; w / 2 apart, two spends land in different buckets.
     let w = Duration::from_secs(1);
-    let (q, wd) = ([rolling(3, w)], chrono::Duration::from_std(w).unwrap());
+    let q = [rolling(3, w)];
     let go = async |cost| s.spend(&spend(&q, cost, None, s.clock.now())).await.quotas[0];
 
     let a = go(1).await;
-    let e1 = a.resets_at - wd; // when the store logged it
-    s.clock.assert_now(e1, "the entry is logged now");
-    assert_eq!((a.used, a.exceeded, a.retry_at), (1, false, e1), "a request that fits may come again at once");
+    let r1 = a.resets_at; // when the first spend's bucket leaves
+    s.clock.assert_bucket_leaves(r1, w, "the first spend");
+    assert_eq!((a.used, a.exceeded), (1, false));
+    s.clock.assert_now(a.retry_at, "a request that fits may come again at once");
     let a = go(3).await;
-    assert_eq!((a.used, a.exceeded, a.resets_at, a.retry_at), (1, true, e1 + wd, e1 + wd), "more than remains");
+    assert_eq!((a.used, a.exceeded, a.resets_at, a.retry_at), (1, true, r1, r1), "more than remains");
     s.clock.sleep(w / 2).await;
     let a = go(2).await;
-    let e2 = a.resets_at - wd;
-    assert!(e2 > e1);
+    let r2 = a.resets_at;
+    s.clock.assert_bucket_leaves(r2, w, "the second spend");
+    assert!(r2 > r1);
     assert_eq!((a.used, a.exceeded), (3, false), "exactly the limit");
     let a = go(1).await;
-    assert_eq!((a.used, a.exceeded, a.resets_at, a.retry_at), (3, true, e2 + wd, e1 + wd), "once the first ages out");
+    assert_eq!((a.used, a.exceeded, a.resets_at, a.retry_at), (3, true, r2, r1), "once the first bucket leaves");
     let a = go(3).await;
-    assert_eq!((a.exceeded, a.retry_at), (true, e2 + wd), "once both age out");
+    assert_eq!((a.exceeded, a.retry_at), (true, r2), "once both leave");
     let a = go(4).await;
-    assert_eq!((a.exceeded, a.resets_at, a.retry_at), (true, e2 + wd, e2 + wd), "more than the limit: when empty");
+    assert_eq!((a.exceeded, a.resets_at, a.retry_at), (true, r2, r2), "more than the limit: when empty");
     let lowered = s.spend(&spend(&[rolling(2, w)], 0, None, s.clock.now())).await.quotas[0];
-    assert_eq!((lowered.used, lowered.exceeded, lowered.retry_at), (3, true, e1 + wd), "a limit lowered below use");
+    assert_eq!((lowered.used, lowered.exceeded, lowered.retry_at), (3, true, r1), "a limit lowered below use");
 
-    s.clock.sleep_until(e1 + wd).await;
+    s.clock.sleep_until(r1).await;
     let a = go(1).await;
-    let e3 = a.resets_at - wd;
-    assert_eq!((a.used, a.exceeded), (3, false), "the first entry aged out: its unit is free");
+    let r3 = a.resets_at;
+    assert_eq!((a.used, a.exceeded), (3, false), "the first bucket left: its unit is free");
     let a = go(1).await;
-    assert_eq!((a.used, a.exceeded, a.retry_at), (3, true, e2 + wd));
-    s.clock.sleep_until(e3 + wd).await;
+    assert_eq!((a.used, a.exceeded, a.retry_at), (3, true, r2));
+    s.clock.sleep_until(r3).await;
     let a = go(0).await;
-    assert_eq!((a.used, a.exceeded), (0, false), "every entry aged out");
+    assert_eq!((a.used, a.exceeded), (0, false), "every bucket left");
     s.clock.assert_now(a.resets_at, "an empty window is restored now");
 }
 
-/// Bug (b): a cost-0 request adds no entry, so it must not move `resets_at`
+/// Bug (b): a cost-0 request adds nothing, so it must not move `resets_at`
 /// (the `t` of the `RateLimit` header) to a full window from now.
-async fn a_cost_0_spend_leaves_a_rolling_window_restored_when_its_newest_entry_ages_out(s: &Subject) {
+async fn a_cost_0_spend_leaves_a_rolling_window_restored_when_its_newest_bucket_leaves(s: &Subject) {
     let w = Duration::from_secs(60);
-    let (q, wd) = ([rolling(5, w)], chrono::Duration::from_std(w).unwrap());
+    let q = [rolling(5, w)];
     for dry_run in [false, true] {
         let a = s.spend(&Spend { dry_run, ..spend(&q, 0, None, s.clock.now()) }).await;
         assert_eq!((a.spent, a.quotas[0].used, a.quotas[0].exceeded), (!dry_run, 0, false));
         s.clock.assert_now(a.quotas[0].resets_at, "an empty window is restored now (t=0), not in a full window");
         s.clock.assert_now(a.quotas[0].retry_at, "and a request may come at once");
     }
-    let e1 = s.spend(&spend(&q, 1, None, s.clock.now())).await.quotas[0].resets_at - wd;
+    let r1 = s.spend(&spend(&q, 1, None, s.clock.now())).await.quotas[0].resets_at;
+    s.clock.assert_bucket_leaves(r1, w, "the spend");
     s.clock.sleep(Duration::from_millis(200)).await;
     for dry_run in [false, true] {
         let a = s.spend(&Spend { dry_run, ..spend(&q, 0, None, s.clock.now()) }).await;
         assert_eq!((a.spent, a.quotas[0].used), (!dry_run, 1));
-        assert_eq!(a.quotas[0].resets_at, e1 + wd, "restored when the newest entry ages out (dry run: {dry_run})");
+        assert_eq!(a.quotas[0].resets_at, r1, "restored when the newest bucket leaves (dry run: {dry_run})");
+    }
+}
+
+/// The payer's guarantee: hammered for five windows, no window of length
+/// `per` holds more than `limit` allowed units. Checked twice: by the bucket
+/// each allowed spend reports (any `count + 1` consecutive buckets cover a
+/// window), and by time, counting only the spends surely inside the window
+/// that ends with each allowed spend, since Redis's instant for a spend is
+/// only known to lie between our clock before and after the call.
+async fn no_rolling_window_ever_holds_more_than_its_limit(s: &Subject) {
+    let (per, limit) = (Duration::from_millis(200), 7);
+    let g = Buckets::of(per).unwrap();
+    let q = [rolling(limit, per)];
+    let end = s.clock.now() + chrono::Duration::from_std(per * 5).unwrap();
+    // (bucket, started, answered, units) of every allowed spend.
+    let mut allowed: Vec<(i64, DateTime<Utc>, DateTime<Utc>, u64)> = Vec::new();
+    let mut step = 0u64;
+    while s.clock.now() < end {
+        let (cost, started) = (1 + step % 3, s.clock.now());
+        let a = s.spend(&spend(&q, cost, None, started)).await.quotas[0];
+        if !a.exceeded {
+            let bucket = a.resets_at.timestamp_millis() / g.width_ms - g.count - 1;
+            allowed.push((bucket, started, s.clock.now(), cost));
+        }
+        s.clock.sleep(Duration::from_millis(3 + step % 5)).await;
+        step += 1;
+    }
+    assert!(allowed.len() as u64 > 2 * limit, "the loop spent in several windows: {}", allowed.len());
+    for (b, ..) in &allowed {
+        let held: u64 = allowed.iter().filter(|(j, ..)| (b - g.count..=*b).contains(j)).map(|x| x.3).sum();
+        assert!(held <= limit, "buckets {}..={b} hold {held} > {limit}", b - g.count);
+    }
+    let per = chrono::Duration::from_std(per).unwrap();
+    for (i, (_, _, answered, _)) in allowed.iter().enumerate() {
+        let held: u64 = allowed[..=i].iter().filter(|(_, started, ..)| *started > *answered - per).map(|x| x.3).sum();
+        assert!(held <= limit, "the window of {per} up to spend {i} holds {held} > {limit}");
     }
 }
 
@@ -499,8 +560,9 @@ async fn keeps_the_contract(backend: Backend) {
         a_spend_is_all_or_nothing_across_quotas_and_credits,
         a_dry_run_reports_how_a_spend_would_stand_and_spends_nothing,
         a_calendar_window_fits_up_to_its_limit_then_resets_with_the_window,
-        a_rolling_window_fits_up_to_its_limit_and_retries_when_enough_ages_out,
-        a_cost_0_spend_leaves_a_rolling_window_restored_when_its_newest_entry_ages_out,
+        a_rolling_window_fits_up_to_its_limit_and_retries_when_its_oldest_buckets_leave,
+        a_cost_0_spend_leaves_a_rolling_window_restored_when_its_newest_bucket_leaves,
+        no_rolling_window_ever_holds_more_than_its_limit,
         reset_usage_empties_the_current_windows_of_the_quotas_named,
         credits_are_set_added_and_kept_within_zero_and_max_credits,
         keys_map_to_their_account_until_revoked,

@@ -2,8 +2,8 @@
 //!
 //! Usage lives in shards, each a std `Mutex` (never held across an `.await`),
 //! keyed by account, so one account's check-and-spend is atomic and different
-//! accounts rarely contend. Rolling windows are an exact sliding log whose
-//! length is bounded by the quota's limit (each entry holds at least one unit).
+//! accounts rarely contend. Rolling windows are bucketed logs of at most
+//! [`BUCKETS`](super::rolling::BUCKETS) + 1 buckets (see [`super::rolling`]).
 //! It answers what the Redis spend script answers, field by field (used,
 //! exceeded, `resets_at`, `retry_at`), only on `Spend::now` instead of Redis
 //! `TIME`: `tests/store_contract.rs` runs the same cases on both.
@@ -18,7 +18,7 @@
 //! nothing of Redis or of the cache.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use super::rolling::Buckets;
 use super::{Store, StoreError};
 use crate::bounds;
 use crate::entitlement::{Account, Quota, Window};
@@ -65,25 +66,22 @@ struct Usage {
 enum Counter {
     /// Units used in the calendar window starting at `start`; a new window resets it.
     Calendar { start: DateTime<Utc>, used: u64 },
-    /// (time, units) of every spend still inside the window, oldest first.
-    Rolling { log: VecDeque<(DateTime<Utc>, u64)>, used: u64 },
+    /// Bucket index → units spent in it, for the buckets still counted
+    /// (older ones are dropped at each check).
+    Rolling { buckets: BTreeMap<i64, u64> },
 }
 
-/// `t + d`, or `None` where that leaves chrono's range (never for bounded windows and times).
-fn after(t: DateTime<Utc>, d: Duration) -> Option<DateTime<Utc>> {
-    chrono::Duration::from_std(d).ok().and_then(|d| t.checked_add_signed(d))
-}
-
-/// `t + d`, saturating at the last instant chrono knows instead of panicking.
-fn after_or_max(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    after(t, d).unwrap_or(DateTime::<Utc>::MAX_UTC)
+/// The instant `ms` after the epoch, saturating at the last instant chrono
+/// knows (never reached for bounded windows and times).
+fn instant(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 impl Counter {
     fn new(window: Window) -> Self {
         match window {
             Window::Calendar(_) => Counter::Calendar { start: DateTime::<Utc>::MIN_UTC, used: 0 },
-            Window::Rolling(_) => Counter::Rolling { log: VecDeque::new(), used: 0 },
+            Window::Rolling(_) => Counter::Rolling { buckets: BTreeMap::new() },
         }
     }
 
@@ -100,32 +98,31 @@ impl Counter {
                 }
                 QuotaUsage { used: *used, exceeded: !fits(*used), resets_at: end, retry_at: end }
             }
-            (Counter::Rolling { log, used }, Window::Rolling(d)) => {
-                // An entry whose end cannot be computed never ages out (it cannot happen
-                // for windows within MAX_WINDOW, which `spend` checks first).
-                while let Some(&(t, units)) = log.front() {
-                    if after(t, d).is_none_or(|end| end > now) {
-                        break;
-                    }
-                    log.pop_front();
-                    *used = used.saturating_sub(units);
-                }
-                let resets_at = log.back().map_or(now, |(t, _)| after_or_max(*t, d));
-                let exceeded = !fits(*used);
+            (Counter::Rolling { buckets }, Window::Rolling(d)) => {
+                // `spend` checked the window first, so it has buckets.
+                let Some(g) = Buckets::of(d) else {
+                    return QuotaUsage { used: 0, exceeded: true, resets_at: now, retry_at: now };
+                };
+                let now_ms = now.timestamp_millis();
+                *buckets = buckets.split_off(&g.oldest_live(now_ms));
+                // Sums of live buckets stay at or below a limit (≤ MAX_LIMIT): saturating never clips.
+                let used = buckets.values().fold(0u64, |sum, u| sum.saturating_add(*u));
+                let resets_at = buckets.last_key_value().map_or(now, |(j, _)| instant(g.leaves_at(*j)));
+                let exceeded = !fits(used);
                 let mut retry_at = now;
                 if exceeded {
-                    // The first instant enough old entries have aged out for `cost` to fit.
+                    // The first instant enough old buckets have left for `cost` to fit.
                     retry_at = resets_at;
-                    let mut left = *used;
-                    for (t, units) in log.iter() {
+                    let mut left = used;
+                    for (j, units) in buckets.iter() {
                         left = left.saturating_sub(*units);
                         if fits(left) {
-                            retry_at = after_or_max(*t, d);
+                            retry_at = instant(g.leaves_at(*j));
                             break;
                         }
                     }
                 }
-                QuotaUsage { used: *used, exceeded, resets_at, retry_at }
+                QuotaUsage { used, exceeded, resets_at, retry_at }
             }
             // The map is keyed by window, so the variants always agree.
             (_, _) => QuotaUsage { used: 0, exceeded: true, resets_at: now, retry_at: now },
@@ -139,11 +136,17 @@ impl Counter {
             Counter::Calendar { used, .. } => *used = used.saturating_add(cost),
             // A cost of 0 logs nothing, so the window is restored when it was
             // before (`now` for an empty one), as in the Redis script.
-            Counter::Rolling { log, used } if cost > 0 => {
-                log.push_back((now, cost));
-                *used = used.saturating_add(cost);
-                if let Window::Rolling(d) = quota.window {
-                    state.resets_at = after_or_max(now, d);
+            Counter::Rolling { buckets } if cost > 0 => {
+                if let Some(g) = match quota.window {
+                    Window::Rolling(d) => Buckets::of(d),
+                    Window::Calendar(_) => None,
+                } {
+                    let units = buckets.entry(g.index(now.timestamp_millis())).or_default();
+                    *units = units.saturating_add(cost);
+                    // The newest bucket: this one, or a later one logged before a clock step back.
+                    if let Some((j, _)) = buckets.last_key_value() {
+                        state.resets_at = instant(g.leaves_at(*j));
+                    }
                 }
             }
             Counter::Rolling { .. } => {}

@@ -3,7 +3,8 @@
 //! [`Store`] is the small seam between the server and its backends: the
 //! [`memory::MemoryStore`] (demo, tests, single replica) and
 //! [`redis::RedisStore`] (shared by replicas), the latter behind
-//! [`cached::CachedStore`].
+//! [`cached::CachedStore`]. Both count rolling windows in the buckets of
+//! [`rolling`], so their state and work do not grow with a quota's limit.
 //! Stores know the domain (`entitlement`, `usage`, `identity::KeyHash`) and
 //! nothing of decisions or transports.
 //!
@@ -13,6 +14,7 @@
 pub mod cached;
 pub mod memory;
 pub mod redis;
+pub mod rolling;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,7 +96,7 @@ pub trait Store: Send + Sync + 'static {
     /// when the balance would go below zero.
     async fn add_credits(&self, account: &str, delta: i64) -> Result<Option<u64>, StoreError>;
 
-    /// Zeroes the current windows of `quotas` (rolling logs are emptied).
+    /// Zeroes the current windows of `quotas` (rolling windows lose every bucket).
     async fn reset_usage(&self, account: &str, quotas: &[Quota], now: DateTime<Utc>) -> Result<(), StoreError>;
 
     /// Records an event id for `ttl`; false when it was already recorded (a replay).

@@ -6,6 +6,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::entitlement::Period;
+use crate::store::rolling::Buckets;
 use crate::usage::MAX_LIMIT;
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -181,6 +182,55 @@ proptest! {
                 prop_assert_eq!((a.quotas[0].used, a.quotas[1].used), (month, rate));
             }
             prop_assert_eq!(run(s.credits("a")).unwrap(), balance);
+        }
+    }
+
+    /// A rolling window on a fake clock, hammered at random gaps and costs,
+    /// against an exact log of what it allowed: no window of length `per`
+    /// ever holds more than `limit` units; `used` is exactly the units of the
+    /// buckets still counted; a refusal always has a reason within
+    /// `(count + 1) * width` (the stated under-use bound: the refused cost would
+    /// not fit on top of what that slightly longer window holds); and
+    /// `retry_at` is the first bucket boundary at which it fits.
+    #[test]
+    fn a_rolling_window_never_holds_more_than_its_limit_and_refuses_only_within_one_bucket_more(
+        per_ms in prop_oneof![1..40u64, 40..5_000u64, Just(3_600_000u64)],
+        limit in 1..20u64,
+        steps in proptest::collection::vec((0..400u64, 0..6u64), 1..120),
+        scale in prop_oneof![Just(1u64), Just(100), Just(20_000)],
+    ) {
+        let s = MemoryStore::new();
+        let per = Duration::from_millis(per_ms);
+        let g = Buckets::of(per).unwrap();
+        let q = vec![quota(limit, Window::Rolling(per))];
+        let mut now = t("2026-11-01T00:00:00Z").timestamp_millis() + 12_345;
+        let mut log: Vec<(i64, u64)> = Vec::new(); // (ms, units) of every allowed spend
+        for (gap, cost) in steps {
+            now += (gap * scale) as i64;
+            let at = DateTime::from_timestamp_millis(now).unwrap();
+            let a = run(s.spend(&spend(q.clone(), cost, None, at))).unwrap();
+            let held = |log: &[(i64, u64)], from: i64| log.iter().filter(|(t, _)| *t > from).map(|(_, u)| u).sum::<u64>();
+            if a.spent {
+                log.push((now, cost));
+            }
+            let counted: u64 =
+                log.iter().filter(|(t, _)| g.index(*t) >= g.oldest_live(now)).map(|(_, u)| u).sum();
+            prop_assert_eq!(a.quotas[0].used, counted, "used after the spend (if any)");
+            if a.spent {
+                prop_assert!(held(&log, now - per_ms as i64) <= limit, "the window up to {} holds more than {}", now, limit);
+            } else {
+                let longer = (g.count + 1) * g.width_ms;
+                prop_assert!(held(&log, now - longer) + cost > limit, "refused at {} though the last {} ms hold {}", now, longer, held(&log, now - longer));
+                // Retry: the first boundary where the buckets left hold little enough.
+                let retry = a.quotas[0].retry_at.timestamp_millis();
+                let fits_at = |t: i64| {
+                    log.iter().filter(|(e, _)| g.index(*e) >= g.oldest_live(t)).map(|(_, u)| u).sum::<u64>() + cost <= limit
+                };
+                if cost <= limit {
+                    prop_assert!(retry > now && fits_at(retry) && !fits_at(retry - 1), "retry at {} for {} at {}", retry, cost, now);
+                    prop_assert_eq!(retry % g.width_ms, 0);
+                }
+            }
         }
     }
 

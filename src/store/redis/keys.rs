@@ -63,7 +63,9 @@ impl Keys {
         format!("{}invalidate", self.prefix)
     }
 
-    /// The keys of `q`'s window at `now`: the calendar counter, or the rolling log and its sums.
+    /// The keys of `q`'s window at `now`: the calendar counter, or the rolling
+    /// window's buckets (`rb`, a hash: a name apart from the old `r` sorted
+    /// set, so a key left by an older version can never be read as the wrong type).
     pub(super) fn window(&self, id: &str, q: &Quota, now: DateTime<Utc>) -> Vec<String> {
         match q.window {
             Window::Calendar(p) => {
@@ -71,8 +73,7 @@ impl Keys {
                 vec![format!("{}{{{id}}}:q:{}:{}:{}", self.prefix, q.meter, p.as_str(), millis(start))]
             }
             Window::Rolling(d) => {
-                let log = format!("{}{{{id}}}:r:{}:{}", self.prefix, q.meter, d.as_millis());
-                vec![log.clone(), format!("{log}:m")]
+                vec![format!("{}{{{id}}}:rb:{}:{}", self.prefix, q.meter, d.as_millis())]
             }
         }
     }

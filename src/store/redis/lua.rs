@@ -28,7 +28,7 @@ macro_rules! script {
 /// ARGV: cost, credit cost (`''` for none), dry run (`0`/`1`), quota count
 /// n, then per quota: kind (`c` calendar / `r` rolling), limit, and the
 /// window's end (calendar, ms) or length (rolling, ms). KEYS: per quota its
-/// counter (calendar) or log and sums (rolling), then the credits key.
+/// counter (calendar) or bucket hash (rolling), then the credits key.
 /// Answers `{spent, balance (-1 without credits), sufficient}` and per
 /// quota `{used, exceeded, resets ms, retry ms}`.
 pub const SPEND: &str = script!("spend.lua");

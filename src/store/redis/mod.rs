@@ -11,8 +11,7 @@
 //! | `P{acct}:credits` | string (integer) | prepaid balance |
 //! | `P{acct}:keys` | hash | SHA-256 hex of the account's API keys → what operators may see of them |
 //! | `P{acct}:q:<meter>:<period>:<start ms>` | string (integer) | calendar counter; expires a minute after its window |
-//! | `P{acct}:r:<meter>:<duration ms>` | sorted set | rolling log: member `<ms>:<seq>:<units>`, score = Redis time in ms |
-//! | `P{acct}:r:<meter>:<duration ms>:m` | hash | rolling log's `used` sum and `seq` |
+//! | `P{acct}:rb:<meter>:<duration ms>` | hash | rolling window's buckets ([`super::rolling`]): bucket index (Redis time ms / width) → units; at most 17 fields; expires when its newest bucket leaves the window |
 //! | `Pkey:<sha256 hex>` | string | API key hash → account id (a global index: looked up before the account is known) |
 //! | `Pcustomer:<id>` | string | Stripe customer → account id |
 //! | `Pevent:<id>` | string | a webhook event already handled, for its TTL |

@@ -21,8 +21,8 @@ for i = 1, n do
   elseif kind == 'r' then
     w = uint(ARGV[a + 2], MAX_WINDOW_MS)
     if w == 0 then w = nil end
-    st[i] = {kind = kind, limit = limit, w = w, key = KEYS[nk], mkey = KEYS[nk + 1]}
-    nk = nk + 2
+    st[i] = {kind = kind, limit = limit, w = w, key = KEYS[nk]}
+    nk = nk + 1
   else
     return bad('window kind')
   end
@@ -32,9 +32,15 @@ if #KEYS ~= nk then return bad('key count') end
 local ckey = KEYS[nk]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function units(member)
-  local u = string.match(member, '^%d+:%d+:(%d+)$')
-  return u and uint(u, MAX_COST)
+-- A rolling window of p ms is counted in buckets (src/store/rolling.rs):
+-- width ceil(p / 16) ms, count ceil(p / width) of them; at `now`, in bucket b,
+-- the window holds buckets b - count ..= b. Exact in doubles (all < 2^53).
+local function buckets(p)
+  local width = math.floor((p + 15) / 16)
+  local count = math.floor((p + width - 1) / width)
+  local b = math.floor(now / width)
+  if b * width > now then b = b - 1 elseif (b + 1) * width <= now then b = b + 1 end
+  return width, count, b
 end
 
 -- Read and check everything; nothing is written until all of it is known good.
@@ -46,35 +52,34 @@ for i = 1, n do
     if s.used == nil then return corrupt('counter ' .. s.key) end
     s.resets, s.retry = s.w, s.w
   else
-    s.cutoff = now - s.w
-    local used = stored(redis.call('HGET', s.mkey, 'used'), MAX_LIMIT)
-    local seq = stored(redis.call('HGET', s.mkey, 'seq'), MAX_LIMIT)
-    if used == nil or seq == nil then return corrupt('rolling sums ' .. s.mkey) end
-    local old = redis.call('ZRANGEBYSCORE', s.key, '-inf', str(s.cutoff))
-    for _, m in ipairs(old) do
-      local u = units(m)
-      if u == nil then return corrupt('rolling log ' .. s.key) end
-      used = used - u
+    -- The hash holds at most count + 1 fields: every write drops those that fell out.
+    local width, count, b = buckets(s.w)
+    s.width, s.count, s.b, s.stale = width, count, b, {}
+    local fields = redis.call('HGETALL', s.key)
+    local live, used, newest = {}, 0, nil
+    for j = 1, #fields, 2 do
+      local idx, u = uint(fields[j], MAX_TIME_MS), uint(fields[j + 1], MAX_LIMIT)
+      if idx == nil or u == nil or idx * width > MAX_TIME_MS then return corrupt('rolling buckets ' .. s.key) end
+      if idx < b - count then
+        s.stale[#s.stale + 1] = fields[j]
+      else
+        live[#live + 1] = {idx, u}
+        used = used + u
+        if newest == nil or idx > newest then newest = idx end
+      end
     end
-    if used < 0 then used = 0 end
-    s.expired, s.used, s.resets, s.retry = #old > 0, used, now, now
-    local newest = redis.call('ZRANGE', s.key, -1, -1, 'WITHSCORES')
-    if #newest > 0 then
-      local at = uint(newest[2], MAX_TIME_MS)
-      if at == nil then return corrupt('rolling log ' .. s.key) end
-      if at > s.cutoff then s.resets = at + s.w end
-    end
+    if used > MAX_LIMIT then return corrupt('rolling buckets ' .. s.key) end
+    s.used, s.newest, s.resets, s.retry = used, newest, now, now
+    if newest ~= nil then s.resets = (newest + count + 1) * width end
     if used + cost > s.limit then
-      -- The first instant enough old entries have aged out for `cost` to fit.
+      -- The first instant enough old buckets have left for `cost` to fit.
       s.retry = s.resets
-      local live = redis.call('ZRANGEBYSCORE', s.key, '(' .. str(s.cutoff), '+inf', 'WITHSCORES')
+      table.sort(live, function(x, y) return x[1] < y[1] end)
       local left = used
-      for j = 1, #live, 2 do
-        local u, at = units(live[j]), uint(live[j + 1], MAX_TIME_MS)
-        if u == nil or at == nil then return corrupt('rolling log ' .. s.key) end
-        left = left - u
+      for _, e in ipairs(live) do
+        left = left - e[2]
         if left + cost <= s.limit then
-          s.retry = at + s.w
+          s.retry = (e[1] + count + 1) * width
           break
         end
       end
@@ -94,13 +99,6 @@ if credit_cost then
 end
 
 -- Everything is checked: from here on nothing can fail half-way.
-for i = 1, n do
-  local s = st[i]
-  if s.kind == 'r' and s.expired then
-    redis.call('ZREMRANGEBYSCORE', s.key, '-inf', str(s.cutoff))
-    redis.call('HSET', s.mkey, 'used', str(s.used))
-  end
-end
 local spent = 0
 if ok and not dry then
   spent = 1
@@ -110,12 +108,13 @@ if ok and not dry then
       redis.call('INCRBY', s.key, str(cost))
       redis.call('PEXPIREAT', s.key, str(s.w + 60000))
     elseif cost > 0 then
-      local seq = redis.call('HINCRBY', s.mkey, 'seq', 1)
-      redis.call('ZADD', s.key, str(now), str(now) .. ':' .. str(seq) .. ':' .. str(cost))
-      redis.call('HINCRBY', s.mkey, 'used', str(cost))
-      redis.call('PEXPIRE', s.key, str(s.w + 1000))
-      redis.call('PEXPIRE', s.mkey, str(s.w + 1000))
-      s.resets = now + s.w
+      if #s.stale > 0 then redis.call('HDEL', s.key, unpack(s.stale)) end
+      redis.call('HINCRBY', s.key, str(s.b), str(cost))
+      local newest = s.b
+      if s.newest ~= nil and s.newest > newest then newest = s.newest end
+      -- The key outlives its newest bucket by nothing: when it expires, the window is empty.
+      s.resets = (newest + s.count + 1) * s.width
+      redis.call('PEXPIREAT', s.key, str(s.resets))
     end
     s.used = s.used + cost
   end
