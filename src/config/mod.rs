@@ -41,7 +41,8 @@ mod validate_settings;
 pub use policy::{BillingConfig, ProblemOverride, ProblemsConfig, SeedAccount, StripeConfig};
 pub use secrets::{MIN_TOKEN_CHARS, PLACEHOLDER_TOKEN, Secrets};
 pub use settings::{
-    Backend, CacheConfig, Limits, OnError, ReadAccess, ServerConfig, StoreConfig, StoreUrl, TlsConfig, TrustedCallers,
+    Backend, CacheConfig, Counting, LeaseConfig, Limits, OnError, ReadAccess, ServerConfig, StoreConfig, StoreUrl,
+    TlsConfig, TrustedCallers,
 };
 
 /// The config `cargo run` uses when no `--config` is given: memory store, demo accounts.

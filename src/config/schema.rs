@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use super::parse_duration;
 use super::policy::ProblemOverride;
-use super::settings::{Backend, OnError, ReadAccess, TrustedCallers};
+use super::settings::{Backend, Counting, OnError, ReadAccess, TrustedCallers};
 use crate::decision::Unmatched;
 use crate::entitlement::{Period, Status};
 
@@ -140,6 +140,21 @@ pub(super) struct Store {
     #[serde(default, deserialize_with = "opt_duration")]
     pub(super) timeout: Option<Duration>,
     pub(super) key_prefix: Option<String>,
+    #[serde(default)]
+    pub(super) counting: Counting,
+    #[serde(default)]
+    pub(super) lease: Lease,
+}
+
+/// `store.lease:`, read only when `store.counting` is `lease`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Lease {
+    pub(super) max_block: Option<u64>,
+    pub(super) replicas: Option<u64>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub(super) idle: Option<Duration>,
+    pub(super) max_accounts: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]

@@ -24,6 +24,39 @@ pub enum Backend {
     Redis,
 }
 
+/// How the Redis store counts calendar (`period:`) quotas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Counting {
+    /// Every allowed Check spends in Redis: one round trip each.
+    #[default]
+    Exact,
+    /// Replicas take blocks of units from Redis and spend them locally
+    /// (`store::lease`); never over a limit, under-use bounded.
+    Lease,
+}
+
+/// `store.lease:`: the lease mode's knobs (see `store::lease` for what they bound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// The largest block one replica takes at once.
+    pub max_block: u64,
+    /// How many replicas share an account's traffic, roughly: a block is at
+    /// most `free / (2 · replicas)`, so blocks shrink to 1 near the limit.
+    pub replicas: u64,
+    /// A lease unused this long goes back to Redis; a "known exhausted" mark
+    /// is re-checked after this long.
+    pub idle: Duration,
+    /// The most accounts one replica holds leases for; past it, spends are exact.
+    pub max_accounts: usize,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self { max_block: 100, replicas: 4, idle: Duration::from_secs(2), max_accounts: 100_000 }
+    }
+}
+
 /// What a Check gets when the store fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -213,6 +246,10 @@ pub struct StoreConfig {
     pub timeout: Duration,
     /// Prefix of every Redis key.
     pub key_prefix: String,
+    /// Exact (a Redis call per allowed Check) or lease counting.
+    pub counting: Counting,
+    /// Lease mode's knobs (defaults when `counting` is `exact`).
+    pub lease: LeaseConfig,
 }
 
 /// `cache:`.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::schema::{self, ApiKey, Identity};
 use super::secrets::{self, MIN_TOKEN_CHARS, Merged, PLACEHOLDER_TOKEN};
-use super::settings::{Backend, CacheConfig, Limits, ServerConfig, StoreConfig, StoreUrl, TlsConfig};
+use super::settings::{Backend, CacheConfig, LeaseConfig, Limits, ServerConfig, StoreConfig, StoreUrl, TlsConfig};
 use super::validate::{Invalid, bounded, invalid, positive};
 use crate::identity::IdentitySource;
 
@@ -166,6 +166,20 @@ pub(super) fn store(raw: schema::Store) -> Result<StoreConfig, Invalid> {
         on_error: raw.on_error,
         timeout: positive(raw.timeout.unwrap_or(Duration::from_millis(50)), "store.timeout")?,
         key_prefix: raw.key_prefix.unwrap_or_else(|| "tollgate:".into()),
+        counting: raw.counting,
+        lease: lease(&raw.lease)?,
+    })
+}
+
+/// `store.lease:`: bounded so a typo cannot lease a whole quota to one replica
+/// or hold leases for hours.
+fn lease(raw: &schema::Lease) -> Result<LeaseConfig, Invalid> {
+    let d = LeaseConfig::default();
+    Ok(LeaseConfig {
+        max_block: bounded(raw.max_block, d.max_block, 1, 1_000_000, "store.lease.max_block")?,
+        replicas: bounded(raw.replicas, d.replicas, 1, 10_000, "store.lease.replicas")?,
+        idle: bounded(raw.idle, d.idle, Duration::from_millis(100), Duration::from_secs(60), "store.lease.idle")?,
+        max_accounts: bounded(raw.max_accounts, d.max_accounts, 1, 10_000_000, "store.lease.max_accounts")?,
     })
 }
 
