@@ -58,7 +58,13 @@ impl Reloader {
                 for (what, changed) in [
                     ("server.grpc_listen", old.server.grpc_listen != new.server.grpc_listen),
                     ("server.http_listen", old.server.http_listen != new.server.http_listen),
-                    ("store", old.store.backend != new.store.backend || old.store.url != new.store.url),
+                    (
+                        "store",
+                        old.store.backend != new.store.backend
+                            || old.store.url != new.store.url
+                            || old.store.counting != new.store.counting
+                            || old.store.lease != new.store.lease,
+                    ),
                 ] {
                     if changed {
                         tracing::warn!(field = what, "changed in the config; takes effect on restart");
@@ -68,6 +74,11 @@ impl Reloader {
                     tracing::warn!("config: {w}");
                 }
                 self.authorizer.replace_config(Arc::new(new));
+                // Lease mode gives its leases back: limits may have changed.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let store = self.authorizer.store().clone();
+                    rt.spawn(async move { store.release().await });
+                }
                 metrics.record_reload("ok");
                 tracing::info!("config reloaded");
                 Ok(())

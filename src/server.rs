@@ -6,7 +6,8 @@
 //! follows the store: NOT_SERVING until the store answers, and again while it
 //! does not. Liveness (`""`, `/healthz`) holds until shutdown. On shutdown
 //! everything turns NOT_SERVING, then the listeners close and in-flight
-//! requests drain, bounded by `server.drain_timeout`.
+//! requests drain, bounded by `server.drain_timeout`; then the store gives
+//! back what it holds (lease mode), bounded by the same timeout.
 //!
 //! Both ports accept through [`LimitedIncoming`] (connection cap, handshake
 //! deadline). On the gRPC port tonic enforces the rest of `server.limits`:
@@ -197,6 +198,10 @@ pub async fn run(
             tracing::info!("drained; bye");
         }
         Err(_) => tracing::warn!(?drain_timeout, "drain timed out; exiting with requests in flight"),
+    }
+    // Lease mode: give back what this replica holds, so other replicas can spend it.
+    if tokio::time::timeout(drain_timeout, authorizer.store().release()).await.is_err() {
+        tracing::warn!("giving leases back timed out; their units stay counted until their windows end");
     }
     Ok(())
 }

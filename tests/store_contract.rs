@@ -536,8 +536,8 @@ async fn every_change_to_a_lookup_is_announced_to_other_replicas(s: &Subject) {
     while let Ok(Some(inv)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
         heard.push(inv);
     }
-    let acct = Invalidation::Account(ACCT.into());
-    assert_eq!(heard, [acct.clone(), Invalidation::Key(key), Invalidation::Key(key), acct]);
+    let (acct, usage) = (Invalidation::Account(ACCT.into()), Invalidation::Usage(ACCT.into()));
+    assert_eq!(heard, [acct.clone(), Invalidation::Key(key), usage, Invalidation::Key(key), acct]);
     task.abort();
 }
 

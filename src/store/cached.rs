@@ -137,6 +137,8 @@ impl CachedStore {
         match inv {
             Invalidation::Account(id) => self.accounts.invalidate(id).await,
             Invalidation::Key(k) => self.keys.invalidate(k).await,
+            // Counters and credits are never cached here.
+            Invalidation::Usage(_) => {}
         }
     }
 
@@ -246,6 +248,10 @@ impl Store for CachedStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
+    }
+
+    async fn release(&self) {
+        self.inner.release().await
     }
 }
 

@@ -3,7 +3,9 @@
 //! [`Store`] is the small seam between the server and its backends: the
 //! [`memory::MemoryStore`] (demo, tests, single replica) and
 //! [`redis::RedisStore`] (shared by replicas), the latter behind
-//! [`cached::CachedStore`]. Both count rolling windows in the buckets of
+//! [`cached::CachedStore`], and in lease mode (`store.counting: lease`) also
+//! behind [`lease::LeaseStore`], which spends blocks of calendar quota units
+//! locally. Both count rolling windows in the buckets of
 //! [`rolling`], so their state and work do not grow with a quota's limit.
 //! Stores know the domain (`entitlement`, `usage`, `identity::KeyHash`) and
 //! nothing of decisions or transports.
@@ -12,6 +14,7 @@
 //! cache settings only).
 
 pub mod cached;
+pub mod lease;
 pub mod memory;
 pub mod redis;
 pub mod rolling;
@@ -21,7 +24,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::config::{Backend, CacheConfig, StoreConfig};
+use crate::config::{Backend, CacheConfig, Counting, StoreConfig};
 use chrono::{DateTime, Utc};
 
 use crate::entitlement::{Account, Quota};
@@ -29,6 +32,7 @@ use crate::identity::{KeyHash, KeyMeta};
 use crate::usage::{Spend, SpendAnswer};
 
 pub use cached::{CachedStore, LookupObserver};
+pub use lease::LeaseStore;
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
 
@@ -107,6 +111,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Succeeds when the backend answers; drives readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Gives back whatever this replica holds but has not spent (lease mode's
+    /// leases), on shutdown and reload; a no-op for the other stores.
+    async fn release(&self) {}
 }
 
 /// A change other replicas must drop from their caches.
@@ -116,6 +124,9 @@ pub enum Invalidation {
     Account(String),
     /// An API key was created or revoked.
     Key(KeyHash),
+    /// An account's counters or credits changed by hand (`SetCredits`,
+    /// `AddCredits`, `ResetUsage`): lease mode drops its "exhausted" marks.
+    Usage(String),
 }
 
 impl Invalidation {
@@ -124,6 +135,7 @@ impl Invalidation {
         match self {
             Invalidation::Account(id) => format!("account:{id}"),
             Invalidation::Key(k) => format!("key:{}", k.to_hex()),
+            Invalidation::Usage(id) => format!("usage:{id}"),
         }
     }
 
@@ -132,6 +144,9 @@ impl Invalidation {
         if let Some(id) = s.strip_prefix("account:") {
             return Some(Invalidation::Account(id.to_owned()));
         }
+        if let Some(id) = s.strip_prefix("usage:") {
+            return Some(Invalidation::Usage(id.to_owned()));
+        }
         let hex = s.strip_prefix("key:")?;
         let bytes: [u8; 32] = hex::decode(hex).ok()?.try_into().ok()?;
         Some(Invalidation::Key(KeyHash(bytes)))
@@ -139,28 +154,46 @@ impl Invalidation {
 }
 
 /// Opens the configured backend: the memory store, or Redis behind the moka
-/// cache, kept fresh by pub/sub invalidation. Does no I/O: a Redis that is
-/// down shows as NOT_SERVING, not as a failed start.
+/// cache (and, in lease mode, the [`LeaseStore`] between them), kept fresh by
+/// pub/sub invalidation. Does no I/O: a Redis that is down shows as
+/// NOT_SERVING, not as a failed start. Lease mode needs a Tokio runtime (its
+/// idle give-back is a task).
 pub fn open(store: &StoreConfig, cache: &CacheConfig, observe: LookupObserver) -> Result<Arc<dyn Store>, StoreError> {
     match store.backend {
         Backend::Memory => Ok(Arc::new(MemoryStore::new())),
         Backend::Redis => {
             let redis = Arc::new(RedisStore::open(&store.url.0, &store.key_prefix, store.timeout)?);
-            let cached =
-                Arc::new(CachedStore::new(redis.clone(), cache.ttl, cache.negative_ttl, cache.max_bytes, observe));
+            let lease = match store.counting {
+                Counting::Exact => None,
+                Counting::Lease => Some(LeaseStore::new(redis.clone(), store.lease)?),
+            };
+            let inner: Arc<dyn Store> = match &lease {
+                Some(lease) => lease.clone(),
+                None => redis.clone(),
+            };
+            let cached = Arc::new(CachedStore::new(inner, cache.ttl, cache.negative_ttl, cache.max_bytes, observe));
             let (on_message, on_reconnect) = (Arc::downgrade(&cached), Arc::downgrade(&cached));
+            let (lease_message, lease_reconnect) =
+                (lease.as_ref().map(Arc::downgrade), lease.as_ref().map(Arc::downgrade));
             let task = redis.spawn_listener(
                 move |inv| {
                     let cache = on_message.upgrade();
+                    let lease = lease_message.as_ref().and_then(std::sync::Weak::upgrade);
                     async move {
                         if let Some(cache) = cache {
                             cache.invalidate(&inv).await;
+                        }
+                        if let Some(lease) = lease {
+                            lease.invalidate(&inv).await;
                         }
                     }
                 },
                 move || {
                     if let Some(cache) = on_reconnect.upgrade() {
                         cache.invalidate_all();
+                    }
+                    if let Some(lease) = lease_reconnect.as_ref().and_then(std::sync::Weak::upgrade) {
+                        lease.forget_exhausted();
                     }
                 },
             );

@@ -79,6 +79,12 @@ impl Keys {
     }
 }
 
+/// `<counter>:leases`: a calendar counter's lease records (lease mode), a hash
+/// holder id → units leased and not given back; in the counter's slot.
+pub(super) fn leases(counter: &str) -> String {
+    format!("{counter}:leases")
+}
+
 /// Milliseconds since the epoch.
 pub(super) fn millis(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()

@@ -45,3 +45,8 @@ pub const ADD_CREDITS: &str = script!("add_credits.lua");
 
 /// Removes a key from the index only if it belongs to the account. ARGV: the account id.
 pub const REVOKE: &str = script!("revoke.lua");
+
+/// Lease mode's take, give and reset (`store::lease`). KEYS: a calendar
+/// counter or the credits key, then its lease records (a hash holder → units).
+/// Answers `{units granted / given back / still leased, counter or balance after}`.
+pub const LEASE: &str = script!("lease.lua");

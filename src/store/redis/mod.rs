@@ -11,6 +11,7 @@
 //! | `P{acct}:credits` | string (integer) | prepaid balance |
 //! | `P{acct}:keys` | hash | SHA-256 hex of the account's API keys → what operators may see of them |
 //! | `P{acct}:q:<meter>:<period>:<start ms>` | string (integer) | calendar counter; expires a minute after its window |
+//! | `P{acct}:q:<meter>:<period>:<start ms>:leases` | hash | lease mode: holder id → units leased from that counter and not given back ([`super::lease`]); expires with the counter |
 //! | `P{acct}:rb:<meter>:<duration ms>` | hash | rolling window's buckets ([`super::rolling`]): bucket index (Redis time ms / width) → units; at most 17 fields; expires when its newest bucket leaves the window |
 //! | `Pkey:<sha256 hex>` | string | API key hash → account id (a global index: looked up before the account is known) |
 //! | `Pcustomer:<id>` | string | Stripe customer → account id |
@@ -49,7 +50,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use self::connection::{Conn, Connections, unavailable};
-use self::keys::{Keys, window_ms};
+use self::keys::{Keys, millis, window_ms};
 use super::{Invalidation, Store, StoreError};
 use crate::bounds;
 use crate::entitlement::{Account, MAX_WINDOW, Quota, is_valid_account_id};
@@ -64,11 +65,44 @@ pub struct RedisStore {
     put_if_newer: redis::Script,
     add_credits: redis::Script,
     revoke: redis::Script,
+    lease: redis::Script,
+}
+
+/// What one lease script call answered: units granted (or given back), and
+/// the counter after it (spent + leased units).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseAnswer {
+    /// Units granted by a take, or given back by a give.
+    pub units: u64,
+    /// The counter after the call.
+    pub counter: u64,
+}
+
+/// How big a block a take asks for (see `store::lease`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSize {
+    /// Units the request needs now: granted in full or not at all.
+    pub need: u64,
+    /// The largest block.
+    pub max: u64,
+    /// A block is at most `free / divisor` (but at least `need` and 1).
+    pub divisor: u64,
 }
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore").field("prefix", &self.keys.prefix()).finish_non_exhaustive()
+    }
+}
+
+/// Reads the lease script's `{units, counter}`; anything else is corrupt.
+fn lease_answer(out: &[i64]) -> Result<LeaseAnswer, StoreError> {
+    match out {
+        [units, counter] => match (u64::try_from(*units), u64::try_from(*counter)) {
+            (Ok(units), Ok(counter)) => Ok(LeaseAnswer { units, counter }),
+            _ => Err(StoreError::Corrupt(format!("lease script answered {out:?}"))),
+        },
+        _ => Err(StoreError::Corrupt(format!("lease script answered {} values", out.len()))),
     }
 }
 
@@ -88,11 +122,71 @@ impl RedisStore {
             put_if_newer: redis::Script::new(lua::PUT_IF_NEWER),
             add_credits: redis::Script::new(lua::ADD_CREDITS),
             revoke: redis::Script::new(lua::REVOKE),
+            lease: redis::Script::new(lua::LEASE),
         })
     }
 
     async fn conn(&self) -> Result<Conn, StoreError> {
         self.connections.get().await
+    }
+
+    /// The counter `quota` (a calendar one) uses at `now`; `None` for a rolling quota.
+    pub fn counter_key(&self, account: &str, quota: &Quota, now: DateTime<Utc>) -> Option<String> {
+        match quota.window {
+            crate::entitlement::Window::Calendar(_) if is_valid_account_id(account) => {
+                self.keys.window(account, quota, now).pop()
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes a block of units of `counter` for `holder`, which still holds
+    /// `holds` unspent: all of `size.need` or nothing. `expires` is when the
+    /// counter key expires (its window's end plus a minute, as the spend
+    /// script sets it).
+    pub async fn take_lease(
+        &self,
+        counter: &str,
+        holder: &str,
+        holds: u64,
+        limit: u64,
+        size: BlockSize,
+        expires: DateTime<Utc>,
+    ) -> Result<LeaseAnswer, StoreError> {
+        let mut conn = self.conn().await?;
+        let out: Vec<i64> = self
+            .lease
+            .key(counter)
+            .key(keys::leases(counter))
+            .arg("take")
+            .arg(holder)
+            .arg(limit)
+            .arg(size.need)
+            .arg(size.max)
+            .arg(size.divisor)
+            .arg(millis(expires))
+            .arg(holds)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        lease_answer(&out)
+    }
+
+    /// Gives back up to `units` of `holder`'s lease on `counter` (never more
+    /// than its record says) and deletes the record.
+    pub async fn give_lease(&self, counter: &str, holder: &str, units: u64) -> Result<LeaseAnswer, StoreError> {
+        let mut conn = self.conn().await?;
+        let out: Vec<i64> = self
+            .lease
+            .key(counter)
+            .key(keys::leases(counter))
+            .arg("give")
+            .arg(holder)
+            .arg(units)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        lease_answer(&out)
     }
 
     /// The pub/sub channel of cache invalidations.
@@ -279,7 +373,8 @@ impl Store for RedisStore {
             .arg(credits)
             .query_async::<()>(&mut conn)
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        self.publish(&mut conn, Invalidation::Usage(account.to_owned())).await
     }
 
     async fn credits(&self, account: &str) -> Result<u64, StoreError> {
@@ -312,7 +407,10 @@ impl Store for RedisStore {
             // -1: below zero; -2: above MAX_CREDITS. Nothing changed.
             -2 | -1 => Ok(None),
             v => {
-                u64::try_from(v).map(Some).map_err(|_| StoreError::Corrupt(format!("add-credits script answered {v}")))
+                let balance =
+                    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("add-credits script answered {v}")))?;
+                self.publish(&mut conn, Invalidation::Usage(account.to_owned())).await?;
+                Ok(Some(balance))
             }
         }
     }
@@ -324,10 +422,28 @@ impl Store for RedisStore {
         let mut conn = self.conn().await?;
         for q in quotas {
             for key in self.keys.window(account, q, now) {
-                redis::cmd("DEL").arg(key).query_async::<()>(&mut conn).await.map_err(unavailable)?;
+                match q.window {
+                    // Units leased (lease mode) stay counted: their holders may
+                    // still spend them. Without leases this is a DEL.
+                    crate::entitlement::Window::Calendar(p) => {
+                        let expires = p.bounds(now).1 + chrono::Duration::minutes(1);
+                        let _: Vec<i64> = self
+                            .lease
+                            .key(&key)
+                            .key(keys::leases(&key))
+                            .arg("reset")
+                            .arg(millis(expires))
+                            .invoke_async(&mut conn)
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                    crate::entitlement::Window::Rolling(_) => {
+                        redis::cmd("DEL").arg(key).query_async::<()>(&mut conn).await.map_err(unavailable)?;
+                    }
+                }
             }
         }
-        Ok(())
+        self.publish(&mut conn, Invalidation::Usage(account.to_owned())).await
     }
 
     async fn remember_event(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {

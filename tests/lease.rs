@@ -1,0 +1,245 @@
+//! Lease mode (`store.counting: lease`, `tollgate::store::lease`) on a real
+//! `redis-server`: several [`LeaseStore`]s over one Redis stand for several
+//! replicas. Never over a limit, under-use within the stated bound
+//! `R · (max_block + cost − 1)`, exactly the limit once leases go back.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tollgate::config::{Backend, CacheConfig, Counting, LeaseConfig, OnError, StoreConfig, StoreUrl};
+use tollgate::entitlement::{Period, Quota, Window};
+use tollgate::store::{self, LeaseStore, RedisStore, Store, StoreError};
+use tollgate::usage::Spend;
+use tollgate_testkit::redis::RedisServer;
+
+const ACCT: &str = "acct_lease";
+
+fn month(limit: u64) -> Quota {
+    Quota { meter: "requests".into(), limit, window: Window::Calendar(Period::Month) }
+}
+
+fn spend(quotas: &[Quota], cost: u64, now: DateTime<Utc>) -> Spend {
+    Spend { account: ACCT.into(), quotas: quotas.to_vec(), cost, credits: None, now, dry_run: false }
+}
+
+fn config(max_block: u64, replicas: u64, idle: Duration) -> LeaseConfig {
+    LeaseConfig { max_block, replicas, idle, max_accounts: 1000 }
+}
+
+fn redis(url: &str, prefix: &str) -> Arc<RedisStore> {
+    Arc::new(RedisStore::open(url, prefix, Duration::from_secs(5)).unwrap())
+}
+
+/// `n` replicas in lease mode over one Redis, under `prefix`.
+fn replicas(url: &str, prefix: &str, n: usize, lease: LeaseConfig) -> Vec<Arc<LeaseStore>> {
+    (0..n).map(|_| LeaseStore::new(redis(url, prefix), lease).unwrap()).collect()
+}
+
+/// The counter (spent + leased) Redis holds for `q` now.
+fn counter(server: &RedisServer, prefix: &str, q: &Quota, now: DateTime<Utc>) -> u64 {
+    let key = redis(&server.url(), prefix).counter_key(ACCT, q, now).unwrap();
+    server.cli(&["GET", &key]).unwrap().trim().parse().unwrap_or(0)
+}
+
+/// `n` concurrent spends of `cost`, spread round-robin over `stores`; how many were allowed.
+async fn burst(stores: &[Arc<LeaseStore>], quotas: &[Quota], cost: u64, n: usize) -> u64 {
+    let allowed = Arc::new(AtomicU64::new(0));
+    let now = Utc::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (store, allowed, s) = (stores[i % stores.len()].clone(), allowed.clone(), spend(quotas, cost, now));
+            tokio::spawn(async move {
+                if store.spend(&s).await.unwrap().spent {
+                    allowed.fetch_add(cost, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    allowed.load(Ordering::Relaxed)
+}
+
+/// Gives every lease back and bursts again (at most five rounds: a burst can
+/// end with a replica holding units its share of requests did not use) until
+/// `want` units went; never past it. The total allowed.
+async fn until_given_back(stores: &[Arc<LeaseStore>], q: &[Quota], cost: u64, mut total: u64, want: u64) -> u64 {
+    for _ in 0..5 {
+        for s in stores {
+            s.release().await;
+        }
+        total += burst(stores, q, cost, 300).await;
+        assert!(total <= want, "{total} went, more than {want}");
+        if total == want {
+            break;
+        }
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_never_allow_more_than_the_limit_and_reach_it_exactly_once_leases_go_back() {
+    let server = RedisServer::start();
+    let (max_block, r) = (50, 3);
+    let stores = replicas(&server.url(), "three:", r, config(max_block, r as u64, Duration::from_secs(60)));
+    let q = [month(1000)];
+    let allowed = burst(&stores, &q, 1, 3000).await;
+    let bound = r as u64 * max_block;
+    assert!(allowed <= 1000, "allowed {allowed} > the limit");
+    assert!(allowed >= 1000 - bound, "allowed {allowed}: under-use above the bound {bound}");
+    assert_eq!(counter(&server, "three:", &q[0], Utc::now()), 1000, "spent + leased is the limit");
+    let total = until_given_back(&stores, &q, 1, allowed, 1000).await;
+    assert_eq!(total, 1000, "the given-back units went exactly");
+    assert_eq!(counter(&server, "three:", &q[0], Utc::now()), 1000);
+    let stats = stores[0].stats();
+    assert!(stats.redis_calls < stats.spends, "leases save Redis calls: {stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_shrink_near_the_limit_so_costs_above_one_go_exactly_too() {
+    let server = RedisServer::start();
+    let stores = replicas(&server.url(), "cost:", 2, config(1000, 2, Duration::from_secs(60)));
+    let q = [month(997)];
+    let allowed = burst(&stores, &q, 3, 600).await;
+    assert!(allowed <= 997, "allowed {allowed}");
+    let total = until_given_back(&stores, &q, 3, allowed, 996).await;
+    assert_eq!(total, 996, "every whole cost of 3 that fits in 997");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_leases_go_back_by_themselves() {
+    let server = RedisServer::start();
+    let stores = replicas(&server.url(), "idle:", 1, config(100, 1, Duration::from_millis(200)));
+    let q = [month(1000)];
+    assert!(stores[0].spend(&spend(&q, 1, Utc::now())).await.unwrap().spent);
+    assert!(counter(&server, "idle:", &q[0], Utc::now()) > 1, "a block was leased");
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while counter(&server, "idle:", &q[0], Utc::now()) != 1 {
+        assert!(std::time::Instant::now() < deadline, "the idle lease never went back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stores[0].stats().outstanding, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_strands_at_most_its_lease_until_the_window_ends() {
+    let server = RedisServer::start();
+    let lease = config(40, 2, Duration::from_secs(60));
+    let q = [month(100)];
+    let now = Utc::now();
+    let killed = LeaseStore::new(redis(&server.url(), "kill:"), lease).unwrap();
+    assert!(killed.spend(&spend(&q, 1, now)).await.unwrap().spent);
+    let stranded = counter(&server, "kill:", &q[0], now) - 1;
+    assert!((1..=40).contains(&stranded), "it held one block: {stranded}");
+    drop(killed); // no give-back, as after SIGKILL
+    let other = replicas(&server.url(), "kill:", 1, lease);
+    let allowed = burst(&other, &q, 1, 200).await;
+    assert_eq!(allowed, 100 - 1 - stranded, "only the killed replica's lease is stranded");
+    // A new window is a new counter: everything is back.
+    let next = "2099-01-01T00:00:00Z".parse().unwrap();
+    let mut fresh = 0;
+    for _ in 0..150 {
+        fresh += u64::from(other[0].spend(&spend(&q, 1, next)).await.unwrap().spent);
+    }
+    assert_eq!(fresh, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spend_answer_never_claims_more_remaining_than_truly_remains() {
+    let server = RedisServer::start();
+    let stores = replicas(&server.url(), "honest:", 2, config(100, 1, Duration::from_secs(60)));
+    let q = [month(300)];
+    let now = Utc::now();
+    for i in 0..50 {
+        let a = stores[i % 2].spend(&spend(&q, 1, now)).await.unwrap();
+        assert!(a.spent);
+        // Truly remaining: the free units plus every replica's unspent lease.
+        let free = 300 - counter(&server, "honest:", &q[0], now);
+        let held: u64 = stores.iter().map(|s| s.stats().outstanding).sum();
+        assert!(300 - a.quotas[0].used <= free + held, "claims {} remaining", 300 - a.quotas[0].used);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_a_replica_answers_from_its_lease_then_fails() {
+    let mut server = RedisServer::start();
+    let stores = replicas(&server.url(), "down:", 1, config(10, 1, Duration::from_secs(60)));
+    let q = [month(1000)];
+    let now = Utc::now();
+    assert!(stores[0].spend(&spend(&q, 1, now)).await.unwrap().spent);
+    let held = stores[0].stats().outstanding;
+    assert!(held > 0);
+    server.kill();
+    for _ in 0..held {
+        assert!(stores[0].spend(&spend(&q, 1, now)).await.unwrap().spent, "served from the lease");
+    }
+    let err = stores[0].spend(&spend(&q, 1, now)).await.unwrap_err();
+    assert!(err.is_transient(), "then store.on_error applies: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_lease_record_is_a_store_error_not_a_grant() {
+    let server = RedisServer::start();
+    let stores = replicas(&server.url(), "corrupt:", 1, config(10, 1, Duration::from_secs(60)));
+    let q = [month(1000)];
+    let now = Utc::now();
+    let key = redis(&server.url(), "corrupt:").counter_key(ACCT, &q[0], now).unwrap();
+    server.cli(&["HSET", &format!("{key}:leases"), "someone", "lots"]).unwrap();
+    server.cli(&["SET", &key, "12"]).unwrap();
+    // The other holder's record is not read on a take; our own is.
+    assert!(stores[0].spend(&spend(&q, 1, now)).await.unwrap().spent);
+    server.cli(&["DEL", &format!("{key}:leases")]).unwrap();
+    server.cli(&["SET", &key, "x"]).unwrap();
+    for _ in 0..10 {
+        match stores[0].spend(&spend(&q, 1, now)).await {
+            Ok(a) => assert!(a.spent, "from the lease held"),
+            Err(e) => {
+                assert!(matches!(e, StoreError::Corrupt(_)), "{e}");
+                return;
+            }
+        }
+    }
+    panic!("a corrupt counter was never reported");
+}
+
+fn store_config(url: &str, prefix: &str, lease: LeaseConfig) -> StoreConfig {
+    StoreConfig {
+        backend: Backend::Redis,
+        url: StoreUrl(url.into()),
+        on_error: OnError::Deny,
+        timeout: Duration::from_secs(5),
+        key_prefix: prefix.into(),
+        counting: Counting::Lease,
+        lease,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_on_one_replica_lets_a_request_through_on_another_within_a_second() {
+    let server = RedisServer::start();
+    // Marks live a minute: only the published change can clear them in time.
+    let c = store_config(&server.url(), "topup:", config(5, 2, Duration::from_secs(60)));
+    let cache = CacheConfig { ttl: Duration::from_secs(60), negative_ttl: Duration::from_secs(60), max_bytes: 1 << 20 };
+    let a = store::open(&c, &cache, Arc::new(|_| {})).unwrap();
+    let b = store::open(&c, &cache, Arc::new(|_| {})).unwrap();
+    let q = [month(20)];
+    let now = Utc::now();
+    let mut allowed = 0;
+    for i in 0..60 {
+        let s = if i % 2 == 0 { &a } else { &b };
+        allowed += u64::from(s.spend(&spend(&q, 1, now)).await.unwrap().spent);
+    }
+    assert_eq!(allowed, 20);
+    assert!(!b.spend(&spend(&q, 1, now)).await.unwrap().spent, "b knows the quota is exhausted");
+    // Let both subscriptions settle before the change is published.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.reset_usage(ACCT, &q, now).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while !b.spend(&spend(&q, 1, now)).await.unwrap().spent {
+        assert!(tokio::time::Instant::now() < deadline, "the reset did not reach b within a second");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
