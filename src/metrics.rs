@@ -50,6 +50,32 @@ pub struct Metrics {
     store_errors: Counter,
     config_reloads: Family<ResultLabels, Counter>,
     auth_failures: Family<AuthLabels, Counter>,
+    /// Lease mode (`store::lease`), copied from the store's own counters at each scrape.
+    lease: LeaseCounters,
+}
+
+/// Lease mode's series: counters by event, and the units held now.
+#[derive(Debug, Default)]
+struct LeaseCounters {
+    events: Family<ResultLabels, Counter>,
+    outstanding: Gauge,
+    spends: Counter,
+    redis_calls: Counter,
+}
+
+/// Lease mode's totals since start, as `store::lease` counts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseTotals {
+    /// Leases taken.
+    pub taken: u64,
+    /// Leases given back (idle, SIGTERM, reload, a new entitlement).
+    pub returned: u64,
+    /// Units this replica holds, unspent.
+    pub outstanding: u64,
+    /// Spends through the lease store.
+    pub spends: u64,
+    /// Redis calls those spends made.
+    pub redis_calls: u64,
 }
 
 impl Default for Metrics {
@@ -113,6 +139,27 @@ impl Metrics {
             "tollgate.v1 calls refused for a missing or wrong admin/service token, by RPC and reason (missing, invalid)",
             auth_failures.clone(),
         );
+        let lease = LeaseCounters::default();
+        registry.register(
+            "tollgate_leases",
+            "Lease mode: leases taken and given back (result = taken, returned)",
+            lease.events.clone(),
+        );
+        registry.register(
+            "tollgate_lease_units_outstanding",
+            "Lease mode: units this replica holds, leased and not yet spent",
+            lease.outstanding.clone(),
+        );
+        registry.register(
+            "tollgate_lease_spends",
+            "Lease mode: spends (metered Checks) it answered",
+            lease.spends.clone(),
+        );
+        registry.register(
+            "tollgate_lease_redis_calls",
+            "Lease mode: Redis calls those spends made (divide by tollgate_lease_spends_total for calls per Check)",
+            lease.redis_calls.clone(),
+        );
         // Export every series from the start, so dashboards and alerts see 0, not "no data".
         let cache_hits = cache_requests.get_or_create(&ResultLabels { result: "hit" }).clone();
         let cache_misses = cache_requests.get_or_create(&ResultLabels { result: "miss" }).clone();
@@ -130,7 +177,23 @@ impl Metrics {
             store_errors,
             config_reloads,
             auth_failures,
+            lease,
         }
+    }
+
+    /// Copies lease mode's totals into the exported series (at scrape time).
+    pub fn record_lease(&self, t: LeaseTotals) {
+        let catch_up = |c: &Counter, total: u64| {
+            let now = c.get();
+            if total > now {
+                c.inc_by(total - now);
+            }
+        };
+        catch_up(&self.lease.events.get_or_create(&ResultLabels { result: "taken" }), t.taken);
+        catch_up(&self.lease.events.get_or_create(&ResultLabels { result: "returned" }), t.returned);
+        catch_up(&self.lease.spends, t.spends);
+        catch_up(&self.lease.redis_calls, t.redis_calls);
+        self.lease.outstanding.set(i64::try_from(t.outstanding).unwrap_or(i64::MAX));
     }
 
     /// Counts a `tollgate.v1` call refused for its token (`missing` or `invalid`).
@@ -217,6 +280,25 @@ mod tests {
             "tollgate_store_errors_total 1",
             "tollgate_config_reloads_total{result=\"ok\"} 1",
             "tollgate_auth_failures_total{rpc=\"PutEntitlement\",reason=\"invalid\"} 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn lease_totals_are_copied_not_added_twice() {
+        let m = Metrics::new();
+        let t = LeaseTotals { taken: 3, returned: 1, outstanding: 40, spends: 100, redis_calls: 4 };
+        m.record_lease(t);
+        m.record_lease(t);
+        m.record_lease(LeaseTotals { outstanding: 7, ..t });
+        let text = m.encode();
+        for needle in [
+            "tollgate_leases_total{result=\"taken\"} 3",
+            "tollgate_leases_total{result=\"returned\"} 1",
+            "tollgate_lease_units_outstanding 7",
+            "tollgate_lease_spends_total 100",
+            "tollgate_lease_redis_calls_total 4",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use moka::Expiry;
 use moka::future::Cache;
 
-use super::{Invalidation, Store, StoreError};
+use super::{Invalidation, LeaseSnapshot, Store, StoreError};
 use chrono::{DateTime, Utc};
 
 use crate::entitlement::{Account, Quota, is_valid_account_id};
@@ -252,6 +252,10 @@ impl Store for CachedStore {
 
     async fn release(&self) {
         self.inner.release().await
+    }
+
+    fn lease_stats(&self) -> Option<LeaseSnapshot> {
+        self.inner.lease_stats()
     }
 }
 

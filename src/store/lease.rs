@@ -34,7 +34,7 @@
 //! window ends.
 //!
 //! **Known exhausted.** A take that finds too little free marks the counter
-//! exhausted: requests are refused locally for at most `idle` (to see units
+//! exhausted: requests that need more than it saw free are refused locally for at most `idle` (to see units
 //! other replicas gave back), until a new window (a new counter), or until
 //! an [`Invalidation`] for the account (`SetCredits`, `AddCredits`,
 //! `ResetUsage`, `PutEntitlement`, Stripe events) arrives by pub/sub.
@@ -76,8 +76,11 @@ struct Lease {
     limit: u64,
     /// The counter (spent + leased, all replicas) at the last script call.
     counter: u64,
-    /// Refuse locally until then (set when a take found too little free).
+    /// Refuse locally until then (set when a take found too little free)
+    /// any request that needs more than `units + free`.
     exhausted_until: Option<Instant>,
+    /// The free units (limit − counter) the refused take saw.
+    free: u64,
     /// The window's end: after it, the lease is worthless and dropped.
     ends: DateTime<Utc>,
 }
@@ -300,7 +303,9 @@ impl LeaseStore {
         }
         let cost = spend.cost;
         let known_exhausted = spend.quotas.iter().zip(&keys).any(|(_, key)| {
-            acct.leases.get(key).is_some_and(|l| l.units < cost && l.exhausted_until.is_some_and(|until| now < until))
+            acct.leases
+                .get(key)
+                .is_some_and(|l| l.units + l.free < cost && l.exhausted_until.is_some_and(|until| now < until))
         });
         if !known_exhausted {
             for (q, key) in spend.quotas.iter().zip(&keys) {
@@ -336,11 +341,13 @@ impl LeaseStore {
                     limit: q.limit,
                     counter: 0,
                     exhausted_until: None,
+                    free: 0,
                     ends,
                 });
                 lease.counter = got.counter;
                 if got.units == 0 {
                     lease.exhausted_until = Some(now + self.config.idle);
+                    lease.free = q.limit.saturating_sub(got.counter);
                 } else {
                     lease.units += got.units;
                     lease.exhausted_until = None;
@@ -363,7 +370,9 @@ impl LeaseStore {
                     (q.limit - l.units.min(q.limit), false)
                 }
                 Some(l) => (l.counter.max(q.limit.saturating_sub(l.units)), true),
-                None => (q.limit, true),
+                // Not asked (another quota is known exhausted): not known to be
+                // exceeded, and nothing claimed to remain.
+                None => (q.limit, false),
             };
             quotas.push(QuotaUsage { used, exceeded, resets_at: end, retry_at: end });
         }
@@ -477,6 +486,10 @@ impl Store for LeaseStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
+    }
+
+    fn lease_stats(&self) -> Option<LeaseSnapshot> {
+        Some(self.stats())
     }
 
     async fn release(&self) {

@@ -32,7 +32,7 @@ use crate::identity::{KeyHash, KeyMeta};
 use crate::usage::{Spend, SpendAnswer};
 
 pub use cached::{CachedStore, LookupObserver};
-pub use lease::LeaseStore;
+pub use lease::{LeaseSnapshot, LeaseStore};
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
 
@@ -115,6 +115,11 @@ pub trait Store: Send + Sync + 'static {
     /// Gives back whatever this replica holds but has not spent (lease mode's
     /// leases), on shutdown and reload; a no-op for the other stores.
     async fn release(&self) {}
+
+    /// Lease mode's totals, for metrics; `None` for the other stores.
+    fn lease_stats(&self) -> Option<LeaseSnapshot> {
+        None
+    }
 }
 
 /// A change other replicas must drop from their caches.
