@@ -1,18 +1,21 @@
 //! Lease mode (`store.counting: lease`, `tollgate::store::lease`) on a real
 //! `redis-server`: several [`LeaseStore`]s over one Redis stand for several
 //! replicas. Never over a limit, under-use within the stated bound
-//! `R · (max_block + cost − 1)`, exactly the limit once leases go back.
+//! `R · (max_block + cost − 1)`, exactly the limit once leases go back; then
+//! whole servers in lease mode (shutdown gives leases back; Redis calls per Check).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tollgate::config::{Backend, CacheConfig, Counting, LeaseConfig, OnError, StoreConfig, StoreUrl};
 use tollgate::entitlement::{Period, Quota, Window};
 use tollgate::store::{self, LeaseStore, RedisStore, Store, StoreError};
 use tollgate::usage::Spend;
 use tollgate_testkit::redis::RedisServer;
+use tollgate_testkit::{Answer, TestServer, http_check, http_get, spec_config};
 
 const ACCT: &str = "acct_lease";
 
@@ -242,4 +245,78 @@ async fn a_reset_on_one_replica_lets_a_request_through_on_another_within_a_secon
         assert!(tokio::time::Instant::now() < deadline, "the reset did not reach b within a second");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+// ---------------------------------------------------------------- whole servers
+
+/// The spec config on Redis in lease mode, the pro plan's month quota at `limit`.
+fn lease_yaml(url: &str, limit: u64) -> String {
+    spec_config().replace(
+        "{ meter: requests, limit: 1000000, period: month }",
+        &format!("{{ meter: requests, limit: {limit}, period: month }}"),
+    ) + &format!(
+        "store: {{ backend: redis, url: \"{url}\", timeout: 5s, counting: lease, lease: {{ max_block: 10, replicas: 2 }} }}\n"
+    )
+}
+
+fn month_counter(server: &RedisServer) -> u64 {
+    let (start, _) = Period::Month.bounds(Utc::now());
+    let key = format!("tollgate:{{acct_pro}}:q:requests:month:{}", start.timestamp_millis());
+    server.cli(&["GET", &key]).unwrap().trim().parse().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_lease_servers_allow_at_most_the_limit_and_give_leases_back_on_shutdown() {
+    let redis = RedisServer::start();
+    let yaml = lease_yaml(&redis.url(), 100);
+    let first = TestServer::start_configured(&yaml, true).await;
+    assert!(Answer::of(&first.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await).allowed);
+    assert_eq!(month_counter(&redis), 10, "a block of max_block was leased");
+    first.stop().await;
+    assert_eq!(month_counter(&redis), 1, "SIGTERM gave back all but the unit spent");
+    let a = TestServer::start_configured(&yaml, false).await;
+    let b = TestServer::start_configured(&yaml, false).await;
+    let channels = [a.channel().await, b.channel().await];
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let mut client = AuthorizationClient::new(channels[i % 2].clone());
+            tokio::spawn(async move {
+                let r = client.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await.unwrap();
+                Answer::of(r.get_ref())
+            })
+        })
+        .collect();
+    let mut allowed = 0;
+    for t in tasks {
+        let answer = t.await.unwrap();
+        if answer.allowed {
+            allowed += 1;
+        } else {
+            assert_eq!(answer.code(), "quota_exhausted", "{answer:?}");
+        }
+    }
+    assert!((99 - 2 * 10..=99).contains(&allowed), "allowed {allowed} of 99 (bound R · max_block = 20)");
+    a.stop().await;
+    b.stop().await;
+    assert_eq!(month_counter(&redis), 1 + allowed, "after SIGTERM the counter holds exactly what was spent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_lease_mode_fifty_checks_cost_a_handful_of_redis_calls() {
+    let redis = RedisServer::start();
+    let s = TestServer::start_configured(&lease_yaml(&redis.url(), 1_000_000), true).await;
+    assert!(Answer::of(&s.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await).allowed);
+    let monitor = redis.monitor();
+    let mut client = s.client().await;
+    for _ in 0..50 {
+        let r = client.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await.unwrap();
+        assert!(Answer::of(r.get_ref()).allowed);
+    }
+    let sent: Vec<String> = monitor.stop().into_iter().filter(|c| c != "ping").collect();
+    assert!(sent.len() <= 5, "blocks of 10: {sent:?}");
+    let (_, _, body) = http_get(s.http, "/metrics").await.unwrap();
+    for needle in ["tollgate_lease_spends_total 51", "tollgate_leases_total{result=\"taken\"} 6"] {
+        assert!(body.contains(needle), "{needle} in {body}");
+    }
+    s.stop().await;
 }
