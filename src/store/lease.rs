@@ -50,7 +50,7 @@
 //! counted). A refusal reports the counter the script saw.
 //!
 //! May use: `store::{Store, StoreError, Invalidation}`, `store::redis`,
-//! `entitlement`, `usage`, `config` (the lease settings).
+//! `entitlement`, `usage`, `bounds`, `identity`, `config` (the lease settings).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -265,6 +265,8 @@ impl LeaseStore {
     }
 
     async fn leased_spend(&self, spend: &Spend) -> Result<SpendAnswer, StoreError> {
+        // The checks the exact path makes first, so no bad spend reaches a lease.
+        crate::bounds::check_spend(spend).map_err(StoreError::Corrupt)?;
         let mut keys = Vec::with_capacity(spend.quotas.len());
         for q in &spend.quotas {
             let Some(key) = self.inner.counter_key(&spend.account, q, spend.now) else {
