@@ -13,21 +13,23 @@
 //! | [`decision`] | the decision table as a pure function | `entitlement`, `usage` |
 //! | [`config`] | YAML → validated domain types | domain modules |
 //! | [`problem`] | decisions → problem bodies and headers | `decision`, `entitlement`, `identity`, `config` |
-//! | [`store`] | the `Store` trait; memory and Redis backends; the moka cache | `entitlement`, `usage`, `bounds`, `identity`, `config` (settings) |
+//! | [`store`] | the `Store` trait; memory and Redis backends; the moka cache; lease mode | `entitlement`, `usage`, `bounds`, `identity`, `config` (settings) |
 //! | [`metrics`] | Prometheus registry | `decision` (labels) |
 //! | [`authorizer`] | route → identify → store → decide → render; the timed store call | all of the above |
 //! | [`accounts`] | entitlement, credit, API-key and usage changes; seeding | `entitlement`, `usage`, `bounds`, `identity`, `decision` (quota state), `store`, `config` (plans, seed accounts), `authorizer` (live config, timed store calls) |
 //! | [`grpc`] | ext_authz and `tollgate.v1` translations; errors → statuses; ready services and health | `authorizer`, `accounts`, `config` (tokens), the domain types they name |
 //! | [`stripe`] | webhook signatures, events → account changes | `entitlement`, `bounds`, `accounts`, `config` (Stripe settings) |
-//! | [`http`] | `/healthz`, `/readyz`, `/metrics`, `/webhooks/stripe` | `metrics`, `stripe`, `accounts`, `authorizer`, `listener`, `config` (limits) |
+//! | [`http`] | `/healthz`, `/readyz`, `/metrics`, `/webhooks/stripe` | `metrics`, `stripe`, `accounts`, `authorizer`, `listener`, `config` (limits), `store` (lease totals for metrics) |
 //! | [`listener`] | accepting within bounds: connection cap, handshake deadline | `config` (limits) |
 //! | [`reload`] | config reloads (SIGHUP, file watch) | `config`, `authorizer` |
 //! | [`server`] | wiring, health, graceful shutdown | everything |
 //!
 //! Envoy, prost and generated tonic types stop at [`grpc`]. Locks are
 //! `std::sync` ones: none is ever held across an `.await`, and each guards a
-//! few assignments (the one exception, the cluster connection's first
-//! connect, is a tokio mutex).
+//! few assignments (the exceptions are tokio mutexes: the cluster connection's
+//! first connect, and lease mode's per-account lock, held across the Redis
+//! call that takes a lease so one replica's concurrent Checks of an account
+//! make one take).
 
 pub mod accounts;
 pub mod authorizer;
