@@ -320,3 +320,56 @@ async fn in_lease_mode_fifty_checks_cost_a_handful_of_redis_calls() {
     }
     s.stop().await;
 }
+
+// ---------------------------------------------------------------- the script
+
+/// `EVAL script numkeys keys... args...` through redis-cli; the reply as text.
+fn eval(r: &RedisServer, keys: &[&str], args: &[&str]) -> String {
+    let n = keys.len().to_string();
+    let mut argv = vec!["EVAL", tollgate::store::redis::lua::LEASE, &n];
+    argv.extend(keys);
+    argv.extend(args);
+    r.cli(&argv).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_lease_script_refuses_bad_arguments_and_corrupt_records_before_writing() {
+    let r = RedisServer::start();
+    let (counter, leases) = ("t:{acct_x}:q:requests:month:0", "t:{acct_x}:q:requests:month:0:leases");
+    let keys = [counter, leases];
+    r.cli(&["SET", counter, "5"]).unwrap();
+    let end = (Utc::now() + chrono::Duration::days(1)).timestamp_millis().to_string();
+    let take = ["take", "me", "100", "1", "10", "2", end.as_str(), "0"];
+    let words = |reply: String| reply.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+    assert_eq!(words(eval(&r, &keys, &take)), ["10", "15"], "a good take grants");
+    assert_eq!(words(eval(&r, &keys, &["give", "me", "10"])), ["10", "5"], "a give takes it back");
+    assert_eq!(words(eval(&r, &keys, &["give", "me", "10"])), ["0", "5"], "once");
+    for bad in ["1.5", "-1", "1e3", " 1", "", "18446744073709551615", "nan"] {
+        for i in 2..8 {
+            let mut args = take;
+            args[i] = bad;
+            let reply = eval(&r, &keys, &args);
+            assert!(reply.contains("TOLLGATE_BADARG"), "{args:?}: {reply}");
+        }
+        assert!(eval(&r, &keys, &["give", "me", bad]).contains("TOLLGATE_BADARG"));
+        assert!(eval(&r, &keys, &["reset", bad]).contains("TOLLGATE_BADARG"));
+    }
+    let mut no_divisor = take;
+    no_divisor[5] = "0";
+    for args in
+        [&["take", "", "100", "1", "10", "2", &end, "0"][..], &no_divisor, &["take", "me"], &["lend", "me", "1"]]
+    {
+        let reply = eval(&r, &keys, args);
+        assert!(reply.contains("TOLLGATE_BADARG"), "{args:?}: {reply}");
+    }
+    // Holding more than the record says, or a record that is not a number: corrupt.
+    let mut holds_more = take;
+    holds_more[7] = "3";
+    assert!(eval(&r, &keys, &holds_more).contains("TOLLGATE_CORRUPT"));
+    r.cli(&["HSET", leases, "me", "lots"]).unwrap();
+    assert!(eval(&r, &keys, &take).contains("TOLLGATE_CORRUPT"));
+    assert!(eval(&r, &keys, &["give", "me", "1"]).contains("TOLLGATE_CORRUPT"));
+    assert!(eval(&r, &keys, &["reset", &end]).contains("TOLLGATE_CORRUPT"));
+    assert_eq!(r.cli(&["GET", counter]).unwrap().trim(), "5", "nothing was written");
+    assert_eq!(r.cli(&["HGET", leases, "me"]).unwrap().trim(), "lots");
+}
