@@ -167,6 +167,19 @@ async fn a_spend_answer_never_claims_more_remaining_than_truly_remains() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cost_0_spend_fits_like_in_exact_mode_and_reports_the_true_usage() {
+    let server = RedisServer::start();
+    let stores = replicas(&server.url(), "zero:", 1, config(100, 1, Duration::from_secs(60)));
+    let q = [month(10)];
+    let now = Utc::now();
+    let a = stores[0].spend(&spend(&q, 0, now)).await.unwrap();
+    assert!(a.spent && !a.quotas[0].exceeded && a.quotas[0].used == 0, "{a:?}");
+    assert!(stores[0].spend(&spend(&q, 1, now)).await.unwrap().spent);
+    let a = stores[0].spend(&spend(&q, 0, now)).await.unwrap();
+    assert!(a.spent && a.quotas[0].used >= 1, "spent + leased, never less than spent: {a:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_a_replica_answers_from_its_lease_then_fails() {
     let mut server = RedisServer::start();
     let stores = replicas(&server.url(), "down:", 1, config(10, 1, Duration::from_secs(60)));

@@ -39,9 +39,9 @@
 //! an [`Invalidation`] for the account (`SetCredits`, `AddCredits`,
 //! `ResetUsage`, `PutEntitlement`, Stripe events) arrives by pub/sub.
 //!
-//! **What stays exact.** Dry runs, spends with credits or with a rolling
-//! (`per:`) quota go to Redis whole, as in exact mode, so they stay
-//! all-or-nothing. Past `store.lease.max_accounts` accounts with leases,
+//! **What stays exact.** Dry runs, cost-0 spends, spends with credits or
+//! with a rolling (`per:`) quota go to Redis whole, as in exact mode, so they
+//! stay all-or-nothing. Past `store.lease.max_accounts` accounts with leases,
 //! spends of further accounts are exact too.
 //!
 //! **RateLimit honesty.** After a local spend `used` is reported as
@@ -255,21 +255,24 @@ impl LeaseStore {
         self.inner.spend(spend).await
     }
 
-    /// Whether lease mode applies to `spend`; the rest is exact.
+    /// Whether lease mode applies to `spend`; the rest is exact. (A cost-0
+    /// spend only reads: exact mode answers it with the true usage.)
     fn leasable(spend: &Spend) -> bool {
         !spend.dry_run
             && spend.credits.is_none()
             && !spend.quotas.is_empty()
-            && spend.cost <= MAX_COST
+            && (1..=MAX_COST).contains(&spend.cost)
             && spend.quotas.iter().all(|q| matches!(q.window, Window::Calendar(_)))
     }
 
     async fn leased_spend(&self, spend: &Spend) -> Result<SpendAnswer, StoreError> {
         // The checks the exact path makes first, so no bad spend reaches a lease.
         crate::bounds::check_spend(spend).map_err(StoreError::Corrupt)?;
-        let mut keys = Vec::with_capacity(spend.quotas.len());
+        let (mut keys, mut ends) = (Vec::with_capacity(spend.quotas.len()), Vec::with_capacity(spend.quotas.len()));
         for q in &spend.quotas {
-            let Some(key) = self.inner.counter_key(&spend.account, q, spend.now) else {
+            let (Some(key), Window::Calendar(period)) =
+                (self.inner.counter_key(&spend.account, q, spend.now), q.window)
+            else {
                 return self.exact(spend).await;
             };
             if keys.contains(&key) {
@@ -277,6 +280,7 @@ impl LeaseStore {
                 return self.exact(spend).await;
             }
             keys.push(key);
+            ends.push(period.bounds(spend.now).1);
         }
         let Some(entry) = self.entry(&spend.account) else { return self.exact(spend).await };
         let mut acct = entry.lock().await;
@@ -310,13 +314,11 @@ impl LeaseStore {
                 .is_some_and(|l| l.units + l.free < cost && l.exhausted_until.is_some_and(|until| now < until))
         });
         if !known_exhausted {
-            for (q, key) in spend.quotas.iter().zip(&keys) {
+            for ((q, key), &ends) in spend.quotas.iter().zip(&keys).zip(&ends) {
                 let held = acct.leases.get(key).map_or(0, |l| l.units);
                 if held >= cost {
                     continue;
                 }
-                let Window::Calendar(period) = q.window else { unreachable!("leasable spends are calendar-only") };
-                let ends = period.bounds(spend.now).1;
                 let size = BlockSize {
                     need: cost - held,
                     max: self.config.max_block,
@@ -360,9 +362,7 @@ impl LeaseStore {
         }
         let ok = keys.iter().all(|k| acct.leases.get(k).is_some_and(|l| l.units >= cost));
         let mut quotas = Vec::with_capacity(keys.len());
-        for (q, key) in spend.quotas.iter().zip(&keys) {
-            let Window::Calendar(period) = q.window else { unreachable!("leasable spends are calendar-only") };
-            let end = period.bounds(spend.now).1;
+        for ((q, key), &end) in spend.quotas.iter().zip(&keys).zip(&ends) {
             let lease = acct.leases.get_mut(key);
             let (used, exceeded) = match lease {
                 Some(l) if l.units >= cost => {
