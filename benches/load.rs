@@ -16,7 +16,10 @@
 //!    (`evalsha` delta over the measured redis runs), and every top-level
 //!    command of a short sample with `redis-cli MONITOR`;
 //! 5. replays the exact `EVALSHA` one Check sends (taken from the MONITOR
-//!    sample) with `redis-benchmark`, unpipelined and with `-P 16`.
+//!    sample) with `redis-benchmark`, unpipelined and with `-P 16`;
+//! 6. starts a third server on the same Redis in lease mode
+//!    (`store.counting: lease`) and runs it interleaved with the memory store
+//!    again, counting its Redis calls per allowed Check.
 //!
 //! Client, both servers and their Redis client share one 2-worker tokio
 //! runtime; redis-server and redis-benchmark are separate processes on the
@@ -165,11 +168,31 @@ fn main() {
     // redis-benchmark: the same EVALSHA (it spends on the same counter; the quota is never reached).
     let bench = replay.as_ref().map(|cmd| (redis_benchmark(&redis, 1, cmd), redis_benchmark(&redis, 16, cmd)));
 
+    // Lease mode (`store.counting: lease`): a third server on the same Redis
+    // whose replica takes blocks of the month quota and spends them locally;
+    // interleaved with the memory store again, Redis calls counted alone.
+    let lease_store =
+        format!("{{ backend: redis, url: \"{}\", on_error: deny, timeout: 200ms, counting: lease }}", redis.url());
+    let lease_server = rt.block_on(bench::start(&lease_store));
+    let on_lease = rt.block_on(lease_server.client());
+    let warm = rt.block_on(run_load(&on_lease, &request, WARMUP_CHECKS, CONCURRENCY));
+    assert_eq!(warm.allowed, warm.calls(), "lease: every warm-up Check must be allowed: {warm:?}");
+    let lease_before = redis.commandstats();
+    let (mut lease_memory_runs, mut lease_runs) = (Vec::new(), Vec::new());
+    for _ in 1..=ROUNDS {
+        lease_memory_runs.push(rt.block_on(run_load(&memory, &request, CHECKS_PER_RUN, CONCURRENCY)));
+        lease_runs.push(rt.block_on(run_load(&on_lease, &request, CHECKS_PER_RUN, CONCURRENCY)));
+    }
+    let lease_evalsha = delta(&redis.commandstats(), &lease_before, "evalsha");
+    let lease_allowed: usize = lease_runs.iter().map(|r| r.allowed).sum();
+    assert_eq!(lease_allowed, lease_runs.iter().map(Run::calls).sum::<usize>(), "lease: every Check must be allowed");
+
     // Stop everything.
-    drop((memory, on_redis));
+    drop((memory, on_redis, on_lease));
     rt.block_on(async {
         memory_server.stop().await;
         redis_server.stop().await;
+        lease_server.stop().await;
     });
     drop(rt);
 
@@ -211,6 +234,18 @@ fn main() {
         "redis  : {r_rate:.0} checks/s  p50 {r_p50:.2} ms  p99 {r_p99:.2} ms   ({:.2}x memory; rounds: {} checks/s)",
         r_rate / m_rate,
         rounds(&redis_runs)
+    );
+    let (lm_rate, _, _) = medians(&lease_memory_runs);
+    let (l_rate, l_p50, l_p99) = medians(&lease_runs);
+    println!(
+        "redis, lease mode: {l_rate:.0} checks/s  p50 {l_p50:.2} ms  p99 {l_p99:.2} ms   ({:.2}x memory in the same \
+         interleaved rounds, memory {lm_rate:.0}; rounds: {} checks/s)",
+        l_rate / lm_rate,
+        rounds(&lease_runs)
+    );
+    println!(
+        "lease mode: redis calls per allowed check {:.4} (evalsha {lease_evalsha} / {lease_allowed} allowed checks)",
+        lease_evalsha as f64 / lease_allowed as f64
     );
     println!(
         "redis round trips per allowed check: {:.2} (evalsha {evalsha} / {redis_allowed} allowed checks of {checks_redis})",
