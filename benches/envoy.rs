@@ -8,6 +8,7 @@
 //! b-shaped  Envoy -Check-> noop_authz --shaped  (opt-in: tollgate's allow answer, nothing decided)
 //! c-mem     Envoy -Check-> tollgate (memory store) -> app
 //! c-redis   Envoy -Check-> tollgate (Redis store) -> app
+//! c-lease   Envoy -Check-> tollgate (Redis store, `store.counting: lease`) -> app (opt-in)
 //! ```
 //!
 //! ```text
@@ -74,7 +75,7 @@ const TARGET_PATH: &str = "/v1/search?q=x";
 #[derive(Debug, Parser)]
 #[command(name = "envoy bench", about = "Load through a real Envoy: no ext_authz, a do-nothing ext_authz, tollgate")]
 struct Args {
-    /// Variants in run order, separated by spaces or commas: a, b, b-shaped, c-mem, c-redis.
+    /// Variants in run order, separated by spaces or commas: a, b, b-shaped, c-mem, c-redis, c-lease.
     #[arg(long, env = "BENCH_VARIANTS", default_value = "a b c-mem c-redis")]
     variants: String,
     /// Rounds of all variants, interleaved.
@@ -108,6 +109,7 @@ enum Variant {
     BShaped,
     CMem,
     CRedis,
+    CLease,
 }
 
 impl Variant {
@@ -118,7 +120,8 @@ impl Variant {
             "b-shaped" => Self::BShaped,
             "c-mem" => Self::CMem,
             "c-redis" => Self::CRedis,
-            _ => return Err(format!("unknown variant {s} (a, b, b-shaped, c-mem, c-redis)")),
+            "c-lease" => Self::CLease,
+            _ => return Err(format!("unknown variant {s} (a, b, b-shaped, c-mem, c-redis, c-lease)")),
         })
     }
 
@@ -129,6 +132,7 @@ impl Variant {
             Self::BShaped => "b-shaped",
             Self::CMem => "c-mem",
             Self::CRedis => "c-redis",
+            Self::CLease => "c-lease",
         }
     }
 
@@ -140,6 +144,7 @@ impl Variant {
             Self::BShaped => "b-shaped: noop, tollgate-shaped answer",
             Self::CMem => "c: tollgate, memory store",
             Self::CRedis => "c: tollgate, Redis store",
+            Self::CLease => "c: tollgate, Redis store, lease mode",
         }
     }
 }
@@ -189,7 +194,7 @@ async fn run(args: Args) -> Fallible<()> {
     // Every request through c-* was a Check that tollgate allowed (and so spent one counter).
     let allowed_after = stack.allowed().await?;
     let mut spent = Vec::new();
-    for v in [Variant::CMem, Variant::CRedis] {
+    for v in [Variant::CMem, Variant::CRedis, Variant::CLease] {
         let Some(&n_sent) = sent.get(&v) else { continue };
         let n =
             allowed_after.get(&v).copied().unwrap_or(0).saturating_sub(allowed_before.get(&v).copied().unwrap_or(0));
@@ -413,6 +418,7 @@ struct Stack {
     redis_pid: Option<u32>,
     tollgate_mem: Option<TollgateProcess>,
     tollgate_redis: Option<TollgateProcess>,
+    tollgate_lease: Option<TollgateProcess>,
     /// Each variant's Envoy with its process id.
     envoys: BTreeMap<Variant, (Envoy, u32)>,
 }
@@ -441,13 +447,21 @@ impl Stack {
             redis_pid: None,
             tollgate_mem: None,
             tollgate_redis: None,
+            tollgate_lease: None,
             envoys: BTreeMap::new(),
         };
         let tollgate = helpers.tollgate.to_str().ok_or("tollgate path is not UTF-8")?;
-        if has(Variant::CRedis) {
+        if has(Variant::CRedis) || has(Variant::CLease) {
             let (redis, pid) = new_child(async { RedisServer::start() }).await?;
             let port = redis.port;
             let p = TollgateProcess::start(tollgate, &[], |g, h| tollgate_config("redis", g, h, port)).await;
+            if has(Variant::CLease) {
+                let lease = |g, h| {
+                    tollgate_config("redis", g, h, port)
+                        .replace("  on_error: deny ", "  counting: lease\n  on_error: deny ")
+                };
+                stack.tollgate_lease = Some(TollgateProcess::start(tollgate, &[], lease).await);
+            }
             let log = work.join("seed.out");
             let seed = Command::new(tollgate)
                 .args(["seed", "--config"])
@@ -460,7 +474,8 @@ impl Stack {
             if !wait_child("tollgate seed", &mut KillOnDrop(seed), Duration::from_secs(30)).await?.success() {
                 return Err(format!("tollgate seed failed: {}", tail(&log)));
             }
-            (stack.redis, stack.redis_pid, stack.tollgate_redis) = (Some(redis), Some(pid), Some(p));
+            let p = has(Variant::CRedis).then_some(p);
+            (stack.redis, stack.redis_pid, stack.tollgate_redis) = (Some(redis), Some(pid), p);
         }
         if has(Variant::CMem) {
             stack.tollgate_mem =
@@ -503,6 +518,7 @@ impl Stack {
             Variant::BShaped => self.noop_shaped.as_ref().map(|n| n.1),
             Variant::CMem => self.tollgate_mem.as_ref().map(|t| t.grpc),
             Variant::CRedis => self.tollgate_redis.as_ref().map(|t| t.grpc),
+            Variant::CLease => self.tollgate_lease.as_ref().map(|t| t.grpc),
         }
     }
 
@@ -510,6 +526,7 @@ impl Stack {
         match v {
             Variant::CMem => self.tollgate_mem.as_ref(),
             Variant::CRedis => self.tollgate_redis.as_ref(),
+            Variant::CLease => self.tollgate_lease.as_ref(),
             _ => None,
         }
     }
@@ -536,7 +553,7 @@ impl Stack {
             }
             let told = with.body.lines().any(|l| l == "  x-tollgate-account: acct_bench");
             let (want_told, want_without) = match v {
-                Variant::CMem | Variant::CRedis => (true, 401),
+                Variant::CMem | Variant::CRedis | Variant::CLease => (true, 401),
                 Variant::BShaped => (true, 200),
                 Variant::A | Variant::B => (false, 200),
             };
@@ -557,7 +574,7 @@ impl Stack {
         for s in [&mut self.noop, &mut self.noop_shaped].into_iter().flatten() {
             s.0.alive()?;
         }
-        for t in [&mut self.tollgate_mem, &mut self.tollgate_redis].into_iter().flatten() {
+        for t in [&mut self.tollgate_mem, &mut self.tollgate_redis, &mut self.tollgate_lease].into_iter().flatten() {
             if !matches!(t.child.try_wait(), Ok(None)) {
                 return Err("a tollgate process exited early".into());
             }
@@ -583,7 +600,7 @@ impl Stack {
         if let Some((s, _)) = &self.noop_shaped {
             out.push((s.pid(), authz(v == Variant::BShaped)));
         }
-        for w in [Variant::CMem, Variant::CRedis] {
+        for w in [Variant::CMem, Variant::CRedis, Variant::CLease] {
             if let Some(t) = self.tollgate(w) {
                 out.push((t.child.id(), authz(v == w)));
             }
@@ -598,7 +615,12 @@ impl Stack {
     fn cpu_sample(&self) -> CpuSample {
         let mut pids: Vec<u32> = vec![self.upstream.0.pid()];
         pids.extend([&self.noop, &self.noop_shaped].into_iter().flatten().map(|s| s.0.pid()));
-        pids.extend([&self.tollgate_mem, &self.tollgate_redis].into_iter().flatten().map(|t| t.child.id()));
+        pids.extend(
+            [&self.tollgate_mem, &self.tollgate_redis, &self.tollgate_lease]
+                .into_iter()
+                .flatten()
+                .map(|t| t.child.id()),
+        );
         pids.extend(self.redis_pid);
         pids.extend(self.envoys.values().map(|e| e.1));
         CpuSample::take(&pids)
@@ -607,7 +629,7 @@ impl Stack {
     /// `tollgate_decisions_total{status="200",code="allowed"}` of each tollgate.
     async fn allowed(&self) -> Fallible<HashMap<Variant, u64>> {
         let mut out = HashMap::new();
-        for v in [Variant::CMem, Variant::CRedis] {
+        for v in [Variant::CMem, Variant::CRedis, Variant::CLease] {
             let Some(t) = self.tollgate(v) else { continue };
             let r = envoy::request(t.http, "GET", "/metrics", &[])
                 .await
@@ -847,7 +869,14 @@ impl Report<'_> {
         writeln!(o, "\n| ratio (req/s) | {} | median | target |", cols(&|n| format!("round {n}"))).unwrap();
         writeln!(o, "|---|{}", "---|".repeat(self.rounds + 2)).unwrap();
         use Variant::*;
-        let mut ratios = vec![(CMem, B, Some(0.9)), (CMem, A, None), (CRedis, B, Some(0.8)), (CRedis, A, None)];
+        let mut ratios = vec![
+            (CMem, B, Some(0.9)),
+            (CMem, A, None),
+            (CRedis, B, Some(0.8)),
+            (CRedis, A, None),
+            (CLease, B, Some(0.9)),
+            (CLease, A, None),
+        ];
         if self.variants.contains(&BShaped) {
             ratios.extend([(BShaped, B, None), (CMem, BShaped, None), (CRedis, BShaped, None)]);
         }
