@@ -9,13 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tollgate::config::{Backend, CacheConfig, Counting, LeaseConfig, OnError, StoreConfig, StoreUrl};
 use tollgate::entitlement::{Period, Quota, Window};
 use tollgate::store::{self, LeaseStore, RedisStore, Store, StoreError};
 use tollgate::usage::Spend;
 use tollgate_testkit::redis::RedisServer;
-use tollgate_testkit::{Answer, TestServer, http_check, http_get, spec_config};
+use tollgate_testkit::{Answer, TestServer, http_check, http_get, spec_config, spread};
 
 const ACCT: &str = "acct_lease";
 
@@ -290,18 +289,9 @@ async fn two_lease_servers_allow_at_most_the_limit_and_give_leases_back_on_shutd
     let a = TestServer::start_configured(&yaml, false).await;
     let b = TestServer::start_configured(&yaml, false).await;
     let channels = [a.channel().await, b.channel().await];
-    let tasks: Vec<_> = (0..300)
-        .map(|i| {
-            let mut client = AuthorizationClient::new(channels[i % 2].clone());
-            tokio::spawn(async move {
-                let r = client.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await.unwrap();
-                Answer::of(r.get_ref())
-            })
-        })
-        .collect();
+    let answers = spread(&channels, 300, http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await;
     let mut allowed = 0;
-    for t in tasks {
-        let answer = t.await.unwrap();
+    for answer in answers {
         if answer.allowed {
             allowed += 1;
         } else {

@@ -7,11 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tollgate::entitlement::Period;
 use tollgate::identity::KeyHash;
 use tollgate_testkit::redis::{RedisCluster, RedisServer};
-use tollgate_testkit::{Answer, TestServer, eventually, http_check, http_get, spec_config};
+use tollgate_testkit::{Answer, TestServer, eventually, http_check, http_get, spec_config, spread};
 
 /// The spec config on Redis, plus a plan that is prepaid *and* quota'd.
 fn redis_config(url: &str, on_error: &str) -> String {
@@ -45,18 +44,9 @@ async fn exactly_limit_allowed_across_two_replicas(url: &str, read_counter: impl
     let a = TestServer::start_configured(&yaml, true).await;
     let b = TestServer::start_configured(&yaml, false).await;
     let channels = [a.channel().await, b.channel().await];
-    let tasks: Vec<_> = (0..500)
-        .map(|i| {
-            let mut client = AuthorizationClient::new(channels[i % 2].clone());
-            tokio::spawn(async move {
-                let r = client.check(http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await.unwrap();
-                Answer::of(r.get_ref())
-            })
-        })
-        .collect();
+    let answers = spread(&channels, 500, http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await;
     let mut allowed = 0;
-    for t in tasks {
-        let answer = t.await.unwrap();
+    for answer in answers {
         if answer.allowed {
             allowed += 1;
         } else {

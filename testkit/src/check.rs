@@ -131,3 +131,22 @@ impl Answer {
         self.body["code"].as_str().unwrap_or("")
     }
 }
+
+/// Sends `n` copies of `req` at once, round-robin over `channels` (replicas
+/// sharing one store), and returns every answer: how the tests show that
+/// replicas together never allow more than a limit.
+pub async fn spread(channels: &[tonic::transport::Channel], n: usize, req: CheckRequest) -> Vec<Answer> {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let mut client = AuthorizationClient::new(channels[i % channels.len()].clone());
+            let req = req.clone();
+            tokio::spawn(async move { Answer::of(client.check(req).await.expect("Check").get_ref()) })
+        })
+        .collect();
+    let mut answers = Vec::with_capacity(n);
+    for t in tasks {
+        answers.push(t.await.expect("Check task"));
+    }
+    answers
+}
