@@ -376,3 +376,43 @@ async fn the_lease_script_refuses_bad_arguments_and_corrupt_records_before_writi
     assert_eq!(r.cli(&["GET", counter]).unwrap().trim(), "5", "nothing was written");
     assert_eq!(r.cli(&["HGET", leases, "me"]).unwrap().trim(), "lots");
 }
+
+/// Give-backs churning under spends (invalidations, releases) leave the
+/// counter exactly what was spent and no lease record behind, so nothing is
+/// stranded and a reset cannot forget units a replica still holds. (The
+/// take/give-back interleaving the account lock now prevents did not show
+/// here on one multiplexed connection, which keeps commands in order; this
+/// pins the outcome, not the race.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn give_backs_racing_spends_leave_the_counter_exact() {
+    let server = RedisServer::start();
+    let prefix = "race";
+    let q = [month(1_000_000)];
+    let stores = replicas(&server.url(), prefix, 1, config(50, 1, Duration::from_secs(60)));
+    let store = stores[0].clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (store, stop) = (store.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) && n < 2_000 {
+                store.invalidate(&store::Invalidation::Account(ACCT.into())).await;
+                store.release().await;
+                n += 1;
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut spent = 0;
+    for _ in 0..10 {
+        spent += burst(&stores, &q, 1, 200).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    churn.await.unwrap();
+    store.release().await;
+    let now = Utc::now();
+    assert_eq!(spent, 2_000, "far from the limit, every spend goes");
+    assert_eq!(counter(&server, prefix, &q[0], now), spent, "the counter is exactly what was spent");
+    let key = redis(&server.url(), prefix).counter_key(ACCT, &q[0], now).unwrap();
+    assert_eq!(server.cli(&["HLEN", &format!("{key}:leases")]).unwrap().trim(), "0", "no lease record is left");
+}

@@ -202,8 +202,9 @@ impl LeaseStore {
             lease.exhausted_until = None;
         }
         if give_back {
+            // Under the account's lock: a take racing the give-back would
+            // otherwise rewrite the record the give-back then deletes.
             let leases = std::mem::take(&mut acct.leases);
-            drop(acct);
             self.give_back(leases).await;
         }
     }
@@ -222,9 +223,9 @@ impl LeaseStore {
     /// units stay counted as spent until the window ends: under-use, never over).
     async fn give_back(&self, leases: HashMap<String, Lease>) {
         for (key, lease) in leases {
-            if lease.units == 0 {
-                continue;
-            }
+            // A spent-out lease still has a record (it overstates what the
+            // holder has left): give 0 back to delete it, so a later reset
+            // does not count units nobody holds.
             self.stats.outstanding.fetch_sub(lease.units, Ordering::Relaxed);
             match self.inner.give_lease(&key, &self.holder, lease.units).await {
                 Ok(_) => {
@@ -384,27 +385,32 @@ impl LeaseStore {
         Ok(SpendAnswer { spent: ok, quotas, credits: None })
     }
 
-    /// Gives back the leases of accounts idle for `idle`; drops ended windows.
+    /// Gives back the leases of accounts idle for `idle` and forgets them.
+    ///
+    /// Each give-back runs under the account's lock with its entry still in
+    /// the map, so a spend for the account waits and then takes a fresh lease
+    /// (a take and a give-back of one holder never interleave: the record a
+    /// give-back deletes is the one it gives back). The entry leaves the map
+    /// only when no spend holds a handle to it.
     async fn sweep_once(&self) {
         let idle = self.config.idle;
-        let mut taken = Vec::new();
-        {
-            let mut accounts = lock(&self.accounts);
-            accounts.retain(|_, entry| {
-                // Only entries no spend holds a handle to: nobody can be taking a lease into them.
-                if Arc::strong_count(entry) != 1 {
-                    return true;
-                }
-                let Ok(mut acct) = entry.try_lock() else { return true };
-                if acct.last_used.is_some_and(|t| t.elapsed() < idle) {
-                    return true;
-                }
-                taken.push(std::mem::take(&mut acct.leases));
-                false
-            });
-        }
-        for leases in taken {
+        let idle_entries: Vec<(String, Arc<tokio::sync::Mutex<AccountLeases>>)> = lock(&self.accounts)
+            .iter()
+            .filter(|(_, entry)| entry.try_lock().is_ok_and(|acct| acct.last_used.is_none_or(|t| t.elapsed() >= idle)))
+            .map(|(id, entry)| (id.clone(), entry.clone()))
+            .collect();
+        for (id, entry) in idle_entries {
+            let mut acct = entry.lock().await;
+            if acct.last_used.is_some_and(|t| t.elapsed() < idle) {
+                continue;
+            }
+            let leases = std::mem::take(&mut acct.leases);
             self.give_back(leases).await;
+            let mut accounts = lock(&self.accounts);
+            // Ours and the map's: no spend is waiting for this entry.
+            if Arc::strong_count(&entry) == 2 && acct.leases.is_empty() {
+                accounts.remove(&id);
+            }
         }
     }
 }
@@ -498,7 +504,9 @@ impl Store for LeaseStore {
         // Entries stay: a spend racing this one finds its account as before.
         let entries: Vec<_> = lock(&self.accounts).values().cloned().collect();
         for entry in entries {
-            let leases = std::mem::take(&mut entry.lock().await.leases);
+            // Under the account's lock, as in `invalidate`.
+            let mut acct = entry.lock().await;
+            let leases = std::mem::take(&mut acct.leases);
             self.give_back(leases).await;
         }
     }
