@@ -70,6 +70,8 @@ pub struct LeaseTotals {
     pub taken: u64,
     /// Leases given back (idle, SIGTERM, reload, a new entitlement).
     pub returned: u64,
+    /// Leases whose unspent units were forfeit (record expired, window ended).
+    pub expired: u64,
     /// Units this replica holds, unspent.
     pub outstanding: u64,
     /// Spends through the lease store.
@@ -142,7 +144,7 @@ impl Metrics {
         let lease = LeaseCounters::default();
         registry.register(
             "tollgate_leases",
-            "Lease mode: leases taken and given back (result = taken, returned)",
+            "Lease mode: leases taken and given back (result = taken, returned, expired)",
             lease.events.clone(),
         );
         registry.register(
@@ -191,6 +193,7 @@ impl Metrics {
         };
         catch_up(&self.lease.events.get_or_create(&ResultLabels { result: "taken" }), t.taken);
         catch_up(&self.lease.events.get_or_create(&ResultLabels { result: "returned" }), t.returned);
+        catch_up(&self.lease.events.get_or_create(&ResultLabels { result: "expired" }), t.expired);
         catch_up(&self.lease.spends, t.spends);
         catch_up(&self.lease.redis_calls, t.redis_calls);
         self.lease.outstanding.set(i64::try_from(t.outstanding).unwrap_or(i64::MAX));
@@ -288,7 +291,7 @@ mod tests {
     #[test]
     fn lease_totals_are_copied_not_added_twice() {
         let m = Metrics::new();
-        let t = LeaseTotals { taken: 3, returned: 1, outstanding: 40, spends: 100, redis_calls: 4 };
+        let t = LeaseTotals { taken: 3, returned: 1, expired: 2, outstanding: 40, spends: 100, redis_calls: 4 };
         m.record_lease(t);
         m.record_lease(t);
         m.record_lease(LeaseTotals { outstanding: 7, ..t });
@@ -296,6 +299,7 @@ mod tests {
         for needle in [
             "tollgate_leases_total{result=\"taken\"} 3",
             "tollgate_leases_total{result=\"returned\"} 1",
+            "tollgate_leases_total{result=\"expired\"} 2",
             "tollgate_lease_units_outstanding 7",
             "tollgate_lease_spends_total 100",
             "tollgate_lease_redis_calls_total 4",

@@ -27,7 +27,7 @@ fn spend(quotas: &[Quota], cost: u64, now: DateTime<Utc>) -> Spend {
 }
 
 fn config(max_block: u64, replicas: u64, idle: Duration) -> LeaseConfig {
-    LeaseConfig { max_block, replicas, idle, max_accounts: 1000 }
+    LeaseConfig { max_block, replicas, idle, max_accounts: 1000, lifetime: Duration::from_secs(300) }
 }
 
 fn redis(url: &str, prefix: &str) -> Arc<RedisStore> {
@@ -45,16 +45,21 @@ fn counter(server: &RedisServer, prefix: &str, q: &Quota, now: DateTime<Utc>) ->
     server.cli(&["GET", &key]).unwrap().trim().parse().unwrap_or(0)
 }
 
-/// `n` concurrent spends of `cost`, spread round-robin over `stores`; how many were allowed.
+/// `n` concurrent spends of `cost`, spread round-robin over `stores`; how many units were allowed.
 async fn burst(stores: &[Arc<LeaseStore>], quotas: &[Quota], cost: u64, n: usize) -> u64 {
+    burst_of(stores, &spend(quotas, cost, Utc::now()), cost, n).await
+}
+
+/// `n` concurrent copies of `s`, each worth `units`, spread round-robin over
+/// `stores`; how many units were allowed.
+async fn burst_of(stores: &[Arc<LeaseStore>], s: &Spend, units: u64, n: usize) -> u64 {
     let allowed = Arc::new(AtomicU64::new(0));
-    let now = Utc::now();
     let tasks: Vec<_> = (0..n)
         .map(|i| {
-            let (store, allowed, s) = (stores[i % stores.len()].clone(), allowed.clone(), spend(quotas, cost, now));
+            let (store, allowed, s) = (stores[i % stores.len()].clone(), allowed.clone(), s.clone());
             tokio::spawn(async move {
                 if store.spend(&s).await.unwrap().spent {
-                    allowed.fetch_add(cost, Ordering::Relaxed);
+                    allowed.fetch_add(units, Ordering::Relaxed);
                 }
             })
         })
@@ -98,6 +103,73 @@ async fn three_replicas_never_allow_more_than_the_limit_and_reach_it_exactly_onc
     assert_eq!(counter(&server, "three:", &q[0], Utc::now()), 1000);
     let stats = stores[0].stats();
     assert!(stats.redis_calls < stats.spends, "leases save Redis calls: {stats:?}");
+}
+
+/// A spend of `credits` credits and no quota.
+fn credit_spend(credits: u64) -> Spend {
+    Spend { account: ACCT.into(), quotas: vec![], cost: 1, credits: Some(credits), now: Utc::now(), dry_run: false }
+}
+
+/// The free balance Redis holds (credits neither spent nor leased).
+fn balance(server: &RedisServer, prefix: &str) -> i64 {
+    let key = redis(&server.url(), prefix).credits_key(ACCT).unwrap();
+    server.cli(&["GET", &key]).unwrap().trim().parse().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_spend_credits_never_below_zero_and_exactly_to_zero_once_leases_go_back() {
+    let server = RedisServer::start();
+    let (max_block, r) = (50, 3);
+    let stores = replicas(&server.url(), "wallet:", r, config(max_block, r as u64, Duration::from_secs(60)));
+    stores[0].set_credits(ACCT, 1000).await.unwrap();
+    let allowed = burst_of(&stores, &credit_spend(1), 1, 3000).await;
+    let bound = r as u64 * max_block;
+    assert!(allowed <= 1000, "spent {allowed} of 1000 credits");
+    assert!(allowed >= 1000 - bound, "spent {allowed}: under-use above the bound {bound}");
+    assert!(balance(&server, "wallet:") >= 0);
+    let mut total = allowed;
+    for _ in 0..5 {
+        for s in &stores {
+            s.release().await;
+        }
+        total += burst_of(&stores, &credit_spend(1), 1, 300).await;
+        assert!(total <= 1000, "{total} spent");
+        if total == 1000 {
+            break;
+        }
+    }
+    assert_eq!(total, 1000, "every credit went, none twice");
+    for s in &stores {
+        s.release().await;
+    }
+    assert_eq!(balance(&server, "wallet:"), 0, "exactly 0 at the end");
+    assert_eq!(stores[1].credits(ACCT).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_credits_counts_what_replicas_hold_so_the_account_gets_at_most_the_new_credits() {
+    let server = RedisServer::start();
+    let stores = replicas(&server.url(), "set:", 2, config(40, 1, Duration::from_secs(60)));
+    stores[0].set_credits(ACCT, 500).await.unwrap();
+    let spent = burst_of(&stores, &credit_spend(1), 1, 20).await;
+    assert_eq!(spent, 20);
+    assert!(stores.iter().all(|s| s.stats().outstanding > 0), "both replicas hold credits");
+    // Set on replica 0 while replica 1 still holds a lease (it hears nothing:
+    // no subscription here), then spend everything there is.
+    stores[0].set_credits(ACCT, 100).await.unwrap();
+    assert_eq!(stores[0].credits(ACCT).await.unwrap(), 100, "what replica 1 holds counts among the 100");
+    let mut total = 0;
+    for _ in 0..5 {
+        total += burst_of(&stores, &credit_spend(1), 1, 150).await;
+        assert!(total <= 100, "{total} spent after setting 100");
+        for s in &stores {
+            s.release().await;
+        }
+    }
+    // Replica 1's record overstates what it held by what it had spent since
+    // its take: those units count among the 100 (under-use, never over).
+    assert!(total >= 100 - 40, "{total}: at most one block is lost");
+    assert_eq!(balance(&server, "set:"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,39 +414,96 @@ async fn the_lease_script_refuses_bad_arguments_and_corrupt_records_before_writi
     let keys = [counter, leases];
     r.cli(&["SET", counter, "5"]).unwrap();
     let end = (Utc::now() + chrono::Duration::days(1)).timestamp_millis().to_string();
-    let take = ["take", "me", "100", "1", "10", "2", end.as_str(), "0"];
+    let take = ["take", "q", "me", "100", "1", "10", "2", end.as_str(), "0", "30000"];
     let words = |reply: String| reply.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
-    assert_eq!(words(eval(&r, &keys, &take)), ["10", "15"], "a good take grants");
-    assert_eq!(words(eval(&r, &keys, &["give", "me", "10"])), ["10", "5"], "a give takes it back");
-    assert_eq!(words(eval(&r, &keys, &["give", "me", "10"])), ["0", "5"], "once");
+    assert_eq!(words(eval(&r, &keys, &take)), ["10", "15", "0"], "a good take grants");
+    let record = r.cli(&["HGET", leases, "me"]).unwrap();
+    assert!(record.trim().starts_with("10:"), "units:deadline, {record}");
+    assert_eq!(words(eval(&r, &keys, &["give", "q", "me", "10"])), ["10", "5", "0"], "a give takes it back");
+    assert_eq!(words(eval(&r, &keys, &["give", "q", "me", "10"])), ["0", "5", "0"], "once");
     for bad in ["1.5", "-1", "1e3", " 1", "", "18446744073709551615", "nan"] {
-        for i in 2..8 {
+        for i in 3..10 {
             let mut args = take;
             args[i] = bad;
             let reply = eval(&r, &keys, &args);
             assert!(reply.contains("TOLLGATE_BADARG"), "{args:?}: {reply}");
         }
-        assert!(eval(&r, &keys, &["give", "me", bad]).contains("TOLLGATE_BADARG"));
+        assert!(eval(&r, &keys, &["give", "q", "me", bad]).contains("TOLLGATE_BADARG"));
         assert!(eval(&r, &keys, &["reset", bad]).contains("TOLLGATE_BADARG"));
+        assert!(eval(&r, &keys, &["cset", bad]).contains("TOLLGATE_BADARG"));
     }
-    let mut no_divisor = take;
-    no_divisor[5] = "0";
-    for args in
-        [&["take", "", "100", "1", "10", "2", &end, "0"][..], &no_divisor, &["take", "me"], &["lend", "me", "1"]]
-    {
+    let (mut no_divisor, mut no_lifetime, mut no_kind) = (take, take, take);
+    no_divisor[6] = "0";
+    no_lifetime[9] = "0";
+    no_kind[1] = "x";
+    let long = "h".repeat(65);
+    let mut long_holder = take;
+    long_holder[2] = &long;
+    for args in [
+        &["take", "q", "", "100", "1", "10", "2", &end, "0", "30000"][..],
+        &no_divisor,
+        &no_lifetime,
+        &no_kind,
+        &long_holder,
+        &["take", "q", "me"],
+        &["lend", "me", "1"],
+        &["give", "q", "", "1"],
+    ] {
         let reply = eval(&r, &keys, args);
         assert!(reply.contains("TOLLGATE_BADARG"), "{args:?}: {reply}");
     }
-    // Holding more than the record says, or a record that is not a number: corrupt.
+    // Claiming more than the live record: forfeit (kept 0), never granted.
     let mut holds_more = take;
-    holds_more[7] = "3";
-    assert!(eval(&r, &keys, &holds_more).contains("TOLLGATE_CORRUPT"));
-    r.cli(&["HSET", leases, "me", "lots"]).unwrap();
-    assert!(eval(&r, &keys, &take).contains("TOLLGATE_CORRUPT"));
-    assert!(eval(&r, &keys, &["give", "me", "1"]).contains("TOLLGATE_CORRUPT"));
-    assert!(eval(&r, &keys, &["reset", &end]).contains("TOLLGATE_CORRUPT"));
+    holds_more[8] = "3";
+    assert_eq!(words(eval(&r, &keys, &holds_more)), ["10", "15", "0"], "the claim is not kept");
+    assert_eq!(words(eval(&r, &keys, &["give", "q", "me", "10"])), ["10", "5", "0"]);
+    // A record above its counter, or one that is not units:deadline: corrupt.
+    let far = format!("7:{end}");
+    r.cli(&["HSET", leases, "me", &far]).unwrap();
+    assert!(eval(&r, &keys, &["give", "q", "me", "7"]).contains("TOLLGATE_CORRUPT"));
+    for junk in ["lots", "5", "5:", ":5", "-5:9", "5:9:9"] {
+        r.cli(&["HSET", leases, "me", junk]).unwrap();
+        assert!(eval(&r, &keys, &take).contains("TOLLGATE_CORRUPT"), "{junk}");
+        assert!(eval(&r, &keys, &["give", "q", "me", "1"]).contains("TOLLGATE_CORRUPT"), "{junk}");
+        assert!(eval(&r, &keys, &["reset", &end]).contains("TOLLGATE_CORRUPT"), "{junk}");
+    }
     assert_eq!(r.cli(&["GET", counter]).unwrap().trim(), "5", "nothing was written");
-    assert_eq!(r.cli(&["HGET", leases, "me"]).unwrap().trim(), "lots");
+    assert_eq!(r.cli(&["HGET", leases, "me"]).unwrap().trim(), "5:9:9");
+    // A balance: a take moves credits out of it, cset counts live leases.
+    let (credits, cleases) = ("t:{acct_x}:credits", "t:{acct_x}:credits:leases");
+    let ckeys = [credits, cleases];
+    r.cli(&["SET", credits, "100"]).unwrap();
+    let ctake = ["take", "c", "me", "0", "1", "30", "2", "0", "0", "30000"];
+    assert_eq!(words(eval(&r, &ckeys, &ctake)), ["30", "70", "0"]);
+    assert_eq!(words(eval(&r, &ckeys, &["cget"])), ["30", "70", "0"]);
+    assert_eq!(words(eval(&r, &ckeys, &["cset", "50"])), ["30", "20", "0"], "50 in all, 30 of them leased");
+    assert_eq!(words(eval(&r, &ckeys, &["cset", "10"])), ["30", "0", "0"], "never below zero");
+    assert_eq!(words(eval(&r, &ckeys, &["give", "c", "me", "30"])), ["30", "30", "0"]);
+    r.cli(&["SET", credits, "-3"]).unwrap();
+    assert!(eval(&r, &ckeys, &ctake).contains("TOLLGATE_CORRUPT"), "a negative balance");
+}
+
+/// An expired record gives nothing back and is not counted: a crashed
+/// holder's units stay spent (never over), and a reset or SetCredits stops
+/// counting them once their lifetime is over.
+#[tokio::test]
+async fn expired_lease_records_are_forfeit_and_no_longer_counted() {
+    let r = RedisServer::start();
+    let (credits, cleases) = ("t:{acct_x}:credits", "t:{acct_x}:credits:leases");
+    let ckeys = [credits, cleases];
+    r.cli(&["SET", credits, "100"]).unwrap();
+    let words = |reply: String| reply.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+    let ctake =
+        |holder: &'static str, lifetime: &'static str| ["take", "c", holder, "0", "1", "30", "2", "0", "0", lifetime];
+    assert_eq!(words(eval(&r, &ckeys, &ctake("dead", "200"))), ["30", "70", "0"]);
+    assert_eq!(words(eval(&r, &ckeys, &ctake("live", "60000"))), ["30", "40", "0"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(words(eval(&r, &ckeys, &["cget"])), ["30", "40", "0"], "only the live lease counts");
+    assert_eq!(words(eval(&r, &ckeys, &["give", "c", "dead", "30"])), ["0", "40", "0"], "nothing comes back");
+    let mut renew = ctake("dead", "60000");
+    renew[8] = "30";
+    assert_eq!(words(eval(&r, &ckeys, &renew)), ["20", "20", "0"], "a late renewal keeps nothing, takes anew");
+    assert_eq!(words(eval(&r, &ckeys, &["cset", "100"])), ["50", "50", "0"], "set counts the live leases");
 }
 
 /// Give-backs churning under spends (invalidations, releases) leave the

@@ -155,6 +155,8 @@ pub(super) struct Lease {
     #[serde(default, deserialize_with = "opt_duration")]
     pub(super) idle: Option<Duration>,
     pub(super) max_accounts: Option<usize>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub(super) lifetime: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]

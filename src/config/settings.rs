@@ -49,11 +49,20 @@ pub struct LeaseConfig {
     pub idle: Duration,
     /// The most accounts one replica holds leases for; past it, spends are exact.
     pub max_accounts: usize,
+    /// How long a lease may be spent from after a take (Redis time); renewed
+    /// at half of it. Bounds how long an expired record can be counted.
+    pub lifetime: Duration,
 }
 
 impl Default for LeaseConfig {
     fn default() -> Self {
-        Self { max_block: 100, replicas: 4, idle: Duration::from_secs(2), max_accounts: 100_000 }
+        Self {
+            max_block: 100,
+            replicas: 4,
+            idle: Duration::from_secs(2),
+            max_accounts: 100_000,
+            lifetime: Duration::from_secs(30),
+        }
     }
 }
 

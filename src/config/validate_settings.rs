@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use super::schema::{self, ApiKey, Identity};
 use super::secrets::{self, MIN_TOKEN_CHARS, Merged, PLACEHOLDER_TOKEN};
-use super::settings::{Backend, CacheConfig, LeaseConfig, Limits, ServerConfig, StoreConfig, StoreUrl, TlsConfig};
+use super::settings::{
+    Backend, CacheConfig, Counting, LeaseConfig, Limits, ServerConfig, StoreConfig, StoreUrl, TlsConfig,
+};
 use super::validate::{Invalid, bounded, invalid, positive};
 use crate::identity::IdentitySource;
 
@@ -160,6 +162,12 @@ pub(super) fn store(raw: schema::Store) -> Result<StoreConfig, Invalid> {
             ));
         }
     }
+    if raw.counting == Counting::Lease && raw.backend != Backend::Redis {
+        return Err(invalid(
+            "store.counting",
+            "lease needs store.backend: redis (one process has nothing to lease from)",
+        ));
+    }
     Ok(StoreConfig {
         backend: raw.backend,
         url: StoreUrl(url),
@@ -175,12 +183,24 @@ pub(super) fn store(raw: schema::Store) -> Result<StoreConfig, Invalid> {
 /// or hold leases for hours.
 fn lease(raw: &schema::Lease) -> Result<LeaseConfig, Invalid> {
     let d = LeaseConfig::default();
-    Ok(LeaseConfig {
+    let config = LeaseConfig {
         max_block: bounded(raw.max_block, d.max_block, 1, 1_000_000, "store.lease.max_block")?,
         replicas: bounded(raw.replicas, d.replicas, 1, 10_000, "store.lease.replicas")?,
         idle: bounded(raw.idle, d.idle, Duration::from_millis(100), Duration::from_secs(60), "store.lease.idle")?,
         max_accounts: bounded(raw.max_accounts, d.max_accounts, 1, 10_000_000, "store.lease.max_accounts")?,
-    })
+        lifetime: bounded(
+            raw.lifetime,
+            d.lifetime,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+            "store.lease.lifetime",
+        )?,
+    };
+    // An idle lease goes back before it must be renewed.
+    if config.idle > config.lifetime / 2 {
+        return Err(invalid("store.lease.idle", "must be at most half of store.lease.lifetime"));
+    }
+    Ok(config)
 }
 
 /// `cache:`.

@@ -1,53 +1,64 @@
 //! Lease mode (`store.counting: lease`): each replica takes blocks of units
-//! ("leases") of a calendar quota from Redis and spends them locally, so most
-//! allowed Checks cost no Redis round trip.
+//! ("leases") of a calendar quota or of a prepaid balance from Redis and
+//! spends them locally, so most allowed Checks cost no Redis round trip.
 //!
-//! **The invariant.** A take adds its block to the same Redis counter an
-//! exact spend increments and records it in the counter's lease hash
-//! (`…:leases`, holder id → units the holder may not have spent yet: what
-//! it still held plus the block), all in one script. So the counter always
-//! means "spent + leased", `counter ≤ limit` holds as in exact mode, and the
-//! units a replica spends are units it was granted: across any number of
-//! replicas, the units allowed in a window never exceed its limit. Exact-mode
-//! spends by other replicas stay correct against the same counter.
+//! **The invariant.** A take moves its block out of what is free and into
+//! the holder's lease record, in one script: for a quota, it adds the block to
+//! the same counter an exact spend increments (the counter means "spent +
+//! leased", `counter ≤ limit` as in exact mode); for credits, it takes the
+//! block off the balance (the balance means "neither spent nor leased",
+//! `balance ≥ 0`). The units a replica spends are units it was granted, so
+//! across any number of replicas the units allowed in a window never exceed
+//! its limit and credits never go below zero. Exact-mode spends by other
+//! replicas stay correct against the same keys.
 //!
-//! **Giving back.** Unspent units go back (counter −= units, record deleted)
-//! when an account has been idle for `store.lease.idle`, on SIGTERM and on
-//! reload ([`Store::release`]), and when its entitlement changes. A give-back
-//! returns at most what the record holds, so a second one returns nothing.
+//! **Lifetime.** A record (`…:leases`, holder → "units:deadline") lets its
+//! holder spend for `store.lease.lifetime` from the take, Redis time; this
+//! replica stops at 9/10 of it (its own clock, counted from before the call)
+//! and renews at half of it with a take, which also reports what it still
+//! holds. Only live records count where the whole must be known: ResetUsage
+//! keeps a quota's live leases counted, SetCredits sets the balance to the
+//! new credits minus the live leases. An expired record gives nothing back.
+//!
+//! **Giving back.** Unspent units go back (counter −= units, or balance +=
+//! units; record deleted) when an account has been idle for `idle`, on
+//! SIGTERM and on reload ([`Store::release`]), and when its entitlement,
+//! credits or usage change (an [`Invalidation`]). A give-back returns at most
+//! what the live record holds, so a second one returns nothing.
 //!
 //! **Crashes.** A replica killed without giving back strands its unspent
-//! leased units until the window ends: Redis cannot know how many of them
-//! were already served, and reclaiming served units would break the limit, so
-//! an expired lease is never reclaimed (its record expires with the counter).
+//! units: Redis cannot know how many of them were served, and reclaiming
+//! served units would break the limit. A quota's stranded units stay counted
+//! until its window ends; a balance's are lost to the account (at most one
+//! block per crash). Block sizes shrink near exhaustion, so a crash near the
+//! limit strands little.
 //!
 //! **Block size.** `min(max_block, max(need, 1, free / (2 · replicas)))`,
-//! capped at `free` (`free = limit − counter`): large far from the limit, 1
-//! near it, so the last units go one by one. A request that needs more than
-//! `free` takes nothing.
+//! capped at `free`: large far from the limit, 1 near it, so the last units
+//! go one by one. A request that needs more than `free` takes nothing.
 //!
 //! **Under-use.** A request is refused while units remain only when those
-//! units are leased to other replicas: at most `R · (max_block + cost − 1)`
+//! units are leased to other replicas: at most `R · (max_block + need − 1)`
 //! units (`R` replicas holding leases), and only until their holders spend
-//! them or give them back (`idle` after their last request); a crashed
-//! replica strands at most `max_block + cost − 1` per counter until the
-//! window ends.
+//! them or give them back (`idle` after their last request).
 //!
-//! **Known exhausted.** A take that finds too little free marks the counter
-//! exhausted: requests that need more than it saw free are refused locally for at most `idle` (to see units
-//! other replicas gave back), until a new window (a new counter), or until
-//! an [`Invalidation`] for the account (`SetCredits`, `AddCredits`,
-//! `ResetUsage`, `PutEntitlement`, Stripe events) arrives by pub/sub.
+//! **Known exhausted.** A take that finds too little free marks the lease
+//! exhausted: requests that need more than it saw free are refused locally
+//! for at most `idle` (to see units other replicas gave back), until a new
+//! window (a new counter), or until an [`Invalidation`] for the account
+//! (`SetCredits`, `AddCredits`, `ResetUsage`, `PutEntitlement`, Stripe
+//! events) arrives by pub/sub.
 //!
-//! **What stays exact.** Dry runs, cost-0 spends, spends with credits or
-//! with a rolling (`per:`) quota go to Redis whole, as in exact mode, so they
-//! stay all-or-nothing. Past `store.lease.max_accounts` accounts with leases,
+//! **What stays exact.** Dry runs, cost-0 spends and spends with a rolling
+//! (`per:`) quota go to Redis whole, as in exact mode, so they stay
+//! all-or-nothing. Past `store.lease.max_accounts` accounts with leases,
 //! spends of further accounts are exact too.
 //!
-//! **RateLimit honesty.** After a local spend `used` is reported as
-//! `limit − units this replica still holds`: never more remaining than truly
-//! remains (often less: other replicas' and Redis's free units are not
-//! counted). A refusal reports the counter the script saw.
+//! **Answers.** After a local spend a quota's `used` is `limit − units this
+//! replica still holds`: never more remaining than truly remains (often less:
+//! other replicas' and Redis's free units are not counted). A credit balance
+//! is what this replica holds plus what Redis had free at its last call (other
+//! replicas may have taken some since). A refusal reports what the script saw.
 //!
 //! May use: `store::{Store, StoreError, Invalidation}`, `store::redis`,
 //! `entitlement`, `usage`, `bounds`, `identity`, `config` (the lease settings).
@@ -59,39 +70,67 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
 
-use super::redis::{BlockSize, RedisStore};
+use super::redis::{BlockSize, LeaseTarget, RedisStore};
 use super::{Invalidation, Store, StoreError};
 use crate::config::LeaseConfig;
 use crate::entitlement::{Account, Quota, Window};
 use crate::identity::{KeyHash, KeyMeta};
-use crate::usage::{MAX_COST, QuotaUsage, Spend, SpendAnswer};
+use crate::usage::{CreditBalance, MAX_COST, QuotaUsage, Spend, SpendAnswer};
 
-/// A lease on one calendar counter, as this replica holds it.
+/// A lease on one counter or balance, as this replica holds it.
 #[derive(Debug, Clone)]
 struct Lease {
+    /// Where the units came from (and go back to).
+    target: LeaseTarget,
     /// Units leased to this replica and not yet spent.
     units: u64,
-    /// The limit the units were leased under: a changed limit gives them back.
-    limit: u64,
-    /// The counter (spent + leased, all replicas) at the last script call.
+    /// The counter (spent + leased, all replicas) or the free balance at the last script call.
     counter: u64,
     /// Refuse locally until then (set when a take found too little free)
     /// any request that needs more than `units + free`.
     exhausted_until: Option<Instant>,
-    /// The free units (limit − counter) the refused take saw.
+    /// The free units the refused take saw.
     free: u64,
-    /// The window's end: after it, the lease is worthless and dropped.
-    ends: DateTime<Utc>,
+    /// Take again (renewing the record) at the next spend after this.
+    renew_at: Instant,
+    /// The units may not be spent after this without a take.
+    valid_until: Instant,
+}
+
+impl Lease {
+    fn limit(&self) -> Option<u64> {
+        match self.target {
+            LeaseTarget::Counter { limit, .. } => Some(limit),
+            LeaseTarget::Credits { .. } => None,
+        }
+    }
+
+    /// The window's end: after it, a quota's lease is worthless.
+    fn ends(&self) -> Option<DateTime<Utc>> {
+        match self.target {
+            LeaseTarget::Counter { expires, .. } => Some(expires - chrono::Duration::minutes(1)),
+            LeaseTarget::Credits { .. } => None,
+        }
+    }
+
+    /// What is free beside this lease, as the last call saw it.
+    fn free_seen(&self) -> u64 {
+        match self.limit() {
+            Some(limit) => limit.saturating_sub(self.counter),
+            None => self.counter,
+        }
+    }
 }
 
 /// One account's leases; behind a Tokio mutex because a take awaits Redis
 /// while holding it (so concurrent Checks of one account make one take).
 #[derive(Debug, Default)]
 struct AccountLeases {
-    /// Counter key → lease.
+    /// Counter or balance key → lease.
     leases: HashMap<String, Lease>,
-    /// The last spend, for the idle give-back.
+    /// The last allowed spend, for the idle give-back.
     last_used: Option<Instant>,
 }
 
@@ -102,6 +141,8 @@ pub struct LeaseStats {
     pub taken: AtomicU64,
     /// Leases given back with units.
     pub returned: AtomicU64,
+    /// Leases whose unspent units were forfeit (record expired, window ended).
+    pub expired: AtomicU64,
     /// Units held by this replica, unspent (a gauge).
     pub outstanding: AtomicU64,
     /// Spends that went through this store.
@@ -117,12 +158,20 @@ pub struct LeaseSnapshot {
     pub taken: u64,
     /// Leases given back with units.
     pub returned: u64,
+    /// Leases forfeit.
+    pub expired: u64,
     /// Units held, unspent.
     pub outstanding: u64,
     /// Spends.
     pub spends: u64,
     /// Redis calls made by spends.
     pub redis_calls: u64,
+}
+
+/// One lease a spend needs: where from, and how many units.
+struct Want {
+    target: LeaseTarget,
+    need: u64,
 }
 
 /// The lease-mode [`Store`] around the Redis store.
@@ -156,6 +205,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How many accounts give back at once on SIGTERM or reload.
+const RELEASE_CONCURRENCY: usize = 32;
+
 impl LeaseStore {
     /// Leases from `inner`; starts the idle give-back (needs a Tokio runtime).
     pub fn new(inner: Arc<RedisStore>, config: LeaseConfig) -> Result<Arc<Self>, StoreError> {
@@ -181,58 +233,57 @@ impl LeaseStore {
         LeaseSnapshot {
             taken: s.taken.load(Ordering::Relaxed),
             returned: s.returned.load(Ordering::Relaxed),
+            expired: s.expired.load(Ordering::Relaxed),
             outstanding: s.outstanding.load(Ordering::Relaxed),
             spends: s.spends.load(Ordering::Relaxed),
             redis_calls: s.redis_calls.load(Ordering::Relaxed),
         }
     }
 
-    /// Reacts to a change another replica published: `Usage` (a top-up or a
-    /// reset) drops the account's "exhausted" marks; `Account` (a new
-    /// entitlement, perhaps new limits) also gives its leases back.
+    /// Reacts to a change another replica published: a top-up, a reset or a
+    /// new entitlement (perhaps new limits) drops the account's "exhausted"
+    /// marks and gives its leases back, so the change counts them at once.
     pub async fn invalidate(&self, inv: &Invalidation) {
-        let (id, give_back) = match inv {
-            Invalidation::Usage(id) => (id, false),
-            Invalidation::Account(id) => (id, true),
-            Invalidation::Key(_) => return,
-        };
+        let (Invalidation::Usage(id) | Invalidation::Account(id)) = inv else { return };
         let Some(entry) = lock(&self.accounts).get(id).cloned() else { return };
+        // Under the account's lock: a take racing the give-back would
+        // otherwise rewrite the record the give-back then deletes.
         let mut acct = entry.lock().await;
-        for lease in acct.leases.values_mut() {
-            lease.exhausted_until = None;
-        }
-        if give_back {
-            // Under the account's lock: a take racing the give-back would
-            // otherwise rewrite the record the give-back then deletes.
-            let leases = std::mem::take(&mut acct.leases);
-            self.give_back(leases).await;
-        }
+        let leases = std::mem::take(&mut acct.leases);
+        self.give_back(leases).await;
     }
 
     /// Drops every "exhausted" mark (after a lost subscription: a top-up may have been missed).
-    pub fn forget_exhausted(&self) {
+    pub async fn forget_exhausted(&self) {
         let entries: Vec<_> = lock(&self.accounts).values().cloned().collect();
         for entry in entries {
-            if let Ok(mut acct) = entry.try_lock() {
-                acct.leases.values_mut().for_each(|l| l.exhausted_until = None);
-            }
+            entry.lock().await.leases.values_mut().for_each(|l| l.exhausted_until = None);
         }
     }
 
     /// Gives back every unspent unit of `leases`; failures are logged (the
-    /// units stay counted as spent until the window ends: under-use, never over).
+    /// units stay counted until the window ends, or are lost to the balance:
+    /// under-use, never over).
     async fn give_back(&self, leases: HashMap<String, Lease>) {
-        for (key, lease) in leases {
+        for (_, lease) in leases {
             // A spent-out lease still has a record (it overstates what the
             // holder has left): give 0 back to delete it, so a later reset
-            // does not count units nobody holds.
+            // or SetCredits does not count units nobody holds.
             self.stats.outstanding.fetch_sub(lease.units, Ordering::Relaxed);
-            match self.inner.give_lease(&key, &self.holder, lease.units).await {
+            match self.inner.give_lease(&lease.target, &self.holder, lease.units).await {
                 Ok(_) => {
                     self.stats.returned.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => tracing::warn!(error = %e, units = lease.units, "could not give a lease back"),
             }
+        }
+    }
+
+    /// Forgets a lease's unspent units (they stay counted in Redis).
+    fn forfeit(&self, lease: &Lease) {
+        self.stats.outstanding.fetch_sub(lease.units, Ordering::Relaxed);
+        if lease.units > 0 {
+            self.stats.expired.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -259,130 +310,193 @@ impl LeaseStore {
     /// Whether lease mode applies to `spend`; the rest is exact. (A cost-0
     /// spend only reads: exact mode answers it with the true usage.)
     fn leasable(spend: &Spend) -> bool {
+        let costs = |c: u64| (1..=MAX_COST).contains(&c);
         !spend.dry_run
-            && spend.credits.is_none()
-            && !spend.quotas.is_empty()
-            && (1..=MAX_COST).contains(&spend.cost)
+            && (!spend.quotas.is_empty() || spend.credits.is_some())
+            && (spend.quotas.is_empty() || costs(spend.cost))
+            && spend.credits.is_none_or(costs)
             && spend.quotas.iter().all(|q| matches!(q.window, Window::Calendar(_)))
+    }
+
+    /// The leases `spend` needs, in order (its quotas, then its credits);
+    /// `None` when one cannot be leased.
+    fn wants(&self, spend: &Spend) -> Option<Vec<Want>> {
+        let mut wants = Vec::with_capacity(spend.quotas.len() + 1);
+        for q in &spend.quotas {
+            let (Some(key), Window::Calendar(period)) =
+                (self.inner.counter_key(&spend.account, q, spend.now), q.window)
+            else {
+                return None;
+            };
+            // Two quotas on one counter: let the script count them.
+            if wants.iter().any(|w: &Want| w.target.key() == key) {
+                return None;
+            }
+            let expires = period.bounds(spend.now).1 + chrono::Duration::minutes(1);
+            wants.push(Want { target: LeaseTarget::Counter { key, limit: q.limit, expires }, need: spend.cost });
+        }
+        if let Some(credits) = spend.credits {
+            wants.push(Want {
+                target: LeaseTarget::Credits { key: self.inner.credits_key(&spend.account)? },
+                need: credits,
+            });
+        }
+        Some(wants)
     }
 
     async fn leased_spend(&self, spend: &Spend) -> Result<SpendAnswer, StoreError> {
         // The checks the exact path makes first, so no bad spend reaches a lease.
         crate::bounds::check_spend(spend).map_err(StoreError::Corrupt)?;
-        let (mut keys, mut ends) = (Vec::with_capacity(spend.quotas.len()), Vec::with_capacity(spend.quotas.len()));
-        for q in &spend.quotas {
-            let (Some(key), Window::Calendar(period)) =
-                (self.inner.counter_key(&spend.account, q, spend.now), q.window)
-            else {
-                return self.exact(spend).await;
-            };
-            if keys.contains(&key) {
-                // Two quotas on one counter: let the script count them.
-                return self.exact(spend).await;
-            }
-            keys.push(key);
-            ends.push(period.bounds(spend.now).1);
-        }
+        let Some(wants) = self.wants(spend) else { return self.exact(spend).await };
         let Some(entry) = self.entry(&spend.account) else { return self.exact(spend).await };
         let mut acct = entry.lock().await;
-        let now = Instant::now();
-        acct.last_used = Some(now);
         // Leases of ended windows are worthless: drop them (their counters expire).
-        let ended: Vec<String> =
-            acct.leases.iter().filter(|(_, l)| l.ends <= spend.now).map(|(k, _)| k.clone()).collect();
-        for k in ended {
-            if let Some(l) = acct.leases.remove(&k) {
-                self.stats.outstanding.fetch_sub(l.units, Ordering::Relaxed);
+        acct.leases.retain(|_, l| {
+            let keep = l.ends().is_none_or(|end| end > spend.now);
+            if !keep {
+                self.forfeit(l);
             }
-        }
+            keep
+        });
         // A lease taken under another limit goes back before anything else.
         let mut stale = HashMap::new();
-        for (q, key) in spend.quotas.iter().zip(&keys) {
-            if acct.leases.get(key).is_some_and(|l| l.limit != q.limit)
+        for w in &wants {
+            let key = w.target.key();
+            if acct.leases.get(key).is_some_and(|l| l.target != w.target)
                 && let Some(l) = acct.leases.remove(key)
             {
-                stale.insert(key.clone(), l);
+                stale.insert(key.to_owned(), l);
             }
         }
         if !stale.is_empty() {
             self.stats.redis_calls.fetch_add(stale.len() as u64, Ordering::Relaxed);
             self.give_back(stale).await;
         }
-        let cost = spend.cost;
-        let known_exhausted = spend.quotas.iter().zip(&keys).any(|(_, key)| {
-            acct.leases
-                .get(key)
-                .is_some_and(|l| l.units + l.free < cost && l.exhausted_until.is_some_and(|until| now < until))
+        let now = Instant::now();
+        let known_exhausted = wants.iter().any(|w| {
+            acct.leases.get(w.target.key()).is_some_and(|l| {
+                l.exhausted_until.is_some_and(|until| now < until) && l.units.saturating_add(l.free) < w.need
+            })
         });
         if !known_exhausted {
-            for ((q, key), &ends) in spend.quotas.iter().zip(&keys).zip(&ends) {
-                let held = acct.leases.get(key).map_or(0, |l| l.units);
-                if held >= cost {
-                    continue;
-                }
-                let size = BlockSize {
-                    need: cost - held,
-                    max: self.config.max_block,
-                    divisor: self.config.replicas.saturating_mul(2),
-                };
-                self.stats.redis_calls.fetch_add(1, Ordering::Relaxed);
-                // On an error, units taken for earlier quotas stay held: not lost.
-                let expires = ends + chrono::Duration::minutes(1);
-                let got = match self.inner.take_lease(key, &self.holder, held, q.limit, size, expires).await {
-                    Ok(got) => got,
-                    Err(e) => {
-                        if !e.is_transient() {
-                            // A record that disagrees with us: start afresh (what we held
-                            // stays counted as spent: under-use, never over).
-                            if let Some(l) = acct.leases.remove(key) {
-                                self.stats.outstanding.fetch_sub(l.units, Ordering::Relaxed);
-                            }
-                        }
-                        return Err(e);
-                    }
-                };
-                let lease = acct.leases.entry(key.clone()).or_insert(Lease {
-                    units: 0,
-                    limit: q.limit,
-                    counter: 0,
-                    exhausted_until: None,
-                    free: 0,
-                    ends,
-                });
-                lease.counter = got.counter;
-                if got.units == 0 {
-                    lease.exhausted_until = Some(now + self.config.idle);
-                    lease.free = q.limit.saturating_sub(got.counter);
-                } else {
-                    lease.units += got.units;
-                    lease.exhausted_until = None;
-                    self.stats.taken.fetch_add(1, Ordering::Relaxed);
-                    self.stats.outstanding.fetch_add(got.units, Ordering::Relaxed);
+            for w in &wants {
+                if !self.take_for(&mut acct, w).await? {
+                    break;
                 }
             }
         }
-        let ok = keys.iter().all(|k| acct.leases.get(k).is_some_and(|l| l.units >= cost));
-        let mut quotas = Vec::with_capacity(keys.len());
-        for ((q, key), &end) in spend.quotas.iter().zip(&keys).zip(&ends) {
-            let lease = acct.leases.get_mut(key);
-            let (used, exceeded) = match lease {
-                Some(l) if l.units >= cost => {
-                    if ok {
-                        l.units -= cost;
-                    }
-                    (q.limit - l.units.min(q.limit), false)
+        let now = Instant::now();
+        let ok = wants.iter().all(|w| acct.leases.get(w.target.key()).is_some_and(|l| usable(l, now) >= w.need));
+        let mut quotas = Vec::with_capacity(spend.quotas.len());
+        let mut credits = None;
+        for w in &wants {
+            let lease = acct.leases.get_mut(w.target.key());
+            if ok && let Some(l) = lease {
+                l.units -= w.need;
+                self.stats.outstanding.fetch_sub(w.need, Ordering::Relaxed);
+            }
+            let lease = acct.leases.get(w.target.key());
+            // Refused: its take found too little; otherwise (not asked, because
+            // another lease was refused first) not known to be short.
+            let refused = lease.is_some_and(|l| l.exhausted_until.is_some() && usable(l, now) < w.need);
+            match &w.target {
+                LeaseTarget::Counter { limit, expires, .. } => {
+                    let used = match lease {
+                        Some(l) if ok => limit - l.units.min(*limit),
+                        Some(l) => l.counter.max(limit.saturating_sub(l.units)).min(*limit),
+                        None => *limit,
+                    };
+                    let end = *expires - chrono::Duration::minutes(1);
+                    quotas.push(QuotaUsage { used, exceeded: refused, resets_at: end, retry_at: end });
                 }
-                Some(l) => (l.counter.max(q.limit.saturating_sub(l.units)), true),
-                // Not asked (another quota is known exhausted): not known to be
-                // exceeded, and nothing claimed to remain.
-                None => (q.limit, false),
-            };
-            quotas.push(QuotaUsage { used, exceeded, resets_at: end, retry_at: end });
+                LeaseTarget::Credits { .. } => {
+                    let balance = lease.map_or(0, |l| l.units.saturating_add(l.free_seen()));
+                    credits = Some(CreditBalance { balance, sufficient: ok || !refused });
+                }
+            }
         }
         if ok {
-            self.stats.outstanding.fetch_sub(cost * keys.len() as u64, Ordering::Relaxed);
+            acct.last_used = Some(now);
         }
-        Ok(SpendAnswer { spent: ok, quotas, credits: None })
+        Ok(SpendAnswer { spent: ok, quotas, credits })
+    }
+
+    /// Makes sure the lease for `want` can pay it, taking (or renewing) from
+    /// Redis when it cannot or is due; false when Redis refused (the lease is
+    /// then marked exhausted).
+    async fn take_for(&self, acct: &mut AccountLeases, want: &Want) -> Result<bool, StoreError> {
+        let key = want.target.key();
+        // At most twice: a second take when the first found our record
+        // expired (its units forfeit) and granted too little.
+        for _ in 0..2 {
+            let now = Instant::now();
+            let (held, renew_at) = acct.leases.get(key).map_or((0, now), |l| (l.units, l.renew_at));
+            let usable_now = acct.leases.get(key).map_or(0, |l| usable(l, now));
+            if usable_now >= want.need && now < renew_at {
+                return Ok(true);
+            }
+            let size = BlockSize {
+                need: want.need.saturating_sub(held),
+                max: self.config.max_block,
+                divisor: self.config.replicas.saturating_mul(2),
+            };
+            self.stats.redis_calls.fetch_add(1, Ordering::Relaxed);
+            let sent = Instant::now();
+            let got = match self.inner.take_lease(&want.target, &self.holder, held, size, self.config.lifetime).await {
+                Ok(got) => got,
+                Err(e) => {
+                    if !e.is_transient() {
+                        // A record that disagrees with us: start afresh (what we held
+                        // stays counted: under-use, never over).
+                        if let Some(l) = acct.leases.remove(key) {
+                            self.forfeit(&l);
+                        }
+                    }
+                    return Err(e);
+                }
+            };
+            let lifetime = self.config.lifetime;
+            let lease = acct.leases.entry(key.to_owned()).or_insert_with(|| Lease {
+                target: want.target.clone(),
+                units: 0,
+                counter: 0,
+                exhausted_until: None,
+                free: 0,
+                renew_at: sent,
+                valid_until: sent,
+            });
+            if got.kept < lease.units {
+                let lost = Lease { units: lease.units - got.kept, ..lease.clone() };
+                lease.units = got.kept;
+                self.forfeit(&lost);
+            }
+            lease.counter = got.counter;
+            lease.units += got.units;
+            lease.renew_at = sent + lifetime / 2;
+            lease.valid_until = sent + lifetime.mul_f64(0.9);
+            if got.units > 0 {
+                lease.exhausted_until = None;
+                self.stats.taken.fetch_add(1, Ordering::Relaxed);
+                self.stats.outstanding.fetch_add(got.units, Ordering::Relaxed);
+            }
+            if lease.units >= want.need {
+                return Ok(true);
+            }
+            if got.units == 0 && got.kept == held {
+                lease.exhausted_until = Some(Instant::now() + self.config.idle);
+                lease.free = lease.free_seen();
+                return Ok(false);
+            }
+        }
+        match acct.leases.get_mut(key) {
+            Some(l) if l.units >= want.need => Ok(true),
+            Some(l) => {
+                l.exhausted_until = Some(Instant::now() + self.config.idle);
+                l.free = l.free_seen();
+                Ok(false)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Gives back the leases of accounts idle for `idle` and forgets them.
@@ -413,6 +527,11 @@ impl LeaseStore {
             }
         }
     }
+}
+
+/// The units of `lease` this replica may spend at `now` without asking.
+fn usable(lease: &Lease, now: Instant) -> u64 {
+    if now < lease.valid_until { lease.units } else { 0 }
 }
 
 /// Every `every`, gives back idle leases, for as long as the store lives.
@@ -465,21 +584,36 @@ impl Store for LeaseStore {
         self.inner.list_keys(account).await
     }
 
+    /// The new credits count the units other replicas hold on lease (this
+    /// one gives its own back first): the balance becomes the rest, and the
+    /// others give theirs back on the published change. The account gets at
+    /// most `credits` to spend, less by what the others spent since their
+    /// last take (their records overstate what they hold by that).
     async fn set_credits(&self, account: &str, credits: u64) -> Result<(), StoreError> {
-        self.inner.set_credits(account, credits).await
+        self.invalidate(&Invalidation::Usage(account.to_owned())).await;
+        self.inner.set_leased_credits(account, credits).await.map(|_| ())
     }
 
+    /// The free balance plus the units in live leases (some of which their
+    /// holders may have spent since their last take).
     async fn credits(&self, account: &str) -> Result<u64, StoreError> {
-        self.inner.credits(account).await
+        let got = self.inner.leased_credits(account).await?;
+        Ok(got.units.saturating_add(got.counter))
     }
 
     async fn add_credits(&self, account: &str, delta: i64) -> Result<Option<u64>, StoreError> {
-        self.inner.add_credits(account, delta).await
+        // The delta applies to the free balance (a debit larger than it is
+        // refused although leases may hold more); the answer counts the leases.
+        if self.inner.add_credits(account, delta).await?.is_none() {
+            return Ok(None);
+        }
+        self.invalidate(&Invalidation::Usage(account.to_owned())).await;
+        self.credits(account).await.map(Some)
     }
 
     async fn reset_usage(&self, account: &str, quotas: &[Quota], now: DateTime<Utc>) -> Result<(), StoreError> {
         self.inner.reset_usage(account, quotas, now).await?;
-        // This replica's marks go now; the others' when the published change arrives.
+        // This replica's leases go now; the others' when the published change arrives.
         self.invalidate(&Invalidation::Usage(account.to_owned())).await;
         Ok(())
     }
@@ -503,11 +637,13 @@ impl Store for LeaseStore {
     async fn release(&self) {
         // Entries stay: a spend racing this one finds its account as before.
         let entries: Vec<_> = lock(&self.accounts).values().cloned().collect();
-        for entry in entries {
-            // Under the account's lock, as in `invalidate`.
-            let mut acct = entry.lock().await;
-            let leases = std::mem::take(&mut acct.leases);
-            self.give_back(leases).await;
-        }
+        futures_util::stream::iter(entries)
+            .for_each_concurrent(RELEASE_CONCURRENCY, |entry| async move {
+                // Under the account's lock, as in `invalidate`.
+                let mut acct = entry.lock().await;
+                let leases = std::mem::take(&mut acct.leases);
+                self.give_back(leases).await;
+            })
+            .await;
     }
 }

@@ -188,8 +188,10 @@ pub fn open(store: &StoreConfig, cache: &CacheConfig, observe: LookupObserver) -
                         if let Some(cache) = cache {
                             cache.invalidate(&inv).await;
                         }
+                        // Off the listener: a give-back waits for the account's
+                        // lock and Redis, and must not hold up other changes.
                         if let Some(lease) = lease {
-                            lease.invalidate(&inv).await;
+                            tokio::spawn(async move { lease.invalidate(&inv).await });
                         }
                     }
                 },
@@ -198,7 +200,7 @@ pub fn open(store: &StoreConfig, cache: &CacheConfig, observe: LookupObserver) -
                         cache.invalidate_all();
                     }
                     if let Some(lease) = lease_reconnect.as_ref().and_then(std::sync::Weak::upgrade) {
-                        lease.forget_exhausted();
+                        tokio::spawn(async move { lease.forget_exhausted().await });
                     }
                 },
             );

@@ -52,7 +52,7 @@ use chrono::{DateTime, Utc};
 
 use self::connection::{Conn, Connections, unavailable};
 use self::keys::{Keys, millis, window_ms};
-pub use self::leases::{BlockSize, LeaseAnswer};
+pub use self::leases::{BlockSize, LeaseAnswer, LeaseTarget};
 use super::{Invalidation, Store, StoreError};
 use crate::bounds;
 use crate::entitlement::{Account, MAX_WINDOW, Quota, is_valid_account_id};
