@@ -9,10 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tollgate::config::{Backend, CacheConfig, Counting, LeaseConfig, OnError, StoreConfig, StoreUrl};
 use tollgate::entitlement::{Period, Quota, Window};
 use tollgate::store::{self, LeaseStore, RedisStore, Store, StoreError};
 use tollgate::usage::Spend;
+use tollgate_testkit::process::TollgateProcess;
 use tollgate_testkit::redis::RedisServer;
 use tollgate_testkit::{Answer, TestServer, http_check, http_get, spec_config, spread};
 
@@ -544,4 +546,117 @@ async fn give_backs_racing_spends_leave_the_counter_exact() {
     assert_eq!(counter(&server, prefix, &q[0], now), spent, "the counter is exactly what was spent");
     let key = redis(&server.url(), prefix).counter_key(ACCT, &q[0], now).unwrap();
     assert_eq!(server.cli(&["HLEN", &format!("{key}:leases")]).unwrap().trim(), "0", "no lease record is left");
+}
+
+fn config_lifetime(max_block: u64, lifetime: Duration) -> LeaseConfig {
+    LeaseConfig { lifetime, ..config(max_block, 1, Duration::from_secs(60)) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_renewed_while_in_use_and_forfeit_once_its_record_expired() {
+    let server = RedisServer::start();
+    // Renewed: a spend past half the lifetime (but before 9/10 of it) keeps what it holds.
+    let renewing = replicas(&server.url(), "renew:", 1, config_lifetime(20, Duration::from_secs(2))).remove(0);
+    renewing.set_credits(ACCT, 1000).await.unwrap();
+    assert!(renewing.spend(&credit_spend(1)).await.unwrap().spent);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let calls = renewing.stats().redis_calls;
+    assert!(renewing.spend(&credit_spend(1)).await.unwrap().spent);
+    assert_eq!(renewing.stats().redis_calls, calls + 1, "the spend renewed its lease");
+    assert_eq!(renewing.stats().expired, 0, "nothing was forfeit");
+    renewing.release().await;
+    assert_eq!(balance(&server, "renew:"), 998, "exactly the two spent are gone");
+
+    // Expired: the record outlived, the units it held are forfeit (never spent twice).
+    let stores = replicas(&server.url(), "expire:", 2, config_lifetime(20, Duration::from_secs(1)));
+    stores[0].set_credits(ACCT, 1000).await.unwrap();
+    for s in &stores {
+        assert!(s.spend(&credit_spend(1)).await.unwrap().spent);
+    }
+    // stores[1] is never used again: as if killed, its lease is never given back.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(stores[0].spend(&credit_spend(1)).await.unwrap().spent);
+    assert_eq!(stores[0].stats().expired, 1, "its own expired lease was forfeit");
+    stores[0].release().await;
+    assert_eq!(
+        stores[0].credits(ACCT).await.unwrap(),
+        u64::try_from(balance(&server, "expire:")).unwrap(),
+        "expired records are not counted"
+    );
+    assert_eq!(balance(&server, "expire:"), 1000 - 3 - 19 - 19, "three spent, two blocks' rest forfeit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_on_one_replica_lets_a_credit_spend_through_on_another_within_a_second() {
+    let server = RedisServer::start();
+    let c = store_config(&server.url(), "credit-topup:", config(5, 2, Duration::from_secs(60)));
+    let cache = CacheConfig { ttl: Duration::from_secs(60), negative_ttl: Duration::from_secs(60), max_bytes: 1 << 20 };
+    let a = store::open(&c, &cache, Arc::new(|_| {})).unwrap();
+    let b = store::open(&c, &cache, Arc::new(|_| {})).unwrap();
+    a.set_credits(ACCT, 6).await.unwrap();
+    let mut spent = 0;
+    for i in 0..30 {
+        let s = if i % 2 == 0 { &a } else { &b };
+        spent += u64::from(s.spend(&credit_spend(1)).await.unwrap().spent);
+    }
+    assert!(spent <= 6, "{spent}");
+    let refused = b.spend(&credit_spend(1)).await.unwrap();
+    assert!(!refused.spent && refused.credits.is_some_and(|c| !c.sufficient), "b knows the balance is short");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.add_credits(ACCT, 10).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while !b.spend(&credit_spend(1)).await.unwrap().spent {
+        assert!(tokio::time::Instant::now() < deadline, "the top-up did not reach b within a second");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The spec config on Redis in lease mode with the pro plan's quota at
+/// `limit` per minute, listening where `TollgateProcess` says.
+fn minute_yaml(url: &str, limit: u64) -> String {
+    lease_yaml(url, limit)
+        .replace(&format!("limit: {limit}, period: month"), &format!("limit: {limit}, period: minute"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_replica_strands_at_most_its_block_and_the_units_come_back_with_the_next_window() {
+    let redis = RedisServer::start();
+    // A minute quota; start early in a minute so the steps below fit in it.
+    let into_minute = Utc::now().timestamp() % 60;
+    if into_minute > 40 {
+        tokio::time::sleep(Duration::from_secs(61 - into_minute as u64)).await;
+    }
+    let minute = Utc::now().timestamp() / 60;
+    let yaml = minute_yaml(&redis.url(), 100);
+    let survivor = TestServer::start_configured(&yaml, true).await;
+    let bin = env!("CARGO_BIN_EXE_tollgate");
+    let mut killed = TollgateProcess::start(bin, &[], |grpc, http| {
+        yaml.clone() + &format!("server: {{ grpc_listen: \"{grpc}\", http_listen: \"{http}\" }}\n")
+    })
+    .await;
+    let pro = || http_check("GET", "/v1/search", &[("x-api-key", "pro-key")]);
+    let mut client = AuthorizationClient::new(tollgate_testkit::server::channel(killed.grpc).await);
+    assert!(Answer::of(client.check(pro()).await.unwrap().get_ref()).allowed);
+    let counter = || {
+        let (start, _) = Period::Minute.bounds(Utc::now());
+        let key = format!("tollgate:{{acct_pro}}:q:requests:minute:{}", start.timestamp_millis());
+        redis.cli(&["GET", &key]).unwrap().trim().parse::<u64>().unwrap_or(0)
+    };
+    let stranded = counter() - 1;
+    assert!((1..=10).contains(&stranded), "it holds the rest of one block (max_block 10): {stranded}");
+    killed.child.kill().unwrap(); // SIGKILL: no give-back
+    killed.child.wait().unwrap();
+    let channels = [survivor.channel().await];
+    let allowed = spread(&channels, 150, pro()).await.into_iter().filter(|a| a.allowed).count() as u64;
+    assert_eq!(Utc::now().timestamp() / 60, minute, "the test ran over a minute boundary");
+    assert_eq!(allowed, 100 - 1 - stranded, "only the killed replica's block is missing");
+    // The next window is a new counter: all 100 are back.
+    let next_ms = (minute + 1) * 60_000;
+    tokio::time::sleep(Duration::from_millis(
+        u64::try_from(next_ms - Utc::now().timestamp_millis()).unwrap_or(0) + 200,
+    ))
+    .await;
+    let allowed = spread(&channels, 150, pro()).await.into_iter().filter(|a| a.allowed).count();
+    assert_eq!(allowed, 100, "the stranded units came back with the window");
+    survivor.stop().await;
 }

@@ -444,6 +444,11 @@ impl LeaseStore {
             let sent = Instant::now();
             let got = match self.inner.take_lease(&want.target, &self.holder, held, size, self.config.lifetime).await {
                 Ok(got) => got,
+                // Only a renewal, and Redis is away: the lease is still valid.
+                Err(e) if e.is_transient() && usable_now >= want.need => {
+                    tracing::debug!(error = %e, "could not renew a lease; spending from it while it is valid");
+                    return Ok(true);
+                }
                 Err(e) => {
                     if !e.is_transient() {
                         // A record that disagrees with us: start afresh (what we held
