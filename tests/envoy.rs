@@ -63,8 +63,34 @@ async fn public_route_reaches_the_upstream_without_a_key() {
 
 #[tokio::test]
 async fn every_deny_row_reaches_the_client_with_status_body_and_headers() {
-    let s = stack().await;
+    deny_rows(stack().await).await;
+}
 
+/// The same rows with tollgate on Redis, exact counting.
+#[tokio::test]
+async fn every_deny_row_through_envoy_on_redis_exact() {
+    let redis = RedisServer::start();
+    deny_rows(redis_stack(&format!("{{ backend: redis, url: \"{}\" }}", redis.url())).await).await;
+}
+
+/// The same rows with tollgate on Redis, lease counting (quotas and credits leased).
+#[tokio::test]
+async fn every_deny_row_through_envoy_on_redis_lease() {
+    let redis = RedisServer::start();
+    deny_rows(redis_stack(&format!("{{ backend: redis, url: \"{}\", counting: lease }}", redis.url())).await).await;
+}
+
+/// Envoy in front of tollgate on the spec config with `store:` as given, seeded.
+async fn redis_stack(store: &str) -> Stack {
+    let yaml = spec_config() + &format!("store: {store}\n");
+    let tollgate = TestServer::start_configured(&yaml, true).await;
+    let s = Stack::around(tollgate, |tollgate, upstream| envoy::config(tollgate, upstream, Options::default())).await;
+    s.envoy.wait_cluster_healthy("tollgate").await;
+    s
+}
+
+/// Every deny row of the decision table as a plain HTTP client sees it.
+async fn deny_rows(s: Stack) {
     let r = s.get("/v1/search", &[]).await;
     assert_problem(&r, 401, "credentials_missing");
     assert!(r.header("www-authenticate").is_some_and(|w| w.contains("Bearer realm=\"tollgate\"")), "{r:?}");
@@ -180,10 +206,17 @@ async fn tollgate_down_passes_requests_under_failure_mode_allow() {
 #[tokio::test]
 async fn redis_backed_tollgate_behind_envoy_meters_exactly() {
     let redis = RedisServer::start();
-    let yaml = spec_config() + &format!("store: {{ backend: redis, url: \"{}\" }}\n", redis.url());
-    let tollgate = TestServer::start_configured(&yaml, true).await;
-    let s = Stack::around(tollgate, |tollgate, upstream| envoy::config(tollgate, upstream, Options::default())).await;
-    s.envoy.wait_cluster_healthy("tollgate").await;
+    meters_exactly(redis_stack(&format!("{{ backend: redis, url: \"{}\" }}", redis.url())).await).await;
+}
+
+#[tokio::test]
+async fn lease_mode_tollgate_behind_envoy_meters_exactly() {
+    let redis = RedisServer::start();
+    meters_exactly(redis_stack(&format!("{{ backend: redis, url: \"{}\", counting: lease }}", redis.url())).await)
+        .await;
+}
+
+async fn meters_exactly(s: Stack) {
     for i in 0..5 {
         let r = s.get("/v1/search", &[("x-api-key", "free-key")]).await;
         assert_eq!(r.status, 200, "request {i}: {r:?}");
