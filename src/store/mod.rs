@@ -200,7 +200,7 @@ pub fn open(store: &StoreConfig, cache: &CacheConfig, observe: LookupObserver) -
                         cache.invalidate_all();
                     }
                     if let Some(lease) = lease_reconnect.as_ref().and_then(std::sync::Weak::upgrade) {
-                        tokio::spawn(async move { lease.forget_exhausted().await });
+                        lease.forget_exhausted();
                     }
                 },
             );

@@ -72,67 +72,15 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 
+use self::account::{AccountLeases, Lease, Local, Want};
 use super::redis::{BlockSize, LeaseTarget, RedisStore};
 use super::{Invalidation, Store, StoreError};
 use crate::config::LeaseConfig;
 use crate::entitlement::{Account, Quota, Window};
 use crate::identity::{KeyHash, KeyMeta};
-use crate::usage::{CreditBalance, MAX_COST, QuotaUsage, Spend, SpendAnswer};
+use crate::usage::{MAX_COST, Spend, SpendAnswer};
 
-/// A lease on one counter or balance, as this replica holds it.
-#[derive(Debug, Clone)]
-struct Lease {
-    /// Where the units came from (and go back to).
-    target: LeaseTarget,
-    /// Units leased to this replica and not yet spent.
-    units: u64,
-    /// The counter (spent + leased, all replicas) or the free balance at the last script call.
-    counter: u64,
-    /// Refuse locally until then (set when a take found too little free)
-    /// any request that needs more than `units + free`.
-    exhausted_until: Option<Instant>,
-    /// The free units the refused take saw.
-    free: u64,
-    /// Take again (renewing the record) at the next spend after this.
-    renew_at: Instant,
-    /// The units may not be spent after this without a take.
-    valid_until: Instant,
-}
-
-impl Lease {
-    fn limit(&self) -> Option<u64> {
-        match self.target {
-            LeaseTarget::Counter { limit, .. } => Some(limit),
-            LeaseTarget::Credits { .. } => None,
-        }
-    }
-
-    /// The window's end: after it, a quota's lease is worthless.
-    fn ends(&self) -> Option<DateTime<Utc>> {
-        match self.target {
-            LeaseTarget::Counter { expires, .. } => Some(expires - chrono::Duration::minutes(1)),
-            LeaseTarget::Credits { .. } => None,
-        }
-    }
-
-    /// What is free beside this lease, as the last call saw it.
-    fn free_seen(&self) -> u64 {
-        match self.limit() {
-            Some(limit) => limit.saturating_sub(self.counter),
-            None => self.counter,
-        }
-    }
-}
-
-/// One account's leases; behind a Tokio mutex because a take awaits Redis
-/// while holding it (so concurrent Checks of one account make one take).
-#[derive(Debug, Default)]
-struct AccountLeases {
-    /// Counter or balance key → lease.
-    leases: HashMap<String, Lease>,
-    /// The last allowed spend, for the idle give-back.
-    last_used: Option<Instant>,
-}
+mod account;
 
 /// Counters for metrics (monotonic, except `outstanding`).
 #[derive(Debug, Default)]
@@ -168,10 +116,15 @@ pub struct LeaseSnapshot {
     pub redis_calls: u64,
 }
 
-/// One lease a spend needs: where from, and how many units.
-struct Want {
-    target: LeaseTarget,
-    need: u64,
+/// One account's entry: its leases behind a std mutex (never held across an
+/// `.await`, so a spend paid from held units never parks), and a Tokio mutex
+/// that one Redis call for the account holds at a time (so concurrent Checks
+/// make one take, and a take and a give-back never interleave: the record a
+/// give-back deletes is the one it gives back).
+#[derive(Debug, Default)]
+struct Entry {
+    state: Mutex<AccountLeases>,
+    redis: tokio::sync::Mutex<()>,
 }
 
 /// The lease-mode [`Store`] around the Redis store.
@@ -180,8 +133,8 @@ pub struct LeaseStore {
     config: LeaseConfig,
     /// This replica's name in lease records: random per process.
     holder: String,
-    /// Account → its leases. A std mutex: never held across an `.await`.
-    accounts: Mutex<HashMap<String, Arc<tokio::sync::Mutex<AccountLeases>>>>,
+    /// Account → its entry. A std mutex: never held across an `.await`.
+    accounts: Mutex<HashMap<String, Arc<Entry>>>,
     stats: LeaseStats,
     /// The idle give-back task, stopped when the store goes away.
     sweeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -207,6 +160,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// How many accounts give back at once on SIGTERM or reload.
 const RELEASE_CONCURRENCY: usize = 32;
+
+/// How many times a spend asks Redis before it is refused: units a take
+/// granted can go to concurrent Checks paid locally before this one pays.
+const TAKE_ROUNDS: usize = 3;
 
 impl LeaseStore {
     /// Leases from `inner`; starts the idle give-back (needs a Tokio runtime).
@@ -246,19 +203,22 @@ impl LeaseStore {
     pub async fn invalidate(&self, inv: &Invalidation) {
         let (Invalidation::Usage(id) | Invalidation::Account(id)) = inv else { return };
         let Some(entry) = lock(&self.accounts).get(id).cloned() else { return };
-        // Under the account's lock: a take racing the give-back would
-        // otherwise rewrite the record the give-back then deletes.
-        let mut acct = entry.lock().await;
-        let leases = std::mem::take(&mut acct.leases);
-        self.give_back(leases).await;
+        self.give_back_entry(&entry).await;
     }
 
     /// Drops every "exhausted" mark (after a lost subscription: a top-up may have been missed).
-    pub async fn forget_exhausted(&self) {
+    pub fn forget_exhausted(&self) {
         let entries: Vec<_> = lock(&self.accounts).values().cloned().collect();
         for entry in entries {
-            entry.lock().await.leases.values_mut().for_each(|l| l.exhausted_until = None);
+            lock(&entry.state).leases.values_mut().for_each(|l| l.exhausted_until = None);
         }
+    }
+
+    /// Gives back everything `entry` holds, under its Redis lock.
+    async fn give_back_entry(&self, entry: &Entry) {
+        let _redis = entry.redis.lock().await;
+        let leases = std::mem::take(&mut lock(&entry.state).leases);
+        self.give_back(leases).await;
     }
 
     /// Gives back every unspent unit of `leases`; failures are logged (the
@@ -288,7 +248,7 @@ impl LeaseStore {
     }
 
     /// The entry of `account`, created unless `max_accounts` are held.
-    fn entry(&self, account: &str) -> Option<Arc<tokio::sync::Mutex<AccountLeases>>> {
+    fn entry(&self, account: &str) -> Option<Arc<Entry>> {
         let mut accounts = lock(&self.accounts);
         if let Some(e) = accounts.get(account) {
             return Some(e.clone());
@@ -296,7 +256,7 @@ impl LeaseStore {
         if accounts.len() >= self.config.max_accounts {
             return None;
         }
-        let e = Arc::new(tokio::sync::Mutex::new(AccountLeases::default()));
+        let e = Arc::new(Entry::default());
         accounts.insert(account.to_owned(), e.clone());
         Some(e)
     }
@@ -344,95 +304,74 @@ impl LeaseStore {
         Some(wants)
     }
 
+    /// Pays or refuses `wants` from what `state` holds, if that needs no Redis.
+    fn settle_locally(&self, state: &mut AccountLeases, wants: &[Want], now: Instant) -> Option<SpendAnswer> {
+        match state.local(wants, now) {
+            Local::Pay => {
+                let spent = state.pay(wants, now);
+                self.stats.outstanding.fetch_sub(spent, Ordering::Relaxed);
+                Some(state.answer(wants, true, now))
+            }
+            Local::Refuse => Some(state.answer(wants, false, now)),
+            Local::Ask => None,
+        }
+    }
+
     async fn leased_spend(&self, spend: &Spend) -> Result<SpendAnswer, StoreError> {
         // The checks the exact path makes first, so no bad spend reaches a lease.
         crate::bounds::check_spend(spend).map_err(StoreError::Corrupt)?;
         let Some(wants) = self.wants(spend) else { return self.exact(spend).await };
         let Some(entry) = self.entry(&spend.account) else { return self.exact(spend).await };
-        let mut acct = entry.lock().await;
-        // Leases of ended windows are worthless: drop them (their counters expire).
-        acct.leases.retain(|_, l| {
-            let keep = l.ends().is_none_or(|end| end > spend.now);
-            if !keep {
-                self.forfeit(l);
-            }
-            keep
-        });
-        // A lease taken under another limit goes back before anything else.
-        let mut stale = HashMap::new();
-        for w in &wants {
-            let key = w.target.key();
-            if acct.leases.get(key).is_some_and(|l| l.target != w.target)
-                && let Some(l) = acct.leases.remove(key)
-            {
-                stale.insert(key.to_owned(), l);
-            }
+        // Most Checks end here: paid from held units, or refused on a mark.
+        if let Some(answer) = self.settle_locally(&mut lock(&entry.state), &wants, Instant::now()) {
+            return Ok(answer);
         }
+        let _redis = entry.redis.lock().await;
+        let (ended, stale) = {
+            let mut state = lock(&entry.state);
+            (state.take_ended(spend.now), state.take_stale(&wants))
+        };
+        ended.iter().for_each(|l| self.forfeit(l));
         if !stale.is_empty() {
+            // A lease taken under another limit goes back before anything else.
             self.stats.redis_calls.fetch_add(stale.len() as u64, Ordering::Relaxed);
             self.give_back(stale).await;
         }
-        let now = Instant::now();
-        let known_exhausted = wants.iter().any(|w| {
-            acct.leases.get(w.target.key()).is_some_and(|l| {
-                l.exhausted_until.is_some_and(|until| now < until) && l.units.saturating_add(l.free) < w.need
-            })
-        });
-        if !known_exhausted {
+        for _ in 0..TAKE_ROUNDS {
+            if let Some(answer) = self.settle_locally(&mut lock(&entry.state), &wants, Instant::now()) {
+                return Ok(answer);
+            }
             for w in &wants {
-                if !self.take_for(&mut acct, w).await? {
+                if !self.take_for(&entry.state, w).await? {
                     break;
                 }
             }
         }
+        // Paid if the last takes left enough (renewals may still be due).
+        let mut state = lock(&entry.state);
         let now = Instant::now();
-        let ok = wants.iter().all(|w| acct.leases.get(w.target.key()).is_some_and(|l| usable(l, now) >= w.need));
-        let mut quotas = Vec::with_capacity(spend.quotas.len());
-        let mut credits = None;
-        for w in &wants {
-            let lease = acct.leases.get_mut(w.target.key());
-            if ok && let Some(l) = lease {
-                l.units -= w.need;
-                self.stats.outstanding.fetch_sub(w.need, Ordering::Relaxed);
-            }
-            let lease = acct.leases.get(w.target.key());
-            // Refused: its take found too little; otherwise (not asked, because
-            // another lease was refused first) not known to be short.
-            let refused = lease.is_some_and(|l| l.exhausted_until.is_some() && usable(l, now) < w.need);
-            match &w.target {
-                LeaseTarget::Counter { limit, expires, .. } => {
-                    let used = match lease {
-                        Some(l) if ok => limit - l.units.min(*limit),
-                        Some(l) => l.counter.max(limit.saturating_sub(l.units)).min(*limit),
-                        None => *limit,
-                    };
-                    let end = *expires - chrono::Duration::minutes(1);
-                    quotas.push(QuotaUsage { used, exceeded: refused, resets_at: end, retry_at: end });
-                }
-                LeaseTarget::Credits { .. } => {
-                    let balance = lease.map_or(0, |l| l.units.saturating_add(l.free_seen()));
-                    credits = Some(CreditBalance { balance, sufficient: ok || !refused });
-                }
-            }
+        if state.can_pay(&wants, now) {
+            let spent = state.pay(&wants, now);
+            self.stats.outstanding.fetch_sub(spent, Ordering::Relaxed);
+            return Ok(state.answer(&wants, true, now));
         }
-        if ok {
-            acct.last_used = Some(now);
-        }
-        Ok(SpendAnswer { spent: ok, quotas, credits })
+        Ok(state.answer(&wants, false, now))
     }
 
     /// Makes sure the lease for `want` can pay it, taking (or renewing) from
     /// Redis when it cannot or is due; false when Redis refused (the lease is
-    /// then marked exhausted).
-    async fn take_for(&self, acct: &mut AccountLeases, want: &Want) -> Result<bool, StoreError> {
+    /// then marked exhausted). The caller holds the account's Redis lock;
+    /// spends paid locally may use units meanwhile (the record then
+    /// overstates what this replica holds, which is allowed).
+    async fn take_for(&self, state: &Mutex<AccountLeases>, want: &Want) -> Result<bool, StoreError> {
         let key = want.target.key();
         // At most twice: a second take when the first found our record
         // expired (its units forfeit) and granted too little.
         for _ in 0..2 {
             let now = Instant::now();
-            let (held, renew_at) = acct.leases.get(key).map_or((0, now), |l| (l.units, l.renew_at));
-            let usable_now = acct.leases.get(key).map_or(0, |l| usable(l, now));
-            if usable_now >= want.need && now < renew_at {
+            let (held, usable, renew_at) =
+                lock(state).leases.get(key).map_or((0, 0, now), |l| (l.units, l.usable(now), l.renew_at));
+            if usable >= want.need && now < renew_at {
                 return Ok(true);
             }
             let size = BlockSize {
@@ -445,7 +384,7 @@ impl LeaseStore {
             let got = match self.inner.take_lease(&want.target, &self.holder, held, size, self.config.lifetime).await {
                 Ok(got) => got,
                 // Only a renewal, and Redis is away: the lease is still valid.
-                Err(e) if e.is_transient() && usable_now >= want.need => {
+                Err(e) if e.is_transient() && usable >= want.need => {
                     tracing::debug!(error = %e, "could not renew a lease; spending from it while it is valid");
                     return Ok(true);
                 }
@@ -453,7 +392,7 @@ impl LeaseStore {
                     if !e.is_transient() {
                         // A record that disagrees with us: start afresh (what we held
                         // stays counted: under-use, never over).
-                        if let Some(l) = acct.leases.remove(key) {
+                        if let Some(l) = lock(state).leases.remove(key) {
                             self.forfeit(&l);
                         }
                     }
@@ -461,18 +400,13 @@ impl LeaseStore {
                 }
             };
             let lifetime = self.config.lifetime;
-            let lease = acct.leases.entry(key.to_owned()).or_insert_with(|| Lease {
-                target: want.target.clone(),
-                units: 0,
-                counter: 0,
-                exhausted_until: None,
-                free: 0,
-                renew_at: sent,
-                valid_until: sent,
-            });
-            if got.kept < lease.units {
-                let lost = Lease { units: lease.units - got.kept, ..lease.clone() };
-                lease.units = got.kept;
+            let mut st = lock(state);
+            let lease = st.leases.entry(key.to_owned()).or_insert_with(|| Lease::empty(want.target.clone(), sent));
+            if got.kept < held {
+                // The record had expired: nothing it held may be spent. (Local
+                // spends could not use it meanwhile: it was past `valid_until`.)
+                let lost = Lease { units: lease.units, ..lease.clone() };
+                lease.units = 0;
                 self.forfeit(&lost);
             }
             lease.counter = got.counter;
@@ -488,16 +422,15 @@ impl LeaseStore {
                 return Ok(true);
             }
             if got.units == 0 && got.kept == held {
-                lease.exhausted_until = Some(Instant::now() + self.config.idle);
-                lease.free = lease.free_seen();
+                lease.mark_exhausted(Instant::now() + self.config.idle);
                 return Ok(false);
             }
         }
-        match acct.leases.get_mut(key) {
+        let mut st = lock(state);
+        match st.leases.get_mut(key) {
             Some(l) if l.units >= want.need => Ok(true),
             Some(l) => {
-                l.exhausted_until = Some(Instant::now() + self.config.idle);
-                l.free = l.free_seen();
+                l.mark_exhausted(Instant::now() + self.config.idle);
                 Ok(false)
             }
             None => Ok(false),
@@ -506,37 +439,32 @@ impl LeaseStore {
 
     /// Gives back the leases of accounts idle for `idle` and forgets them.
     ///
-    /// Each give-back runs under the account's lock with its entry still in
-    /// the map, so a spend for the account waits and then takes a fresh lease
-    /// (a take and a give-back of one holder never interleave: the record a
-    /// give-back deletes is the one it gives back). The entry leaves the map
-    /// only when no spend holds a handle to it.
+    /// Each give-back runs under the account's Redis lock with its entry
+    /// still in the map, so a spend for the account that must ask Redis
+    /// waits and then takes a fresh lease. The entry leaves the map only
+    /// when no spend holds a handle to it.
     async fn sweep_once(&self) {
         let idle = self.config.idle;
-        let idle_entries: Vec<(String, Arc<tokio::sync::Mutex<AccountLeases>>)> = lock(&self.accounts)
+        let is_idle = |entry: &Entry| lock(&entry.state).last_used.is_none_or(|t| t.elapsed() >= idle);
+        let idle_entries: Vec<(String, Arc<Entry>)> = lock(&self.accounts)
             .iter()
-            .filter(|(_, entry)| entry.try_lock().is_ok_and(|acct| acct.last_used.is_none_or(|t| t.elapsed() >= idle)))
+            .filter(|(_, entry)| is_idle(entry))
             .map(|(id, entry)| (id.clone(), entry.clone()))
             .collect();
         for (id, entry) in idle_entries {
-            let mut acct = entry.lock().await;
-            if acct.last_used.is_some_and(|t| t.elapsed() < idle) {
+            let _redis = entry.redis.lock().await;
+            if !is_idle(&entry) {
                 continue;
             }
-            let leases = std::mem::take(&mut acct.leases);
+            let leases = std::mem::take(&mut lock(&entry.state).leases);
             self.give_back(leases).await;
             let mut accounts = lock(&self.accounts);
             // Ours and the map's: no spend is waiting for this entry.
-            if Arc::strong_count(&entry) == 2 && acct.leases.is_empty() {
+            if Arc::strong_count(&entry) == 2 && lock(&entry.state).leases.is_empty() {
                 accounts.remove(&id);
             }
         }
     }
-}
-
-/// The units of `lease` this replica may spend at `now` without asking.
-fn usable(lease: &Lease, now: Instant) -> u64 {
-    if now < lease.valid_until { lease.units } else { 0 }
 }
 
 /// Every `every`, gives back idle leases, for as long as the store lives.
@@ -643,12 +571,7 @@ impl Store for LeaseStore {
         // Entries stay: a spend racing this one finds its account as before.
         let entries: Vec<_> = lock(&self.accounts).values().cloned().collect();
         futures_util::stream::iter(entries)
-            .for_each_concurrent(RELEASE_CONCURRENCY, |entry| async move {
-                // Under the account's lock, as in `invalidate`.
-                let mut acct = entry.lock().await;
-                let leases = std::mem::take(&mut acct.leases);
-                self.give_back(leases).await;
-            })
+            .for_each_concurrent(RELEASE_CONCURRENCY, |entry| async move { self.give_back_entry(&entry).await })
             .await;
     }
 }
