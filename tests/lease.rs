@@ -16,7 +16,7 @@ use tollgate::store::{self, LeaseStore, RedisStore, Store, StoreError};
 use tollgate::usage::Spend;
 use tollgate_testkit::process::TollgateProcess;
 use tollgate_testkit::redis::RedisServer;
-use tollgate_testkit::{Answer, TestServer, http_check, http_get, spec_config, spread};
+use tollgate_testkit::{Answer, TestServer, eventually, http_check, http_get, spec_config, spread};
 
 const ACCT: &str = "acct_lease";
 
@@ -479,8 +479,16 @@ async fn the_lease_script_refuses_bad_arguments_and_corrupt_records_before_writi
     assert_eq!(words(eval(&r, &ckeys, &ctake)), ["30", "70", "0"]);
     assert_eq!(words(eval(&r, &ckeys, &["cget"])), ["30", "70", "0"]);
     assert_eq!(words(eval(&r, &ckeys, &["cset", "50"])), ["30", "20", "0"], "50 in all, 30 of them leased");
-    assert_eq!(words(eval(&r, &ckeys, &["cset", "10"])), ["30", "0", "0"], "never below zero");
-    assert_eq!(words(eval(&r, &ckeys, &["give", "c", "me", "30"])), ["30", "30", "0"]);
+    assert_eq!(words(eval(&r, &ckeys, &["give", "c", "me", "30"])), ["30", "50", "0"], "back to the balance");
+    assert_eq!(words(eval(&r, &ckeys, &ctake)), ["25", "25", "0"]);
+    // Setting less than the leases hold voids them: their give-backs return nothing.
+    assert_eq!(words(eval(&r, &ckeys, &["cset", "10"])), ["0", "10", "0"], "the leases are void");
+    assert_eq!(words(eval(&r, &ckeys, &["give", "c", "me", "25"])), ["0", "10", "0"], "so exactly 10 remain");
+    // A renewal (need 0) tops a holder up to one block at most; max block 0 takes nothing.
+    let mut renew = ctake;
+    renew[4] = "0";
+    renew[5] = "0";
+    assert_eq!(words(eval(&r, &ckeys, &renew)), ["0", "10", "0"]);
     r.cli(&["SET", credits, "-3"]).unwrap();
     assert!(eval(&r, &ckeys, &ctake).contains("TOLLGATE_CORRUPT"), "a negative balance");
 }
@@ -555,15 +563,19 @@ fn config_lifetime(max_block: u64, lifetime: Duration) -> LeaseConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_is_renewed_while_in_use_and_forfeit_once_its_record_expired() {
     let server = RedisServer::start();
-    // Renewed: a spend past half the lifetime (but before 9/10 of it) keeps what it holds.
+    // Renewed: a spend past half the lifetime (but before 9/10 of it) pays at
+    // once and renews in the background, keeping what it holds.
     let renewing = replicas(&server.url(), "renew:", 1, config_lifetime(20, Duration::from_secs(2))).remove(0);
     renewing.set_credits(ACCT, 1000).await.unwrap();
     assert!(renewing.spend(&credit_spend(1)).await.unwrap().spent);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let calls = renewing.stats().redis_calls;
     assert!(renewing.spend(&credit_spend(1)).await.unwrap().spent);
-    assert_eq!(renewing.stats().redis_calls, calls + 1, "the spend renewed its lease");
+    eventually("the renewal", Duration::from_secs(2), async || renewing.stats().redis_calls == calls + 1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(renewing.stats().redis_calls, calls + 1, "one renewal");
     assert_eq!(renewing.stats().expired, 0, "nothing was forfeit");
+    assert_eq!(renewing.stats().outstanding, 20, "topped up to one block (20), not by one more block");
     renewing.release().await;
     assert_eq!(balance(&server, "renew:"), 998, "exactly the two spent are gone");
 

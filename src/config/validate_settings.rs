@@ -196,9 +196,10 @@ fn lease(raw: &schema::Lease) -> Result<LeaseConfig, Invalid> {
             "store.lease.lifetime",
         )?,
     };
-    // An idle lease goes back before it must be renewed.
-    if config.idle > config.lifetime / 2 {
-        return Err(invalid("store.lease.idle", "must be at most half of store.lease.lifetime"));
+    // The idle sweep (every idle / 2) gives a lease back while its record
+    // lives: by renew_at (lifetime / 2) + idle / 2 + idle < 9/10 of it.
+    if config.idle > config.lifetime / 4 {
+        return Err(invalid("store.lease.idle", "must be at most a quarter of store.lease.lifetime"));
     }
     Ok(config)
 }

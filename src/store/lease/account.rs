@@ -82,8 +82,12 @@ pub(super) struct Want {
 /// What a spend can do without Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Local {
-    /// Every lease it needs holds enough valid units, none is due for renewal.
-    Pay,
+    /// Every lease it needs holds enough valid units; `renew` when one is
+    /// due for renewal (done in the background: paying does not wait).
+    Pay {
+        /// A lease is past `renew_at`.
+        renew: bool,
+    },
     /// A lease it needs is known too short: refuse.
     Refuse,
     /// Redis must be asked (a take or a renewal).
@@ -106,16 +110,14 @@ impl AccountLeases {
         if wants.iter().any(|w| lease(w).is_some_and(|l| l.known_short(w.need, now))) {
             return Local::Refuse;
         }
-        let ready = |w: &Want| lease(w).is_some_and(|l| l.usable(now) >= w.need && now < l.renew_at);
-        if wants.iter().all(ready) { Local::Pay } else { Local::Ask }
+        if !wants.iter().all(|w| lease(w).is_some_and(|l| l.usable(now) >= w.need)) {
+            return Local::Ask;
+        }
+        Local::Pay { renew: wants.iter().any(|w| lease(w).is_some_and(|l| now >= l.renew_at)) }
     }
 
-    /// Whether every want can be paid from valid held units at `now`.
-    pub(super) fn can_pay(&self, wants: &[Want], now: Instant) -> bool {
-        wants.iter().all(|w| self.leases.get(w.target.key()).is_some_and(|l| l.usable(now) >= w.need))
-    }
-
-    /// Pays every want (the caller checked [`Self::can_pay`]); the units spent.
+    /// Pays every want (the caller saw [`Local::Pay`] under the same lock);
+    /// the units spent.
     pub(super) fn pay(&mut self, wants: &[Want], now: Instant) -> u64 {
         let mut spent = 0;
         for w in wants {
@@ -127,6 +129,25 @@ impl AccountLeases {
         }
         self.last_used = Some(now);
         spent
+    }
+
+    /// Takes `want.need` valid units of its lease aside for a spend in
+    /// progress; false (nothing taken) when the lease cannot pay at `now`.
+    pub(super) fn reserve(&mut self, want: &Want, now: Instant) -> bool {
+        match self.leases.get_mut(want.target.key()) {
+            Some(l) if l.target == want.target && l.usable(now) >= want.need => {
+                l.units -= want.need;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Puts back what [`Self::reserve`] took aside (the spend was refused).
+    pub(super) fn refund(&mut self, want: &Want) {
+        if let Some(l) = self.leases.get_mut(want.target.key()) {
+            l.units = l.units.saturating_add(want.need);
+        }
     }
 
     /// Takes out the leases of windows ended at `today` (forfeit: their counters expire).

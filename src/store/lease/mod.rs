@@ -64,7 +64,7 @@
 //! `entitlement`, `usage`, `bounds`, `identity`, `config` (the lease settings).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -125,10 +125,15 @@ pub struct LeaseSnapshot {
 struct Entry {
     state: Mutex<AccountLeases>,
     redis: tokio::sync::Mutex<()>,
+    /// A background renewal is on its way (one at a time).
+    renewing: AtomicBool,
 }
 
 /// The lease-mode [`Store`] around the Redis store.
 pub struct LeaseStore {
+    /// Itself, for the tasks Redis calls run in (so a Check's timeout cannot
+    /// drop a take halfway: granted units would be stranded).
+    me: Weak<LeaseStore>,
     inner: Arc<RedisStore>,
     config: LeaseConfig,
     /// This replica's name in lease records: random per process.
@@ -161,8 +166,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// How many accounts give back at once on SIGTERM or reload.
 const RELEASE_CONCURRENCY: usize = 32;
 
-/// How many times a spend asks Redis before it is refused: units a take
-/// granted can go to concurrent Checks paid locally before this one pays.
+/// How many takes one lease of a spend makes at most: units a take granted
+/// can go to Checks paid locally while it ran, or the record had expired.
 const TAKE_ROUNDS: usize = 3;
 
 impl LeaseStore {
@@ -170,7 +175,8 @@ impl LeaseStore {
     pub fn new(inner: Arc<RedisStore>, config: LeaseConfig) -> Result<Arc<Self>, StoreError> {
         let mut id = [0u8; 12];
         getrandom::fill(&mut id).map_err(|e| StoreError::Unavailable(format!("no randomness for a lease id: {e}")))?;
-        let store = Arc::new(Self {
+        let store = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             inner,
             config,
             holder: hex::encode(id),
@@ -214,11 +220,19 @@ impl LeaseStore {
         }
     }
 
-    /// Gives back everything `entry` holds, under its Redis lock.
-    async fn give_back_entry(&self, entry: &Entry) {
-        let _redis = entry.redis.lock().await;
-        let leases = std::mem::take(&mut lock(&entry.state).leases);
-        self.give_back(leases).await;
+    /// Gives back everything `entry` holds, under its Redis lock, in a task
+    /// of its own: a caller's timeout cannot stop it halfway.
+    async fn give_back_entry(&self, entry: &Arc<Entry>) {
+        let Some(me) = self.me.upgrade() else { return };
+        let entry = entry.clone();
+        let task = tokio::spawn(async move {
+            let _redis = entry.redis.lock().await;
+            let leases = std::mem::take(&mut lock(&entry.state).leases);
+            me.give_back(leases).await;
+        });
+        if let Err(e) = task.await {
+            tracing::warn!(error = %e, "a give-back task failed");
+        }
     }
 
     /// Gives back every unspent unit of `leases`; failures are logged (the
@@ -304,17 +318,48 @@ impl LeaseStore {
         Some(wants)
     }
 
-    /// Pays or refuses `wants` from what `state` holds, if that needs no Redis.
-    fn settle_locally(&self, state: &mut AccountLeases, wants: &[Want], now: Instant) -> Option<SpendAnswer> {
+    /// Pays or refuses `wants` from what `entry` holds, if that needs no
+    /// Redis; starts a background renewal when one is due.
+    fn settle_locally(&self, entry: &Arc<Entry>, wants: &[Want], now: Instant) -> Option<SpendAnswer> {
+        let mut state = lock(&entry.state);
         match state.local(wants, now) {
-            Local::Pay => {
+            Local::Pay { renew } => {
                 let spent = state.pay(wants, now);
                 self.stats.outstanding.fetch_sub(spent, Ordering::Relaxed);
-                Some(state.answer(wants, true, now))
+                let answer = state.answer(wants, true, now);
+                drop(state);
+                if renew {
+                    self.renew_in_background(entry, wants);
+                }
+                Some(answer)
             }
             Local::Refuse => Some(state.answer(wants, false, now)),
             Local::Ask => None,
         }
+    }
+
+    /// Renews `wants`' leases in a task unless one is on its way already:
+    /// Checks keep paying from the still-valid units meanwhile, so a slow or
+    /// unreachable Redis does not hold them up.
+    fn renew_in_background(&self, entry: &Arc<Entry>, wants: &[Want]) {
+        let Some(me) = self.me.upgrade() else { return };
+        if entry.renewing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (entry, wants) = (entry.clone(), wants.to_vec());
+        tokio::spawn(async move {
+            {
+                let _redis = entry.redis.lock().await;
+                for w in &wants {
+                    let due =
+                        lock(&entry.state).leases.get(w.target.key()).is_some_and(|l| Instant::now() >= l.renew_at);
+                    if due && let Err(e) = me.take(&entry.state, w, true).await {
+                        tracing::debug!(error = %e, "could not renew a lease; spending from it while it is valid");
+                    }
+                }
+            }
+            entry.renewing.store(false, Ordering::Release);
+        });
     }
 
     async fn leased_spend(&self, spend: &Spend) -> Result<SpendAnswer, StoreError> {
@@ -323,13 +368,28 @@ impl LeaseStore {
         let Some(wants) = self.wants(spend) else { return self.exact(spend).await };
         let Some(entry) = self.entry(&spend.account) else { return self.exact(spend).await };
         // Most Checks end here: paid from held units, or refused on a mark.
-        if let Some(answer) = self.settle_locally(&mut lock(&entry.state), &wants, Instant::now()) {
+        if let Some(answer) = self.settle_locally(&entry, &wants, Instant::now()) {
             return Ok(answer);
         }
+        // Redis must be asked: in a task of its own, so the Check's timeout
+        // cannot drop a take whose units Redis granted.
+        let Some(me) = self.me.upgrade() else { return Err(StoreError::Unavailable("lease store stopped".into())) };
+        let today = spend.now;
+        let task = tokio::spawn(async move { me.spend_asking(&entry, &wants, today).await });
+        task.await.map_err(|e| StoreError::Unavailable(format!("lease task: {e}")))?
+    }
+
+    /// The spend of `wants` when Redis must be asked, under the account's Redis lock.
+    async fn spend_asking(
+        &self,
+        entry: &Arc<Entry>,
+        wants: &[Want],
+        today: DateTime<Utc>,
+    ) -> Result<SpendAnswer, StoreError> {
         let _redis = entry.redis.lock().await;
         let (ended, stale) = {
             let mut state = lock(&entry.state);
-            (state.take_ended(spend.now), state.take_stale(&wants))
+            (state.take_ended(today), state.take_stale(wants))
         };
         ended.iter().for_each(|l| self.forfeit(l));
         if !stale.is_empty() {
@@ -337,107 +397,125 @@ impl LeaseStore {
             self.stats.redis_calls.fetch_add(stale.len() as u64, Ordering::Relaxed);
             self.give_back(stale).await;
         }
-        for _ in 0..TAKE_ROUNDS {
-            if let Some(answer) = self.settle_locally(&mut lock(&entry.state), &wants, Instant::now()) {
-                return Ok(answer);
-            }
-            for w in &wants {
-                if !self.take_for(&entry.state, w).await? {
-                    break;
-                }
-            }
+        // Another spend may have taken what this one needs while it waited.
+        if let Some(answer) = self.settle_locally(entry, wants, Instant::now()) {
+            return Ok(answer);
         }
-        // Paid if the last takes left enough (renewals may still be due).
+        let mut reserved = Vec::with_capacity(wants.len());
+        let mut outcome = Ok(true);
+        for w in wants {
+            outcome = self.reserve(&entry.state, w).await;
+            if !matches!(outcome, Ok(true)) {
+                break;
+            }
+            reserved.push(w);
+        }
         let mut state = lock(&entry.state);
         let now = Instant::now();
-        if state.can_pay(&wants, now) {
-            let spent = state.pay(&wants, now);
-            self.stats.outstanding.fetch_sub(spent, Ordering::Relaxed);
-            return Ok(state.answer(&wants, true, now));
+        let spent = matches!(outcome, Ok(true));
+        if spent {
+            state.last_used = Some(now);
+        } else {
+            for w in reserved {
+                state.refund(w);
+                self.stats.outstanding.fetch_add(w.need, Ordering::Relaxed);
+            }
         }
-        Ok(state.answer(&wants, false, now))
+        outcome.map(|_| state.answer(wants, spent, now))
     }
 
-    /// Makes sure the lease for `want` can pay it, taking (or renewing) from
-    /// Redis when it cannot or is due; false when Redis refused (the lease is
-    /// then marked exhausted). The caller holds the account's Redis lock;
-    /// spends paid locally may use units meanwhile (the record then
-    /// overstates what this replica holds, which is allowed).
-    async fn take_for(&self, state: &Mutex<AccountLeases>, want: &Want) -> Result<bool, StoreError> {
-        let key = want.target.key();
-        // At most twice: a second take when the first found our record
-        // expired (its units forfeit) and granted too little.
-        for _ in 0..2 {
-            let now = Instant::now();
-            let (held, usable, renew_at) =
-                lock(state).leases.get(key).map_or((0, 0, now), |l| (l.units, l.usable(now), l.renew_at));
-            if usable >= want.need && now < renew_at {
-                return Ok(true);
-            }
-            let size = BlockSize {
-                need: want.need.saturating_sub(held),
-                max: self.config.max_block,
-                divisor: self.config.replicas.saturating_mul(2),
-            };
-            self.stats.redis_calls.fetch_add(1, Ordering::Relaxed);
-            let sent = Instant::now();
-            let got = match self.inner.take_lease(&want.target, &self.holder, held, size, self.config.lifetime).await {
-                Ok(got) => got,
-                // Only a renewal, and Redis is away: the lease is still valid.
-                Err(e) if e.is_transient() && usable >= want.need => {
-                    tracing::debug!(error = %e, "could not renew a lease; spending from it while it is valid");
+    /// Takes `want.need` units of its lease aside for this spend, taking (or
+    /// renewing) from Redis first when the lease cannot pay or is due; false
+    /// when Redis refused (the lease is then marked exhausted). The caller
+    /// holds the account's Redis lock; Checks paid locally may use units
+    /// while a take runs (the record then overstates what this replica
+    /// holds, which is allowed).
+    async fn reserve(&self, state: &Mutex<AccountLeases>, want: &Want) -> Result<bool, StoreError> {
+        for _ in 0..TAKE_ROUNDS {
+            {
+                let now = Instant::now();
+                let mut st = lock(state);
+                let due = st.leases.get(want.target.key()).is_none_or(|l| now >= l.renew_at);
+                if !due && st.reserve(want, now) {
+                    self.stats.outstanding.fetch_sub(want.need, Ordering::Relaxed);
                     return Ok(true);
                 }
-                Err(e) => {
-                    if !e.is_transient() {
-                        // A record that disagrees with us: start afresh (what we held
-                        // stays counted: under-use, never over).
-                        if let Some(l) = lock(state).leases.remove(key) {
-                            self.forfeit(&l);
-                        }
-                    }
-                    return Err(e);
-                }
-            };
-            let lifetime = self.config.lifetime;
+            }
+            let granted = self.take(state, want, false).await?;
+            let now = Instant::now();
             let mut st = lock(state);
-            let lease = st.leases.entry(key.to_owned()).or_insert_with(|| Lease::empty(want.target.clone(), sent));
-            if got.kept < held {
-                // The record had expired: nothing it held may be spent. (Local
-                // spends could not use it meanwhile: it was past `valid_until`.)
-                let lost = Lease { units: lease.units, ..lease.clone() };
-                lease.units = 0;
-                self.forfeit(&lost);
-            }
-            lease.counter = got.counter;
-            lease.units += got.units;
-            lease.renew_at = sent + lifetime / 2;
-            lease.valid_until = sent + lifetime.mul_f64(0.9);
-            if got.units > 0 {
-                lease.exhausted_until = None;
-                self.stats.taken.fetch_add(1, Ordering::Relaxed);
-                self.stats.outstanding.fetch_add(got.units, Ordering::Relaxed);
-            }
-            if lease.units >= want.need {
+            if st.reserve(want, now) {
+                self.stats.outstanding.fetch_sub(want.need, Ordering::Relaxed);
                 return Ok(true);
             }
-            if got.units == 0 && got.kept == held {
-                lease.mark_exhausted(Instant::now() + self.config.idle);
+            if granted == 0 {
+                if let Some(l) = st.leases.get_mut(want.target.key()) {
+                    l.mark_exhausted(now + self.config.idle);
+                }
                 return Ok(false);
             }
         }
-        let mut st = lock(state);
-        match st.leases.get_mut(key) {
-            Some(l) if l.units >= want.need => Ok(true),
-            Some(l) => {
-                l.mark_exhausted(Instant::now() + self.config.idle);
-                Ok(false)
-            }
-            None => Ok(false),
-        }
+        // Every take's units went to Checks paid meanwhile: refused, with no
+        // mark (the units were there), so the next Check asks again.
+        Ok(false)
     }
 
-    /// Gives back the leases of accounts idle for `idle` and forgets them.
+    /// One take for `want`'s lease: a renewal (`renewal`: top the lease up to
+    /// at most one block) or a take of what it lacks. Applies the answer to
+    /// `state`; the units granted.
+    async fn take(&self, state: &Mutex<AccountLeases>, want: &Want, renewal: bool) -> Result<u64, StoreError> {
+        let key = want.target.key();
+        let held = lock(state).leases.get(key).map_or(0, |l| l.units);
+        let max = self.config.max_block;
+        let size = if renewal {
+            BlockSize { need: 0, max: max.saturating_sub(held), divisor: self.config.replicas.saturating_mul(2) }
+        } else {
+            BlockSize { need: want.need.saturating_sub(held), max, divisor: self.config.replicas.saturating_mul(2) }
+        };
+        self.stats.redis_calls.fetch_add(1, Ordering::Relaxed);
+        let sent = Instant::now();
+        let lifetime = self.config.lifetime;
+        let got = match self.inner.take_lease(&want.target, &self.holder, held, size, lifetime).await {
+            Ok(got) => got,
+            Err(e) => {
+                let mut st = lock(state);
+                if e.is_transient() {
+                    // Try again a little later; the units stay valid until `valid_until`.
+                    if let Some(l) = st.leases.get_mut(key) {
+                        l.renew_at = Instant::now() + lifetime / 10;
+                    }
+                } else if let Some(l) = st.leases.remove(key) {
+                    // A record that disagrees with us: start afresh (what we held
+                    // stays counted: under-use, never over).
+                    self.forfeit(&l);
+                }
+                return Err(e);
+            }
+        };
+        let mut st = lock(state);
+        let lease = st.leases.entry(key.to_owned()).or_insert_with(|| Lease::empty(want.target.clone(), sent));
+        if got.kept < held {
+            // The record had expired: nothing it held may be spent. (Checks
+            // paid locally could not use it meanwhile: it was past `valid_until`.)
+            let lost = Lease { units: lease.units, ..lease.clone() };
+            lease.units = 0;
+            self.forfeit(&lost);
+        }
+        lease.counter = got.counter;
+        lease.units += got.units;
+        lease.renew_at = sent + lifetime / 2;
+        lease.valid_until = sent + lifetime.mul_f64(0.9);
+        if got.units > 0 {
+            lease.exhausted_until = None;
+            self.stats.taken.fetch_add(1, Ordering::Relaxed);
+            self.stats.outstanding.fetch_add(got.units, Ordering::Relaxed);
+        }
+        Ok(got.units)
+    }
+
+    /// Gives back the leases of accounts idle for `idle` (and forgets them),
+    /// and every lease due for renewal that no Check renewed: so a lease goes
+    /// back while its record lives (`idle ≤ lifetime / 4`, checked by config).
     ///
     /// Each give-back runs under the account's Redis lock with its entry
     /// still in the map, so a spend for the account that must ask Redis
@@ -445,25 +523,36 @@ impl LeaseStore {
     /// when no spend holds a handle to it.
     async fn sweep_once(&self) {
         let idle = self.config.idle;
-        let is_idle = |entry: &Entry| lock(&entry.state).last_used.is_none_or(|t| t.elapsed() >= idle);
-        let idle_entries: Vec<(String, Arc<Entry>)> = lock(&self.accounts)
-            .iter()
-            .filter(|(_, entry)| is_idle(entry))
-            .map(|(id, entry)| (id.clone(), entry.clone()))
-            .collect();
-        for (id, entry) in idle_entries {
-            let _redis = entry.redis.lock().await;
-            if !is_idle(&entry) {
-                continue;
-            }
-            let leases = std::mem::take(&mut lock(&entry.state).leases);
-            self.give_back(leases).await;
-            let mut accounts = lock(&self.accounts);
-            // Ours and the map's: no spend is waiting for this entry.
-            if Arc::strong_count(&entry) == 2 && lock(&entry.state).leases.is_empty() {
-                accounts.remove(&id);
-            }
-        }
+        let entries: Vec<(String, Arc<Entry>)> =
+            lock(&self.accounts).iter().map(|(id, entry)| (id.clone(), entry.clone())).collect();
+        futures_util::stream::iter(entries)
+            .for_each_concurrent(RELEASE_CONCURRENCY, |(id, entry)| async move {
+                let now = Instant::now();
+                let due = |st: &AccountLeases| {
+                    let idle = st.last_used.is_none_or(|t| now.duration_since(t) >= idle);
+                    (idle, st.leases.values().any(|l| now >= l.renew_at))
+                };
+                if due(&lock(&entry.state)) == (false, false) {
+                    return;
+                }
+                let _redis = entry.redis.lock().await;
+                let (leases, idle) = {
+                    let mut st = lock(&entry.state);
+                    let (idle, _) = due(&st);
+                    let keys: Vec<String> =
+                        st.leases.iter().filter(|(_, l)| idle || now >= l.renew_at).map(|(k, _)| k.clone()).collect();
+                    let leases: HashMap<String, Lease> =
+                        keys.into_iter().filter_map(|k| st.leases.remove_entry(&k)).collect();
+                    (leases, idle)
+                };
+                self.give_back(leases).await;
+                let mut accounts = lock(&self.accounts);
+                // Ours and the map's: no spend is waiting for this entry.
+                if idle && Arc::strong_count(&entry) == 2 && lock(&entry.state).leases.is_empty() {
+                    accounts.remove(&id);
+                }
+            })
+            .await;
     }
 }
 
@@ -521,7 +610,10 @@ impl Store for LeaseStore {
     /// one gives its own back first): the balance becomes the rest, and the
     /// others give theirs back on the published change. The account gets at
     /// most `credits` to spend, less by what the others spent since their
-    /// last take (their records overstate what they hold by that).
+    /// last take (their records overstate what they hold by that). When the
+    /// leases hold more than `credits`, they are void and the balance is
+    /// `credits`; their holders may spend what they held until the change
+    /// reaches them (within a second).
     async fn set_credits(&self, account: &str, credits: u64) -> Result<(), StoreError> {
         self.invalidate(&Invalidation::Usage(account.to_owned())).await;
         self.inner.set_leased_credits(account, credits).await.map(|_| ())
@@ -544,11 +636,13 @@ impl Store for LeaseStore {
         self.credits(account).await.map(Some)
     }
 
+    /// This replica gives its leases back first (so what it spent since its
+    /// last take is not counted as leased); the others' live records stay
+    /// counted (they may spend them) until they give them back on the
+    /// published change.
     async fn reset_usage(&self, account: &str, quotas: &[Quota], now: DateTime<Utc>) -> Result<(), StoreError> {
-        self.inner.reset_usage(account, quotas, now).await?;
-        // This replica's leases go now; the others' when the published change arrives.
         self.invalidate(&Invalidation::Usage(account.to_owned())).await;
-        Ok(())
+        self.inner.reset_usage(account, quotas, now).await
     }
 
     async fn remember_event(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {

@@ -85,10 +85,12 @@ if op == 'take' then
   end
   local grant = 0
   if free >= need and free > 0 then
-    -- Large far from the limit, 1 near it: the last units go one by one.
+    -- Large far from the limit, 1 near it: the last units go one by one. A
+    -- renewal (need 0) asks at most what tops the holder up to one block
+    -- (max block 0: nothing).
     local block = math.floor(free / divisor)
     if block > max_block then block = max_block end
-    if block < 1 then block = 1 end
+    if block < 1 and max_block > 0 then block = 1 end
     if block < need then block = need end
     if block > free then block = free end
     grant = block
@@ -106,10 +108,11 @@ if op == 'take' then
     redis.call('HDEL', KEYS[2], holder)
   else
     redis.call('HSET', KEYS[2], holder, str(kept + grant) .. ':' .. str(now_ms + lifetime))
-    -- A counter's records go with it; a balance's live as long as the newest.
+    -- A counter's records go with it; a balance's live as long as the
+    -- newest (never shortened: holders may use different lifetimes).
     if kind == 'q' then
       redis.call('PEXPIREAT', KEYS[2], str(expiry))
-    else
+    elseif redis.call('PTTL', KEYS[2]) < lifetime then
       redis.call('PEXPIRE', KEYS[2], str(lifetime))
     end
   end
@@ -160,19 +163,26 @@ elseif op == 'reset' then
 elseif op == 'cset' then
   -- SetCredits: the account has ARGV[2] credits, counting the units in live
   -- leases (their holders may spend them without asking), so the balance
-  -- becomes the rest (0 when the leases hold more).
+  -- becomes the rest. When the leases hold more, they are void (deleted:
+  -- their give-backs return nothing, their holders learn of it by the
+  -- published change) and the balance is the new credits.
   if #ARGV ~= 2 then return bad('lease argument count') end
   local credits = uint(ARGV[2], MAX_CREDITS)
   if credits == nil then return bad('credits') end
   local sum, dead = sum_live()
   if sum == nil then return corrupt('lease record ' .. KEYS[2]) end
-  forget(dead)
   local balance = credits - sum
-  if balance < 0 then balance = 0 end
+  if balance < 0 then
+    redis.call('DEL', KEYS[2])
+    balance = credits
+    sum = 0
+  else
+    forget(dead)
+  end
   redis.call('SET', KEYS[1], str(balance))
   return {sum, balance, 0}
 elseif op == 'cget' then
-  -- The balance and the units in live leases (read only).
+  -- The units in live leases, and the balance (read only).
   if #ARGV ~= 1 then return bad('lease argument count') end
   local sum = sum_live()
   if sum == nil then return corrupt('lease record ' .. KEYS[2]) end

@@ -36,7 +36,7 @@ fn held_valid_units_pay_without_redis_and_all_or_nothing() {
     let t = Instant::now();
     let mut a = account(vec![held(counter(100), 5, 50, t), held(credits(), 2, 10, t)]);
     let wants = [Want { target: counter(100), need: 3 }, Want { target: credits(), need: 2 }];
-    assert_eq!(a.local(&wants, t), Local::Pay);
+    assert_eq!(a.local(&wants, t), Local::Pay { renew: false });
     assert_eq!(a.pay(&wants, t), 5);
     let answer = a.answer(&wants, true, t);
     assert!(answer.spent);
@@ -44,19 +44,25 @@ fn held_valid_units_pay_without_redis_and_all_or_nothing() {
     assert_eq!(answer.credits.map(|c| (c.balance, c.sufficient)), Some((10, true)));
     // The credits are spent out: the next spend must ask, and pays nothing meanwhile.
     assert_eq!(a.local(&wants, t), Local::Ask);
-    assert!(!a.can_pay(&wants, t));
+    assert!(!a.reserve(&wants[1], t), "nothing to take aside");
     assert_eq!(a.leases["q"].units, 2, "nothing taken from the quota either");
+    assert!(!a.reserve(&wants[0], t), "3 do not fit in 2");
+    let two = Want { target: counter(100), need: 2 };
+    assert!(a.reserve(&two, t));
+    assert_eq!(a.leases["q"].units, 0);
+    a.refund(&two);
+    assert_eq!(a.leases["q"].units, 2, "a refused spend puts back what it took aside");
 }
 
 #[test]
-fn a_lease_past_its_validity_or_due_for_renewal_asks_redis() {
+fn a_lease_due_for_renewal_still_pays_and_one_past_its_validity_asks_redis() {
     let t = Instant::now();
-    let a = account(vec![held(counter(100), 50, 50, t)]);
+    let mut a = account(vec![held(counter(100), 50, 50, t)]);
     let wants = [Want { target: counter(100), need: 1 }];
-    assert_eq!(a.local(&wants, t + Duration::from_secs(16)), Local::Ask, "renewal due");
+    assert_eq!(a.local(&wants, t + Duration::from_secs(16)), Local::Pay { renew: true }, "renewal due");
     assert_eq!(a.local(&wants, t + Duration::from_secs(28)), Local::Ask, "no longer valid");
-    assert!(!a.can_pay(&wants, t + Duration::from_secs(28)), "expired units are never paid from");
-    assert!(a.can_pay(&wants, t + Duration::from_secs(16)));
+    assert!(!a.reserve(&wants[0], t + Duration::from_secs(28)), "expired units are never paid from");
+    assert!(a.reserve(&wants[0], t + Duration::from_secs(16)));
 }
 
 #[test]
@@ -83,7 +89,7 @@ fn a_known_short_lease_refuses_locally_and_says_which() {
     assert!(answer.credits.is_some_and(|c| c.sufficient), "the credits were not the reason");
     // A cheaper request still fits what is known to be left.
     let cheap = [Want { target: counter(100), need: 1 }, Want { target: credits(), need: 1 }];
-    assert_eq!(a.local(&cheap, t), Local::Pay);
+    assert_eq!(a.local(&cheap, t), Local::Pay { renew: false });
     // The mark lapses: ask again.
     assert_eq!(a.local(&wants, t + Duration::from_secs(3)), Local::Ask);
     a.leases.clear();
