@@ -13,7 +13,7 @@
 //! No I/O, no real time, no Redis, no runtime: a seeded splitmix64 makes every
 //! run the same. `Redis::take` and `Redis::give` mirror the `take` and `give`
 //! ops of `src/store/redis/lease.lua`, and `Replica::spend` and `Replica::sweep`
-//! the replica side in `src/store/lease.rs`: if the script or the store
+//! the replica side in `src/store/lease/`: if the script or the store
 //! changes, this model must change with it.
 //!
 //! Asserted (a violation panics, so the binary exits non-zero): units allowed
