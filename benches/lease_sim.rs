@@ -14,7 +14,10 @@
 //! run the same. `Redis::take` and `Redis::give` mirror the `take` and `give`
 //! ops of `src/store/redis/lease.lua`, and `Replica::spend` and `Replica::sweep`
 //! the replica side in `src/store/lease/`: if the script or the store
-//! changes, this model must change with it.
+//! changes, this model must change with it. Not modelled: the lease
+//! lifetime (a renewal tops a lease up to one block at most, so it keeps
+//! within the same bounds) and credits (the same take and give on a balance
+//! instead of `limit − counter`).
 //!
 //! Asserted (a violation panics, so the binary exits non-zero): units allowed
 //! ≤ L at every moment; at every refusal, the units left unspent
