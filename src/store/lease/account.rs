@@ -60,6 +60,12 @@ impl Lease {
         if now < self.valid_until { self.units } else { 0 }
     }
 
+    /// Below `low_water` units while Redis had some free at the last call:
+    /// worth taking the next block before this one runs out.
+    pub(super) fn running_low(&self, low_water: u64) -> bool {
+        self.units < low_water && self.free_seen() > 0 && self.exhausted_until.is_none()
+    }
+
     /// Known to be too short for `need` at `now`: a take was refused lately.
     fn known_short(&self, need: u64, now: Instant) -> bool {
         self.exhausted_until.is_some_and(|until| now < until) && self.units.saturating_add(self.free) < need
@@ -129,6 +135,11 @@ impl AccountLeases {
         }
         self.last_used = Some(now);
         spent
+    }
+
+    /// Whether a lease of `wants` is [running low](Lease::running_low).
+    pub(super) fn running_low(&self, wants: &[Want], low_water: u64) -> bool {
+        wants.iter().any(|w| self.leases.get(w.target.key()).is_some_and(|l| l.running_low(low_water)))
     }
 
     /// Takes `want.need` valid units of its lease aside for a spend in

@@ -124,7 +124,7 @@ pub struct LeaseSnapshot {
 #[derive(Debug, Default)]
 struct Entry {
     state: Mutex<AccountLeases>,
-    redis: tokio::sync::Mutex<()>,
+    redis: Arc<tokio::sync::Mutex<()>>,
     /// A background renewal is on its way (one at a time).
     renewing: AtomicBool,
 }
@@ -318,8 +318,16 @@ impl LeaseStore {
         Some(wants)
     }
 
+    /// Below this many units (while Redis had some free at the last call) a
+    /// lease takes its next block in the background, so Checks do not queue
+    /// behind a take when it runs out.
+    fn low_water(&self) -> u64 {
+        self.config.max_block / 4
+    }
+
     /// Pays or refuses `wants` from what `entry` holds, if that needs no
-    /// Redis; starts a background renewal when one is due.
+    /// Redis; starts a background take when a lease is due for renewal or
+    /// running low.
     fn settle_locally(&self, entry: &Arc<Entry>, wants: &[Want], now: Instant) -> Option<SpendAnswer> {
         let mut state = lock(&entry.state);
         match state.local(wants, now) {
@@ -327,8 +335,9 @@ impl LeaseStore {
                 let spent = state.pay(wants, now);
                 self.stats.outstanding.fetch_sub(spent, Ordering::Relaxed);
                 let answer = state.answer(wants, true, now);
+                let low = state.running_low(wants, self.low_water());
                 drop(state);
-                if renew {
+                if renew || low {
                     self.renew_in_background(entry, wants);
                 }
                 Some(answer)
@@ -338,9 +347,9 @@ impl LeaseStore {
         }
     }
 
-    /// Renews `wants`' leases in a task unless one is on its way already:
-    /// Checks keep paying from the still-valid units meanwhile, so a slow or
-    /// unreachable Redis does not hold them up.
+    /// Renews `wants`' leases, or tops up those running low, in a task unless
+    /// one is on its way already: Checks keep paying from the still-valid
+    /// units meanwhile, so a slow or unreachable Redis does not hold them up.
     fn renew_in_background(&self, entry: &Arc<Entry>, wants: &[Want]) {
         let Some(me) = self.me.upgrade() else { return };
         if entry.renewing.swap(true, Ordering::AcqRel) {
@@ -351,8 +360,10 @@ impl LeaseStore {
             {
                 let _redis = entry.redis.lock().await;
                 for w in &wants {
-                    let due =
-                        lock(&entry.state).leases.get(w.target.key()).is_some_and(|l| Instant::now() >= l.renew_at);
+                    let due = lock(&entry.state)
+                        .leases
+                        .get(w.target.key())
+                        .is_some_and(|l| Instant::now() >= l.renew_at || l.running_low(me.low_water()));
                     if due && let Err(e) = me.take(&entry.state, w, true).await {
                         tracing::debug!(error = %e, "could not renew a lease; spending from it while it is valid");
                     }
@@ -371,22 +382,31 @@ impl LeaseStore {
         if let Some(answer) = self.settle_locally(&entry, &wants, Instant::now()) {
             return Ok(answer);
         }
-        // Redis must be asked: in a task of its own, so the Check's timeout
-        // cannot drop a take whose units Redis granted.
+        // Wait for the account's Redis lock here (the Check that holds it
+        // may take what this one needs), then ask Redis in a task of its
+        // own, so the Check's timeout cannot drop a take whose units Redis
+        // granted.
+        let redis = entry.redis.clone().lock_owned().await;
+        if let Some(answer) = self.settle_locally(&entry, &wants, Instant::now()) {
+            return Ok(answer);
+        }
         let Some(me) = self.me.upgrade() else { return Err(StoreError::Unavailable("lease store stopped".into())) };
         let today = spend.now;
-        let task = tokio::spawn(async move { me.spend_asking(&entry, &wants, today).await });
+        let task = tokio::spawn(async move {
+            let _redis = redis;
+            me.spend_asking(&entry, &wants, today).await
+        });
         task.await.map_err(|e| StoreError::Unavailable(format!("lease task: {e}")))?
     }
 
-    /// The spend of `wants` when Redis must be asked, under the account's Redis lock.
+    /// The spend of `wants` when Redis must be asked; the caller holds the
+    /// account's Redis lock.
     async fn spend_asking(
         &self,
         entry: &Arc<Entry>,
         wants: &[Want],
         today: DateTime<Utc>,
     ) -> Result<SpendAnswer, StoreError> {
-        let _redis = entry.redis.lock().await;
         let (ended, stale) = {
             let mut state = lock(&entry.state);
             (state.take_ended(today), state.take_stale(wants))
@@ -396,10 +416,6 @@ impl LeaseStore {
             // A lease taken under another limit goes back before anything else.
             self.stats.redis_calls.fetch_add(stale.len() as u64, Ordering::Relaxed);
             self.give_back(stale).await;
-        }
-        // Another spend may have taken what this one needs while it waited.
-        if let Some(answer) = self.settle_locally(entry, wants, Instant::now()) {
-            return Ok(answer);
         }
         let mut reserved = Vec::with_capacity(wants.len());
         let mut outcome = Ok(true);
@@ -468,7 +484,9 @@ impl LeaseStore {
         let held = lock(state).leases.get(key).map_or(0, |l| l.units);
         let max = self.config.max_block;
         let size = if renewal {
-            BlockSize { need: 0, max: max.saturating_sub(held), divisor: self.config.replicas.saturating_mul(2) }
+            // Running low: a whole block; otherwise top up to one block.
+            let max = if held < self.low_water() { max } else { max.saturating_sub(held) };
+            BlockSize { need: 0, max, divisor: self.config.replicas.saturating_mul(2) }
         } else {
             BlockSize { need: want.need.saturating_sub(held), max, divisor: self.config.replicas.saturating_mul(2) }
         };
