@@ -38,9 +38,12 @@
 //! go one by one. A request that needs more than `free` takes nothing.
 //!
 //! **Under-use.** A request is refused while units remain only when those
-//! units are leased to other replicas: at most `R · (max_block + need − 1)`
-//! units (`R` replicas holding leases), and only until their holders spend
-//! them or give them back (`idle` after their last request).
+//! units are leased to other replicas: at most
+//! `R · (max_block + max(max_block / 4, need) − 1)` units (`R` replicas
+//! holding leases: one block plus less than one request's need, or plus the
+//! last quarter block when a lease running low takes its next block in the
+//! background), and only until their holders spend them or give them back
+//! (`idle` after their last request).
 //!
 //! **Known exhausted.** A take that finds too little free marks the lease
 //! exhausted: requests that need more than it saw free are refused locally
