@@ -262,9 +262,13 @@ async fn with_redis_down_a_replica_answers_from_its_lease_then_fails() {
     let held = stores[0].stats().outstanding;
     assert!(held > 0);
     server.kill();
+    let calls = stores[0].stats().redis_calls;
     for _ in 0..held {
         assert!(stores[0].spend(&spend(&q, 1, now)).await.unwrap().spent, "served from the lease");
     }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Running low asked for the next block once; after it failed, no more.
+    assert!(stores[0].stats().redis_calls - calls <= 1, "{:?}", stores[0].stats());
     let err = stores[0].spend(&spend(&q, 1, now)).await.unwrap_err();
     assert!(err.is_transient(), "then store.on_error applies: {err}");
 }
@@ -674,4 +678,25 @@ async fn a_sigkilled_replica_strands_at_most_its_block_and_the_units_come_back_w
     let allowed = spread(&channels, 150, pro()).await.into_iter().filter(|a| a.allowed).count();
     assert_eq!(allowed, 100, "the stranded units came back with the window");
     survivor.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_and_top_ups_never_hold_more_than_the_stated_bound() {
+    let server = RedisServer::start();
+    let max_block = 20;
+    let store = replicas(&server.url(), "bound:", 1, config_lifetime(max_block, Duration::from_millis(1000))).remove(0);
+    store.set_credits(ACCT, 100_000).await.unwrap();
+    let q = [month(100_000)];
+    let both = |now| Spend { credits: Some(1), ..spend(&q, 1, now) };
+    // Two leases per spend (the quota's and the credits'), renewals every
+    // 500 ms, top-ups below a quarter block: each lease stays within
+    // max_block + max(max_block / 4, need) − 1.
+    let bound = 2 * (max_block + max_block / 4 - 1);
+    for i in 0..150 {
+        assert!(store.spend(&both(Utc::now())).await.unwrap().spent, "spend {i}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let held = store.stats().outstanding;
+        assert!(held <= bound, "spend {i}: {held} held, above {bound}");
+    }
+    assert!(store.stats().taken > 10, "renewals and top-ups happened: {:?}", store.stats());
 }

@@ -199,8 +199,10 @@ pub fn open(store: &StoreConfig, cache: &CacheConfig, observe: LookupObserver) -
                     if let Some(cache) = on_reconnect.upgrade() {
                         cache.invalidate_all();
                     }
+                    // Changes published meanwhile were missed (a top-up, a
+                    // voided lease, a new limit): give every lease back.
                     if let Some(lease) = lease_reconnect.as_ref().and_then(std::sync::Weak::upgrade) {
-                        lease.forget_exhausted();
+                        tokio::spawn(async move { lease.release().await });
                     }
                 },
             );

@@ -29,6 +29,8 @@ pub(super) struct Lease {
     pub(super) free: u64,
     /// Take again (renewing the record) at the next spend after this.
     pub(super) renew_at: Instant,
+    /// After a failed take: no top-up before this.
+    pub(super) backoff_until: Option<Instant>,
     /// The units may not be spent after this without a take.
     pub(super) valid_until: Instant,
 }
@@ -36,7 +38,16 @@ pub(super) struct Lease {
 impl Lease {
     /// A lease of nothing yet, as a first take finds it.
     pub(super) fn empty(target: LeaseTarget, at: Instant) -> Self {
-        Self { target, units: 0, counter: 0, exhausted_until: None, free: 0, renew_at: at, valid_until: at }
+        Self {
+            target,
+            units: 0,
+            counter: 0,
+            exhausted_until: None,
+            free: 0,
+            renew_at: at,
+            backoff_until: None,
+            valid_until: at,
+        }
     }
 
     /// The window's end: after it, a quota's lease is worthless.
@@ -60,10 +71,14 @@ impl Lease {
         if now < self.valid_until { self.units } else { 0 }
     }
 
-    /// Below `low_water` units while Redis had some free at the last call:
-    /// worth taking the next block before this one runs out.
-    pub(super) fn running_low(&self, low_water: u64) -> bool {
-        self.units < low_water && self.free_seen() > 0 && self.exhausted_until.is_none()
+    /// Below `low_water` units while Redis had some free at the last call
+    /// (and no take failed lately): worth taking the next block before this
+    /// one runs out.
+    pub(super) fn running_low(&self, low_water: u64, now: Instant) -> bool {
+        self.units < low_water
+            && self.free_seen() > 0
+            && self.exhausted_until.is_none()
+            && self.backoff_until.is_none_or(|t| now >= t)
     }
 
     /// Known to be too short for `need` at `now`: a take was refused lately.
@@ -138,8 +153,8 @@ impl AccountLeases {
     }
 
     /// Whether a lease of `wants` is [running low](Lease::running_low).
-    pub(super) fn running_low(&self, wants: &[Want], low_water: u64) -> bool {
-        wants.iter().any(|w| self.leases.get(w.target.key()).is_some_and(|l| l.running_low(low_water)))
+    pub(super) fn running_low(&self, wants: &[Want], low_water: u64, now: Instant) -> bool {
+        wants.iter().any(|w| self.leases.get(w.target.key()).is_some_and(|l| l.running_low(low_water, now)))
     }
 
     /// Takes `want.need` valid units of its lease aside for a spend in

@@ -166,6 +166,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Clears a flag when dropped.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// How many accounts give back at once on SIGTERM or reload.
 const RELEASE_CONCURRENCY: usize = 32;
 
@@ -215,14 +224,6 @@ impl LeaseStore {
         self.give_back_entry(&entry).await;
     }
 
-    /// Drops every "exhausted" mark (after a lost subscription: a top-up may have been missed).
-    pub fn forget_exhausted(&self) {
-        let entries: Vec<_> = lock(&self.accounts).values().cloned().collect();
-        for entry in entries {
-            lock(&entry.state).leases.values_mut().for_each(|l| l.exhausted_until = None);
-        }
-    }
-
     /// Gives back everything `entry` holds, under its Redis lock, in a task
     /// of its own: a caller's timeout cannot stop it halfway.
     async fn give_back_entry(&self, entry: &Arc<Entry>) {
@@ -231,7 +232,8 @@ impl LeaseStore {
         let task = tokio::spawn(async move {
             let _redis = entry.redis.lock().await;
             let leases = std::mem::take(&mut lock(&entry.state).leases);
-            me.give_back(leases).await;
+            let kept = me.give_back(leases).await;
+            me.keep(&entry.state, kept);
         });
         if let Err(e) = task.await {
             tracing::warn!(error = %e, "a give-back task failed");
@@ -241,17 +243,42 @@ impl LeaseStore {
     /// Gives back every unspent unit of `leases`; failures are logged (the
     /// units stay counted until the window ends, or are lost to the balance:
     /// under-use, never over).
-    async fn give_back(&self, leases: HashMap<String, Lease>) {
-        for (_, lease) in leases {
+    /// Answers the leases Redis could not be reached for: callers that go
+    /// on serving put them back (still valid, still spendable).
+    async fn give_back(&self, leases: HashMap<String, Lease>) -> HashMap<String, Lease> {
+        let mut kept = HashMap::new();
+        for (key, lease) in leases {
             // A spent-out lease still has a record (it overstates what the
             // holder has left): give 0 back to delete it, so a later reset
             // or SetCredits does not count units nobody holds.
-            self.stats.outstanding.fetch_sub(lease.units, Ordering::Relaxed);
             match self.inner.give_lease(&lease.target, &self.holder, lease.units).await {
                 Ok(_) => {
+                    self.stats.outstanding.fetch_sub(lease.units, Ordering::Relaxed);
                     self.stats.returned.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => tracing::warn!(error = %e, units = lease.units, "could not give a lease back"),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, units = lease.units, "could not give a lease back; keeping it");
+                    kept.insert(key, lease);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, units = lease.units, "could not give a lease back");
+                    self.forfeit(&lease);
+                }
+            }
+        }
+        kept
+    }
+
+    /// Puts back leases a give-back could not return (the caller holds the
+    /// account's Redis lock, so no take replaced them meanwhile).
+    fn keep(&self, state: &Mutex<AccountLeases>, kept: HashMap<String, Lease>) {
+        let mut st = lock(state);
+        for (key, lease) in kept {
+            match st.leases.entry(key) {
+                std::collections::hash_map::Entry::Occupied(_) => self.forfeit(&lease),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(lease);
+                }
             }
         }
     }
@@ -338,7 +365,7 @@ impl LeaseStore {
                 let spent = state.pay(wants, now);
                 self.stats.outstanding.fetch_sub(spent, Ordering::Relaxed);
                 let answer = state.answer(wants, true, now);
-                let low = state.running_low(wants, self.low_water());
+                let low = state.running_low(wants, self.low_water(), now);
                 drop(state);
                 if renew || low {
                     self.renew_in_background(entry, wants);
@@ -360,19 +387,21 @@ impl LeaseStore {
         }
         let (entry, wants) = (entry.clone(), wants.to_vec());
         tokio::spawn(async move {
-            {
-                let _redis = entry.redis.lock().await;
-                for w in &wants {
-                    let due = lock(&entry.state)
-                        .leases
-                        .get(w.target.key())
-                        .is_some_and(|l| Instant::now() >= l.renew_at || l.running_low(me.low_water()));
-                    if due && let Err(e) = me.take(&entry.state, w, true).await {
-                        tracing::debug!(error = %e, "could not renew a lease; spending from it while it is valid");
-                    }
+            // Cleared however the task ends (a panic included).
+            let _renewing = ClearOnDrop(&entry.renewing);
+            let _redis = entry.redis.lock().await;
+            for w in &wants {
+                let now = Instant::now();
+                // Only the lease this Check paid from: one taken since under
+                // another limit is not topped up with this (stale) limit.
+                let due = lock(&entry.state)
+                    .leases
+                    .get(w.target.key())
+                    .is_some_and(|l| l.target == w.target && (now >= l.renew_at || l.running_low(me.low_water(), now)));
+                if due && let Err(e) = me.take(&entry.state, w).await {
+                    tracing::debug!(error = %e, "could not renew a lease; spending from it while it is valid");
                 }
             }
-            entry.renewing.store(false, Ordering::Release);
         });
     }
 
@@ -418,7 +447,8 @@ impl LeaseStore {
         if !stale.is_empty() {
             // A lease taken under another limit goes back before anything else.
             self.stats.redis_calls.fetch_add(stale.len() as u64, Ordering::Relaxed);
-            self.give_back(stale).await;
+            // Stale: not spendable here even if Redis could not be reached.
+            self.give_back(stale).await.values().for_each(|l| self.forfeit(l));
         }
         let mut reserved = Vec::with_capacity(wants.len());
         let mut outcome = Ok(true);
@@ -460,7 +490,7 @@ impl LeaseStore {
                     return Ok(true);
                 }
             }
-            let granted = self.take(state, want, false).await?;
+            let granted = self.take(state, want).await?;
             let now = Instant::now();
             let mut st = lock(state);
             if st.reserve(want, now) {
@@ -482,16 +512,24 @@ impl LeaseStore {
     /// One take for `want`'s lease: a renewal (`renewal`: top the lease up to
     /// at most one block) or a take of what it lacks. Applies the answer to
     /// `state`; the units granted.
-    async fn take(&self, state: &Mutex<AccountLeases>, want: &Want, renewal: bool) -> Result<u64, StoreError> {
+    async fn take(&self, state: &Mutex<AccountLeases>, want: &Want) -> Result<u64, StoreError> {
         let key = want.target.key();
-        let held = lock(state).leases.get(key).map_or(0, |l| l.units);
-        let max = self.config.max_block;
-        let size = if renewal {
-            // Running low: a whole block; otherwise top up to one block.
+        let held = match lock(state).leases.get(key) {
+            // A lease under another target (another limit) is not ours to
+            // top up: the caller gives it back first (or it is stale).
+            Some(l) if l.target != want.target => return Ok(0),
+            Some(l) => l.units,
+            None => 0,
+        };
+        let (max, divisor) = (self.config.max_block, self.config.replicas.saturating_mul(2));
+        let size = if held >= want.need {
+            // A renewal or a top-up: a whole block when running low,
+            // otherwise up to one block, so a lease never holds more than
+            // `max_block + max(max_block / 4, need) − 1`.
             let max = if held < self.low_water() { max } else { max.saturating_sub(held) };
-            BlockSize { need: 0, max, divisor: self.config.replicas.saturating_mul(2) }
+            BlockSize { need: 0, max, divisor }
         } else {
-            BlockSize { need: want.need.saturating_sub(held), max, divisor: self.config.replicas.saturating_mul(2) }
+            BlockSize { need: want.need - held, max, divisor }
         };
         self.stats.redis_calls.fetch_add(1, Ordering::Relaxed);
         let sent = Instant::now();
@@ -501,9 +539,12 @@ impl LeaseStore {
             Err(e) => {
                 let mut st = lock(state);
                 if e.is_transient() {
-                    // Try again a little later; the units stay valid until `valid_until`.
+                    // Try again a little later (no top-up either); the units
+                    // stay valid until `valid_until`.
                     if let Some(l) = st.leases.get_mut(key) {
-                        l.renew_at = Instant::now() + lifetime / 10;
+                        let later = Instant::now() + lifetime / 10;
+                        l.renew_at = later;
+                        l.backoff_until = Some(later);
                     }
                 } else if let Some(l) = st.leases.remove(key) {
                     // A record that disagrees with us: start afresh (what we held
@@ -516,13 +557,15 @@ impl LeaseStore {
         let mut st = lock(state);
         let lease = st.leases.entry(key.to_owned()).or_insert_with(|| Lease::empty(want.target.clone(), sent));
         if got.kept < held {
-            // The record had expired: nothing it held may be spent. (Checks
-            // paid locally could not use it meanwhile: it was past `valid_until`.)
+            // The record had expired or was voided (SetCredits): nothing it
+            // held may be spent. What Checks paid locally during the call
+            // was already taken off `units`; the rest is forfeit.
             let lost = Lease { units: lease.units, ..lease.clone() };
             lease.units = 0;
             self.forfeit(&lost);
         }
         lease.counter = got.counter;
+        lease.backoff_until = None;
         lease.units += got.units;
         lease.renew_at = sent + lifetime / 2;
         lease.valid_until = sent + lifetime.mul_f64(0.9);
@@ -566,7 +609,8 @@ impl LeaseStore {
                         keys.into_iter().filter_map(|k| st.leases.remove_entry(&k)).collect();
                     (leases, idle)
                 };
-                self.give_back(leases).await;
+                let kept = self.give_back(leases).await;
+                self.keep(&entry.state, kept);
                 let mut accounts = lock(&self.accounts);
                 // Ours and the map's: no spend is waiting for this entry.
                 if idle && Arc::strong_count(&entry) == 2 && lock(&entry.state).leases.is_empty() {
