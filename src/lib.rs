@@ -27,9 +27,9 @@
 //! Envoy, prost and generated tonic types stop at [`grpc`]. Locks are
 //! `std::sync` ones: none is ever held across an `.await`, and each guards a
 //! few assignments (the exceptions are tokio mutexes: the cluster connection's
-//! first connect, and lease mode's per-account lock, held across the Redis
-//! call that takes a lease so one replica's concurrent Checks of an account
-//! make one take).
+//! first connect, and lease mode's per-account Redis lock, held across the
+//! Redis calls for that account's leases so a take and a give-back never
+//! interleave; a Check paid from held units takes only a std lock).
 
 pub mod accounts;
 pub mod authorizer;
