@@ -401,6 +401,11 @@ pub fn settle(spend: &Spend, answer: &SpendAnswer, mut d: Decision) -> Decision 
     } else if let Some(i) = exceeded(true) {
         d.verdict = Verdict::Deny(Code::RateLimited);
         d.denied_quota = Some(i);
+    } else if !answer.spent && !spend.dry_run {
+        // A store that spent nothing must say why; one that did not broke
+        // its contract, and nothing was paid: never an allow. (A dry run
+        // spends nothing by design.)
+        d.verdict = Verdict::Deny(Code::StoreUnavailable);
     }
     d
 }

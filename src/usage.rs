@@ -42,7 +42,10 @@ pub struct Spend {
 /// The counters' answer: how each quota stands, and whether anything was spent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpendAnswer {
-    /// True when every check passed and (unless `dry_run`) everything was spent.
+    /// True when every check passed and everything was spent; false for a
+    /// dry run. A store answering false (not a dry run) must mark a quota
+    /// exceeded or the credits insufficient (`decision::settle` denies
+    /// otherwise).
     pub spent: bool,
     /// One entry per [`Spend::quotas`], in the same order.
     pub quotas: Vec<QuotaUsage>,

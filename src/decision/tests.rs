@@ -324,6 +324,22 @@ fn credits_win_over_quotas_and_quotas_over_rates() {
 }
 
 #[test]
+fn an_unspent_answer_without_a_reason_is_never_an_allow() {
+    let a = account("free");
+    let Step::Spend(spend, d) = eval(SEARCH, Caller::Known(&a)) else { panic!() };
+    let no_reason = SpendAnswer {
+        spent: false,
+        quotas: spend.quotas.iter().map(|q| usage(q.limit - 1, false)).collect(),
+        credits: None,
+    };
+    assert_eq!(settle(&spend, &no_reason, d.clone()).verdict, Verdict::Deny(Code::StoreUnavailable));
+    let dry = Spend { dry_run: true, ..spend.clone() };
+    assert!(matches!(settle(&dry, &no_reason, d.clone()).verdict, Verdict::Allow(_)), "a dry run spends nothing");
+    let spent = SpendAnswer { spent: true, ..no_reason };
+    assert!(matches!(settle(&spend, &spent, d).verdict, Verdict::Allow(_)));
+}
+
+#[test]
 fn spend_covers_every_quota_of_the_meter_and_nothing_else() {
     let a = Account { quota_overrides: vec![month(5)], ..account("free") };
     let Step::Spend(spend, _) = eval(SEARCH, Caller::Known(&a)) else { panic!() };
