@@ -184,10 +184,8 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(s): State<HttpState>) -> impl IntoResponse {
-    if let Some(t) = s.authorizer.store().lease_stats() {
-        let (taken, returned, expired, outstanding) = (t.taken, t.returned, t.expired, t.outstanding);
-        let (spends, redis_calls) = (t.spends, t.redis_calls);
-        s.metrics.record_lease(metrics::LeaseTotals { taken, returned, expired, outstanding, spends, redis_calls });
+    if let Some(totals) = s.authorizer.store().lease_stats() {
+        s.metrics.record_lease(totals);
     }
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], s.metrics.encode())
 }

@@ -14,7 +14,7 @@
 //! | [`config`] | YAML → validated domain types | domain modules |
 //! | [`problem`] | decisions → problem bodies and headers | `decision`, `entitlement`, `identity`, `config` |
 //! | [`store`] | the `Store` trait; memory and Redis backends; the moka cache; lease mode | `entitlement`, `usage`, `bounds`, `identity`, `config` (settings) |
-//! | [`metrics`] | Prometheus registry | `decision` (labels) |
+//! | [`metrics`] | Prometheus registry | `decision` (labels), `usage` (lease totals) |
 //! | [`authorizer`] | route → identify → store → decide → render; the timed store call | all of the above |
 //! | [`accounts`] | entitlement, credit, API-key and usage changes; seeding | `entitlement`, `usage`, `bounds`, `identity`, `decision` (quota state), `store`, `config` (plans, seed accounts), `authorizer` (live config, timed store calls) |
 //! | [`grpc`] | ext_authz and `tollgate.v1` translations; errors → statuses; ready services and health | `authorizer`, `accounts`, `config` (tokens), the domain types they name |

@@ -1,7 +1,8 @@
 //! Prometheus metrics of SPEC §8, encoded by `prometheus-client`.
 //!
 //! Label values are `&'static str` so recording allocates nothing on the
-//! Check path. Depends on `decision` for the label names only.
+//! Check path. Depends on `decision` for the label names and on `usage` for
+//! lease mode's totals only.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
 use crate::decision::Verdict;
+use crate::usage::LeaseTotals;
 
 /// The content type of [`Metrics::encode`]'s output (OpenMetrics text, which Prometheus scrapes natively).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -61,23 +63,6 @@ struct LeaseCounters {
     outstanding: Gauge,
     spends: Counter,
     redis_calls: Counter,
-}
-
-/// Lease mode's totals since start, as `store::lease` counts them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LeaseTotals {
-    /// Leases taken.
-    pub taken: u64,
-    /// Leases given back (idle, SIGTERM, reload, a new entitlement).
-    pub returned: u64,
-    /// Leases whose unspent units were forfeit (record expired, window ended).
-    pub expired: u64,
-    /// Units this replica holds, unspent.
-    pub outstanding: u64,
-    /// Spends through the lease store.
-    pub spends: u64,
-    /// Redis calls those spends made.
-    pub redis_calls: u64,
 }
 
 impl Default for Metrics {

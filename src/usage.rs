@@ -75,3 +75,21 @@ pub struct CreditBalance {
     /// Whether the balance covered the request's cost.
     pub sufficient: bool,
 }
+
+/// Lease mode's totals since start: what `store::lease` counts and the
+/// metrics export (one type, so neither side copies the other's fields).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseTotals {
+    /// Leases taken.
+    pub taken: u64,
+    /// Leases given back (idle, SIGTERM, reload, a new entitlement).
+    pub returned: u64,
+    /// Leases whose unspent units were forfeit (record expired, window ended).
+    pub expired: u64,
+    /// Units this replica holds, unspent.
+    pub outstanding: u64,
+    /// Spends through the lease store.
+    pub spends: u64,
+    /// Redis calls those spends made.
+    pub redis_calls: u64,
+}

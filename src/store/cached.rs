@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use moka::Expiry;
 use moka::future::Cache;
 
-use super::{Invalidation, LeaseSnapshot, Store, StoreError};
+use super::{Invalidation, Store, StoreError};
 use chrono::{DateTime, Utc};
 
 use crate::entitlement::{Account, Quota, is_valid_account_id};
@@ -254,7 +254,7 @@ impl Store for CachedStore {
         self.inner.release().await
     }
 
-    fn lease_stats(&self) -> Option<LeaseSnapshot> {
+    fn lease_stats(&self) -> Option<crate::usage::LeaseTotals> {
         self.inner.lease_stats()
     }
 }

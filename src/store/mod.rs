@@ -32,7 +32,7 @@ use crate::identity::{KeyHash, KeyMeta};
 use crate::usage::{Spend, SpendAnswer};
 
 pub use cached::{CachedStore, LookupObserver};
-pub use lease::{LeaseSnapshot, LeaseStore};
+pub use lease::LeaseStore;
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
 
@@ -117,7 +117,7 @@ pub trait Store: Send + Sync + 'static {
     async fn release(&self) {}
 
     /// Lease mode's totals, for metrics; `None` for the other stores.
-    fn lease_stats(&self) -> Option<LeaseSnapshot> {
+    fn lease_stats(&self) -> Option<crate::usage::LeaseTotals> {
         None
     }
 }

@@ -81,7 +81,7 @@ use super::{Invalidation, Store, StoreError};
 use crate::config::LeaseConfig;
 use crate::entitlement::{Account, Quota, Window};
 use crate::identity::{KeyHash, KeyMeta};
-use crate::usage::{MAX_COST, Spend, SpendAnswer};
+use crate::usage::{LeaseTotals, MAX_COST, Spend, SpendAnswer};
 
 mod account;
 
@@ -100,23 +100,6 @@ pub struct LeaseStats {
     pub spends: AtomicU64,
     /// Redis calls those spends made (takes, give-backs and exact spends).
     pub redis_calls: AtomicU64,
-}
-
-/// A snapshot of [`LeaseStats`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LeaseSnapshot {
-    /// Leases taken.
-    pub taken: u64,
-    /// Leases given back with units.
-    pub returned: u64,
-    /// Leases forfeit.
-    pub expired: u64,
-    /// Units held, unspent.
-    pub outstanding: u64,
-    /// Spends.
-    pub spends: u64,
-    /// Redis calls made by spends.
-    pub redis_calls: u64,
 }
 
 /// One account's entry: its leases behind a std mutex (never held across an
@@ -203,9 +186,9 @@ impl LeaseStore {
     }
 
     /// The counters behind the metrics.
-    pub fn stats(&self) -> LeaseSnapshot {
+    pub fn stats(&self) -> LeaseTotals {
         let s = &self.stats;
-        LeaseSnapshot {
+        LeaseTotals {
             taken: s.taken.load(Ordering::Relaxed),
             returned: s.returned.load(Ordering::Relaxed),
             expired: s.expired.load(Ordering::Relaxed),
@@ -722,7 +705,7 @@ impl Store for LeaseStore {
         self.inner.ping().await
     }
 
-    fn lease_stats(&self) -> Option<LeaseSnapshot> {
+    fn lease_stats(&self) -> Option<LeaseTotals> {
         Some(self.stats())
     }
 
