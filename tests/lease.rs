@@ -16,7 +16,7 @@ use tollgate::store::{self, LeaseStore, RedisStore, Store, StoreError};
 use tollgate::usage::Spend;
 use tollgate_testkit::process::TollgateProcess;
 use tollgate_testkit::redis::RedisServer;
-use tollgate_testkit::{Answer, TestServer, eventually, http_check, http_get, spec_config, spread};
+use tollgate_testkit::{Answer, TestServer, allowed_else, eventually, http_check, http_get, spec_config, spread};
 
 const ACCT: &str = "acct_lease";
 
@@ -368,14 +368,7 @@ async fn two_lease_servers_allow_at_most_the_limit_and_give_leases_back_on_shutd
     let b = TestServer::start_configured(&yaml, false).await;
     let channels = [a.channel().await, b.channel().await];
     let answers = spread(&channels, 300, http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await;
-    let mut allowed = 0;
-    for answer in answers {
-        if answer.allowed {
-            allowed += 1;
-        } else {
-            assert_eq!(answer.code(), "quota_exhausted", "{answer:?}");
-        }
-    }
+    let allowed = allowed_else(&answers, "quota_exhausted") as u64;
     assert!(
         (99 - 22..=99).contains(&allowed),
         "allowed {allowed} of 99 (bound R · (max_block + max(max_block / 4, 1) − 1) = 22)"

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tollgate::entitlement::Period;
 use tollgate::identity::KeyHash;
 use tollgate_testkit::redis::{RedisCluster, RedisServer};
-use tollgate_testkit::{Answer, TestServer, eventually, http_check, http_get, spec_config, spread};
+use tollgate_testkit::{Answer, TestServer, allowed_else, eventually, http_check, http_get, spec_config, spread};
 
 /// The spec config on Redis, plus a plan that is prepaid *and* quota'd.
 fn redis_config(url: &str, on_error: &str) -> String {
@@ -45,14 +45,7 @@ async fn exactly_limit_allowed_across_two_replicas(url: &str, read_counter: impl
     let b = TestServer::start_configured(&yaml, false).await;
     let channels = [a.channel().await, b.channel().await];
     let answers = spread(&channels, 500, http_check("GET", "/v1/search", &[("x-api-key", "pro-key")])).await;
-    let mut allowed = 0;
-    for answer in answers {
-        if answer.allowed {
-            allowed += 1;
-        } else {
-            assert_eq!(answer.code(), "quota_exhausted", "{answer:?}");
-        }
-    }
+    let allowed = allowed_else(&answers, "quota_exhausted");
     assert_eq!(allowed, 100);
     assert_eq!(read_counter().as_deref().map(str::trim), Some("100"));
     a.stop().await;

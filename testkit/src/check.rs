@@ -150,3 +150,12 @@ pub async fn spread(channels: &[tonic::transport::Channel], n: usize, req: Check
     }
     answers
 }
+
+/// How many of `answers` were allowed; every other one must be denied with
+/// `code` (anything else fails the test).
+pub fn allowed_else(answers: &[Answer], code: &str) -> usize {
+    for denied in answers.iter().filter(|a| !a.allowed) {
+        assert_eq!(denied.code(), code, "{denied:?}");
+    }
+    answers.iter().filter(|a| a.allowed).count()
+}

@@ -43,7 +43,7 @@ pub mod wrk;
 use std::path::Path;
 use std::time::Duration;
 
-pub use check::{Answer, http_check, spread, with_jwt};
+pub use check::{Answer, allowed_else, http_check, spread, with_jwt};
 pub use http::http_get;
 pub use server::TestServer;
 
