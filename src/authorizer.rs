@@ -17,13 +17,15 @@ use chrono::{DateTime, Utc};
 
 use crate::config::{Config, OnError, TrustedCallers};
 use crate::decision::{self, AllowKind, Caller, Code, Decision, Step, Target, Unmatched};
-use crate::entitlement::Account;
 use crate::entitlement::is_valid_account_id;
+use crate::entitlement::{Account, Period, Window};
 use crate::identity::{Credentials, KeyHash, Presented, credential_headers, identify, is_valid_key};
 use crate::metrics::Metrics;
 use crate::problem::{self, Response};
 use crate::route::{RouteKey, check_path, match_form};
+use crate::settlement::Charge;
 use crate::store::{Store, StoreError};
+use crate::usage::Spend;
 
 /// Who asks.
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +80,10 @@ pub struct Outcome {
     pub response: Response,
     /// The matched route's name, for logs (`/v1/search*`); `None` when none matched.
     pub route: Option<Arc<str>>,
+    /// What the request spent that its response may change, signed, as the
+    /// fields of the Check's `charge` metadata (see `settlement`); only for
+    /// Envoy's Checks, and only when settlement could change something.
+    pub charge: Option<Vec<(&'static str, String)>>,
 }
 
 /// The store failed and `on_error: error` asks the transport to fail the RPC.
@@ -90,6 +96,16 @@ pub struct Authorizer {
     config: ArcSwap<Config>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    charges: Charges,
+}
+
+/// Makes charge ids and signs charges.
+struct Charges {
+    /// The store's signing key, fetched on first need.
+    key: tokio::sync::OnceCell<[u8; 32]>,
+    /// Random per process: ids from different replicas never collide.
+    prefix: u64,
+    next: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Authorizer {
@@ -101,7 +117,17 @@ impl std::fmt::Debug for Authorizer {
 impl Authorizer {
     /// An authorizer over `store` with `config`.
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
-        Self { config: ArcSwap::new(config), store, metrics }
+        let mut prefix = [0u8; 8];
+        // Without randomness, the time still tells replicas apart in practice.
+        if getrandom::fill(&mut prefix).is_err() {
+            prefix = Utc::now().timestamp_nanos_opt().unwrap_or_default().to_le_bytes();
+        }
+        let charges = Charges {
+            key: tokio::sync::OnceCell::new(),
+            prefix: u64::from_le_bytes(prefix),
+            next: std::sync::atomic::AtomicU64::new(0),
+        };
+        Self { config: ArcSwap::new(config), store, metrics, charges }
     }
 
     /// The config in force now.
@@ -144,6 +170,57 @@ impl Authorizer {
         r
     }
 
+    /// The key charges are signed with, from the store (fetched once, under the store timeout).
+    pub async fn charge_key(&self, timeout: std::time::Duration) -> Result<[u8; 32], StoreError> {
+        let key = self.charges.key.get_or_try_init(|| self.call(timeout, self.store.charge_key())).await?;
+        Ok(*key)
+    }
+
+    /// The signed charge for a request that spent `spend` on a route whose
+    /// response reports its cost in `cost_header`, when settlement could
+    /// change it: some classes are not charged, or the response reports the cost.
+    async fn charge(
+        &self,
+        config: &Config,
+        spend: &Spend,
+        cost_header: Option<&str>,
+    ) -> Option<Vec<(&'static str, String)>> {
+        if config.billing.charge_on.is_all() && cost_header.is_none() {
+            return None;
+        }
+        let periods: Vec<Period> = spend
+            .quotas
+            .iter()
+            .filter_map(|q| match q.window {
+                Window::Calendar(p) => Some(p),
+                Window::Rolling(_) => None,
+            })
+            .collect();
+        let meter = spend.quotas.first().map(|q| q.meter.clone()).unwrap_or_default();
+        let key = match self.charge_key(config.store.timeout).await {
+            Ok(k) => k,
+            Err(e) => {
+                // The reservation stands: the request is charged what the route costs.
+                tracing::warn!(error = %e, "no key to sign a charge with; this request will not be settled");
+                self.metrics.record_settlement("unsigned");
+                return None;
+            }
+        };
+        let seq = self.charges.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let charge = Charge {
+            id: format!("{:016x}-{seq:x}", self.charges.prefix),
+            account: spend.account.clone(),
+            // Whole milliseconds, as the charge carries it: the windows are the same.
+            issued: DateTime::from_timestamp_millis(spend.now.timestamp_millis()).unwrap_or(spend.now),
+            meter,
+            periods,
+            cost: spend.cost,
+            credits: spend.credits.is_some(),
+            cost_header: cost_header.map(str::to_owned),
+        };
+        Some(charge.seal(&key))
+    }
+
     /// The account a credential names; `None` when none was presented or it names no account.
     async fn resolve(&self, config: &Config, presented: &Presented) -> Result<Option<Arc<Account>>, StoreError> {
         let timeout = config.store.timeout;
@@ -181,7 +258,7 @@ impl Authorizer {
             Subject::Request(creds) => strip_headers(config, creds),
             _ => Vec::new(),
         };
-        let (target, route) = match query.ask {
+        let (target, route, cost_header) = match query.ask {
             Ask::NotHttp => {
                 let d = match config.non_http {
                     Unmatched::Allow => Decision::allow(AllowKind::Public),
@@ -201,7 +278,7 @@ impl Authorizer {
                 let form = match_form(path);
                 let key = RouteKey { path: &form, ..key };
                 match config.routes.find(&key) {
-                    Some(r) if r.public => (Target::Public, Some(r.name.clone())),
+                    Some(r) if r.public => (Target::Public, Some(r.name.clone()), None),
                     Some(r) => (
                         Target::Metered {
                             feature: r.feature.as_deref(),
@@ -209,14 +286,17 @@ impl Authorizer {
                             cost: query.cost.filter(|c| *c > 0).unwrap_or(r.cost),
                         },
                         Some(r.name.clone()),
+                        r.cost_from_response.as_deref(),
                     ),
-                    None => (Target::Unmatched, None),
+                    None => (Target::Unmatched, None, None),
                 }
             }
             Ask::Feature { feature, meter } => {
-                (Target::Metered { feature, meter, cost: query.cost.filter(|c| *c > 0).unwrap_or(1) }, None)
+                (Target::Metered { feature, meter, cost: query.cost.filter(|c| *c > 0).unwrap_or(1) }, None, None)
             }
         };
+        // Only Envoy's Checks are settled from an access log.
+        let settles = matches!((&query.subject, &query.ask), (Subject::Request(_), Ask::Http(_)));
         if target == Target::Public {
             return Ok(self.finish(config, Decision::allow(AllowKind::Public), &strip, route, now));
         }
@@ -242,14 +322,23 @@ impl Authorizer {
             (None, Presented::Nothing) => Caller::Missing,
             (None, _) => Caller::Invalid,
         };
+        let mut charge = None;
         let decision = match decision::evaluate(&config.policy, target, caller, now, query.dry_run) {
             Step::Done(d) => d,
             Step::Spend(spend, partial) => match self.call(config.store.timeout, self.store.spend(&spend)).await {
-                Ok(answer) => decision::settle(&spend, &answer, partial),
+                Ok(answer) => {
+                    let d = decision::settle(&spend, &answer, partial);
+                    if settles && answer.spent && d.is_allowed() {
+                        charge = self.charge(config, &spend, cost_header).await;
+                    }
+                    d
+                }
                 Err(e) => return self.store_failed(config, e, account.as_deref(), &strip, route, now),
             },
         };
-        Ok(self.finish(config, decision, &strip, route, now))
+        let mut outcome = self.finish(config, decision, &strip, route, now);
+        outcome.charge = charge;
+        Ok(outcome)
     }
 
     fn store_failed(
@@ -283,7 +372,7 @@ impl Authorizer {
         now: DateTime<Utc>,
     ) -> Outcome {
         let response = problem::render(&decision, config, problem::Context { strip }, now);
-        Outcome { decision, response, route }
+        Outcome { decision, response, route, charge: None }
     }
 }
 

@@ -11,11 +11,13 @@
 //! | [`route`] | the route table and matching | nothing of ours |
 //! | [`identity`] | identity sources, API-key hashing | nothing of ours |
 //! | [`decision`] | the decision table as a pure function | `entitlement`, `usage` |
+//! | [`settlement`] | charges (signed, in Check metadata) and what a response makes of them, as pure functions | `entitlement`, `usage` |
 //! | [`config`] | YAML → validated domain types | domain modules |
 //! | [`problem`] | decisions → problem bodies and headers | `decision`, `entitlement`, `identity`, `config` |
 //! | [`store`] | the `Store` trait; memory and Redis backends; the moka cache; lease mode | `entitlement`, `usage`, `bounds`, `identity`, `config` (settings) |
 //! | [`metrics`] | Prometheus registry | `decision` (labels), `usage` (lease totals) |
 //! | [`authorizer`] | route → identify → store → decide → render; the timed store call | all of the above |
+//! | [`settler`] | access-log entries → settled charges: the signing key, store calls, metrics | `settlement`, `authorizer`, `store`, `metrics` |
 //! | [`accounts`] | entitlement, credit, API-key and usage changes; seeding | `entitlement`, `usage`, `bounds`, `identity`, `decision` (quota state), `store`, `config` (plans, seed accounts), `authorizer` (live config, timed store calls) |
 //! | [`grpc`] | ext_authz and `tollgate.v1` translations; errors → statuses; ready services and health | `authorizer`, `accounts`, `config` (tokens), the domain types they name |
 //! | [`stripe`] | webhook signatures, events → account changes | `entitlement`, `bounds`, `accounts`, `config` (Stripe settings) |
@@ -46,6 +48,8 @@ pub mod problem;
 pub mod reload;
 pub mod route;
 pub mod server;
+pub mod settlement;
+pub mod settler;
 pub mod store;
 pub mod stripe;
 pub mod usage;

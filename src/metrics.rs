@@ -1,8 +1,8 @@
 //! Prometheus metrics of SPEC §8, encoded by `prometheus-client`.
 //!
 //! Label values are `&'static str` so recording allocates nothing on the
-//! Check path. Depends on `decision` for the label names and on `usage` for
-//! lease mode's totals only.
+//! Check path. Depends on `decision` and `settlement` for the label names and
+//! on `usage` for lease mode's totals only.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +54,23 @@ pub struct Metrics {
     auth_failures: Family<AuthLabels, Counter>,
     /// Lease mode (`store::lease`), copied from the store's own counters at each scrape.
     lease: LeaseCounters,
+    settlements: Family<ResultLabels, Counter>,
+    settlement_bad: Family<ReasonLabels, Counter>,
+    settlement_units: Family<KindLabels, Counter>,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+/// The `result` values of `tollgate_settlements_total`.
+pub const SETTLEMENT_RESULTS: [&str; 6] = ["applied", "unchanged", "duplicate", "bad", "failed", "unsigned"];
 
 /// Lease mode's series: counters by event, and the units held now.
 #[derive(Debug, Default)]
@@ -147,6 +163,33 @@ impl Metrics {
             "Lease mode: Redis calls those spends made (divide by tollgate_lease_spends_total for calls per Check)",
             lease.redis_calls.clone(),
         );
+        let settlements = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "tollgate_settlements",
+            "Charges met again in Envoy's access log, by result: applied (counters moved), unchanged (cost as reserved), duplicate (settled before), bad (refused, see tollgate_settlement_bad_entries_total), failed (store error; the reservation stands), unsigned (no key at Check time; not settleable)",
+            settlements.clone(),
+        );
+        let settlement_bad = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "tollgate_settlement_bad_entries",
+            "Access-log entries whose charge was refused, by reason (signature, malformed, stale, cost_header); never applied",
+            settlement_bad.clone(),
+        );
+        let settlement_units = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "tollgate_settlement_units",
+            "Units moved by settlement: refunded (given back), overage (charged beyond the reservation), unpaid (overage the credit balance could not cover)",
+            settlement_units.clone(),
+        );
+        for result in SETTLEMENT_RESULTS {
+            let _ = settlements.get_or_create(&ResultLabels { result });
+        }
+        for reason in crate::settlement::Bad::ALL {
+            let _ = settlement_bad.get_or_create(&ReasonLabels { reason: reason.as_str() });
+        }
+        for kind in ["refunded", "overage", "unpaid"] {
+            let _ = settlement_units.get_or_create(&KindLabels { kind });
+        }
         // Export every series from the start, so dashboards and alerts see 0, not "no data".
         let cache_hits = cache_requests.get_or_create(&ResultLabels { result: "hit" }).clone();
         let cache_misses = cache_requests.get_or_create(&ResultLabels { result: "miss" }).clone();
@@ -165,6 +208,9 @@ impl Metrics {
             config_reloads,
             auth_failures,
             lease,
+            settlements,
+            settlement_bad,
+            settlement_units,
         }
     }
 
@@ -182,6 +228,24 @@ impl Metrics {
         catch_up(&self.lease.spends, t.spends);
         catch_up(&self.lease.redis_calls, t.redis_calls);
         self.lease.outstanding.set(i64::try_from(t.outstanding).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one settlement by result (one of [`SETTLEMENT_RESULTS`]).
+    pub fn record_settlement(&self, result: &'static str) {
+        self.settlements.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts an access-log entry whose charge was refused.
+    pub fn record_bad_entry(&self, reason: crate::settlement::Bad) {
+        self.record_settlement("bad");
+        self.settlement_bad.get_or_create(&ReasonLabels { reason: reason.as_str() }).inc();
+    }
+
+    /// Counts units settlement moved (`refunded`, `overage`, `unpaid`).
+    pub fn record_settled_units(&self, kind: &'static str, units: u64) {
+        if units > 0 {
+            self.settlement_units.get_or_create(&KindLabels { kind }).inc_by(units);
+        }
     }
 
     /// Counts a `tollgate.v1` call refused for its token (`missing` or `invalid`).

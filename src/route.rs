@@ -229,6 +229,9 @@ pub struct Route {
     pub cost: u64,
     /// The matcher as configured (`api.example.com/v1/search*`), made once for logs.
     pub name: Arc<str>,
+    /// The response header that reports what a request really cost
+    /// (`cost_from_response`); `cost` is then what a Check reserves.
+    pub cost_from_response: Option<String>,
 }
 
 impl Route {
@@ -242,7 +245,7 @@ impl Route {
         cost: u64,
     ) -> Self {
         let name = Self::describe(&matcher).into();
-        Self { index, matcher, public, feature, meter, cost, name }
+        Self { index, matcher, public, feature, meter, cost, name, cost_from_response: None }
     }
 
     fn describe(m: &RouteMatch) -> String {

@@ -93,3 +93,43 @@ pub struct LeaseTotals {
     /// Redis calls those spends made.
     pub redis_calls: u64,
 }
+
+/// What settling one charge does to the counters it was made on (the access
+/// log reported the response, see `settlement`): `delta` units more (or, when
+/// negative, fewer) on each calendar quota of `meter` in the windows that
+/// held `issued`, and on the credits when `credits` is set; at most once per
+/// `charge`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adjustment {
+    /// The account charged.
+    pub account: String,
+    /// The charge id (from the Check's dynamic metadata): the once-only key.
+    pub charge: String,
+    /// When the charge was made: picks the windows the adjustment goes to.
+    pub issued: DateTime<Utc>,
+    /// The meter whose quotas were spent.
+    pub meter: String,
+    /// The calendar periods of the quotas that were spent; rate (`per:`)
+    /// windows are not adjusted (they limit load, and a failed request was load).
+    pub periods: Vec<crate::entitlement::Period>,
+    /// Units to add (positive: an overage) or give back (negative: a refund),
+    /// within ±[`MAX_COST`].
+    pub delta: i64,
+    /// Whether the charge spent credits (a prepaid plan): they move by `delta` too.
+    pub credits: bool,
+    /// Until when the once-only record must last (after it, a replay is refused as stale).
+    pub remember_until: DateTime<Utc>,
+}
+
+/// What a store did with an [`Adjustment`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Applied now. `unpaid` is the part of an overage the credit balance
+    /// could not cover (balances stop at 0).
+    Applied {
+        /// Credits owed beyond the balance.
+        unpaid: u64,
+    },
+    /// This charge was settled before (a replay): nothing changed.
+    Duplicate,
+}

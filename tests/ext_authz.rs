@@ -404,6 +404,12 @@ impl Store for DownStore {
     async fn forget_event(&self, _: &str) -> Result<(), StoreError> {
         Err(down())
     }
+    async fn settle(&self, _: &tollgate::usage::Adjustment) -> Result<tollgate::usage::Settled, StoreError> {
+        Err(down())
+    }
+    async fn charge_key(&self) -> Result<[u8; 32], StoreError> {
+        Err(down())
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -26,7 +26,7 @@ use tollgate::entitlement::{Account, Period, Quota, Status, Window};
 use tollgate::identity::{KeyHash, KeyMeta};
 use tollgate::store::rolling::Buckets;
 use tollgate::store::{CachedStore, Invalidation, LeaseStore, MemoryStore, RedisStore, Store, StoreError};
-use tollgate::usage::{CreditBalance, MAX_CREDITS, Spend, SpendAnswer};
+use tollgate::usage::{Adjustment, CreditBalance, MAX_CREDITS, Settled, Spend, SpendAnswer};
 use tollgate_testkit::redis::{RedisCluster, RedisServer};
 
 const ACCT: &str = "acct_c";
@@ -572,6 +572,51 @@ async fn every_change_to_a_lookup_is_announced_to_other_replicas(s: &Subject) {
     task.abort();
 }
 
+// ---------------------------------------------------------------- settlement
+
+async fn a_settlement_moves_the_windows_it_was_charged_in_once(s: &Subject) {
+    s.store.set_credits(ACCT, 20).await.unwrap();
+    let q = [calendar(100, Period::Month), calendar(50, Period::Day)];
+    let now = s.clock.now();
+    let adj = |charge: &str, delta: i64, issued: DateTime<Utc>| Adjustment {
+        account: ACCT.into(),
+        charge: charge.into(),
+        issued,
+        meter: "requests".into(),
+        periods: vec![Period::Month, Period::Day],
+        delta,
+        credits: true,
+        remember_until: now + chrono::Duration::hours(1),
+    };
+    assert!(s.spend(&spend(&q, 10, Some(10), now)).await.spent);
+    // A refund gives back what the charge spent, once per charge id.
+    assert_eq!(s.store.settle(&adj("c-1", -10, now)).await.unwrap(), Settled::Applied { unpaid: 0 });
+    assert_eq!(s.store.settle(&adj("c-1", -10, now)).await.unwrap(), Settled::Duplicate);
+    assert_eq!(s.store.settle(&adj("c-1", 5, now)).await.unwrap(), Settled::Duplicate, "whatever a replay says");
+    if s.lease {
+        // Counters hold leased units too: exact numbers are tests/lease.rs's business.
+        return;
+    }
+    assert_eq!((used(&s.probe(&q, now).await), s.store.credits(ACCT).await.unwrap()), (vec![0, 0], 20));
+    // An overage is charged past the reservation and past the limit; the balance stops at 0.
+    assert!(s.spend(&spend(&q, 10, Some(10), now)).await.spent);
+    assert_eq!(s.store.settle(&adj("c-2", 45, now)).await.unwrap(), Settled::Applied { unpaid: 35 });
+    let a = s.probe(&q, now).await;
+    assert_eq!((used(&a), s.store.credits(ACCT).await.unwrap()), (vec![55, 55], 0));
+    assert!(a.quotas[1].exceeded, "the day is over its limit: the next request is refused");
+    // A refund of a charge made in an earlier month and day leaves this one
+    // alone (the credits, which have no window, come back).
+    let earlier = now - chrono::Duration::days(40);
+    assert_eq!(s.store.settle(&adj("c-3", -5, earlier)).await.unwrap(), Settled::Applied { unpaid: 0 });
+    assert_eq!((used(&s.probe(&q, now).await), s.store.credits(ACCT).await.unwrap()), (vec![55, 55], 5));
+    // A refund never takes a counter below 0.
+    assert!(s.store.settle(&adj("c-4", -60, now)).await.is_ok());
+    assert_eq!(used(&s.probe(&q, now).await), [0, 0]);
+    // The same charge id on another account is another charge.
+    let other = Adjustment { account: "acct_other".into(), ..adj("c-1", -1, now) };
+    assert_eq!(s.store.settle(&other).await.unwrap(), Settled::Applied { unpaid: 0 });
+}
+
 // ---------------------------------------------------------------- the runs
 
 type Case = fn(Arc<Subject>) -> BoxFuture<'static, ()>;
@@ -601,6 +646,7 @@ async fn keeps_the_contract(backend: Backend) {
         events_are_remembered_for_their_ttl_until_forgotten,
         a_cached_reader_sees_every_change_to_accounts_and_keys,
         every_change_to_a_lookup_is_announced_to_other_replicas,
+        a_settlement_moves_the_windows_it_was_charged_in_once,
     ];
     for (name, case) in all {
         if only.as_deref().is_some_and(|only| !name.contains(only)) {

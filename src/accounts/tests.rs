@@ -328,6 +328,12 @@ impl Store for Broken {
     async fn forget_event(&self, _: &str) -> Result<(), StoreError> {
         self.answer().await
     }
+    async fn settle(&self, _: &crate::usage::Adjustment) -> Result<crate::usage::Settled, StoreError> {
+        self.answer().await
+    }
+    async fn charge_key(&self) -> Result<[u8; 32], StoreError> {
+        self.answer().await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.answer().await
     }

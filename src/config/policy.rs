@@ -14,6 +14,7 @@ use serde::Deserialize;
 use super::secrets::Secrets;
 use crate::decision::Code;
 use crate::entitlement::Account;
+use crate::settlement::ChargeOn;
 
 /// `billing.stripe:`.
 #[derive(Debug, Clone)]
@@ -39,6 +40,8 @@ pub struct BillingConfig {
     pub portal_url: Option<String>,
     /// Stripe webhook settings.
     pub stripe: Option<StripeConfig>,
+    /// The response classes charged (`charge_on`); others are refunded on settlement.
+    pub charge_on: ChargeOn,
 }
 
 impl BillingConfig {

@@ -211,6 +211,7 @@ pub(super) struct Billing {
     #[serde(default, deserialize_with = "opt_duration")]
     pub(super) grace_period: Option<Duration>,
     pub(super) stripe: Option<Stripe>,
+    pub(super) charge_on: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -259,6 +260,7 @@ pub(super) struct RouteDef {
     pub(super) feature: Option<String>,
     pub(super) meter: Option<String>,
     pub(super) cost: Option<i64>,
+    pub(super) cost_from_response: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

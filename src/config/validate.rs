@@ -36,12 +36,13 @@ impl schema::Config {
         let stripe = validate_policy::stripe(self.billing.stripe, &plans)?;
         let problems = validate_policy::problems(self.problems)?;
         let grace_period = validate_policy::grace_period(self.billing.grace_period)?;
+        let charge_on = validate_policy::charge_on(self.billing.charge_on)?;
         Ok(Config {
             server,
             store,
             cache,
             identity,
-            billing: BillingConfig { portal_url: self.billing.portal_url, stripe },
+            billing: BillingConfig { portal_url: self.billing.portal_url, stripe, charge_on },
             policy: Policy { plans, grace_period, unmatched: self.default.into() },
             routes,
             non_http: self.non_http.into(),

@@ -21,6 +21,7 @@ use super::validate_quotas::quotas;
 use crate::decision::Code;
 use crate::entitlement::{Account, MAX_WINDOW, Plan, Status};
 use crate::route::{Route, RouteMatch, RouteTable};
+use crate::settlement::ChargeOn;
 use crate::usage::{MAX_COST, MAX_CREDITS};
 
 /// `plans:`: at least one, each with valid feature names and quotas.
@@ -172,8 +173,20 @@ pub(super) fn routes(
             }
             methods.push(method.to_ascii_uppercase());
         }
-        if r.public && (r.feature.is_some() || r.meter.is_some() || r.cost.is_some()) {
-            return Err(invalid(p, "a public route takes no feature, meter or cost"));
+        if r.public && (r.feature.is_some() || r.meter.is_some() || r.cost.is_some() || r.cost_from_response.is_some())
+        {
+            return Err(invalid(p, "a public route takes no feature, meter, cost or cost_from_response"));
+        }
+        if let Some(h) = &r.cost_from_response
+            && !crate::settlement::is_header_name(h)
+        {
+            return Err(invalid(
+                format!("{p}.cost_from_response"),
+                format!(
+                    "{h:?} is not a lower-case HTTP header name of at most {} bytes",
+                    crate::settlement::MAX_HEADER_NAME
+                ),
+            ));
         }
         if let Some(f) = &r.feature
             && !known_features.contains(f.as_str())
@@ -191,9 +204,19 @@ pub(super) fn routes(
             methods,
             host: m.host.map(|h| h.to_ascii_lowercase()),
         };
-        routes.push(Route::new(i, matcher, r.public, r.feature, r.meter, cost as u64));
+        let mut route = Route::new(i, matcher, r.public, r.feature, r.meter, cost as u64);
+        route.cost_from_response = r.cost_from_response;
+        routes.push(route);
     }
     Ok(RouteTable::new(routes))
+}
+
+/// `billing.charge_on`: response classes (`2xx`); absent means all of them.
+pub(super) fn charge_on(raw: Option<Vec<String>>) -> Result<ChargeOn, Invalid> {
+    match raw {
+        None => Ok(ChargeOn::ALL),
+        Some(list) => ChargeOn::parse(&list).map_err(|e| invalid("billing.charge_on", e)),
+    }
 }
 
 /// `billing.stripe`: prices name known plans; signing secrets are the

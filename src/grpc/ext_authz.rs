@@ -27,6 +27,7 @@ use crate::authorizer::{Ask, Authorizer, Outcome, Query, Subject};
 use crate::decision::{Code, Verdict};
 use crate::identity::Credentials;
 use crate::route::RouteKey;
+use crate::settlement;
 
 /// The ext_authz service.
 #[derive(Debug, Clone)]
@@ -135,7 +136,7 @@ fn rpc_code(verdict: Verdict) -> tonic::Code {
 pub fn check_response(outcome: &Outcome) -> CheckResponse {
     let d = &outcome.decision;
     let r = &outcome.response;
-    let mut meta = HashMap::with_capacity(3);
+    let mut meta = HashMap::with_capacity(4);
     if let Some(a) = &d.account {
         meta.insert("account".to_owned(), string_value(a));
     }
@@ -143,6 +144,10 @@ pub fn check_response(outcome: &Outcome) -> CheckResponse {
         meta.insert("plan".to_owned(), string_value(p));
     }
     meta.insert("decision".to_owned(), string_value(d.verdict.label()));
+    if let Some(fields) = &outcome.charge {
+        let fields = fields.iter().map(|(k, v)| ((*k).to_owned(), string_value(v))).collect();
+        meta.insert(settlement::FIELD.to_owned(), Value { kind: Some(Kind::StructValue(Struct { fields })) });
+    }
     let code = rpc_code(d.verdict);
     let http_response = match d.verdict {
         Verdict::Allow(_) => HttpResponse::OkResponse(OkHttpResponse {

@@ -7,6 +7,7 @@
 //!
 //! May use: `authorizer`, `accounts`, and what their signatures name.
 
+pub mod access_log;
 pub mod api;
 pub mod ext_authz;
 pub mod status;
@@ -20,7 +21,10 @@ use tonic_health::server::HealthReporter;
 
 use crate::accounts::Accounts;
 use crate::authorizer::Authorizer;
+use crate::settler::Settler;
+use access_log::AccessLog;
 use api::Api;
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use ext_authz::ExtAuthz;
 use pb::tollgate_server::TollgateServer;
 
@@ -33,8 +37,9 @@ pub mod pb {
 /// The services of the gRPC port, ready to serve.
 #[derive(Debug)]
 pub struct Services {
-    /// `envoy.service.auth.v3.Authorization`, `tollgate.v1.Tollgate` and
-    /// `grpc.health.v1.Health`.
+    /// `envoy.service.auth.v3.Authorization`,
+    /// `envoy.service.accesslog.v3.AccessLogService`, `tollgate.v1.Tollgate`
+    /// and `grpc.health.v1.Health`.
     pub routes: Routes,
     /// What `grpc.health.v1.Health` reports.
     pub health: Health,
@@ -47,6 +52,11 @@ pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, max_messag
     let routes = Routes::new(health.max_decoding_message_size(max_message).max_encoding_message_size(max_message))
         .add_service(
             AuthorizationServer::new(ExtAuthz::new(authorizer.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .add_service(
+            AccessLogServiceServer::new(AccessLog::new(Arc::new(Settler::new(authorizer.clone()))))
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message),
         )

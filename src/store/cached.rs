@@ -28,7 +28,7 @@ use chrono::{DateTime, Utc};
 
 use crate::entitlement::{Account, Quota, is_valid_account_id};
 use crate::identity::{KeyHash, KeyMeta};
-use crate::usage::{Spend, SpendAnswer};
+use crate::usage::{Adjustment, Settled, Spend, SpendAnswer};
 
 /// Called with `true` on a hit and `false` on a miss (metrics).
 pub type LookupObserver = Arc<dyn Fn(bool) + Send + Sync>;
@@ -244,6 +244,14 @@ impl Store for CachedStore {
 
     async fn forget_event(&self, id: &str) -> Result<(), StoreError> {
         self.inner.forget_event(id).await
+    }
+
+    async fn settle(&self, adjustment: &Adjustment) -> Result<Settled, StoreError> {
+        self.inner.settle(adjustment).await
+    }
+
+    async fn charge_key(&self) -> Result<[u8; 32], StoreError> {
+        self.inner.charge_key().await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -31,7 +31,7 @@ use super::{Store, StoreError};
 use crate::bounds;
 use crate::entitlement::{Account, Quota, Window};
 use crate::identity::{KeyHash, KeyMeta};
-use crate::usage::{CreditBalance, MAX_COST, MAX_CREDITS, QuotaUsage, Spend, SpendAnswer};
+use crate::usage::{Adjustment, CreditBalance, MAX_COST, MAX_CREDITS, QuotaUsage, Settled, Spend, SpendAnswer};
 
 const SHARDS: usize = 16;
 
@@ -45,6 +45,10 @@ pub struct MemoryStore {
     events: Mutex<HashMap<String, Option<Instant>>>,
     /// Per-account credits and counters, sharded by account id.
     usage: [Mutex<HashMap<String, Usage>>; SHARDS],
+    /// Settled charges (account, charge id) with the instant they may be forgotten.
+    settled: Mutex<HashMap<(String, String), DateTime<Utc>>>,
+    /// The secret charges are signed with (this process's: nothing outlives it here).
+    charge_key: std::sync::OnceLock<[u8; 32]>,
 }
 
 /// API keys both ways: hash → account for lookups, account → keys for listing.
@@ -344,6 +348,58 @@ impl Store for MemoryStore {
     async fn forget_event(&self, id: &str) -> Result<(), StoreError> {
         lock(&self.events).remove(id);
         Ok(())
+    }
+
+    async fn settle(&self, adj: &Adjustment) -> Result<Settled, StoreError> {
+        if adj.delta.unsigned_abs() > MAX_COST {
+            return Err(StoreError::Corrupt(format!("adjustment of {} units is above MAX_COST", adj.delta)));
+        }
+        // The usage lock is taken inside the once-only lock: a replay racing
+        // its original waits for it, then finds it settled.
+        let mut settled = lock(&self.settled);
+        let now = Utc::now();
+        if settled.len() >= 100_000 {
+            settled.retain(|_, until| *until > now);
+        }
+        let id = (adj.account.clone(), adj.charge.clone());
+        if settled.get(&id).is_some_and(|until| *until > now) {
+            return Ok(Settled::Duplicate);
+        }
+        settled.insert(id, adj.remember_until);
+        let mut shard = lock(self.shard(&adj.account));
+        let usage = shard.entry(adj.account.clone()).or_default();
+        let back = adj.delta < 0;
+        let units = adj.delta.unsigned_abs();
+        if let Some(windows) = usage.counters.get_mut(&adj.meter) {
+            for p in &adj.periods {
+                // Only the window the charge was made in: one that has rolled over is left alone.
+                if let Some(Counter::Calendar { start, used }) = windows.get_mut(&Window::Calendar(*p))
+                    && *start == p.bounds(adj.issued).0
+                {
+                    *used = if back { used.saturating_sub(units) } else { used.saturating_add(units) };
+                }
+            }
+        }
+        let mut unpaid = 0;
+        if adj.credits {
+            if back {
+                usage.credits = usage.credits.saturating_add(units).min(MAX_CREDITS);
+            } else {
+                let take = usage.credits.min(units);
+                usage.credits -= take;
+                unpaid = units - take;
+            }
+        }
+        Ok(Settled::Applied { unpaid })
+    }
+
+    async fn charge_key(&self) -> Result<[u8; 32], StoreError> {
+        if let Some(k) = self.charge_key.get() {
+            return Ok(*k);
+        }
+        let mut fresh = [0u8; 32];
+        getrandom::fill(&mut fresh).map_err(|e| StoreError::Unavailable(format!("no randomness: {e}")))?;
+        Ok(*self.charge_key.get_or_init(|| fresh))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

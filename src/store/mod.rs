@@ -29,7 +29,7 @@ use chrono::{DateTime, Utc};
 
 use crate::entitlement::{Account, Quota};
 use crate::identity::{KeyHash, KeyMeta};
-use crate::usage::{Spend, SpendAnswer};
+use crate::usage::{Adjustment, Settled, Spend, SpendAnswer};
 
 pub use cached::{CachedStore, LookupObserver};
 pub use lease::LeaseStore;
@@ -108,6 +108,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forgets an event id, so a retry of an event that failed is processed.
     async fn forget_event(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Applies a settlement's adjustment once per charge id (atomically with
+    /// recording the id); a replay answers [`Settled::Duplicate`] and changes nothing.
+    async fn settle(&self, adjustment: &Adjustment) -> Result<Settled, StoreError>;
+
+    /// The secret charges are signed with: the same on every replica sharing
+    /// this store (a charge made by one is settled by any), made on first use.
+    async fn charge_key(&self) -> Result<[u8; 32], StoreError>;
 
     /// Succeeds when the backend answers; drives readiness.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -113,7 +113,9 @@ impl Drop for Envoy {
     }
 }
 
-/// An upstream that answers every request with the headers it received, as JSON.
+/// An upstream that answers every request with the headers it received, as
+/// JSON; on demand it fails (`x-test-status: 503` answers 503) and reports a
+/// cost (`x-test-usage-tokens: N` answers `x-usage-tokens: N`).
 pub async fn echo_upstream() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -123,8 +125,23 @@ pub async fn echo_upstream() -> SocketAddr {
             .iter()
             .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or_default().to_owned()))
             .collect();
+        let status = headers
+            .get("x-test-status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .and_then(|s| axum::http::StatusCode::from_u16(s).ok())
+            .unwrap_or(axum::http::StatusCode::OK);
+        let tokens = headers.get("x-test-usage-tokens").cloned().unwrap_or_default();
         let body = serde_json::json!({ "path": req.uri().to_string(), "headers": headers }).to_string();
-        ([(axum::http::header::CONTENT_TYPE, "application/json")], body)
+        let mut response = axum::response::Response::new(axum::body::Body::from(body));
+        *response.status_mut() = status;
+        let h = response.headers_mut();
+        h.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/json"));
+        if let Ok(v) = axum::http::HeaderValue::from_str(&tokens)
+            && !tokens.is_empty()
+        {
+            h.insert("x-usage-tokens", v);
+        }
+        response
     });
     tokio::spawn(async move { axum::serve(listener, app).await });
     addr

@@ -67,12 +67,40 @@ impl TestServer {
     }
 
     async fn start_full(metrics: Arc<Metrics>, config: Config, store: Arc<dyn Store>) -> Self {
+        let grpc_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(metrics, config, store, grpc_l, http_l).await
+    }
+
+    /// Stops this server and starts another on the same addresses, with
+    /// `yaml` and the store it names (Redis: a new connection, cache and key
+    /// fetch, as a restarted process has; memory: `store`, kept, as no
+    /// process restart could), its metrics starting from zero.
+    pub async fn restart(self, yaml: &str, store: Option<Arc<dyn Store>>) -> Self {
+        let (grpc, http) = (self.grpc, self.http);
+        self.stop().await;
+        let config = Config::parse(yaml, "test.yaml").expect("test config is valid");
+        let metrics = Arc::new(Metrics::new());
+        let store = match store {
+            Some(s) => s,
+            None => store::open(&config.store, &config.cache, metrics.cache_observer()).expect("open store"),
+        };
+        let grpc_l = TcpListener::bind(grpc).await.expect("rebind the gRPC address");
+        let http_l = TcpListener::bind(http).await.expect("rebind the HTTP address");
+        Self::start_on(metrics, config, store, grpc_l, http_l).await
+    }
+
+    async fn start_on(
+        metrics: Arc<Metrics>,
+        config: Config,
+        store: Arc<dyn Store>,
+        grpc_l: TcpListener,
+        http_l: TcpListener,
+    ) -> Self {
         // TOLLGATE_TEST_LOG=debug shows the server's logs in failing tests.
         if let Ok(filter) = std::env::var("TOLLGATE_TEST_LOG") {
             let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         }
-        let grpc_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc, http) = (grpc_l.local_addr().unwrap(), http_l.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let (handle_tx, handle_rx) = oneshot::channel();

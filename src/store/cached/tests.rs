@@ -58,6 +58,12 @@ impl Store for Counting {
     async fn forget_event(&self, id: &str) -> Result<(), StoreError> {
         self.inner.forget_event(id).await
     }
+    async fn settle(&self, a: &Adjustment) -> Result<Settled, StoreError> {
+        self.inner.settle(a).await
+    }
+    async fn charge_key(&self) -> Result<[u8; 32], StoreError> {
+        self.inner.charge_key().await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -81,7 +81,7 @@ use super::{Invalidation, Store, StoreError};
 use crate::config::LeaseConfig;
 use crate::entitlement::{Account, Quota, Window};
 use crate::identity::{KeyHash, KeyMeta};
-use crate::usage::{LeaseTotals, MAX_COST, Spend, SpendAnswer};
+use crate::usage::{Adjustment, LeaseTotals, MAX_COST, Settled, Spend, SpendAnswer};
 
 mod account;
 
@@ -699,6 +699,14 @@ impl Store for LeaseStore {
 
     async fn forget_event(&self, id: &str) -> Result<(), StoreError> {
         self.inner.forget_event(id).await
+    }
+
+    async fn settle(&self, adjustment: &Adjustment) -> Result<Settled, StoreError> {
+        self.inner.settle(adjustment).await
+    }
+
+    async fn charge_key(&self) -> Result<[u8; 32], StoreError> {
+        self.inner.charge_key().await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 
-use crate::entitlement::{Quota, Window};
+use crate::entitlement::{Period, Quota, Window};
 use crate::identity::KeyHash;
 
 /// The names of every key under one prefix (`store.key_prefix`).
@@ -58,6 +58,23 @@ impl Keys {
         format!("{}event:{id}", self.prefix)
     }
 
+    /// `P{acct}:q:<meter>:<period>:<start ms>`: the calendar counter of the window starting at `start`.
+    pub(super) fn calendar(&self, id: &str, meter: &str, p: Period, start: DateTime<Utc>) -> String {
+        format!("{}{{{id}}}:q:{}:{}:{}", self.prefix, meter, p.as_str(), millis(start))
+    }
+
+    /// `P{acct}:settled:<hour>`: ids of the charges issued in that hour
+    /// (ms since the epoch / 3,600,000) that were settled; expires when they
+    /// can no longer be replayed.
+    pub(super) fn settled(&self, id: &str, issued: DateTime<Utc>) -> String {
+        format!("{}{{{id}}}:settled:{}", self.prefix, millis(issued).div_euclid(3_600_000))
+    }
+
+    /// `Pcharge-key`: the secret every replica signs charges with (made once, by the first to need it).
+    pub(super) fn charge_key(&self) -> String {
+        format!("{}charge-key", self.prefix)
+    }
+
     /// The pub/sub channel of cache invalidations.
     pub(super) fn channel(&self) -> String {
         format!("{}invalidate", self.prefix)
@@ -68,10 +85,7 @@ impl Keys {
     /// set, so a key left by an older version can never be read as the wrong type).
     pub(super) fn window(&self, id: &str, q: &Quota, now: DateTime<Utc>) -> Vec<String> {
         match q.window {
-            Window::Calendar(p) => {
-                let (start, _) = p.bounds(now);
-                vec![format!("{}{{{id}}}:q:{}:{}:{}", self.prefix, q.meter, p.as_str(), millis(start))]
-            }
+            Window::Calendar(p) => vec![self.calendar(id, &q.meter, p, p.bounds(now).0)],
             Window::Rolling(d) => {
                 vec![format!("{}{{{id}}}:rb:{}:{}", self.prefix, q.meter, d.as_millis())]
             }

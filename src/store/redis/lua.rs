@@ -50,3 +50,15 @@ pub const REVOKE: &str = script!("revoke.lua");
 /// counter or the credits key, then its lease records (a hash holder → units).
 /// Answers `{units granted / given back / still leased, counter or balance after}`.
 pub const LEASE: &str = script!("lease.lua");
+
+/// Settles one charge (`settlement`): records its id once and moves its
+/// counters and credits by the delta, into the windows the charge was made in.
+///
+/// KEYS: the once-only hash (`P{acct}:settled:<hour>`), the credits key, then
+/// each calendar counter of the charge. ARGV: charge id, remember-until ms,
+/// delta (signed), credits flag (`0`/`1`), counter count n, then each
+/// counter's window end ms. A refund never takes a counter or balance below 0
+/// nor revives an expired counter; an overage is added while the window's
+/// counter lives, and takes from the balance what it holds. Answers
+/// `{applied (0: already settled), credits unpaid}`.
+pub const SETTLE: &str = script!("settle.lua");

@@ -16,6 +16,8 @@
 //! | `Pkey:<sha256 hex>` | string | API key hash → account id (a global index: looked up before the account is known) |
 //! | `Pcustomer:<id>` | string | Stripe customer → account id |
 //! | `Pevent:<id>` | string | a webhook event already handled, for its TTL |
+//! | `P{acct}:settled:<hour>` | hash | charge id → 1 for charges issued in that hour and settled from the access log; expires when such a charge is too old to settle |
+//! | `Pcharge-key` | string (hex) | the secret charges are signed with, shared by every replica |
 //! | `Pinvalidate` | pub/sub channel | `account:<id>` / `key:<hex>` on every change |
 //!
 //! Times: calendar windows come from the caller's clock (`Spend::now`): a
@@ -57,7 +59,7 @@ use super::{Invalidation, Store, StoreError};
 use crate::bounds;
 use crate::entitlement::{Account, MAX_WINDOW, Quota, is_valid_account_id};
 use crate::identity::{KeyHash, KeyMeta};
-use crate::usage::{MAX_CREDITS, Spend, SpendAnswer};
+use crate::usage::{Adjustment, MAX_COST, MAX_CREDITS, Settled, Spend, SpendAnswer};
 
 /// The Redis-backed [`Store`].
 pub struct RedisStore {
@@ -68,6 +70,7 @@ pub struct RedisStore {
     add_credits: redis::Script,
     revoke: redis::Script,
     lease: redis::Script,
+    settle: redis::Script,
 }
 
 impl fmt::Debug for RedisStore {
@@ -93,6 +96,7 @@ impl RedisStore {
             add_credits: redis::Script::new(lua::ADD_CREDITS),
             revoke: redis::Script::new(lua::REVOKE),
             lease: redis::Script::new(lua::LEASE),
+            settle: redis::Script::new(lua::SETTLE),
         })
     }
 
@@ -375,6 +379,57 @@ impl Store for RedisStore {
     async fn forget_event(&self, id: &str) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
         redis::cmd("DEL").arg(self.keys.event(id)).query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn settle(&self, adj: &Adjustment) -> Result<Settled, StoreError> {
+        if !is_valid_account_id(&adj.account) {
+            return Err(bad_account_id(&adj.account));
+        }
+        if adj.delta.unsigned_abs() > MAX_COST {
+            return Err(StoreError::Corrupt(format!("adjustment of {} units is above MAX_COST", adj.delta)));
+        }
+        let mut inv = self.settle.prepare_invoke();
+        inv.key(self.keys.settled(&adj.account, adj.issued)).key(self.keys.credits(&adj.account));
+        inv.arg(&adj.charge)
+            .arg(millis(adj.remember_until))
+            .arg(adj.delta)
+            .arg(u8::from(adj.credits))
+            .arg(adj.periods.len());
+        for p in &adj.periods {
+            let (start, end) = p.bounds(adj.issued);
+            inv.key(self.keys.calendar(&adj.account, &adj.meter, *p, start));
+            inv.arg(millis(end));
+        }
+        let mut conn = self.conn().await?;
+        let out: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        match out.as_slice() {
+            [0, _] => Ok(Settled::Duplicate),
+            [1, unpaid] => Ok(Settled::Applied {
+                unpaid: u64::try_from(*unpaid)
+                    .map_err(|_| StoreError::Corrupt(format!("settle script answered unpaid = {unpaid}")))?,
+            }),
+            other => Err(StoreError::Corrupt(format!("settle script answered {other:?}"))),
+        }
+    }
+
+    async fn charge_key(&self) -> Result<[u8; 32], StoreError> {
+        let mut conn = self.conn().await?;
+        let mut fresh = [0u8; 32];
+        getrandom::fill(&mut fresh).map_err(|e| StoreError::Unavailable(format!("no randomness: {e}")))?;
+        // The first replica to ask makes it; every other one reads that one.
+        let key = self.keys.charge_key();
+        redis::cmd("SET")
+            .arg(&key)
+            .arg(hex::encode(fresh))
+            .arg("NX")
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let stored: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.map_err(unavailable)?;
+        stored
+            .and_then(|s| hex::decode(s).ok())
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| StoreError::Corrupt(format!("{key} is not 32 bytes of hex")))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
