@@ -96,14 +96,18 @@ pub async fn run(
     let accounts = Arc::new(Accounts::new(authorizer.clone()));
     on_start(Handle { authorizer: authorizer.clone() });
 
-    let grpc::Services { routes, health } =
-        grpc::services(authorizer.clone(), accounts.clone(), limits.max_message_bytes);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let bounds = grpc::Bounds {
+        max_message: limits.max_message_bytes,
+        request_timeout: limits.request_timeout,
+        stopping: stop_rx.clone(),
+    };
+    let grpc::Services { routes, health } = grpc::services(authorizer.clone(), accounts.clone(), bounds);
     // Liveness (`""`) is SERVING while the process runs, NOT_SERVING only once
     // shutdown begins, so a Redis outage makes pods unready, never restarted.
     health.set_live(true).await;
     health.set_ready(false).await;
     let ready = Arc::new(AtomicBool::new(false));
-    let (stop_tx, stop_rx) = watch::channel(false);
     let (probe_stop_tx, probe_stop_rx) = watch::channel(false);
 
     // Readiness follows the store until shutdown begins.
@@ -143,7 +147,7 @@ pub async fn run(
         .http2_max_header_list_size(limits.max_header_list_bytes)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .timeout(limits.request_timeout)
+        // request_timeout is applied per service (`grpc::timed`): the access-log stream lives on.
         .max_connection_age(limits.max_connection_age)
         .max_connection_age_grace(limits.request_timeout)
         // Calls beyond the global cap are refused at once (RESOURCE_EXHAUSTED)

@@ -3,8 +3,13 @@
 //!
 //! Entries without a charge in their ext_authz metadata (public routes,
 //! denials, routes nothing can change) and entries other than the one
-//! written when a request is done are skipped; the rest go to the [`Settler`], a bounded number at
-//! a time per stream. Envoy expects no answer until the stream ends.
+//! written when a request is done are skipped; the rest go to the [`Settler`].
+//! Envoy expects no answer until the stream ends, and resends nothing: each
+//! message read is settled in a task of its own (at most [`MESSAGES`] per
+//! stream at once, the next read waiting for a slot), so that an entry read is
+//! settled even if the stream is cut meanwhile. When shutdown begins the
+//! stream ends (Envoy opens a new one to another replica); entries Envoy sent
+//! and tollgate had not read by then are lost, and their reservations stand.
 //!
 //! May use: `settler`, `settlement` (the metadata names).
 
@@ -16,59 +21,69 @@ use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::
 use envoy_types::pb::envoy::service::accesslog::v3::{StreamAccessLogsMessage, StreamAccessLogsResponse};
 use envoy_types::pb::google::protobuf::value::Kind;
 use futures_util::StreamExt;
+use tokio::sync::{Semaphore, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::settlement;
 use crate::settler::Settler;
 
-/// Entries of one stream settled at once.
+/// Entries of one message settled at once.
 const IN_FLIGHT: usize = 32;
+
+/// Messages of one stream being settled at once.
+const MESSAGES: u32 = 4;
 
 /// The access-log service.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
     settler: Arc<Settler>,
+    stopping: watch::Receiver<bool>,
 }
 
 impl AccessLog {
-    /// A service handing entries to `settler`.
-    pub fn new(settler: Arc<Settler>) -> Self {
-        Self { settler }
+    /// A service handing entries to `settler`, ending its streams when `stopping` turns true.
+    pub fn new(settler: Arc<Settler>, stopping: watch::Receiver<bool>) -> Self {
+        Self { settler, stopping }
     }
+}
 
-    async fn entry(&self, entry: &HttpAccessLogEntry) {
-        let Some(common) = &entry.common_properties else { return };
-        // Only the entry written when the request is done: not the periodic
-        // ones of long streams, nor a router's per-attempt upstream entries.
-        let final_entry = [AccessLogType::NotSet as i32, AccessLogType::DownstreamEnd as i32];
-        if !final_entry.contains(&common.access_log_type) {
-            return;
-        }
-        let charge = common
-            .metadata
-            .as_ref()
-            .and_then(|m| m.filter_metadata.get(settlement::NAMESPACE))
-            .and_then(|s| s.fields.get(settlement::FIELD))
-            .and_then(|v| match &v.kind {
-                Some(Kind::StructValue(s)) => Some(s),
-                _ => None,
-            });
-        let Some(charge) = charge else { return };
-        let field = |name: &str| match charge.fields.get(name).and_then(|v| v.kind.as_ref()) {
-            Some(Kind::StringValue(s)) => Some(s.as_str()),
-            _ => None,
-        };
-        let response = entry.response.as_ref();
-        let code = response.and_then(|r| r.response_code).map_or(0, |c| c.value);
-        let header = |name: &str| {
-            let headers = &response?.response_headers;
-            headers
-                .get(name)
-                .or_else(|| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
-                .map(String::as_str)
-        };
-        self.settler.settle(field, code, header).await;
+/// Settles one message's entries.
+async fn settle_all(settler: &Settler, entries: &[HttpAccessLogEntry]) {
+    futures_util::stream::iter(entries).for_each_concurrent(IN_FLIGHT, |e| entry(settler, e)).await;
+}
+
+async fn entry(settler: &Settler, entry: &HttpAccessLogEntry) {
+    let Some(common) = &entry.common_properties else { return };
+    // Only the entry written when the request is done: not the periodic
+    // ones of long streams, nor a router's per-attempt upstream entries.
+    let final_entry = [AccessLogType::NotSet as i32, AccessLogType::DownstreamEnd as i32];
+    if !final_entry.contains(&common.access_log_type) {
+        return;
     }
+    let charge = common
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get(settlement::NAMESPACE))
+        .and_then(|s| s.fields.get(settlement::FIELD))
+        .and_then(|v| match &v.kind {
+            Some(Kind::StructValue(s)) => Some(s),
+            _ => None,
+        });
+    let Some(charge) = charge else { return };
+    let field = |name: &str| match charge.fields.get(name).and_then(|v| v.kind.as_ref()) {
+        Some(Kind::StringValue(s)) => Some(s.as_str()),
+        _ => None,
+    };
+    let response = entry.response.as_ref();
+    let code = response.and_then(|r| r.response_code).map_or(0, |c| c.value);
+    let header = |name: &str| {
+        let headers = &response?.response_headers;
+        headers
+            .get(name)
+            .or_else(|| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
+            .map(String::as_str)
+    };
+    settler.settle(field, code, header).await;
 }
 
 #[tonic::async_trait]
@@ -78,10 +93,28 @@ impl AccessLogService for AccessLog {
         request: Request<Streaming<StreamAccessLogsMessage>>,
     ) -> Result<Response<StreamAccessLogsResponse>, Status> {
         let mut stream = request.into_inner();
-        while let Some(message) = stream.message().await? {
+        let mut stopping = self.stopping.clone();
+        let slots = Arc::new(Semaphore::new(MESSAGES as usize));
+        let ended = loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else { break Ok(()) };
+            let message = tokio::select! {
+                m = stream.message() => m,
+                _ = stopping.wait_for(|s| *s) => break Ok(()),
+            };
+            let message = match message {
+                Ok(Some(m)) => m,
+                Ok(None) => break Ok(()),
+                Err(status) => break Err(status),
+            };
             let Some(LogEntries::HttpLogs(http)) = message.log_entries else { continue };
-            futures_util::stream::iter(&http.log_entry).for_each_concurrent(IN_FLIGHT, |e| self.entry(e)).await;
-        }
-        Ok(Response::new(StreamAccessLogsResponse {}))
+            let settler = self.settler.clone();
+            tokio::spawn(async move {
+                settle_all(&settler, &http.log_entry).await;
+                drop(slot);
+            });
+        };
+        // Whatever was read is settled before the stream ends.
+        let _ = slots.acquire_many(MESSAGES).await;
+        ended.map(|()| Response::new(StreamAccessLogsResponse {}))
     }
 }

@@ -11,6 +11,7 @@ pub mod access_log;
 pub mod api;
 pub mod ext_authz;
 pub mod status;
+pub mod timed;
 
 use std::sync::Arc;
 
@@ -27,6 +28,7 @@ use api::Api;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use ext_authz::ExtAuthz;
 use pb::tollgate_server::TollgateServer;
+use timed::Timed;
 
 /// Code generated from `proto/tollgate/v1/tollgate.proto`.
 #[allow(missing_docs, clippy::all)]
@@ -45,26 +47,43 @@ pub struct Services {
     pub health: Health,
 }
 
-/// Builds every service of the gRPC port, each refusing messages (either
-/// way) over `max_message` bytes; health reports nothing until told.
-pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, max_message: usize) -> Services {
+/// What bounds the services of the gRPC port.
+#[derive(Debug, Clone)]
+pub struct Bounds {
+    /// Messages (either way) over this many bytes are refused.
+    pub max_message: usize,
+    /// Calls that run longer end with CANCELLED (all but the access-log stream).
+    pub request_timeout: std::time::Duration,
+    /// Turns true when shutdown begins: access-log streams end then.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Builds every service of the gRPC port within `bounds`; health reports
+/// nothing until told.
+pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bounds) -> Services {
+    let Bounds { max_message, request_timeout, stopping } = bounds;
     let (reporter, health) = tonic_health::server::health_reporter();
-    let routes = Routes::new(health.max_decoding_message_size(max_message).max_encoding_message_size(max_message))
-        .add_service(
-            AuthorizationServer::new(ExtAuthz::new(authorizer.clone()))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-        )
-        .add_service(
-            AccessLogServiceServer::new(AccessLog::new(Arc::new(Settler::new(authorizer.clone()))))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-        )
-        .add_service(
-            TollgateServer::new(Api::new(authorizer, accounts))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-        );
+    let routes = Routes::new(Timed::new(
+        health.max_decoding_message_size(max_message).max_encoding_message_size(max_message),
+        request_timeout,
+    ))
+    .add_service(Timed::new(
+        AuthorizationServer::new(ExtAuthz::new(authorizer.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+        request_timeout,
+    ))
+    .add_service(
+        AccessLogServiceServer::new(AccessLog::new(Arc::new(Settler::new(authorizer.clone())), stopping))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+    )
+    .add_service(Timed::new(
+        TollgateServer::new(Api::new(authorizer, accounts))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+        request_timeout,
+    ));
     Services { routes, health: Health { reporter } }
 }
 

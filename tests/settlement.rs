@@ -1,0 +1,383 @@
+//! Charging on the response, end to end: a real Envoy with the shipped
+//! access-log config streams each charged request's entry to tollgate, which
+//! refunds responses outside `billing.charge_on` and charges what a route's
+//! `cost_from_response` header reports, once per charge id — on the memory
+//! store and on Redis, across a restart of tollgate, and against entries
+//! replayed, forged or garbled by a caller of the gRPC port.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use envoy_types::pb::envoy::config::core::v3::Metadata;
+use envoy_types::pb::envoy::data::accesslog::v3::{AccessLogCommon, HttpAccessLogEntry, HttpResponseProperties};
+use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
+use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
+    HttpAccessLogEntries, LogEntries, TcpAccessLogEntries,
+};
+use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value, value::Kind};
+use tollgate::entitlement::{Period, Quota, Window};
+use tollgate::store::Store;
+use tollgate::usage::Spend;
+use tollgate_testkit::check::http_check;
+use tollgate_testkit::envoy::{self, Options, Stack};
+use tollgate_testkit::http::http_get;
+use tollgate_testkit::process::temp_dir;
+use tollgate_testkit::redis::RedisServer;
+use tollgate_testkit::{TestServer, eventually};
+
+const CONFIG: &str = r#"
+billing:
+  portal_url: "https://billing.example.com/accounts/{account}/billing"
+  charge_on: [2xx, 3xx, 4xx]
+identity:
+  - api_key: { header: x-api-key }
+plans:
+  metered:
+    features: [search, ai]
+    quotas:
+      - { meter: requests, limit: 1000, period: month }
+      - { meter: tokens, limit: 1000000, period: day }
+  payg:
+    features: [search]
+    prepaid: true
+routes:
+  - { match: { path_prefix: /v1/search }, feature: search, meter: requests, cost: 1 }
+  - { match: { path_prefix: /v1/ai }, feature: ai, meter: tokens, cost: 100, cost_from_response: x-usage-tokens }
+default: deny
+accounts:
+  - { id: acct_m, plan: metered, api_keys: [m-key] }
+  - { id: acct_w, plan: payg, api_keys: [w-key], credits: 1000 }
+"#;
+
+fn yaml(store: &str) -> String {
+    format!("{CONFIG}store: {store}\n")
+}
+
+/// Envoy on the shipped config, plus a file access log of each request's
+/// status and charge (what the test replays later).
+fn envoy_config(tollgate: std::net::SocketAddr, upstream: std::net::SocketAddr, capture: &std::path::Path) -> String {
+    let c = envoy::config(tollgate, upstream, Options::default());
+    assert!(c.contains("envoy.access_loggers.http_grpc"), "the shipped config streams access logs to tollgate");
+    let file = format!(
+        r#"                  - name: envoy.access_loggers.file
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+                      path: {}
+                      log_format:
+                        json_format:
+                          code: "%RESPONSE_CODE%"
+                          charge: "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:charge)%"
+"#,
+        capture.display()
+    );
+    c.replacen("                access_log:\n", &format!("                access_log:\n{file}"), 1)
+}
+
+struct Run {
+    stack: Stack,
+    capture: PathBuf,
+    yaml: String,
+    /// The memory store, kept across a restart; `None` on Redis.
+    memory: Option<Arc<dyn Store>>,
+    _redis: Option<RedisServer>,
+}
+
+async fn run(redis: bool) -> Run {
+    let server = redis.then(RedisServer::start);
+    let yaml = match &server {
+        Some(r) => yaml(&format!("{{ backend: redis, url: \"{}\" }}", r.url())),
+        None => yaml("{ backend: memory }"),
+    };
+    let tollgate = TestServer::start_configured(&yaml, true).await;
+    let memory = (!redis).then(|| tollgate.store.clone());
+    let capture = temp_dir("capture").join("access.log");
+    let path = capture.clone();
+    let stack = Stack::around(tollgate, move |t, u| envoy_config(t, u, &path)).await;
+    stack.envoy.wait_cluster_healthy("tollgate").await;
+    Run { stack, capture, yaml, memory, _redis: server }
+}
+
+impl Run {
+    /// Units used in the current window of `meter`'s `period` quota.
+    async fn used(&self, account: &str, meter: &str, period: Period) -> u64 {
+        let q = Quota { meter: meter.into(), limit: 1 << 40, window: Window::Calendar(period) };
+        let probe =
+            Spend { account: account.into(), quotas: vec![q], cost: 0, credits: None, now: Utc::now(), dry_run: true };
+        self.stack.tollgate.store.spend(&probe).await.unwrap().quotas[0].used
+    }
+
+    async fn credits(&self, account: &str) -> u64 {
+        self.stack.tollgate.store.credits(account).await.unwrap()
+    }
+
+    async fn wait_used(&self, account: &str, meter: &str, period: Period, want: u64) {
+        let mut last = 0;
+        let what = format!("{account} {meter} settles at {want}");
+        eventually(&what, Duration::from_secs(15), async || {
+            last = self.used(account, meter, period).await;
+            last == want
+        })
+        .await;
+    }
+
+    async fn metric(&self, line_start: &str) -> f64 {
+        let (_, _, body) = http_get(self.stack.tollgate.http, "/metrics").await.unwrap();
+        body.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+    }
+
+    /// Every charge Envoy logged, as (status, the charge's fields).
+    fn captured(&self) -> Vec<(u32, HashMap<String, String>)> {
+        let text = std::fs::read_to_string(&self.capture).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| {
+                let charge = v["charge"].as_object()?;
+                let fields =
+                    charge.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned())).collect();
+                Some((v["code"].as_u64()? as u32, fields))
+            })
+            .collect()
+    }
+
+    /// 100 requests of `account` to `path`, every one with `i % 10 < 3` answered 503 by the upstream.
+    async fn hundred_with_thirty_failing(&self, key: &str, path: &str) {
+        for i in 0..100 {
+            let failing = i % 10 < 3;
+            let mut h = vec![("x-api-key", key)];
+            if failing {
+                h.push(("x-test-status", "503"));
+            }
+            let r = self.stack.get(path, &h).await;
+            assert_eq!(r.status, if failing { 503 } else { 200 }, "{r:?}");
+        }
+    }
+}
+
+async fn failed_requests_are_refunded(redis: bool) {
+    let r = run(redis).await;
+    r.hundred_with_thirty_failing("m-key", "/v1/search").await;
+    r.hundred_with_thirty_failing("w-key", "/v1/search").await;
+    r.wait_used("acct_m", "requests", Period::Month, 70).await;
+    let what = "acct_w's 30 failed requests are refunded";
+    eventually(what, Duration::from_secs(15), async || r.credits("acct_w").await == 930).await;
+    let what = "all 200 entries are settled";
+    eventually(what, Duration::from_secs(10), async || {
+        r.metric("tollgate_settlements_total{result=\"unchanged\"}").await == 140.0
+    })
+    .await;
+    assert_eq!(r.metric("tollgate_settlements_total{result=\"applied\"}").await, 60.0);
+    assert_eq!(r.metric("tollgate_settlement_units_total{kind=\"refunded\"}").await, 60.0);
+    r.stack.stop().await;
+}
+
+#[tokio::test]
+async fn failed_requests_are_refunded_through_envoy_on_memory() {
+    failed_requests_are_refunded(false).await;
+}
+
+#[tokio::test]
+async fn failed_requests_are_refunded_through_envoy_on_redis() {
+    failed_requests_are_refunded(true).await;
+}
+
+async fn reported_tokens_are_charged(redis: bool) {
+    let r = run(redis).await;
+    let mut want = 0;
+    for i in 0..20u64 {
+        // Some below the reservation of 100, some above it (an overage).
+        let tokens = (i * 37).to_string();
+        let resp = r.stack.get("/v1/ai/complete", &[("x-api-key", "m-key"), ("x-test-usage-tokens", &tokens)]).await;
+        assert_eq!((resp.status, resp.header("x-usage-tokens")), (200, Some(tokens.as_str())), "{resp:?}");
+        want += i * 37;
+    }
+    // No header: the reservation stands. A failed response costs nothing, whatever it reports.
+    assert_eq!(r.stack.get("/v1/ai/complete", &[("x-api-key", "m-key")]).await.status, 200);
+    let failed = [("x-api-key", "m-key"), ("x-test-usage-tokens", "999"), ("x-test-status", "503")];
+    assert_eq!(r.stack.get("/v1/ai/complete", &failed).await.status, 503);
+    want += 100;
+    // Garbage and negative counts are refused (counted, not applied): the reservation stands.
+    for bad in ["lots", "-5"] {
+        assert_eq!(
+            r.stack.get("/v1/ai/complete", &[("x-api-key", "m-key"), ("x-test-usage-tokens", bad)]).await.status,
+            200
+        );
+        want += 100;
+    }
+    r.wait_used("acct_m", "tokens", Period::Day, want).await;
+    assert_eq!(r.metric("tollgate_settlement_bad_entries_total{reason=\"cost_header\"}").await, 2.0);
+    assert!(r.metric("tollgate_settlement_units_total{kind=\"overage\"}").await > 0.0);
+    r.stack.stop().await;
+}
+
+#[tokio::test]
+async fn reported_tokens_are_charged_exactly_on_memory() {
+    reported_tokens_are_charged(false).await;
+}
+
+#[tokio::test]
+async fn reported_tokens_are_charged_exactly_on_redis() {
+    reported_tokens_are_charged(true).await;
+}
+
+/// An access-log entry as Envoy sends it: the status and the charge's fields.
+fn entry(code: u32, charge: &HashMap<String, String>, headers: &[(&str, &str)]) -> HttpAccessLogEntry {
+    let string = |s: &str| Value { kind: Some(Kind::StringValue(s.to_owned())) };
+    let charge = Struct { fields: charge.iter().map(|(k, v)| (k.clone(), string(v))).collect() };
+    let ns = Struct { fields: [("charge".to_owned(), Value { kind: Some(Kind::StructValue(charge)) })].into() };
+    HttpAccessLogEntry {
+        common_properties: Some(AccessLogCommon {
+            metadata: Some(Metadata {
+                filter_metadata: [("envoy.filters.http.ext_authz".to_owned(), ns)].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        response: Some(HttpResponseProperties {
+            response_code: Some(UInt32Value { value: code }),
+            response_headers: headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Sends `entries` on one access-log stream, as Envoy would, and waits for its end.
+async fn stream(server: &TestServer, entries: Vec<HttpAccessLogEntry>) {
+    let mut client = AccessLogServiceClient::new(server.channel().await);
+    let msg = StreamAccessLogsMessage {
+        identifier: None,
+        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries { log_entry: entries })),
+    };
+    client.stream_access_logs(tokio_stream::iter([msg])).await.expect("the stream is accepted");
+}
+
+async fn restart_and_replays_refund_nothing_twice(redis: bool) {
+    let mut r = run(redis).await;
+    let batch = async |r: &Run| {
+        for i in 0..20 {
+            let mut h = vec![("x-api-key", "m-key")];
+            if i % 10 < 3 {
+                h.push(("x-test-status", "503"));
+            }
+            r.stack.get("/v1/search", &h).await;
+        }
+    };
+    batch(&r).await;
+    r.wait_used("acct_m", "requests", Period::Month, 14).await;
+    // tollgate restarts; Envoy reconnects its access-log stream to the new one.
+    let Stack { tollgate, envoy } = r.stack;
+    let tollgate = tollgate.restart(&r.yaml, r.memory.clone()).await;
+    r.stack = Stack { tollgate, envoy };
+    r.stack.envoy.wait_cluster_healthy("tollgate").await;
+    batch(&r).await;
+    r.wait_used("acct_m", "requests", Period::Month, 28).await;
+    // Every entry Envoy logged, replayed twice, each now claiming a failure.
+    // (Envoy flushes its file log every second.)
+    eventually("Envoy logs every charged request", Duration::from_secs(10), async || r.captured().len() == 40).await;
+    let captured = r.captured();
+    assert_eq!(captured.iter().filter(|(code, _)| *code == 503).count(), 12);
+    let replay: Vec<_> = captured.iter().map(|(_, c)| entry(503, c, &[])).collect();
+    stream(&r.stack.tollgate, replay.clone()).await;
+    stream(&r.stack.tollgate, replay).await;
+    let what = "the replays are seen as duplicates";
+    eventually(what, Duration::from_secs(10), async || {
+        r.metric("tollgate_settlements_total{result=\"duplicate\"}").await == 80.0
+    })
+    .await;
+    assert_eq!(r.used("acct_m", "requests", Period::Month).await, 28, "nothing was refunded twice");
+    r.stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_and_replayed_entries_refund_nothing_twice_on_memory() {
+    restart_and_replays_refund_nothing_twice(false).await;
+}
+
+#[tokio::test]
+async fn a_restart_and_replayed_entries_refund_nothing_twice_on_redis() {
+    restart_and_replays_refund_nothing_twice(true).await;
+}
+
+/// A caller of the gRPC port cannot refund what tollgate did not charge:
+/// forged, altered and garbled entries are counted and never applied.
+#[tokio::test]
+async fn forged_and_garbled_entries_are_counted_never_applied() {
+    let server = TestServer::start(CONFIG).await;
+    let charge_of = async |path: &str| -> HashMap<String, String> {
+        let resp = server.check(http_check("GET", path, &[("x-api-key", "m-key")])).await;
+        let meta = resp.dynamic_metadata.expect("metadata");
+        let Some(Kind::StructValue(s)) = &meta.fields["charge"].kind else { panic!("no charge in {meta:?}") };
+        s.fields
+            .iter()
+            .map(|(k, v)| match &v.kind {
+                Some(Kind::StringValue(s)) => (k.clone(), s.clone()),
+                other => panic!("charge field {k} is {other:?}"),
+            })
+            .collect()
+    };
+    let search = charge_of("/v1/search").await;
+    let ai = charge_of("/v1/ai").await;
+    let used = async |meter: &str, period| {
+        let q = Quota { meter: meter.into(), limit: 1 << 40, window: Window::Calendar(period) };
+        let s =
+            Spend { account: "acct_m".into(), quotas: vec![q], cost: 0, credits: None, now: Utc::now(), dry_run: true };
+        server.store.spend(&s).await.unwrap().quotas[0].used
+    };
+    assert_eq!((used("requests", Period::Month).await, used("tokens", Period::Day).await), (1, 100));
+
+    let altered = |field: &str, value: &str| {
+        let mut c = search.clone();
+        c.insert(field.into(), value.into());
+        c
+    };
+    let mut missing = search.clone();
+    missing.remove("sig");
+    let mut entries = vec![
+        // A bigger refund, another account, another meter: the signature no longer verifies.
+        entry(503, &altered("cost", "1000"), &[]),
+        entry(503, &altered("account", "acct_w"), &[]),
+        entry(503, &altered("meter", "tokens"), &[]),
+        entry(503, &altered("id", "ffff-1"), &[]),
+        entry(503, &altered("sig", &"0".repeat(32)), &[]),
+        entry(503, &missing, &[]),
+        // Garbled costs on the token route.
+        entry(200, &ai, &[("x-usage-tokens", "-5")]),
+        entry(200, &ai, &[("x-usage-tokens", "1e9")]),
+        entry(200, &ai, &[("x-usage-tokens", "99999999999")]),
+    ];
+    // No charge at all (a public route, a denial): skipped, not counted.
+    entries.push(HttpAccessLogEntry::default());
+    stream(&server, entries).await;
+    // A TCP entry on its own message: skipped.
+    let mut client = AccessLogServiceClient::new(server.channel().await);
+    let tcp = StreamAccessLogsMessage {
+        identifier: None,
+        log_entries: Some(LogEntries::TcpLogs(TcpAccessLogEntries { log_entry: vec![Default::default()] })),
+    };
+    client.stream_access_logs(tokio_stream::iter([tcp])).await.unwrap();
+
+    let metrics = async || http_get(server.http, "/metrics").await.unwrap().2;
+    let m = metrics().await;
+    for line in [
+        "tollgate_settlement_bad_entries_total{reason=\"signature\"} 5",
+        "tollgate_settlement_bad_entries_total{reason=\"malformed\"} 1",
+        "tollgate_settlement_bad_entries_total{reason=\"cost_header\"} 3",
+        "tollgate_settlements_total{result=\"bad\"} 9",
+        "tollgate_settlements_total{result=\"applied\"} 0",
+    ] {
+        assert!(m.contains(line), "missing {line} in\n{m}");
+    }
+    assert_eq!((used("requests", Period::Month).await, used("tokens", Period::Day).await), (1, 100), "nothing applied");
+
+    // The real entry refunds, once.
+    stream(&server, vec![entry(503, &search, &[]), entry(503, &search, &[])]).await;
+    assert_eq!(used("requests", Period::Month).await, 0);
+    let m = metrics().await;
+    assert!(m.contains("tollgate_settlements_total{result=\"applied\"} 1"), "{m}");
+    assert!(m.contains("tollgate_settlements_total{result=\"duplicate\"} 1"), "{m}");
+    server.stop().await;
+}
