@@ -115,6 +115,7 @@ fn every_deploy_yaml_parses() {
         "k8s/components/redis-tls/kustomization.yaml",
         "istio/authorization-policy.yaml",
         "istio/envoy-filter.yaml",
+        "istio/telemetry.yaml",
     ] {
         assert!(files.contains(&want), "missing {want}");
     }
@@ -213,6 +214,15 @@ fn istio_provider_and_policy_agree_with_the_service() {
     let policy = kind(&docs, "AuthorizationPolicy", "tollgate");
     assert_eq!(policy["spec"]["action"].as_str(), Some("CUSTOM"));
     assert_eq!(policy["spec"]["provider"]["name"], provider["name"]);
+    // The access-log provider streams to the same Service and port, and the
+    // Telemetry resource switches it on for the workload the policy covers.
+    let providers = mesh["spec"]["meshConfig"]["extensionProviders"].as_sequence().unwrap();
+    let als = providers.iter().find(|p| p["envoyHttpAls"].is_mapping()).expect("an envoyHttpAls provider");
+    assert_eq!(als["envoyHttpAls"]["port"].as_u64(), Some(grpc));
+    assert_eq!(als["envoyHttpAls"]["service"], ext["service"]);
+    let telemetry = kind(&docs, "Telemetry", "tollgate-settlement");
+    assert_eq!(telemetry["spec"]["accessLogging"][0]["providers"][0]["name"], als["name"]);
+    assert_eq!(telemetry["spec"]["selector"], policy["spec"]["selector"]);
 }
 
 #[test]
