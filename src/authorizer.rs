@@ -170,6 +170,11 @@ impl Authorizer {
         r
     }
 
+    /// This process's id among replicas (charge ids start with it; the outbox consumer is named by it).
+    pub fn replica_id(&self) -> String {
+        format!("{:016x}", self.charges.prefix)
+    }
+
     /// The key charges are signed with, from the store (fetched once, under the store timeout).
     pub async fn charge_key(&self, timeout: std::time::Duration) -> Result<[u8; 32], StoreError> {
         let key = self.charges.key.get_or_try_init(|| self.call(timeout, self.store.charge_key())).await?;
@@ -177,15 +182,17 @@ impl Authorizer {
     }
 
     /// The signed charge for a request that spent `spend` on a route whose
-    /// response reports its cost in `cost_header`, when settlement could
-    /// change it: some classes are not charged, or the response reports the cost.
+    /// response reports its cost in `cost_header`, when settlement has work:
+    /// some classes are not charged, the response reports the cost, or
+    /// usage events are on (each settled charge is one).
     async fn charge(
         &self,
         config: &Config,
         spend: &Spend,
+        meter: Option<&str>,
         cost_header: Option<&str>,
     ) -> Option<Vec<(&'static str, String)>> {
-        if config.billing.charge_on.is_all() && cost_header.is_none() {
+        if config.billing.charge_on.is_all() && cost_header.is_none() && !config.events.enabled() {
             return None;
         }
         let periods: Vec<Period> = spend
@@ -196,7 +203,8 @@ impl Authorizer {
                 Window::Rolling(_) => None,
             })
             .collect();
-        let meter = spend.quotas.first().map(|q| q.meter.clone()).unwrap_or_default();
+        // The route's meter, named even when only credits were spent (usage events say what was used).
+        let meter = meter.or(spend.quotas.first().map(|q| q.meter.as_str())).unwrap_or_default().to_owned();
         let key = match self.charge_key(config.store.timeout).await {
             Ok(k) => k,
             Err(e) => {
@@ -323,13 +331,17 @@ impl Authorizer {
             (None, _) => Caller::Invalid,
         };
         let mut charge = None;
+        let meter = match target {
+            Target::Metered { meter, .. } => meter,
+            _ => None,
+        };
         let decision = match decision::evaluate(&config.policy, target, caller, now, query.dry_run) {
             Step::Done(d) => d,
             Step::Spend(spend, partial) => match self.call(config.store.timeout, self.store.spend(&spend)).await {
                 Ok(answer) => {
                     let d = decision::settle(&spend, &answer, partial);
                     if settles && answer.spent && d.is_allowed() {
-                        charge = self.charge(config, &spend, cost_header).await;
+                        charge = self.charge(config, &spend, meter, cost_header).await;
                     }
                     d
                 }

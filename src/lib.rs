@@ -17,6 +17,7 @@
 //! | [`store`] | the `Store` trait; memory and Redis backends; the moka cache; lease mode | `entitlement`, `usage`, `bounds`, `identity`, `config` (settings) |
 //! | [`metrics`] | Prometheus registry | `decision` (labels), `usage` (lease totals) |
 //! | [`authorizer`] | route → identify → store → decide → render; the timed store call | all of the above |
+//! | [`events`] | CloudEvents for settled charges and thresholds (pure); the delivery loop to the sink | `settlement`, `usage`, `entitlement`, `config`; `authorizer` (delivery) |
 //! | [`settler`] | access-log entries → settled charges: the signing key, store calls, metrics | `settlement`, `authorizer`, `store`, `metrics` |
 //! | [`accounts`] | entitlement, credit, API-key and usage changes; seeding | `entitlement`, `usage`, `bounds`, `identity`, `decision` (quota state), `store`, `config` (plans, seed accounts), `authorizer` (live config, timed store calls) |
 //! | [`grpc`] | ext_authz and `tollgate.v1` translations; errors → statuses; ready services and health | `authorizer`, `accounts`, `config` (tokens), the domain types they name |
@@ -39,6 +40,7 @@ pub mod bounds;
 pub mod config;
 pub mod decision;
 pub mod entitlement;
+pub mod events;
 pub mod grpc;
 pub mod http;
 pub mod identity;

@@ -57,6 +57,8 @@ pub struct Metrics {
     settlements: Family<ResultLabels, Counter>,
     settlement_bad: Family<ReasonLabels, Counter>,
     settlement_units: Family<KindLabels, Counter>,
+    events: Family<ResultLabels, Counter>,
+    event_lag: Histogram,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -181,6 +183,21 @@ impl Metrics {
             "Units moved by settlement: refunded (given back), overage (charged beyond the reservation), unpaid (overage the credit balance could not cover)",
             settlement_units.clone(),
         );
+        let events = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "tollgate_events",
+            "Usage and threshold events by result: queued (put in the outbox by this replica), delivered (the sink took them), retried (a POST failed; they stay queued), dropped (the outbox was full)",
+            events.clone(),
+        );
+        let event_lag = Histogram::new([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0]);
+        registry.register(
+            "tollgate_event_delivery_lag_seconds",
+            "From an event's time (its request's Check, or its threshold crossing) to its delivery to the sink",
+            event_lag.clone(),
+        );
+        for result in ["queued", "delivered", "retried", "dropped"] {
+            let _ = events.get_or_create(&ResultLabels { result });
+        }
         for result in SETTLEMENT_RESULTS {
             let _ = settlements.get_or_create(&ResultLabels { result });
         }
@@ -211,6 +228,8 @@ impl Metrics {
             settlements,
             settlement_bad,
             settlement_units,
+            events,
+            event_lag,
         }
     }
 
@@ -246,6 +265,18 @@ impl Metrics {
         if units > 0 {
             self.settlement_units.get_or_create(&KindLabels { kind }).inc_by(units);
         }
+    }
+
+    /// Counts events by result (`queued`, `delivered`, `retried`, `dropped`).
+    pub fn record_events(&self, result: &'static str, n: u64) {
+        if n > 0 {
+            self.events.get_or_create(&ResultLabels { result }).inc_by(n);
+        }
+    }
+
+    /// Observes one delivered event's lag.
+    pub fn record_event_lag(&self, lag: Duration) {
+        self.event_lag.observe(lag.as_secs_f64());
     }
 
     /// Counts a `tollgate.v1` call refused for its token (`missing` or `invalid`).

@@ -172,6 +172,8 @@ pub async fn run(
     let state = HttpState { metrics, ready: ready.clone(), authorizer: authorizer.clone(), accounts };
     let router = http::router(state, &limits);
     let http = http::serve(LimitedIncoming::new(listeners.http, &limits), router, limits, wait_stop(stop_rx.clone()));
+    // Usage and threshold events to the sink (idle while `events.sink` is unset).
+    let delivery = tokio::spawn(crate::events::delivery::run(authorizer.clone(), stop_rx.clone()));
     let mut grpc = tokio::spawn(grpc);
     let mut http = tokio::spawn(http);
 
@@ -202,6 +204,9 @@ pub async fn run(
             tracing::info!("drained; bye");
         }
         Err(_) => tracing::warn!(?drain_timeout, "drain timed out; exiting with requests in flight"),
+    }
+    if tokio::time::timeout(drain_timeout, delivery).await.is_err() {
+        tracing::warn!("event delivery did not stop in time; undelivered events stay in the outbox");
     }
     // Lease mode: give back what this replica holds, so other replicas can spend it.
     if tokio::time::timeout(drain_timeout, authorizer.store().release()).await.is_err() {

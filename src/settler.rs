@@ -18,8 +18,9 @@ use std::time::Duration;
 use chrono::Utc;
 
 use crate::authorizer::Authorizer;
+use crate::entitlement::Window;
 use crate::settlement::{self, Bad, Charge, Served};
-use crate::usage::Settled;
+use crate::usage::{Mark, Settled};
 
 /// Store attempts per adjustment, and the pause before the first retry (quadrupled after).
 const ATTEMPTS: u32 = 3;
@@ -69,15 +70,29 @@ impl Settler {
             Err(bad) => return self.bad(bad, code, None),
         };
         let served = Served { code, cost_header: charge.cost_header.as_deref().and_then(header) };
-        let adjustment = match settlement::settle(&charge, served, config.billing.charge_on, Utc::now()) {
+        let now = Utc::now();
+        let mut adjustment = match settlement::settle(&charge, served, config.billing.charge_on, now) {
             Ok(a) => a,
             Err(bad) => return self.bad(bad, code, Some(&charge.account)),
         };
+        if config.events.enabled() {
+            let events = &config.events;
+            // Both within 0..=MAX_COST: the final cost is the reservation moved by the delta.
+            let units = charge.cost.saturating_add_signed(adjustment.delta);
+            adjustment.events.push(crate::events::usage(&events.source, &charge, code, units));
+            adjustment.marks = self.marks(&config, &charge, now).await;
+            adjustment.outbox_limit = events.outbox_limit;
+        }
         let mut pause = FIRST_RETRY;
         for attempt in 1..=ATTEMPTS {
             let store = self.authorizer.store();
             match self.authorizer.call(timeout, store.settle(&adjustment)).await {
-                Ok(Settled::Applied { unpaid }) => {
+                Ok(Settled::Applied { unpaid, queued, dropped }) => {
+                    metrics.record_events("queued", u64::from(queued));
+                    metrics.record_events("dropped", u64::from(dropped));
+                    if dropped > 0 {
+                        tracing::warn!(account = %adjustment.account, dropped, "outbox full: events dropped");
+                    }
                     metrics.record_settlement(if adjustment.delta == 0 { "unchanged" } else { "applied" });
                     let units = adjustment.delta.unsigned_abs();
                     metrics.record_settled_units(if adjustment.delta < 0 { "refunded" } else { "overage" }, units);
@@ -98,6 +113,27 @@ impl Settler {
                 }
             }
         }
+    }
+
+    /// The threshold marks for `charge`: the levels of the account's plan on
+    /// the limits its quotas have now (an account that cannot be read gets none).
+    async fn marks(&self, config: &crate::config::Config, charge: &Charge, now: chrono::DateTime<Utc>) -> Vec<Mark> {
+        if !config.events.levels_for_any() {
+            return Vec::new();
+        }
+        let store = self.authorizer.store();
+        let account = match self.authorizer.call(config.store.timeout, store.account(&charge.account)).await {
+            Ok(Some(a)) => a,
+            _ => return Vec::new(),
+        };
+        let Some(plan) = config.policy.plans.get(&account.plan) else { return Vec::new() };
+        let quotas = account.quotas_for(plan, &charge.meter);
+        let limits: Vec<Option<u64>> = charge
+            .periods
+            .iter()
+            .map(|p| quotas.iter().find(|q| q.window == Window::Calendar(*p)).map(|q| q.limit))
+            .collect();
+        crate::events::marks(&config.events.source, charge, &limits, config.events.levels(&account.plan), now)
     }
 
     fn bad(&self, bad: Bad, code: u32, account: Option<&str>) {

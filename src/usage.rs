@@ -119,6 +119,43 @@ pub struct Adjustment {
     pub credits: bool,
     /// Until when the once-only record must last (after it, a replay is refused as stale).
     pub remember_until: DateTime<Utc>,
+    /// Events (CloudEvents JSON) to put in the outbox with the adjustment, in the same atomic step.
+    pub events: Vec<String>,
+    /// Threshold marks to test after the adjustment; each that is crossed
+    /// and not yet set is set and puts its event in the outbox.
+    pub marks: Vec<Mark>,
+    /// The most events the outbox may hold (per account on Redis, in all in
+    /// memory); beyond it events are dropped and counted.
+    pub outbox_limit: u64,
+}
+
+/// A threshold that fires once: when the watched value is past `at`, the
+/// mark `name` is set until `until` and `event` is queued; while it is set,
+/// nothing more happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    /// What is watched: `Some(i)` the counter of the adjustment's `periods[i]`
+    /// (fires at or above `at`), `None` the credit balance (fires at or below `at`).
+    pub counter: Option<usize>,
+    /// The level.
+    pub at: u64,
+    /// The mark's name among the account's marks (`requests:month:<start ms>:800`).
+    pub name: String,
+    /// When the mark lapses: the window's end (or the day's, for credits).
+    pub until: DateTime<Utc>,
+    /// The event queued when it fires.
+    pub event: String,
+}
+
+/// An event waiting in the outbox, as a consumer claimed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEvent {
+    /// The account whose outbox holds it.
+    pub account: String,
+    /// Its position there (a Redis stream id, or the memory queue's number).
+    pub id: String,
+    /// The CloudEvents JSON.
+    pub payload: String,
 }
 
 /// What a store did with an [`Adjustment`].
@@ -129,6 +166,10 @@ pub enum Settled {
     Applied {
         /// Credits owed beyond the balance.
         unpaid: u64,
+        /// Events put in the outbox.
+        queued: u32,
+        /// Events refused because the outbox was full.
+        dropped: u32,
     },
     /// This charge was settled before (a replay): nothing changed.
     Duplicate,

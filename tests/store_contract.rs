@@ -26,7 +26,7 @@ use tollgate::entitlement::{Account, Period, Quota, Status, Window};
 use tollgate::identity::{KeyHash, KeyMeta};
 use tollgate::store::rolling::Buckets;
 use tollgate::store::{CachedStore, Invalidation, LeaseStore, MemoryStore, RedisStore, Store, StoreError};
-use tollgate::usage::{Adjustment, CreditBalance, MAX_CREDITS, Settled, Spend, SpendAnswer};
+use tollgate::usage::{Adjustment, CreditBalance, MAX_CREDITS, Mark, Settled, Spend, SpendAnswer};
 use tollgate_testkit::redis::{RedisCluster, RedisServer};
 
 const ACCT: &str = "acct_c";
@@ -587,10 +587,13 @@ async fn a_settlement_moves_the_windows_it_was_charged_in_once(s: &Subject) {
         delta,
         credits: true,
         remember_until: now + chrono::Duration::hours(1),
+        events: Vec::new(),
+        marks: Vec::new(),
+        outbox_limit: 0,
     };
     assert!(s.spend(&spend(&q, 10, Some(10), now)).await.spent);
     // A refund gives back what the charge spent, once per charge id.
-    assert_eq!(s.store.settle(&adj("c-1", -10, now)).await.unwrap(), Settled::Applied { unpaid: 0 });
+    assert_eq!(s.store.settle(&adj("c-1", -10, now)).await.unwrap(), applied(0));
     assert_eq!(s.store.settle(&adj("c-1", -10, now)).await.unwrap(), Settled::Duplicate);
     assert_eq!(s.store.settle(&adj("c-1", 5, now)).await.unwrap(), Settled::Duplicate, "whatever a replay says");
     if s.lease {
@@ -600,21 +603,77 @@ async fn a_settlement_moves_the_windows_it_was_charged_in_once(s: &Subject) {
     assert_eq!((used(&s.probe(&q, now).await), s.store.credits(ACCT).await.unwrap()), (vec![0, 0], 20));
     // An overage is charged past the reservation and past the limit; the balance stops at 0.
     assert!(s.spend(&spend(&q, 10, Some(10), now)).await.spent);
-    assert_eq!(s.store.settle(&adj("c-2", 45, now)).await.unwrap(), Settled::Applied { unpaid: 35 });
+    assert_eq!(s.store.settle(&adj("c-2", 45, now)).await.unwrap(), applied(35));
     let a = s.probe(&q, now).await;
     assert_eq!((used(&a), s.store.credits(ACCT).await.unwrap()), (vec![55, 55], 0));
     assert!(a.quotas[1].exceeded, "the day is over its limit: the next request is refused");
     // A refund of a charge made in an earlier month and day leaves this one
     // alone (the credits, which have no window, come back).
     let earlier = now - chrono::Duration::days(40);
-    assert_eq!(s.store.settle(&adj("c-3", -5, earlier)).await.unwrap(), Settled::Applied { unpaid: 0 });
+    assert_eq!(s.store.settle(&adj("c-3", -5, earlier)).await.unwrap(), applied(0));
     assert_eq!((used(&s.probe(&q, now).await), s.store.credits(ACCT).await.unwrap()), (vec![55, 55], 5));
     // A refund never takes a counter below 0.
     assert!(s.store.settle(&adj("c-4", -60, now)).await.is_ok());
     assert_eq!(used(&s.probe(&q, now).await), [0, 0]);
     // The same charge id on another account is another charge.
     let other = Adjustment { account: "acct_other".into(), ..adj("c-1", -1, now) };
-    assert_eq!(s.store.settle(&other).await.unwrap(), Settled::Applied { unpaid: 0 });
+    assert_eq!(s.store.settle(&other).await.unwrap(), applied(0));
+}
+
+fn applied(unpaid: u64) -> Settled {
+    Settled::Applied { unpaid, queued: 0, dropped: 0 }
+}
+
+async fn settled_events_wait_in_the_outbox_until_acknowledged_and_thresholds_fire_once(s: &Subject) {
+    let q = [calendar(10, Period::Month)];
+    let now = s.clock.now();
+    let mark = |at: u64| Mark {
+        counter: Some(0),
+        at,
+        name: format!("requests:month:{at}"),
+        until: now + chrono::Duration::hours(1),
+        event: format!("{{\"threshold\":{at}}}"),
+    };
+    let adj = |charge: &str, delta: i64, limit: u64| Adjustment {
+        account: ACCT.into(),
+        charge: charge.into(),
+        issued: now,
+        meter: "requests".into(),
+        periods: vec![Period::Month],
+        delta,
+        credits: false,
+        remember_until: now + chrono::Duration::hours(1),
+        events: vec![format!("{{\"usage\":\"{charge}\"}}")],
+        marks: vec![mark(2), mark(3)],
+        outbox_limit: limit,
+    };
+    let count = |s: Settled| match s {
+        Settled::Applied { queued, dropped, .. } => (queued, dropped),
+        Settled::Duplicate => (0, 0),
+    };
+    // 2 units: the usage event and the level-2 threshold; a replay queues nothing.
+    assert!(s.spend(&spend(&q, 2, None, now)).await.spent);
+    assert_eq!(count(s.store.settle(&adj("e-1", 0, 100)).await.unwrap()), (2, 0));
+    assert_eq!(s.store.settle(&adj("e-1", 0, 100)).await.unwrap(), Settled::Duplicate);
+    // The level-2 mark is set: only level 3 fires, once.
+    assert!(s.spend(&spend(&q, 1, None, now)).await.spent);
+    assert_eq!(count(s.store.settle(&adj("e-2", 0, 100)).await.unwrap()), (2, 0));
+    assert_eq!(count(s.store.settle(&adj("e-3", 0, 100)).await.unwrap()), (1, 0));
+    // A full outbox drops (and says so), and applies the adjustment all the same.
+    assert_eq!(count(s.store.settle(&adj("e-4", 0, 5)).await.unwrap()), (0, 1));
+    let claimed = s.store.outbox_claim("c1", 100, Duration::from_secs(30)).await.unwrap();
+    let payloads: Vec<&str> = claimed.iter().map(|e| e.payload.as_str()).collect();
+    let want =
+        ["{\"usage\":\"e-1\"}", "{\"threshold\":2}", "{\"usage\":\"e-2\"}", "{\"threshold\":3}", "{\"usage\":\"e-3\"}"];
+    assert_eq!(payloads, want, "in order, each once");
+    assert!(claimed.iter().all(|e| e.account == ACCT));
+    // Unacknowledged, they are claimed again (a failed POST is retried).
+    assert_eq!(s.store.outbox_claim("c1", 100, Duration::from_secs(30)).await.unwrap().len(), 5);
+    s.store.outbox_ack(&claimed[..2]).await.unwrap();
+    let left = s.store.outbox_claim("c1", 100, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(left.iter().map(|e| e.payload.as_str()).collect::<Vec<_>>(), want[2..]);
+    s.store.outbox_ack(&left).await.unwrap();
+    assert!(s.store.outbox_claim("c1", 100, Duration::from_secs(30)).await.unwrap().is_empty());
 }
 
 // ---------------------------------------------------------------- the runs
@@ -647,6 +706,7 @@ async fn keeps_the_contract(backend: Backend) {
         a_cached_reader_sees_every_change_to_accounts_and_keys,
         every_change_to_a_lookup_is_announced_to_other_replicas,
         a_settlement_moves_the_windows_it_was_charged_in_once,
+        settled_events_wait_in_the_outbox_until_acknowledged_and_thresholds_fire_once,
     ];
     for (name, case) in all {
         if only.as_deref().is_some_and(|only| !name.contains(only)) {

@@ -14,6 +14,7 @@
 //! | `mod.rs` | [`Config`], [`ConfigError`], load, parse, summary, warnings | the files below |
 //! | `settings.rs` | process settings: listeners, limits, TLS, store, cache | `secrets` |
 //! | `secrets.rs` | [`Secrets`], the token constants, the one env-and-YAML merge | nothing of ours |
+//! | `events.rs` | `events:` (sink, outbox, thresholds) and its validation | `schema`, `validate`, `secrets` |
 //! | `policy.rs` | billing side: Stripe, portal, problem texts, seed accounts | `secrets`, domain modules |
 //! | `schema.rs` | the raw serde shapes, exactly as written | `settings`, `policy` (types read as they are), domain enums |
 //! | `validate.rs` | raw → [`Config`], section by section in a fixed order; shared field rules | `schema`, `policy`, the `validate_*` files |
@@ -29,6 +30,7 @@ use crate::entitlement::Plan;
 use crate::identity::IdentitySource;
 use crate::route::RouteTable;
 
+mod events;
 mod policy;
 mod schema;
 mod secrets;
@@ -38,6 +40,7 @@ mod validate_policy;
 mod validate_quotas;
 mod validate_settings;
 
+pub use events::{EventsConfig, Levels, Secret, SinkConfig};
 pub use policy::{BillingConfig, ProblemOverride, ProblemsConfig, SeedAccount, StripeConfig};
 pub use secrets::{MIN_TOKEN_CHARS, PLACEHOLDER_TOKEN, Secrets};
 pub use settings::{
@@ -106,6 +109,8 @@ pub struct Config {
     pub accounts: Vec<SeedAccount>,
     /// Problem body settings.
     pub problems: ProblemsConfig,
+    /// Usage and threshold events.
+    pub events: EventsConfig,
 }
 
 impl Config {

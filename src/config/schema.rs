@@ -54,6 +54,41 @@ pub(super) struct Config {
     pub(super) accounts: Vec<AccountDef>,
     #[serde(default)]
     pub(super) problems: Problems,
+    #[serde(default)]
+    pub(super) events: Events,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Events {
+    pub(super) sink: Option<Sink>,
+    pub(super) source: Option<String>,
+    pub(super) outbox_limit: Option<u64>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub(super) reclaim_after: Option<Duration>,
+    #[serde(default)]
+    pub(super) thresholds: Levels,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Sink {
+    pub(super) url: Option<String>,
+    pub(super) token_env: Option<String>,
+    pub(super) signing_secret_env: Option<String>,
+    pub(super) batch: Option<usize>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub(super) timeout: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Levels {
+    #[serde(default)]
+    pub(super) quota: Vec<f64>,
+    pub(super) credits_below: Option<i64>,
+    #[serde(default)]
+    pub(super) plans: BTreeMap<String, Levels>,
 }
 
 /// `default:` and `non_http:`; the domain's `Unmatched` has no serde form.

@@ -37,6 +37,7 @@ impl schema::Config {
         let problems = validate_policy::problems(self.problems)?;
         let grace_period = validate_policy::grace_period(self.billing.grace_period)?;
         let charge_on = validate_policy::charge_on(self.billing.charge_on)?;
+        let events = super::events::validate(self.events, &plans)?;
         Ok(Config {
             server,
             store,
@@ -48,6 +49,7 @@ impl schema::Config {
             non_http: self.non_http.into(),
             accounts,
             problems,
+            events,
         })
     }
 }

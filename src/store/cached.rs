@@ -28,7 +28,7 @@ use chrono::{DateTime, Utc};
 
 use crate::entitlement::{Account, Quota, is_valid_account_id};
 use crate::identity::{KeyHash, KeyMeta};
-use crate::usage::{Adjustment, Settled, Spend, SpendAnswer};
+use crate::usage::{Adjustment, OutboxEvent, Settled, Spend, SpendAnswer};
 
 /// Called with `true` on a hit and `false` on a miss (metrics).
 pub type LookupObserver = Arc<dyn Fn(bool) + Send + Sync>;
@@ -252,6 +252,19 @@ impl Store for CachedStore {
 
     async fn charge_key(&self) -> Result<[u8; 32], StoreError> {
         self.inner.charge_key().await
+    }
+
+    async fn outbox_claim(
+        &self,
+        consumer: &str,
+        max: usize,
+        reclaim_after: Duration,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        self.inner.outbox_claim(consumer, max, reclaim_after).await
+    }
+
+    async fn outbox_ack(&self, events: &[OutboxEvent]) -> Result<(), StoreError> {
+        self.inner.outbox_ack(events).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

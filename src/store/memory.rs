@@ -31,7 +31,9 @@ use super::{Store, StoreError};
 use crate::bounds;
 use crate::entitlement::{Account, Quota, Window};
 use crate::identity::{KeyHash, KeyMeta};
-use crate::usage::{Adjustment, CreditBalance, MAX_COST, MAX_CREDITS, QuotaUsage, Settled, Spend, SpendAnswer};
+use crate::usage::{
+    Adjustment, CreditBalance, MAX_COST, MAX_CREDITS, OutboxEvent, QuotaUsage, Settled, Spend, SpendAnswer,
+};
 
 const SHARDS: usize = 16;
 
@@ -49,6 +51,29 @@ pub struct MemoryStore {
     settled: Mutex<HashMap<(String, String), DateTime<Utc>>>,
     /// The secret charges are signed with (this process's: nothing outlives it here).
     charge_key: std::sync::OnceLock<[u8; 32]>,
+    /// Events waiting for the sink (a bounded in-process queue), and thresholds fired.
+    outbox: Mutex<Outbox>,
+}
+
+/// The memory store's outbox: one queue for every account, in order.
+#[derive(Debug, Default)]
+struct Outbox {
+    next: u64,
+    queue: std::collections::VecDeque<(u64, String, String)>,
+    /// (account, mark name) → until when it holds.
+    marks: HashMap<(String, String), DateTime<Utc>>,
+}
+
+impl Outbox {
+    /// Queues `event` unless the queue holds `limit`; whether it was queued.
+    fn push(&mut self, account: &str, event: &str, limit: u64) -> bool {
+        if self.queue.len() as u64 >= limit {
+            return false;
+        }
+        self.next += 1;
+        self.queue.push_back((self.next, account.to_owned(), event.to_owned()));
+        true
+    }
 }
 
 /// API keys both ways: hash → account for lookups, account → keys for listing.
@@ -390,7 +415,60 @@ impl Store for MemoryStore {
                 unpaid = units - take;
             }
         }
-        Ok(Settled::Applied { unpaid })
+        // The counters as they stand now, for the thresholds.
+        let used: Vec<u64> = adj
+            .periods
+            .iter()
+            .map(|p| match usage.counters.get(&adj.meter).and_then(|w| w.get(&Window::Calendar(*p))) {
+                Some(Counter::Calendar { start, used }) if *start == p.bounds(adj.issued).0 => *used,
+                _ => 0,
+            })
+            .collect();
+        let balance = usage.credits;
+        drop(shard);
+        let (mut queued, mut dropped) = (0, 0);
+        let mut outbox = lock(&self.outbox);
+        let mut emit = |outbox: &mut Outbox, event: &str| {
+            if outbox.push(&adj.account, event, adj.outbox_limit) { queued += 1 } else { dropped += 1 }
+        };
+        for e in &adj.events {
+            emit(&mut outbox, e);
+        }
+        if outbox.marks.len() >= 100_000 {
+            outbox.marks.retain(|_, until| *until > now);
+        }
+        for m in &adj.marks {
+            let crossed = match m.counter {
+                None => adj.credits && balance <= m.at,
+                Some(i) => used.get(i).is_some_and(|u| *u >= m.at),
+            };
+            let key = (adj.account.clone(), m.name.clone());
+            if crossed && m.until > now && outbox.marks.get(&key).is_none_or(|until| *until <= now) {
+                outbox.marks.insert(key, m.until);
+                emit(&mut outbox, &m.event);
+            }
+        }
+        Ok(Settled::Applied { unpaid, queued, dropped })
+    }
+
+    async fn outbox_claim(&self, _consumer: &str, max: usize, _: Duration) -> Result<Vec<OutboxEvent>, StoreError> {
+        let outbox = lock(&self.outbox);
+        Ok(outbox
+            .queue
+            .iter()
+            .take(max)
+            .map(|(id, account, payload)| OutboxEvent {
+                account: account.clone(),
+                id: id.to_string(),
+                payload: payload.clone(),
+            })
+            .collect())
+    }
+
+    async fn outbox_ack(&self, events: &[OutboxEvent]) -> Result<(), StoreError> {
+        let ids: std::collections::HashSet<u64> = events.iter().filter_map(|e| e.id.parse().ok()).collect();
+        lock(&self.outbox).queue.retain(|(id, _, _)| !ids.contains(id));
+        Ok(())
     }
 
     async fn charge_key(&self) -> Result<[u8; 32], StoreError> {

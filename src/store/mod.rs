@@ -29,7 +29,7 @@ use chrono::{DateTime, Utc};
 
 use crate::entitlement::{Account, Quota};
 use crate::identity::{KeyHash, KeyMeta};
-use crate::usage::{Adjustment, Settled, Spend, SpendAnswer};
+use crate::usage::{Adjustment, OutboxEvent, Settled, Spend, SpendAnswer};
 
 pub use cached::{CachedStore, LookupObserver};
 pub use lease::LeaseStore;
@@ -116,6 +116,23 @@ pub trait Store: Send + Sync + 'static {
     /// The secret charges are signed with: the same on every replica sharing
     /// this store (a charge made by one is settled by any), made on first use.
     async fn charge_key(&self) -> Result<[u8; 32], StoreError>;
+
+    /// Claims up to `max` events from the outbox for `consumer` (a replica):
+    /// its own unacknowledged ones first, then new ones, then ones another
+    /// consumer has held for `reclaim_after`. A store without an outbox has none.
+    async fn outbox_claim(
+        &self,
+        _consumer: &str,
+        _max: usize,
+        _reclaim_after: Duration,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Removes delivered events from the outbox.
+    async fn outbox_ack(&self, _events: &[OutboxEvent]) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// Succeeds when the backend answers; drives readiness.
     async fn ping(&self) -> Result<(), StoreError>;

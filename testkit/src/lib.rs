@@ -21,6 +21,7 @@
 //! | [`load`] | load loops: [`load::run_load`], [`load::Run`], medians |
 //! | [`cpu`] | CPU time from `/proc`: per process, reaped children, the machine |
 //! | [`wrk`] | [`wrk::Wrk`]: one wrk run and its parsed report |
+//! | [`sink`] | [`sink::Sink`]: an HTTP event sink that can be stopped and resumed |
 //! | [`noop`] | an ext_authz server that allows everything (the floor) |
 //!
 //! Binaries: `ENVOY_BIN`, `TOLLGATE_REDIS_SERVER`, `TOLLGATE_REDIS_CLI`,
@@ -38,6 +39,7 @@ pub mod pki;
 pub mod process;
 pub mod redis;
 pub mod server;
+pub mod sink;
 pub mod wrk;
 
 use std::path::Path;

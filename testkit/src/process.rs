@@ -98,6 +98,16 @@ impl TollgateProcess {
     /// with `--config` on the YAML that `yaml` makes for the chosen gRPC and
     /// HTTP addresses, plus `args`; waits until `/readyz` answers 200 (bounded).
     pub async fn start(bin: &str, args: &[&str], yaml: impl Fn(SocketAddr, SocketAddr) -> String) -> Self {
+        Self::start_env(bin, args, &[], yaml).await
+    }
+
+    /// Like [`TollgateProcess::start`], with `env` set for the process (secrets named by the config).
+    pub async fn start_env(
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        yaml: impl Fn(SocketAddr, SocketAddr) -> String,
+    ) -> Self {
         let (grpc, http) = (free_addr(), free_addr());
         let dir = temp_dir("proc");
         let file = dir.join("tollgate.yaml");
@@ -106,6 +116,7 @@ impl TollgateProcess {
             .args(["--config", file.to_str().unwrap()])
             .args(args)
             .env_remove("TOLLGATE_REDIS_URL")
+            .envs(env.iter().copied())
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

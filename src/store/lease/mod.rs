@@ -81,7 +81,7 @@ use super::{Invalidation, Store, StoreError};
 use crate::config::LeaseConfig;
 use crate::entitlement::{Account, Quota, Window};
 use crate::identity::{KeyHash, KeyMeta};
-use crate::usage::{Adjustment, LeaseTotals, MAX_COST, Settled, Spend, SpendAnswer};
+use crate::usage::{Adjustment, LeaseTotals, MAX_COST, OutboxEvent, Settled, Spend, SpendAnswer};
 
 mod account;
 
@@ -707,6 +707,19 @@ impl Store for LeaseStore {
 
     async fn charge_key(&self) -> Result<[u8; 32], StoreError> {
         self.inner.charge_key().await
+    }
+
+    async fn outbox_claim(
+        &self,
+        consumer: &str,
+        max: usize,
+        reclaim_after: Duration,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        self.inner.outbox_claim(consumer, max, reclaim_after).await
+    }
+
+    async fn outbox_ack(&self, events: &[OutboxEvent]) -> Result<(), StoreError> {
+        self.inner.outbox_ack(events).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

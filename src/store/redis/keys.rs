@@ -70,6 +70,21 @@ impl Keys {
         format!("{}{{{id}}}:settled:{}", self.prefix, millis(issued).div_euclid(3_600_000))
     }
 
+    /// `P{acct}:events`: the account's outbox, a stream read by the consumer group `tollgate`.
+    pub(super) fn events(&self, id: &str) -> String {
+        format!("{}{{{id}}}:events", self.prefix)
+    }
+
+    /// `P{acct}:th:<name>`: a threshold that fired, until its window ends.
+    pub(super) fn mark(&self, id: &str, name: &str) -> String {
+        format!("{}{{{id}}}:th:{name}", self.prefix)
+    }
+
+    /// `Poutbox`: accounts whose outbox may hold events, scored by their last write (ms).
+    pub(super) fn outbox(&self) -> String {
+        format!("{}outbox", self.prefix)
+    }
+
     /// `Pcharge-key`: the secret every replica signs charges with (made once, by the first to need it).
     pub(super) fn charge_key(&self) -> String {
         format!("{}charge-key", self.prefix)

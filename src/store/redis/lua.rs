@@ -62,3 +62,18 @@ pub const LEASE: &str = script!("lease.lua");
 /// counter lives, and takes from the balance what it holds. Answers
 /// `{applied (0: already settled), credits unpaid}`.
 pub const SETTLE: &str = script!("settle.lua");
+
+/// Claims events of one account's outbox for a consumer: its own
+/// unacknowledged ones, then new ones, then ones held by another consumer
+/// longer than the reclaim time. KEYS: the stream. ARGV: consumer, count,
+/// reclaim idle ms, idle-before ms. Answers `{'ok', id, payload, …}`,
+/// `{'idle'}` (empty, last written before the given instant) or `{'gone'}`.
+pub const OUTBOX_CLAIM: &str = script!("outbox_claim.lua");
+
+/// Removes an account from the outbox index if its last write is older than
+/// ARGV[2] ms (a writer indexes before it writes, so a fresh write keeps it).
+/// KEYS: the index. ARGV: account, before ms. Answers 1 when removed.
+pub const OUTBOX_FORGET: &str = script!("outbox_forget.lua");
+
+/// Deletes an account's outbox stream (and its group) if it is empty. KEYS: the stream.
+pub const OUTBOX_DROP: &str = script!("outbox_drop.lua");

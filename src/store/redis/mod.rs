@@ -16,6 +16,9 @@
 //! | `Pkey:<sha256 hex>` | string | API key hash → account id (a global index: looked up before the account is known) |
 //! | `Pcustomer:<id>` | string | Stripe customer → account id |
 //! | `Pevent:<id>` | string | a webhook event already handled, for its TTL |
+//! | `P{acct}:events` | stream | the account's outbox ([`outbox`]): CloudEvents JSON in field `e`, consumer group `tollgate`; deleted when empty and idle |
+//! | `P{acct}:th:<meter>:<period>:<start ms>:<permille>` / `P{acct}:th:credits:<level>:<day ms>` | string | a threshold that fired; expires with its window (or day) |
+//! | `Poutbox` | sorted set | accounts whose outbox may hold events, scored by last write (ms) |
 //! | `P{acct}:settled:<hour>` | hash | charge id → 1 for charges issued in that hour and settled from the access log; expires when such a charge is too old to settle |
 //! | `Pcharge-key` | string (hex) | the secret charges are signed with, shared by every replica |
 //! | `Pinvalidate` | pub/sub channel | `account:<id>` / `key:<hex>` on every change |
@@ -42,6 +45,7 @@ mod connection;
 mod keys;
 mod leases;
 pub mod lua;
+mod outbox;
 mod records;
 mod spend;
 
@@ -59,7 +63,7 @@ use super::{Invalidation, Store, StoreError};
 use crate::bounds;
 use crate::entitlement::{Account, MAX_WINDOW, Quota, is_valid_account_id};
 use crate::identity::{KeyHash, KeyMeta};
-use crate::usage::{Adjustment, MAX_COST, MAX_CREDITS, Settled, Spend, SpendAnswer};
+use crate::usage::{Adjustment, MAX_COST, MAX_CREDITS, OutboxEvent, Settled, Spend, SpendAnswer};
 
 /// The Redis-backed [`Store`].
 pub struct RedisStore {
@@ -71,6 +75,8 @@ pub struct RedisStore {
     revoke: redis::Script,
     lease: redis::Script,
     settle: redis::Script,
+    outbox: outbox::Scripts,
+    sweep: std::sync::Mutex<outbox::Sweep>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -97,6 +103,8 @@ impl RedisStore {
             revoke: redis::Script::new(lua::REVOKE),
             lease: redis::Script::new(lua::LEASE),
             settle: redis::Script::new(lua::SETTLE),
+            outbox: outbox::Scripts::default(),
+            sweep: std::sync::Mutex::new(outbox::Sweep::default()),
         })
     }
 
@@ -389,7 +397,9 @@ impl Store for RedisStore {
             return Err(StoreError::Corrupt(format!("adjustment of {} units is above MAX_COST", adj.delta)));
         }
         let mut inv = self.settle.prepare_invoke();
-        inv.key(self.keys.settled(&adj.account, adj.issued)).key(self.keys.credits(&adj.account));
+        inv.key(self.keys.settled(&adj.account, adj.issued))
+            .key(self.keys.credits(&adj.account))
+            .key(self.keys.events(&adj.account));
         inv.arg(&adj.charge)
             .arg(millis(adj.remember_until))
             .arg(adj.delta)
@@ -400,16 +410,48 @@ impl Store for RedisStore {
             inv.key(self.keys.calendar(&adj.account, &adj.meter, *p, start));
             inv.arg(millis(end));
         }
+        inv.arg(adj.outbox_limit).arg(adj.events.len());
+        for e in &adj.events {
+            inv.arg(e);
+        }
+        inv.arg(adj.marks.len());
+        for m in &adj.marks {
+            inv.key(self.keys.mark(&adj.account, &m.name));
+            inv.arg(m.counter.map_or(0, |i| i + 1)).arg(m.at).arg(millis(m.until)).arg(&m.event);
+        }
         let mut conn = self.conn().await?;
+        if !adj.events.is_empty() || !adj.marks.is_empty() {
+            // Indexed first: a consumer finds every account that may have events.
+            outbox::index(&mut conn, &self.keys, &adj.account).await?;
+        }
         let out: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        let count =
+            |v: i64| u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("settle script answered {out:?}")));
         match out.as_slice() {
-            [0, _] => Ok(Settled::Duplicate),
-            [1, unpaid] => Ok(Settled::Applied {
+            [0, ..] => Ok(Settled::Duplicate),
+            [1, unpaid, queued, dropped] => Ok(Settled::Applied {
                 unpaid: u64::try_from(*unpaid)
                     .map_err(|_| StoreError::Corrupt(format!("settle script answered unpaid = {unpaid}")))?,
+                queued: count(*queued)?,
+                dropped: count(*dropped)?,
             }),
             other => Err(StoreError::Corrupt(format!("settle script answered {other:?}"))),
         }
+    }
+
+    async fn outbox_claim(
+        &self,
+        consumer: &str,
+        max: usize,
+        reclaim_after: Duration,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let mut conn = self.conn().await?;
+        outbox::claim(&mut conn, &self.keys, &self.outbox, &self.sweep, consumer, max, reclaim_after).await
+    }
+
+    async fn outbox_ack(&self, events: &[OutboxEvent]) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        outbox::ack(&mut conn, &self.keys, &self.sweep, events).await
     }
 
     async fn charge_key(&self) -> Result<[u8; 32], StoreError> {

@@ -1,4 +1,4 @@
-if #ARGV < 5 then return bad('argument count') end
+if #ARGV < 7 then return bad('argument count') end
 local id = ARGV[1]
 if type(id) ~= 'string' or #id == 0 or #id > 64 or not string.find(id, '^[%w%-]+$') then return bad('charge id') end
 local until_ms = uint(ARGV[2], MAX_TIME_MS)
@@ -8,20 +8,41 @@ if delta == nil then return bad('delta') end
 if ARGV[4] ~= '0' and ARGV[4] ~= '1' then return bad('credits flag') end
 local with_credits = ARGV[4] == '1'
 local n = uint(ARGV[5], 16)
-if n == nil or #ARGV ~= 5 + n or #KEYS ~= 2 + n then return bad('counter count') end
+if n == nil then return bad('counter count') end
+local a = 6 + n
+local cap = uint(ARGV[a], 10000000)
+if cap == nil then return bad('outbox cap') end
+local ne = uint(ARGV[a + 1], 16)
+if ne == nil then return bad('event count') end
+local events = {}
+for i = 1, ne do
+  events[i] = ARGV[a + 1 + i]
+  if type(events[i]) ~= 'string' or #events[i] == 0 or #events[i] > 8192 then return bad('event') end
+end
+a = a + 2 + ne
+local nm = uint(ARGV[a], 64)
+if nm == nil or #ARGV ~= a + 4 * nm or #KEYS ~= 3 + n + nm then return bad('mark count') end
+local marks = {}
+for i = 1, nm do
+  local b = a + 1 + 4 * (i - 1)
+  local m = {target = uint(ARGV[b], n), at = uint(ARGV[b + 1], MAX_CREDITS), until_ms = uint(ARGV[b + 2], MAX_TIME_MS), event = ARGV[b + 3], key = KEYS[3 + n + i]}
+  if m.target == nil or m.at == nil or m.until_ms == nil then return bad('mark') end
+  if type(m.event) ~= 'string' or #m.event == 0 or #m.event > 8192 then return bad('mark event') end
+  marks[i] = m
+end
 local ends, used = {}, {}
 for i = 1, n do
   ends[i] = uint(ARGV[5 + i], MAX_TIME_MS)
   if ends[i] == nil then return bad('window end') end
-  used[i] = stored(redis.call('GET', KEYS[2 + i]), MAX_LIMIT)
-  if used[i] == nil then return corrupt('counter ' .. KEYS[2 + i]) end
+  used[i] = stored(redis.call('GET', KEYS[3 + i]), MAX_LIMIT)
+  if used[i] == nil then return corrupt('counter ' .. KEYS[3 + i]) end
 end
 local balance = 0
 if with_credits then
   balance = stored(redis.call('GET', KEYS[2]), MAX_CREDITS)
   if balance == nil then return corrupt('credits ' .. KEYS[2]) end
 end
-if redis.call('HEXISTS', KEYS[1], id) == 1 then return {0, 0} end
+if redis.call('HEXISTS', KEYS[1], id) == 1 then return {0, 0, 0, 0} end
 
 -- Everything is checked: from here on nothing can fail half-way.
 local t = redis.call('TIME')
@@ -30,14 +51,16 @@ redis.call('HSET', KEYS[1], id, '1')
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl < 0 or now + ttl < until_ms then redis.call('PEXPIREAT', KEYS[1], str(until_ms)) end
 for i = 1, n do
-  local key, expires = KEYS[2 + i], ends[i] + 60000
+  local key, expires = KEYS[3 + i], ends[i] + 60000
   if delta < 0 then
     -- A refund never takes a counter below 0, and never revives an expired window.
     local back = math.min(used[i], -delta)
     if back > 0 then redis.call('DECRBY', key, str(back)) end
+    used[i] = used[i] - back
   elseif delta > 0 and now < expires then
     redis.call('INCRBY', key, str(delta))
     redis.call('PEXPIREAT', key, str(expires))
+    used[i] = used[i] + delta
   end
 end
 local unpaid = 0
@@ -45,10 +68,36 @@ if with_credits then
   if delta < 0 then
     local back = math.min(-delta, MAX_CREDITS - balance)
     if back > 0 then redis.call('INCRBY', KEYS[2], str(back)) end
+    balance = balance + back
   elseif delta > 0 then
     local take = math.min(balance, delta)
     if take > 0 then redis.call('DECRBY', KEYS[2], str(take)) end
+    balance = balance - take
     unpaid = delta - take
   end
 end
-return {1, unpaid}
+-- The outbox: this account's stream, read by the consumer group `tollgate`.
+local queued, dropped = 0, 0
+local function emit(payload)
+  if redis.call('EXISTS', KEYS[3]) == 0 then
+    redis.call('XGROUP', 'CREATE', KEYS[3], 'tollgate', '0', 'MKSTREAM')
+  end
+  if redis.call('XLEN', KEYS[3]) >= cap then
+    dropped = dropped + 1
+  else
+    redis.call('XADD', KEYS[3], '*', 'e', payload)
+    queued = queued + 1
+  end
+end
+for i = 1, ne do emit(events[i]) end
+-- Thresholds: a counter at or past its level, or the balance at or below
+-- its level, fires once: its mark lives until the window (or day) ends.
+for i = 1, nm do
+  local m = marks[i]
+  local crossed
+  if m.target == 0 then crossed = with_credits and balance <= m.at else crossed = used[m.target] >= m.at end
+  if crossed and m.until_ms > now and redis.call('SET', m.key, '1', 'NX', 'PXAT', str(m.until_ms)) then
+    emit(m.event)
+  end
+end
+return {1, unpaid, queued, dropped}

@@ -1,0 +1,157 @@
+//! Delivers the outbox to the sink (`events.sink`): claim a batch, POST it
+//! as `application/cloudevents-batch+json`, acknowledge it on a 2xx.
+//!
+//! At least once: a batch is acknowledged only after the sink answered 2xx,
+//! so a failed or timed-out POST is sent again (the same events, the same
+//! ids), after a pause that doubles from 1 s to 30 s while the sink keeps
+//! failing. Events this replica claimed and had not delivered when it died
+//! are taken over by another replica after `events.reclaim_after` (Redis);
+//! the memory store's queue dies with the process. Every replica runs one
+//! loop; the config is read afresh each round (a reload changes the sink).
+//!
+//! May use: `events`, `authorizer` (live config, store, metrics).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::watch;
+
+use crate::authorizer::Authorizer;
+use crate::config::SinkConfig;
+use crate::usage::OutboxEvent;
+
+/// The pause after an empty claim.
+const IDLE: Duration = Duration::from_millis(200);
+/// The first and the longest pause after a failed POST.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// An HTTP(S) client trusting the system's roots (none found: https fails
+/// at the handshake, http works); `None` if no TLS config can be made at all.
+fn client() -> Option<HttpsClient> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = match hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_native_roots(provider.clone()) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "no system TLS roots: https sinks will fail");
+            let tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| tracing::error!(error = %e, "no TLS config: events cannot be delivered"))
+                .ok()?
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls)
+        }
+    };
+    Some(Client::builder(TokioExecutor::new()).build(builder.https_or_http().enable_http1().build()))
+}
+
+/// Why a POST failed.
+#[derive(Debug, thiserror::Error)]
+enum PostError {
+    #[error("sink answered {0}")]
+    Status(u16),
+    #[error("sink unreachable: {0}")]
+    Send(String),
+    #[error("sink did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("bad request: {0}")]
+    Build(String),
+}
+
+async fn post(client: &HttpsClient, sink: &SinkConfig, body: String) -> Result<(), PostError> {
+    let mut req = hyper::Request::post(&sink.url).header("content-type", super::BATCH_CONTENT_TYPE);
+    if let Some(token) = &sink.token {
+        req = req.header("authorization", format!("Bearer {}", token.0));
+    }
+    if let Some(secret) = &sink.signing_secret {
+        req = req.header("tollgate-signature", super::signature(&secret.0, Utc::now().timestamp(), &body));
+    }
+    let req = req.body(Full::new(Bytes::from(body))).map_err(|e| PostError::Build(e.to_string()))?;
+    let answer = async {
+        let resp = client.request(req).await.map_err(|e| PostError::Send(e.to_string()))?;
+        let status = resp.status().as_u16();
+        // Drain (bounded by the timeout) so the connection is reused.
+        let _ = resp.into_body().collect().await;
+        if (200..300).contains(&status) { Ok(()) } else { Err(PostError::Status(status)) }
+    };
+    tokio::time::timeout(sink.timeout, answer).await.map_err(|_| PostError::Timeout(sink.timeout))?
+}
+
+/// Runs the delivery loop until `stopping` turns true.
+pub async fn run(authorizer: Arc<Authorizer>, mut stopping: watch::Receiver<bool>) {
+    let Some(client) = client() else { return };
+    let consumer = authorizer.replica_id();
+    let mut backoff = FIRST_BACKOFF;
+    let pause = async |stopping: &mut watch::Receiver<bool>, d: Duration| {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            _ = stopping.wait_for(|s| *s) => true,
+        }
+    };
+    loop {
+        if *stopping.borrow() {
+            return;
+        }
+        let config = authorizer.config();
+        let Some(sink) = &config.events.sink else {
+            if pause(&mut stopping, Duration::from_secs(1)).await {
+                return;
+            }
+            continue;
+        };
+        let metrics = authorizer.metrics();
+        let store = authorizer.store();
+        // A claim visits many accounts: the sink's timeout, not a Check's, bounds it.
+        let claim = store.outbox_claim(&consumer, sink.batch, config.events.reclaim_after);
+        let events: Vec<OutboxEvent> = match authorizer.call(sink.timeout, claim).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the outbox");
+                if pause(&mut stopping, backoff).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if events.is_empty() {
+            if pause(&mut stopping, IDLE).await {
+                return;
+            }
+            continue;
+        }
+        let body = super::batch(events.iter().map(|e| e.payload.as_str()));
+        match post(&client, sink, body).await {
+            Ok(()) => {
+                backoff = FIRST_BACKOFF;
+                let now = Utc::now();
+                for e in &events {
+                    if let Some(t) = super::time_of(&e.payload) {
+                        metrics.record_event_lag((now - t).to_std().unwrap_or_default());
+                    }
+                }
+                metrics.record_events("delivered", events.len() as u64);
+                if let Err(e) = authorizer.call(sink.timeout, store.outbox_ack(&events)).await {
+                    // Delivered but still in the outbox: they will be sent again (same ids).
+                    tracing::warn!(error = %e, "cannot acknowledge delivered events");
+                }
+            }
+            Err(e) => {
+                metrics.record_events("retried", events.len() as u64);
+                tracing::warn!(error = %e, events = events.len(), retry_in = ?backoff, "event delivery failed");
+                if pause(&mut stopping, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
