@@ -9,6 +9,9 @@
 //! c-mem     Envoy -Check-> tollgate (memory store) -> app
 //! c-redis   Envoy -Check-> tollgate (Redis store) -> app
 //! c-lease   Envoy -Check-> tollgate (Redis store, `store.counting: lease`) -> app (opt-in)
+//! c-settle  c-redis with `billing.charge_on: [2xx, 3xx, 4xx]`: every request's
+//!           access-log entry streamed back to tollgate and settled (opt-in)
+//! c-events  c-settle with usage and threshold events to an HTTP sink (opt-in)
 //! ```
 //!
 //! ```text
@@ -110,6 +113,8 @@ enum Variant {
     CMem,
     CRedis,
     CLease,
+    CSettle,
+    CEvents,
 }
 
 impl Variant {
@@ -121,7 +126,13 @@ impl Variant {
             "c-mem" => Self::CMem,
             "c-redis" => Self::CRedis,
             "c-lease" => Self::CLease,
-            _ => return Err(format!("unknown variant {s} (a, b, b-shaped, c-mem, c-redis, c-lease)")),
+            "c-settle" => Self::CSettle,
+            "c-events" => Self::CEvents,
+            _ => {
+                return Err(format!(
+                    "unknown variant {s} (a, b, b-shaped, c-mem, c-redis, c-lease, c-settle, c-events)"
+                ));
+            }
         })
     }
 
@@ -133,6 +144,8 @@ impl Variant {
             Self::CMem => "c-mem",
             Self::CRedis => "c-redis",
             Self::CLease => "c-lease",
+            Self::CSettle => "c-settle",
+            Self::CEvents => "c-events",
         }
     }
 
@@ -145,11 +158,16 @@ impl Variant {
             Self::CMem => "c: tollgate, memory store",
             Self::CRedis => "c: tollgate, Redis store",
             Self::CLease => "c: tollgate, Redis store, lease mode",
+            Self::CSettle => "c: tollgate, Redis store, settling every response",
+            Self::CEvents => "c: tollgate, Redis store, settling, usage events to a sink",
         }
     }
 }
 
 type Fallible<T> = Result<T, String>;
+
+/// The variants where tollgate answers.
+const TOLLGATES: [Variant; 5] = [Variant::CMem, Variant::CRedis, Variant::CLease, Variant::CSettle, Variant::CEvents];
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -194,7 +212,7 @@ async fn run(args: Args) -> Fallible<()> {
     // Every request through c-* was a Check that tollgate allowed (and so spent one counter).
     let allowed_after = stack.allowed().await?;
     let mut spent = Vec::new();
-    for v in [Variant::CMem, Variant::CRedis, Variant::CLease] {
+    for v in TOLLGATES {
         let Some(&n_sent) = sent.get(&v) else { continue };
         let n =
             allowed_after.get(&v).copied().unwrap_or(0).saturating_sub(allowed_before.get(&v).copied().unwrap_or(0));
@@ -202,6 +220,39 @@ async fn run(args: Args) -> Fallible<()> {
         if n < n_sent {
             return Err(format!("{}: tollgate allowed {n} Checks but wrk completed {n_sent} requests", v.id()));
         }
+    }
+    for v in [Variant::CSettle, Variant::CEvents] {
+        let Some(t) = stack.tollgate(v) else { continue };
+        // Entries arrive within Envoy's flush interval, events within a delivery round.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let m = envoy::request(t.http, "GET", "/metrics", &[]).await.map(|r| r.body).unwrap_or_default();
+        let get = |name: &str| {
+            m.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let settled = get("tollgate_settlements_total{result=\"unchanged\"}")
+            + get("tollgate_settlements_total{result=\"applied\"}");
+        let mut line = format!(
+            "{}: {settled} charges settled for {} requests (failed {}, bad {})",
+            v.id(),
+            sent.get(&v).copied().unwrap_or(0),
+            get("tollgate_settlements_total{result=\"failed\"}"),
+            get("tollgate_settlements_total{result=\"bad\"}"),
+        );
+        if v == Variant::CEvents {
+            let received = stack.sink.as_ref().map_or(0, |s| s.unique().len());
+            write!(
+                line,
+                "; events queued {}, delivered {}, dropped {}, the sink holds {received} distinct",
+                get("tollgate_events_total{result=\"queued\"}"),
+                get("tollgate_events_total{result=\"delivered\"}"),
+                get("tollgate_events_total{result=\"dropped\"}"),
+            )
+            .unwrap();
+        }
+        spent.push(line);
     }
     spent.extend(stack.redis.as_ref().and_then(|r| r.cli(&["DBSIZE"])).map(|n| format!("Redis DBSIZE {}", n.trim())));
     let mut hops = Vec::new();
@@ -266,11 +317,22 @@ async fn measure(
                 stack.all_alive()?;
                 let name = format!("wrk-{}-{round}{}.txt", v.id(), if measured { "" } else { "-warmup" });
                 let before = stack.cpu_sample();
+                let calls_before = stack.redis_calls();
                 let out = wrk
                     .run(&url, &[&key_header], secs, &work.join(name))
                     .await
                     .map_err(|e| format!("{}: {e}", v.id()))?;
                 let cpu = stack.cpu_sample().since(&before, stack.roles(v));
+                let redis_calls = match (calls_before, stack.redis_calls()) {
+                    (Some(b), Some(a)) if out.requests > 0 => a
+                        .iter()
+                        .filter_map(|(cmd, n)| {
+                            let d = n.saturating_sub(b.get(cmd).copied().unwrap_or(0));
+                            (d > 0).then(|| (cmd.clone(), d as f64 / out.requests as f64))
+                        })
+                        .collect(),
+                    _ => BTreeMap::new(),
+                };
                 *sent.entry(v).or_default() += out.requests;
                 if !measured {
                     continue;
@@ -283,7 +345,7 @@ async fn measure(
                     out.requests,
                     out.non2xx
                 ));
-                runs.insert((v, round), Run { wrk: out, load1: load1.clone(), cpu });
+                runs.insert((v, round), Run { wrk: out, load1: load1.clone(), cpu, redis_calls });
             }
         }
     }
@@ -419,6 +481,10 @@ struct Stack {
     tollgate_mem: Option<TollgateProcess>,
     tollgate_redis: Option<TollgateProcess>,
     tollgate_lease: Option<TollgateProcess>,
+    tollgate_settle: Option<TollgateProcess>,
+    tollgate_events: Option<TollgateProcess>,
+    /// c-events' sink (in this process).
+    sink: Option<tollgate_testkit::sink::Sink>,
     /// Each variant's Envoy with its process id.
     envoys: BTreeMap<Variant, (Envoy, u32)>,
 }
@@ -448,10 +514,14 @@ impl Stack {
             tollgate_mem: None,
             tollgate_redis: None,
             tollgate_lease: None,
+            tollgate_settle: None,
+            tollgate_events: None,
+            sink: None,
             envoys: BTreeMap::new(),
         };
         let tollgate = helpers.tollgate.to_str().ok_or("tollgate path is not UTF-8")?;
-        if has(Variant::CRedis) || has(Variant::CLease) {
+        let on_redis = [Variant::CRedis, Variant::CLease, Variant::CSettle, Variant::CEvents];
+        if on_redis.iter().any(|v| has(*v)) {
             let (redis, pid) = new_child(async { RedisServer::start() }).await?;
             let port = redis.port;
             let p = TollgateProcess::start(tollgate, &[], |g, h| tollgate_config("redis", g, h, port)).await;
@@ -461,6 +531,23 @@ impl Stack {
                         .replace("  on_error: deny ", "  counting: lease\n  on_error: deny ")
                 };
                 stack.tollgate_lease = Some(TollgateProcess::start(tollgate, &[], lease).await);
+            }
+            let settling = |g, h| {
+                tollgate_config("redis", g, h, port)
+                    .replace("\nbilling:\n", "\nbilling:\n  charge_on: [2xx, 3xx, 4xx]\n")
+            };
+            if has(Variant::CSettle) {
+                stack.tollgate_settle = Some(TollgateProcess::start(tollgate, &[], settling).await);
+            }
+            if has(Variant::CEvents) {
+                let sink = tollgate_testkit::sink::Sink::start().await;
+                let url = sink.url();
+                let events = move |g, h| {
+                    settling(g, h)
+                        + &format!("events:\n  sink: {{ url: \"{url}\" }}\n  thresholds: {{ quota: [0.8, 1.0] }}\n")
+                };
+                stack.tollgate_events = Some(TollgateProcess::start(tollgate, &[], events).await);
+                stack.sink = Some(sink);
             }
             let log = work.join("seed.out");
             let seed = Command::new(tollgate)
@@ -519,6 +606,8 @@ impl Stack {
             Variant::CMem => self.tollgate_mem.as_ref().map(|t| t.grpc),
             Variant::CRedis => self.tollgate_redis.as_ref().map(|t| t.grpc),
             Variant::CLease => self.tollgate_lease.as_ref().map(|t| t.grpc),
+            Variant::CSettle => self.tollgate_settle.as_ref().map(|t| t.grpc),
+            Variant::CEvents => self.tollgate_events.as_ref().map(|t| t.grpc),
         }
     }
 
@@ -527,6 +616,8 @@ impl Stack {
             Variant::CMem => self.tollgate_mem.as_ref(),
             Variant::CRedis => self.tollgate_redis.as_ref(),
             Variant::CLease => self.tollgate_lease.as_ref(),
+            Variant::CSettle => self.tollgate_settle.as_ref(),
+            Variant::CEvents => self.tollgate_events.as_ref(),
             _ => None,
         }
     }
@@ -553,7 +644,7 @@ impl Stack {
             }
             let told = with.body.lines().any(|l| l == "  x-tollgate-account: acct_bench");
             let (want_told, want_without) = match v {
-                Variant::CMem | Variant::CRedis | Variant::CLease => (true, 401),
+                Variant::CMem | Variant::CRedis | Variant::CLease | Variant::CSettle | Variant::CEvents => (true, 401),
                 Variant::BShaped => (true, 200),
                 Variant::A | Variant::B => (false, 200),
             };
@@ -574,7 +665,14 @@ impl Stack {
         for s in [&mut self.noop, &mut self.noop_shaped].into_iter().flatten() {
             s.0.alive()?;
         }
-        for t in [&mut self.tollgate_mem, &mut self.tollgate_redis, &mut self.tollgate_lease].into_iter().flatten() {
+        let tollgates = [
+            &mut self.tollgate_mem,
+            &mut self.tollgate_redis,
+            &mut self.tollgate_lease,
+            &mut self.tollgate_settle,
+            &mut self.tollgate_events,
+        ];
+        for t in tollgates.into_iter().flatten() {
             if !matches!(t.child.try_wait(), Ok(None)) {
                 return Err("a tollgate process exited early".into());
             }
@@ -600,7 +698,7 @@ impl Stack {
         if let Some((s, _)) = &self.noop_shaped {
             out.push((s.pid(), authz(v == Variant::BShaped)));
         }
-        for w in [Variant::CMem, Variant::CRedis, Variant::CLease] {
+        for w in TOLLGATES {
             if let Some(t) = self.tollgate(w) {
                 out.push((t.child.id(), authz(v == w)));
             }
@@ -616,20 +714,41 @@ impl Stack {
         let mut pids: Vec<u32> = vec![self.upstream.0.pid()];
         pids.extend([&self.noop, &self.noop_shaped].into_iter().flatten().map(|s| s.0.pid()));
         pids.extend(
-            [&self.tollgate_mem, &self.tollgate_redis, &self.tollgate_lease]
-                .into_iter()
-                .flatten()
-                .map(|t| t.child.id()),
+            [
+                &self.tollgate_mem,
+                &self.tollgate_redis,
+                &self.tollgate_lease,
+                &self.tollgate_settle,
+                &self.tollgate_events,
+            ]
+            .into_iter()
+            .flatten()
+            .map(|t| t.child.id()),
         );
         pids.extend(self.redis_pid);
         pids.extend(self.envoys.values().map(|e| e.1));
         CpuSample::take(&pids)
     }
 
+    /// Calls per command so far (`INFO commandstats`), when Redis runs.
+    fn redis_calls(&self) -> Option<BTreeMap<String, u64>> {
+        let info = self.redis.as_ref()?.cli(&["INFO", "commandstats"])?;
+        Some(
+            info.lines()
+                .filter_map(|l| {
+                    let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+                    let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?.parse().ok()?;
+                    // The bench's own INFO calls are not tollgate's.
+                    (name != "info").then(|| (name.to_owned(), calls))
+                })
+                .collect(),
+        )
+    }
+
     /// `tollgate_decisions_total{status="200",code="allowed"}` of each tollgate.
     async fn allowed(&self) -> Fallible<HashMap<Variant, u64>> {
         let mut out = HashMap::new();
-        for v in [Variant::CMem, Variant::CRedis, Variant::CLease] {
+        for v in TOLLGATES {
             let Some(t) = self.tollgate(v) else { continue };
             let r = envoy::request(t.http, "GET", "/metrics", &[])
                 .await
@@ -810,6 +929,8 @@ struct Run {
     wrk: WrkOutput,
     load1: String,
     cpu: RunCpu,
+    /// Redis commands per request during the run, by command (every tollgate shares one Redis; the others are idle).
+    redis_calls: BTreeMap<String, f64>,
 }
 
 struct Report<'a> {
@@ -876,6 +997,8 @@ impl Report<'_> {
             (CRedis, A, None),
             (CLease, B, Some(0.9)),
             (CLease, A, None),
+            (CSettle, CRedis, Some(0.9)),
+            (CEvents, CRedis, Some(0.9)),
         ];
         if self.variants.contains(&BShaped) {
             ratios.extend([(BShaped, B, None), (CMem, BShaped, None), (CRedis, BShaped, None)]);
@@ -935,6 +1058,35 @@ impl Report<'_> {
             writeln!(o, "| {} | {cells} | {sum:.1} | {other:.2} | {:.0}% |", v.title(), busy * 100.0).unwrap();
         }
 
+        let on_redis: Vec<Variant> = self
+            .variants
+            .iter()
+            .copied()
+            .filter(|&v| self.per_round(v, |r| !r.redis_calls.is_empty()).contains(&true))
+            .collect();
+        if !on_redis.is_empty() {
+            writeln!(
+                o,
+                "\nRedis commands per request during the measured runs (`INFO commandstats`; median of rounds):\n"
+            )
+            .unwrap();
+            for v in on_redis {
+                let mut cmds: Vec<String> = self.runs[&(v, 1)].redis_calls.keys().cloned().collect();
+                for n in 2..=self.rounds {
+                    cmds.extend(self.runs[&(v, n)].redis_calls.keys().cloned());
+                }
+                cmds.sort();
+                cmds.dedup();
+                let cells: Vec<String> = cmds
+                    .iter()
+                    .map(|c| {
+                        let per = median(self.per_round(v, |r| r.redis_calls.get(c).copied().unwrap_or(0.0)));
+                        format!("{c} {per:.3}")
+                    })
+                    .collect();
+                writeln!(o, "- {}: {}", v.id(), cells.join(", ")).unwrap();
+            }
+        }
         writeln!(
             o,
             "\nEnvoy's upstream_rq_time (cumulative over warm-ups and runs, coarse buckets) and non-zero counters:"
