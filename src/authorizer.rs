@@ -80,10 +80,10 @@ pub struct Outcome {
     pub response: Response,
     /// The matched route's name, for logs (`/v1/search*`); `None` when none matched.
     pub route: Option<Arc<str>>,
-    /// What the request spent that its response may change, signed, as the
-    /// fields of the Check's `charge` metadata (see `settlement`); only for
+    /// What the request spent that its response may change, signed: the
+    /// Check's `charge` metadata (see `settlement`); only for
     /// Envoy's Checks, and only when settlement could change something.
-    pub charge: Option<Vec<(&'static str, String)>>,
+    pub charge: Option<String>,
 }
 
 /// The store failed and `on_error: error` asks the transport to fail the RPC.
@@ -191,7 +191,7 @@ impl Authorizer {
         spend: &Spend,
         meter: Option<&str>,
         cost_header: Option<&str>,
-    ) -> Option<Vec<(&'static str, String)>> {
+    ) -> Option<String> {
         if config.billing.charge_on.is_all() && cost_header.is_none() && !config.events.enabled() {
             return None;
         }

@@ -10,7 +10,7 @@
 //! the reservation; the store then moves the counters by the difference, once
 //! per charge id, in the windows the charge was made in.
 //!
-//! A charge is signed ([`Charge::seal`], HMAC-SHA256 with a key shared by
+//! A charge is one signed string ([`Charge::seal`], HMAC-SHA256 with a key shared by
 //! every replica through the store): an access-log entry can only adjust a
 //! charge tollgate made, for the account, meter and amount it made it for,
 //! whoever can reach the gRPC port. No I/O, no clock reads: `now` and the key
@@ -30,7 +30,7 @@ use crate::usage::{Adjustment, MAX_COST};
 /// ext_authz filter's name), where the access-log entry carries it back.
 pub const NAMESPACE: &str = "envoy.filters.http.ext_authz";
 
-/// The metadata field holding the charge (a struct of strings).
+/// The metadata field holding the charge (a string, [`Charge::seal`]).
 pub const FIELD: &str = "charge";
 
 /// The oldest charge settled: an entry for an older one is refused as stale,
@@ -157,64 +157,91 @@ pub struct Served<'a> {
     pub cost_header: Option<&'a str>,
 }
 
-/// The HMAC over every field of a charge, each length-prefixed so no two
-/// charges share an input; the first 16 bytes, in hex.
-fn mac(key: &[u8; 32], fields: &[(&str, &str)]) -> Hmac<Sha256> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-    mac.update(b"tollgate-charge-v1");
-    for (name, value) in fields {
-        for part in [name.as_bytes(), value.as_bytes()] {
-            mac.update(&(part.len() as u64).to_be_bytes());
-            mac.update(part);
-        }
+/// The most bytes a charge token may have.
+pub const MAX_TOKEN: usize = 2048;
+
+/// `%` and `|` escaped, so `|` separates fields unambiguously (meter and
+/// header names may contain it; ids and numbers cannot).
+fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains(['%', '|']) { s.replace('%', "%25").replace('|', "%7C").into() } else { s.into() }
+}
+
+/// [`escape`] undone; `None` for a `%` that does not start one of its two escapes.
+fn unescape(s: &str) -> Option<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i..i + 3)?;
+        out.push(match code {
+            "%25" => '%',
+            "%7C" => '|',
+            _ => return None,
+        });
+        rest = &rest[i + 3..];
     }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// The first 16 bytes of HMAC-SHA256 over the token's signed part.
+fn mac(key: &[u8; 32]) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(b"tollgate-charge:");
     mac
 }
 
 impl Charge {
-    /// The metadata fields of the charge, signature last (`sig`).
-    pub fn seal(&self, key: &[u8; 32]) -> Vec<(&'static str, String)> {
+    /// The charge as one metadata string (cheap for Envoy to copy into every
+    /// access-log entry): `1|id|account|issued ms|meter|periods|cost|credits
+    /// 0/1|header|sig`, `sig` the hex of the first 16 bytes of HMAC-SHA256
+    /// over everything before it.
+    pub fn seal(&self, key: &[u8; 32]) -> String {
         let periods = self.periods.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(",");
-        let mut fields = vec![
-            ("id", self.id.clone()),
-            ("account", self.account.clone()),
-            ("issued", self.issued.timestamp_millis().to_string()),
-            ("meter", self.meter.clone()),
-            ("periods", periods),
-            ("cost", self.cost.to_string()),
-            ("credits", if self.credits { "1" } else { "0" }.to_owned()),
-            ("header", self.cost_header.clone().unwrap_or_default()),
-        ];
-        let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let tag = mac(key, &pairs).finalize().into_bytes();
-        fields.push(("sig", hex::encode(&tag[..16])));
-        fields
+        let mut token = format!(
+            "1|{}|{}|{}|{}|{periods}|{}|{}|{}",
+            self.id,
+            self.account,
+            self.issued.timestamp_millis(),
+            escape(&self.meter),
+            self.cost,
+            u8::from(self.credits),
+            escape(self.cost_header.as_deref().unwrap_or("")),
+        );
+        let mut m = mac(key);
+        m.update(token.as_bytes());
+        let tag = m.finalize().into_bytes();
+        token.push('|');
+        token.push_str(&hex::encode(&tag[..16]));
+        token
     }
 
-    /// The charge in an entry's metadata, if its signature verifies and every
-    /// field is within bounds. `field` looks a field up by name.
-    pub fn open<'a>(field: impl Fn(&str) -> Option<&'a str>, key: &[u8; 32]) -> Result<Charge, Bad> {
-        const NAMES: [&str; 8] = ["id", "account", "issued", "meter", "periods", "cost", "credits", "header"];
-        let mut values = [""; 8];
-        for (v, name) in values.iter_mut().zip(NAMES) {
-            *v = field(name).ok_or(Bad::Malformed)?;
-            if v.len() > 4096 {
-                return Err(Bad::Malformed);
-            }
+    /// The charge a token carries, if its signature verifies and every field is within bounds.
+    pub fn open(token: &str, key: &[u8; 32]) -> Result<Charge, Bad> {
+        if token.len() > MAX_TOKEN {
+            return Err(Bad::Malformed);
         }
-        let sig = field("sig").ok_or(Bad::Malformed)?;
+        let (signed, sig) = token.rsplit_once('|').ok_or(Bad::Malformed)?;
         let sig = hex::decode(sig).map_err(|_| Bad::Signature)?;
         if sig.len() != 16 {
             return Err(Bad::Signature);
         }
-        let pairs: Vec<(&str, &str)> = NAMES.into_iter().zip(values).collect();
-        mac(key, &pairs).verify_truncated_left(&sig).map_err(|_| Bad::Signature)?;
+        let mut m = mac(key);
+        m.update(signed.as_bytes());
+        m.verify_truncated_left(&sig).map_err(|_| Bad::Signature)?;
         // Signed by us, so well-formed unless the key leaked or a bug; checked all the same.
-        let [id, account, issued, meter, periods, cost, credits, header] = values;
+        let fields: Vec<&str> = signed.split('|').collect();
+        let [version, id, account, issued, meter, periods, cost, credits, header] = fields[..] else {
+            return Err(Bad::Malformed);
+        };
+        if version != "1" {
+            return Err(Bad::Malformed);
+        }
+        let (meter, header) = (unescape(meter).ok_or(Bad::Malformed)?, unescape(header).ok_or(Bad::Malformed)?);
         if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
             return Err(Bad::Malformed);
         }
-        if !is_valid_account_id(account) || !(meter.is_empty() || is_valid_name(meter)) {
+        if !is_valid_account_id(account) || !(meter.is_empty() || is_valid_name(&meter)) {
             return Err(Bad::Malformed);
         }
         let issued = issued
@@ -236,21 +263,12 @@ impl Charge {
             "1" => true,
             _ => return Err(Bad::Malformed),
         };
-        let cost_header = match header {
+        let cost_header = match header.as_str() {
             "" => None,
-            h if is_header_name(h) => Some(h.to_owned()),
+            h if is_header_name(h) => Some(header),
             _ => return Err(Bad::Malformed),
         };
-        Ok(Charge {
-            id: id.to_owned(),
-            account: account.to_owned(),
-            issued,
-            meter: meter.to_owned(),
-            periods,
-            cost,
-            credits,
-            cost_header,
-        })
+        Ok(Charge { id: id.to_owned(), account: account.to_owned(), issued, meter, periods, cost, credits, cost_header })
     }
 }
 

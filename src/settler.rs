@@ -45,15 +45,10 @@ impl Settler {
         Self { authorizer, warned: Mutex::new(HashSet::new()) }
     }
 
-    /// Settles the charge of one entry. `field` looks up the charge's
-    /// metadata fields, `code` is the response status (0 for none),
-    /// `header` looks up a logged response header by lower-case name.
-    pub async fn settle<'a>(
-        &self,
-        field: impl Fn(&str) -> Option<&'a str>,
-        code: u32,
-        header: impl Fn(&str) -> Option<&'a str>,
-    ) {
+    /// Settles the charge of one entry: `charge` is its metadata string,
+    /// `code` the response status (0 for none), `header` looks up a logged
+    /// response header by lower-case name.
+    pub async fn settle<'a>(&self, charge: &str, code: u32, header: impl Fn(&str) -> Option<&'a str>) {
         let metrics = self.authorizer.metrics();
         let config = self.authorizer.config();
         let timeout = config.store.timeout;
@@ -65,7 +60,7 @@ impl Settler {
                 return;
             }
         };
-        let charge = match Charge::open(field, &key) {
+        let charge = match Charge::open(charge, &key) {
             Ok(c) => c,
             Err(bad) => return self.bad(bad, code, None),
         };

@@ -5,7 +5,6 @@
 //! store and on Redis, across a restart of tollgate, and against entries
 //! replayed, forged or garbled by a caller of the gRPC port.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,17 +128,12 @@ impl Run {
         body.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
     }
 
-    /// Every charge Envoy logged, as (status, the charge's fields).
-    fn captured(&self) -> Vec<(u32, HashMap<String, String>)> {
+    /// Every charge Envoy logged, as (status, the charge).
+    fn captured(&self) -> Vec<(u32, String)> {
         let text = std::fs::read_to_string(&self.capture).unwrap_or_default();
         text.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| {
-                let charge = v["charge"].as_object()?;
-                let fields =
-                    charge.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned())).collect();
-                Some((v["code"].as_u64()? as u32, fields))
-            })
+            .filter_map(|v| Some((v["code"].as_u64()? as u32, v["charge"].as_str()?.to_owned())))
             .collect()
     }
 
@@ -223,11 +217,10 @@ async fn reported_tokens_are_charged_exactly_on_redis() {
     reported_tokens_are_charged(true).await;
 }
 
-/// An access-log entry as Envoy sends it: the status and the charge's fields.
-fn entry(code: u32, charge: &HashMap<String, String>, headers: &[(&str, &str)]) -> HttpAccessLogEntry {
-    let string = |s: &str| Value { kind: Some(Kind::StringValue(s.to_owned())) };
-    let charge = Struct { fields: charge.iter().map(|(k, v)| (k.clone(), string(v))).collect() };
-    let ns = Struct { fields: [("charge".to_owned(), Value { kind: Some(Kind::StructValue(charge)) })].into() };
+/// An access-log entry as Envoy sends it: the status and the charge.
+fn entry(code: u32, charge: &str, headers: &[(&str, &str)]) -> HttpAccessLogEntry {
+    let charge = Value { kind: Some(Kind::StringValue(charge.to_owned())) };
+    let ns = Struct { fields: [("charge".to_owned(), charge)].into() };
     HttpAccessLogEntry {
         common_properties: Some(AccessLogCommon {
             metadata: Some(Metadata {
@@ -307,17 +300,11 @@ async fn a_restart_and_replayed_entries_refund_nothing_twice_on_redis() {
 #[tokio::test]
 async fn forged_and_garbled_entries_are_counted_never_applied() {
     let server = TestServer::start(CONFIG).await;
-    let charge_of = async |path: &str| -> HashMap<String, String> {
+    let charge_of = async |path: &str| -> String {
         let resp = server.check(http_check("GET", path, &[("x-api-key", "m-key")])).await;
         let meta = resp.dynamic_metadata.expect("metadata");
-        let Some(Kind::StructValue(s)) = &meta.fields["charge"].kind else { panic!("no charge in {meta:?}") };
-        s.fields
-            .iter()
-            .map(|(k, v)| match &v.kind {
-                Some(Kind::StringValue(s)) => (k.clone(), s.clone()),
-                other => panic!("charge field {k} is {other:?}"),
-            })
-            .collect()
+        let Some(Kind::StringValue(s)) = &meta.fields["charge"].kind else { panic!("no charge in {meta:?}") };
+        s.clone()
     };
     let search = charge_of("/v1/search").await;
     let ai = charge_of("/v1/ai").await;
@@ -329,21 +316,22 @@ async fn forged_and_garbled_entries_are_counted_never_applied() {
     };
     assert_eq!((used("requests", Period::Month).await, used("tokens", Period::Day).await), (1, 100));
 
-    let altered = |field: &str, value: &str| {
-        let mut c = search.clone();
-        c.insert(field.into(), value.into());
-        c
+    // Fields: 1|id|account|issued|meter|periods|cost|credits|header|sig.
+    let altered = |field: usize, value: &str| {
+        let mut f: Vec<&str> = search.split('|').collect();
+        f[field] = value;
+        f.join("|")
     };
-    let mut missing = search.clone();
-    missing.remove("sig");
+    let unsigned = search.rsplit_once('|').unwrap().0.to_owned();
     let mut entries = vec![
         // A bigger refund, another account, another meter: the signature no longer verifies.
-        entry(503, &altered("cost", "1000"), &[]),
-        entry(503, &altered("account", "acct_w"), &[]),
-        entry(503, &altered("meter", "tokens"), &[]),
-        entry(503, &altered("id", "ffff-1"), &[]),
-        entry(503, &altered("sig", &"0".repeat(32)), &[]),
-        entry(503, &missing, &[]),
+        entry(503, &altered(6, "1000"), &[]),
+        entry(503, &altered(2, "acct_w"), &[]),
+        entry(503, &altered(4, "tokens"), &[]),
+        entry(503, &altered(1, "ffff-1"), &[]),
+        entry(503, &altered(9, &"0".repeat(32)), &[]),
+        entry(503, "not a charge", &[]),
+        entry(503, &unsigned, &[]),
         // Garbled costs on the token route.
         entry(200, &ai, &[("x-usage-tokens", "-5")]),
         entry(200, &ai, &[("x-usage-tokens", "1e9")]),
@@ -363,10 +351,10 @@ async fn forged_and_garbled_entries_are_counted_never_applied() {
     let metrics = async || http_get(server.http, "/metrics").await.unwrap().2;
     let m = metrics().await;
     for line in [
-        "tollgate_settlement_bad_entries_total{reason=\"signature\"} 5",
+        "tollgate_settlement_bad_entries_total{reason=\"signature\"} 6",
         "tollgate_settlement_bad_entries_total{reason=\"malformed\"} 1",
         "tollgate_settlement_bad_entries_total{reason=\"cost_header\"} 3",
-        "tollgate_settlements_total{result=\"bad\"} 9",
+        "tollgate_settlements_total{result=\"bad\"} 10",
         "tollgate_settlements_total{result=\"applied\"} 0",
     ] {
         assert!(m.contains(line), "missing {line} in\n{m}");

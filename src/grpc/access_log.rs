@@ -66,14 +66,10 @@ async fn entry(settler: &Settler, entry: &HttpAccessLogEntry) {
         .and_then(|m| m.filter_metadata.get(settlement::NAMESPACE))
         .and_then(|s| s.fields.get(settlement::FIELD))
         .and_then(|v| match &v.kind {
-            Some(Kind::StructValue(s)) => Some(s),
+            Some(Kind::StringValue(s)) => Some(s.as_str()),
             _ => None,
         });
     let Some(charge) = charge else { return };
-    let field = |name: &str| match charge.fields.get(name).and_then(|v| v.kind.as_ref()) {
-        Some(Kind::StringValue(s)) => Some(s.as_str()),
-        _ => None,
-    };
     let response = entry.response.as_ref();
     let code = response.and_then(|r| r.response_code).map_or(0, |c| c.value);
     let header = |name: &str| {
@@ -83,7 +79,7 @@ async fn entry(settler: &Settler, entry: &HttpAccessLogEntry) {
             .or_else(|| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
             .map(String::as_str)
     };
-    settler.settle(field, code, header).await;
+    settler.settle(charge, code, header).await;
 }
 
 #[tonic::async_trait]

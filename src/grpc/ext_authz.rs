@@ -144,9 +144,8 @@ pub fn check_response(outcome: &Outcome) -> CheckResponse {
         meta.insert("plan".to_owned(), string_value(p));
     }
     meta.insert("decision".to_owned(), string_value(d.verdict.label()));
-    if let Some(fields) = &outcome.charge {
-        let fields = fields.iter().map(|(k, v)| ((*k).to_owned(), string_value(v))).collect();
-        meta.insert(settlement::FIELD.to_owned(), Value { kind: Some(Kind::StructValue(Struct { fields })) });
+    if let Some(charge) = &outcome.charge {
+        meta.insert(settlement::FIELD.to_owned(), string_value(charge));
     }
     let code = rpc_code(d.verdict);
     let http_response = match d.verdict {
