@@ -268,7 +268,16 @@ impl Charge {
             h if is_header_name(h) => Some(header),
             _ => return Err(Bad::Malformed),
         };
-        Ok(Charge { id: id.to_owned(), account: account.to_owned(), issued, meter, periods, cost, credits, cost_header })
+        Ok(Charge {
+            id: id.to_owned(),
+            account: account.to_owned(),
+            issued,
+            meter,
+            periods,
+            cost,
+            credits,
+            cost_header,
+        })
     }
 }
 
@@ -313,8 +322,11 @@ pub fn settle(charge: &Charge, served: Served<'_>, charge_on: ChargeOn, now: Dat
     };
     // Both within 0..=MAX_COST, so the difference fits with room to spare.
     let delta = i64::try_from(actual).unwrap_or(i64::MAX) - i64::try_from(charge.cost).unwrap_or(i64::MAX);
-    let remember_until =
-        charge.issued + chrono::Duration::from_std(MAX_AGE + MAX_SKEW).unwrap_or_else(|_| chrono::Duration::hours(2));
+    // Ids are kept per account and hour of issue: until the last charge of
+    // that hour is too old to settle.
+    let hour_end = (charge.issued.timestamp_millis().div_euclid(3_600_000) + 1) * 3_600_000;
+    let remember_until = DateTime::<Utc>::from_timestamp_millis(hour_end).unwrap_or(charge.issued)
+        + chrono::Duration::from_std(MAX_AGE + MAX_SKEW).unwrap_or_else(|_| chrono::Duration::hours(2));
     Ok(Adjustment {
         account: charge.account.clone(),
         charge: charge.id.clone(),

@@ -11,20 +11,65 @@
 //!
 //! May use: `settlement`, `authorizer` (live config, key, timed store calls), `store`, `metrics`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
 
 use crate::authorizer::Authorizer;
+use crate::config::Config;
 use crate::entitlement::Window;
 use crate::settlement::{self, Bad, Charge, Served};
-use crate::usage::{Mark, Settled};
+use crate::store::StoreError;
+use crate::usage::{Adjustment, Mark, Settled};
 
 /// Store attempts per adjustment, and the pause before the first retry (quadrupled after).
 const ATTEMPTS: u32 = 3;
 const FIRST_RETRY: Duration = Duration::from_millis(100);
+
+/// Entries of one message settled at once.
+const IN_FLIGHT: usize = 32;
+
+/// What settlement reads of one access-log entry.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    /// The charge from the Check's metadata.
+    pub charge: &'a str,
+    /// The response status; 0 when none was sent.
+    pub code: u32,
+    /// The response headers Envoy logged.
+    pub headers: Option<&'a HashMap<String, String>>,
+}
+
+impl<'a> Entry<'a> {
+    /// A logged response header (Envoy logs names as configured; compared without case).
+    fn header(&self, name: &str) -> Option<&'a str> {
+        let headers = self.headers?;
+        headers
+            .get(name)
+            .or_else(|| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
+            .map(String::as_str)
+    }
+}
+
+/// Runs a store call, retrying transient failures twice (100 ms, then 400 ms later).
+async fn retry<T, F: Future<Output = Result<T, StoreError>>>(mut call: impl FnMut() -> F) -> Result<T, StoreError> {
+    let mut pause = FIRST_RETRY;
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+                tokio::time::sleep(pause).await;
+                pause *= 4;
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
 
 /// Turns access-log entries into settled charges.
 pub struct Settler {
@@ -45,74 +90,109 @@ impl Settler {
         Self { authorizer, warned: Mutex::new(HashSet::new()) }
     }
 
-    /// Settles the charge of one entry: `charge` is its metadata string,
-    /// `code` the response status (0 for none), `header` looks up a logged
-    /// response header by lower-case name.
-    pub async fn settle<'a>(&self, charge: &str, code: u32, header: impl Fn(&str) -> Option<&'a str>) {
+    /// Settles the charges of one message's entries. Charges whose response
+    /// costs the reservation, with events off, have nothing to move: their
+    /// ids are recorded in one store call per account and hour of issue.
+    /// The others are settled one store call each, up to [`IN_FLIGHT`] at once.
+    pub async fn settle_all(&self, entries: &[Entry<'_>]) {
         let metrics = self.authorizer.metrics();
         let config = self.authorizer.config();
-        let timeout = config.store.timeout;
-        let key = match self.authorizer.charge_key(timeout).await {
+        let key = match self.authorizer.charge_key(config.store.timeout).await {
             Ok(k) => k,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot settle: no key to verify charges with");
-                metrics.record_settlement("failed");
+                for _ in entries {
+                    metrics.record_settlement("failed");
+                }
                 return;
             }
         };
-        let charge = match Charge::open(charge, &key) {
-            Ok(c) => c,
-            Err(bad) => return self.bad(bad, code, None),
-        };
-        let served = Served { code, cost_header: charge.cost_header.as_deref().and_then(header) };
         let now = Utc::now();
-        let mut adjustment = match settlement::settle(&charge, served, config.billing.charge_on, now) {
-            Ok(a) => a,
-            Err(bad) => return self.bad(bad, code, Some(&charge.account)),
-        };
+        // (account, remember-until: one per hour of issue) → (an issue instant of that hour, ids).
+        let mut record: HashMap<(String, DateTime<Utc>), (DateTime<Utc>, Vec<String>)> = HashMap::new();
+        let mut work = Vec::new();
+        for e in entries {
+            let charge = match Charge::open(e.charge, &key) {
+                Ok(c) => c,
+                Err(bad) => {
+                    self.bad(bad, e.code, None);
+                    continue;
+                }
+            };
+            let header = charge.cost_header.as_deref().and_then(|h| e.header(h));
+            let served = Served { code: e.code, cost_header: header };
+            let adjustment = match settlement::settle(&charge, served, config.billing.charge_on, now) {
+                Ok(a) => a,
+                Err(bad) => {
+                    self.bad(bad, e.code, Some(&charge.account));
+                    continue;
+                }
+            };
+            if adjustment.delta == 0 && !config.events.enabled() {
+                let group = (adjustment.account, adjustment.remember_until);
+                record.entry(group).or_insert_with(|| (adjustment.issued, Vec::new())).1.push(adjustment.charge);
+            } else {
+                work.push((charge, e.code, adjustment));
+            }
+        }
+        for ((account, until), (issued, ids)) in record {
+            let store = self.authorizer.store();
+            let n = ids.len() as u64;
+            let call =
+                || self.authorizer.call(config.store.timeout, store.record_settled(&account, issued, &ids, until));
+            match retry(call).await {
+                Ok(()) => (0..n).for_each(|_| metrics.record_settlement("unchanged")),
+                Err(e) => {
+                    tracing::warn!(account = %account, error = %e, "recording settled charges failed");
+                    (0..n).for_each(|_| metrics.record_settlement("failed"));
+                }
+            }
+        }
+        futures_util::stream::iter(work)
+            .for_each_concurrent(IN_FLIGHT, |(charge, code, adjustment)| {
+                self.apply(&config, charge, code, adjustment, now)
+            })
+            .await;
+    }
+
+    /// Settles one charge that moves counters or makes events.
+    async fn apply(&self, config: &Config, charge: Charge, code: u32, mut adjustment: Adjustment, now: DateTime<Utc>) {
+        let metrics = self.authorizer.metrics();
         if config.events.enabled() {
             let events = &config.events;
             // Both within 0..=MAX_COST: the final cost is the reservation moved by the delta.
             let units = charge.cost.saturating_add_signed(adjustment.delta);
             adjustment.events.push(crate::events::usage(&events.source, &charge, code, units));
-            adjustment.marks = self.marks(&config, &charge, now).await;
+            adjustment.marks = self.marks(config, &charge, now).await;
             adjustment.outbox_limit = events.outbox_limit;
         }
-        let mut pause = FIRST_RETRY;
-        for attempt in 1..=ATTEMPTS {
-            let store = self.authorizer.store();
-            match self.authorizer.call(timeout, store.settle(&adjustment)).await {
-                Ok(Settled::Applied { unpaid, queued, dropped }) => {
-                    metrics.record_events("queued", u64::from(queued));
-                    metrics.record_events("dropped", u64::from(dropped));
-                    if dropped > 0 {
-                        tracing::warn!(account = %adjustment.account, dropped, "outbox full: events dropped");
-                    }
-                    metrics.record_settlement(if adjustment.delta == 0 { "unchanged" } else { "applied" });
-                    let units = adjustment.delta.unsigned_abs();
-                    metrics.record_settled_units(if adjustment.delta < 0 { "refunded" } else { "overage" }, units);
-                    metrics.record_settled_units("unpaid", unpaid);
-                    if unpaid > 0 {
-                        tracing::info!(account = %adjustment.account, unpaid, "overage beyond the credit balance");
-                    }
-                    return;
+        let store = self.authorizer.store();
+        match retry(|| self.authorizer.call(config.store.timeout, store.settle(&adjustment))).await {
+            Ok(Settled::Applied { unpaid, queued, dropped }) => {
+                metrics.record_events("queued", u64::from(queued));
+                metrics.record_events("dropped", u64::from(dropped));
+                if dropped > 0 {
+                    tracing::warn!(account = %adjustment.account, dropped, "outbox full: events dropped");
                 }
-                Ok(Settled::Duplicate) => return metrics.record_settlement("duplicate"),
-                Err(e) if e.is_transient() && attempt < ATTEMPTS => {
-                    tokio::time::sleep(pause).await;
-                    pause *= 4;
+                metrics.record_settlement(if adjustment.delta == 0 { "unchanged" } else { "applied" });
+                let units = adjustment.delta.unsigned_abs();
+                metrics.record_settled_units(if adjustment.delta < 0 { "refunded" } else { "overage" }, units);
+                metrics.record_settled_units("unpaid", unpaid);
+                if unpaid > 0 {
+                    tracing::info!(account = %adjustment.account, unpaid, "overage beyond the credit balance");
                 }
-                Err(e) => {
-                    tracing::warn!(account = %adjustment.account, error = %e, "settlement failed; the reservation stands");
-                    return metrics.record_settlement("failed");
-                }
+            }
+            Ok(Settled::Duplicate) => metrics.record_settlement("duplicate"),
+            Err(e) => {
+                tracing::warn!(account = %adjustment.account, error = %e, "settlement failed; the reservation stands");
+                metrics.record_settlement("failed");
             }
         }
     }
 
     /// The threshold marks for `charge`: the levels of the account's plan on
     /// the limits its quotas have now (an account that cannot be read gets none).
-    async fn marks(&self, config: &crate::config::Config, charge: &Charge, now: chrono::DateTime<Utc>) -> Vec<Mark> {
+    async fn marks(&self, config: &Config, charge: &Charge, now: DateTime<Utc>) -> Vec<Mark> {
         if !config.events.levels_for_any() {
             return Vec::new();
         }

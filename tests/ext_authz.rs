@@ -407,6 +407,15 @@ impl Store for DownStore {
     async fn settle(&self, _: &tollgate::usage::Adjustment) -> Result<tollgate::usage::Settled, StoreError> {
         Err(down())
     }
+    async fn record_settled(
+        &self,
+        _: &str,
+        _: chrono::DateTime<chrono::Utc>,
+        _: &[String],
+        _: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), StoreError> {
+        Err(down())
+    }
     async fn charge_key(&self) -> Result<[u8; 32], StoreError> {
         Err(down())
     }

@@ -615,6 +615,13 @@ async fn a_settlement_moves_the_windows_it_was_charged_in_once(s: &Subject) {
     // A refund never takes a counter below 0.
     assert!(s.store.settle(&adj("c-4", -60, now)).await.is_ok());
     assert_eq!(used(&s.probe(&q, now).await), [0, 0]);
+    // Charges recorded as settled at their reservation cannot be settled again.
+    let until = adj("c-9", 0, now).remember_until;
+    s.store.record_settled(ACCT, now, &["c-7".into(), "c-8".into()], until).await.unwrap();
+    assert_eq!(
+        s.store.settle(&Adjustment { remember_until: until, ..adj("c-8", -1, now) }).await.unwrap(),
+        Settled::Duplicate
+    );
     // The same charge id on another account is another charge.
     let other = Adjustment { account: "acct_other".into(), ..adj("c-1", -1, now) };
     assert_eq!(s.store.settle(&other).await.unwrap(), applied(0));

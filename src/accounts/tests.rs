@@ -331,6 +331,15 @@ impl Store for Broken {
     async fn settle(&self, _: &crate::usage::Adjustment) -> Result<crate::usage::Settled, StoreError> {
         self.answer().await
     }
+    async fn record_settled(
+        &self,
+        _: &str,
+        _: DateTime<Utc>,
+        _: &[String],
+        _: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.answer().await
+    }
     async fn charge_key(&self) -> Result<[u8; 32], StoreError> {
         self.answer().await
     }

@@ -20,15 +20,11 @@ use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::A
 use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::LogEntries;
 use envoy_types::pb::envoy::service::accesslog::v3::{StreamAccessLogsMessage, StreamAccessLogsResponse};
 use envoy_types::pb::google::protobuf::value::Kind;
-use futures_util::StreamExt;
 use tokio::sync::{Semaphore, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::settlement;
-use crate::settler::Settler;
-
-/// Entries of one message settled at once.
-const IN_FLIGHT: usize = 32;
+use crate::settler::{Entry, Settler};
 
 /// Messages of one stream being settled at once.
 const MESSAGES: u32 = 4;
@@ -47,39 +43,31 @@ impl AccessLog {
     }
 }
 
-/// Settles one message's entries.
+/// Settles one message's entries: those that carry a charge and are final.
 async fn settle_all(settler: &Settler, entries: &[HttpAccessLogEntry]) {
-    futures_util::stream::iter(entries).for_each_concurrent(IN_FLIGHT, |e| entry(settler, e)).await;
+    let entries: Vec<Entry<'_>> = entries.iter().filter_map(entry).collect();
+    if !entries.is_empty() {
+        settler.settle_all(&entries).await;
+    }
 }
 
-async fn entry(settler: &Settler, entry: &HttpAccessLogEntry) {
-    let Some(common) = &entry.common_properties else { return };
-    // Only the entry written when the request is done: not the periodic
-    // ones of long streams, nor a router's per-attempt upstream entries.
+/// What settlement needs of an entry, if it carries a charge and is the one
+/// written when its request was done (not the periodic ones of long streams,
+/// nor a router's per-attempt upstream entries).
+fn entry(entry: &HttpAccessLogEntry) -> Option<Entry<'_>> {
+    let common = entry.common_properties.as_ref()?;
     let final_entry = [AccessLogType::NotSet as i32, AccessLogType::DownstreamEnd as i32];
     if !final_entry.contains(&common.access_log_type) {
-        return;
+        return None;
     }
-    let charge = common
-        .metadata
-        .as_ref()
-        .and_then(|m| m.filter_metadata.get(settlement::NAMESPACE))
-        .and_then(|s| s.fields.get(settlement::FIELD))
-        .and_then(|v| match &v.kind {
-            Some(Kind::StringValue(s)) => Some(s.as_str()),
-            _ => None,
-        });
-    let Some(charge) = charge else { return };
+    let charge = common.metadata.as_ref()?.filter_metadata.get(settlement::NAMESPACE)?.fields.get(settlement::FIELD)?;
+    let Some(Kind::StringValue(charge)) = &charge.kind else { return None };
     let response = entry.response.as_ref();
-    let code = response.and_then(|r| r.response_code).map_or(0, |c| c.value);
-    let header = |name: &str| {
-        let headers = &response?.response_headers;
-        headers
-            .get(name)
-            .or_else(|| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
-            .map(String::as_str)
-    };
-    settler.settle(charge, code, header).await;
+    Some(Entry {
+        charge,
+        code: response.and_then(|r| r.response_code).map_or(0, |c| c.value),
+        headers: response.map(|r| &r.response_headers),
+    })
 }
 
 #[tonic::async_trait]

@@ -250,6 +250,16 @@ impl Store for CachedStore {
         self.inner.settle(adjustment).await
     }
 
+    async fn record_settled(
+        &self,
+        account: &str,
+        issued: DateTime<Utc>,
+        ids: &[String],
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.inner.record_settled(account, issued, ids, until).await
+    }
+
     async fn charge_key(&self) -> Result<[u8; 32], StoreError> {
         self.inner.charge_key().await
     }

@@ -471,6 +471,24 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn record_settled(
+        &self,
+        account: &str,
+        _issued: DateTime<Utc>,
+        ids: &[String],
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut settled = lock(&self.settled);
+        if settled.len() >= 100_000 {
+            let now = Utc::now();
+            settled.retain(|_, until| *until > now);
+        }
+        for id in ids {
+            settled.entry((account.to_owned(), id.clone())).or_insert(until);
+        }
+        Ok(())
+    }
+
     async fn charge_key(&self) -> Result<[u8; 32], StoreError> {
         if let Some(k) = self.charge_key.get() {
             return Ok(*k);

@@ -113,6 +113,18 @@ pub trait Store: Send + Sync + 'static {
     /// recording the id); a replay answers [`Settled::Duplicate`] and changes nothing.
     async fn settle(&self, adjustment: &Adjustment) -> Result<Settled, StoreError>;
 
+    /// Records charges of `account` settled at their reservation (nothing to
+    /// move, no events): their ids, kept until `until`, so no later entry for
+    /// them changes anything. One call for many ids, all issued in the hour
+    /// of `issued`.
+    async fn record_settled(
+        &self,
+        account: &str,
+        issued: DateTime<Utc>,
+        ids: &[String],
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
     /// The secret charges are signed with: the same on every replica sharing
     /// this store (a charge made by one is settled by any), made on first use.
     async fn charge_key(&self) -> Result<[u8; 32], StoreError>;

@@ -61,6 +61,15 @@ impl Store for Counting {
     async fn settle(&self, a: &Adjustment) -> Result<Settled, StoreError> {
         self.inner.settle(a).await
     }
+    async fn record_settled(
+        &self,
+        a: &str,
+        i: DateTime<Utc>,
+        ids: &[String],
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.inner.record_settled(a, i, ids, until).await
+    }
     async fn charge_key(&self) -> Result<[u8; 32], StoreError> {
         self.inner.charge_key().await
     }

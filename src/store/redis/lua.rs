@@ -54,13 +54,15 @@ pub const LEASE: &str = script!("lease.lua");
 /// Settles one charge (`settlement`): records its id once and moves its
 /// counters and credits by the delta, into the windows the charge was made in.
 ///
-/// KEYS: the once-only hash (`P{acct}:settled:<hour>`), the credits key, then
-/// each calendar counter of the charge. ARGV: charge id, remember-until ms,
-/// delta (signed), credits flag (`0`/`1`), counter count n, then each
-/// counter's window end ms. A refund never takes a counter or balance below 0
-/// nor revives an expired counter; an overage is added while the window's
-/// counter lives, and takes from the balance what it holds. Answers
-/// `{applied (0: already settled), credits unpaid}`.
+/// KEYS: the once-only hash (`P{acct}:settled:<hour>`), the credits key,
+/// the outbox stream, each calendar counter of the charge, each mark. ARGV:
+/// charge id, remember-until ms, delta (signed), credits flag (`0`/`1`),
+/// counter count n, each counter's window end ms, the outbox cap, the event
+/// count and the events, the mark count and per mark its target (0 credits,
+/// i counter i), level, until ms and event. A refund never takes a counter or
+/// balance below 0 nor revives an expired counter; an overage is added while
+/// the window's counter lives, and takes from the balance what it holds.
+/// Answers `{applied (0: already settled), credits unpaid, queued, dropped}`.
 pub const SETTLE: &str = script!("settle.lua");
 
 /// Claims events of one account's outbox for a consumer: its own

@@ -454,6 +454,31 @@ impl Store for RedisStore {
         outbox::ack(&mut conn, &self.keys, &self.sweep, events).await
     }
 
+    async fn record_settled(
+        &self,
+        account: &str,
+        issued: DateTime<Utc>,
+        ids: &[String],
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        if !is_valid_account_id(account) {
+            return Err(bad_account_id(account));
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let key = self.keys.settled(account, issued);
+        let mut pipe = redis::pipe();
+        let hset = pipe.cmd("HSET").arg(&key);
+        for id in ids {
+            hset.arg(id).arg(1);
+        }
+        hset.ignore();
+        pipe.cmd("PEXPIREAT").arg(&key).arg(millis(until)).ignore();
+        let mut conn = self.conn().await?;
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
     async fn charge_key(&self) -> Result<[u8; 32], StoreError> {
         let mut conn = self.conn().await?;
         let mut fresh = [0u8; 32];

@@ -42,14 +42,18 @@ if with_credits then
   balance = stored(redis.call('GET', KEYS[2]), MAX_CREDITS)
   if balance == nil then return corrupt('credits ' .. KEYS[2]) end
 end
-if redis.call('HEXISTS', KEYS[1], id) == 1 then return {0, 0, 0, 0} end
-
--- Everything is checked: from here on nothing can fail half-way.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], id, '1')
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < 0 or now + ttl < until_ms then redis.call('PEXPIREAT', KEYS[1], str(until_ms)) end
+-- Everything is checked: from here on nothing can fail half-way. The first
+-- write records the id, or finds it recorded (a replay: nothing happens).
+if redis.call('HSETNX', KEYS[1], id, '1') == 0 then return {0, 0, 0, 0} end
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIREAT', KEYS[1], str(until_ms)) end
+local now = nil
+local function clock()
+  if now == nil then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now
+end
 for i = 1, n do
   local key, expires = KEYS[3 + i], ends[i] + 60000
   if delta < 0 then
@@ -57,7 +61,7 @@ for i = 1, n do
     local back = math.min(used[i], -delta)
     if back > 0 then redis.call('DECRBY', key, str(back)) end
     used[i] = used[i] - back
-  elseif delta > 0 and now < expires then
+  elseif delta > 0 and clock() < expires then
     redis.call('INCRBY', key, str(delta))
     redis.call('PEXPIREAT', key, str(expires))
     used[i] = used[i] + delta
@@ -96,7 +100,7 @@ for i = 1, nm do
   local m = marks[i]
   local crossed
   if m.target == 0 then crossed = with_credits and balance <= m.at else crossed = used[m.target] >= m.at end
-  if crossed and m.until_ms > now and redis.call('SET', m.key, '1', 'NX', 'PXAT', str(m.until_ms)) then
+  if crossed and m.until_ms > clock() and redis.call('SET', m.key, '1', 'NX', 'PXAT', str(m.until_ms)) then
     emit(m.event)
   end
 end
