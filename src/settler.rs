@@ -71,6 +71,10 @@ async fn retry<T, F: Future<Output = Result<T, StoreError>>>(mut call: impl FnMu
     }
 }
 
+/// Charge ids to record for one (account, remember-until: one per hour of
+/// issue): an issue instant of that hour, and the ids.
+type Recorded = (DateTime<Utc>, Vec<String>);
+
 /// Turns access-log entries into settled charges.
 pub struct Settler {
     authorizer: Arc<Authorizer>,
@@ -108,8 +112,7 @@ impl Settler {
             }
         };
         let now = Utc::now();
-        // (account, remember-until: one per hour of issue) → (an issue instant of that hour, ids).
-        let mut record: HashMap<(String, DateTime<Utc>), (DateTime<Utc>, Vec<String>)> = HashMap::new();
+        let mut record: HashMap<(String, DateTime<Utc>), Recorded> = HashMap::new();
         let mut work = Vec::new();
         for e in entries {
             let charge = match Charge::open(e.charge, &key) {

@@ -422,7 +422,7 @@ impl Store for RedisStore {
         let mut conn = self.conn().await?;
         if !adj.events.is_empty() || !adj.marks.is_empty() {
             // Indexed first: a consumer finds every account that may have events.
-            outbox::index(&mut conn, &self.keys, &adj.account).await?;
+            outbox::index(&mut conn, &self.keys, &self.sweep, &adj.account).await?;
         }
         let out: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
         let count =

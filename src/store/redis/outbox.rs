@@ -28,6 +28,14 @@ use crate::usage::OutboxEvent;
 /// How long an emptied account stays indexed after its last write.
 pub(super) const FORGET_AFTER: Duration = Duration::from_secs(300);
 
+/// How long an index write stands for the writer: well under
+/// [`FORGET_AFTER`] (so no consumer forgets the account meanwhile), and
+/// within the sweep's 2 s look-back (so the next sweep still visits it).
+const REINDEX_AFTER: Duration = Duration::from_secs(1);
+
+/// The most accounts whose index write a replica remembers (beyond, it prunes, then writes again).
+const MAX_INDEXED: usize = 100_000;
+
 /// Accounts read from the index per call of a full sweep.
 const PAGE: isize = 200;
 
@@ -41,11 +49,13 @@ pub(super) struct Sweep {
     offset: isize,
     /// Accounts with events this replica claimed and has not acknowledged.
     mine: HashSet<String>,
+    /// Accounts this replica indexed, and when.
+    indexed: std::collections::HashMap<String, Instant>,
 }
 
 impl Default for Sweep {
     fn default() -> Self {
-        Self { since_ms: 0, full_at: Instant::now(), offset: 0, mine: HashSet::new() }
+        Self { since_ms: 0, full_at: Instant::now(), offset: 0, mine: HashSet::new(), indexed: Default::default() }
     }
 }
 
@@ -71,9 +81,30 @@ fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
 
-/// Indexes `account` as written now (before the write: see the module doc).
-pub(super) async fn index(conn: &mut Conn, keys: &Keys, account: &str) -> Result<(), StoreError> {
-    redis::cmd("ZADD").arg(keys.outbox()).arg(now_ms()).arg(account).query_async::<()>(conn).await.map_err(unavailable)
+/// Indexes `account` as written now (before the write: see the module doc),
+/// unless this replica did so less than [`REINDEX_AFTER`] ago: its score is
+/// then recent enough that no consumer forgets it (that takes
+/// [`FORGET_AFTER`] without a write), so the write is found all the same.
+pub(super) async fn index(
+    conn: &mut Conn,
+    keys: &Keys,
+    sweep: &std::sync::Mutex<Sweep>,
+    account: &str,
+) -> Result<(), StoreError> {
+    let now = Instant::now();
+    {
+        let s = sweep.lock().unwrap_or_else(|e| e.into_inner());
+        if s.indexed.get(account).is_some_and(|at| now.duration_since(*at) < REINDEX_AFTER) {
+            return Ok(());
+        }
+    }
+    redis::cmd("ZADD").arg(keys.outbox()).arg(now_ms()).arg(account).query_async::<()>(conn).await.map_err(unavailable)?;
+    let mut s = sweep.lock().unwrap_or_else(|e| e.into_inner());
+    if s.indexed.len() >= MAX_INDEXED {
+        s.indexed.retain(|_, at| now.duration_since(*at) < REINDEX_AFTER);
+    }
+    s.indexed.insert(account.to_owned(), now);
+    Ok(())
 }
 
 /// Which accounts this call visits, and moves the sweep on.

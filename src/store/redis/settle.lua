@@ -83,10 +83,11 @@ end
 -- The outbox: this account's stream, read by the consumer group `tollgate`.
 local queued, dropped = 0, 0
 local function emit(payload)
-  if redis.call('EXISTS', KEYS[3]) == 0 then
+  local len = redis.call('XLEN', KEYS[3])
+  if len == 0 and redis.call('EXISTS', KEYS[3]) == 0 then
     redis.call('XGROUP', 'CREATE', KEYS[3], 'tollgate', '0', 'MKSTREAM')
   end
-  if redis.call('XLEN', KEYS[3]) >= cap then
+  if len >= cap then
     dropped = dropped + 1
   else
     redis.call('XADD', KEYS[3], '*', 'e', payload)
