@@ -336,7 +336,7 @@ pub fn settle(charge: &Charge, served: Served<'_>, charge_on: ChargeOn, now: Dat
         delta,
         credits: charge.credits,
         remember_until,
-        events: Vec::new(),
+        event: None,
         marks: Vec::new(),
         outbox_limit: 0,
     })

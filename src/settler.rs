@@ -151,44 +151,56 @@ impl Settler {
                 }
             }
         }
-        futures_util::stream::iter(work)
-            .for_each_concurrent(IN_FLIGHT, |(charge, code, adjustment)| {
-                self.apply(&config, charge, code, adjustment, now)
-            })
+        // With events, each charge gets its usage event and threshold marks;
+        // then one store call (per group of windows) settles an account's charges.
+        let mut by_account: HashMap<String, Vec<Adjustment>> = HashMap::new();
+        for (charge, code, mut adjustment) in work {
+            if config.events.enabled() {
+                let events = &config.events;
+                // Both within 0..=MAX_COST: the final cost is the reservation moved by the delta.
+                let units = charge.cost.saturating_add_signed(adjustment.delta);
+                adjustment.event = Some(crate::events::usage(&events.source, &charge, code, units));
+                adjustment.marks = self.marks(&config, &charge, now).await;
+                adjustment.outbox_limit = events.outbox_limit;
+            }
+            by_account.entry(adjustment.account.clone()).or_default().push(adjustment);
+        }
+        futures_util::stream::iter(by_account.into_values())
+            .for_each_concurrent(IN_FLIGHT, |adjustments| self.apply(&config, adjustments))
             .await;
     }
 
-    /// Settles one charge that moves counters or makes events.
-    async fn apply(&self, config: &Config, charge: Charge, code: u32, mut adjustment: Adjustment, now: DateTime<Utc>) {
+    /// Settles one account's charges that move counters or make events.
+    async fn apply(&self, config: &Config, adjustments: Vec<Adjustment>) {
         let metrics = self.authorizer.metrics();
-        if config.events.enabled() {
-            let events = &config.events;
-            // Both within 0..=MAX_COST: the final cost is the reservation moved by the delta.
-            let units = charge.cost.saturating_add_signed(adjustment.delta);
-            adjustment.events.push(crate::events::usage(&events.source, &charge, code, units));
-            adjustment.marks = self.marks(config, &charge, now).await;
-            adjustment.outbox_limit = events.outbox_limit;
-        }
         let store = self.authorizer.store();
-        match retry(|| self.authorizer.call(config.store.timeout, store.settle(&adjustment))).await {
-            Ok(Settled::Applied { unpaid, queued, dropped }) => {
-                metrics.record_events("queued", u64::from(queued));
-                metrics.record_events("dropped", u64::from(dropped));
-                if dropped > 0 {
-                    tracing::warn!(account = %adjustment.account, dropped, "outbox full: events dropped");
-                }
-                metrics.record_settlement(if adjustment.delta == 0 { "unchanged" } else { "applied" });
-                let units = adjustment.delta.unsigned_abs();
-                metrics.record_settled_units(if adjustment.delta < 0 { "refunded" } else { "overage" }, units);
-                metrics.record_settled_units("unpaid", unpaid);
-                if unpaid > 0 {
-                    tracing::info!(account = %adjustment.account, unpaid, "overage beyond the credit balance");
-                }
-            }
-            Ok(Settled::Duplicate) => metrics.record_settlement("duplicate"),
+        let answers = match retry(|| self.authorizer.call(config.store.timeout, store.settle_many(&adjustments))).await
+        {
+            Ok(a) => a,
             Err(e) => {
-                tracing::warn!(account = %adjustment.account, error = %e, "settlement failed; the reservation stands");
-                metrics.record_settlement("failed");
+                let account = adjustments.first().map_or("-", |a| a.account.as_str());
+                tracing::warn!(account, charges = adjustments.len(), error = %e, "settlement failed; the reservations stand");
+                adjustments.iter().for_each(|_| metrics.record_settlement("failed"));
+                return;
+            }
+        };
+        for (adjustment, answer) in adjustments.iter().zip(answers) {
+            match answer {
+                Settled::Applied { unpaid, queued, dropped } => {
+                    metrics.record_events("queued", u64::from(queued));
+                    metrics.record_events("dropped", u64::from(dropped));
+                    if dropped > 0 {
+                        tracing::warn!(account = %adjustment.account, dropped, "outbox full: events dropped");
+                    }
+                    metrics.record_settlement(if adjustment.delta == 0 { "unchanged" } else { "applied" });
+                    let units = adjustment.delta.unsigned_abs();
+                    metrics.record_settled_units(if adjustment.delta < 0 { "refunded" } else { "overage" }, units);
+                    metrics.record_settled_units("unpaid", unpaid);
+                    if unpaid > 0 {
+                        tracing::info!(account = %adjustment.account, unpaid, "overage beyond the credit balance");
+                    }
+                }
+                Settled::Duplicate => metrics.record_settlement("duplicate"),
             }
         }
     }

@@ -119,8 +119,8 @@ pub struct Adjustment {
     pub credits: bool,
     /// Until when the once-only record must last (after it, a replay is refused as stale).
     pub remember_until: DateTime<Utc>,
-    /// Events (CloudEvents JSON) to put in the outbox with the adjustment, in the same atomic step.
-    pub events: Vec<String>,
+    /// The event (CloudEvents JSON) to put in the outbox with the adjustment, in the same atomic step.
+    pub event: Option<String>,
     /// Threshold marks to test after the adjustment; each that is crossed
     /// and not yet set is set and puts its event in the outbox.
     pub marks: Vec<Mark>,

@@ -587,7 +587,7 @@ async fn a_settlement_moves_the_windows_it_was_charged_in_once(s: &Subject) {
         delta,
         credits: true,
         remember_until: now + chrono::Duration::hours(1),
-        events: Vec::new(),
+        event: None,
         marks: Vec::new(),
         outbox_limit: 0,
     };
@@ -650,7 +650,7 @@ async fn settled_events_wait_in_the_outbox_until_acknowledged_and_thresholds_fir
         delta,
         credits: false,
         remember_until: now + chrono::Duration::hours(1),
-        events: vec![format!("{{\"usage\":\"{charge}\"}}")],
+        event: Some(format!("{{\"usage\":\"{charge}\"}}")),
         marks: vec![mark(2), mark(3)],
         outbox_limit: limit,
     };
@@ -681,6 +681,17 @@ async fn settled_events_wait_in_the_outbox_until_acknowledged_and_thresholds_fir
     assert_eq!(left.iter().map(|e| e.payload.as_str()).collect::<Vec<_>>(), want[2..]);
     s.store.outbox_ack(&left).await.unwrap();
     assert!(s.store.outbox_claim("c1", 100, Duration::from_secs(30)).await.unwrap().is_empty());
+
+    // Many at once (one access-log message): the same answers, in order, a
+    // replay inside the batch included; an earlier hour's charge is its own group.
+    let earlier = Adjustment { issued: now - chrono::Duration::hours(2), ..adj("m-3", 0, 100) };
+    let batch = [adj("m-1", -1, 100), adj("m-2", 0, 100), adj("m-1", -1, 100), earlier, adj("e-1", 0, 100)];
+    let answers = s.store.settle_many(&batch).await.unwrap();
+    let shape: Vec<bool> = answers.iter().map(|a| matches!(a, Settled::Applied { .. })).collect();
+    assert_eq!(shape, [true, true, false, true, false], "{answers:?}");
+    let queued: u32 = answers.iter().map(|a| count(*a).0).sum();
+    assert_eq!(queued, 3, "one usage event per applied charge; no threshold fires again");
+    assert_eq!(s.store.outbox_claim("c1", 100, Duration::from_secs(30)).await.unwrap().len(), 3);
 }
 
 // ---------------------------------------------------------------- the runs

@@ -250,6 +250,10 @@ impl Store for CachedStore {
         self.inner.settle(adjustment).await
     }
 
+    async fn settle_many(&self, adjustments: &[Adjustment]) -> Result<Vec<Settled>, StoreError> {
+        self.inner.settle_many(adjustments).await
+    }
+
     async fn record_settled(
         &self,
         account: &str,

@@ -431,7 +431,7 @@ impl Store for MemoryStore {
         let mut emit = |outbox: &mut Outbox, event: &str| {
             if outbox.push(&adj.account, event, adj.outbox_limit) { queued += 1 } else { dropped += 1 }
         };
-        for e in &adj.events {
+        if let Some(e) = &adj.event {
             emit(&mut outbox, e);
         }
         if outbox.marks.len() >= 100_000 {

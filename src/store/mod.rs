@@ -113,6 +113,18 @@ pub trait Store: Send + Sync + 'static {
     /// recording the id); a replay answers [`Settled::Duplicate`] and changes nothing.
     async fn settle(&self, adjustment: &Adjustment) -> Result<Settled, StoreError>;
 
+    /// [`Store::settle`] for several adjustments of one account (as one
+    /// access-log message brings them), in order; a store may make fewer
+    /// calls. On an error none may be taken as applied (a retry is safe: the
+    /// ones that were answer `Duplicate`).
+    async fn settle_many(&self, adjustments: &[Adjustment]) -> Result<Vec<Settled>, StoreError> {
+        let mut out = Vec::with_capacity(adjustments.len());
+        for a in adjustments {
+            out.push(self.settle(a).await?);
+        }
+        Ok(out)
+    }
+
     /// Records charges of `account` settled at their reservation (nothing to
     /// move, no events): their ids, kept until `until`, so no later entry for
     /// them changes anything. One call for many ids, all issued in the hour

@@ -47,6 +47,7 @@ mod leases;
 pub mod lua;
 mod outbox;
 mod records;
+mod settle;
 mod spend;
 
 use std::fmt;
@@ -63,7 +64,7 @@ use super::{Invalidation, Store, StoreError};
 use crate::bounds;
 use crate::entitlement::{Account, MAX_WINDOW, Quota, is_valid_account_id};
 use crate::identity::{KeyHash, KeyMeta};
-use crate::usage::{Adjustment, MAX_COST, MAX_CREDITS, OutboxEvent, Settled, Spend, SpendAnswer};
+use crate::usage::{Adjustment, MAX_CREDITS, OutboxEvent, Settled, Spend, SpendAnswer};
 
 /// The Redis-backed [`Store`].
 pub struct RedisStore {
@@ -390,53 +391,33 @@ impl Store for RedisStore {
     }
 
     async fn settle(&self, adj: &Adjustment) -> Result<Settled, StoreError> {
-        if !is_valid_account_id(&adj.account) {
-            return Err(bad_account_id(&adj.account));
+        let mut answers = self.settle_many(std::slice::from_ref(adj)).await?;
+        answers.pop().ok_or_else(|| StoreError::Corrupt("settle script answered nothing".into()))
+    }
+
+    async fn settle_many(&self, adjustments: &[Adjustment]) -> Result<Vec<Settled>, StoreError> {
+        let Some(first) = adjustments.first() else { return Ok(Vec::new()) };
+        if !is_valid_account_id(&first.account) {
+            return Err(bad_account_id(&first.account));
         }
-        if adj.delta.unsigned_abs() > MAX_COST {
-            return Err(StoreError::Corrupt(format!("adjustment of {} units is above MAX_COST", adj.delta)));
+        if adjustments.iter().any(|a| a.account != first.account) {
+            return Err(StoreError::Corrupt("settle_many takes one account's adjustments".into()));
         }
-        let mut inv = self.settle.prepare_invoke();
-        inv.key(self.keys.settled(&adj.account, adj.issued))
-            .key(self.keys.credits(&adj.account))
-            .key(self.keys.events(&adj.account));
-        inv.arg(&adj.charge)
-            .arg(millis(adj.remember_until))
-            .arg(adj.delta)
-            .arg(u8::from(adj.credits))
-            .arg(adj.periods.len());
-        for p in &adj.periods {
-            let (start, end) = p.bounds(adj.issued);
-            inv.key(self.keys.calendar(&adj.account, &adj.meter, *p, start));
-            inv.arg(millis(end));
-        }
-        inv.arg(adj.outbox_limit).arg(adj.events.len());
-        for e in &adj.events {
-            inv.arg(e);
-        }
-        inv.arg(adj.marks.len());
-        for m in &adj.marks {
-            inv.key(self.keys.mark(&adj.account, &m.name));
-            inv.arg(m.counter.map_or(0, |i| i + 1)).arg(m.at).arg(millis(m.until)).arg(&m.event);
-        }
+        let calls = settle::calls(&self.settle, &self.keys, adjustments)?;
         let mut conn = self.conn().await?;
-        if !adj.events.is_empty() || !adj.marks.is_empty() {
+        if calls.iter().any(|c| c.events) {
             // Indexed first: a consumer finds every account that may have events.
-            outbox::index(&mut conn, &self.keys, &self.sweep, &adj.account).await?;
+            outbox::index(&mut conn, &self.keys, &self.sweep, &first.account).await?;
         }
-        let out: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
-        let count =
-            |v: i64| u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("settle script answered {out:?}")));
-        match out.as_slice() {
-            [0, ..] => Ok(Settled::Duplicate),
-            [1, unpaid, queued, dropped] => Ok(Settled::Applied {
-                unpaid: u64::try_from(*unpaid)
-                    .map_err(|_| StoreError::Corrupt(format!("settle script answered unpaid = {unpaid}")))?,
-                queued: count(*queued)?,
-                dropped: count(*dropped)?,
-            }),
-            other => Err(StoreError::Corrupt(format!("settle script answered {other:?}"))),
+        let mut answers = vec![None; adjustments.len()];
+        for call in calls {
+            let out: Vec<i64> = call.invocation.invoke_async(&mut conn).await.map_err(unavailable)?;
+            settle::answer(&out, &call.positions, &mut answers)?;
         }
+        answers
+            .into_iter()
+            .map(|a| a.ok_or_else(|| StoreError::Corrupt("settle script left an adjustment unanswered".into())))
+            .collect()
     }
 
     async fn outbox_claim(

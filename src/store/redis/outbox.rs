@@ -98,7 +98,13 @@ pub(super) async fn index(
             return Ok(());
         }
     }
-    redis::cmd("ZADD").arg(keys.outbox()).arg(now_ms()).arg(account).query_async::<()>(conn).await.map_err(unavailable)?;
+    redis::cmd("ZADD")
+        .arg(keys.outbox())
+        .arg(now_ms())
+        .arg(account)
+        .query_async::<()>(conn)
+        .await
+        .map_err(unavailable)?;
     let mut s = sweep.lock().unwrap_or_else(|e| e.into_inner());
     if s.indexed.len() >= MAX_INDEXED {
         s.indexed.retain(|_, at| now.duration_since(*at) < REINDEX_AFTER);
