@@ -35,8 +35,13 @@ pub const FIELD: &str = "charge";
 
 /// The oldest charge settled: an entry for an older one is refused as stale,
 /// which bounds how long settled ids are remembered. Envoy sends entries
-/// within seconds; this leaves room for a long outage of tollgate.
-pub const MAX_AGE: Duration = Duration::from_secs(3600);
+/// within a second and drops what its buffer cannot hold while tollgate is
+/// away; this leaves room for a long restart.
+pub const MAX_AGE: Duration = Duration::from_secs(15 * 60);
+
+/// Settled ids are kept per account and slot of issue (ms since the epoch ÷
+/// this), each slot until its last charge is older than [`MAX_AGE`].
+pub const SLOT_MS: i64 = 10 * 60 * 1000;
 
 /// How far in the future a charge may claim to be issued (replicas' clocks differ).
 pub const MAX_SKEW: Duration = Duration::from_secs(300);
@@ -322,11 +327,11 @@ pub fn settle(charge: &Charge, served: Served<'_>, charge_on: ChargeOn, now: Dat
     };
     // Both within 0..=MAX_COST, so the difference fits with room to spare.
     let delta = i64::try_from(actual).unwrap_or(i64::MAX) - i64::try_from(charge.cost).unwrap_or(i64::MAX);
-    // Ids are kept per account and hour of issue: until the last charge of
-    // that hour is too old to settle.
-    let hour_end = (charge.issued.timestamp_millis().div_euclid(3_600_000) + 1) * 3_600_000;
-    let remember_until = DateTime::<Utc>::from_timestamp_millis(hour_end).unwrap_or(charge.issued)
-        + chrono::Duration::from_std(MAX_AGE + MAX_SKEW).unwrap_or_else(|_| chrono::Duration::hours(2));
+    // Ids are kept per account and slot of issue: until the last charge of
+    // that slot is too old to settle.
+    let slot_end = (charge.issued.timestamp_millis().div_euclid(SLOT_MS) + 1) * SLOT_MS;
+    let remember_until = DateTime::<Utc>::from_timestamp_millis(slot_end).unwrap_or(charge.issued)
+        + chrono::Duration::from_std(MAX_AGE + MAX_SKEW).unwrap_or_else(|_| chrono::Duration::hours(1));
     Ok(Adjustment {
         account: charge.account.clone(),
         charge: charge.id.clone(),

@@ -71,8 +71,8 @@ async fn retry<T, F: Future<Output = Result<T, StoreError>>>(mut call: impl FnMu
     }
 }
 
-/// Charge ids to record for one (account, remember-until: one per hour of
-/// issue): an issue instant of that hour, and the ids.
+/// Charge ids to record for one (account, remember-until: one per slot of
+/// issue): an issue instant of that slot, and the ids.
 type Recorded = (DateTime<Utc>, Vec<String>);
 
 /// Turns access-log entries into settled charges.
@@ -96,7 +96,7 @@ impl Settler {
 
     /// Settles the charges of one message's entries. Charges whose response
     /// costs the reservation, with events off, have nothing to move: their
-    /// ids are recorded in one store call per account and hour of issue.
+    /// ids are recorded in one store call per account and slot of issue.
     /// The others are settled one store call each, up to [`IN_FLIGHT`] at once.
     pub async fn settle_all(&self, entries: &[Entry<'_>]) {
         let metrics = self.authorizer.metrics();

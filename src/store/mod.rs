@@ -127,8 +127,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records charges of `account` settled at their reservation (nothing to
     /// move, no events): their ids, kept until `until`, so no later entry for
-    /// them changes anything. One call for many ids, all issued in the hour
-    /// of `issued`.
+    /// them changes anything. One call for many ids, all issued in the
+    /// ten-minute slot of `issued` (`settlement::SLOT_MS`).
     async fn record_settled(
         &self,
         account: &str,

@@ -63,11 +63,11 @@ impl Keys {
         format!("{}{{{id}}}:q:{}:{}:{}", self.prefix, meter, p.as_str(), millis(start))
     }
 
-    /// `P{acct}:settled:<hour>`: ids of the charges issued in that hour
+    /// `P{acct}:settled:<slot>`: ids of the charges issued in that ten-minute slot
     /// (ms since the epoch / 3,600,000) that were settled; expires when they
     /// can no longer be replayed.
     pub(super) fn settled(&self, id: &str, issued: DateTime<Utc>) -> String {
-        format!("{}{{{id}}}:settled:{}", self.prefix, millis(issued).div_euclid(3_600_000))
+        format!("{}{{{id}}}:settled:{}", self.prefix, millis(issued).div_euclid(crate::settlement::SLOT_MS))
     }
 
     /// `P{acct}:events`: the account's outbox, a stream read by the consumer group `tollgate`.

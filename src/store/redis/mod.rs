@@ -19,7 +19,7 @@
 //! | `P{acct}:events` | stream | the account's outbox ([`outbox`]): CloudEvents JSON in field `e`, consumer group `tollgate`; deleted when empty and idle |
 //! | `P{acct}:th:<meter>:<period>:<start ms>:<permille>` / `P{acct}:th:credits:<level>:<day ms>` | string | a threshold that fired; expires with its window (or day) |
 //! | `Poutbox` | sorted set | accounts whose outbox may hold events, scored by last write (ms) |
-//! | `P{acct}:settled:<hour>` | hash | charge id → 1 for charges issued in that hour and settled from the access log; expires when such a charge is too old to settle |
+//! | `P{acct}:settled:<slot>` | hash | charge id → 1 for charges issued in that ten-minute slot (ms ÷ 600,000) and settled from the access log; expires when such a charge is too old to settle |
 //! | `Pcharge-key` | string (hex) | the secret charges are signed with, shared by every replica |
 //! | `Pinvalidate` | pub/sub channel | `account:<id>` / `key:<hex>` on every change |
 //!

@@ -1,5 +1,5 @@
 //! The Rust side of the settle script ([`super::lua::SETTLE`]): adjustments
-//! grouped by what they touch (one account's once-only hash of an hour, the
+//! grouped by what they touch (one account's once-only hash of a ten-minute slot, the
 //! same counters, credits or not), each group one script call of at most
 //! [`CHUNK`] items, and the answers put back in the callers' order.
 //!
@@ -57,7 +57,7 @@ pub(super) fn calls<'a>(
             inv.key(keys.settled(&first.account, first.issued))
                 .key(keys.credits(&first.account))
                 .key(keys.events(&first.account));
-            // The latest remember-until of the group (one hour's charges share it).
+            // The latest remember-until of the group (one slot's charges share it).
             let until = chunk.iter().map(|&p| adjustments[p].remember_until).max().unwrap_or(first.remember_until);
             inv.arg(millis(until)).arg(first.outbox_limit).arg(u8::from(first.credits)).arg(first.periods.len());
             for p in &first.periods {
