@@ -100,6 +100,7 @@ pub async fn run(
     let bounds = grpc::Bounds {
         max_message: limits.max_message_bytes,
         request_timeout: limits.request_timeout,
+        max_inflight: limits.max_inflight_requests,
         stopping: stop_rx.clone(),
     };
     let grpc::Services { routes, health } = grpc::services(authorizer.clone(), accounts.clone(), bounds);
@@ -147,13 +148,10 @@ pub async fn run(
         .http2_max_header_list_size(limits.max_header_list_bytes)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        // request_timeout is applied per service (`grpc::timed`): the access-log stream lives on.
+        // request_timeout and max_inflight_requests are applied per service
+        // (`grpc::bounded`): access-log streams live on, in a pool of their own.
         .max_connection_age(limits.max_connection_age)
-        .max_connection_age_grace(limits.request_timeout)
-        // Calls beyond the global cap are refused at once (RESOURCE_EXHAUSTED)
-        // rather than queued: a call holds its message buffer while it runs.
-        .load_shed(true)
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_inflight_requests));
+        .max_connection_age_grace(limits.request_timeout);
     if let Some(tls) = &tls {
         let mut t =
             ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key)).timeout(limits.handshake_timeout);

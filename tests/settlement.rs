@@ -369,3 +369,31 @@ async fn forged_and_garbled_entries_are_counted_never_applied() {
     assert!(m.contains("tollgate_settlements_total{result=\"duplicate\"} 1"), "{m}");
     server.stop().await;
 }
+
+/// Access-log streams live as long as Envoy keeps them, in a pool of their
+/// own: however many proxies stream to a replica, Checks still get their
+/// slots; streams beyond the pool are refused at once.
+#[tokio::test]
+async fn access_log_streams_never_take_the_slots_checks_need() {
+    let yaml = format!("{CONFIG}server: {{ limits: {{ max_inflight_requests: 4, request_timeout: 1s }} }}\n");
+    let server = TestServer::start(&yaml).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut client = AccessLogServiceClient::new(server.channel().await);
+        held.push(tokio::spawn(async move {
+            client.stream_access_logs(tokio_stream::pending::<StreamAccessLogsMessage>()).await
+        }));
+    }
+    // Past request_timeout: the streams are not cut by it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(held.iter().all(|h| !h.is_finished()), "the streams live on");
+    let mut client = AccessLogServiceClient::new(server.channel().await);
+    let refused = client.stream_access_logs(tokio_stream::pending::<StreamAccessLogsMessage>()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    let r = server.check(http_check("GET", "/v1/search", &[("x-api-key", "m-key")])).await;
+    assert_eq!(r.status.map(|s| s.code), Some(0), "a Check is served while every stream slot is taken");
+    for h in held {
+        h.abort();
+    }
+    server.stop().await;
+}

@@ -9,9 +9,9 @@
 
 pub mod access_log;
 pub mod api;
+pub mod bounded;
 pub mod ext_authz;
 pub mod status;
-pub mod timed;
 
 use std::sync::Arc;
 
@@ -25,10 +25,10 @@ use crate::authorizer::Authorizer;
 use crate::settler::Settler;
 use access_log::AccessLog;
 use api::Api;
+use bounded::Bounded;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use ext_authz::ExtAuthz;
 use pb::tollgate_server::TollgateServer;
-use timed::Timed;
 
 /// Code generated from `proto/tollgate/v1/tollgate.proto`.
 #[allow(missing_docs, clippy::all)]
@@ -54,6 +54,9 @@ pub struct Bounds {
     pub max_message: usize,
     /// Calls that run longer end with CANCELLED (all but the access-log stream).
     pub request_timeout: std::time::Duration,
+    /// Calls in flight at once (Checks, the API and health share them; the
+    /// access-log streams have as many of their own); more are refused.
+    pub max_inflight: usize,
     /// Turns true when shutdown begins: access-log streams end then.
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }
@@ -61,28 +64,36 @@ pub struct Bounds {
 /// Builds every service of the gRPC port within `bounds`; health reports
 /// nothing until told.
 pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bounds) -> Services {
-    let Bounds { max_message, request_timeout, stopping } = bounds;
+    let Bounds { max_message, request_timeout, max_inflight, stopping } = bounds;
+    let calls = Arc::new(tokio::sync::Semaphore::new(max_inflight));
+    let streams = Arc::new(tokio::sync::Semaphore::new(max_inflight));
+    let timed = Some(request_timeout);
     let (reporter, health) = tonic_health::server::health_reporter();
-    let routes = Routes::new(Timed::new(
+    let routes = Routes::new(Bounded::new(
         health.max_decoding_message_size(max_message).max_encoding_message_size(max_message),
-        request_timeout,
+        timed,
+        calls.clone(),
     ))
-    .add_service(Timed::new(
+    .add_service(Bounded::new(
         AuthorizationServer::new(ExtAuthz::new(authorizer.clone()))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
-        request_timeout,
+        timed,
+        calls.clone(),
     ))
-    .add_service(
+    .add_service(Bounded::new(
         AccessLogServiceServer::new(AccessLog::new(Arc::new(Settler::new(authorizer.clone())), stopping))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
-    )
-    .add_service(Timed::new(
+        None,
+        streams,
+    ))
+    .add_service(Bounded::new(
         TollgateServer::new(Api::new(authorizer, accounts))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
-        request_timeout,
+        timed,
+        calls,
     ));
     Services { routes, health: Health { reporter } }
 }
