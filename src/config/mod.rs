@@ -210,16 +210,26 @@ impl Config {
                 "public".to_owned()
             } else {
                 format!(
-                    "feature {} meter {} cost {}",
+                    "feature {} meter {} cost {}{}",
                     r.feature.as_deref().unwrap_or("-"),
                     r.meter.as_deref().unwrap_or("-"),
-                    r.cost
+                    r.cost,
+                    r.cost_from_response.as_ref().map_or(String::new(), |h| format!(" (reserved; charged from {h})")),
                 )
             };
             let methods = if r.matcher.methods.is_empty() { "ANY".to_owned() } else { r.matcher.methods.join(",") };
             out += &format!("  [{}] {} {}: {}\n", r.index, methods, r.name, what);
         }
         out += &format!("default: {:?}\naccounts: {}\n", self.policy.unmatched, self.accounts.len());
+        out += &format!("charge_on: {}\n", self.billing.charge_on.describe());
+        // The sink's host only: a URL may carry credentials.
+        let sink = self
+            .events
+            .sink
+            .as_ref()
+            .and_then(|s| s.url.parse::<hyper::Uri>().ok())
+            .map(|u| format!("{}://{}", u.scheme_str().unwrap_or("?"), u.authority().map_or("?", |a| a.host())));
+        out += &format!("events: {}\n", sink.unwrap_or_else(|| "off".to_owned()));
         out
     }
 }
