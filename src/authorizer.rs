@@ -331,12 +331,33 @@ impl Authorizer {
             (None, _) => Caller::Invalid,
         };
         let mut charge = None;
-        let meter = match target {
-            Target::Metered { meter, .. } => meter,
-            _ => None,
+        let (meter, cost) = match target {
+            Target::Metered { meter, cost, .. } => (meter, cost),
+            _ => (None, 0),
         };
         let decision = match decision::evaluate(&config.policy, target, caller, now, query.dry_run) {
-            Step::Done(d) => d,
+            Step::Done(d) => {
+                // A metered route on which the plan has no quota and no credits:
+                // nothing was spent, yet the request was used. With events on
+                // (or a reported cost) it carries a charge with nothing to
+                // adjust, so its usage event is made like any other's.
+                let used = settles && !query.dry_run && d.is_allowed() && meter.is_some();
+                if used
+                    && (config.events.enabled() || cost_header.is_some())
+                    && let Some(account) = &d.account
+                {
+                    let spend = Spend {
+                        account: account.clone(),
+                        quotas: Vec::new(),
+                        cost,
+                        credits: None,
+                        now,
+                        dry_run: false,
+                    };
+                    charge = self.charge(config, &spend, meter, cost_header).await;
+                }
+                d
+            }
             Step::Spend(spend, partial) => match self.call(config.store.timeout, self.store.spend(&spend)).await {
                 Ok(answer) => {
                     let d = decision::settle(&spend, &answer, partial);

@@ -49,6 +49,8 @@ plans:
   payg:
     features: [search]
     prepaid: true
+  unlimited:
+    features: [search]
 routes:
   - {{ match: {{ path_prefix: /v1/search }}, feature: search, meter: requests, cost: 1 }}
   - {{ match: {{ path_prefix: /v1/ai }}, feature: ai, meter: tokens, cost: 100, cost_from_response: x-usage-tokens }}
@@ -57,6 +59,7 @@ accounts:
   - {{ id: acct_m, plan: metered, api_keys: [m-key] }}
   - {{ id: acct_s, plan: small, api_keys: [s-key] }}
   - {{ id: acct_w, plan: payg, api_keys: [w-key], credits: 1000 }}
+  - {{ id: acct_u, plan: unlimited, api_keys: [u-key] }}
 store: {store}
 events:
   sink: {{ url: "{}" {extra} }}
@@ -108,15 +111,19 @@ async fn through_envoy(redis: bool) {
             let mut h = vec![("x-api-key", "w-key")];
             h.extend(fail);
             s.get("/v1/search", &h).await;
+            // A plan with no quota or credits on the meter: used all the same.
+            let mut h = vec![("x-api-key", "u-key")];
+            h.extend(fail);
+            s.get("/v1/search", &h).await;
             let t = (i * 41).to_string();
             assert_eq!(s.get("/v1/ai", &[("x-api-key", "m-key"), ("x-test-usage-tokens", &t)]).await.status, 200);
             *tokens += i * 41;
-            *sent += 3;
+            *sent += 4;
         }
     };
     round(&mut sent, &mut tokens).await;
     // The sink goes away: events wait in the outbox, then arrive when it is back.
-    eventually("the first round is delivered", Duration::from_secs(15), async || sink.unique().len() >= 30).await;
+    eventually("the first round is delivered", Duration::from_secs(15), async || sink.unique().len() >= 40).await;
     sink.stop();
     round(&mut sent, &mut tokens).await;
     let metric = async |name: &str| {
@@ -144,6 +151,7 @@ async fn through_envoy(redis: bool) {
     assert_eq!(units[&("acct_m".to_owned(), "tokens".to_owned())], tokens);
     assert_eq!(credits["acct_w"], 1000 - store.credits("acct_w").await.unwrap());
     assert_eq!(credits["acct_w"], 14);
+    assert_eq!(units[&("acct_u".to_owned(), "requests".to_owned())], 14, "an unmetered plan's use is an event too");
     // The low-credit level (990) fired once.
     let low: Vec<_> = events.iter().filter(|e| e["type"] == "com.tollgate.credits.low").collect();
     assert_eq!(low.len(), 1, "{low:?}");
