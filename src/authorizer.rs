@@ -99,10 +99,25 @@ pub struct Authorizer {
     charges: Charges,
 }
 
+/// How long a fetched signing key is used before it is read again (a key
+/// lost from Redis and made anew by another replica is picked up within this).
+const KEY_FRESH: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The signing keys this replica knows: the store's now, and the one before
+/// it (charges signed before a change still verify).
+#[derive(Default)]
+struct Keys {
+    current: Option<[u8; 32]>,
+    previous: Option<[u8; 32]>,
+    fetched: Option<std::time::Instant>,
+}
+
 /// Makes charge ids and signs charges.
 struct Charges {
-    /// The store's signing key, fetched on first need.
-    key: tokio::sync::OnceCell<[u8; 32]>,
+    /// The store's signing keys, read on first need and every [`KEY_FRESH`].
+    keys: std::sync::Mutex<Keys>,
+    /// Set while one caller reads the key again (the others use the current one).
+    refreshing: std::sync::atomic::AtomicBool,
     /// Random per process: ids from different replicas never collide.
     prefix: u64,
     next: std::sync::atomic::AtomicU64,
@@ -123,7 +138,8 @@ impl Authorizer {
             prefix = Utc::now().timestamp_nanos_opt().unwrap_or_default().to_le_bytes();
         }
         let charges = Charges {
-            key: tokio::sync::OnceCell::new(),
+            keys: std::sync::Mutex::new(Keys::default()),
+            refreshing: std::sync::atomic::AtomicBool::new(false),
             prefix: u64::from_le_bytes(prefix),
             next: std::sync::atomic::AtomicU64::new(0),
         };
@@ -175,10 +191,55 @@ impl Authorizer {
         format!("{:016x}", self.charges.prefix)
     }
 
-    /// The key charges are signed with, from the store (fetched once, under the store timeout).
+    /// The key charges are signed with, from the store: read on first need
+    /// and again after [`KEY_FRESH`] (under the store timeout; while it is
+    /// read, or when reading fails, the one known is used).
     pub async fn charge_key(&self, timeout: std::time::Duration) -> Result<[u8; 32], StoreError> {
-        let key = self.charges.key.get_or_try_init(|| self.call(timeout, self.store.charge_key())).await?;
-        Ok(*key)
+        let (current, fresh) = {
+            let k = self.charges.keys.lock().unwrap_or_else(|e| e.into_inner());
+            (k.current, k.fetched.is_some_and(|at| at.elapsed() < KEY_FRESH))
+        };
+        match current {
+            Some(key) if fresh => Ok(key),
+            Some(key) => {
+                use std::sync::atomic::Ordering;
+                if self.charges.refreshing.swap(true, Ordering::AcqRel) {
+                    return Ok(key);
+                }
+                let read = self.refresh_charge_key(timeout).await;
+                self.charges.refreshing.store(false, Ordering::Release);
+                Ok(read.unwrap_or(key))
+            }
+            None => self.refresh_charge_key(timeout).await,
+        }
+    }
+
+    /// Reads the signing key from the store now; the one it replaces stays
+    /// known as the previous key.
+    pub async fn refresh_charge_key(&self, timeout: std::time::Duration) -> Result<[u8; 32], StoreError> {
+        let key = self.call(timeout, self.store.charge_key()).await?;
+        let mut k = self.charges.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if k.current != Some(key) {
+            if k.current.is_some() {
+                tracing::warn!(
+                    "the charge signing key in the store changed; charges signed with the old one still verify"
+                );
+            }
+            k.previous = k.current;
+            k.current = Some(key);
+        }
+        k.fetched = Some(std::time::Instant::now());
+        Ok(key)
+    }
+
+    /// The key known before the current one, if the store's key changed.
+    pub fn previous_charge_key(&self) -> Option<[u8; 32]> {
+        self.charges.keys.lock().unwrap_or_else(|e| e.into_inner()).previous
+    }
+
+    /// When the key was last read (for rate-limiting reads after a failed verification).
+    pub fn charge_key_age(&self) -> Option<std::time::Duration> {
+        self.charges.keys.lock().unwrap_or_else(|e| e.into_inner()).fetched.map(|at| at.elapsed())
     }
 
     /// The signed charge for a request that spent `spend` on a route whose

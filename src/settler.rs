@@ -101,7 +101,8 @@ impl Settler {
     pub async fn settle_all(&self, entries: &[Entry<'_>]) {
         let metrics = self.authorizer.metrics();
         let config = self.authorizer.config();
-        let key = match self.authorizer.charge_key(config.store.timeout).await {
+        let mut refreshed = false;
+        let mut key = match self.authorizer.charge_key(config.store.timeout).await {
             Ok(k) => k,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot settle: no key to verify charges with");
@@ -115,7 +116,7 @@ impl Settler {
         let mut record: HashMap<(String, DateTime<Utc>), Recorded> = HashMap::new();
         let mut work = Vec::new();
         for e in entries {
-            let charge = match Charge::open(e.charge, &key) {
+            let charge = match self.open(e.charge, &mut key, &mut refreshed, &config).await {
                 Ok(c) => c,
                 Err(bad) => {
                     self.bad(bad, e.code, None);
@@ -202,6 +203,40 @@ impl Settler {
                 }
                 Settled::Duplicate => metrics.record_settlement("duplicate"),
             }
+        }
+    }
+
+    /// Opens a charge with the current key, else the previous one (the
+    /// store's key changed), else — once per message, and not within 5 s of
+    /// the last read — with the key read again from the store (another
+    /// replica made a new one after it was lost).
+    async fn open(
+        &self,
+        token: &str,
+        key: &mut [u8; 32],
+        refreshed: &mut bool,
+        config: &Config,
+    ) -> Result<Charge, Bad> {
+        let r = Charge::open(token, key);
+        if r != Err(Bad::Signature) {
+            return r;
+        }
+        if let Some(previous) = self.authorizer.previous_charge_key()
+            && let Ok(c) = Charge::open(token, &previous)
+        {
+            return Ok(c);
+        }
+        let stale = self.authorizer.charge_key_age().is_none_or(|age| age > Duration::from_secs(5));
+        if *refreshed || !stale {
+            return r;
+        }
+        *refreshed = true;
+        match self.authorizer.refresh_charge_key(config.store.timeout).await {
+            Ok(k) if k != *key => {
+                *key = k;
+                Charge::open(token, key)
+            }
+            _ => r,
         }
     }
 

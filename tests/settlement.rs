@@ -397,3 +397,39 @@ async fn access_log_streams_never_take_the_slots_checks_need() {
     }
     server.stop().await;
 }
+
+/// The signing key lost from Redis (a failover before it replicated, a
+/// flush): a replica that starts afterwards makes a new one; charges signed
+/// with the old key are refused there (counted, never applied), the old
+/// replica takes the new key when it reads it again and still verifies its
+/// old charges with the previous one.
+#[tokio::test]
+async fn a_lost_signing_key_is_replaced_and_old_charges_still_settle_where_they_were_made() {
+    let redis = RedisServer::start();
+    let yaml = yaml(&format!("{{ backend: redis, url: \"{}\" }}", redis.url()));
+    let r1 = TestServer::start_configured(&yaml, true).await;
+    let charge = async |s: &TestServer| -> String {
+        let resp = s.check(http_check("GET", "/v1/search", &[("x-api-key", "m-key")])).await;
+        let Some(Kind::StringValue(c)) = &resp.dynamic_metadata.unwrap().fields["charge"].kind else { panic!() };
+        c.clone()
+    };
+    let old = charge(&r1).await;
+    assert!(redis.cli(&["DEL", "tollgate:charge-key"]).is_some());
+    let r2 = TestServer::start_configured(&yaml, false).await;
+    let metric = async |s: &TestServer, name: &str| {
+        let m = http_get(s.http, "/metrics").await.unwrap().2;
+        m.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    stream(&r2, vec![entry(503, &old, &[])]).await;
+    assert_eq!(metric(&r2, "tollgate_settlement_bad_entries_total{reason=\"signature\"}").await, 1.0);
+    // r1 reads the key again (every minute; here at once): new charges verify on r2 ...
+    r1.handle.authorizer.refresh_charge_key(Duration::from_secs(1)).await.unwrap();
+    let new = charge(&r1).await;
+    stream(&r2, vec![entry(503, &new, &[])]).await;
+    assert_eq!(metric(&r2, "tollgate_settlements_total{result=\"applied\"}").await, 1.0);
+    // ... and r1 still settles what it signed with the old key.
+    stream(&r1, vec![entry(503, &old, &[])]).await;
+    assert_eq!(metric(&r1, "tollgate_settlements_total{result=\"applied\"}").await, 1.0);
+    r1.stop().await;
+    r2.stop().await;
+}
