@@ -305,3 +305,23 @@ async fn threshold_events_arrive_once_each_with_two_replicas() {
     r1.stop().await;
     r2.stop().await;
 }
+
+/// An event the sink refuses for good (400) is set aside, counted as
+/// dropped; the events batched with it are delivered, not held up.
+#[tokio::test]
+async fn an_event_the_sink_refuses_for_good_does_not_hold_up_the_others() {
+    let sink = Sink::start().await;
+    *sink.refuse_subject.lock().unwrap() = Some("acct_s".to_owned());
+    let server = TestServer::start(&config("{ backend: memory }", &sink, "")).await;
+    let mut charges = Vec::new();
+    for key in ["m-key", "m-key", "s-key", "m-key"] {
+        charges.push(charge(server.grpc, key).await);
+    }
+    settle(server.grpc, &charges).await;
+    let usage = |sink: &Sink| sink.unique().into_iter().filter(|e| e["type"] == "com.tollgate.usage").count();
+    eventually("the good events arrive", Duration::from_secs(15), async || usage(&sink) == 3).await;
+    assert!(sink.unique().iter().all(|e| e["subject"] != "acct_s"));
+    let m = http_get(server.http, "/metrics").await.unwrap().2;
+    assert!(m.contains("tollgate_events_total{result=\"dropped\"} 1"), "{m}");
+    server.stop().await;
+}

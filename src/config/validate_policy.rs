@@ -215,6 +215,10 @@ pub(super) fn routes(
 pub(super) fn charge_on(raw: Option<Vec<String>>) -> Result<ChargeOn, Invalid> {
     match raw {
         None => Ok(ChargeOn::ALL),
+        // An empty list would refund every response: every request free.
+        Some(list) if list.is_empty() => {
+            Err(invalid("billing.charge_on", "name at least one class (e.g. [2xx, 3xx, 4xx])"))
+        }
         Some(list) => ChargeOn::parse(&list).map_err(|e| invalid("billing.charge_on", e)),
     }
 }

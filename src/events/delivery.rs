@@ -67,6 +67,32 @@ enum PostError {
     Build(String),
 }
 
+impl PostError {
+    /// A refusal retrying cannot change: a 4xx other than 408 (timeout) and 429 (slow down).
+    fn is_permanent(&self) -> bool {
+        matches!(self, PostError::Status(s) if (400..500).contains(s) && *s != 408 && *s != 429)
+    }
+}
+
+/// Posts `events` one per batch; those refused for good are logged and
+/// counted (they leave the outbox with the rest). Fails on the first error
+/// that is not permanent. Answers how many were refused.
+async fn post_each(client: &HttpsClient, sink: &SinkConfig, events: &[OutboxEvent]) -> Result<u64, PostError> {
+    let mut refused = 0;
+    for e in events {
+        match post(client, sink, super::batch([e.payload.as_str()])).await {
+            Ok(()) => {}
+            Err(err) if err.is_permanent() => {
+                let head: String = e.payload.chars().take(200).collect();
+                tracing::error!(error = %err, event = %head, "the sink refuses this event for good; dropped");
+                refused += 1;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(refused)
+}
+
 async fn post(client: &HttpsClient, sink: &SinkConfig, body: String) -> Result<(), PostError> {
     let mut req = hyper::Request::post(&sink.url).header("content-type", super::BATCH_CONTENT_TYPE);
     if let Some(token) = &sink.token {
@@ -129,8 +155,16 @@ pub async fn run(authorizer: Arc<Authorizer>, mut stopping: watch::Receiver<bool
             continue;
         }
         let body = super::batch(events.iter().map(|e| e.payload.as_str()));
-        match post(&client, sink, body).await {
-            Ok(()) => {
+        let mut result = post(&client, sink, body).await.map(|()| 0);
+        if result.as_ref().is_err_and(PostError::is_permanent) {
+            // The sink refuses the batch for what it holds: send the events one
+            // by one, and set aside (acknowledge, count as dropped) each one it
+            // refuses for good, so one bad event does not hold up the outbox.
+            result = post_each(&client, sink, &events).await;
+        }
+        match result {
+            Ok(refused) => {
+                metrics.record_events("dropped", refused);
                 backoff = FIRST_BACKOFF;
                 let now = Utc::now();
                 for e in &events {
@@ -138,7 +172,7 @@ pub async fn run(authorizer: Arc<Authorizer>, mut stopping: watch::Receiver<bool
                         metrics.record_event_lag((now - t).to_std().unwrap_or_default());
                     }
                 }
-                metrics.record_events("delivered", events.len() as u64);
+                metrics.record_events("delivered", events.len() as u64 - refused);
                 if let Err(e) = authorizer.call(sink.timeout, store.outbox_ack(&events)).await {
                     // Delivered but still in the outbox: they will be sent again (same ids).
                     tracing::warn!(error = %e, "cannot acknowledge delivered events");

@@ -10,6 +10,8 @@
 //! settled even if the stream is cut meanwhile. When shutdown begins the
 //! stream ends (Envoy opens a new one to another replica); entries Envoy sent
 //! and tollgate had not read by then are lost, and their reservations stand.
+//! A stream idle for a minute is ended too, so idle streams (a proxy with no
+//! traffic, or a caller holding streams open) give their slots back.
 //!
 //! May use: `settler`, `settlement` (the metadata names).
 
@@ -25,6 +27,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::settlement;
 use crate::settler::{Entry, Settler};
+
+/// A stream with no message for this long is ended (with OK).
+const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Messages of one stream being settled at once.
 const MESSAGES: u32 = 4;
@@ -84,6 +89,8 @@ impl AccessLogService for AccessLog {
             let message = tokio::select! {
                 m = stream.message() => m,
                 _ = stopping.wait_for(|s| *s) => break Ok(()),
+                // An idle stream gives its slot back (Envoy opens a new one on its next flush).
+                _ = tokio::time::sleep(IDLE) => break Ok(()),
             };
             let message = match message {
                 Ok(Some(m)) => m,

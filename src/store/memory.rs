@@ -49,6 +49,8 @@ pub struct MemoryStore {
     usage: [Mutex<HashMap<String, Usage>>; SHARDS],
     /// Settled charges (account, charge id) with the instant they may be forgotten.
     settled: Mutex<HashMap<(String, String), DateTime<Utc>>>,
+    /// The size at which `settled` is next pruned.
+    settled_prune_at: std::sync::atomic::AtomicUsize,
     /// The secret charges are signed with (this process's: nothing outlives it here).
     charge_key: std::sync::OnceLock<[u8; 32]>,
     /// Events waiting for the sink (a bounded in-process queue), and thresholds fired.
@@ -62,6 +64,7 @@ struct Outbox {
     queue: std::collections::VecDeque<(u64, String, String)>,
     /// (account, mark name) → until when it holds.
     marks: HashMap<(String, String), DateTime<Utc>>,
+    marks_prune_at: std::sync::atomic::AtomicUsize,
 }
 
 impl Outbox {
@@ -194,6 +197,18 @@ impl MemoryStore {
         let mut h = DefaultHasher::new();
         account.hash(&mut h);
         &self.usage[(h.finish() as usize) % SHARDS]
+    }
+}
+
+/// Drops the lapsed entries of `map` once it has grown to `at` (at least
+/// 100,000), and doubles `at` past what is left: pruning costs O(1) per
+/// insert on average however many entries are live.
+fn prune<K>(map: &mut HashMap<K, DateTime<Utc>>, at: &std::sync::atomic::AtomicUsize, now: DateTime<Utc>) {
+    use std::sync::atomic::Ordering;
+    let limit = at.load(Ordering::Relaxed).max(100_000);
+    if map.len() >= limit {
+        map.retain(|_, until| *until > now);
+        at.store(map.len().saturating_mul(2).max(100_000), Ordering::Relaxed);
     }
 }
 
@@ -383,9 +398,7 @@ impl Store for MemoryStore {
         // its original waits for it, then finds it settled.
         let mut settled = lock(&self.settled);
         let now = Utc::now();
-        if settled.len() >= 100_000 {
-            settled.retain(|_, until| *until > now);
-        }
+        prune(&mut settled, &self.settled_prune_at, now);
         let id = (adj.account.clone(), adj.charge.clone());
         if settled.get(&id).is_some_and(|until| *until > now) {
             return Ok(Settled::Duplicate);
@@ -434,9 +447,8 @@ impl Store for MemoryStore {
         if let Some(e) = &adj.event {
             emit(&mut outbox, e);
         }
-        if outbox.marks.len() >= 100_000 {
-            outbox.marks.retain(|_, until| *until > now);
-        }
+        let Outbox { marks, marks_prune_at, .. } = &mut *outbox;
+        prune(marks, marks_prune_at, now);
         for m in &adj.marks {
             let crossed = match m.counter {
                 None => adj.credits && balance <= m.at,
@@ -479,10 +491,7 @@ impl Store for MemoryStore {
         until: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let mut settled = lock(&self.settled);
-        if settled.len() >= 100_000 {
-            let now = Utc::now();
-            settled.retain(|_, until| *until > now);
-        }
+        prune(&mut settled, &self.settled_prune_at, Utc::now());
         for id in ids {
             settled.entry((account.to_owned(), id.clone())).or_insert(until);
         }

@@ -29,6 +29,8 @@ pub struct Sink {
     pub received: Arc<Mutex<Received>>,
     /// Set while stopped: connections kept alive from before answer 503.
     down: Arc<std::sync::atomic::AtomicBool>,
+    /// A batch with an event of this subject is refused with 400 (a sink that rejects an event for good).
+    pub refuse_subject: Arc<Mutex<Option<String>>>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -39,8 +41,9 @@ impl Sink {
         let addr = listener.local_addr().unwrap();
         let received = Arc::new(Mutex::new(Received::default()));
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let task = Some(serve(listener, received.clone(), down.clone()));
-        Self { addr, received, down, task }
+        let refuse_subject = Arc::new(Mutex::new(None));
+        let task = Some(serve(listener, received.clone(), down.clone(), refuse_subject.clone()));
+        Self { addr, received, down, refuse_subject, task }
     }
 
     /// The URL to configure as `events.sink.url`.
@@ -61,7 +64,7 @@ impl Sink {
         self.stop();
         let listener = TcpListener::bind(self.addr).await.expect("rebind the sink's port");
         self.down.store(false, std::sync::atomic::Ordering::SeqCst);
-        self.task = Some(serve(listener, self.received.clone(), self.down.clone()));
+        self.task = Some(serve(listener, self.received.clone(), self.down.clone(), self.refuse_subject.clone()));
     }
 
     /// Every event received, deduplicated by id (as a sink keyed on ids keeps them).
@@ -82,9 +85,10 @@ fn serve(
     listener: TcpListener,
     received: Arc<Mutex<Received>>,
     down: Arc<std::sync::atomic::AtomicBool>,
+    refuse_subject: Arc<Mutex<Option<String>>>,
 ) -> JoinHandle<()> {
     let app = axum::Router::new().fallback(move |headers: HeaderMap, body: Bytes| {
-        let (received, down) = (received.clone(), down.clone());
+        let (received, down, refuse) = (received.clone(), down.clone(), refuse_subject.clone());
         async move {
             if down.load(std::sync::atomic::Ordering::SeqCst) {
                 return StatusCode::SERVICE_UNAVAILABLE;
@@ -93,6 +97,12 @@ fn serve(
             let Ok(serde_json::Value::Array(events)) = serde_json::from_str::<serde_json::Value>(&text) else {
                 return StatusCode::BAD_REQUEST;
             };
+            let refused = refuse.lock().unwrap().clone();
+            if let Some(subject) = refused
+                && events.iter().any(|e| e["subject"] == subject.as_str())
+            {
+                return StatusCode::BAD_REQUEST;
+            }
             let mut r = received.lock().unwrap();
             r.events.extend(events);
             r.headers.push(headers);

@@ -113,19 +113,21 @@ pub(super) async fn index(
     Ok(())
 }
 
-/// Which accounts this call visits, and moves the sweep on.
+/// Which accounts this call visits (and, for an incremental call, the
+/// instant to move the sweep on to once all of them were visited); moves a
+/// full pass on.
 async fn accounts(
     conn: &mut Conn,
     keys: &Keys,
     sweep: &std::sync::Mutex<Sweep>,
     reclaim_after: Duration,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<(Vec<String>, Option<i64>), StoreError> {
     let (full, offset, since) = {
         let s = sweep.lock().unwrap_or_else(|e| e.into_inner());
         (s.full_at <= Instant::now(), s.offset, s.since_ms)
     };
     let started = now_ms();
-    let mut found: Vec<String> = if full {
+    let found: Vec<String> = if full {
         redis::cmd("ZRANGE")
             .arg(keys.outbox())
             .arg(offset)
@@ -154,15 +156,11 @@ async fn accounts(
         } else {
             s.offset += PAGE;
         }
-    } else {
-        s.since_ms = started;
     }
-    for a in &s.mine {
-        if !found.contains(a) {
-            found.push(a.clone());
-        }
-    }
-    Ok(found)
+    // This replica's own unacknowledged events first: a failed POST is retried before anything new.
+    let mut visit: Vec<String> = s.mine.iter().cloned().collect();
+    visit.extend(found.into_iter().filter(|a| !s.mine.contains(a)));
+    Ok((visit, (!full).then_some(started)))
 }
 
 /// Claims up to `max` events for `consumer` (see the module doc).
@@ -177,8 +175,12 @@ pub(super) async fn claim(
 ) -> Result<Vec<OutboxEvent>, StoreError> {
     let mut out = Vec::new();
     let idle_ms = u64::try_from(reclaim_after.as_millis()).unwrap_or(u64::MAX);
-    for account in accounts(conn, keys, sweep, reclaim_after).await? {
+    let (visit, moved_to) = accounts(conn, keys, sweep, reclaim_after).await?;
+    let mut all_visited = true;
+    for account in visit {
         if out.len() >= max {
+            // The rest wait for the next call: the sweep does not move past them.
+            all_visited = false;
             break;
         }
         let stream = keys.events(&account);
@@ -195,6 +197,9 @@ pub(super) async fn claim(
             .map_err(unavailable)?;
         match reply.first().map(String::as_str) {
             Some("ok") => {
+                if reply.len() > 1 {
+                    sweep.lock().unwrap_or_else(|e| e.into_inner()).mine.insert(account.clone());
+                }
                 for pair in reply[1..].chunks_exact(2) {
                     out.push(OutboxEvent { account: account.clone(), id: pair[0].clone(), payload: pair[1].clone() });
                 }
@@ -215,9 +220,8 @@ pub(super) async fn claim(
             _ => return Err(StoreError::Corrupt(format!("outbox claim answered {reply:?}"))),
         }
     }
-    let mut s = sweep.lock().unwrap_or_else(|e| e.into_inner());
-    for e in &out {
-        s.mine.insert(e.account.clone());
+    if let (true, Some(to)) = (all_visited, moved_to) {
+        sweep.lock().unwrap_or_else(|e| e.into_inner()).since_ms = to;
     }
     Ok(out)
 }

@@ -43,6 +43,9 @@ for i = 1, n do
   used[i] = stored(redis.call('GET', KEYS[3 + i]), MAX_LIMIT)
   if used[i] == nil then return corrupt('counter ' .. KEYS[3 + i]) end
 end
+-- The outbox must be a stream (or absent): a write to it must not fail later.
+local outbox_type = redis.call('TYPE', KEYS[3])['ok']
+if outbox_type ~= 'stream' and outbox_type ~= 'none' then return corrupt('outbox ' .. KEYS[3]) end
 local balance = 0
 if with_credits then
   balance = stored(redis.call('GET', KEYS[2]), MAX_CREDITS)
