@@ -64,7 +64,7 @@ impl Keys {
     }
 
     /// `P{acct}:settled:<slot>`: ids of the charges issued in that ten-minute slot
-    /// (ms since the epoch / 3,600,000) that were settled; expires when they
+    /// (ms since the epoch / 600,000) that were settled; expires when they
     /// can no longer be replayed.
     pub(super) fn settled(&self, id: &str, issued: DateTime<Utc>) -> String {
         format!("{}{{{id}}}:settled:{}", self.prefix, millis(issued).div_euclid(crate::settlement::SLOT_MS))

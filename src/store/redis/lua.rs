@@ -51,18 +51,21 @@ pub const REVOKE: &str = script!("revoke.lua");
 /// Answers `{units granted / given back / still leased, counter or balance after}`.
 pub const LEASE: &str = script!("lease.lua");
 
-/// Settles one charge (`settlement`): records its id once and moves its
-/// counters and credits by the delta, into the windows the charge was made in.
+/// Settles charges of one account that touch the same windows (`settlement`,
+/// `super::settle`): per charge, records its id once and moves the counters
+/// and credits by its delta, in the windows the charges were made in, and
+/// queues its event; then tests the threshold marks once.
 ///
-/// KEYS: the once-only hash (`P{acct}:settled:<hour>`), the credits key,
-/// the outbox stream, each calendar counter of the charge, each mark. ARGV:
-/// charge id, remember-until ms, delta (signed), credits flag (`0`/`1`),
-/// counter count n, each counter's window end ms, the outbox cap, the event
-/// count and the events, the mark count and per mark its target (0 credits,
-/// i counter i), level, until ms and event. A refund never takes a counter or
-/// balance below 0 nor revives an expired counter; an overage is added while
-/// the window's counter lives, and takes from the balance what it holds.
-/// Answers `{applied (0: already settled), credits unpaid, queued, dropped}`.
+/// KEYS: the once-only hash (`P{acct}:settled:<slot>`), the credits key, the
+/// outbox stream, the n calendar counters, the m marks. ARGV: remember-until
+/// ms, the outbox cap, credits flag (`0`/`1`), n, the n window ends (ms), the
+/// item count k, per item (charge id, signed delta, event or `''`), m, per
+/// mark (target: 0 credits or counter i, level, until ms, event). A refund
+/// never takes a counter or balance below 0 nor revives an expired counter;
+/// an overage is added while the window's counter lives, and takes from the
+/// balance what it holds. Answers per item `{applied (0: already settled),
+/// credits unpaid, queued, dropped}` (the marks' events counted with the last
+/// item applied).
 pub const SETTLE: &str = script!("settle.lua");
 
 /// Claims events of one account's outbox for a consumer: its own
