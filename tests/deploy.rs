@@ -116,6 +116,7 @@ fn every_deploy_yaml_parses() {
         "istio/authorization-policy.yaml",
         "istio/envoy-filter.yaml",
         "istio/telemetry.yaml",
+        "istio/route-by-plan.yaml",
     ] {
         assert!(files.contains(&want), "missing {want}");
     }
@@ -223,6 +224,17 @@ fn istio_provider_and_policy_agree_with_the_service() {
     let telemetry = kind(&docs, "Telemetry", "tollgate-settlement");
     assert_eq!(telemetry["spec"]["accessLogging"][0]["providers"][0]["name"], als["name"]);
     assert_eq!(telemetry["spec"]["selector"], policy["spec"]["selector"]);
+    // Route by plan at the gateway: the ext_authz filter chooses the route
+    // again after the Check, and the premium route matches the plan tollgate sets.
+    let gateway = kind(&docs, "AuthorizationPolicy", "tollgate-gateway");
+    assert_eq!(gateway["spec"]["action"].as_str(), Some("CUSTOM"));
+    assert_eq!(gateway["spec"]["provider"]["name"], provider["name"]);
+    let after = kind(&docs, "EnvoyFilter", "tollgate-route-after-check");
+    let patch = &after["spec"]["configPatches"][0];
+    assert_eq!(patch["patch"]["value"]["typed_config"]["clear_route_cache"].as_bool(), Some(true));
+    assert_eq!(after["spec"]["workloadSelector"]["labels"], gateway["spec"]["selector"]["matchLabels"]);
+    let vs = kind(&docs, "VirtualService", "api-by-plan");
+    assert!(vs["spec"]["http"][0]["match"][0]["headers"]["x-tollgate-plan"]["exact"].is_string());
 }
 
 #[test]
@@ -589,8 +601,13 @@ fn istio_normalizes_paths_and_strips_client_headers_first() {
     assert!(strs(&ext["includeRequestHeadersInCheck"]).contains(&"x-tollgate-*"));
 
     let policy = kind(&docs, "AuthorizationPolicy", "tollgate");
-    let filters: Vec<&Value> =
-        docs.iter().map(|(_, v)| v).filter(|v| v["kind"].as_str() == Some("EnvoyFilter")).collect();
+    // The header-stripping filters (route-by-plan.yaml's clear_route_cache patch is checked with the providers).
+    let filters: Vec<&Value> = docs
+        .iter()
+        .map(|(_, v)| v)
+        .filter(|v| v["kind"].as_str() == Some("EnvoyFilter"))
+        .filter(|v| v["metadata"]["name"].as_str() != Some("tollgate-route-after-check"))
+        .collect();
     assert!(!filters.is_empty());
     for f in &filters {
         for patch in seq(&f["spec"]["configPatches"]) {

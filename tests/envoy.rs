@@ -226,3 +226,42 @@ async fn meters_exactly(s: Stack) {
     assert_problem(&r, 402, "quota_exhausted");
     s.stop().await;
 }
+
+/// Route by plan (deploy/envoy/envoy.yaml): Envoy picks the route again after
+/// the Check, on the plan tollgate set: a pro key reaches the premium
+/// upstream, a free key the default one, and a client that sends the plan
+/// header itself still lands where its own plan (or none) sends it.
+#[tokio::test]
+async fn premium_plans_reach_their_own_upstream_and_clients_cannot_pick_it() {
+    let tollgate = TestServer::start(&spec_config()).await;
+    let premium = envoy::named_upstream("premium").await;
+    let s = Stack::around(tollgate, |t, u| {
+        let c = envoy::config(t, u, Options::default());
+        // The shipped app-premium cluster points at the app; here at its own upstream.
+        let at = c.find("    - name: app-premium\n").expect("an app-premium cluster");
+        let (head, tail) = c.split_at(at);
+        head.to_owned()
+            + &tail.replacen(&format!("port_value: {}", u.port()), &format!("port_value: {}", premium.port()), 1)
+    })
+    .await;
+    s.envoy.wait_cluster_healthy("tollgate").await;
+    let upstream = |r: &Response| r.json()["upstream"].as_str().unwrap_or("?").to_owned();
+    let r = s.get("/v1/search", &[("x-api-key", "pro-key")]).await;
+    assert_eq!((r.status, upstream(&r).as_str()), (200, "premium"), "{r:?}");
+    let r = s.get("/v1/search", &[("x-api-key", "grace-key")]).await;
+    assert_eq!((r.status, upstream(&r).as_str()), (200, "premium"), "a pro account in grace: {r:?}");
+    let r = s.get("/v1/search", &[("x-api-key", "free-key")]).await;
+    assert_eq!((r.status, upstream(&r).as_str()), (200, "app"), "{r:?}");
+    // The plan header sent by the client decides nothing.
+    for forged in ["x-tollgate-plan", "X-Tollgate-Plan"] {
+        let r = s.get("/v1/search", &[("x-api-key", "free-key"), (forged, "pro")]).await;
+        assert_eq!((r.status, upstream(&r).as_str()), (200, "app"), "{forged}: {r:?}");
+        assert_eq!(r.json()["headers"]["x-tollgate-plan"], "free");
+        let r = s.get("/public/docs", &[(forged, "pro")]).await;
+        assert_eq!((r.status, upstream(&r).as_str()), (200, "app"), "a public route, {forged}: {r:?}");
+        assert!(r.json()["headers"].get("x-tollgate-plan").is_none());
+        let r = s.get("/v1/search", &[(forged, "pro")]).await;
+        assert_eq!(r.status, 401, "no key: denied wherever the route would go");
+    }
+    s.stop().await;
+}

@@ -117,9 +117,14 @@ impl Drop for Envoy {
 /// JSON; on demand it fails (`x-test-status: 503` answers 503) and reports a
 /// cost (`x-test-usage-tokens: N` answers `x-usage-tokens: N`).
 pub async fn echo_upstream() -> SocketAddr {
+    named_upstream("app").await
+}
+
+/// [`echo_upstream`] whose answers also say which upstream it is (`"upstream": name`).
+pub async fn named_upstream(name: &'static str) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(|req: Request| async move {
+    let app = axum::Router::new().fallback(move |req: Request| async move {
         let headers: HashMap<String, String> = req
             .headers()
             .iter()
@@ -131,7 +136,8 @@ pub async fn echo_upstream() -> SocketAddr {
             .and_then(|s| axum::http::StatusCode::from_u16(s).ok())
             .unwrap_or(axum::http::StatusCode::OK);
         let tokens = headers.get("x-test-usage-tokens").cloned().unwrap_or_default();
-        let body = serde_json::json!({ "path": req.uri().to_string(), "headers": headers }).to_string();
+        let body =
+            serde_json::json!({ "upstream": name, "path": req.uri().to_string(), "headers": headers }).to_string();
         let mut response = axum::response::Response::new(axum::body::Body::from(body));
         *response.status_mut() = status;
         let h = response.headers_mut();
