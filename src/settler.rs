@@ -97,7 +97,8 @@ impl Settler {
     /// Settles the charges of one message's entries. Charges whose response
     /// costs the reservation, with events off, have nothing to move: their
     /// ids are recorded in one store call per account and slot of issue.
-    /// The others are settled one store call each, up to [`IN_FLIGHT`] at once.
+    /// The others are settled with one store call per account (per group of
+    /// windows, by the store), up to [`IN_FLIGHT`] accounts at once.
     pub async fn settle_all(&self, entries: &[Entry<'_>]) {
         let metrics = self.authorizer.metrics();
         let config = self.authorizer.config();
