@@ -226,12 +226,7 @@ async fn run(args: Args) -> Fallible<()> {
         // Entries arrive within Envoy's flush interval, events within a delivery round.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let m = envoy::request(t.http, "GET", "/metrics", &[]).await.map(|r| r.body).unwrap_or_default();
-        let get = |name: &str| {
-            m.lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
+        let get = |name: &str| tollgate_testkit::http::metric_in(&m, name);
         let settled = get("tollgate_settlements_total{result=\"unchanged\"}")
             + get("tollgate_settlements_total{result=\"applied\"}");
         let mut line = format!(

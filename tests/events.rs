@@ -8,23 +8,18 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
-use envoy_types::pb::envoy::config::core::v3::Metadata;
-use envoy_types::pb::envoy::data::accesslog::v3::{AccessLogCommon, HttpAccessLogEntry, HttpResponseProperties};
-use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
-use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
-use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{HttpAccessLogEntries, LogEntries};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value, value::Kind};
 use tollgate::entitlement::{Period, Quota, Window};
 use tollgate::store::Store;
 use tollgate::usage::Spend;
+use tollgate_testkit::accesslog::{charge_of, entry, stream};
 use tollgate_testkit::check::http_check;
 use tollgate_testkit::envoy::{self, Options, Stack};
 use tollgate_testkit::process::TollgateProcess;
 use tollgate_testkit::redis::RedisServer;
 use tollgate_testkit::server::channel;
 use tollgate_testkit::sink::Sink;
-use tollgate_testkit::{TestServer, eventually, http_get};
+use tollgate_testkit::{TestServer, eventually, http_get, metric};
 
 const TOKEN: &str = "sink-token-0123456789abcdef0123456789";
 const SIGNING: &str = "signing-secret-0123456789abcdef0123456789";
@@ -126,12 +121,8 @@ async fn through_envoy(redis: bool) {
     eventually("the first round is delivered", Duration::from_secs(15), async || sink.unique().len() >= 40).await;
     sink.stop();
     round(&mut sent, &mut tokens).await;
-    let metric = async |name: &str| {
-        let m = http_get(s.tollgate.http, "/metrics").await.unwrap().2;
-        m.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0)
-    };
     eventually("deliveries fail while the sink is down", Duration::from_secs(15), async || {
-        metric("tollgate_events_total{result=\"retried\"}").await > 0.0
+        metric(s.tollgate.http, "tollgate_events_total{result=\"retried\"}").await > 0.0
     })
     .await;
     let before = sink.unique().len();
@@ -171,45 +162,17 @@ async fn usage_events_sum_to_the_counters_and_wait_out_a_sink_outage_on_redis() 
     through_envoy(true).await;
 }
 
-/// The charge of an allowed Check's metadata.
+/// The charge of an allowed Check of `key` at the replica at `grpc`.
 async fn charge(grpc: std::net::SocketAddr, key: &str) -> String {
     let mut client = AuthorizationClient::new(channel(grpc).await);
     let resp = client.check(http_check("GET", "/v1/search", &[("x-api-key", key)])).await.unwrap().into_inner();
     assert_eq!(resp.status.as_ref().map(|s| s.code), Some(0), "{resp:?}");
-    let meta = resp.dynamic_metadata.expect("metadata");
-    let Some(Kind::StringValue(s)) = &meta.fields["charge"].kind else { panic!("no charge in {meta:?}") };
-    s.clone()
+    charge_of(&resp)
 }
 
 /// Sends Envoy-shaped entries (status 200) for `charges` to the replica at `grpc`.
 async fn settle(grpc: std::net::SocketAddr, charges: &[String]) {
-    let entries = charges
-        .iter()
-        .map(|c| {
-            let charge = Value { kind: Some(Kind::StringValue(c.clone())) };
-            let ns = Struct { fields: [("charge".to_owned(), charge)].into() };
-            HttpAccessLogEntry {
-                common_properties: Some(AccessLogCommon {
-                    metadata: Some(Metadata {
-                        filter_metadata: [("envoy.filters.http.ext_authz".to_owned(), ns)].into(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                response: Some(HttpResponseProperties {
-                    response_code: Some(UInt32Value { value: 200 }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }
-        })
-        .collect();
-    let msg = StreamAccessLogsMessage {
-        identifier: None,
-        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries { log_entry: entries })),
-    };
-    let mut client = AccessLogServiceClient::new(channel(grpc).await);
-    client.stream_access_logs(tokio_stream::iter([msg])).await.expect("stream accepted");
+    stream(grpc, charges.iter().map(|c| entry(200, c, &[])).collect()).await;
 }
 
 /// The replica that queued events (and claimed them, failing to deliver
@@ -239,10 +202,6 @@ async fn another_replica_delivers_what_a_killed_one_queued() {
     }
     settle(a.grpc, &charges).await;
     // A claims them and fails to deliver.
-    let metric = async |http, name: &str| {
-        let m = http_get(http, "/metrics").await.map(|r| r.2).unwrap_or_default();
-        m.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0)
-    };
     eventually("A tries to deliver", Duration::from_secs(15), async || {
         metric(a.http, "tollgate_events_total{result=\"retried\"}").await >= 20.0
     })

@@ -10,20 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use envoy_types::pb::envoy::config::core::v3::Metadata;
-use envoy_types::pb::envoy::data::accesslog::v3::{AccessLogCommon, HttpAccessLogEntry, HttpResponseProperties};
+use envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
 use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
-use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
-    HttpAccessLogEntries, LogEntries, TcpAccessLogEntries,
-};
-use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value, value::Kind};
+use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{LogEntries, TcpAccessLogEntries};
 use tollgate::entitlement::{Period, Quota, Window};
 use tollgate::store::Store;
 use tollgate::usage::Spend;
+use tollgate_testkit::accesslog::{charge_of, entry, stream};
 use tollgate_testkit::check::http_check;
 use tollgate_testkit::envoy::{self, Options, Stack};
-use tollgate_testkit::http::http_get;
+use tollgate_testkit::http::{http_get, metric};
 use tollgate_testkit::process::temp_dir;
 use tollgate_testkit::redis::RedisServer;
 use tollgate_testkit::{TestServer, eventually};
@@ -124,8 +121,7 @@ impl Run {
     }
 
     async fn metric(&self, line_start: &str) -> f64 {
-        let (_, _, body) = http_get(self.stack.tollgate.http, "/metrics").await.unwrap();
-        body.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+        metric(self.stack.tollgate.http, line_start).await
     }
 
     /// Every charge Envoy logged, as (status, the charge).
@@ -217,37 +213,6 @@ async fn reported_tokens_are_charged_exactly_on_redis() {
     reported_tokens_are_charged(true).await;
 }
 
-/// An access-log entry as Envoy sends it: the status and the charge.
-fn entry(code: u32, charge: &str, headers: &[(&str, &str)]) -> HttpAccessLogEntry {
-    let charge = Value { kind: Some(Kind::StringValue(charge.to_owned())) };
-    let ns = Struct { fields: [("charge".to_owned(), charge)].into() };
-    HttpAccessLogEntry {
-        common_properties: Some(AccessLogCommon {
-            metadata: Some(Metadata {
-                filter_metadata: [("envoy.filters.http.ext_authz".to_owned(), ns)].into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        response: Some(HttpResponseProperties {
-            response_code: Some(UInt32Value { value: code }),
-            response_headers: headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-/// Sends `entries` on one access-log stream, as Envoy would, and waits for its end.
-async fn stream(server: &TestServer, entries: Vec<HttpAccessLogEntry>) {
-    let mut client = AccessLogServiceClient::new(server.channel().await);
-    let msg = StreamAccessLogsMessage {
-        identifier: None,
-        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries { log_entry: entries })),
-    };
-    client.stream_access_logs(tokio_stream::iter([msg])).await.expect("the stream is accepted");
-}
-
 async fn restart_and_replays_refund_nothing_twice(redis: bool) {
     let mut r = run(redis).await;
     let batch = async |r: &Run| {
@@ -274,8 +239,8 @@ async fn restart_and_replays_refund_nothing_twice(redis: bool) {
     let captured = r.captured();
     assert_eq!(captured.iter().filter(|(code, _)| *code == 503).count(), 12);
     let replay: Vec<_> = captured.iter().map(|(_, c)| entry(503, c, &[])).collect();
-    stream(&r.stack.tollgate, replay.clone()).await;
-    stream(&r.stack.tollgate, replay).await;
+    stream(r.stack.tollgate.grpc, replay.clone()).await;
+    stream(r.stack.tollgate.grpc, replay).await;
     let what = "the replays are seen as duplicates";
     eventually(what, Duration::from_secs(10), async || {
         r.metric("tollgate_settlements_total{result=\"duplicate\"}").await == 80.0
@@ -300,12 +265,8 @@ async fn a_restart_and_replayed_entries_refund_nothing_twice_on_redis() {
 #[tokio::test]
 async fn forged_and_garbled_entries_are_counted_never_applied() {
     let server = TestServer::start(CONFIG).await;
-    let charge_of = async |path: &str| -> String {
-        let resp = server.check(http_check("GET", path, &[("x-api-key", "m-key")])).await;
-        let meta = resp.dynamic_metadata.expect("metadata");
-        let Some(Kind::StringValue(s)) = &meta.fields["charge"].kind else { panic!("no charge in {meta:?}") };
-        s.clone()
-    };
+    let charge_of =
+        async |path: &str| charge_of(&server.check(http_check("GET", path, &[("x-api-key", "m-key")])).await);
     let search = charge_of("/v1/search").await;
     let ai = charge_of("/v1/ai").await;
     let used = async |meter: &str, period| {
@@ -339,7 +300,7 @@ async fn forged_and_garbled_entries_are_counted_never_applied() {
     ];
     // No charge at all (a public route, a denial): skipped, not counted.
     entries.push(HttpAccessLogEntry::default());
-    stream(&server, entries).await;
+    stream(server.grpc, entries).await;
     // A TCP entry on its own message: skipped.
     let mut client = AccessLogServiceClient::new(server.channel().await);
     let tcp = StreamAccessLogsMessage {
@@ -362,7 +323,7 @@ async fn forged_and_garbled_entries_are_counted_never_applied() {
     assert_eq!((used("requests", Period::Month).await, used("tokens", Period::Day).await), (1, 100), "nothing applied");
 
     // The real entry refunds, once.
-    stream(&server, vec![entry(503, &search, &[]), entry(503, &search, &[])]).await;
+    stream(server.grpc, vec![entry(503, &search, &[]), entry(503, &search, &[])]).await;
     assert_eq!(used("requests", Period::Month).await, 0);
     let m = metrics().await;
     assert!(m.contains("tollgate_settlements_total{result=\"applied\"} 1"), "{m}");
@@ -408,28 +369,21 @@ async fn a_lost_signing_key_is_replaced_and_old_charges_still_settle_where_they_
     let redis = RedisServer::start();
     let yaml = yaml(&format!("{{ backend: redis, url: \"{}\" }}", redis.url()));
     let r1 = TestServer::start_configured(&yaml, true).await;
-    let charge = async |s: &TestServer| -> String {
-        let resp = s.check(http_check("GET", "/v1/search", &[("x-api-key", "m-key")])).await;
-        let Some(Kind::StringValue(c)) = &resp.dynamic_metadata.unwrap().fields["charge"].kind else { panic!() };
-        c.clone()
-    };
+    let charge =
+        async |s: &TestServer| charge_of(&s.check(http_check("GET", "/v1/search", &[("x-api-key", "m-key")])).await);
     let old = charge(&r1).await;
     assert!(redis.cli(&["DEL", "tollgate:charge-key"]).is_some());
     let r2 = TestServer::start_configured(&yaml, false).await;
-    let metric = async |s: &TestServer, name: &str| {
-        let m = http_get(s.http, "/metrics").await.unwrap().2;
-        m.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0)
-    };
-    stream(&r2, vec![entry(503, &old, &[])]).await;
-    assert_eq!(metric(&r2, "tollgate_settlement_bad_entries_total{reason=\"signature\"}").await, 1.0);
+    stream(r2.grpc, vec![entry(503, &old, &[])]).await;
+    assert_eq!(metric(r2.http, "tollgate_settlement_bad_entries_total{reason=\"signature\"}").await, 1.0);
     // r1 reads the key again (every minute; here at once): new charges verify on r2 ...
     r1.handle.authorizer.refresh_charge_key(Duration::from_secs(1)).await.unwrap();
     let new = charge(&r1).await;
-    stream(&r2, vec![entry(503, &new, &[])]).await;
-    assert_eq!(metric(&r2, "tollgate_settlements_total{result=\"applied\"}").await, 1.0);
+    stream(r2.grpc, vec![entry(503, &new, &[])]).await;
+    assert_eq!(metric(r2.http, "tollgate_settlements_total{result=\"applied\"}").await, 1.0);
     // ... and r1 still settles what it signed with the old key.
-    stream(&r1, vec![entry(503, &old, &[])]).await;
-    assert_eq!(metric(&r1, "tollgate_settlements_total{result=\"applied\"}").await, 1.0);
+    stream(r1.grpc, vec![entry(503, &old, &[])]).await;
+    assert_eq!(metric(r1.http, "tollgate_settlements_total{result=\"applied\"}").await, 1.0);
     r1.stop().await;
     r2.stop().await;
 }

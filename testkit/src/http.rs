@@ -115,3 +115,14 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     Ok((status_of(head), head.to_owned(), body.to_owned()))
 }
+
+/// The value of the first `/metrics` line at `http` starting with `line_start`
+/// (e.g. `tollgate_events_total{result="queued"}`); 0 when there is none.
+pub async fn metric(http: SocketAddr, line_start: &str) -> f64 {
+    metric_in(&http_get(http, "/metrics").await.map(|r| r.2).unwrap_or_default(), line_start)
+}
+
+/// [`metric`] read from a scrape already taken (several values of one snapshot).
+pub fn metric_in(scrape: &str, line_start: &str) -> f64 {
+    scrape.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+}

@@ -21,6 +21,7 @@
 //! | [`load`] | load loops: [`load::run_load`], [`load::Run`], medians |
 //! | [`cpu`] | CPU time from `/proc`: per process, reaped children, the machine |
 //! | [`wrk`] | [`wrk::Wrk`]: one wrk run and its parsed report |
+//! | [`accesslog`] | a Check's charge, Envoy-shaped access-log entries, one stream of them |
 //! | [`sink`] | [`sink::Sink`]: an HTTP event sink that can be stopped and resumed |
 //! | [`noop`] | an ext_authz server that allows everything (the floor) |
 //!
@@ -28,6 +29,7 @@
 //! `TOLLGATE_REDIS_BENCHMARK` when set, else `PATH`, else `.tools/bin`
 //! (what `scripts/test.sh` installs); see [`process::tool`].
 
+pub mod accesslog;
 pub mod bench;
 pub mod check;
 pub mod cpu;
@@ -46,7 +48,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use check::{Answer, allowed_else, http_check, spread, with_jwt};
-pub use http::http_get;
+pub use http::{http_get, metric};
 pub use server::TestServer;
 
 /// The repository root (the `tollgate` package), where `deploy/`, `config/`
