@@ -15,9 +15,10 @@ use tollgate::problem::{self, Context};
 use tollgate::usage::{QuotaUsage, SpendAnswer};
 
 /// A typical metered route: `/v1/search`, feature `search`, meter `requests`, cost 1.
-const SEARCH: Target<'static> = Target::Metered { feature: Some("search"), meter: Some("requests"), cost: 1 };
+const SEARCH: Target<'static> =
+    Target::Metered { feature: Some("search"), meter: Some("requests"), cost: 1, shadow: None };
 /// A route whose feature the free plan lacks.
-const AI: Target<'static> = Target::Metered { feature: Some("ai"), meter: Some("requests"), cost: 10 };
+const AI: Target<'static> = Target::Metered { feature: Some("ai"), meter: Some("requests"), cost: 10, shadow: None };
 
 fn now() -> DateTime<Utc> {
     "2026-11-22T12:00:00Z".parse().expect("timestamp")

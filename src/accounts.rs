@@ -305,6 +305,7 @@ impl Accounts {
             credits: plan.prepaid.then_some(0),
             now,
             dry_run: true,
+            shadow: false,
         };
         let answer = self.call(config.store.timeout, self.store().spend(&spend)).await?;
         let settled = decision::settle(&spend, &answer, Decision::allow(AllowKind::Allowed));

@@ -284,7 +284,8 @@ impl Authorizer {
             meter,
             periods,
             cost: spend.cost,
-            credits: spend.credits.is_some(),
+            // A shadow spend took no credits: settling it must move none.
+            credits: spend.credits.is_some() && !spend.shadow,
             cost_header: cost_header.map(str::to_owned),
         };
         Some(charge.seal(&key))
@@ -353,6 +354,7 @@ impl Authorizer {
                             feature: r.feature.as_deref(),
                             meter: r.meter.as_deref(),
                             cost: query.cost.filter(|c| *c > 0).unwrap_or(r.cost),
+                            shadow: r.shadow,
                         },
                         Some(r.name.clone()),
                         r.cost_from_response.as_deref(),
@@ -360,9 +362,11 @@ impl Authorizer {
                     None => (Target::Unmatched, None, None),
                 }
             }
-            Ask::Feature { feature, meter } => {
-                (Target::Metered { feature, meter, cost: query.cost.filter(|c| *c > 0).unwrap_or(1) }, None, None)
-            }
+            Ask::Feature { feature, meter } => (
+                Target::Metered { feature, meter, cost: query.cost.filter(|c| *c > 0).unwrap_or(1), shadow: None },
+                None,
+                None,
+            ),
         };
         // Only Envoy's Checks are settled from an access log.
         let settles = matches!((&query.subject, &query.ask), (Subject::Request(_), Ask::Http(_)));
@@ -414,6 +418,7 @@ impl Authorizer {
                         credits: None,
                         now,
                         dry_run: false,
+                        shadow: false,
                     };
                     charge = self.charge(config, &spend, meter, cost_header).await;
                 }
@@ -430,9 +435,37 @@ impl Authorizer {
                 Err(e) => return self.store_failed(config, e, account.as_deref(), &strip, route, now),
             },
         };
+        if !query.dry_run {
+            self.observe(&decision, route.as_deref());
+        }
         let mut outcome = self.finish(config, decision, &strip, route, now);
         outcome.charge = charge;
         Ok(outcome)
+    }
+
+    /// What a decision that counted shows besides its answer: under shadow
+    /// mode the would-be verdict (a metric, and a log line per would-be
+    /// deny), and the units a soft quota let past its limit.
+    fn observe(&self, d: &Decision, route: Option<&str>) {
+        if d.shadow {
+            self.metrics.record_shadow(d.shadowed.map_or(d.verdict, decision::Verdict::Deny));
+        }
+        if let Some(code) = d.shadowed {
+            tracing::info!(
+                target: "tollgate::shadow",
+                code = code.as_str(),
+                account = d.account.as_deref().unwrap_or(""),
+                plan = d.plan.as_deref().unwrap_or(""),
+                route = route.unwrap_or(""),
+                "shadow mode let through a request it would have denied"
+            );
+        }
+        for q in d.overages() {
+            let units = q.overage_of(d.cost);
+            if units > 0 {
+                self.metrics.record_overage(q.quota.policy_name(), units);
+            }
+        }
     }
 
     fn store_failed(

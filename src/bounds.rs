@@ -36,6 +36,14 @@ pub fn check_quota(q: &Quota) -> Result<(), String> {
     if q.limit > MAX_LIMIT {
         return Err(format!("quota {}: limit {} is above {MAX_LIMIT}", q.meter, q.limit));
     }
+    if let Some(c) = q.ceiling
+        && (q.window.is_rate() || c <= q.limit || c > MAX_LIMIT)
+    {
+        return Err(format!(
+            "quota {}: ceiling {c} is not above the limit {} (or the quota is a rate)",
+            q.meter, q.limit
+        ));
+    }
     match q.window {
         Window::Rolling(d) if !is_valid_window(d) => {
             Err(format!("quota {}: window {d:?} is outside {MIN_WINDOW:?}..={MAX_WINDOW:?}", q.meter))

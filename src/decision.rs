@@ -100,6 +100,26 @@ impl Code {
         }
     }
 
+    /// Whether shadow mode lets a request with this code through: every
+    /// billing denial does; a credential, blocked-account or route denial
+    /// only when `security` (the operator's explicit `shadow_security: true`);
+    /// a request that could not be read or a store fault never does.
+    pub fn shadowable(self, security: bool) -> bool {
+        match self {
+            Code::CredentialsMissing | Code::CredentialsInvalid | Code::AccountBlocked | Code::RouteNotAllowed => {
+                security
+            }
+            Code::RequestInvalid | Code::StoreUnavailable => false,
+            Code::SubscriptionInactive
+            | Code::PaymentOverdue
+            | Code::FeatureNotInPlan
+            | Code::InsufficientCredits
+            | Code::QuotaExhausted
+            | Code::RateLimited
+            | Code::PlanUnknown => true,
+        }
+    }
+
     /// Parses a wire name (config `problems.overrides` keys).
     pub fn parse(s: &str) -> Option<Code> {
         Code::ALL.into_iter().find(|c| c.as_str() == s)
@@ -177,6 +197,16 @@ pub struct QuotaState {
     pub resets_at: DateTime<Utc>,
     /// When a request of the same cost would first fit.
     pub retry_at: DateTime<Utc>,
+    /// Units used past the limit of a soft quota (0 for a hard one).
+    pub overage: u64,
+}
+
+impl QuotaState {
+    /// The units of a request costing `cost` that were overage: what it
+    /// spent past the limit (the window's overage, up to the cost).
+    pub fn overage_of(&self, cost: u64) -> u64 {
+        self.overage.min(cost)
+    }
 }
 
 /// The outcome of one request, with what the response needs to explain it.
@@ -202,6 +232,10 @@ pub struct Decision {
     pub cost: u64,
     /// Credits left on a prepaid plan.
     pub credits: Option<u64>,
+    /// Decided under shadow mode (`shadow: true` of the route, the plan or the config).
+    pub shadow: bool,
+    /// Under shadow mode: the code that would have denied the request, which was allowed.
+    pub shadowed: Option<Code>,
 }
 
 impl Decision {
@@ -217,6 +251,8 @@ impl Decision {
             grace_until: None,
             cost: 0,
             credits: None,
+            shadow: false,
+            shadowed: None,
         }
     }
 
@@ -235,9 +271,27 @@ impl Decision {
         matches!(self.verdict, Verdict::Allow(_))
     }
 
-    /// The quota that denied the request, if a quota did.
+    /// The quota that denied the request (or would have, under shadow), if a quota did.
     pub fn denying_quota(&self) -> Option<&QuotaState> {
         self.denied_quota.and_then(|i| self.quotas.get(i))
+    }
+
+    /// The soft quotas this allowed request went past the limit of.
+    pub fn overages(&self) -> impl Iterator<Item = &QuotaState> {
+        self.quotas.iter().filter(|q| self.is_allowed() && q.overage > 0)
+    }
+
+    /// Denies with `code`, or under shadow mode, when the code may be
+    /// shadowed, notes it (the first one noted is the one reported) and keeps
+    /// the allow; true when the request is denied.
+    fn deny_or_note(&mut self, code: Code, security: bool) -> bool {
+        if self.shadow && code.shadowable(security) {
+            self.shadowed.get_or_insert(code);
+            false
+        } else {
+            self.verdict = Verdict::Deny(code);
+            true
+        }
     }
 }
 
@@ -260,6 +314,18 @@ pub struct Policy {
     pub grace_period: Duration,
     /// What unmatched routes get.
     pub unmatched: Unmatched,
+    /// Shadow mode for everything (top-level `shadow:`); plans and routes may say otherwise.
+    pub shadow: bool,
+    /// Whether shadow mode also lets credential, blocked-account and route
+    /// denials through (`shadow_security: true`); by default they stay enforced.
+    pub shadow_security: bool,
+}
+
+impl Policy {
+    /// Whether shadow mode applies: the route's setting, else the plan's, else the config's.
+    pub fn shadow_for(&self, route: Option<bool>, plan: Option<&Plan>) -> bool {
+        route.or(plan.and_then(|p| p.shadow)).unwrap_or(self.shadow)
+    }
 }
 
 /// What the request targets, once routing is done.
@@ -277,6 +343,8 @@ pub enum Target<'a> {
         meter: Option<&'a str>,
         /// Units spent.
         cost: u64,
+        /// The route's `shadow:`, when it sets one.
+        shadow: Option<bool>,
     },
 }
 
@@ -300,39 +368,55 @@ pub enum Step {
     Spend(Spend, Decision),
 }
 
-/// Walks the rows of SPEC §4 up to the ones that need counters.
+/// Walks the rows of SPEC §4 up to the ones that need counters. Under
+/// shadow mode a row that would deny (and may be shadowed) is noted in
+/// `shadowed` and the walk goes on, so the request spends what it uses.
 pub fn evaluate(policy: &Policy, target: Target<'_>, caller: Caller<'_>, now: DateTime<Utc>, dry_run: bool) -> Step {
     if target == Target::Public {
         return Step::Done(Decision::allow(AllowKind::Public));
     }
-    let account = match caller {
-        Caller::Missing => return Step::Done(Decision::deny(Code::CredentialsMissing)),
-        Caller::Invalid => return Step::Done(Decision::deny(Code::CredentialsInvalid)),
-        Caller::Known(account) => account,
+    let route_shadow = match target {
+        Target::Metered { shadow, .. } => shadow,
+        Target::Public | Target::Unmatched => None,
     };
+    let security = policy.shadow_security;
     let mut d = Decision::new(Verdict::Allow(AllowKind::Allowed));
+    let account = match caller {
+        Caller::Known(account) => account,
+        Caller::Missing | Caller::Invalid => {
+            d.shadow = policy.shadow_for(route_shadow, None);
+            let code =
+                if matches!(caller, Caller::Missing) { Code::CredentialsMissing } else { Code::CredentialsInvalid };
+            d.deny_or_note(code, security);
+            return Step::Done(d);
+        }
+    };
     d.account = Some(account.id.clone());
     d.plan = Some(account.plan.clone());
-    let deny = |mut d: Decision, code| {
-        d.verdict = Verdict::Deny(code);
-        Step::Done(d)
-    };
+    let plan = policy.plans.get(&account.plan);
+    d.shadow = policy.shadow_for(route_shadow, plan);
 
-    if target == Target::Unmatched && policy.unmatched == Unmatched::Deny {
-        return deny(d, Code::RouteNotAllowed);
+    if target == Target::Unmatched
+        && policy.unmatched == Unmatched::Deny
+        && d.deny_or_note(Code::RouteNotAllowed, security)
+    {
+        return Step::Done(d);
     }
-    if account.blocked {
-        return deny(d, Code::AccountBlocked);
+    if account.blocked && d.deny_or_note(Code::AccountBlocked, security) {
+        return Step::Done(d);
     }
-    let Some(plan) = policy.plans.get(&account.plan) else {
-        return deny(d, Code::PlanUnknown);
+    let Some(plan) = plan else {
+        // Nothing more can be walked without a plan.
+        d.deny_or_note(Code::PlanUnknown, security);
+        return Step::Done(d);
     };
     let expired = account.expires_at.is_some_and(|at| now >= at);
     if account.status.is_inactive() || expired {
         d.status = Some(if expired { Status::Expired } else { account.status });
-        return deny(d, Code::SubscriptionInactive);
-    }
-    if account.status == Status::PastDue {
+        if d.deny_or_note(Code::SubscriptionInactive, security) {
+            return Step::Done(d);
+        }
+    } else if account.status == Status::PastDue {
         // A past-due account without a date has no grace to count, and one
         // whose date cannot be added to (out of any sane range: stores and
         // the API refuse such dates) has none either: overdue now.
@@ -343,13 +427,14 @@ pub fn evaluate(policy: &Policy, target: Target<'_>, caller: Caller<'_>, now: Da
             .and_then(|since| since.checked_add_signed(chrono::Duration::from_std(policy.grace_period).ok()?))
             .unwrap_or(now);
         d.grace_until = Some(until);
-        if now >= until {
-            return deny(d, Code::PaymentOverdue);
+        if now < until {
+            d.verdict = Verdict::Allow(AllowKind::Grace);
+        } else if d.deny_or_note(Code::PaymentOverdue, security) {
+            return Step::Done(d);
         }
-        d.verdict = Verdict::Allow(AllowKind::Grace);
     }
 
-    let Target::Metered { feature, meter, cost } = target else {
+    let Target::Metered { feature, meter, cost, .. } = target else {
         // Unmatched under `default: allow`: standing checked, nothing metered.
         return Step::Done(d);
     };
@@ -357,7 +442,9 @@ pub fn evaluate(policy: &Policy, target: Target<'_>, caller: Caller<'_>, now: Da
         && !account.has_feature(plan, feature)
     {
         d.feature = Some(feature.to_owned());
-        return deny(d, Code::FeatureNotInPlan);
+        if d.deny_or_note(Code::FeatureNotInPlan, security) {
+            return Step::Done(d);
+        }
     }
     let quotas = meter.map(|m| account.quotas_for(plan, m)).unwrap_or_default();
     let credits = plan.prepaid.then_some(cost);
@@ -365,7 +452,7 @@ pub fn evaluate(policy: &Policy, target: Target<'_>, caller: Caller<'_>, now: Da
     if quotas.is_empty() && credits.is_none() {
         return Step::Done(d);
     }
-    let spend = Spend { account: account.id.clone(), quotas, cost, credits, now, dry_run };
+    let spend = Spend { account: account.id.clone(), quotas, cost, credits, now, dry_run, shadow: d.shadow };
     Step::Spend(spend, d)
 }
 
@@ -381,11 +468,13 @@ pub fn settle(spend: &Spend, answer: &SpendAnswer, mut d: Decision) -> Decision 
             remaining: quota.limit.saturating_sub(usage.used),
             resets_at: usage.resets_at,
             retry_at: usage.retry_at,
+            overage: quota.overage(usage.used),
         })
         .collect();
     d.credits = answer.credits.map(|c| c.balance);
-    if answer.credits.is_some_and(|c| !c.sufficient) {
-        d.verdict = Verdict::Deny(Code::InsufficientCredits);
+    // Counters' rows are billing rows: shadow mode notes them whatever
+    // `shadow_security` says.
+    if answer.credits.is_some_and(|c| !c.sufficient) && d.deny_or_note(Code::InsufficientCredits, false) {
         return d;
     }
     let exceeded = |rate: bool| {
@@ -396,11 +485,11 @@ pub fn settle(spend: &Spend, answer: &SpendAnswer, mut d: Decision) -> Decision 
             .position(|(usage, quota)| usage.exceeded && quota.window.is_rate() == rate)
     };
     if let Some(i) = exceeded(false) {
-        d.verdict = Verdict::Deny(Code::QuotaExhausted);
         d.denied_quota = Some(i);
+        d.deny_or_note(Code::QuotaExhausted, false);
     } else if let Some(i) = exceeded(true) {
-        d.verdict = Verdict::Deny(Code::RateLimited);
         d.denied_quota = Some(i);
+        d.deny_or_note(Code::RateLimited, false);
     } else if !answer.spent && !spend.dry_run {
         // A store that spent nothing must say why; one that did not broke
         // its contract, and nothing was paid: never an allow. (A dry run

@@ -216,6 +216,11 @@ pub struct Quota {
     pub limit: u64,
     /// The window the limit applies to.
     pub window: Window,
+    /// `Some` makes the quota soft (calendar windows only): past `limit`
+    /// requests still pass, as overage, until `ceiling` units are used
+    /// ([`MAX_LIMIT`] when no ceiling was set). Stores check against
+    /// [`Quota::hard_limit`]; the decision reports use past `limit` as overage.
+    pub ceiling: Option<u64>,
 }
 
 /// Why a quota cannot be built. [`field`](QuotaError::field) names the part
@@ -246,10 +251,19 @@ pub enum QuotaError {
     /// Neither a `period` nor a `per` was given.
     #[error("needs period (minute|hour|day|month) or per (a duration)")]
     NoWindow,
+    /// `soft` on a rate limit (`per`): load has no overage.
+    #[error("only a period quota (a paid allowance) can be soft; a rate limit (per) is always hard")]
+    SoftRate,
+    /// A `ceiling` without `soft: true`.
+    #[error("needs soft: true (a hard quota stops at its limit)")]
+    CeilingNotSoft,
+    /// A `ceiling` at or below the limit, or above [`MAX_LIMIT`]; carries what was given and the limit.
+    #[error("must be above the limit ({1}) and at most {MAX_LIMIT}, got {0}")]
+    Ceiling(i128, u64),
 }
 
 impl QuotaError {
-    /// The field at fault, relative to the quota: `meter`, `limit`, `per`, or
+    /// The field at fault, relative to the quota: `meter`, `limit`, `per`, `soft`, `ceiling`, or
     /// `""` when the quota as a whole is (its window's shape).
     pub fn field(&self) -> &'static str {
         match self {
@@ -257,6 +271,8 @@ impl QuotaError {
             QuotaError::Limit(_) => "limit",
             QuotaError::WindowTooLong | QuotaError::WindowTooShort => "per",
             QuotaError::PeriodAndPer | QuotaError::NoWindow => "",
+            QuotaError::SoftRate => "soft",
+            QuotaError::CeilingNotSoft | QuotaError::Ceiling(..) => "ceiling",
         }
     }
 
@@ -301,7 +317,50 @@ impl Quota {
             (Some(_), Some(_)) => return Err(QuotaError::PeriodAndPer),
             (None, None) => return Err(QuotaError::NoWindow),
         };
-        Ok(Quota { meter: meter.to_owned(), limit, window })
+        Ok(Quota { meter: meter.to_owned(), limit, window, ceiling: None })
+    }
+
+    /// This quota made soft (`soft: true`), with a hard `ceiling` above the
+    /// limit or none; `soft: false` keeps it hard, and then no ceiling may be
+    /// given. Rate limits cannot be soft.
+    pub fn soften(mut self, soft: bool, ceiling: Option<impl Into<i128>>) -> Result<Quota, QuotaError> {
+        let ceiling = ceiling.map(Into::into);
+        match (soft, ceiling) {
+            (false, None) => return Ok(self),
+            (false, Some(_)) => return Err(QuotaError::CeilingNotSoft),
+            (true, _) if self.window.is_rate() => return Err(QuotaError::SoftRate),
+            (true, ceiling) => {
+                let c = match ceiling {
+                    None => MAX_LIMIT,
+                    Some(c) => u64::try_from(c)
+                        .ok()
+                        .filter(|c| *c > self.limit && *c <= MAX_LIMIT)
+                        .ok_or(QuotaError::Ceiling(c, self.limit))?,
+                };
+                self.ceiling = Some(c);
+            }
+        }
+        Ok(self)
+    }
+
+    /// Whether use past the limit passes as overage.
+    pub fn is_soft(&self) -> bool {
+        self.ceiling.is_some()
+    }
+
+    /// Where requests stop: the ceiling of a soft quota, else the limit.
+    pub fn hard_limit(&self) -> u64 {
+        self.ceiling.unwrap_or(self.limit)
+    }
+
+    /// The ceiling the operator set; `None` for a hard quota or a soft one without a ceiling.
+    pub fn ceiling_set(&self) -> Option<u64> {
+        self.ceiling.filter(|c| *c < MAX_LIMIT)
+    }
+
+    /// Units used past the limit on a soft quota (0 on a hard one).
+    pub fn overage(&self, used: u64) -> u64 {
+        if self.is_soft() { used.saturating_sub(self.limit) } else { 0 }
     }
 
     /// The name used in `RateLimit-Policy` and problem bodies: `requests-month`, `requests-1s`.
@@ -321,6 +380,9 @@ pub struct Plan {
     pub quotas: Vec<Quota>,
     /// Whether each request also spends prepaid credits.
     pub prepaid: bool,
+    /// Shadow mode for this plan's accounts (`shadow:` of the plan); a
+    /// route's own setting wins over it, it wins over the config's.
+    pub shadow: Option<bool>,
 }
 
 /// One account's billing state, as the store keeps it. Credits and usage are

@@ -59,6 +59,15 @@ pub struct Metrics {
     settlement_units: Family<KindLabels, Counter>,
     events: Family<ResultLabels, Counter>,
     event_lag: Histogram,
+    shadow: Family<DecisionLabels, Counter>,
+    overage: Family<PolicyLabels, Counter>,
+}
+
+/// A quota's policy name (`requests-month`): from config or an account's
+/// overrides, so the set is bounded by what operators define.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    policy: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -195,6 +204,18 @@ impl Metrics {
             "From an event's time (its request's Check, or its threshold crossing) to its delivery to the sink",
             event_lag.clone(),
         );
+        let shadow = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "tollgate_shadow_decisions",
+            "Decisions made under shadow mode (Checks and Authorize calls, dry runs aside), by the status and code they would have had; every one was allowed unless the code is enforced in shadow mode (credentials, blocked, route, request, store)",
+            shadow.clone(),
+        );
+        let overage = Family::<PolicyLabels, Counter>::default();
+        registry.register(
+            "tollgate_overage_units",
+            "Units spent past a soft quota's limit, by policy (requests-month)",
+            overage.clone(),
+        );
         for result in ["queued", "delivered", "retried", "dropped"] {
             let _ = events.get_or_create(&ResultLabels { result });
         }
@@ -230,6 +251,8 @@ impl Metrics {
             settlement_units,
             events,
             event_lag,
+            shadow,
+            overage,
         }
     }
 
@@ -292,6 +315,18 @@ impl Metrics {
         self.check_duration.observe(elapsed.as_secs_f64());
     }
 
+    /// Counts one decision made under shadow mode, by what it would have been.
+    pub fn record_shadow(&self, would_be: Verdict) {
+        self.shadow
+            .get_or_create(&DecisionLabels { status: status_label(would_be.http_status()), code: would_be.label() })
+            .inc();
+    }
+
+    /// Counts units spent past a soft quota's limit.
+    pub fn record_overage(&self, policy: String, units: u64) {
+        self.overage.get_or_create(&PolicyLabels { policy }).inc_by(units);
+    }
+
     /// The cache-lookup observer `store::open` takes (a `store::LookupObserver`):
     /// it counts each lookup here as a hit or a miss. The type is spelled out
     /// so that this module keeps depending on nothing of ours but `decision`.
@@ -352,6 +387,8 @@ mod tests {
         m.record_store_error();
         m.record_reload("ok");
         m.record_auth_failure("PutEntitlement", "invalid");
+        m.record_shadow(Verdict::Deny(Code::QuotaExhausted));
+        m.record_overage("requests-month".into(), 3);
         let text = m.encode();
         for needle in [
             "tollgate_decisions_total{status=\"402\",code=\"quota_exhausted\"} 1",
@@ -363,6 +400,8 @@ mod tests {
             "tollgate_store_errors_total 1",
             "tollgate_config_reloads_total{result=\"ok\"} 1",
             "tollgate_auth_failures_total{rpc=\"PutEntitlement\",reason=\"invalid\"} 1",
+            "tollgate_shadow_decisions_total{status=\"402\",code=\"quota_exhausted\"} 1",
+            "tollgate_overage_units_total{policy=\"requests-month\"} 3",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -29,6 +29,10 @@ pub const PLAN_HEADER: &str = "x-tollgate-plan";
 pub const BILLING_WARNING_HEADER: &str = "x-tollgate-billing-warning";
 /// Header marking a request let through because the store failed (`on_error: allow`).
 pub const DEGRADED_HEADER: &str = "x-tollgate-degraded";
+/// Header telling the upstream the code that would have denied a request shadow mode let through.
+pub const SHADOW_HEADER: &str = "x-tollgate-shadow";
+/// Header telling the upstream the request went past a soft quota's limit (overage).
+pub const OVERAGE_HEADER: &str = "x-tollgate-overage";
 
 /// A rendered decision, free of any transport's types.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -95,6 +99,12 @@ struct QuotaBody<'a> {
     used: u64,
     remaining: u64,
     resets_at: String,
+    /// Units used past the limit (soft quotas only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    overage: Option<u64>,
+    /// A soft quota's hard stop, when one is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ceiling: Option<u64>,
 }
 
 /// RFC 3339 with seconds, `Z`: the one timestamp format of bodies and headers.
@@ -202,6 +212,13 @@ fn default_detail(code: Code, d: &Decision, v: &Vars) -> String {
             v.get("credits")
         ),
         Code::QuotaExhausted => match d.denying_quota() {
+            Some(q) if q.quota.is_soft() => format!(
+                "Plan {plan} includes {} {} {} and {} more as overage; all are used.",
+                q.quota.limit,
+                q.quota.meter,
+                per_window(q.quota.window),
+                q.quota.hard_limit().saturating_sub(q.quota.limit)
+            ),
             Some(q) => format!(
                 "Plan {plan} includes {} {} {}; all are used.",
                 q.quota.limit,
@@ -266,6 +283,8 @@ fn vars(d: &Decision, link: Option<&str>, retry_after: Option<u64>) -> Vars {
         push("remaining", Some(q.remaining.to_string()));
         push("window", Some(q.quota.window.label()));
         push("resets_at", Some(timestamp(q.resets_at)));
+        push("overage", Some(q.overage.to_string()));
+        push("ceiling", q.quota.ceiling_set().map(|c| c.to_string()));
     }
     Vars(v)
 }
@@ -307,24 +326,47 @@ fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>
     if kind == AllowKind::FailOpen {
         r.upstream_headers.push((DEGRADED_HEADER.into(), Code::StoreUnavailable.as_str().into()));
     }
+    if let Some(code) = d.shadowed {
+        r.upstream_headers.push((SHADOW_HEADER.into(), code.as_str().into()));
+    }
+    // Billing warnings, one list: a failed payment inside its grace period,
+    // and each soft quota this request went past the limit of.
+    let mut warnings = Vec::new();
     if kind == AllowKind::Grace {
         let until = d.grace_until.map(timestamp).unwrap_or_default();
-        let warning = format!("payment_overdue; grace_ends_at=\"{until}\"");
+        warnings.push(format!("payment_overdue; grace_ends_at=\"{until}\""));
+    }
+    let mut overage = Vec::new();
+    for q in d.overages() {
+        let policy = q.quota.policy_name();
+        let ceiling = q.quota.ceiling_set().map(|c| format!("; ceiling={c}")).unwrap_or_default();
+        warnings.push(format!(
+            "quota_overage; policy=\"{policy}\"; limit={}; overage={}{ceiling}",
+            q.quota.limit, q.overage
+        ));
+        overage.push(format!("\"{policy}\";units={};overage={}", q.overage_of(d.cost), q.overage));
+    }
+    if !warnings.is_empty() {
+        let warning = warnings.join(", ");
         r.client_headers.push((BILLING_WARNING_HEADER.into(), warning.clone()));
         r.upstream_headers.push((BILLING_WARNING_HEADER.into(), warning));
         if let Some(link) = d.account.as_deref().and_then(|a| config.billing.portal_for(a)) {
             r.client_headers.push(("link".into(), format!("<{link}>; rel=\"payment\"")));
         }
     }
+    if !overage.is_empty() {
+        r.upstream_headers.push((OVERAGE_HEADER.into(), overage.join(", ")));
+    }
     // Our own headers are removed when not set (the proxy may not have
     // shown us the client's copy); a header we set is overwritten, never
     // removed, since Envoy applies removals after additions.
     let set = |name: &str| r.upstream_headers.iter().any(|(k, _)| k == name);
-    let mut remove: Vec<String> = [ACCOUNT_HEADER, PLAN_HEADER, DEGRADED_HEADER, BILLING_WARNING_HEADER]
-        .into_iter()
-        .filter(|h| !set(h))
-        .map(str::to_owned)
-        .collect();
+    let mut remove: Vec<String> =
+        [ACCOUNT_HEADER, PLAN_HEADER, DEGRADED_HEADER, BILLING_WARNING_HEADER, SHADOW_HEADER, OVERAGE_HEADER]
+            .into_iter()
+            .filter(|h| !set(h))
+            .map(str::to_owned)
+            .collect();
     for h in ctx.strip {
         if !set(h) && !remove.iter().any(|r| r == h) {
             remove.push(h.as_ref().to_owned());
@@ -371,6 +413,8 @@ fn render_deny(d: &Decision, code: Code, config: &Config, now: DateTime<Utc>) ->
             used: q.used,
             remaining: q.remaining,
             resets_at: timestamp(q.resets_at),
+            overage: q.quota.is_soft().then_some(q.overage),
+            ceiling: q.quota.ceiling_set(),
         }),
         retry_after,
     };

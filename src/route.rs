@@ -232,6 +232,8 @@ pub struct Route {
     /// The response header that reports what a request really cost
     /// (`cost_from_response`); `cost` is then what a Check reserves.
     pub cost_from_response: Option<String>,
+    /// The route's `shadow:` (wins over the plan's and the config's); `None` when it sets none.
+    pub shadow: Option<bool>,
 }
 
 impl Route {
@@ -245,7 +247,7 @@ impl Route {
         cost: u64,
     ) -> Self {
         let name = Self::describe(&matcher).into();
-        Self { index, matcher, public, feature, meter, cost, name, cost_from_response: None }
+        Self { index, matcher, public, feature, meter, cost, name, cost_from_response: None, shadow: None }
     }
 
     fn describe(m: &RouteMatch) -> String {

@@ -37,13 +37,18 @@ pub struct Spend {
     pub now: DateTime<Utc>,
     /// Check only; spend nothing.
     pub dry_run: bool,
+    /// Shadow mode (ignored on a dry run): every quota is spent whatever its
+    /// limit, as far as [`MAX_LIMIT`] (usage is real; `exceeded` still says
+    /// what would have been denied); credits are checked, never spent (a dry
+    /// run of a paywall moves no money). The answer is `spent`.
+    pub shadow: bool,
 }
 
 /// The counters' answer: how each quota stands, and whether anything was spent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpendAnswer {
-    /// True when every check passed and everything was spent; false for a
-    /// dry run. A store answering false (not a dry run) must mark a quota
+    /// True when every check passed and everything was spent, and for a
+    /// shadow spend; false for a dry run. A store answering false (not a dry run) must mark a quota
     /// exceeded or the credits insufficient (`decision::settle` denies
     /// otherwise).
     pub spent: bool,

@@ -116,7 +116,13 @@ async fn entitlements_and_keys_drive_checks() {
     let s = TestServer::start(&(spec_config() + TOKENS)).await;
     let mut c = api(&s).await;
     let mut e = entitlement("acct_new", "free");
-    e.quota_overrides = vec![QuotaOverride { meter: "requests".into(), limit: 2, period: "month".into(), per: None }];
+    e.quota_overrides = vec![QuotaOverride {
+        meter: "requests".into(),
+        limit: 2,
+        period: "month".into(),
+        per: None,
+        ..Default::default()
+    }];
     e.extra_features = vec!["ai".into()];
     let put = c.put_entitlement(admin(PutEntitlementRequest { entitlement: Some(e) })).await.unwrap().into_inner();
     assert_eq!((put.plan.as_str(), put.credits), ("free", 0));
@@ -220,6 +226,7 @@ async fn invalid_input_is_rejected_naming_the_field() {
                     limit: 0,
                     period: "day".into(),
                     per: None,
+                    ..Default::default()
                 }],
                 ..entitlement("acct_x", "pro")
             }),
@@ -232,6 +239,7 @@ async fn invalid_input_is_rejected_naming_the_field() {
                     limit: 1,
                     period: "week".into(),
                     per: None,
+                    ..Default::default()
                 }],
                 ..entitlement("acct_x", "pro")
             }),

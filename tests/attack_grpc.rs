@@ -301,6 +301,7 @@ async fn extreme_dates_and_windows_are_refused_or_harmless() {
                 limit: 10,
                 period: String::new(),
                 per: Some(prost_types::Duration { seconds: i64::MAX, nanos: 0 }),
+                ..Default::default()
             }],
             ..base()
         },
@@ -310,6 +311,7 @@ async fn extreme_dates_and_windows_are_refused_or_harmless() {
                 limit: u64::MAX,
                 period: "month".into(),
                 per: None,
+                ..Default::default()
             }],
             ..base()
         },

@@ -44,15 +44,23 @@ impl Backend {
 }
 
 fn month() -> Quota {
-    Quota { meter: "requests".into(), limit: 3, window: Window::Calendar(Period::Month) }
+    Quota { meter: "requests".into(), limit: 3, window: Window::Calendar(Period::Month), ceiling: None }
 }
 
 fn rate(limit: u64) -> Quota {
-    Quota { meter: "requests".into(), limit, window: Window::Rolling(Duration::from_secs(3600)) }
+    Quota { meter: "requests".into(), limit, window: Window::Rolling(Duration::from_secs(3600)), ceiling: None }
 }
 
 fn spend(quotas: &[Quota], cost: u64, credits: Option<u64>) -> Spend {
-    Spend { account: "acct_x".into(), quotas: quotas.to_vec(), cost, credits, now: Utc::now(), dry_run: false }
+    Spend {
+        account: "acct_x".into(),
+        quotas: quotas.to_vec(),
+        cost,
+        credits,
+        now: Utc::now(),
+        dry_run: false,
+        shadow: false,
+    }
 }
 
 /// How the quotas and balance stand, read with a dry run of cost 0 (which spends nothing).
@@ -159,7 +167,7 @@ async fn add_credits_overflow_and_underflow_are_refused_with_no_change() {
 async fn a_multi_quota_spend_with_one_quota_exhausted_moves_nothing() {
     for b in Backend::both() {
         b.store.set_credits("acct_x", 50).await.unwrap();
-        let tokens = Quota { meter: "tokens".into(), limit: 100, window: Window::Calendar(Period::Day) };
+        let tokens = Quota { meter: "tokens".into(), limit: 100, window: Window::Calendar(Period::Day), ceiling: None };
         let q = [Quota { limit: 100, ..month() }, rate(2), tokens];
         assert!(try_spend(&b, &spend(&q, 2, Some(7))).await.spent, "{}", b.name);
         let before = state(&b, &q).await;
@@ -314,7 +322,7 @@ async fn lua_scripts_called_with_bad_arguments_write_nothing() {
             assert!(reply.contains("TOLLGATE_BADARG"), "{args:?}: {reply}");
         }
     }
-    for args in [&["1", "1", "2", "1", "c", "100", &end][..], &["1", "1", "0", "1", "x", "100", &end], &["1", "1", "0"]]
+    for args in [&["1", "1", "3", "1", "c", "100", &end][..], &["1", "1", "0", "1", "x", "100", &end], &["1", "1", "0"]]
     {
         let reply = eval(r, lua::SPEND, &[counter, credits], args);
         assert!(reply.contains("TOLLGATE_BADARG"), "{args:?}: {reply}");

@@ -66,9 +66,16 @@ events:
 }
 
 async fn used(store: &dyn Store, account: &str, meter: &str, period: Period) -> u64 {
-    let q = Quota { meter: meter.into(), limit: 1 << 40, window: Window::Calendar(period) };
-    let probe =
-        Spend { account: account.into(), quotas: vec![q], cost: 0, credits: None, now: Utc::now(), dry_run: true };
+    let q = Quota { meter: meter.into(), limit: 1 << 40, window: Window::Calendar(period), ceiling: None };
+    let probe = Spend {
+        account: account.into(),
+        quotas: vec![q],
+        cost: 0,
+        credits: None,
+        now: Utc::now(),
+        dry_run: true,
+        shadow: false,
+    };
     store.spend(&probe).await.unwrap().quotas[0].used
 }
 

@@ -21,11 +21,11 @@ use tollgate_testkit::{Answer, TestServer, allowed_else, eventually, http_check,
 const ACCT: &str = "acct_lease";
 
 fn month(limit: u64) -> Quota {
-    Quota { meter: "requests".into(), limit, window: Window::Calendar(Period::Month) }
+    Quota { meter: "requests".into(), limit, window: Window::Calendar(Period::Month), ceiling: None }
 }
 
 fn spend(quotas: &[Quota], cost: u64, now: DateTime<Utc>) -> Spend {
-    Spend { account: ACCT.into(), quotas: quotas.to_vec(), cost, credits: None, now, dry_run: false }
+    Spend { account: ACCT.into(), quotas: quotas.to_vec(), cost, credits: None, now, dry_run: false, shadow: false }
 }
 
 fn config(max_block: u64, replicas: u64, idle: Duration) -> LeaseConfig {
@@ -109,7 +109,15 @@ async fn three_replicas_never_allow_more_than_the_limit_and_reach_it_exactly_onc
 
 /// A spend of `credits` credits and no quota.
 fn credit_spend(credits: u64) -> Spend {
-    Spend { account: ACCT.into(), quotas: vec![], cost: 1, credits: Some(credits), now: Utc::now(), dry_run: false }
+    Spend {
+        account: ACCT.into(),
+        quotas: vec![],
+        cost: 1,
+        credits: Some(credits),
+        now: Utc::now(),
+        dry_run: false,
+        shadow: false,
+    }
 }
 
 /// The free balance Redis holds (credits neither spent nor leased).

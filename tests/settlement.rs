@@ -100,9 +100,16 @@ async fn run(redis: bool) -> Run {
 impl Run {
     /// Units used in the current window of `meter`'s `period` quota.
     async fn used(&self, account: &str, meter: &str, period: Period) -> u64 {
-        let q = Quota { meter: meter.into(), limit: 1 << 40, window: Window::Calendar(period) };
-        let probe =
-            Spend { account: account.into(), quotas: vec![q], cost: 0, credits: None, now: Utc::now(), dry_run: true };
+        let q = Quota { meter: meter.into(), limit: 1 << 40, window: Window::Calendar(period), ceiling: None };
+        let probe = Spend {
+            account: account.into(),
+            quotas: vec![q],
+            cost: 0,
+            credits: None,
+            now: Utc::now(),
+            dry_run: true,
+            shadow: false,
+        };
         self.stack.tollgate.store.spend(&probe).await.unwrap().quotas[0].used
     }
 
@@ -270,9 +277,16 @@ async fn forged_and_garbled_entries_are_counted_never_applied() {
     let search = charge_of("/v1/search").await;
     let ai = charge_of("/v1/ai").await;
     let used = async |meter: &str, period| {
-        let q = Quota { meter: meter.into(), limit: 1 << 40, window: Window::Calendar(period) };
-        let s =
-            Spend { account: "acct_m".into(), quotas: vec![q], cost: 0, credits: None, now: Utc::now(), dry_run: true };
+        let q = Quota { meter: meter.into(), limit: 1 << 40, window: Window::Calendar(period), ceiling: None };
+        let s = Spend {
+            account: "acct_m".into(),
+            quotas: vec![q],
+            cost: 0,
+            credits: None,
+            now: Utc::now(),
+            dry_run: true,
+            shadow: false,
+        };
         server.store.spend(&s).await.unwrap().quotas[0].used
     };
     assert_eq!((used("requests", Period::Month).await, used("tokens", Period::Day).await), (1, 100));

@@ -165,6 +165,15 @@ impl Subject {
         self.store.spend(s).await.unwrap()
     }
 
+    /// Another replica over the same data: a second Redis store on the same
+    /// prefix (behind its own lease store in lease mode); on the memory
+    /// store, which is one replica, the store itself.
+    fn replica(&self) -> Arc<dyn Store> {
+        let Some((_, url, prefix)) = &self.redis else { return self.store.clone() };
+        let redis = Arc::new(RedisStore::open(url, prefix, Duration::from_secs(5)).unwrap());
+        if self.lease { LeaseStore::new(redis, LeaseConfig::default()).unwrap() } else { redis }
+    }
+
     /// A dry run of cost 0: how the quotas stand, spending nothing.
     async fn probe(&self, quotas: &[Quota], now: DateTime<Utc>) -> SpendAnswer {
         self.spend(&dry(spend(quotas, 0, None, now))).await
@@ -208,15 +217,15 @@ fn at(s: &str) -> DateTime<Utc> {
 }
 
 fn calendar(limit: u64, period: Period) -> Quota {
-    Quota { meter: "requests".into(), limit, window: Window::Calendar(period) }
+    Quota { meter: "requests".into(), limit, window: Window::Calendar(period), ceiling: None }
 }
 
 fn rolling(limit: u64, per: Duration) -> Quota {
-    Quota { meter: "requests".into(), limit, window: Window::Rolling(per) }
+    Quota { meter: "requests".into(), limit, window: Window::Rolling(per), ceiling: None }
 }
 
 fn spend(quotas: &[Quota], cost: u64, credits: Option<u64>, now: DateTime<Utc>) -> Spend {
-    Spend { account: ACCT.into(), quotas: quotas.to_vec(), cost, credits, now, dry_run: false }
+    Spend { account: ACCT.into(), quotas: quotas.to_vec(), cost, credits, now, dry_run: false, shadow: false }
 }
 
 fn dry(s: Spend) -> Spend {
@@ -246,7 +255,7 @@ macro_rules! eventually {
 
 async fn a_spend_is_all_or_nothing_across_quotas_and_credits(s: &Subject) {
     s.store.set_credits(ACCT, 5).await.unwrap();
-    let ai = Quota { meter: "ai".into(), limit: 2, window: Window::Calendar(Period::Day) };
+    let ai = Quota { meter: "ai".into(), limit: 2, window: Window::Calendar(Period::Day), ceiling: None };
     let q = [calendar(10, Period::Month), ai, rolling(100, Duration::from_secs(60))];
     let now = s.clock.now();
     for (n, balance) in [(1, 3), (2, 1)] {
@@ -283,6 +292,62 @@ async fn a_dry_run_reports_how_a_spend_would_stand_and_spends_nothing(s: &Subjec
     let a = s.spend(&spend(&q, 2, Some(3), now)).await;
     assert!(a.spent, "the dry runs left everything in place");
     assert_eq!((used(&a), s.store.credits(ACCT).await.unwrap()), (vec![2, 2], 0));
+}
+
+async fn a_soft_quota_passes_its_limit_as_overage_up_to_its_ceiling_across_replicas(s: &Subject) {
+    let soft = calendar(10, Period::Month).soften(true, Some(15)).unwrap();
+    let q = [soft, rolling(1000, Duration::from_secs(60))];
+    let replicas = [s.store.clone(), s.replica()];
+    let now = s.clock.now();
+    // Every answer is exact, in lease mode too (a soft quota is spent in Redis whole).
+    for n in 1..=15u64 {
+        let a = replicas[n as usize % 2].spend(&spend(&q, 1, None, now)).await.unwrap();
+        assert!(a.spent && a.quotas.iter().all(|q| !q.exceeded), "spend {n}: {a:?}");
+        assert_eq!(used(&a), [n, n], "spend {n}");
+    }
+    for r in &replicas {
+        let a = r.spend(&spend(&q, 1, None, now)).await.unwrap();
+        assert!(!a.spent && a.quotas[0].exceeded && !a.quotas[1].exceeded, "the ceiling stops: {a:?}");
+        assert_eq!(used(&a), [15, 15]);
+    }
+    // Concurrent spends from both replicas: exactly the ceiling's worth pass.
+    s.store.reset_usage(ACCT, &q, now).await.unwrap();
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let (r, sp) = (replicas[i % 2].clone(), spend(&q, 1, None, now));
+            tokio::spawn(async move { r.spend(&sp).await.unwrap().spent })
+        })
+        .collect();
+    let mut passed = 0;
+    for t in tasks {
+        passed += u64::from(t.await.unwrap());
+    }
+    assert_eq!(passed, 15);
+    assert_eq!(used(&s.probe(&q, now).await), [15, 15]);
+}
+
+async fn a_shadow_spend_passes_every_limit_and_moves_no_credits(s: &Subject) {
+    s.store.set_credits(ACCT, 5).await.unwrap();
+    let q = [calendar(2, Period::Month), rolling(2, Duration::from_secs(60))];
+    let now = s.clock.now();
+    let shadow = |cost, credits| Spend { shadow: true, ..spend(&q, cost, credits, now) };
+    for n in 1..=4u64 {
+        let a = s.spend(&shadow(1, Some(1))).await;
+        assert!(a.spent, "usage is real: {a:?}");
+        assert_eq!(used(&a), [n, n]);
+        assert_eq!(a.quotas.iter().map(|q| q.exceeded).collect::<Vec<_>>(), [n > 2, n > 2], "would-be answer {n}");
+        assert_eq!(a.credits, Some(CreditBalance { balance: 5, sufficient: true }), "no money moves");
+    }
+    let a = s.spend(&shadow(1, Some(6))).await;
+    assert_eq!((a.spent, a.credits), (true, Some(CreditBalance { balance: 5, sufficient: false })));
+    // Past the limit, enforcement is back as soon as a spend is not a shadow one.
+    let a = s.spend(&spend(&q, 1, Some(1), now)).await;
+    assert!(!a.spent && a.quotas.iter().all(|q| q.exceeded));
+    assert_eq!(used(&a), [5, 5]);
+    // A dry run wins over shadow: nothing moves.
+    let a = s.spend(&Spend { dry_run: true, ..shadow(1, None) }).await;
+    assert!(!a.spent);
+    assert_eq!((used(&s.probe(&q, now).await), s.store.credits(ACCT).await.unwrap()), (vec![5, 5], 5));
 }
 
 async fn a_calendar_window_fits_up_to_its_limit_then_resets_with_the_window(s: &Subject) {
@@ -411,7 +476,7 @@ async fn no_rolling_window_ever_holds_more_than_its_limit(s: &Subject) {
 
 async fn reset_usage_empties_the_current_windows_of_the_quotas_named(s: &Subject) {
     let (month, rate) = (calendar(2, Period::Month), rolling(2, Duration::from_secs(60)));
-    let other = Quota { meter: "ai".into(), limit: 2, window: Window::Calendar(Period::Month) };
+    let other = Quota { meter: "ai".into(), limit: 2, window: Window::Calendar(Period::Month), ceiling: None };
     let q = [month.clone(), rate.clone(), other.clone()];
     let now = s.clock.now();
     assert!(s.spend(&spend(&q, 2, None, now)).await.spent);
@@ -712,6 +777,8 @@ async fn keeps_the_contract(backend: Backend) {
     let all = cases![
         a_spend_is_all_or_nothing_across_quotas_and_credits,
         a_dry_run_reports_how_a_spend_would_stand_and_spends_nothing,
+        a_soft_quota_passes_its_limit_as_overage_up_to_its_ceiling_across_replicas,
+        a_shadow_spend_passes_every_limit_and_moves_no_credits,
         a_calendar_window_fits_up_to_its_limit_then_resets_with_the_window,
         a_rolling_window_fits_up_to_its_limit_and_retries_when_its_oldest_buckets_leave,
         a_cost_0_spend_leaves_a_rolling_window_restored_when_its_newest_bucket_leaves,

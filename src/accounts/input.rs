@@ -113,6 +113,10 @@ pub struct QuotaEdit {
     pub period: String,
     /// A rolling window.
     pub per: Option<Duration>,
+    /// Past the limit requests pass as overage.
+    pub soft: bool,
+    /// A soft quota's hard stop.
+    pub ceiling: Option<u64>,
 }
 
 impl QuotaEdit {
@@ -124,7 +128,7 @@ impl QuotaEdit {
                 Some(Period::parse(name).ok_or_else(|| Invalid::new("period", "minute|hour|day|month, or set per"))?)
             }
         };
-        Ok(Quota::new(&self.meter, self.limit, period, self.per)?)
+        Ok(Quota::new(&self.meter, self.limit, period, self.per)?.soften(self.soft, self.ceiling)?)
     }
 }
 

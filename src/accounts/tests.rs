@@ -36,7 +36,7 @@ fn edit(id: &str, plan: &str) -> EntitlementEdit {
 }
 
 fn quota(meter: &str, limit: u64, period: &str, per: Option<Duration>) -> QuotaEdit {
-    QuotaEdit { meter: meter.into(), limit, period: period.into(), per }
+    QuotaEdit { meter: meter.into(), limit, period: period.into(), per, ..QuotaEdit::default() }
 }
 
 /// The message a refusal of `put` gives under the API's `entitlement` root.
@@ -173,6 +173,7 @@ async fn usage_is_what_a_check_settles_and_resets_to_zero() {
         credits: None,
         now: Utc::now(),
         dry_run: false,
+        shadow: false,
     };
     assert!(store.spend(&spend).await.unwrap().spent);
     let usage = accounts.usage("acct_free", "").await.unwrap();

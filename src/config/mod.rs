@@ -194,14 +194,26 @@ impl Config {
             plans.len()
         );
         for p in plans {
-            let quotas: Vec<String> = p.quotas.iter().map(|q| format!("{}={}", q.policy_name(), q.limit)).collect();
+            let quotas: Vec<String> = p
+                .quotas
+                .iter()
+                .map(|q| {
+                    let soft = match (q.is_soft(), q.ceiling_set()) {
+                        (false, _) => String::new(),
+                        (true, None) => " soft".to_owned(),
+                        (true, Some(c)) => format!(" soft ceiling {c}"),
+                    };
+                    format!("{}={}{soft}", q.policy_name(), q.limit)
+                })
+                .collect();
             let features: Vec<&str> = p.features.iter().map(String::as_str).collect();
             out += &format!(
-                "  {}: features [{}] quotas [{}]{}\n",
+                "  {}: features [{}] quotas [{}]{}{}\n",
                 p.name,
                 features.join(", "),
                 quotas.join(", "),
-                if p.prepaid { " prepaid" } else { "" }
+                if p.prepaid { " prepaid" } else { "" },
+                p.shadow.map_or(String::new(), |s| format!(" shadow {s}"))
             );
         }
         out += &format!("routes ({}):\n", self.routes.routes().len());
@@ -218,9 +230,15 @@ impl Config {
                 )
             };
             let methods = if r.matcher.methods.is_empty() { "ANY".to_owned() } else { r.matcher.methods.join(",") };
-            out += &format!("  [{}] {} {}: {}\n", r.index, methods, r.name, what);
+            let shadow = r.shadow.map_or(String::new(), |s| format!(" shadow {s}"));
+            out += &format!("  [{}] {} {}: {}{shadow}\n", r.index, methods, r.name, what);
         }
         out += &format!("default: {:?}\naccounts: {}\n", self.policy.unmatched, self.accounts.len());
+        out += &format!(
+            "shadow: {}{}\n",
+            self.policy.shadow,
+            if self.policy.shadow_security { " (credentials, blocked and route denials too)" } else { "" }
+        );
         out += &format!("charge_on: {}\n", self.billing.charge_on.describe());
         // The sink's host only: a URL may carry credentials.
         let sink = self

@@ -56,6 +56,10 @@ pub(super) struct Config {
     pub(super) problems: Problems,
     #[serde(default)]
     pub(super) events: Events,
+    #[serde(default)]
+    pub(super) shadow: bool,
+    #[serde(default)]
+    pub(super) shadow_security: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -273,6 +277,7 @@ pub(super) struct PlanDef {
     pub(super) quotas: Vec<QuotaDef>,
     #[serde(default)]
     pub(super) prepaid: bool,
+    pub(super) shadow: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -283,6 +288,9 @@ pub(super) struct QuotaDef {
     pub(super) period: Option<Period>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub(super) per: Option<Duration>,
+    #[serde(default)]
+    pub(super) soft: bool,
+    pub(super) ceiling: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +304,7 @@ pub(super) struct RouteDef {
     pub(super) meter: Option<String>,
     pub(super) cost: Option<i64>,
     pub(super) cost_from_response: Option<String>,
+    pub(super) shadow: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]

@@ -46,6 +46,7 @@ pub(super) fn plans(raw: &BTreeMap<String, PlanDef>) -> Result<HashMap<String, P
             features,
             quotas: quotas(&def.quotas, &format!("{p}.quotas"))?,
             prepaid: def.prepaid,
+            shadow: def.shadow,
         };
         plans.insert(plan_name.clone(), plan);
     }
@@ -177,6 +178,9 @@ pub(super) fn routes(
         {
             return Err(invalid(p, "a public route takes no feature, meter, cost or cost_from_response"));
         }
+        if r.public && r.shadow == Some(true) {
+            return Err(invalid(format!("{p}.shadow"), "a public route has no paywall to shadow"));
+        }
         if let Some(h) = &r.cost_from_response
             && !crate::settlement::is_header_name(h)
         {
@@ -206,6 +210,7 @@ pub(super) fn routes(
         };
         let mut route = Route::new(i, matcher, r.public, r.feature, r.meter, cost as u64);
         route.cost_from_response = r.cost_from_response;
+        route.shadow = r.shadow;
         routes.push(route);
     }
     Ok(RouteTable::new(routes))

@@ -16,7 +16,9 @@ pub(super) fn quotas(defs: &[QuotaDef], path: &str) -> Result<Vec<Quota>, Invali
     let mut out: Vec<Quota> = Vec::with_capacity(defs.len());
     for (i, q) in defs.iter().enumerate() {
         let p = format!("{path}[{i}]");
-        let quota = Quota::new(&q.meter, q.limit, q.period, q.per).map_err(|e| invalid(e.path(&p), e.to_string()))?;
+        let quota = Quota::new(&q.meter, q.limit, q.period, q.per)
+            .and_then(|quota| quota.soften(q.soft, q.ceiling))
+            .map_err(|e| invalid(e.path(&p), e.to_string()))?;
         if out.iter().any(|o| o.meter == quota.meter && o.window == quota.window) {
             return Err(invalid(p, format!("duplicate quota {}", quota.policy_name())));
         }

@@ -7,11 +7,11 @@ fn now() -> DateTime<Utc> {
 }
 
 fn month(limit: u64) -> Quota {
-    Quota { meter: "requests".into(), limit, window: Window::Calendar(Period::Month) }
+    Quota { meter: "requests".into(), limit, window: Window::Calendar(Period::Month), ceiling: None }
 }
 
 fn per_second(limit: u64) -> Quota {
-    Quota { meter: "requests".into(), limit, window: Window::Rolling(Duration::from_secs(1)) }
+    Quota { meter: "requests".into(), limit, window: Window::Rolling(Duration::from_secs(1)), ceiling: None }
 }
 
 fn policy() -> Policy {
@@ -20,6 +20,7 @@ fn policy() -> Policy {
         features: features.iter().map(|f| f.to_string()).collect(),
         quotas,
         prepaid,
+        shadow: None,
     };
     Policy {
         plans: [
@@ -33,6 +34,8 @@ fn policy() -> Policy {
         .collect(),
         grace_period: Duration::from_secs(72 * 3600),
         unmatched: Unmatched::Deny,
+        shadow: false,
+        shadow_security: false,
     }
 }
 
@@ -40,8 +43,9 @@ fn account(plan: &str) -> Account {
     Account { id: format!("acct_{plan}"), plan: plan.into(), ..Account::default() }
 }
 
-const SEARCH: Target<'static> = Target::Metered { feature: Some("search"), meter: Some("requests"), cost: 1 };
-const AI: Target<'static> = Target::Metered { feature: Some("ai"), meter: Some("requests"), cost: 10 };
+const SEARCH: Target<'static> =
+    Target::Metered { feature: Some("search"), meter: Some("requests"), cost: 1, shadow: None };
+const AI: Target<'static> = Target::Metered { feature: Some("ai"), meter: Some("requests"), cost: 10, shadow: None };
 
 fn eval(target: Target<'_>, caller: Caller<'_>) -> Step {
     evaluate(&policy(), target, caller, now(), false)
@@ -304,6 +308,7 @@ fn credits_win_over_quotas_and_quotas_over_rates() {
                 features: ["search".to_string()].into(),
                 quotas: vec![per_second(1), month(5)],
                 prepaid: true,
+                shadow: None,
             },
         )]
         .into(),
@@ -345,7 +350,7 @@ fn spend_covers_every_quota_of_the_meter_and_nothing_else() {
     let Step::Spend(spend, _) = eval(SEARCH, Caller::Known(&a)) else { panic!() };
     assert_eq!(spend.quotas, vec![month(5), per_second(10)], "the override keeps the plan quota's place");
     assert_eq!((spend.cost, spend.credits, spend.now, spend.dry_run), (1, None, now(), false));
-    let other = Target::Metered { feature: None, meter: Some("tokens"), cost: 1 };
+    let other = Target::Metered { feature: None, meter: Some("tokens"), cost: 1, shadow: None };
     assert!(done(eval(other, Caller::Known(&a))).is_allowed(), "no quota on that meter: nothing to spend");
 }
 
@@ -380,4 +385,214 @@ fn codes_round_trip_and_map_to_statuses() {
         assert!(matches!(c.http_status(), 400..=599));
     }
     assert_eq!(Code::parse("nope"), None);
+}
+
+// Shadow mode (issue 12): decided in full, then allowed, with the would-be code.
+
+fn shadowed(route: Option<bool>) -> Target<'static> {
+    Target::Metered { feature: Some("ai"), meter: Some("requests"), cost: 10, shadow: route }
+}
+
+fn shadow_policy(global: bool, plan: Option<bool>) -> Policy {
+    let mut p = policy();
+    p.shadow = global;
+    if let Some(plan_free) = p.plans.get_mut("free") {
+        plan_free.shadow = plan;
+    }
+    p
+}
+
+fn exhausted(spend: &Spend) -> SpendAnswer {
+    SpendAnswer {
+        spent: spend.shadow,
+        quotas: spend.quotas.iter().map(|q| usage(q.limit, !q.window.is_rate())).collect(),
+        credits: None,
+    }
+}
+
+fn decide_with(p: &Policy, target: Target<'_>, a: &Account, answer: impl FnOnce(&Spend) -> SpendAnswer) -> Decision {
+    match evaluate(p, target, Caller::Known(a), now(), false) {
+        Step::Done(d) => d,
+        Step::Spend(spend, d) => settle(&spend, &answer(&spend), d),
+    }
+}
+
+#[test]
+fn the_most_specific_shadow_setting_wins() {
+    let free = account("free");
+    // (global, plan, route) → shadowed?
+    for (global, plan, route, on) in [
+        (false, None, None, false),
+        (true, None, None, true),
+        (true, Some(false), None, false),
+        (false, Some(true), None, true),
+        (false, Some(true), Some(false), false),
+        (true, Some(false), Some(true), true),
+        (false, None, Some(true), true),
+    ] {
+        let d = decide_with(&shadow_policy(global, plan), shadowed(route), &free, exhausted);
+        assert_eq!(d.shadow, on, "{global} {plan:?} {route:?}");
+        if on {
+            // The free plan lacks `ai`: the first row that would deny is the one reported.
+            assert_eq!(d.verdict, Verdict::Allow(AllowKind::Allowed));
+            assert_eq!(d.shadowed, Some(Code::FeatureNotInPlan));
+        } else {
+            assert_eq!(d.verdict, Verdict::Deny(Code::FeatureNotInPlan));
+            assert_eq!(d.shadowed, None);
+        }
+    }
+}
+
+#[test]
+fn a_shadowed_request_walks_on_and_spends_what_it_uses() {
+    let p = shadow_policy(true, None);
+    let canceled = Account { status: Status::Canceled, ..account("free") };
+    let Step::Spend(spend, d) = evaluate(&p, shadowed(None), Caller::Known(&canceled), now(), false) else {
+        panic!("a shadowed request past a would-be deny still spends")
+    };
+    assert!(spend.shadow && !spend.dry_run);
+    assert_eq!(d.shadowed, Some(Code::SubscriptionInactive));
+    let d = settle(&spend, &exhausted(&spend), d);
+    assert!(d.is_allowed());
+    assert_eq!(d.shadowed, Some(Code::SubscriptionInactive), "the first would-be code stays");
+    assert_eq!(d.denied_quota, Some(0), "the quota that would also have denied is still shown");
+
+    // Only the counters would have denied: that is the code reported.
+    let pro = account("pro");
+    let d = decide_with(&p, shadowed(None), &pro, exhausted);
+    assert_eq!((d.verdict, d.shadowed), (Verdict::Allow(AllowKind::Allowed), Some(Code::QuotaExhausted)));
+    let rate = |s: &Spend| SpendAnswer {
+        spent: true,
+        quotas: s.quotas.iter().map(|q| usage(q.limit, q.window.is_rate())).collect(),
+        credits: None,
+    };
+    let d = decide_with(&p, SEARCH, &account("free"), rate);
+    assert_eq!(d.shadowed, Some(Code::RateLimited));
+    let broke = |s: &Spend| SpendAnswer {
+        spent: true,
+        quotas: vec![],
+        credits: s.credits.map(|_| CreditBalance { balance: 3, sufficient: false }),
+    };
+    let mut pp = p.clone();
+    pp.plans.get_mut("payg").unwrap().shadow = Some(true);
+    let d = decide_with(&pp, AI, &account("payg"), broke);
+    assert_eq!((d.is_allowed(), d.shadowed, d.credits), (true, Some(Code::InsufficientCredits), Some(3)));
+
+    // Nothing would have denied: allowed, shadow on, nothing noted.
+    let d = decide_with(&p, SEARCH, &account("pro"), all_fit);
+    assert_eq!((d.is_allowed(), d.shadow, d.shadowed), (true, true, None));
+}
+
+#[test]
+fn grace_stays_grace_and_overdue_is_shadowed_as_allowed() {
+    let p = shadow_policy(true, None);
+    let grace = Account { status: Status::PastDue, past_due_since: Some(now()), ..account("pro") };
+    let d = decide_with(&p, shadowed(None), &grace, exhausted);
+    assert_eq!((d.verdict, d.shadowed), (Verdict::Allow(AllowKind::Grace), Some(Code::QuotaExhausted)));
+    let overdue = Account { past_due_since: Some(now() - chrono::Duration::days(30)), ..grace };
+    let d = decide_with(&p, shadowed(None), &overdue, all_fit);
+    assert_eq!((d.verdict, d.shadowed), (Verdict::Allow(AllowKind::Allowed), Some(Code::PaymentOverdue)));
+}
+
+#[test]
+fn security_denials_stay_enforced_in_shadow_mode_unless_the_operator_opts_out() {
+    let mut p = shadow_policy(true, None);
+    let blocked = Account { blocked: true, ..account("pro") };
+    let cases = |p: &Policy| {
+        [
+            evaluate(p, SEARCH, Caller::Missing, now(), false),
+            evaluate(p, SEARCH, Caller::Invalid, now(), false),
+            evaluate(p, SEARCH, Caller::Known(&blocked), now(), false),
+            evaluate(p, Target::Unmatched, Caller::Known(&blocked), now(), false),
+        ]
+        .map(|step| match step {
+            Step::Done(d) => d,
+            // Let through, the walk goes on to the counters.
+            Step::Spend(spend, d) => settle(&spend, &all_fit(&spend), d),
+        })
+    };
+    for d in cases(&p) {
+        assert!(d.shadow);
+        assert!(!d.is_allowed(), "{d:?}");
+        assert_eq!(d.shadowed, None);
+    }
+    p.shadow_security = true;
+    let want = [Code::CredentialsMissing, Code::CredentialsInvalid, Code::AccountBlocked, Code::RouteNotAllowed];
+    for (d, code) in cases(&p).into_iter().zip(want) {
+        assert!(d.is_allowed(), "{d:?}");
+        assert_eq!(d.shadowed, Some(code));
+    }
+    // A route that turns shadow off enforces even credentials.
+    assert_eq!(
+        code(evaluate(&p, shadowed(Some(false)), Caller::Missing, now(), false)),
+        Some(Code::CredentialsMissing)
+    );
+    // Public routes are never shadowed (nothing to shadow) and store faults never are.
+    assert!(!done(evaluate(&p, Target::Public, Caller::Missing, now(), false)).shadow);
+    assert!(!Code::StoreUnavailable.shadowable(true) && !Code::RequestInvalid.shadowable(true));
+}
+
+#[test]
+fn a_shadowed_unknown_plan_is_let_through_with_nothing_spent() {
+    let p = shadow_policy(true, None);
+    let d = done(evaluate(&p, SEARCH, Caller::Known(&account("gold")), now(), false));
+    assert_eq!((d.is_allowed(), d.shadowed), (true, Some(Code::PlanUnknown)));
+}
+
+#[test]
+fn without_shadow_nothing_changes_and_spends_are_not_shadow_spends() {
+    let a = account("free");
+    let Step::Spend(spend, d) = eval(SEARCH, Caller::Known(&a)) else { panic!() };
+    assert!(!spend.shadow && !d.shadow);
+}
+
+// Soft quotas (issue 12): past the limit is overage, the ceiling is the stop.
+
+fn soft(limit: u64, ceiling: Option<u64>) -> Quota {
+    month(limit).soften(true, ceiling).unwrap()
+}
+
+#[test]
+fn past_a_soft_limit_is_overage_and_the_ceiling_denies_with_it() {
+    let a = Account { quota_overrides: vec![soft(10, Some(15))], ..account("free") };
+    let at = |used: u64, exceeded: bool| {
+        move |s: &Spend| SpendAnswer {
+            spent: !exceeded,
+            quotas: s
+                .quotas
+                .iter()
+                .map(|q| usage(if q.window.is_rate() { 1 } else { used }, exceeded && !q.window.is_rate()))
+                .collect(),
+            credits: None,
+        }
+    };
+    let d = decide(SEARCH, &a, at(10, false));
+    assert_eq!((d.is_allowed(), d.quotas[0].overage, d.overages().count()), (true, 0, 0));
+    let d = decide(SEARCH, &a, at(12, false));
+    assert!(d.is_allowed());
+    assert_eq!((d.quotas[0].overage, d.quotas[0].remaining, d.quotas[0].overage_of(d.cost)), (2, 0, 1));
+    assert_eq!(d.overages().count(), 1);
+    let d = decide(SEARCH, &a, at(15, true));
+    assert_eq!(d.verdict, Verdict::Deny(Code::QuotaExhausted));
+    assert_eq!(d.denying_quota().map(|q| (q.used, q.overage, q.remaining)), Some((15, 5, 0)));
+    assert_eq!(d.overages().count(), 0, "a denied request spent no overage");
+    // Hard quotas never report overage, whatever the counter says.
+    let hard = decide(SEARCH, &account("free"), at(1200, false));
+    assert_eq!(hard.quotas[0].overage, 0);
+}
+
+#[test]
+fn soft_quotas_are_checked_when_built() {
+    assert_eq!(soft(10, Some(15)).hard_limit(), 15);
+    assert_eq!(soft(10, None).hard_limit(), crate::entitlement::MAX_LIMIT);
+    assert_eq!(soft(10, None).ceiling_set(), None);
+    assert_eq!(month(10).hard_limit(), 10);
+    use crate::entitlement::QuotaError;
+    assert_eq!(month(10).soften(true, Some(10)), Err(QuotaError::Ceiling(10, 10)));
+    assert_eq!(month(10).soften(true, Some(9)), Err(QuotaError::Ceiling(9, 10)));
+    assert_eq!(month(10).soften(true, Some(-1)), Err(QuotaError::Ceiling(-1, 10)));
+    assert_eq!(month(10).soften(true, Some(i128::from(u64::MAX))), Err(QuotaError::Ceiling(u64::MAX.into(), 10)));
+    assert_eq!(month(10).soften(false, Some(20)), Err(QuotaError::CeilingNotSoft));
+    assert_eq!(per_second(10).soften(true, None::<u64>), Err(QuotaError::SoftRate));
+    assert_eq!(month(10).soften(false, None::<u64>), Ok(month(10)));
 }

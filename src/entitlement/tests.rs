@@ -26,7 +26,7 @@ fn windows_at_the_end_of_time_do_not_panic() {
 
 #[test]
 fn policy_names_follow_the_window() {
-    let q = |window| Quota { meter: "requests".into(), limit: 1, window };
+    let q = |window| Quota { meter: "requests".into(), limit: 1, window, ceiling: None };
     assert_eq!(q(Window::Calendar(Period::Month)).policy_name(), "requests-month");
     assert_eq!(q(Window::Rolling(Duration::from_secs(1))).policy_name(), "requests-1s");
     assert_eq!(q(Window::Rolling(Duration::from_secs(90))).policy_name(), "requests-1m30s");
@@ -35,7 +35,10 @@ fn policy_names_follow_the_window() {
 #[test]
 fn quotas_are_built_within_bounds() {
     let q = Quota::new("requests", 10u64, Some(Period::Month), None).unwrap();
-    assert_eq!(q, Quota { meter: "requests".into(), limit: 10, window: Window::Calendar(Period::Month) });
+    assert_eq!(
+        q,
+        Quota { meter: "requests".into(), limit: 10, window: Window::Calendar(Period::Month), ceiling: None }
+    );
     let q = Quota::new("requests", MAX_LIMIT, None, Some(MAX_WINDOW)).unwrap();
     assert_eq!((q.limit, q.window), (MAX_LIMIT, Window::Rolling(MAX_WINDOW)));
     assert!(Quota::new("requests", 1i64, None, Some(MIN_WINDOW)).is_ok());
@@ -88,16 +91,21 @@ fn account_overrides_replace_same_window_and_add_others() {
     let plan = Plan {
         name: "free".into(),
         quotas: vec![
-            Quota { meter: "requests".into(), limit: 1000, window: Window::Calendar(Period::Month) },
-            Quota { meter: "requests".into(), limit: 10, window: Window::Rolling(Duration::from_secs(1)) },
-            Quota { meter: "tokens".into(), limit: 5, window: Window::Calendar(Period::Day) },
+            Quota { meter: "requests".into(), limit: 1000, window: Window::Calendar(Period::Month), ceiling: None },
+            Quota {
+                meter: "requests".into(),
+                limit: 10,
+                window: Window::Rolling(Duration::from_secs(1)),
+                ceiling: None,
+            },
+            Quota { meter: "tokens".into(), limit: 5, window: Window::Calendar(Period::Day), ceiling: None },
         ],
         ..Plan::default()
     };
     let account = Account {
         quota_overrides: vec![
-            Quota { meter: "requests".into(), limit: 5000, window: Window::Calendar(Period::Month) },
-            Quota { meter: "requests".into(), limit: 100, window: Window::Calendar(Period::Day) },
+            Quota { meter: "requests".into(), limit: 5000, window: Window::Calendar(Period::Month), ceiling: None },
+            Quota { meter: "requests".into(), limit: 100, window: Window::Calendar(Period::Day), ceiling: None },
         ],
         ..Account::default()
     };

@@ -97,6 +97,9 @@ fn quota_state(q: &crate::decision::QuotaState) -> QuotaState {
         remaining: q.remaining,
         resets_at: Some(timestamp(q.resets_at)),
         rate: q.quota.window.is_rate(),
+        soft: q.quota.is_soft(),
+        overage: q.overage,
+        ceiling: q.quota.ceiling_set(),
     }
 }
 
@@ -156,7 +159,14 @@ fn edit_of(e: Entitlement) -> EntitlementEdit {
         quota_overrides: e
             .quota_overrides
             .into_iter()
-            .map(|q| QuotaEdit { meter: q.meter, limit: q.limit, period: q.period, per: q.per.map(duration) })
+            .map(|q| QuotaEdit {
+                meter: q.meter,
+                limit: q.limit,
+                period: q.period,
+                per: q.per.map(duration),
+                soft: q.soft,
+                ceiling: q.ceiling,
+            })
             .collect(),
         stripe_customer: e.stripe_customer,
     }
@@ -186,6 +196,8 @@ fn entitlement_of(state: &AccountState) -> Entitlement {
                     Window::Rolling(d) => prost_types::Duration::try_from(d).ok(),
                     Window::Calendar(_) => None,
                 },
+                soft: q.is_soft(),
+                ceiling: q.ceiling_set(),
             })
             .collect(),
         stripe_customer: a.stripe_customer.clone().unwrap_or_default(),
@@ -324,6 +336,7 @@ impl Tollgate for Api {
             quotas: d.quotas.iter().map(quota_state).collect(),
             credits_remaining: d.credits,
             headers: outcome.response.client_headers.iter().cloned().collect(),
+            shadow_code: d.shadowed.map(|c| c.as_str().to_owned()).unwrap_or_default(),
         }))
     }
 

@@ -144,6 +144,10 @@ pub fn check_response(outcome: &Outcome) -> CheckResponse {
         meta.insert("plan".to_owned(), string_value(p));
     }
     meta.insert("decision".to_owned(), string_value(d.verdict.label()));
+    if let Some(code) = d.shadowed {
+        // Access logs can show what shadow mode let through.
+        meta.insert("shadow".to_owned(), string_value(code.as_str()));
+    }
     if let Some(charge) = &outcome.charge {
         meta.insert(settlement::FIELD.to_owned(), string_value(charge));
     }

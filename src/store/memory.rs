@@ -32,7 +32,7 @@ use crate::bounds;
 use crate::entitlement::{Account, Quota, Window};
 use crate::identity::{KeyHash, KeyMeta};
 use crate::usage::{
-    Adjustment, CreditBalance, MAX_COST, MAX_CREDITS, OutboxEvent, QuotaUsage, Settled, Spend, SpendAnswer,
+    Adjustment, CreditBalance, MAX_COST, MAX_CREDITS, MAX_LIMIT, OutboxEvent, QuotaUsage, Settled, Spend, SpendAnswer,
 };
 
 const SHARDS: usize = 16;
@@ -117,10 +117,12 @@ impl Counter {
         }
     }
 
-    /// Brings the counter to `now` and reports how `cost` more would stand.
-    /// A cost above [`MAX_COST`], or one whose sum would overflow, never fits.
+    /// Brings the counter to `now` and reports how `cost` more would stand
+    /// against the quota's [hard limit](Quota::hard_limit). A cost above
+    /// [`MAX_COST`], or one whose sum would overflow, never fits.
     fn check(&mut self, quota: &Quota, cost: u64, now: DateTime<Utc>) -> QuotaUsage {
-        let fits = |used: u64| cost <= MAX_COST && used.checked_add(cost).is_some_and(|sum| sum <= quota.limit);
+        let limit = quota.hard_limit();
+        let fits = |used: u64| cost <= MAX_COST && used.checked_add(cost).is_some_and(|sum| sum <= limit);
         match (self, quota.window) {
             (Counter::Calendar { start, used }, Window::Calendar(period)) => {
                 let (window_start, end) = period.bounds(now);
@@ -161,8 +163,9 @@ impl Counter {
         }
     }
 
-    /// Spends `cost`, which [`Counter::check`] found to fit: the sums stay at
-    /// or below the limit, so saturating never actually clips.
+    /// Spends `cost`, which [`Counter::check`] found to fit, or which a
+    /// shadow spend takes past the limit but not past [`MAX_LIMIT`]: the
+    /// sums stay at or below it, so saturating never actually clips.
     fn add(&mut self, quota: &Quota, cost: u64, now: DateTime<Utc>, state: &mut QuotaUsage) {
         match self {
             Counter::Calendar { used, .. } => *used = used.saturating_add(cost),
@@ -265,13 +268,21 @@ impl Store for MemoryStore {
             sufficient: cost <= MAX_COST && usage.credits >= cost,
         });
         let fits = states.iter().all(|s| !s.exceeded) && credits.is_none_or(|c| c.sufficient);
-        if !fits || spend.dry_run {
+        if spend.dry_run || !(fits || spend.shadow) {
             return Ok(SpendAnswer { spent: false, quotas: states, credits });
         }
         for (quota, state) in spend.quotas.iter().zip(states.iter_mut()) {
-            if let Some(counter) = usage.counters.get_mut(&quota.meter).and_then(|m| m.get_mut(&quota.window)) {
+            // A shadow spend goes past the limit, as far as the counters keep.
+            let room = spend.cost <= MAX_COST && state.used.checked_add(spend.cost).is_some_and(|s| s <= MAX_LIMIT);
+            if let Some(counter) = usage.counters.get_mut(&quota.meter).and_then(|m| m.get_mut(&quota.window))
+                && room
+            {
                 counter.add(quota, spend.cost, spend.now, state);
             }
+        }
+        if spend.shadow {
+            // Shadow mode moves no money: credits were only checked.
+            return Ok(SpendAnswer { spent: true, quotas: states, credits });
         }
         let credits = match (spend.credits, credits) {
             (Some(cost), Some(c)) => {

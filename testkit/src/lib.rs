@@ -71,6 +71,34 @@ pub fn ago(offset: chrono::Duration) -> String {
     (chrono::Utc::now() - offset).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+/// [`spec_config`] with what rolling a paywall out needs: a `soft` plan
+/// (requests-month: limit 10, soft, ceiling 15; key `soft-key`, and
+/// `soft-grace-key` for an account of it in its grace period), a payg account
+/// with no credits (`broke-key`), and two routes in shadow mode next to the
+/// enforced ones: `/v1/trial` (feature search) and `/v1/trial-export`
+/// (feature export), both metering requests at cost 1.
+pub fn rollout_config() -> String {
+    spec_config()
+        .replacen(
+            "plans:\n",
+            "plans:\n  soft:\n    features: [search]\n    quotas:\n      - { meter: requests, limit: 10, period: month, soft: true, ceiling: 15 }\n",
+            1,
+        )
+        .replacen(
+            "routes:\n",
+            "routes:\n  - { match: { path_prefix: /v1/trial }, feature: search, meter: requests, cost: 1, shadow: true }\n  - { match: { path_prefix: /v1/trial-export }, feature: export, meter: requests, cost: 1, shadow: true }\n",
+            1,
+        )
+        .replacen(
+            "accounts:\n",
+            &format!(
+                "accounts:\n  - {{ id: acct_soft, plan: soft, api_keys: [soft-key] }}\n  - {{ id: acct_soft_grace, plan: soft, api_keys: [soft-grace-key], status: past_due, past_due_since: {} }}\n  - {{ id: acct_broke, plan: payg, api_keys: [broke-key], credits: 0 }}\n",
+                ago(chrono::Duration::hours(1))
+            ),
+            1,
+        )
+}
+
 /// The config most tests use: the spec's example shape, on the memory store.
 pub fn spec_config() -> String {
     format!(

@@ -101,7 +101,8 @@ impl TollgateProcess {
         Self::start_env(bin, args, &[], yaml).await
     }
 
-    /// Like [`TollgateProcess::start`], with `env` set for the process (secrets named by the config).
+    /// Like [`TollgateProcess::start`], with `env` set for the process
+    /// (secrets named by the config; `TOLLGATE_LOG` to keep more than errors in [`Self::log`]).
     pub async fn start_env(
         bin: &str,
         args: &[&str],
@@ -112,19 +113,25 @@ impl TollgateProcess {
         let dir = temp_dir("proc");
         let file = dir.join("tollgate.yaml");
         std::fs::write(&file, yaml(grpc, http)).unwrap();
+        let log = std::fs::File::create(dir.join("tollgate.log")).unwrap();
         let child = Command::new(bin)
             .args(["--config", file.to_str().unwrap()])
             .args(args)
             .env_remove("TOLLGATE_REDIS_URL")
-            .envs(env.iter().copied())
             .env("RUST_LOG", "error")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         let p = Self { child, grpc, http, file, dir };
         assert!(becomes_ready(p.http, Duration::from_secs(20)).await, "tollgate binary did not become ready");
         p
+    }
+
+    /// What the process logged so far (stderr; errors only unless `TOLLGATE_LOG` says more).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("tollgate.log")).unwrap_or_default()
     }
 
     /// The folder holding [`Self::file`] (removed on drop).

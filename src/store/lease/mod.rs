@@ -52,9 +52,11 @@
 //! (`SetCredits`, `AddCredits`, `ResetUsage`, `PutEntitlement`, Stripe
 //! events) arrives by pub/sub.
 //!
-//! **What stays exact.** Dry runs, cost-0 spends and spends with a rolling
+//! **What stays exact.** Dry runs, cost-0 spends, spends with a rolling
 //! (`per:`) quota go to Redis whole, as in exact mode, so they stay
-//! all-or-nothing. Past `store.lease.max_accounts` accounts with leases,
+//! all-or-nothing; so do shadow spends (they pass the limit) and spends with
+//! a soft quota (each must know exactly whether it is overage, which a
+//! replica's share of the units cannot tell). Past `store.lease.max_accounts` accounts with leases,
 //! spends of further accounts are exact too.
 //!
 //! **Answers.** After a local spend a quota's `used` is `limit − units this
@@ -299,10 +301,11 @@ impl LeaseStore {
     fn leasable(spend: &Spend) -> bool {
         let costs = |c: u64| (1..=MAX_COST).contains(&c);
         !spend.dry_run
+            && !spend.shadow
             && (!spend.quotas.is_empty() || spend.credits.is_some())
             && (spend.quotas.is_empty() || costs(spend.cost))
             && spend.credits.is_none_or(costs)
-            && spend.quotas.iter().all(|q| matches!(q.window, Window::Calendar(_)))
+            && spend.quotas.iter().all(|q| matches!(q.window, Window::Calendar(_)) && !q.is_soft())
     }
 
     /// The leases `spend` needs, in order (its quotas, then its credits);

@@ -25,8 +25,10 @@ macro_rules! script {
 
 /// Check-and-spend of SPEC §4's atomicity paragraph. See the store's module doc for keys.
 ///
-/// ARGV: cost, credit cost (`''` for none), dry run (`0`/`1`), quota count
-/// n, then per quota: kind (`c` calendar / `r` rolling), limit, and the
+/// ARGV: cost, credit cost (`''` for none), mode (`0` spend, `1` dry run,
+/// `2` shadow: quotas spent past their limits up to `MAX_LIMIT`, credits only
+/// checked), quota count n, then per quota: kind (`c` calendar / `r`
+/// rolling), hard limit (a soft quota's ceiling), and the
 /// window's end (calendar, ms) or length (rolling, ms). KEYS: per quota its
 /// counter (calendar) or bucket hash (rolling), then the credits key.
 /// Answers `{spent, balance (-1 without credits), sufficient}` and per

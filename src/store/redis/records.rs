@@ -51,6 +51,9 @@ struct QuotaRecord {
     period: Option<Period>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     per_ms: Option<u64>,
+    /// A soft quota's ceiling (`MAX_LIMIT` for a soft quota without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ceiling: Option<u64>,
 }
 
 impl AccountRecord {
@@ -76,6 +79,7 @@ impl AccountRecord {
                         Window::Rolling(d) => Some(window_ms(d)),
                         Window::Calendar(_) => None,
                     },
+                    ceiling: q.ceiling,
                 })
                 .collect(),
             stripe_customer: a.stripe_customer.clone(),
@@ -98,7 +102,7 @@ impl AccountRecord {
                 }
                 _ => return Err(corrupt(format!("quota {:?} has no valid window", q.meter))),
             };
-            quotas.push(Quota { meter: q.meter, limit: q.limit, window });
+            quotas.push(Quota { meter: q.meter, limit: q.limit, window, ceiling: q.ceiling });
         }
         let billing_event_at = match self.billing_event_ms {
             Some(ms) => Some(from_millis(ms).ok_or_else(|| corrupt(format!("billing_event_ms {ms} is out of range")))?),

@@ -7,8 +7,8 @@ if ARGV[2] ~= '' then
   credit_cost = uint(ARGV[2], MAX_COST)
   if credit_cost == nil then return bad('credit cost') end
 end
-if ARGV[3] ~= '0' and ARGV[3] ~= '1' then return bad('dry run flag') end
-local dry = ARGV[3] == '1'
+if ARGV[3] ~= '0' and ARGV[3] ~= '1' and ARGV[3] ~= '2' then return bad('mode') end
+local dry, shadow = ARGV[3] == '1', ARGV[3] == '2'
 local st, nk = {}, 1
 for i = 1, n do
   local a = 2 + 3 * i
@@ -100,11 +100,13 @@ end
 
 -- Everything is checked: from here on nothing can fail half-way.
 local spent = 0
-if ok and not dry then
+if (ok or shadow) and not dry then
   spent = 1
   for i = 1, n do
     local s = st[i]
-    if s.kind == 'c' then
+    -- A shadow spend goes past the limit, as far as the counters keep.
+    if s.used + cost > MAX_LIMIT then
+    elseif s.kind == 'c' then
       redis.call('INCRBY', s.key, str(cost))
       redis.call('PEXPIREAT', s.key, str(s.w + 60000))
     elseif cost > 0 then
@@ -116,9 +118,10 @@ if ok and not dry then
       s.resets = (newest + s.count + 1) * s.width
       redis.call('PEXPIREAT', s.key, str(s.resets))
     end
-    s.used = s.used + cost
+    if s.used + cost <= MAX_LIMIT then s.used = s.used + cost end
   end
-  if credit_cost then
+  -- Shadow mode moves no money: credits are only checked.
+  if credit_cost and not shadow then
     balance = redis.call('DECRBY', ckey, str(credit_cost))
   end
 end

@@ -21,7 +21,11 @@ pub(super) fn invocation<'a>(
     let mut inv = script.prepare_invoke();
     inv.arg(spend.cost)
         .arg(spend.credits.map_or_else(String::new, |c| c.to_string()))
-        .arg(u8::from(spend.dry_run))
+        .arg(match (spend.dry_run, spend.shadow) {
+            (true, _) => 1u8,
+            (false, true) => 2,
+            (false, false) => 0,
+        })
         .arg(spend.quotas.len());
     let mut ends = Vec::with_capacity(spend.quotas.len());
     for q in &spend.quotas {
@@ -31,11 +35,11 @@ pub(super) fn invocation<'a>(
         match q.window {
             Window::Calendar(p) => {
                 let end = p.bounds(spend.now).1;
-                inv.arg("c").arg(q.limit).arg(millis(end));
+                inv.arg("c").arg(q.hard_limit()).arg(millis(end));
                 ends.push(Some(end));
             }
             Window::Rolling(d) => {
-                inv.arg("r").arg(q.limit).arg(window_ms(d));
+                inv.arg("r").arg(q.hard_limit()).arg(window_ms(d));
                 ends.push(None);
             }
         }

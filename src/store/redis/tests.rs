@@ -84,7 +84,12 @@ fn accounts_out_of_bounds_are_never_written() {
         Account { past_due_since: Some(DateTime::<Utc>::MAX_UTC), ..good.clone() },
         Account { billing_event_at: Some(DateTime::<Utc>::MIN_UTC), ..good.clone() },
         Account {
-            quota_overrides: vec![Quota { meter: "r".into(), limit: 1, window: Window::Rolling(Duration::MAX) }],
+            quota_overrides: vec![Quota {
+                meter: "r".into(),
+                limit: 1,
+                window: Window::Rolling(Duration::MAX),
+                ceiling: None,
+            }],
             ..good.clone()
         },
         Account { id: "{acct}".into(), ..good.clone() },
@@ -101,8 +106,8 @@ fn account_records_round_trip() {
         status: Status::PastDue,
         past_due_since: Some(Utc::now()),
         quota_overrides: vec![
-            Quota { meter: "r".into(), limit: 5, window: Window::Rolling(Duration::from_secs(2)) },
-            Quota { meter: "r".into(), limit: 9, window: Window::Calendar(Period::Day) },
+            Quota { meter: "r".into(), limit: 5, window: Window::Rolling(Duration::from_secs(2)), ceiling: None },
+            Quota { meter: "r".into(), limit: 9, window: Window::Calendar(Period::Day), ceiling: None },
         ],
         extra_features: ["x".to_string()].into(),
         ..Account::default()
