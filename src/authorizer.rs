@@ -453,10 +453,10 @@ impl Authorizer {
         if let Some(code) = d.shadowed {
             tracing::info!(
                 target: "tollgate::shadow",
-                code = code.as_str(),
-                account = d.account.as_deref().unwrap_or(""),
-                plan = d.plan.as_deref().unwrap_or(""),
-                route = route.unwrap_or(""),
+                code = %code,
+                account = %d.account.as_deref().unwrap_or("-"),
+                plan = %d.plan.as_deref().unwrap_or("-"),
+                route = %route.unwrap_or("-"),
                 "shadow mode let through a request it would have denied"
             );
         }

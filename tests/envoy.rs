@@ -6,9 +6,9 @@
 use std::net::SocketAddr;
 
 use tollgate_testkit::envoy::{self, Envoy, Options, Response, Stack, echo_upstream};
-use tollgate_testkit::process::free_addr;
+use tollgate_testkit::process::{TollgateProcess, free_addr};
 use tollgate_testkit::redis::RedisServer;
-use tollgate_testkit::{TestServer, spec_config};
+use tollgate_testkit::{TestServer, eventually, metric, rollout_config, spec_config};
 
 const JWT_IDENTITY: &str =
     "  - jwt_claim: { namespace: envoy.filters.http.jwt_authn, field: jwt_payload, claim: org_id }\n";
@@ -263,5 +263,99 @@ async fn premium_plans_reach_their_own_upstream_and_clients_cannot_pick_it() {
         let r = s.get("/v1/search", &[(forged, "pro")]).await;
         assert_eq!(r.status, 401, "no key: denied wherever the route would go");
     }
+    s.stop().await;
+}
+
+/// Shadow mode through Envoy (issue 12), on the real binary so that a reload
+/// is a SIGHUP: a shadowed route lets an over-quota, feature-less or
+/// out-of-credits caller through with the would-be code for the upstream, in
+/// `/metrics` and in one log line each, while the enforced route next to it
+/// denies and an unknown key still gets 401; the operator's opt-out lets
+/// that through too; turning shadow off enforces at once.
+#[tokio::test]
+async fn a_shadowed_route_lets_would_be_denials_through_until_a_reload_turns_it_off() {
+    let write =
+        |grpc, http, body: &str| format!("server: {{ grpc_listen: \"{grpc}\", http_listen: \"{http}\" }}\n{body}");
+    let bin = env!("CARGO_BIN_EXE_tollgate");
+    let env = [("TOLLGATE_LOG", "error,tollgate::shadow=info")];
+    let tollgate = TollgateProcess::start_env(bin, &[], &env, |g, h| write(g, h, &rollout_config())).await;
+    let envoy = Envoy::start(&envoy::config(tollgate.grpc, echo_upstream().await, Options::default())).await;
+    envoy.wait_cluster_healthy("tollgate").await;
+    let get = async |path: &str, key: &str| envoy.send("GET", path, &[("x-api-key", key)]).await;
+    let shadow = |r: &Response| r.json()["headers"]["x-tollgate-shadow"].as_str().map(str::to_owned);
+
+    for i in 0..5 {
+        assert_eq!(get("/v1/search", "free-key").await.status, 200, "request {i}");
+    }
+    assert_problem(&get("/v1/search", "free-key").await, 402, "quota_exhausted");
+    for (path, key, would_be) in [
+        ("/v1/trial", "free-key", "quota_exhausted"),
+        ("/v1/trial-export", "free-key", "feature_not_in_plan"),
+        ("/v1/trial", "broke-key", "insufficient_credits"),
+    ] {
+        let r = get(path, key).await;
+        assert_eq!((r.status, shadow(&r).as_deref()), (200, Some(would_be)), "{path} {key}: {r:?}");
+        assert!(r.header("x-tollgate-shadow").is_none(), "the client is not told");
+    }
+    let r = envoy.send("GET", "/v1/search", &[("x-api-key", "pro-key"), ("x-tollgate-shadow", "forged")]).await;
+    assert_eq!((r.status, shadow(&r)), (200, None), "a client's copy never reaches the upstream");
+    assert_problem(&get("/v1/trial", "no-such-key").await, 401, "credentials_invalid");
+
+    let line = "tollgate_shadow_decisions_total{status=\"402\",code=\"quota_exhausted\"}";
+    assert_eq!(metric(tollgate.http, line).await, 1.0);
+    let logged = |log: &str, code: &str| {
+        log.lines().filter(|l| l.contains("shadow mode let through") && l.contains(&format!("code={code}"))).count()
+    };
+    eventually("three shadow log lines", std::time::Duration::from_secs(5), async || {
+        let log = tollgate.log();
+        ["quota_exhausted", "feature_not_in_plan", "insufficient_credits"].iter().all(|c| logged(&log, c) == 1)
+    })
+    .await;
+    assert_eq!(logged(&tollgate.log(), "credentials_invalid"), 0, "enforced: nothing was let through");
+
+    let reload = |body: String, n: f64| {
+        std::fs::write(&tollgate.file, write(tollgate.grpc, tollgate.http, &body)).unwrap();
+        let ok = std::process::Command::new("kill").args(["-HUP", &tollgate.child.id().to_string()]).status();
+        assert!(ok.unwrap().success());
+        eventually("the reload", std::time::Duration::from_secs(10), async move || {
+            metric(tollgate.http, "tollgate_config_reloads_total{result=\"ok\"}").await >= n
+        })
+    };
+    // The operator opts out of enforcing credentials in shadow mode.
+    reload(format!("{}shadow_security: true\n", rollout_config()), 1.0).await;
+    let r = get("/v1/trial", "no-such-key").await;
+    assert_eq!((r.status, shadow(&r).as_deref()), (200, Some("credentials_invalid")), "{r:?}");
+    assert_problem(&get("/v1/search", "no-such-key").await, 401, "credentials_invalid");
+    // Shadow off: the same requests are denied at once.
+    reload(rollout_config().replace(", shadow: true }", " }"), 2.0).await;
+    assert_problem(&get("/v1/trial", "free-key").await, 402, "quota_exhausted");
+    assert_problem(&get("/v1/trial-export", "free-key").await, 402, "feature_not_in_plan");
+    assert_problem(&get("/v1/trial", "broke-key").await, 402, "insufficient_credits");
+    assert_problem(&get("/v1/trial", "no-such-key").await, 401, "credentials_invalid");
+}
+
+/// A soft limit through Envoy: limit 10, ceiling 15. The client sees the
+/// warning and honest RateLimit headers, the upstream the overage header,
+/// and request 16 a 402 whose body shows the overage.
+#[tokio::test]
+async fn a_soft_limit_warns_the_client_and_tells_the_upstream_then_stops_at_the_ceiling() {
+    let s = stack_with(&rollout_config(), Options::default()).await;
+    for n in 1..=15u64 {
+        let r = s.get("/v1/search", &[("x-api-key", "soft-key"), ("x-tollgate-overage", "forged")]).await;
+        assert_eq!(r.status, 200, "request {n}: {r:?}");
+        let upstream = r.json()["headers"]["x-tollgate-overage"].as_str().map(str::to_owned);
+        let warning = r.header("x-tollgate-billing-warning");
+        if n <= 10 {
+            assert_eq!((upstream, warning), (None, None), "request {n}: {r:?}");
+            continue;
+        }
+        assert_eq!(upstream.as_deref(), Some(format!("\"requests-month\";units=1;overage={}", n - 10).as_str()));
+        let want = format!("quota_overage; policy=\"requests-month\"; limit=10; overage={}; ceiling=15", n - 10);
+        assert_eq!(warning, Some(want.as_str()), "request {n}");
+        assert!(r.header("ratelimit").is_some_and(|h| h.contains(";r=0;")), "{r:?}");
+    }
+    let r = s.get("/v1/search", &[("x-api-key", "soft-key")]).await;
+    let body = assert_problem(&r, 402, "quota_exhausted");
+    assert_eq!((body["quota"]["overage"].as_u64(), body["quota"]["ceiling"].as_u64()), (Some(5), Some(15)), "{body}");
     s.stop().await;
 }
