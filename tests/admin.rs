@@ -245,6 +245,33 @@ async fn invalid_input_is_rejected_naming_the_field() {
             }),
             "entitlement.quota_overrides[0].period",
         ),
+        (
+            put(Entitlement {
+                quota_overrides: vec![QuotaOverride {
+                    meter: "requests".into(),
+                    limit: 10,
+                    period: "month".into(),
+                    soft: true,
+                    ceiling: Some(5),
+                    ..Default::default()
+                }],
+                ..entitlement("acct_x", "pro")
+            }),
+            "entitlement.quota_overrides[0].ceiling",
+        ),
+        (
+            put(Entitlement {
+                quota_overrides: vec![QuotaOverride {
+                    meter: "requests".into(),
+                    limit: 10,
+                    per: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+                    soft: true,
+                    ..Default::default()
+                }],
+                ..entitlement("acct_x", "pro")
+            }),
+            "entitlement.quota_overrides[0].soft",
+        ),
     ];
     for (req, want) in cases {
         let err = c.put_entitlement(req).await.unwrap_err();

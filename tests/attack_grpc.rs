@@ -305,6 +305,50 @@ async fn extreme_dates_and_windows_are_refused_or_harmless() {
             }],
             ..base()
         },
+        // Soft quotas: a ceiling at or below the limit or past 10^15, one without
+        // `soft`, a soft rate limit.
+        Entitlement {
+            quota_overrides: vec![QuotaOverride {
+                meter: "requests".into(),
+                limit: 10,
+                period: "month".into(),
+                soft: true,
+                ceiling: Some(10),
+                ..Default::default()
+            }],
+            ..base()
+        },
+        Entitlement {
+            quota_overrides: vec![QuotaOverride {
+                meter: "requests".into(),
+                limit: 10,
+                period: "month".into(),
+                soft: true,
+                ceiling: Some(u64::MAX),
+                ..Default::default()
+            }],
+            ..base()
+        },
+        Entitlement {
+            quota_overrides: vec![QuotaOverride {
+                meter: "requests".into(),
+                limit: 10,
+                period: "month".into(),
+                ceiling: Some(20),
+                ..Default::default()
+            }],
+            ..base()
+        },
+        Entitlement {
+            quota_overrides: vec![QuotaOverride {
+                meter: "requests".into(),
+                limit: 10,
+                per: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+                soft: true,
+                ..Default::default()
+            }],
+            ..base()
+        },
         Entitlement {
             quota_overrides: vec![QuotaOverride {
                 meter: "requests".into(),

@@ -210,7 +210,12 @@ async fn spends_at_impossible_times_or_windows_are_refused_not_panics() {
 }
 
 /// Account records as someone with access to Redis might write them.
-const CORRUPT_RECORDS: [&str; 8] = [
+const CORRUPT_RECORDS: [&str; 12] = [
+    // A soft quota's ceiling at or below its limit, past the largest limit, or on a rate.
+    r#"{"plan":"pro","quotas":[{"meter":"requests","limit":5,"period":"month","ceiling":5}]}"#,
+    r#"{"plan":"pro","quotas":[{"meter":"requests","limit":5,"period":"month","ceiling":18446744073709551615}]}"#,
+    r#"{"plan":"pro","quotas":[{"meter":"requests","limit":5,"per_ms":1000,"ceiling":10}]}"#,
+    r#"{"plan":"pro","quotas":[{"meter":"requests","limit":5,"period":"month","ceiling":-1}]}"#,
     r#"{"plan":"pro","quotas":[{"meter":"requests","limit":5,"per_ms":9223372036854775808}]}"#,
     r#"{"plan":"pro","quotas":[{"meter":"requests","limit":5,"per_ms":0}]}"#,
     r#"{"plan":"pro","quotas":[{"meter":"requests","limit":18446744073709551615,"period":"month"}]}"#,

@@ -5,7 +5,10 @@
 //! real Envoy, with a reload, in `tests/envoy.rs`.
 
 use tollgate::grpc::pb::tollgate_client::TollgateClient;
-use tollgate::grpc::pb::{AuthorizeRequest, RouteTarget, UsageRequest, authorize_request};
+use tollgate::grpc::pb::{
+    AccountRequest, AuthorizeRequest, Entitlement, PutEntitlementRequest, QuotaOverride, RouteTarget, UsageRequest,
+    authorize_request,
+};
 use tollgate_testkit::redis::RedisServer;
 use tollgate_testkit::{Answer, TestServer, http_check, metric, rollout_config};
 use tonic::Request;
@@ -219,5 +222,37 @@ async fn shadow_mode_by_plan_and_globally_and_the_security_opt_out() {
     // A malformed request is never let through.
     let a = get(&s, "/v1/search/../ai", &[("x-api-key", "pro-key")]).await;
     assert_eq!((a.allowed, a.code()), (false, "request_invalid"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_account_override_can_be_soft_and_round_trips_through_the_api() {
+    let s = TestServer::start(&config("{ backend: memory }")).await;
+    let mut api = TollgateClient::new(s.channel().await);
+    let soft = QuotaOverride {
+        meter: "requests".into(),
+        limit: 2,
+        period: "month".into(),
+        soft: true,
+        ceiling: Some(3),
+        ..Default::default()
+    };
+    let e = Entitlement {
+        account_id: "acct_pro".into(),
+        plan: "pro".into(),
+        status: "active".into(),
+        quota_overrides: vec![soft.clone()],
+        ..Default::default()
+    };
+    api.put_entitlement(admin(PutEntitlementRequest { entitlement: Some(e) })).await.unwrap();
+    let got = api.get_entitlement(admin(AccountRequest { account_id: "acct_pro".into() })).await.unwrap().into_inner();
+    assert_eq!(got.quota_overrides, vec![soft]);
+    let key = [("x-api-key", "pro-key")];
+    let overage = |a: &Answer| a.upstream_headers.get("x-tollgate-overage").cloned();
+    for (n, want) in [(1, None), (2, None), (3, Some("\"requests-month\";units=1;overage=1"))] {
+        let a = get(&s, "/v1/search", &key).await;
+        assert_eq!((a.allowed, overage(&a).as_deref()), (true, want), "request {n}");
+    }
+    assert_eq!(get(&s, "/v1/search", &key).await.code(), "quota_exhausted");
     s.stop().await;
 }

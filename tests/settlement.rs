@@ -401,3 +401,42 @@ async fn a_lost_signing_key_is_replaced_and_old_charges_still_settle_where_they_
     r1.stop().await;
     r2.stop().await;
 }
+
+/// A shadowed Check on a prepaid plan takes no credits, so settling it must
+/// move none: a refunded (5xx) or costlier response changes quota units only,
+/// never the balance (no credits minted from a dry run).
+#[tokio::test]
+async fn settling_a_shadowed_charge_never_moves_credits() {
+    let yaml = CONFIG.replace("    prepaid: true\n", "    prepaid: true\n    shadow: true\n").replace(
+        "{ meter: requests, limit: 1000, period: month }\n",
+        "{ meter: requests, limit: 1000, period: month }\n  payg_q:\n    features: [search]\n    prepaid: true\n    shadow: true\n    quotas:\n      - { meter: requests, limit: 1000, period: month }\n",
+    ) + "  - { id: acct_q, plan: payg_q, api_keys: [q-key], credits: 1000 }\n";
+    let server = TestServer::start(&yaml).await;
+    let check = async |key: &str| server.check(http_check("GET", "/v1/search", &[("x-api-key", key)])).await;
+    let credits = async |id: &str| server.store.credits(id).await.unwrap();
+    let (w, q) = (charge_of(&check("w-key").await), charge_of(&check("q-key").await));
+    assert_eq!((credits("acct_w").await, credits("acct_q").await), (1000, 1000), "shadow mode took no credits");
+    let fields = |c: &str| c.split('|').nth(7).map(str::to_owned);
+    assert_eq!((fields(&w).as_deref(), fields(&q).as_deref()), (Some("0"), Some("0")), "charges carry no credits");
+    stream(server.grpc, vec![entry(503, &w, &[]), entry(503, &q, &[])]).await;
+    eventually("both settled", Duration::from_secs(5), async || {
+        metric(server.http, "tollgate_settlements_total{result=\"applied\"}").await >= 1.0
+            && metric(server.http, "tollgate_settlements_total{result=\"applied\"}").await
+                + metric(server.http, "tollgate_settlements_total{result=\"unchanged\"}").await
+                >= 2.0
+    })
+    .await;
+    assert_eq!((credits("acct_w").await, credits("acct_q").await), (1000, 1000), "a refund minted no credits");
+    let q = Quota { meter: "requests".into(), limit: 1 << 40, window: Window::Calendar(Period::Month), ceiling: None };
+    let s = Spend {
+        account: "acct_q".into(),
+        quotas: vec![q],
+        cost: 0,
+        credits: None,
+        now: Utc::now(),
+        dry_run: true,
+        shadow: false,
+    };
+    assert_eq!(server.store.spend(&s).await.unwrap().quotas[0].used, 0, "the quota unit was refunded");
+    server.stop().await;
+}
