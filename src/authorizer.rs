@@ -252,6 +252,7 @@ impl Authorizer {
         spend: &Spend,
         meter: Option<&str>,
         cost_header: Option<&str>,
+        shadow: Option<Code>,
     ) -> Option<String> {
         if config.billing.charge_on.is_all() && cost_header.is_none() && !config.events.enabled() {
             return None;
@@ -287,6 +288,7 @@ impl Authorizer {
             // A shadow spend took no credits: settling it must move none.
             credits: spend.credits.is_some() && !spend.shadow,
             cost_header: cost_header.map(str::to_owned),
+            shadow,
         };
         Some(charge.seal(&key))
     }
@@ -420,7 +422,7 @@ impl Authorizer {
                         dry_run: false,
                         shadow: false,
                     };
-                    charge = self.charge(config, &spend, meter, cost_header).await;
+                    charge = self.charge(config, &spend, meter, cost_header, d.shadowed).await;
                 }
                 d
             }
@@ -428,7 +430,7 @@ impl Authorizer {
                 Ok(answer) => {
                     let d = decision::settle(&spend, &answer, partial);
                     if settles && answer.spent && d.is_allowed() {
-                        charge = self.charge(config, &spend, meter, cost_header).await;
+                        charge = self.charge(config, &spend, meter, cost_header, d.shadowed).await;
                     }
                     d
                 }

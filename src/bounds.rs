@@ -40,7 +40,7 @@ pub fn check_quota(q: &Quota) -> Result<(), String> {
         && (q.window.is_rate() || c <= q.limit || c > MAX_LIMIT)
     {
         return Err(format!(
-            "quota {}: ceiling {c} is not above the limit {} (or the quota is a rate)",
+            "quota {}: ceiling {c} must be above the limit {} and at most {MAX_LIMIT}, on a period quota",
             q.meter, q.limit
         ));
     }

@@ -331,6 +331,8 @@ impl Quota {
             (true, _) if self.window.is_rate() => return Err(QuotaError::SoftRate),
             (true, ceiling) => {
                 let c = match ceiling {
+                    // A limit of MAX_LIMIT leaves no room above it for overage.
+                    None if self.limit >= MAX_LIMIT => return Err(QuotaError::Ceiling(MAX_LIMIT.into(), self.limit)),
                     None => MAX_LIMIT,
                     Some(c) => u64::try_from(c)
                         .ok()
@@ -358,9 +360,11 @@ impl Quota {
         self.ceiling.filter(|c| *c < MAX_LIMIT)
     }
 
-    /// Units used past the limit on a soft quota (0 on a hard one).
+    /// Units used past the limit on a soft quota, up to its ceiling (0 on a
+    /// hard one): what shadow mode spends past the ceiling would have been
+    /// denied, so it is not overage.
     pub fn overage(&self, used: u64) -> u64 {
-        if self.is_soft() { used.saturating_sub(self.limit) } else { 0 }
+        if self.is_soft() { used.min(self.hard_limit()).saturating_sub(self.limit) } else { 0 }
     }
 
     /// The name used in `RateLimit-Policy` and problem bodies: `requests-month`, `requests-1s`.

@@ -117,6 +117,9 @@ pub struct Charge {
     pub credits: bool,
     /// The response header that reports the actual cost, if the route names one.
     pub cost_header: Option<String>,
+    /// Shadow mode let this request through: the code that would have
+    /// denied it (usage events say so, for sinks that must not bill it).
+    pub shadow: Option<crate::decision::Code>,
 }
 
 /// Why an access-log entry's charge was not applied: a label for metrics and logs.
@@ -200,11 +203,14 @@ impl Charge {
     /// The charge as one metadata string (cheap for Envoy to copy into every
     /// access-log entry): `1|id|account|issued ms|meter|periods|cost|credits
     /// 0/1|header|sig`, `sig` the hex of the first 16 bytes of HMAC-SHA256
-    /// over everything before it.
+    /// over everything before it. A charge shadow mode let through is
+    /// version 2, with the would-be code after the header (`2|…|header|code|sig`);
+    /// the others stay version 1, which replicas of before shadow mode read.
     pub fn seal(&self, key: &[u8; 32]) -> String {
         let periods = self.periods.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(",");
         let mut token = format!(
-            "1|{}|{}|{}|{}|{periods}|{}|{}|{}",
+            "{}|{}|{}|{}|{}|{periods}|{}|{}|{}",
+            if self.shadow.is_some() { 2 } else { 1 },
             self.id,
             self.account,
             self.issued.timestamp_millis(),
@@ -213,6 +219,10 @@ impl Charge {
             u8::from(self.credits),
             escape(self.cost_header.as_deref().unwrap_or("")),
         );
+        if let Some(code) = self.shadow {
+            token.push('|');
+            token.push_str(code.as_str());
+        }
         let mut m = mac(key);
         m.update(token.as_bytes());
         let tag = m.finalize().into_bytes();
@@ -236,12 +246,19 @@ impl Charge {
         m.verify_truncated_left(&sig).map_err(|_| Bad::Signature)?;
         // Signed by us, so well-formed unless the key leaked or a bug; checked all the same.
         let fields: Vec<&str> = signed.split('|').collect();
-        let [version, id, account, issued, meter, periods, cost, credits, header] = fields[..] else {
-            return Err(Bad::Malformed);
+        let (id, account, issued, meter, periods, cost, credits, header, shadow) = match fields[..] {
+            ["1", id, account, issued, meter, periods, cost, credits, header] => {
+                (id, account, issued, meter, periods, cost, credits, header, None)
+            }
+            ["2", id, account, issued, meter, periods, cost, credits, header, code] => {
+                (id, account, issued, meter, periods, cost, credits, header, Some(code))
+            }
+            _ => return Err(Bad::Malformed),
         };
-        if version != "1" {
-            return Err(Bad::Malformed);
-        }
+        let shadow = match shadow {
+            None => None,
+            Some(code) => Some(crate::decision::Code::parse(code).ok_or(Bad::Malformed)?),
+        };
         let (meter, header) = (unescape(meter).ok_or(Bad::Malformed)?, unescape(header).ok_or(Bad::Malformed)?);
         if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
             return Err(Bad::Malformed);
@@ -282,6 +299,7 @@ impl Charge {
             cost,
             credits,
             cost_header,
+            shadow,
         })
     }
 }

@@ -596,3 +596,25 @@ fn soft_quotas_are_checked_when_built() {
     assert_eq!(per_second(10).soften(true, None::<u64>), Err(QuotaError::SoftRate));
     assert_eq!(month(10).soften(false, None::<u64>), Ok(month(10)));
 }
+
+#[test]
+fn shadow_past_a_soft_ceiling_is_a_would_be_deny_not_more_overage() {
+    let mut p = policy();
+    p.shadow = true;
+    let a = Account { quota_overrides: vec![soft(10, Some(15))], ..account("free") };
+    let past = |s: &Spend| SpendAnswer {
+        spent: true,
+        quotas: s.quotas.iter().map(|q| usage(if q.window.is_rate() { 1 } else { 20 }, !q.window.is_rate())).collect(),
+        credits: None,
+    };
+    let d = decide_with(&p, SEARCH, &a, past);
+    assert_eq!((d.is_allowed(), d.shadowed), (true, Some(Code::QuotaExhausted)));
+    assert_eq!(d.quotas[0].overage, 5, "overage stops at the ceiling: the rest would have been denied");
+    assert_eq!(soft(10, None).overage(u64::MAX), crate::entitlement::MAX_LIMIT - 10);
+    use crate::entitlement::{MAX_LIMIT, QuotaError};
+    assert_eq!(
+        month(MAX_LIMIT).soften(true, None::<u64>),
+        Err(QuotaError::Ceiling(MAX_LIMIT.into(), MAX_LIMIT)),
+        "no room above the largest limit"
+    );
+}

@@ -51,15 +51,20 @@ fn envelope(kind: &str, id: &str, source: &str, subject: &str, time: DateTime<Ut
 }
 
 /// The usage event of a settled charge: `units` is its final cost, `status`
-/// the response's (0: none was sent).
+/// the response's (0: none was sent), and `shadow` the would-be code when
+/// shadow mode let a request through that the paywall would have denied.
 pub fn usage(source: &str, charge: &Charge, status: u32, units: u64) -> String {
-    let data = json!({
+    let mut data = json!({
         "meter": charge.meter,
         "units": units,
         "reserved": charge.cost,
         "credits": if charge.credits { units } else { 0 },
         "status": status,
     });
+    // Shadow mode let the request through: a sink that bills must know.
+    if let (Some(code), Some(fields)) = (charge.shadow, data.as_object_mut()) {
+        fields.insert("shadow".into(), code.as_str().into());
+    }
     envelope(USAGE, &charge.id, source, &charge.account, charge.issued, data)
 }
 

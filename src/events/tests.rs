@@ -11,7 +11,17 @@ fn charge() -> Charge {
         cost: 100,
         credits: true,
         cost_header: Some("x-usage-tokens".into()),
+        shadow: None,
     }
+}
+
+#[test]
+fn a_usage_event_says_when_shadow_mode_let_its_request_through() {
+    let plain: serde_json::Value = serde_json::from_str(&usage("tollgate", &charge(), 200, 1)).unwrap();
+    assert!(plain["data"].get("shadow").is_none());
+    let c = Charge { shadow: Some(crate::decision::Code::QuotaExhausted), ..charge() };
+    let e: serde_json::Value = serde_json::from_str(&usage("tollgate", &c, 200, 1)).unwrap();
+    assert_eq!(e["data"]["shadow"], "quota_exhausted");
 }
 
 #[test]

@@ -13,7 +13,37 @@ fn charge() -> Charge {
         cost: 10,
         credits: true,
         cost_header: Some("x-usage-tokens".into()),
+        shadow: None,
     }
+}
+
+#[test]
+fn a_shadowed_charge_is_version_2_and_carries_its_would_be_code() {
+    use crate::decision::Code;
+    let c = Charge { shadow: Some(Code::QuotaExhausted), ..charge() };
+    let token = c.seal(&KEY);
+    assert!(token.starts_with("2|"), "{token}");
+    assert_eq!(fields(&token)[9], "quota_exhausted");
+    assert_eq!(open(&token), Ok(c));
+    assert!(charge().seal(&KEY).starts_with("1|"), "the others stay version 1");
+    // A version that does not match its field count, or an unknown code: refused after the signature.
+    let resign = |f: Vec<String>| {
+        let signed = f.join("|");
+        let mut m = mac(&KEY);
+        m.update(signed.as_bytes());
+        format!("{signed}|{}", hex::encode(&m.finalize().into_bytes()[..16]))
+    };
+    let mut f = fields(&token);
+    f.pop();
+    f[9] = "no_such_code".into();
+    assert_eq!(open(&resign(f.clone())), Err(Bad::Malformed));
+    f[0] = "1".into();
+    f[9] = "quota_exhausted".into();
+    assert_eq!(open(&resign(f.clone())), Err(Bad::Malformed), "version 1 has no code field");
+    let mut v2 = fields(&charge().seal(&KEY));
+    v2.pop();
+    v2[0] = "2".into();
+    assert_eq!(open(&resign(v2)), Err(Bad::Malformed), "version 2 needs its code");
 }
 
 fn open(token: &str) -> Result<Charge, Bad> {

@@ -268,7 +268,8 @@ impl Store for MemoryStore {
             sufficient: cost <= MAX_COST && usage.credits >= cost,
         });
         let fits = states.iter().all(|s| !s.exceeded) && credits.is_none_or(|c| c.sufficient);
-        if spend.dry_run || !(fits || spend.shadow) {
+        // A cost above MAX_COST is spent by nothing, shadow or not (Redis refuses it unread).
+        if spend.dry_run || !(fits || (spend.shadow && spend.cost <= MAX_COST)) {
             return Ok(SpendAnswer { spent: false, quotas: states, credits });
         }
         for (quota, state) in spend.quotas.iter().zip(states.iter_mut()) {
@@ -425,7 +426,8 @@ impl Store for MemoryStore {
                 if let Some(Counter::Calendar { start, used }) = windows.get_mut(&Window::Calendar(*p))
                     && *start == p.bounds(adj.issued).0
                 {
-                    *used = if back { used.saturating_sub(units) } else { used.saturating_add(units) };
+                    // An overage stops at the largest count a counter holds (as in Redis).
+                    *used = if back { used.saturating_sub(units) } else { used.saturating_add(units).min(MAX_LIMIT) };
                 }
             }
         }

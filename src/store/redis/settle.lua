@@ -93,9 +93,13 @@ for j = 1, k do
         if back > 0 then redis.call('DECRBY', key, str(back)) end
         used[i] = used[i] - back
       elseif delta > 0 and clock() < expires then
-        redis.call('INCRBY', key, str(delta))
-        redis.call('PEXPIREAT', key, str(expires))
-        used[i] = used[i] + delta
+        -- An overage stops at the largest count a counter holds (as the memory store's does).
+        local add = math.min(delta, MAX_LIMIT - used[i])
+        if add > 0 then
+          redis.call('INCRBY', key, str(add))
+          redis.call('PEXPIREAT', key, str(expires))
+          used[i] = used[i] + add
+        end
       end
     end
     if with_credits then
