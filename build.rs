@@ -1,11 +1,23 @@
-//! Compiles `proto/tollgate/v1/*.proto` with protox, so building needs no system `protoc`.
+//! Compiles `proto/tollgate/v1/*.proto` with protox, so building needs no
+//! system `protoc`, and writes the descriptors the reflection service serves
+//! (`tollgate.v1`, and Envoy's ext_authz and access-log services from the
+//! copies in `proto/vendor/`, see `scripts/vendor-envoy-protos.sh`).
+
+use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["proto/tollgate/v1/tollgate.proto"];
-    for proto in protos {
-        println!("cargo:rerun-if-changed={proto}");
-    }
+    println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure().compile_fds(descriptors)?;
+
+    let reflected = [
+        "proto/tollgate/v1/tollgate.proto",
+        "envoy/service/auth/v3/external_auth.proto",
+        "envoy/service/accesslog/v3/als.proto",
+    ];
+    let all = protox::compile(reflected, ["proto", "proto/vendor"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("reflection_descriptors.bin");
+    std::fs::write(out, all.encode_to_vec())?;
     Ok(())
 }

@@ -92,6 +92,7 @@ pub async fn run(
     // TLS and limits are fixed at start-up: a reload does not re-read certificates.
     let tls = config.server.tls.clone();
     let limits = config.server.limits;
+    let reflection = config.server.reflection;
     let authorizer = Arc::new(Authorizer::new(config, store.clone(), metrics.clone()));
     let accounts = Arc::new(Accounts::new(authorizer.clone()));
     on_start(Handle { authorizer: authorizer.clone() });
@@ -103,7 +104,7 @@ pub async fn run(
         max_inflight: limits.max_inflight_requests,
         stopping: stop_rx.clone(),
     };
-    let grpc::Services { routes, health } = grpc::services(authorizer.clone(), accounts.clone(), bounds);
+    let grpc::Services { routes, health } = grpc::services(authorizer.clone(), accounts.clone(), bounds, reflection);
     // Liveness (`""`) is SERVING while the process runs, NOT_SERVING only once
     // shutdown begins, so a Redis outage makes pods unready, never restarted.
     health.set_live(true).await;

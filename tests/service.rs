@@ -173,3 +173,69 @@ async fn authorize_rejects_requests_without_subject_or_target() {
     assert_eq!((r.http_status, r.code.as_str()), (401, "credentials_invalid"));
     s.stop().await;
 }
+
+/// What `grpcurl localhost:9191 list` and `describe` ask, through server
+/// reflection (v1 and v1alpha): every service of the port, with descriptors
+/// that resolve; `server.reflection: false` hides them.
+#[tokio::test]
+async fn reflection_lists_and_describes_every_service_unless_switched_off() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let s = TestServer::start(&spec_config()).await;
+    let ask = async |request: MessageRequest| {
+        let mut c = ServerReflectionClient::new(s.channel().await);
+        let req = ServerReflectionRequest { host: String::new(), message_request: Some(request) };
+        let mut answers = c.server_reflection_info(tokio_stream::iter([req])).await?.into_inner();
+        Ok::<_, tonic::Status>(answers.message().await?.and_then(|r| r.message_response))
+    };
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        ask(MessageRequest::ListServices(String::new())).await.unwrap()
+    else {
+        panic!("no service list")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "tollgate.v1.Tollgate",
+        "envoy.service.auth.v3.Authorization",
+        "envoy.service.accesslog.v3.AccessLogService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    }
+    for symbol in ["envoy.service.auth.v3.Authorization", "tollgate.v1.Tollgate", "envoy.service.auth.v3.CheckRequest"]
+    {
+        let got = ask(MessageRequest::FileContainingSymbol(symbol.into())).await.unwrap();
+        let Some(MessageResponse::FileDescriptorResponse(files)) = got else { panic!("{symbol}: {got:?}") };
+        assert!(!files.file_descriptor_proto.is_empty(), "{symbol}");
+    }
+    // grpcurl's older default: v1alpha.
+    {
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient as Alpha;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest as AlphaRequest;
+        let mut c = Alpha::new(s.channel().await);
+        let req = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(AlphaRequest::ListServices(String::new())),
+        };
+        let mut answers = c.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
+        assert!(answers.message().await.unwrap().is_some());
+    }
+    s.stop().await;
+
+    let s = TestServer::start(&format!("{}server: {{ reflection: false }}\n", spec_config())).await;
+    let mut c = ServerReflectionClient::new(s.channel().await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let err = match c.server_reflection_info(tokio_stream::iter([req])).await {
+        Err(e) => e,
+        Ok(r) => r.into_inner().message().await.unwrap_err(),
+    };
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+    s.stop().await;
+}

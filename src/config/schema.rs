@@ -131,6 +131,7 @@ pub(super) struct Server {
     pub(super) tls: Option<Tls>,
     #[serde(default)]
     pub(super) watch_config: bool,
+    pub(super) reflection: Option<bool>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub(super) drain_delay: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]

@@ -233,6 +233,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// Re-read the config file when it changes (polled every 2 s), besides SIGHUP.
     pub watch_config: bool,
+    /// Serve gRPC server reflection (`grpc.reflection.v1`/`v1alpha`); fixed at start.
+    pub reflection: bool,
     /// After SIGTERM, how long health reports NOT_SERVING before listeners close,
     /// so load balancers stop sending first.
     pub drain_delay: Duration,

@@ -42,6 +42,7 @@ pub(super) fn server(raw: &schema::Server) -> Result<ServerConfig, Invalid> {
         trusted_callers: raw.trusted_callers,
         tls,
         watch_config: raw.watch_config,
+        reflection: raw.reflection.unwrap_or(true),
         drain_delay: raw.drain_delay.unwrap_or(Duration::ZERO),
         drain_timeout: raw.drain_timeout.unwrap_or(Duration::from_secs(30)),
         limits,

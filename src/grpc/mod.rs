@@ -30,6 +30,11 @@ use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::A
 use ext_authz::ExtAuthz;
 use pb::tollgate_server::TollgateServer;
 
+/// The descriptors `grpc.reflection` serves: `tollgate.v1`, Envoy's ext_authz
+/// and access-log services and what they import (built by `build.rs`);
+/// health's come with `tonic-health`.
+pub const REFLECTION_DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/reflection_descriptors.bin"));
+
 /// Code generated from `proto/tollgate/v1/tollgate.proto`.
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
@@ -40,8 +45,8 @@ pub mod pb {
 #[derive(Debug)]
 pub struct Services {
     /// `envoy.service.auth.v3.Authorization`,
-    /// `envoy.service.accesslog.v3.AccessLogService`, `tollgate.v1.Tollgate`
-    /// and `grpc.health.v1.Health`.
+    /// `envoy.service.accesslog.v3.AccessLogService`, `tollgate.v1.Tollgate`,
+    /// `grpc.health.v1.Health`, and unless switched off `grpc.reflection` (v1 and v1alpha).
     pub routes: Routes,
     /// What `grpc.health.v1.Health` reports.
     pub health: Health,
@@ -61,9 +66,10 @@ pub struct Bounds {
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
-/// Builds every service of the gRPC port within `bounds`; health reports
-/// nothing until told.
-pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bounds) -> Services {
+/// Builds every service of the gRPC port within `bounds`, with server
+/// reflection when `reflection` (so `grpcurl host:9191 list` needs no
+/// `.proto` files); health reports nothing until told.
+pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bounds, reflection: bool) -> Services {
     let Bounds { max_message, request_timeout, max_inflight, stopping } = bounds;
     let calls = Arc::new(tokio::sync::Semaphore::new(max_inflight));
     let streams = Arc::new(tokio::sync::Semaphore::new(max_inflight));
@@ -93,9 +99,43 @@ pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bo
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
         timed,
-        calls,
+        calls.clone(),
     ));
+    let routes = if reflection { with_reflection(routes, max_message, timed, calls) } else { routes };
     Services { routes, health: Health { reporter } }
+}
+
+/// `grpc.reflection.v1` and `v1alpha` (grpcurl asks either), in the calls'
+/// pool and time bound. The descriptors are built in and checked by a test;
+/// were they unreadable, the port serves without reflection rather than not at all.
+fn with_reflection(
+    routes: Routes,
+    max_message: usize,
+    timed: Option<std::time::Duration>,
+    calls: Arc<tokio::sync::Semaphore>,
+) -> Routes {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(REFLECTION_DESCRIPTORS)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    match (builder().build_v1(), builder().build_v1alpha()) {
+        (Ok(v1), Ok(v1alpha)) => routes
+            .add_service(Bounded::new(
+                v1.max_decoding_message_size(max_message).max_encoding_message_size(max_message),
+                timed,
+                calls.clone(),
+            ))
+            .add_service(Bounded::new(
+                v1alpha.max_decoding_message_size(max_message).max_encoding_message_size(max_message),
+                timed,
+                calls,
+            )),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "gRPC reflection descriptors unreadable; serving without reflection");
+            routes
+        }
+    }
 }
 
 /// Sets what `grpc.health.v1.Health` reports. Statuses are keyed by the
