@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what the tests need when
-# it is missing (redis-server and Envoy into .tools/, which git ignores; see
+# it is missing (redis-server, Envoy and promtool into .tools/, which git ignores; see
 # scripts/tools.sh), then runs `cargo test`.
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh --test redis`).
 # TOLLGATE_FORCE_TOOLS=1 installs into .tools/ even when the system has the tools.
@@ -11,6 +11,7 @@ source scripts/tools.sh
 
 ensure_redis
 ensure_envoy
-tools_versions envoy redis
+ensure_promtool
+tools_versions envoy redis promtool
 
 cargo test --locked "$@"

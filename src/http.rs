@@ -201,6 +201,13 @@ async fn stripe_webhook(State(s): State<HttpState>, headers: HeaderMap, body: By
     };
     let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok());
     let outcome = stripe::handle(&s.accounts, stripe_config, &stripe_config.webhook_secrets.0, signature, &body).await;
+    s.metrics.record_webhook(match &outcome {
+        Outcome::Applied { .. } => "applied",
+        Outcome::Ignored(_) => "ignored",
+        Outcome::BadSignature => "signature",
+        Outcome::Rejected(_) => "rejected",
+        Outcome::Unavailable => "unavailable",
+    });
     match outcome {
         Outcome::Applied { account } => {
             json(StatusCode::OK, serde_json::json!({ "received": true, "applied": true, "account": account }))
@@ -208,6 +215,7 @@ async fn stripe_webhook(State(s): State<HttpState>, headers: HeaderMap, body: By
         Outcome::Ignored(why) => {
             json(StatusCode::OK, serde_json::json!({ "received": true, "applied": false, "reason": why }))
         }
+        Outcome::BadSignature => json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "invalid signature" })),
         Outcome::Rejected(why) => json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": why })),
         Outcome::Unavailable => {
             json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": "store unavailable; retry" }))

@@ -61,7 +61,20 @@ pub struct Metrics {
     event_lag: Histogram,
     shadow: Family<DecisionLabels, Counter>,
     overage: Family<PolicyLabels, Counter>,
+    plan_decisions: Family<PlanLabels, Counter>,
+    webhooks: Family<ResultLabels, Counter>,
+    ready: Gauge,
 }
+
+/// A plan the config defines, and the HTTP status of a Check.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PlanLabels {
+    plan: String,
+    status: &'static str,
+}
+
+/// The `result` values of `tollgate_webhooks_total`.
+pub const WEBHOOK_RESULTS: [&str; 5] = ["applied", "ignored", "signature", "rejected", "unavailable"];
 
 /// A quota's policy name (`requests-month`): from config or an account's
 /// overrides, so the set is bounded by what operators define.
@@ -216,6 +229,27 @@ impl Metrics {
             "Units spent past a soft quota's limit, by policy (requests-month)",
             overage.clone(),
         );
+        let plan_decisions = Family::<PlanLabels, Counter>::default();
+        registry.register(
+            "tollgate_plan_decisions",
+            "Checks by the caller's plan (plans the config defines) and HTTP status: the 402 share per plan",
+            plan_decisions.clone(),
+        );
+        let webhooks = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "tollgate_webhooks",
+            "Stripe webhook deliveries by result: applied, ignored (replay, unknown account, older, other type), signature (refused: bad or missing signature), rejected (refused: bad body), unavailable (store error; Stripe retries)",
+            webhooks.clone(),
+        );
+        for result in WEBHOOK_RESULTS {
+            let _ = webhooks.get_or_create(&ResultLabels { result });
+        }
+        let ready = Gauge::default();
+        registry.register(
+            "tollgate_ready",
+            "1 while this replica is ready (its store answers), 0 otherwise: what /readyz and gRPC health say",
+            ready.clone(),
+        );
         for result in ["queued", "delivered", "retried", "dropped"] {
             let _ = events.get_or_create(&ResultLabels { result });
         }
@@ -253,6 +287,9 @@ impl Metrics {
             event_lag,
             shadow,
             overage,
+            plan_decisions,
+            webhooks,
+            ready,
         }
     }
 
@@ -322,6 +359,22 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one Check of an account on `plan` (a plan the config defines).
+    pub fn record_plan_decision(&self, plan: &str, verdict: Verdict) {
+        let labels = PlanLabels { plan: plan.to_owned(), status: status_label(verdict.http_status()) };
+        self.plan_decisions.get_or_create(&labels).inc();
+    }
+
+    /// Counts one Stripe webhook delivery by result (one of [`WEBHOOK_RESULTS`]).
+    pub fn record_webhook(&self, result: &'static str) {
+        self.webhooks.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Whether this replica is ready (the store answers).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
     /// Counts units spent past a soft quota's limit.
     pub fn record_overage(&self, policy: String, units: u64) {
         self.overage.get_or_create(&PolicyLabels { policy }).inc_by(units);
@@ -389,6 +442,9 @@ mod tests {
         m.record_auth_failure("PutEntitlement", "invalid");
         m.record_shadow(Verdict::Deny(Code::QuotaExhausted));
         m.record_overage("requests-month".into(), 3);
+        m.record_plan_decision("free", Verdict::Deny(Code::QuotaExhausted));
+        m.record_webhook("signature");
+        m.set_ready(true);
         let text = m.encode();
         for needle in [
             "tollgate_decisions_total{status=\"402\",code=\"quota_exhausted\"} 1",
@@ -402,6 +458,10 @@ mod tests {
             "tollgate_auth_failures_total{rpc=\"PutEntitlement\",reason=\"invalid\"} 1",
             "tollgate_shadow_decisions_total{status=\"402\",code=\"quota_exhausted\"} 1",
             "tollgate_overage_units_total{policy=\"requests-month\"} 3",
+            "tollgate_plan_decisions_total{plan=\"free\",status=\"402\"} 1",
+            "tollgate_webhooks_total{result=\"signature\"} 1",
+            "tollgate_webhooks_total{result=\"applied\"} 0",
+            "tollgate_ready 1",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

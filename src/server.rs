@@ -128,6 +128,7 @@ pub async fn run(
                         tracing::warn!("store unreachable: not serving");
                     }
                     ready.store(ok, Ordering::Relaxed);
+                    authorizer.metrics().set_ready(ok);
                     health.set_ready(ok).await;
                     last = Some(ok);
                 }

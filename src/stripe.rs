@@ -261,7 +261,9 @@ pub enum Outcome {
     },
     /// Accepted, nothing to do (with why: replay, unknown account, older than applied, ignored type).
     Ignored(&'static str),
-    /// Rejected: bad signature or body (400; Stripe shows it in the dashboard).
+    /// Rejected: a missing or wrong signature (400; Stripe shows it in the dashboard).
+    BadSignature,
+    /// Rejected: a body that is not a valid event (400).
     Rejected(String),
     /// The store failed; Stripe should retry (503).
     Unavailable,
@@ -278,7 +280,7 @@ pub async fn handle(
     let now = Utc::now().timestamp();
     if let Err(e) = verify(signature.unwrap_or(""), body, secrets, config.tolerance, now) {
         tracing::warn!(reason = %e, "stripe webhook rejected");
-        return Outcome::Rejected("invalid signature".into());
+        return Outcome::BadSignature;
     }
     let event: Event = match serde_json::from_slice(body) {
         Ok(e) => e,

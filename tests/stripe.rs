@@ -91,6 +91,11 @@ async fn unsigned_badly_signed_and_stale_deliveries_are_400_and_change_nothing()
     let old = tollgate::stripe::sign(e.as_bytes(), "whsec_test_previous", now());
     assert_eq!(post(s.http, &e, Some(&old)).await.0, 200);
     assert_eq!(account(&s).await.plan, "pro");
+    // Counted for the alert on signature failures (deploy/monitoring).
+    let metric = async |result: &str| {
+        tollgate_testkit::http::metric(s.http, &format!("tollgate_webhooks_total{{result=\"{result}\"}}")).await
+    };
+    assert_eq!((metric("signature").await, metric("applied").await), (4.0, 1.0));
     s.stop().await;
 }
 

@@ -215,6 +215,13 @@ impl Authorization for ExtAuthz {
             }
         };
         let d = &outcome.decision;
+        // By plan, for the plans the config defines (a stored record may name
+        // any string: it must not become a label).
+        if let Some(plan) = d.plan.as_deref()
+            && self.authorizer.config().policy.plans.contains_key(plan)
+        {
+            self.authorizer.metrics().record_plan_decision(plan, d.verdict);
+        }
         if let Verdict::Deny(code) = d.verdict {
             tracing::info!(
                 account = d.account.as_deref().unwrap_or("-"),
