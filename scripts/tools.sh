@@ -13,7 +13,9 @@
 #   ships the real binary (needs python3 with pip);
 # - wrk (the Envoy bench's load generator): from Debian's packages, as Redis;
 # - promtool (checks and unit-tests deploy/monitoring's alert rules): from
-#   Debian's prometheus package.
+#   Debian's prometheus package;
+# - kubernetes-validate (KUBERNETES_VALIDATE_VERSION, 1.37.0; Kubernetes'
+#   schemas for scripts/validate-manifests.py): from PyPI into .tools/python.
 # TOLLGATE_FORCE_TOOLS=1 installs Redis and wrk into .tools/ even when the
 # system has them; a set, executable ENVOY_BIN is always used as is.
 
@@ -22,6 +24,7 @@ tools="$tools_root/.tools"
 mkdir -p "$tools/bin"
 export PATH="$tools/bin:$PATH"
 ENVOY_VERSION="${ENVOY_VERSION:-1.40.0}"
+KUBERNETES_VALIDATE_VERSION="${KUBERNETES_VALIDATE_VERSION:-1.37.0}"
 
 tools_log() { echo "scripts/tools.sh: $*" >&2; }
 
@@ -120,6 +123,19 @@ ensure_promtool() {
   ln -sf "$dir/usr/bin/promtool" "$tools/bin/promtool"
 }
 
+# kubernetes-validate and its jsonschema, for scripts/validate-manifests.py
+# (tests/deploy.rs runs it with PYTHONPATH=.tools/python).
+ensure_kubernetes_validate() {
+  local dir="$tools/python"
+  if [ ! -f "$dir/kubernetes_validate-$KUBERNETES_VALIDATE_VERSION.installed" ]; then
+    tools_log "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION from PyPI into $dir"
+    rm -rf "$dir"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$dir" \
+      "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+    touch "$dir/kubernetes_validate-$KUBERNETES_VALIDATE_VERSION.installed"
+  fi
+}
+
 # One line per installed tool, on stderr.
 tools_versions() {
   local t
@@ -129,6 +145,7 @@ tools_versions() {
       envoy) tools_log "$("$ENVOY_BIN" --version | grep -o 'version: [^ ]*' | head -n 1)" ;;
       wrk) tools_log "$(wrk --version 2>&1 | head -n 1 | cut -d' ' -f1-2)" ;;
       promtool) tools_log "$(promtool --version 2>&1 | head -n 1)" ;;
+      kubernetes-validate) tools_log "kubernetes-validate $KUBERNETES_VALIDATE_VERSION" ;;
     esac
   done
 }
@@ -139,5 +156,6 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   ensure_envoy
   ensure_wrk
   ensure_promtool
-  tools_versions redis envoy wrk promtool
+  ensure_kubernetes_validate
+  tools_versions redis envoy wrk promtool kubernetes-validate
 fi

@@ -813,3 +813,83 @@ async fn the_redis_tls_component_connects_tollgate_to_redis_over_tls_with_the_pa
         "tollgate never reached Redis over rediss:// with the password"
     );
 }
+
+/// `scripts/validate-manifests.py` with the Python packages `scripts/test.sh` installs.
+fn validate_manifests(deploy: &Path) -> (bool, String) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python_path = root.join(".tools/python");
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(root.join("scripts/validate-manifests.py")).arg(deploy);
+    if python_path.is_dir() {
+        cmd.env("PYTHONPATH", &python_path);
+    }
+    let out = cmd.output().expect("python3 runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Every Kubernetes object (and each component's patches applied to the
+/// base) passes the Kubernetes schemas strictly; the Istio and Prometheus
+/// Operator resources pass schemas of the fields tollgate uses.
+#[test]
+fn every_manifest_passes_its_schema() {
+    let (ok, out) = validate_manifests(&deploy_root());
+    assert!(ok, "{out}");
+    for want in [
+        "k8s/deployment.yaml: Deployment/tollgate",
+        "k8s/network-policy.yaml: NetworkPolicy/tollgate",
+        "k8s/components/mtls/deployment.yaml on the base: Deployment/tollgate",
+        "k8s/components/redis-tls/redis.yaml on the base: StatefulSet/redis",
+        "istio/authorization-policy.yaml: AuthorizationPolicy/tollgate",
+        "istio/route-by-plan.yaml: VirtualService/api-by-plan",
+        "istio/mesh-config.yaml: IstioOperator",
+        "istio/telemetry.yaml: Telemetry/tollgate-settlement",
+        "monitoring/prometheus-rule.yaml: PrometheusRule/tollgate",
+    ] {
+        assert!(out.contains(&format!("ok   {want}")), "{want} not validated:\n{out}");
+    }
+    // Every YAML resource file under deploy/ was looked at.
+    let docs = documents();
+    for (file, _) in docs.iter().filter(|(f, _)| f.starts_with("k8s/") || f.starts_with("istio/")) {
+        if file.ends_with("kustomization.yaml") {
+            continue;
+        }
+        assert!(out.contains(&format!("ok   {file}")), "{file} not validated:\n{out}");
+    }
+}
+
+/// The validation fails on what a typo or a wrong value would ship.
+#[test]
+fn manifest_schemas_catch_misspelt_fields_and_bad_values() {
+    let copy = tollgate_testkit::process::temp_dir("deploy-schemas");
+    let cp = std::process::Command::new("cp").arg("-r").arg(deploy_root()).arg(&copy).status().unwrap();
+    assert!(cp.success());
+    let deploy = copy.join("deploy");
+    let edit = |file: &str, from: &str, to: &str| {
+        let path = deploy.join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{file}: no {from:?}");
+        std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+    };
+    edit("k8s/deployment.yaml", "  replicas:", "  replica:");
+    edit("k8s/components/mtls/deployment.yaml", "readOnly: true", "readonly: true");
+    edit("istio/authorization-policy.yaml", "action: CUSTOM", "action: ALLOWED");
+    edit("istio/route-by-plan.yaml", "x-tollgate-plan: { exact: pro }", "x-tollgate-plan: { equals: pro }");
+    edit(
+        "monitoring/prometheus-rule.yaml",
+        "    - alert: TollgateStoreUnavailable",
+        "    - alerts: TollgateStoreUnavailable",
+    );
+    let (ok, out) = validate_manifests(&deploy);
+    let _ = std::fs::remove_dir_all(&copy);
+    assert!(!ok, "{out}");
+    for want in [
+        "FAIL k8s/deployment.yaml: Deployment/tollgate",
+        "FAIL k8s/components/mtls/deployment.yaml on the base: Deployment/tollgate",
+        "FAIL istio/authorization-policy.yaml: AuthorizationPolicy",
+        "FAIL istio/route-by-plan.yaml: VirtualService",
+        "FAIL monitoring/prometheus-rule.yaml: PrometheusRule",
+    ] {
+        assert!(out.contains(want), "{want} missing:\n{out}");
+    }
+}
