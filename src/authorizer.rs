@@ -86,6 +86,21 @@ pub struct Outcome {
     pub charge: Option<String>,
 }
 
+impl Outcome {
+    /// Puts the decision on the current request's span (when tracing is on):
+    /// route, code, status, account id and plan; never a credential.
+    pub fn trace(&self) {
+        let d = &self.decision;
+        crate::telemetry::record_decision(crate::telemetry::Recorded {
+            route: self.route.as_deref(),
+            decision: d.verdict.label(),
+            status: d.verdict.http_status(),
+            account: d.account.as_deref(),
+            plan: d.plan.as_deref(),
+        });
+    }
+}
+
 /// The store failed and `on_error: error` asks the transport to fail the RPC.
 #[derive(Debug, thiserror::Error)]
 #[error("store unavailable: {0}")]
@@ -179,7 +194,9 @@ impl Authorizer {
             Ok(r) => r,
             Err(_) => Err(StoreError::Timeout(timeout)),
         };
-        self.metrics.record_store_call(started.elapsed());
+        let elapsed = started.elapsed();
+        self.metrics.record_store_call(elapsed);
+        crate::telemetry::note_store_call(elapsed);
         if r.is_err() {
             self.metrics.record_store_error();
         }

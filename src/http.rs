@@ -187,6 +187,7 @@ async fn metrics_text(State(s): State<HttpState>) -> impl IntoResponse {
     if let Some(totals) = s.authorizer.store().lease_stats() {
         s.metrics.record_lease(totals);
     }
+    s.metrics.record_traces(crate::telemetry::totals());
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], s.metrics.encode())
 }
 

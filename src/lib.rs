@@ -54,4 +54,5 @@ pub mod settlement;
 pub mod settler;
 pub mod store;
 pub mod stripe;
+pub mod telemetry;
 pub mod usage;

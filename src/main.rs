@@ -58,18 +58,28 @@ enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr under `TOLLGATE_LOG`/`RUST_LOG`; with `tracer`, request
+/// spans also go to OpenTelemetry (whatever the log filter says: a quiet log
+/// keeps its traces), and log lines inside one carry its `trace_id`.
+fn init_logging(format: LogFormat, tracer: Option<opentelemetry_sdk::trace::Tracer>) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+    };
+    let otel = tracer.map(|t| {
+        let spans = tracing_subscriber::filter::Targets::new().with_target("tollgate::trace", tracing::Level::INFO);
+        tracing_opentelemetry::layer().with_tracer(t).with_filter(spans)
+    });
+    tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel).init();
 }
 
 fn load_or_exit(path: Option<&Path>, redis_url: Option<&str>) -> Config {
@@ -127,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
         },
         Some(Command::Seed) => {
             let config = load_or_exit(cli.config.as_deref(), cli.redis_url.as_deref());
-            init_logging(cli.log_format);
+            init_logging(cli.log_format, None);
             let store = open_store(&config, &Arc::new(Metrics::new()))?;
             let n = Accounts::seed(store.as_ref(), &config.accounts, &config.policy.plans).await?;
             println!("seeded {n} accounts into the {:?} store", config.store.backend);
@@ -137,7 +147,16 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let config = load_or_exit(cli.config.as_deref(), cli.redis_url.as_deref());
-    init_logging(cli.log_format);
+    // Traces start before logging, so the log layer can hand spans to them.
+    let traces = tollgate::telemetry::start(&config.tracing);
+    let provider = traces.as_ref().ok().and_then(Option::as_ref);
+    init_logging(cli.log_format, provider.map(tollgate::telemetry::tracer));
+    match &traces {
+        // The endpoint is not logged: a URL may carry credentials.
+        Ok(Some(_)) => tracing::info!("exporting traces over OTLP/gRPC"),
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "traces are off"),
+    }
     for w in config.warnings() {
         tracing::warn!("config: {w}");
     }
@@ -172,5 +191,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let listeners = Listeners { grpc, http };
     server::run(metrics, Arc::new(config), store, listeners, shutdown_signal(), on_start).await?;
+    if let Ok(Some(provider)) = traces {
+        // Whatever is queued goes out before exit (bounded by the export timeout).
+        let _ = provider.shutdown();
+    }
     Ok(())
 }

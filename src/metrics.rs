@@ -62,6 +62,8 @@ pub struct Metrics {
     shadow: Family<DecisionLabels, Counter>,
     overage: Family<PolicyLabels, Counter>,
     plan_decisions: Family<PlanLabels, Counter>,
+    /// Spans by result, copied from `telemetry`'s totals at each scrape.
+    spans: Family<ResultLabels, Counter>,
     webhooks: Family<ResultLabels, Counter>,
     ready: Gauge,
 }
@@ -235,6 +237,15 @@ impl Metrics {
             "Checks by the caller's plan (plans the config defines) and HTTP status: the 402 share per plan",
             plan_decisions.clone(),
         );
+        let spans = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "tollgate_trace_spans",
+            "Trace spans by result: exported (the collector took them), dropped (the export queue was full), failed (the collector did not take their batch); all 0 while tracing is off",
+            spans.clone(),
+        );
+        for result in ["exported", "dropped", "failed"] {
+            let _ = spans.get_or_create(&ResultLabels { result });
+        }
         let webhooks = Family::<ResultLabels, Counter>::default();
         registry.register(
             "tollgate_webhooks",
@@ -288,6 +299,7 @@ impl Metrics {
             shadow,
             overage,
             plan_decisions,
+            spans,
             webhooks,
             ready,
         }
@@ -365,6 +377,17 @@ impl Metrics {
         self.plan_decisions.get_or_create(&labels).inc();
     }
 
+    /// Copies the span totals into the exported series (at scrape time).
+    pub fn record_traces(&self, t: crate::telemetry::Totals) {
+        for (result, n) in [("exported", t.exported), ("dropped", t.dropped), ("failed", t.failed)] {
+            let c = self.spans.get_or_create(&ResultLabels { result });
+            let now = c.get();
+            if n > now {
+                c.inc_by(n - now);
+            }
+        }
+    }
+
     /// Counts one Stripe webhook delivery by result (one of [`WEBHOOK_RESULTS`]).
     pub fn record_webhook(&self, result: &'static str) {
         self.webhooks.get_or_create(&ResultLabels { result }).inc();
@@ -390,6 +413,7 @@ impl Metrics {
 
     /// Counts a cache lookup.
     pub fn record_cache(&self, hit: bool) {
+        crate::telemetry::note_cache(hit);
         let (hits, misses) = if hit {
             (self.cache_hits.inc() + 1, self.cache_misses.get())
         } else {

@@ -45,7 +45,7 @@ pub use policy::{BillingConfig, ProblemOverride, ProblemsConfig, SeedAccount, St
 pub use secrets::{MIN_TOKEN_CHARS, PLACEHOLDER_TOKEN, Secrets};
 pub use settings::{
     Backend, CacheConfig, Counting, LeaseConfig, Limits, OnError, ReadAccess, ServerConfig, StoreConfig, StoreUrl,
-    TlsConfig, TrustedCallers,
+    TlsConfig, TracingConfig, TrustedCallers,
 };
 
 /// The config `cargo run` uses when no `--config` is given: memory store, demo accounts.
@@ -111,6 +111,8 @@ pub struct Config {
     pub problems: ProblemsConfig,
     /// Usage and threshold events.
     pub events: EventsConfig,
+    /// OpenTelemetry traces.
+    pub tracing: TracingConfig,
 }
 
 impl Config {

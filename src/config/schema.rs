@@ -60,6 +60,8 @@ pub(super) struct Config {
     pub(super) shadow: bool,
     #[serde(default)]
     pub(super) shadow_security: bool,
+    #[serde(default)]
+    pub(super) tracing: Tracing,
 }
 
 #[derive(Deserialize, Default)]
@@ -197,6 +199,17 @@ pub(super) struct Lease {
     pub(super) max_accounts: Option<usize>,
     #[serde(default, deserialize_with = "opt_duration")]
     pub(super) lifetime: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Tracing {
+    pub(super) otlp_endpoint: Option<String>,
+    pub(super) sample_ratio: Option<f64>,
+    pub(super) service_name: Option<String>,
+    pub(super) queue_size: Option<usize>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub(super) export_timeout: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]

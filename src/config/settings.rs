@@ -273,3 +273,20 @@ pub struct CacheConfig {
     /// Upper bound on the cache's memory, in bytes (entries are weighed by size).
     pub max_bytes: u64,
 }
+
+/// `tracing:`: OpenTelemetry traces over OTLP/gRPC (see `telemetry`). Fixed at start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingConfig {
+    /// The collector (`http://otel-collector:4317`); `None`: the standard
+    /// `OTEL_EXPORTER_OTLP_*` variables decide, and without them tracing is off.
+    pub otlp_endpoint: Option<String>,
+    /// Root spans sampled at this ratio (0–1); a parent's sampled flag is
+    /// followed. `None`: the SDK's default (`OTEL_TRACES_SAMPLER`, else parent-based always-on).
+    pub sample_ratio: Option<f64>,
+    /// The `service.name` resource (`OTEL_SERVICE_NAME` wins).
+    pub service_name: String,
+    /// Ended spans waiting for export; beyond it they are dropped and counted.
+    pub queue_size: usize,
+    /// Bound on one export call.
+    pub export_timeout: Duration,
+}

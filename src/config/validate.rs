@@ -38,6 +38,7 @@ impl schema::Config {
         let grace_period = validate_policy::grace_period(self.billing.grace_period)?;
         let charge_on = validate_policy::charge_on(self.billing.charge_on)?;
         let events = super::events::validate(self.events, &plans)?;
+        let tracing = validate_settings::tracing(self.tracing)?;
         Ok(Config {
             server,
             store,
@@ -56,6 +57,7 @@ impl schema::Config {
             accounts,
             problems,
             events,
+            tracing,
         })
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::schema::{self, ApiKey, Identity};
 use super::secrets::{self, MIN_TOKEN_CHARS, Merged, PLACEHOLDER_TOKEN};
 use super::settings::{
-    Backend, CacheConfig, Counting, LeaseConfig, Limits, ServerConfig, StoreConfig, StoreUrl, TlsConfig,
+    Backend, CacheConfig, Counting, LeaseConfig, Limits, ServerConfig, StoreConfig, StoreUrl, TlsConfig, TracingConfig,
 };
 use super::validate::{Invalid, bounded, invalid, positive};
 use crate::identity::IdentitySource;
@@ -265,4 +265,35 @@ fn header_name(h: &str, path: &str) -> Result<String, Invalid> {
         return Err(invalid(path, format!("{h:?} is not a valid HTTP header name")));
     }
     Ok(h)
+}
+
+/// `tracing:`: an http(s) endpoint, a ratio in 0..=1, a bounded queue and timeout.
+pub(super) fn tracing(raw: schema::Tracing) -> Result<TracingConfig, Invalid> {
+    if let Some(e) = &raw.otlp_endpoint
+        && !(e.starts_with("http://") || e.starts_with("https://"))
+    {
+        return Err(invalid("tracing.otlp_endpoint", "must be an http:// or https:// URL (OTLP/gRPC)"));
+    }
+    if let Some(r) = raw.sample_ratio
+        && !(0.0..=1.0).contains(&r)
+    {
+        return Err(invalid("tracing.sample_ratio", format!("must be between 0 and 1, got {r}")));
+    }
+    let service_name = raw.service_name.unwrap_or_else(|| "tollgate".into());
+    if service_name.is_empty() || service_name.len() > 128 || service_name.chars().any(char::is_control) {
+        return Err(invalid("tracing.service_name", "must be 1-128 characters without control characters"));
+    }
+    Ok(TracingConfig {
+        otlp_endpoint: raw.otlp_endpoint,
+        sample_ratio: raw.sample_ratio,
+        service_name,
+        queue_size: bounded(raw.queue_size, 2048, 1, 1 << 20, "tracing.queue_size")?,
+        export_timeout: bounded(
+            raw.export_timeout,
+            Duration::from_secs(5),
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+            "tracing.export_timeout",
+        )?,
+    })
 }

@@ -326,6 +326,7 @@ impl Tollgate for Api {
             Query { subject, ask, cost: Some(req.cost).filter(|c| *c > 0), dry_run: req.dry_run, peer_verified: false };
         let outcome = self.authorizer.authorize(query).await?;
         let d = &outcome.decision;
+        outcome.trace();
         Ok(Response::new(AuthorizeResponse {
             allowed: d.is_allowed(),
             http_status: u32::from(d.verdict.http_status()),

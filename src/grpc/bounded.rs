@@ -9,6 +9,10 @@
 //! long as it runs (cutting it would lose the entries in flight), and
 //! however many proxies stream to a replica, their streams never take the
 //! slots Checks need.
+//!
+//! A [traced](Bounded::traced) service also opens a span per call when
+//! tracing is on (see `telemetry`), child of the caller's `traceparent`, and
+//! puts the call's store time and cache hits on it.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,12 +33,20 @@ pub struct Bounded<S> {
     inner: S,
     timeout: Option<Duration>,
     slots: Arc<Semaphore>,
+    traced: bool,
 }
 
 impl<S> Bounded<S> {
     /// `inner`, each call holding one of `slots` and ended after `timeout` (if any).
     pub fn new(inner: S, timeout: Option<Duration>, slots: Arc<Semaphore>) -> Self {
-        Self { inner, timeout, slots }
+        Self { inner, timeout, slots, traced: false }
+    }
+
+    /// Each call gets a span (when tracing is on): the Check and `tollgate.v1`
+    /// services; not health probes, reflection or the access-log stream.
+    pub fn traced(mut self) -> Self {
+        self.traced = true;
+        self
     }
 }
 
@@ -60,9 +72,19 @@ where
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return Box::pin(async { Ok(tonic::Status::resource_exhausted("too many calls in flight").into_http()) });
         };
-        let call = self.inner.call(req);
+        let span = if self.traced && crate::telemetry::enabled() {
+            let name = req.uri().path().trim_start_matches('/');
+            crate::telemetry::request_span(name, crate::telemetry::parent_from(req.headers()))
+        } else {
+            tracing::Span::none()
+        };
+        let call = {
+            // The handler's own code runs when the future is polled, inside the span.
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
         let timeout = self.timeout;
-        Box::pin(async move {
+        let bounded = async move {
             let answer = match timeout {
                 Some(t) => match tokio::time::timeout(t, call).await {
                     Ok(r) => r,
@@ -72,6 +94,17 @@ where
             };
             drop(slot);
             answer
-        })
+        };
+        if span.is_none() {
+            return Box::pin(bounded);
+        }
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let (answer, stats) = crate::telemetry::scope(bounded).await;
+                crate::telemetry::record_stats(&tracing::Span::current(), stats);
+                answer
+            },
+            span,
+        ))
     }
 }

@@ -215,6 +215,7 @@ impl Authorization for ExtAuthz {
             }
         };
         let d = &outcome.decision;
+        outcome.trace();
         // By plan, for the plans the config defines (a stored record may name
         // any string: it must not become a label).
         if let Some(plan) = d.plan.as_deref()

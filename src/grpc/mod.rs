@@ -80,13 +80,16 @@ pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bo
         timed,
         calls.clone(),
     ))
-    .add_service(Bounded::new(
-        AuthorizationServer::new(ExtAuthz::new(authorizer.clone()))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
-        timed,
-        calls.clone(),
-    ))
+    .add_service(
+        Bounded::new(
+            AuthorizationServer::new(ExtAuthz::new(authorizer.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+            timed,
+            calls.clone(),
+        )
+        .traced(),
+    )
     .add_service(Bounded::new(
         AccessLogServiceServer::new(AccessLog::new(Arc::new(Settler::new(authorizer.clone())), stopping))
             .max_decoding_message_size(max_message)
@@ -94,13 +97,16 @@ pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bo
         None,
         streams,
     ))
-    .add_service(Bounded::new(
-        TollgateServer::new(Api::new(authorizer, accounts))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
-        timed,
-        calls.clone(),
-    ));
+    .add_service(
+        Bounded::new(
+            TollgateServer::new(Api::new(authorizer, accounts))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+            timed,
+            calls.clone(),
+        )
+        .traced(),
+    );
     let routes = if reflection { with_reflection(routes, max_message, timed, calls) } else { routes };
     Services { routes, health: Health { reporter } }
 }

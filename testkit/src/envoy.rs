@@ -160,6 +160,9 @@ pub struct Options {
     pub failure_mode_allow: bool,
     /// Put a jwt_authn filter (local JWKS from tests/fixtures/jwt) before ext_authz.
     pub jwt: bool,
+    /// Trace every request with Envoy's OpenTelemetry tracer, exporting to
+    /// this OTLP/gRPC collector (and so propagating `traceparent` to tollgate).
+    pub tracing: Option<SocketAddr>,
 }
 
 /// An Envoy config derived from `deploy/envoy/envoy.yaml`: the same filters and
@@ -184,6 +187,38 @@ pub fn config_from(file: &str, tollgate: SocketAddr, upstream: SocketAddr, opts:
     assert!(c.contains("failure_mode_allow: false"));
     if opts.failure_mode_allow {
         c = c.replace("failure_mode_allow: false", "failure_mode_allow: true");
+    }
+    if let Some(collector) = opts.tracing {
+        let tracing = r#"                tracing:
+                  random_sampling: { value: 100 }
+                  provider:
+                    name: envoy.tracers.opentelemetry
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
+                      grpc_service: { envoy_grpc: { cluster_name: otel }, timeout: 1s }
+                      service_name: envoy
+"#;
+        assert!(c.contains("                stat_prefix: ingress\n"));
+        c = c.replacen(
+            "                stat_prefix: ingress\n",
+            &format!("                stat_prefix: ingress\n{tracing}"),
+            1,
+        );
+        let cluster = format!(
+            r#"    - name: otel
+      type: STATIC
+      connect_timeout: 1s
+      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config: {{ http2_protocol_options: {{}} }}
+      load_assignment:
+        cluster_name: otel
+        endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }} }} ] }} ]
+"#,
+            collector.port()
+        );
+        c = c.replacen("  clusters:\n", &format!("  clusters:\n{cluster}"), 1);
     }
     if opts.jwt {
         let jwks = std::fs::read_to_string(root.join("tests/fixtures/jwt/jwks.json")).unwrap();

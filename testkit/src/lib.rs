@@ -37,6 +37,7 @@ pub mod envoy;
 pub mod http;
 pub mod load;
 pub mod noop;
+pub mod otlp;
 pub mod pki;
 pub mod process;
 pub mod redis;

@@ -1,0 +1,410 @@
+//! OpenTelemetry traces: a span per Check and per `tollgate.v1` call, child
+//! of the W3C trace context the caller sent (Envoy's `traceparent` gRPC
+//! metadata), exported over OTLP/gRPC off the request path.
+//!
+//! Off unless `tracing.otlp_endpoint` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` /
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set (and `OTEL_SDK_DISABLED` is not
+//! `true`); then [`enabled`] turns true and the transports open spans. Ended
+//! spans go into a bounded queue ([`Queue`]); a thread of its own batches and
+//! exports them. A full queue drops the span and counts it: a slow or dead
+//! collector never holds up a Check. While a request runs, [`Stats`] gather
+//! its store time and cache hits for the span's attributes.
+//!
+//! May use: `config` (the tracing settings).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor};
+
+use crate::config::TracingConfig;
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static EXPORTED: AtomicU64 = AtomicU64::new(0);
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+static FAILED: AtomicU64 = AtomicU64::new(0);
+
+/// Whether spans are exported: the transports open none otherwise (a span
+/// nobody exports would only cost).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Spans since start: exported, dropped (the queue was full), and lost to
+/// failed exports; for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Spans the collector took.
+    pub exported: u64,
+    /// Spans dropped because the queue was full.
+    pub dropped: u64,
+    /// Spans in batches the collector did not take (down, slow, refused).
+    pub failed: u64,
+}
+
+/// The totals so far.
+pub fn totals() -> Totals {
+    Totals {
+        exported: EXPORTED.load(Ordering::Relaxed),
+        dropped: DROPPED.load(Ordering::Relaxed),
+        failed: FAILED.load(Ordering::Relaxed),
+    }
+}
+
+/// Why tracing could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The OTLP exporter could not be built (a bad endpoint).
+    #[error("OTLP exporter: {0}")]
+    Exporter(String),
+    /// The export thread could not be started.
+    #[error("span export thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// The OTLP endpoint in force: the config's, else the standard variables'.
+pub fn endpoint(config: &TracingConfig) -> Option<String> {
+    if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true")) {
+        return None;
+    }
+    config.otlp_endpoint.clone().or_else(|| {
+        ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+            .into_iter()
+            .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+    })
+}
+
+/// Starts exporting to the configured endpoint (`None` when tracing is off):
+/// the provider whose tracer the `tracing-opentelemetry` layer uses. Drop or
+/// [`SdkTracerProvider::shutdown`] it on exit to flush what is queued.
+pub fn start(config: &TracingConfig) -> Result<Option<SdkTracerProvider>, TelemetryError> {
+    let Some(endpoint) = endpoint(config) else { return Ok(None) };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .with_timeout(config.export_timeout)
+        .build()
+        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| config.service_name.clone());
+    let resource = opentelemetry_sdk::Resource::builder().with_service_name(service).build();
+    let mut builder = SdkTracerProvider::builder()
+        .with_span_processor(Queue::start(exporter, config.queue_size, config.export_timeout)?)
+        .with_resource(resource);
+    if let Some(ratio) = config.sample_ratio {
+        // A parent's decision (Envoy's sampled flag) is followed; roots are sampled at the ratio.
+        builder = builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))));
+    }
+    let provider = builder.build();
+    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+    ENABLED.store(true, Ordering::Relaxed);
+    Ok(Some(provider))
+}
+
+/// The tracer spans are exported with.
+pub fn tracer(provider: &SdkTracerProvider) -> opentelemetry_sdk::trace::Tracer {
+    provider.tracer("tollgate")
+}
+
+/// The W3C trace context a caller sent (`traceparent`, `tracestate` in the
+/// gRPC metadata, i.e. the HTTP/2 headers), as the parent of the span about
+/// to open; an absent or malformed one gives a root.
+pub fn parent_from(headers: &tonic::codegen::http::HeaderMap) -> opentelemetry::Context {
+    struct Extractor<'a>(&'a tonic::codegen::http::HeaderMap);
+    impl opentelemetry::propagation::Extractor for Extractor<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            // Only the two W3C headers: nothing else of the caller's is read.
+            match key {
+                "traceparent" | "tracestate" => self.0.get(key).and_then(|v| v.to_str().ok()),
+                _ => None,
+            }
+        }
+        fn keys(&self) -> Vec<&str> {
+            vec!["traceparent", "tracestate"]
+        }
+    }
+    opentelemetry::global::get_text_map_propagator(|p| p.extract(&Extractor(headers)))
+}
+
+/// The span of one call (`name`: its gRPC method, `tollgate.v1.Tollgate/GetUsage`),
+/// child of `parent`; a disabled span when tracing is off. Its attributes are
+/// filled in by [`record_decision`] and [`record_stats`].
+pub fn request_span(name: &str, parent: opentelemetry::Context) -> tracing::Span {
+    if !enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        target: "tollgate::trace",
+        "request",
+        otel.name = %name,
+        rpc.system = "grpc",
+        otel.kind = "server",
+        trace_id = tracing::field::Empty,
+        tollgate.route = tracing::field::Empty,
+        tollgate.decision = tracing::field::Empty,
+        tollgate.status = tracing::field::Empty,
+        tollgate.account = tracing::field::Empty,
+        tollgate.plan = tracing::field::Empty,
+        tollgate.store_ms = tracing::field::Empty,
+        tollgate.store_calls = tracing::field::Empty,
+        tollgate.cache_hits = tracing::field::Empty,
+        tollgate.cache_misses = tracing::field::Empty,
+    );
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let _ = span.set_parent(parent);
+    {
+        use opentelemetry::trace::TraceContextExt;
+        let cx = span.context();
+        let id = cx.span().span_context().trace_id();
+        // Log lines inside the span carry the trace id.
+        span.record("trace_id", tracing::field::display(id));
+    }
+    span
+}
+
+/// What one request did, for its span: filled in by the store calls and
+/// cache lookups made while it runs (see [`scope`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Store calls made (each timed by the authorizer).
+    pub store_calls: u32,
+    /// Their total time, in microseconds.
+    pub store_us: u64,
+    /// Entitlement and key lookups answered by the cache.
+    pub cache_hits: u32,
+    /// Lookups that went to the store.
+    pub cache_misses: u32,
+}
+
+tokio::task_local! {
+    static STATS: std::cell::Cell<Stats>;
+}
+
+/// Runs `fut` gathering its [`Stats`] (only when tracing is on; otherwise
+/// the stats are all zero and nothing is gathered).
+pub async fn scope<T>(fut: impl Future<Output = T>) -> (T, Stats) {
+    if !enabled() {
+        return (fut.await, Stats::default());
+    }
+    STATS
+        .scope(std::cell::Cell::new(Stats::default()), async move {
+            let out = fut.await;
+            (out, STATS.with(std::cell::Cell::get))
+        })
+        .await
+}
+
+fn note(f: impl FnOnce(&mut Stats)) {
+    let _ = STATS.try_with(|cell| {
+        let mut s = cell.get();
+        f(&mut s);
+        cell.set(s);
+    });
+}
+
+/// Notes a store call of the request in scope (a no-op outside one).
+pub fn note_store_call(elapsed: Duration) {
+    note(|s| {
+        s.store_calls = s.store_calls.saturating_add(1);
+        s.store_us = s.store_us.saturating_add(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
+    });
+}
+
+/// Notes a cache lookup of the request in scope (a no-op outside one).
+pub fn note_cache(hit: bool) {
+    note(|s| {
+        if hit {
+            s.cache_hits = s.cache_hits.saturating_add(1);
+        } else {
+            s.cache_misses = s.cache_misses.saturating_add(1);
+        }
+    });
+}
+
+/// What a decided request puts on its span: never a credential, only ids.
+#[derive(Debug, Clone, Copy)]
+pub struct Recorded<'a> {
+    /// The matched route's name.
+    pub route: Option<&'a str>,
+    /// The decision code or allow label.
+    pub decision: &'a str,
+    /// The HTTP status the client gets.
+    pub status: u16,
+    /// The account id, once known.
+    pub account: Option<&'a str>,
+    /// The plan, once known.
+    pub plan: Option<&'a str>,
+}
+
+/// Puts a decision on the current request span (a no-op without one).
+pub fn record_decision(r: Recorded<'_>) {
+    let span = tracing::Span::current();
+    if span.is_none() || !enabled() {
+        return;
+    }
+    span.record("tollgate.route", r.route.unwrap_or("-"));
+    span.record("tollgate.decision", r.decision);
+    span.record("tollgate.status", r.status);
+    if let Some(a) = r.account {
+        span.record("tollgate.account", a);
+    }
+    if let Some(p) = r.plan {
+        span.record("tollgate.plan", p);
+    }
+}
+
+/// Puts what a call did on its span.
+pub fn record_stats(span: &tracing::Span, stats: Stats) {
+    if span.is_none() {
+        return;
+    }
+    span.record("tollgate.store_calls", stats.store_calls);
+    span.record("tollgate.store_ms", stats.store_us as f64 / 1000.0);
+    span.record("tollgate.cache_hits", stats.cache_hits);
+    span.record("tollgate.cache_misses", stats.cache_misses);
+}
+
+/// A bounded queue between ended spans and the exporter: `on_end` never
+/// blocks (a full queue drops and counts), and one thread batches (up to 512
+/// spans or 1 s) and exports under the export timeout.
+#[derive(Debug)]
+pub struct Queue {
+    tx: SyncSender<Msg>,
+}
+
+enum Msg {
+    Span(Box<SpanData>),
+    Flush(SyncSender<()>),
+    /// The provider's resource (`service.name`), for the exporter to send.
+    Resource(Box<opentelemetry_sdk::Resource>),
+}
+
+const BATCH: usize = 512;
+
+impl Queue {
+    /// Starts the export thread for `exporter` with room for `size` spans.
+    pub fn start<E: SpanExporter + 'static>(exporter: E, size: usize, timeout: Duration) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(size.max(1));
+        std::thread::Builder::new().name("tollgate-spans".into()).spawn(move || export_loop(exporter, rx, timeout))?;
+        Ok(Self { tx })
+    }
+}
+
+fn export_loop<E: SpanExporter>(mut exporter: E, rx: Receiver<Msg>, timeout: Duration) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        tracing::error!("span export: no runtime; spans will be dropped");
+        return;
+    };
+    // Blocks for the first message; then gathers more for up to a second (or
+    // a full batch, or a flush), exports, and answers the flushes.
+    while let Ok(first) = rx.recv() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let mut batch: Vec<SpanData> = Vec::new();
+        let mut waiting: Vec<SyncSender<()>> = Vec::new();
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Span(s) => batch.push(*s),
+                Msg::Flush(done) => waiting.push(done),
+                Msg::Resource(r) => exporter.set_resource(&r),
+            }
+            if batch.len() >= BATCH || !waiting.is_empty() {
+                break;
+            }
+            next = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())).ok();
+        }
+        if !batch.is_empty() {
+            let n = batch.len() as u64;
+            match rt.block_on(async { tokio::time::timeout(timeout, exporter.export(batch)).await }) {
+                Ok(Ok(())) => EXPORTED.fetch_add(n, Ordering::Relaxed),
+                _ => FAILED.fetch_add(n, Ordering::Relaxed),
+            };
+        }
+        for done in waiting {
+            let _ = done.send(());
+        }
+    }
+}
+
+impl SpanProcessor for Queue {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &opentelemetry::Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        match self.tx.try_send(Msg::Span(Box::new(span))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                DROPPED.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        if self.tx.send(Msg::Flush(done)).is_ok() {
+            let _ = wait.recv_timeout(Duration::from_secs(10));
+        }
+        Ok(())
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        // Before any span: the queue is empty, so this never drops.
+        let _ = self.tx.try_send(Msg::Resource(Box::new(resource.clone())));
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        if self.tx.send(Msg::Flush(done)).is_ok() {
+            let _ = wait.recv_timeout(timeout);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::TraceContextExt;
+    use tonic::codegen::http::{HeaderMap, HeaderValue};
+
+    fn parent(traceparent: &str) -> opentelemetry::Context {
+        opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", HeaderValue::from_str(traceparent).unwrap());
+        // Other headers are never read, whatever they hold.
+        h.insert("x-api-key", HeaderValue::from_static("secret"));
+        parent_from(&h)
+    }
+
+    #[test]
+    fn a_caller_s_traceparent_is_the_parent_and_garbage_is_a_root() {
+        let cx = parent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let sc = cx.span().span_context().clone();
+        assert!(sc.is_valid() && sc.is_remote() && sc.is_sampled());
+        assert_eq!(sc.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        for bad in [
+            "",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736",
+            &"0".repeat(4096),
+        ] {
+            assert!(!parent(bad).span().span_context().is_valid(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn without_tracing_no_span_is_opened_and_no_stats_are_gathered() {
+        assert!(!enabled());
+        let span = request_span("x/Check", opentelemetry::Context::new());
+        assert!(span.is_none());
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let ((), stats) = rt.block_on(scope(async { note_cache(true) }));
+        assert_eq!(stats, Stats::default());
+    }
+}
