@@ -12,6 +12,8 @@
 //! c-settle  c-redis with `billing.charge_on: [2xx, 3xx, 4xx]`: every request's
 //!           access-log entry streamed back to tollgate and settled (opt-in)
 //! c-events  c-settle with usage and threshold events to an HTTP sink (opt-in)
+//! c-trace1  c-mem with OpenTelemetry traces to an OTLP collector, 1 % of Checks sampled (opt-in)
+//! c-trace100 c-trace1 with every Check sampled (opt-in)
 //! ```
 //!
 //! ```text
@@ -115,6 +117,8 @@ enum Variant {
     CLease,
     CSettle,
     CEvents,
+    CTrace1,
+    CTrace100,
 }
 
 impl Variant {
@@ -128,9 +132,11 @@ impl Variant {
             "c-lease" => Self::CLease,
             "c-settle" => Self::CSettle,
             "c-events" => Self::CEvents,
+            "c-trace1" => Self::CTrace1,
+            "c-trace100" => Self::CTrace100,
             _ => {
                 return Err(format!(
-                    "unknown variant {s} (a, b, b-shaped, c-mem, c-redis, c-lease, c-settle, c-events)"
+                    "unknown variant {s} (a, b, b-shaped, c-mem, c-redis, c-lease, c-settle, c-events, c-trace1, c-trace100)"
                 ));
             }
         })
@@ -146,6 +152,8 @@ impl Variant {
             Self::CLease => "c-lease",
             Self::CSettle => "c-settle",
             Self::CEvents => "c-events",
+            Self::CTrace1 => "c-trace1",
+            Self::CTrace100 => "c-trace100",
         }
     }
 
@@ -160,6 +168,8 @@ impl Variant {
             Self::CLease => "c: tollgate, Redis store, lease mode",
             Self::CSettle => "c: tollgate, Redis store, settling every response",
             Self::CEvents => "c: tollgate, Redis store, settling, usage events to a sink",
+            Self::CTrace1 => "c: tollgate, memory store, traces (1 % sampled) to a collector",
+            Self::CTrace100 => "c: tollgate, memory store, traces (all sampled) to a collector",
         }
     }
 }
@@ -167,7 +177,15 @@ impl Variant {
 type Fallible<T> = Result<T, String>;
 
 /// The variants where tollgate answers.
-const TOLLGATES: [Variant; 5] = [Variant::CMem, Variant::CRedis, Variant::CLease, Variant::CSettle, Variant::CEvents];
+const TOLLGATES: [Variant; 7] = [
+    Variant::CMem,
+    Variant::CRedis,
+    Variant::CLease,
+    Variant::CSettle,
+    Variant::CEvents,
+    Variant::CTrace1,
+    Variant::CTrace100,
+];
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -220,6 +238,22 @@ async fn run(args: Args) -> Fallible<()> {
         if n < n_sent {
             return Err(format!("{}: tollgate allowed {n} Checks but wrk completed {n_sent} requests", v.id()));
         }
+    }
+    for v in [Variant::CTrace1, Variant::CTrace100] {
+        let Some(t) = stack.tollgate(v) else { continue };
+        // Spans leave within a batching second.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let m = envoy::request(t.http, "GET", "/metrics", &[]).await.map(|r| r.body).unwrap_or_default();
+        let get = |name: &str| tollgate_testkit::http::metric_in(&m, name);
+        spent.push(format!(
+            "{}: spans exported {}, dropped {}, failed {} for {} requests (the collector holds {} from both trace variants)",
+            v.id(),
+            get("tollgate_trace_spans_total{result=\"exported\"}"),
+            get("tollgate_trace_spans_total{result=\"dropped\"}"),
+            get("tollgate_trace_spans_total{result=\"failed\"}"),
+            sent.get(&v).copied().unwrap_or(0),
+            stack.collector.as_ref().map_or(0, |c| c.spans().len()),
+        ));
     }
     for v in [Variant::CSettle, Variant::CEvents] {
         let Some(t) = stack.tollgate(v) else { continue };
@@ -478,8 +512,12 @@ struct Stack {
     tollgate_lease: Option<TollgateProcess>,
     tollgate_settle: Option<TollgateProcess>,
     tollgate_events: Option<TollgateProcess>,
+    tollgate_trace1: Option<TollgateProcess>,
+    tollgate_trace100: Option<TollgateProcess>,
     /// c-events' sink (in this process).
     sink: Option<tollgate_testkit::sink::Sink>,
+    /// The c-trace variants' OTLP collector (in this process).
+    collector: Option<tollgate_testkit::otlp::Collector>,
     /// Each variant's Envoy with its process id.
     envoys: BTreeMap<Variant, (Envoy, u32)>,
 }
@@ -511,7 +549,10 @@ impl Stack {
             tollgate_lease: None,
             tollgate_settle: None,
             tollgate_events: None,
+            tollgate_trace1: None,
+            tollgate_trace100: None,
             sink: None,
+            collector: None,
             envoys: BTreeMap::new(),
         };
         let tollgate = helpers.tollgate.to_str().ok_or("tollgate path is not UTF-8")?;
@@ -563,6 +604,23 @@ impl Stack {
             stack.tollgate_mem =
                 Some(TollgateProcess::start(tollgate, &[], |g, h| tollgate_config("memory", g, h, 6379)).await);
         }
+        if has(Variant::CTrace1) || has(Variant::CTrace100) {
+            let collector = tollgate_testkit::otlp::Collector::start().await;
+            let at = collector.addr;
+            let traced = move |ratio: f64| {
+                move |g, h| {
+                    tollgate_config("memory", g, h, 6379)
+                        + &format!("tracing: {{ otlp_endpoint: \"http://{at}\", sample_ratio: {ratio} }}\n")
+                }
+            };
+            if has(Variant::CTrace1) {
+                stack.tollgate_trace1 = Some(TollgateProcess::start(tollgate, &[], traced(0.01)).await);
+            }
+            if has(Variant::CTrace100) {
+                stack.tollgate_trace100 = Some(TollgateProcess::start(tollgate, &[], traced(1.0)).await);
+            }
+            stack.collector = Some(collector);
+        }
         stack.wait_servers().await?;
 
         for &v in variants {
@@ -603,6 +661,8 @@ impl Stack {
             Variant::CLease => self.tollgate_lease.as_ref().map(|t| t.grpc),
             Variant::CSettle => self.tollgate_settle.as_ref().map(|t| t.grpc),
             Variant::CEvents => self.tollgate_events.as_ref().map(|t| t.grpc),
+            Variant::CTrace1 => self.tollgate_trace1.as_ref().map(|t| t.grpc),
+            Variant::CTrace100 => self.tollgate_trace100.as_ref().map(|t| t.grpc),
         }
     }
 
@@ -613,6 +673,8 @@ impl Stack {
             Variant::CLease => self.tollgate_lease.as_ref(),
             Variant::CSettle => self.tollgate_settle.as_ref(),
             Variant::CEvents => self.tollgate_events.as_ref(),
+            Variant::CTrace1 => self.tollgate_trace1.as_ref(),
+            Variant::CTrace100 => self.tollgate_trace100.as_ref(),
             _ => None,
         }
     }
@@ -639,7 +701,13 @@ impl Stack {
             }
             let told = with.body.lines().any(|l| l == "  x-tollgate-account: acct_bench");
             let (want_told, want_without) = match v {
-                Variant::CMem | Variant::CRedis | Variant::CLease | Variant::CSettle | Variant::CEvents => (true, 401),
+                Variant::CMem
+                | Variant::CRedis
+                | Variant::CLease
+                | Variant::CSettle
+                | Variant::CEvents
+                | Variant::CTrace1
+                | Variant::CTrace100 => (true, 401),
                 Variant::BShaped => (true, 200),
                 Variant::A | Variant::B => (false, 200),
             };
@@ -666,6 +734,8 @@ impl Stack {
             &mut self.tollgate_lease,
             &mut self.tollgate_settle,
             &mut self.tollgate_events,
+            &mut self.tollgate_trace1,
+            &mut self.tollgate_trace100,
         ];
         for t in tollgates.into_iter().flatten() {
             if !matches!(t.child.try_wait(), Ok(None)) {
@@ -715,6 +785,8 @@ impl Stack {
                 &self.tollgate_lease,
                 &self.tollgate_settle,
                 &self.tollgate_events,
+                &self.tollgate_trace1,
+                &self.tollgate_trace100,
             ]
             .into_iter()
             .flatten()

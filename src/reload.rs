@@ -59,6 +59,7 @@ impl Reloader {
                     ("server.grpc_listen", old.server.grpc_listen != new.server.grpc_listen),
                     ("server.http_listen", old.server.http_listen != new.server.http_listen),
                     ("server.reflection", old.server.reflection != new.server.reflection),
+                    ("tracing", old.tracing != new.tracing),
                     (
                         "store",
                         old.store.backend != new.store.backend

@@ -24,6 +24,8 @@ use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporte
 use crate::config::TracingConfig;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+/// `tracing.sample_ratio` as f64 bits; NaN when unset (the SDK's sampler decides alone).
+static RATIO: AtomicU64 = AtomicU64::new(0x7ff8_0000_0000_0000);
 static EXPORTED: AtomicU64 = AtomicU64::new(0);
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 static FAILED: AtomicU64 = AtomicU64::new(0);
@@ -94,10 +96,13 @@ pub fn start(config: &TracingConfig) -> Result<Option<SdkTracerProvider>, Teleme
     let mut builder = SdkTracerProvider::builder()
         .with_span_processor(Queue::start(exporter, config.queue_size, config.export_timeout)?)
         .with_resource(resource);
-    if let Some(ratio) = config.sample_ratio {
-        // A parent's decision (Envoy's sampled flag) is followed; roots are sampled at the ratio.
-        builder = builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))));
+    if config.sample_ratio.is_some() {
+        // `request_span` draws roots at the ratio before a span exists (so an
+        // unsampled Check costs nothing); what reaches the SDK is sampled, or
+        // follows its parent's flag.
+        builder = builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)));
     }
+    RATIO.store(config.sample_ratio.unwrap_or(f64::NAN).to_bits(), Ordering::Relaxed);
     let provider = builder.build();
     opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
     ENABLED.store(true, Ordering::Relaxed);
@@ -133,7 +138,7 @@ pub fn parent_from(headers: &tonic::codegen::http::HeaderMap) -> opentelemetry::
 /// child of `parent`; a disabled span when tracing is off. Its attributes are
 /// filled in by [`record_decision`] and [`record_stats`].
 pub fn request_span(name: &str, parent: opentelemetry::Context) -> tracing::Span {
-    if !enabled() {
+    if !enabled() || !sampled(&parent) {
         return tracing::Span::none();
     }
     let span = tracing::info_span!(
@@ -163,6 +168,39 @@ pub fn request_span(name: &str, parent: opentelemetry::Context) -> tracing::Span
         span.record("trace_id", tracing::field::display(id));
     }
     span
+}
+
+/// The sampler's answer, made before a span costs anything: a parent's
+/// sampled flag, else (a root) `tracing.sample_ratio` drawn at random, which
+/// for a random trace id is what the SDK's ratio sampler would decide. An
+/// unsampled request then opens no span at all (at 1 %, 99 in 100 Checks
+/// pay only this).
+fn sampled(parent: &opentelemetry::Context) -> bool {
+    use opentelemetry::trace::TraceContextExt;
+    let sc = parent.span().span_context().clone();
+    if sc.is_valid() {
+        return sc.is_sampled();
+    }
+    let ratio = f64::from_bits(RATIO.load(Ordering::Relaxed));
+    if ratio.is_nan() {
+        return true;
+    }
+    ratio >= 1.0 || unit_random() < ratio
+}
+
+/// A uniform number in [0, 1) from a per-thread xorshift seeded from the OS.
+fn unit_random() -> f64 {
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new(getrandom::u64().unwrap_or(0x9e37_79b9_7f4a_7c15) | 1);
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    })
 }
 
 /// What one request did, for its span: filled in by the store calls and
@@ -396,6 +434,19 @@ mod tests {
         ] {
             assert!(!parent(bad).span().span_context().is_valid(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn roots_are_drawn_at_the_ratio_and_parents_decide_for_their_children() {
+        let draws = 100_000;
+        let hits = (0..draws).filter(|_| unit_random() < 0.01).count();
+        assert!((700..=1300).contains(&hits), "{hits} of {draws} at 1 %");
+        RATIO.store(0.0f64.to_bits(), Ordering::Relaxed);
+        assert!(!sampled(&opentelemetry::Context::new()), "a root at ratio 0");
+        assert!(sampled(&parent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")), "a sampled parent");
+        assert!(!sampled(&parent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")), "an unsampled one");
+        RATIO.store(f64::NAN.to_bits(), Ordering::Relaxed);
+        assert!(sampled(&opentelemetry::Context::new()), "no ratio: the SDK decides");
     }
 
     #[test]
