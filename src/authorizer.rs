@@ -166,6 +166,11 @@ impl Authorizer {
         self.config.load_full()
     }
 
+    /// Whether the config in force defines `plan` (without taking a reference to the config).
+    pub fn has_plan(&self, plan: &str) -> bool {
+        self.config.load().policy.plans.contains_key(plan)
+    }
+
     /// Swaps in a new config; requests already running keep the old one.
     pub fn replace_config(&self, config: Arc<Config>) {
         self.config.store(config);

@@ -190,10 +190,11 @@ async fn main() -> anyhow::Result<()> {
         reloader.spawn_on_sighup();
     };
     let listeners = Listeners { grpc, http };
-    server::run(metrics, Arc::new(config), store, listeners, shutdown_signal(), on_start).await?;
+    let served = server::run(metrics, Arc::new(config), store, listeners, shutdown_signal(), on_start).await;
     if let Ok(Some(provider)) = traces {
-        // Whatever is queued goes out before exit (bounded by the export timeout).
+        // Whatever is queued goes out before exit (at most 5 s: the SDK's shutdown bound).
         let _ = provider.shutdown();
     }
+    served?;
     Ok(())
 }

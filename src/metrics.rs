@@ -62,8 +62,10 @@ pub struct Metrics {
     shadow: Family<DecisionLabels, Counter>,
     overage: Family<PolicyLabels, Counter>,
     plan_decisions: Family<PlanLabels, Counter>,
-    /// Spans by result, copied from `telemetry`'s totals at each scrape.
+    /// Spans by result, copied from `telemetry`'s totals at each scrape
+    /// (under `spans_copy`: two scrapes at once must not both add the difference).
     spans: Family<ResultLabels, Counter>,
+    spans_copy: std::sync::Mutex<()>,
     webhooks: Family<ResultLabels, Counter>,
     ready: Gauge,
 }
@@ -300,6 +302,7 @@ impl Metrics {
             overage,
             plan_decisions,
             spans,
+            spans_copy: std::sync::Mutex::new(()),
             webhooks,
             ready,
         }
@@ -379,6 +382,7 @@ impl Metrics {
 
     /// Copies the span totals into the exported series (at scrape time).
     pub fn record_traces(&self, t: crate::telemetry::Totals) {
+        let _one_at_a_time = self.spans_copy.lock().unwrap_or_else(|e| e.into_inner());
         for (result, n) in [("exported", t.exported), ("dropped", t.dropped), ("failed", t.failed)] {
             let c = self.spans.get_or_create(&ResultLabels { result });
             let now = c.get();

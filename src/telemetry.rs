@@ -66,6 +66,9 @@ pub enum TelemetryError {
     /// The export thread could not be started.
     #[error("span export thread: {0}")]
     Thread(#[from] std::io::Error),
+    /// The export thread ended before it built the exporter.
+    #[error("span export thread ended at start")]
+    ThreadGone,
 }
 
 /// The OTLP endpoint in force: the config's, else the standard variables'.
@@ -85,12 +88,17 @@ pub fn endpoint(config: &TracingConfig) -> Option<String> {
 /// [`SdkTracerProvider::shutdown`] it on exit to flush what is queued.
 pub fn start(config: &TracingConfig) -> Result<Option<SdkTracerProvider>, TelemetryError> {
     let Some(endpoint) = endpoint(config) else { return Ok(None) };
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint)
-        .with_timeout(config.export_timeout)
-        .build()
-        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    let timeout = config.export_timeout;
+    // Built on the export thread's runtime: the exporter's connection, its
+    // HTTP/2 work and reconnects run there, never on the Checks' workers.
+    let exporter = move || {
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .with_timeout(timeout)
+            .build()
+            .map_err(|e| TelemetryError::Exporter(e.to_string()))
+    };
     let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| config.service_name.clone());
     let resource = opentelemetry_sdk::Resource::builder().with_service_name(service).build();
     let mut builder = SdkTracerProvider::builder()
@@ -137,14 +145,14 @@ pub fn parent_from(headers: &tonic::codegen::http::HeaderMap) -> opentelemetry::
 /// The span of one call (`name`: its gRPC method, `tollgate.v1.Tollgate/GetUsage`),
 /// child of `parent`; a disabled span when tracing is off. Its attributes are
 /// filled in by [`record_decision`] and [`record_stats`].
-pub fn request_span(name: &str, parent: opentelemetry::Context) -> tracing::Span {
+pub fn request_span(name: &'static str, parent: opentelemetry::Context) -> tracing::Span {
     if !enabled() || !sampled(&parent) {
         return tracing::Span::none();
     }
     let span = tracing::info_span!(
         target: "tollgate::trace",
         "request",
-        otel.name = %name,
+        otel.name = name,
         rpc.system = "grpc",
         otel.kind = "server",
         trace_id = tracing::field::Empty,
@@ -177,7 +185,8 @@ pub fn request_span(name: &str, parent: opentelemetry::Context) -> tracing::Span
 /// pay only this).
 fn sampled(parent: &opentelemetry::Context) -> bool {
     use opentelemetry::trace::TraceContextExt;
-    let sc = parent.span().span_context().clone();
+    let span = parent.span();
+    let sc = span.span_context();
     if sc.is_valid() {
         return sc.is_sampled();
     }
@@ -279,8 +288,11 @@ pub struct Recorded<'a> {
 
 /// Puts a decision on the current request span (a no-op without one).
 pub fn record_decision(r: Recorded<'_>) {
+    if !enabled() {
+        return;
+    }
     let span = tracing::Span::current();
-    if span.is_none() || !enabled() {
+    if span.is_none() {
         return;
     }
     span.record("tollgate.route", r.route.unwrap_or("-"));
@@ -323,19 +335,63 @@ enum Msg {
 const BATCH: usize = 512;
 
 impl Queue {
-    /// Starts the export thread for `exporter` with room for `size` spans.
-    pub fn start<E: SpanExporter + 'static>(exporter: E, size: usize, timeout: Duration) -> std::io::Result<Self> {
+    /// Starts the export thread with room for `size` spans; the thread
+    /// builds its exporter with `build` on a runtime of its own, and this
+    /// returns once it has (or with why it could not).
+    pub fn start<E, B>(build: B, size: usize, timeout: Duration) -> Result<Self, TelemetryError>
+    where
+        E: SpanExporter + 'static,
+        B: FnOnce() -> Result<E, TelemetryError> + Send + 'static,
+    {
         let (tx, rx) = std::sync::mpsc::sync_channel(size.max(1));
-        std::thread::Builder::new().name("tollgate-spans".into()).spawn(move || export_loop(exporter, rx, timeout))?;
+        let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new().name("tollgate-spans".into()).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = built_tx.send(Err(TelemetryError::Thread(e)));
+                    return;
+                }
+            };
+            let exporter = {
+                let _in_runtime = rt.enter();
+                build()
+            };
+            match exporter {
+                Ok(exporter) => {
+                    let _ = built_tx.send(Ok(()));
+                    export_loop(&rt, exporter, rx, timeout);
+                }
+                Err(e) => {
+                    let _ = built_tx.send(Err(e));
+                }
+            }
+        })?;
+        built_rx.recv().map_err(|_| TelemetryError::ThreadGone)??;
         Ok(Self { tx })
+    }
+
+    /// Asks the export thread to send what it holds, waiting at most
+    /// `timeout` in all (a full queue is retried, never blocked on).
+    fn flush_within(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        let mut msg = Msg::Flush(done);
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
+                    msg = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => return,
+            }
+        }
+        let _ = wait.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
     }
 }
 
-fn export_loop<E: SpanExporter>(mut exporter: E, rx: Receiver<Msg>, timeout: Duration) {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-        tracing::error!("span export: no runtime; spans will be dropped");
-        return;
-    };
+fn export_loop<E: SpanExporter>(rt: &tokio::runtime::Runtime, mut exporter: E, rx: Receiver<Msg>, timeout: Duration) {
     // Blocks for the first message; then gathers more for up to a second (or
     // a full batch, or a flush), exports, and answers the flushes.
     while let Ok(first) = rx.recv() {
@@ -383,10 +439,7 @@ impl SpanProcessor for Queue {
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        let (done, wait) = std::sync::mpsc::sync_channel(1);
-        if self.tx.send(Msg::Flush(done)).is_ok() {
-            let _ = wait.recv_timeout(Duration::from_secs(10));
-        }
+        self.flush_within(Duration::from_secs(10));
         Ok(())
     }
 
@@ -396,10 +449,7 @@ impl SpanProcessor for Queue {
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        let (done, wait) = std::sync::mpsc::sync_channel(1);
-        if self.tx.send(Msg::Flush(done)).is_ok() {
-            let _ = wait.recv_timeout(timeout);
-        }
+        self.flush_within(timeout);
         Ok(())
     }
 }

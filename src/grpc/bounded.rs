@@ -33,19 +33,22 @@ pub struct Bounded<S> {
     inner: S,
     timeout: Option<Duration>,
     slots: Arc<Semaphore>,
-    traced: bool,
+    /// The methods whose calls get a span (`service/Method`); empty: none.
+    traced: &'static [&'static str],
 }
 
 impl<S> Bounded<S> {
     /// `inner`, each call holding one of `slots` and ended after `timeout` (if any).
     pub fn new(inner: S, timeout: Option<Duration>, slots: Arc<Semaphore>) -> Self {
-        Self { inner, timeout, slots, traced: false }
+        Self { inner, timeout, slots, traced: &[] }
     }
 
-    /// Each call gets a span (when tracing is on): the Check and `tollgate.v1`
-    /// services; not health probes, reflection or the access-log stream.
-    pub fn traced(mut self) -> Self {
-        self.traced = true;
+    /// Each call gets a span (when tracing is on), named after its method
+    /// when it is one of `methods` (`envoy.service.auth.v3.Authorization/Check`),
+    /// else `unknown`: a caller cannot name spans. For the Check and
+    /// `tollgate.v1` services; not health probes, reflection or the access-log stream.
+    pub fn traced(mut self, methods: &'static [&'static str]) -> Self {
+        self.traced = methods;
         self
     }
 }
@@ -72,8 +75,9 @@ where
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return Box::pin(async { Ok(tonic::Status::resource_exhausted("too many calls in flight").into_http()) });
         };
-        let span = if self.traced && crate::telemetry::enabled() {
-            let name = req.uri().path().trim_start_matches('/');
+        let span = if !self.traced.is_empty() && crate::telemetry::enabled() {
+            let path = req.uri().path().trim_start_matches('/');
+            let name = self.traced.iter().find(|m| **m == path).copied().unwrap_or("unknown");
             crate::telemetry::request_span(name, crate::telemetry::parent_from(req.headers()))
         } else {
             tracing::Span::none()

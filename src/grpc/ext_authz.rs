@@ -219,7 +219,7 @@ impl Authorization for ExtAuthz {
         // By plan, for the plans the config defines (a stored record may name
         // any string: it must not become a label).
         if let Some(plan) = d.plan.as_deref()
-            && self.authorizer.config().policy.plans.contains_key(plan)
+            && self.authorizer.has_plan(plan)
         {
             self.authorizer.metrics().record_plan_decision(plan, d.verdict);
         }

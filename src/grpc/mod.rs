@@ -35,6 +35,23 @@ use pb::tollgate_server::TollgateServer;
 /// health's come with `tonic-health`.
 pub const REFLECTION_DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/reflection_descriptors.bin"));
 
+/// The `tollgate.v1` methods, as spans are named (`tests/service.rs` checks
+/// the list against the service's descriptor).
+pub const API_METHODS: [&str; 12] = [
+    "tollgate.v1.Tollgate/Authorize",
+    "tollgate.v1.Tollgate/GetEntitlement",
+    "tollgate.v1.Tollgate/PutEntitlement",
+    "tollgate.v1.Tollgate/BlockAccount",
+    "tollgate.v1.Tollgate/UnblockAccount",
+    "tollgate.v1.Tollgate/SetCredits",
+    "tollgate.v1.Tollgate/AddCredits",
+    "tollgate.v1.Tollgate/CreateApiKey",
+    "tollgate.v1.Tollgate/RevokeApiKey",
+    "tollgate.v1.Tollgate/ListApiKeys",
+    "tollgate.v1.Tollgate/GetUsage",
+    "tollgate.v1.Tollgate/ResetUsage",
+];
+
 /// Code generated from `proto/tollgate/v1/tollgate.proto`.
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
@@ -88,7 +105,7 @@ pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bo
             timed,
             calls.clone(),
         )
-        .traced(),
+        .traced(&["envoy.service.auth.v3.Authorization/Check"]),
     )
     .add_service(Bounded::new(
         AccessLogServiceServer::new(AccessLog::new(Arc::new(Settler::new(authorizer.clone())), stopping))
@@ -105,14 +122,17 @@ pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bo
             timed,
             calls.clone(),
         )
-        .traced(),
+        .traced(&API_METHODS),
     );
     let routes = if reflection { with_reflection(routes, max_message, timed, calls) } else { routes };
     Services { routes, health: Health { reporter } }
 }
 
-/// `grpc.reflection.v1` and `v1alpha` (grpcurl asks either), in the calls'
-/// pool and time bound. The descriptors are built in and checked by a test;
+/// `grpc.reflection.v1` and `v1alpha` (grpcurl asks either). A call takes a
+/// slot of the calls' pool only until its stream starts (tonic-reflection
+/// answers from a task of its own); the stream is then bounded by the
+/// connection's limits (`max_concurrent_streams`, `max_connection_age`).
+/// The descriptors (no comments: `build.rs` strips them) are built in and checked by a test;
 /// were they unreadable, the port serves without reflection rather than not at all.
 fn with_reflection(
     routes: Routes,
@@ -167,5 +187,27 @@ impl Health {
             self.reporter.set_not_serving::<AuthorizationServer<ExtAuthz>>().await;
             self.reporter.set_not_serving::<TollgateServer<Api>>().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    #[test]
+    fn the_traced_api_methods_are_the_service_s() {
+        let set = prost_types::FileDescriptorSet::decode(super::REFLECTION_DESCRIPTORS).expect("descriptors decode");
+        let mut methods: Vec<String> = set
+            .file
+            .iter()
+            .filter(|f| f.package() == "tollgate.v1")
+            .flat_map(|f| f.service.iter())
+            .flat_map(|s| s.method.iter().map(move |m| format!("tollgate.v1.{}/{}", s.name(), m.name())))
+            .collect();
+        let mut listed: Vec<String> = super::API_METHODS.iter().map(|m| m.to_string()).collect();
+        methods.sort();
+        listed.sort();
+        assert_eq!(methods, listed);
+        assert!(set.file.iter().all(|f| f.source_code_info.is_none()), "comments are stripped");
     }
 }
