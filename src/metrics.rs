@@ -62,10 +62,11 @@ pub struct Metrics {
     shadow: Family<DecisionLabels, Counter>,
     overage: Family<PolicyLabels, Counter>,
     plan_decisions: Family<PlanLabels, Counter>,
-    /// Spans by result, copied from `telemetry`'s totals at each scrape
-    /// (under `spans_copy`: two scrapes at once must not both add the difference).
+    /// Spans by result, copied from `telemetry`'s totals at each scrape.
     spans: Family<ResultLabels, Counter>,
-    spans_copy: std::sync::Mutex<()>,
+    /// Held while totals kept elsewhere (lease mode's, the spans') are copied
+    /// in: two scrapes at once must not both add the same difference.
+    copying: std::sync::Mutex<()>,
     webhooks: Family<ResultLabels, Counter>,
     ready: Gauge,
 }
@@ -112,6 +113,14 @@ struct LeaseCounters {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Raises a counter that mirrors a total kept elsewhere to that total (called under `Metrics::copying`).
+fn catch_up(c: &Counter, total: u64) {
+    let now = c.get();
+    if total > now {
+        c.inc_by(total - now);
     }
 }
 
@@ -302,7 +311,7 @@ impl Metrics {
             overage,
             plan_decisions,
             spans,
-            spans_copy: std::sync::Mutex::new(()),
+            copying: std::sync::Mutex::new(()),
             webhooks,
             ready,
         }
@@ -310,12 +319,7 @@ impl Metrics {
 
     /// Copies lease mode's totals into the exported series (at scrape time).
     pub fn record_lease(&self, t: LeaseTotals) {
-        let catch_up = |c: &Counter, total: u64| {
-            let now = c.get();
-            if total > now {
-                c.inc_by(total - now);
-            }
-        };
+        let _one_at_a_time = self.copying.lock().unwrap_or_else(|e| e.into_inner());
         catch_up(&self.lease.events.get_or_create(&ResultLabels { result: "taken" }), t.taken);
         catch_up(&self.lease.events.get_or_create(&ResultLabels { result: "returned" }), t.returned);
         catch_up(&self.lease.events.get_or_create(&ResultLabels { result: "expired" }), t.expired);
@@ -382,13 +386,9 @@ impl Metrics {
 
     /// Copies the span totals into the exported series (at scrape time).
     pub fn record_traces(&self, t: crate::telemetry::Totals) {
-        let _one_at_a_time = self.spans_copy.lock().unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = self.copying.lock().unwrap_or_else(|e| e.into_inner());
         for (result, n) in [("exported", t.exported), ("dropped", t.dropped), ("failed", t.failed)] {
-            let c = self.spans.get_or_create(&ResultLabels { result });
-            let now = c.get();
-            if n > now {
-                c.inc_by(n - now);
-            }
+            catch_up(&self.spans.get_or_create(&ResultLabels { result }), n);
         }
     }
 
@@ -490,6 +490,34 @@ mod tests {
             "tollgate_webhooks_total{result=\"signature\"} 1",
             "tollgate_webhooks_total{result=\"applied\"} 0",
             "tollgate_ready 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn totals_copied_by_scrapes_at_once_are_counted_once() {
+        let m = Arc::new(Metrics::new());
+        let t = crate::telemetry::Totals { exported: 1000, dropped: 7, failed: 3 };
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        m.record_traces(t);
+                        m.record_lease(LeaseTotals { taken: 5, ..LeaseTotals::default() });
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().unwrap();
+        }
+        let text = m.encode();
+        for needle in [
+            "tollgate_trace_spans_total{result=\"exported\"} 1000",
+            "tollgate_trace_spans_total{result=\"dropped\"} 7",
+            "tollgate_leases_total{result=\"taken\"} 5",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
