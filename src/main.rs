@@ -189,7 +189,13 @@ async fn main() -> anyhow::Result<()> {
         #[cfg(unix)]
         reloader.spawn_on_sighup();
     };
-    let listeners = Listeners { grpc, http };
+    let authz_http = match config.server.authz_http_listen {
+        Some(addr) => {
+            Some(TcpListener::bind(addr).await.with_context(|| format!("binding server.authz_http_listen {addr}"))?)
+        }
+        None => None,
+    };
+    let listeners = Listeners { grpc, http, authz_http };
     let served = server::run(metrics, Arc::new(config), store, listeners, shutdown_signal(), on_start).await;
     if let Ok(Some(provider)) = traces {
         // Whatever is queued goes out before exit (at most 5 s: the SDK's shutdown bound).

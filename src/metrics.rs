@@ -62,6 +62,7 @@ pub struct Metrics {
     shadow: Family<DecisionLabels, Counter>,
     overage: Family<PolicyLabels, Counter>,
     plan_decisions: Family<PlanLabels, Counter>,
+    doors: Family<DoorLabels, Counter>,
     /// Spans by result, copied from `telemetry`'s totals at each scrape.
     spans: Family<ResultLabels, Counter>,
     /// Held while totals kept elsewhere (lease mode's, the spans') are copied
@@ -69,6 +70,13 @@ pub struct Metrics {
     copying: std::sync::Mutex<()>,
     webhooks: Family<ResultLabels, Counter>,
     ready: Gauge,
+}
+
+/// The door a Check came in by, and its HTTP status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DoorLabels {
+    door: &'static str,
+    status: &'static str,
 }
 
 /// A plan the config defines, and the HTTP status of a Check.
@@ -248,6 +256,12 @@ impl Metrics {
             "Checks by the caller's plan (plans the config defines) and HTTP status: the 402 share per plan",
             plan_decisions.clone(),
         );
+        let doors = Family::<DoorLabels, Counter>::default();
+        registry.register(
+            "tollgate_door_decisions",
+            "Checks by the door they came in by (grpc: Envoy's gRPC ext_authz; envoy_http: Envoy's HTTP ext_authz; traefik: ForwardAuth) and HTTP status",
+            doors.clone(),
+        );
         let spans = Family::<ResultLabels, Counter>::default();
         registry.register(
             "tollgate_trace_spans",
@@ -310,6 +324,7 @@ impl Metrics {
             shadow,
             overage,
             plan_decisions,
+            doors,
             spans,
             copying: std::sync::Mutex::new(()),
             webhooks,
@@ -376,6 +391,11 @@ impl Metrics {
         self.shadow
             .get_or_create(&DecisionLabels { status: status_label(would_be.http_status()), code: would_be.label() })
             .inc();
+    }
+
+    /// Counts one Check by the door it came in by (`grpc`, `envoy_http`, `traefik`).
+    pub fn record_door(&self, door: &'static str, status: u16) {
+        self.doors.get_or_create(&DoorLabels { door, status: status_label(status) }).inc();
     }
 
     /// Counts one Check of an account on `plan` (a plan the config defines).

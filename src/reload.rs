@@ -58,6 +58,7 @@ impl Reloader {
                 for (what, changed) in [
                     ("server.grpc_listen", old.server.grpc_listen != new.server.grpc_listen),
                     ("server.http_listen", old.server.http_listen != new.server.http_listen),
+                    ("server.authz_http_listen", old.server.authz_http_listen != new.server.authz_http_listen),
                     ("server.reflection", old.server.reflection != new.server.reflection),
                     ("tracing", old.tracing != new.tracing),
                     (

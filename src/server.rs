@@ -67,6 +67,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// Metrics and HTTP health.
     pub http: TcpListener,
+    /// The HTTP authorization door, when `server.authz_http_listen` is set.
+    pub authz_http: Option<TcpListener>,
 }
 
 /// Handles a running server exposes to its caller (reloads, tests).
@@ -172,6 +174,20 @@ pub async fn run(
     let state = HttpState { metrics, ready: ready.clone(), authorizer: authorizer.clone(), accounts };
     let router = http::router(state, &limits);
     let http = http::serve(LimitedIncoming::new(listeners.http, &limits), router, limits, wait_stop(stop_rx.clone()));
+    // The HTTP authorization door shares the HTTP port's bounds and shutdown.
+    let door = listeners.authz_http.map(|l| {
+        let router = crate::http_authz::router(authorizer.clone());
+        http::serve(LimitedIncoming::new(l, &limits), router, limits, wait_stop(stop_rx.clone()))
+    });
+    let http = async move {
+        match door {
+            Some(door) => {
+                let (a, b) = tokio::join!(http, door);
+                a.and(b)
+            }
+            None => http.await,
+        }
+    };
     // Usage and threshold events to the sink (idle while `events.sink` is unset).
     let delivery = tokio::spawn(crate::events::delivery::run(authorizer.clone(), stop_rx.clone()));
     let mut grpc = tokio::spawn(grpc);

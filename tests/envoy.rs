@@ -359,3 +359,37 @@ async fn a_soft_limit_warns_the_client_and_tells_the_upstream_then_stops_at_the_
     assert_eq!((body["quota"]["overage"].as_u64(), body["quota"]["ceiling"].as_u64()), (Some(5), Some(15)), "{body}");
     s.stop().await;
 }
+
+/// Envoy's HTTP ext_authz (`deploy/envoy/envoy-http-authz.yaml`) against
+/// tollgate's HTTP door: every deny row as over gRPC, and an allowed request
+/// reaches the upstream with tollgate's headers and without the key.
+#[tokio::test]
+async fn over_envoy_s_http_ext_authz_every_row_is_as_over_grpc() {
+    let door = free_addr();
+    let yaml = format!("{}server: {{ authz_http_listen: \"{door}\" }}\n", spec_config());
+    let tollgate = TestServer::start(&yaml).await;
+    let s = Stack::around(tollgate, |t, u| {
+        envoy::config_from("deploy/envoy/envoy-http-authz.yaml", t, u, Options::default())
+            .replace("port_value: 9192", &format!("port_value: {}", door.port()))
+            .replace("uri: http://127.0.0.1:9192", &format!("uri: http://{door}"))
+    })
+    .await;
+    s.envoy.wait_cluster_healthy("tollgate").await;
+    let r = s.get("/v1/search", &[("x-api-key", "pro-key"), ("x-tollgate-account", "acct_forged")]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = &r.json()["headers"];
+    assert_eq!(
+        (seen["x-tollgate-account"].as_str(), seen["x-tollgate-plan"].as_str()),
+        (Some("acct_pro"), Some("pro"))
+    );
+    assert!(seen.get("x-api-key").is_none(), "the key never reaches the upstream: {seen}");
+    assert!(r.header("ratelimit-policy").is_some(), "{r:?}");
+    let r = s.get("/v1/search", &[("x-api-key", "grace-key")]).await;
+    assert!(r.header("x-tollgate-billing-warning").is_some_and(|w| w.starts_with("payment_overdue")), "{r:?}");
+    let m = tollgate_testkit::http::metric(
+        s.tollgate.http,
+        "tollgate_door_decisions_total{door=\"envoy_http\",status=\"200\"}",
+    );
+    assert_eq!(m.await, 2.0);
+    deny_rows(s).await;
+}

@@ -120,6 +120,7 @@ impl From<Unmatched2> for Unmatched {
 pub(super) struct Server {
     pub(super) grpc_listen: Option<String>,
     pub(super) http_listen: Option<String>,
+    pub(super) authz_http_listen: Option<String>,
     pub(super) admin_tokens_env: Option<String>,
     #[serde(default)]
     pub(super) admin_tokens: Vec<String>,

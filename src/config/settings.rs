@@ -216,6 +216,8 @@ pub struct ServerConfig {
     pub grpc_listen: SocketAddr,
     /// `/metrics`, `/healthz`, `/readyz`, webhooks.
     pub http_listen: SocketAddr,
+    /// The HTTP authorization door (Envoy HTTP ext_authz, Traefik ForwardAuth); `None`: off.
+    pub authz_http_listen: Option<SocketAddr>,
     /// Environment variable holding comma-separated admin tokens.
     pub admin_tokens_env: String,
     /// Admin tokens: `server.admin_tokens` plus those in `admin_tokens_env`, read at (re)load.

@@ -31,9 +31,14 @@ pub(super) fn server(raw: &schema::Server) -> Result<ServerConfig, Invalid> {
     )?;
     let tls = raw.tls.as_ref().map(tls).transpose()?;
     let limits = limits(&raw.limits)?;
+    let authz_http_listen = match &raw.authz_http_listen {
+        Some(_) => Some(listen(&raw.authz_http_listen, "", "server.authz_http_listen")?),
+        None => None,
+    };
     Ok(ServerConfig {
         grpc_listen,
         http_listen,
+        authz_http_listen,
         admin_tokens_env: admin.env,
         admin_tokens: admin.secrets,
         service_tokens_env: service.env,

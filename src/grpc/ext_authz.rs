@@ -216,6 +216,7 @@ impl Authorization for ExtAuthz {
         };
         let d = &outcome.decision;
         outcome.trace();
+        self.authorizer.metrics().record_door("grpc", d.verdict.http_status());
         // By plan, for the plans the config defines (a stored record may name
         // any string: it must not become a label).
         if let Some(plan) = d.plan.as_deref()

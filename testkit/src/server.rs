@@ -104,11 +104,16 @@ impl TestServer {
         let (grpc, http) = (grpc_l.local_addr().unwrap(), http_l.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let (handle_tx, handle_rx) = oneshot::channel();
+        // The HTTP authorization door, when the config names an address (tests pick a free one).
+        let authz_http = match config.server.authz_http_listen {
+            Some(a) => Some(TcpListener::bind(a).await.expect("bind server.authz_http_listen")),
+            None => None,
+        };
         let task = tokio::spawn(server::run(
             metrics,
             Arc::new(config),
             store.clone(),
-            Listeners { grpc: grpc_l, http: http_l },
+            Listeners { grpc: grpc_l, http: http_l, authz_http },
             async move {
                 let _ = stopped.await;
             },

@@ -1,0 +1,153 @@
+//! The HTTP authorization door (`server.authz_http_listen`), request by
+//! request as each proxy sends them: Traefik's ForwardAuth (as its docs
+//! describe: `X-Forwarded-Method`, `-Host`, `-Uri`, `-Proto` and the client's
+//! headers; Traefik itself cannot be installed here) and Envoy's HTTP
+//! ext_authz (`path_prefix: /envoy`; a real Envoy runs it in tests/envoy.rs).
+//! The decision rows, what the upstream and the client get, that a request
+//! spends as much as over gRPC, and bad input answered 400, never allowed.
+
+use tollgate_testkit::http::{Response, metric, request};
+use tollgate_testkit::process::free_addr;
+use tollgate_testkit::{TestServer, spec_config};
+
+async fn door() -> (TestServer, std::net::SocketAddr) {
+    let addr = free_addr();
+    let s = TestServer::start(&format!("{}server: {{ authz_http_listen: \"{addr}\" }}\n", spec_config())).await;
+    (s, addr)
+}
+
+/// What Traefik sends for a client's `GET https://api.example.com{uri}`.
+async fn traefik(addr: std::net::SocketAddr, uri: &str, key: Option<&str>) -> Response {
+    let mut h = vec![
+        ("X-Forwarded-Method", "GET"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "api.example.com"),
+        ("X-Forwarded-Uri", uri),
+        ("X-Forwarded-For", "203.0.113.9"),
+    ];
+    if let Some(k) = key {
+        h.push(("X-Api-Key", k));
+    }
+    request(addr, "GET", "/traefik", &h).await.unwrap()
+}
+
+fn problem(r: &Response, status: u16, code: &str) -> serde_json::Value {
+    assert_eq!(r.status, status, "{r:?}");
+    assert_eq!(r.header("content-type"), Some("application/problem+json"), "{r:?}");
+    let body = r.json();
+    assert_eq!(body["code"], code, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn traefik_forward_auth_answers_every_row_as_the_client_should_see_it() {
+    let (s, addr) = door().await;
+    // Allowed: 200 with the headers Traefik copies upstream (authResponseHeaders).
+    let r = traefik(addr, "/v1/search?q=rust", Some("pro-key")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!((r.header("x-tollgate-account"), r.header("x-tollgate-plan")), (Some("acct_pro"), Some("pro")));
+    assert!(r.header("ratelimit-policy").is_some_and(|p| p.contains("requests-month")), "{r:?}");
+    assert!(r.header("x-envoy-auth-headers-to-remove").is_none(), "Envoy's header only on Envoy's door");
+
+    let r = traefik(addr, "/v1/search", None).await;
+    problem(&r, 401, "credentials_missing");
+    assert!(r.header("www-authenticate").is_some_and(|c| c.contains("realm=\"tollgate\"")));
+    problem(&traefik(addr, "/v1/search", Some("sk_live_nope")).await, 401, "credentials_invalid");
+    problem(&traefik(addr, "/admin", Some("pro-key")).await, 403, "route_not_allowed");
+    problem(&traefik(addr, "/v1/search", Some("banned-key")).await, 403, "account_blocked");
+    let r = traefik(addr, "/v1/search", Some("canceled-key")).await;
+    problem(&r, 402, "subscription_inactive");
+    assert_eq!(r.header("link"), Some("<https://billing.example.com/accounts/acct_canceled/billing>; rel=\"payment\""));
+    problem(&traefik(addr, "/v1/search", Some("late-key")).await, 402, "payment_overdue");
+    problem(&traefik(addr, "/v1/export", Some("free-key")).await, 403, "route_not_allowed");
+    problem(&traefik(addr, "/v1/ai/chat", Some("free-key")).await, 402, "feature_not_in_plan");
+    // 15 credits, 10 a call: one passes.
+    assert_eq!(traefik(addr, "/v1/ai/chat", Some("wallet-key")).await.status, 200);
+    problem(&traefik(addr, "/v1/ai/chat", Some("wallet-key")).await, 402, "insufficient_credits");
+    let r = traefik(addr, "/v1/search", Some("grace-key")).await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("x-tollgate-billing-warning").is_some_and(|w| w.starts_with("payment_overdue")));
+
+    // The free plan's 5 requests a month, spent as over gRPC: a mix of doors shares them.
+    for i in 0..4 {
+        assert_eq!(traefik(addr, "/v1/search", Some("free-key")).await.status, 200, "request {i}");
+    }
+    let grpc = tollgate_testkit::Answer::of(
+        &s.check(tollgate_testkit::http_check("GET", "/v1/search", &[("x-api-key", "free-key")])).await,
+    );
+    assert!(grpc.allowed);
+    let r = traefik(addr, "/v1/search", Some("free-key")).await;
+    let body = problem(&r, 402, "quota_exhausted");
+    assert_eq!(body["quota"]["used"], 5);
+    assert!(r.header("retry-after").is_some());
+    for _ in 0..2 {
+        assert_eq!(traefik(addr, "/v1/search", Some("rate-key")).await.status, 200);
+    }
+    let r = traefik(addr, "/v1/search", Some("rate-key")).await;
+    problem(&r, 429, "rate_limited");
+    assert!(r.header("retry-after").is_some());
+
+    assert!(metric(s.http, "tollgate_door_decisions_total{door=\"traefik\",status=\"200\"}").await >= 9.0);
+    assert_eq!(metric(s.http, "tollgate_door_decisions_total{door=\"grpc\",status=\"200\"}").await, 1.0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn envoy_http_ext_authz_gets_upstream_headers_and_what_to_remove() {
+    let (s, addr) = door().await;
+    let r = request(addr, "GET", "/envoy/v1/search?q=x", &[("x-api-key", "pro-key"), ("x-tollgate-plan", "forged")])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-tollgate-plan"), Some("pro"), "tollgate's own value, which Envoy overwrites with");
+    let remove = r.header("x-envoy-auth-headers-to-remove").unwrap_or("");
+    assert!(remove.split(',').any(|h| h == "x-api-key"), "{remove}");
+    let r = request(addr, "POST", "/envoy/v1/search", &[("x-api-key", "pro-key")]).await.unwrap();
+    problem(&r, 403, "route_not_allowed");
+    let r = request(addr, "GET", "/envoy/v1/search", &[("x-api-key", "canceled-key")]).await.unwrap();
+    problem(&r, 402, "subscription_inactive");
+    assert!(r.header("link").is_some_and(|l| l.contains("rel=\"payment\"")));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn what_the_door_cannot_read_is_400_never_an_allow() {
+    let (s, addr) = door().await;
+    let key = ("X-Api-Key", "pro-key");
+    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        ("no forwarded uri", vec![("X-Forwarded-Method", "GET"), key]),
+        ("no forwarded method", vec![("X-Forwarded-Uri", "/v1/search"), key]),
+        ("a relative uri", vec![("X-Forwarded-Method", "GET"), ("X-Forwarded-Uri", "v1/search"), key]),
+        ("an absolute URL", vec![("X-Forwarded-Method", "GET"), ("X-Forwarded-Uri", "http://x/v1/search"), key]),
+        ("dot segments", vec![("X-Forwarded-Method", "GET"), ("X-Forwarded-Uri", "/public/../v1/search"), key]),
+        ("encoded slash", vec![("X-Forwarded-Method", "GET"), ("X-Forwarded-Uri", "/v1%2Fsearch"), key]),
+    ];
+    for (what, headers) in cases {
+        let r = request(addr, "GET", "/traefik", &headers).await.unwrap();
+        assert_eq!(r.status, 400, "{what}: {r:?}");
+        assert_eq!(r.json()["code"], "request_invalid", "{what}");
+    }
+    // A header value that is not UTF-8: the URI cannot be read.
+    let raw = b"GET /traefik HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Forwarded-Method: GET\r\nX-Forwarded-Uri: /v1/search\xff\r\nX-Api-Key: pro-key\r\n\r\n";
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    c.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), c.read_to_end(&mut out)).await;
+    let head = String::from_utf8_lossy(&out);
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    // Oversized headers: refused by the HTTP layer (431), never decided.
+    let big = "a".repeat(70_000);
+    let r = request(
+        addr,
+        "GET",
+        "/traefik",
+        &[("X-Forwarded-Method", "GET"), ("X-Forwarded-Uri", "/v1/search"), ("X-Big", &big)],
+    )
+    .await;
+    assert!(r.is_err() || r.as_ref().is_ok_and(|r| r.status == 431), "{r:?}");
+    // Another path is not a door.
+    assert_eq!(request(addr, "GET", "/v1/search", &[key]).await.unwrap().status, 404);
+    assert_eq!(metric(s.http, "tollgate_door_decisions_total{door=\"traefik\",status=\"200\"}").await, 0.0);
+    s.stop().await;
+}
