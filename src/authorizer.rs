@@ -69,6 +69,10 @@ pub struct Query<'a, C> {
     /// with `server.trusted_callers` it decides whether asserted identities
     /// (JWT metadata, trusted headers) are honoured.
     pub peer_verified: bool,
+    /// The transport carries the client's own headers unfiltered (the HTTP
+    /// door: Traefik forwards them all), so asserted identities are never
+    /// honoured, whatever `server.trusted_callers` says.
+    pub client_headers_unfiltered: bool,
 }
 
 /// The answer, rendered.
@@ -400,11 +404,12 @@ impl Authorizer {
 
         let presented = match query.subject {
             Subject::Request(creds) => {
-                let trusted = match config.server.trusted_callers {
-                    TrustedCallers::Any => true,
-                    TrustedCallers::None => false,
-                    TrustedCallers::Mtls => query.peer_verified,
-                };
+                let trusted = !query.client_headers_unfiltered
+                    && match config.server.trusted_callers {
+                        TrustedCallers::Any => true,
+                        TrustedCallers::None => false,
+                        TrustedCallers::Mtls => query.peer_verified,
+                    };
                 identify(&config.identity, creds, trusted)
             }
             Subject::AccountId(id) => Presented::Account(id.to_owned()),

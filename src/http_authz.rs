@@ -110,6 +110,9 @@ async fn answer(State(authorizer): State<Arc<Authorizer>>, request: Request) -> 
         cost: None,
         dry_run: false,
         peer_verified: false,
+        // Traefik forwards every client header: a trusted header or claim
+        // here would be the client's word.
+        client_headers_unfiltered: true,
     };
     let outcome = match authorizer.authorize(query).await {
         Ok(o) => o,

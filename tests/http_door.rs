@@ -151,3 +151,30 @@ async fn what_the_door_cannot_read_is_400_never_an_allow() {
     assert_eq!(metric(s.http, "tollgate_door_decisions_total{door=\"traefik\",status=\"200\"}").await, 0.0);
     s.stop().await;
 }
+
+/// Asserted identities are never honoured on the HTTP door: Traefik forwards
+/// every client header, so a `trusted_header` there is the client's word,
+/// even under `trusted_callers: any`.
+#[tokio::test]
+async fn a_client_cannot_assert_an_identity_through_the_http_door() {
+    let addr = free_addr();
+    let yaml = spec_config() + &format!("server: {{ authz_http_listen: \"{addr}\", trusted_callers: any }}\n");
+    let s = TestServer::start(&yaml).await;
+    let r = request(
+        addr,
+        "GET",
+        "/traefik",
+        &[("X-Forwarded-Method", "GET"), ("X-Forwarded-Uri", "/v1/search"), ("x-account-id", "acct_pro")],
+    )
+    .await
+    .unwrap();
+    problem(&r, 401, "credentials_missing");
+    let r = request(addr, "GET", "/envoy/v1/search", &[("x-account-id", "acct_pro")]).await.unwrap();
+    problem(&r, 401, "credentials_missing");
+    // Over gRPC from a trusted caller the same header names the account (what the door must not do).
+    let a = tollgate_testkit::Answer::of(
+        &s.check(tollgate_testkit::http_check("GET", "/v1/search", &[("x-account-id", "acct_pro")])).await,
+    );
+    assert!(a.allowed, "{a:?}");
+    s.stop().await;
+}

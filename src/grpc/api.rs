@@ -322,8 +322,14 @@ impl Tollgate for Api {
             return Err(Invalid::new("cost", format!("must be at most {MAX_COST}")).into());
         }
         let ask = ask(&req.target)?;
-        let query =
-            Query { subject, ask, cost: Some(req.cost).filter(|c| *c > 0), dry_run: req.dry_run, peer_verified: false };
+        let query = Query {
+            subject,
+            ask,
+            cost: Some(req.cost).filter(|c| *c > 0),
+            dry_run: req.dry_run,
+            peer_verified: false,
+            client_headers_unfiltered: false,
+        };
         let outcome = self.authorizer.authorize(query).await?;
         let d = &outcome.decision;
         outcome.trace();

@@ -205,7 +205,14 @@ impl Authorization for ExtAuthz {
             // Nothing to go on: an empty path is answered 400 `request_invalid`.
             _ => Ask::Http(RouteKey { path: "", method: "", host: "" }),
         };
-        let query = Query { subject: Subject::Request(&creds), ask, cost: None, dry_run: false, peer_verified };
+        let query = Query {
+            subject: Subject::Request(&creds),
+            ask,
+            cost: None,
+            dry_run: false,
+            peer_verified,
+            client_headers_unfiltered: false,
+        };
         let outcome = match self.authorizer.authorize(query).await {
             Ok(o) => o,
             Err(e) => {
