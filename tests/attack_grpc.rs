@@ -291,74 +291,26 @@ async fn extreme_dates_and_windows_are_refused_or_harmless() {
     let put = |e: Entitlement| bearer(PutEntitlementRequest { entitlement: Some(e) }, Some(ADMIN));
     let base = || Entitlement { account_id: "acct_pro".into(), plan: "pro".into(), ..Default::default() };
     let ts = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    let with_quota = |q: QuotaOverride| Entitlement { quota_overrides: vec![q], ..base() };
+    let quota = |limit, period: &str| QuotaOverride {
+        meter: "requests".into(),
+        limit,
+        period: period.into(),
+        ..Default::default()
+    };
+    let per = |seconds| Some(prost_types::Duration { seconds, nanos: 0 });
     let refused = [
         Entitlement { status: "past_due".into(), past_due_since: ts(8_000_000_000_000), ..base() },
         Entitlement { status: "past_due".into(), past_due_since: ts(-62_000_000_000), ..base() },
         Entitlement { expires_at: ts(i64::MAX), ..base() },
-        Entitlement {
-            quota_overrides: vec![QuotaOverride {
-                meter: "requests".into(),
-                limit: 10,
-                period: String::new(),
-                per: Some(prost_types::Duration { seconds: i64::MAX, nanos: 0 }),
-                ..Default::default()
-            }],
-            ..base()
-        },
+        with_quota(QuotaOverride { per: per(i64::MAX), ..quota(10, "") }),
         // Soft quotas: a ceiling at or below the limit or past 10^15, one without
         // `soft`, a soft rate limit.
-        Entitlement {
-            quota_overrides: vec![QuotaOverride {
-                meter: "requests".into(),
-                limit: 10,
-                period: "month".into(),
-                soft: true,
-                ceiling: Some(10),
-                ..Default::default()
-            }],
-            ..base()
-        },
-        Entitlement {
-            quota_overrides: vec![QuotaOverride {
-                meter: "requests".into(),
-                limit: 10,
-                period: "month".into(),
-                soft: true,
-                ceiling: Some(u64::MAX),
-                ..Default::default()
-            }],
-            ..base()
-        },
-        Entitlement {
-            quota_overrides: vec![QuotaOverride {
-                meter: "requests".into(),
-                limit: 10,
-                period: "month".into(),
-                ceiling: Some(20),
-                ..Default::default()
-            }],
-            ..base()
-        },
-        Entitlement {
-            quota_overrides: vec![QuotaOverride {
-                meter: "requests".into(),
-                limit: 10,
-                per: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
-                soft: true,
-                ..Default::default()
-            }],
-            ..base()
-        },
-        Entitlement {
-            quota_overrides: vec![QuotaOverride {
-                meter: "requests".into(),
-                limit: u64::MAX,
-                period: "month".into(),
-                per: None,
-                ..Default::default()
-            }],
-            ..base()
-        },
+        with_quota(QuotaOverride { soft: true, ceiling: Some(10), ..quota(10, "month") }),
+        with_quota(QuotaOverride { soft: true, ceiling: Some(u64::MAX), ..quota(10, "month") }),
+        with_quota(QuotaOverride { ceiling: Some(20), ..quota(10, "month") }),
+        with_quota(QuotaOverride { soft: true, per: per(1), ..quota(10, "") }),
+        with_quota(quota(u64::MAX, "month")),
     ];
     for e in refused {
         let err = c.put_entitlement(put(e.clone())).await.unwrap_err();

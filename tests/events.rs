@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use tollgate::entitlement::{Period, Quota, Window};
-use tollgate::store::Store;
-use tollgate::usage::Spend;
+use tollgate::entitlement::Period;
 use tollgate_testkit::accesslog::{charge_of, entry, stream};
 use tollgate_testkit::check::http_check;
 use tollgate_testkit::envoy::{self, Options, Stack};
@@ -63,20 +61,6 @@ events:
 "#,
         sink.url()
     )
-}
-
-async fn used(store: &dyn Store, account: &str, meter: &str, period: Period) -> u64 {
-    let q = Quota { meter: meter.into(), limit: 1 << 40, window: Window::Calendar(period), ceiling: None };
-    let probe = Spend {
-        account: account.into(),
-        quotas: vec![q],
-        cost: 0,
-        credits: None,
-        now: Utc::now(),
-        dry_run: true,
-        shadow: false,
-    };
-    store.spend(&probe).await.unwrap().quotas[0].used
 }
 
 /// Units per (account, meter) over the usage events, and credits per account.
@@ -142,10 +126,13 @@ async fn through_envoy(redis: bool) {
     let store = &*s.tollgate.store;
     assert_eq!(
         units[&("acct_m".to_owned(), "requests".to_owned())],
-        used(store, "acct_m", "requests", Period::Month).await
+        tollgate_testkit::used(store, "acct_m", "requests", Period::Month).await
     );
     assert_eq!(units[&("acct_m".to_owned(), "requests".to_owned())], 14, "6 of 20 failed");
-    assert_eq!(units[&("acct_m".to_owned(), "tokens".to_owned())], used(store, "acct_m", "tokens", Period::Day).await);
+    assert_eq!(
+        units[&("acct_m".to_owned(), "tokens".to_owned())],
+        tollgate_testkit::used(store, "acct_m", "tokens", Period::Day).await
+    );
     assert_eq!(units[&("acct_m".to_owned(), "tokens".to_owned())], tokens);
     assert_eq!(credits["acct_w"], 1000 - store.credits("acct_w").await.unwrap());
     assert_eq!(credits["acct_w"], 14);

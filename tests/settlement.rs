@@ -9,14 +9,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
 use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
 use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{LogEntries, TcpAccessLogEntries};
-use tollgate::entitlement::{Period, Quota, Window};
+use tollgate::entitlement::Period;
 use tollgate::store::Store;
-use tollgate::usage::Spend;
 use tollgate_testkit::accesslog::{charge_of, entry, stream};
 use tollgate_testkit::check::http_check;
 use tollgate_testkit::envoy::{self, Options, Stack};
@@ -100,17 +98,7 @@ async fn run(redis: bool) -> Run {
 impl Run {
     /// Units used in the current window of `meter`'s `period` quota.
     async fn used(&self, account: &str, meter: &str, period: Period) -> u64 {
-        let q = Quota { meter: meter.into(), limit: 1 << 40, window: Window::Calendar(period), ceiling: None };
-        let probe = Spend {
-            account: account.into(),
-            quotas: vec![q],
-            cost: 0,
-            credits: None,
-            now: Utc::now(),
-            dry_run: true,
-            shadow: false,
-        };
-        self.stack.tollgate.store.spend(&probe).await.unwrap().quotas[0].used
+        tollgate_testkit::used(self.stack.tollgate.store.as_ref(), account, meter, period).await
     }
 
     async fn credits(&self, account: &str) -> u64 {
@@ -276,19 +264,7 @@ async fn forged_and_garbled_entries_are_counted_never_applied() {
         async |path: &str| charge_of(&server.check(http_check("GET", path, &[("x-api-key", "m-key")])).await);
     let search = charge_of("/v1/search").await;
     let ai = charge_of("/v1/ai").await;
-    let used = async |meter: &str, period| {
-        let q = Quota { meter: meter.into(), limit: 1 << 40, window: Window::Calendar(period), ceiling: None };
-        let s = Spend {
-            account: "acct_m".into(),
-            quotas: vec![q],
-            cost: 0,
-            credits: None,
-            now: Utc::now(),
-            dry_run: true,
-            shadow: false,
-        };
-        server.store.spend(&s).await.unwrap().quotas[0].used
-    };
+    let used = async |meter: &str, period| tollgate_testkit::used(server.store.as_ref(), "acct_m", meter, period).await;
     assert_eq!((used("requests", Period::Month).await, used("tokens", Period::Day).await), (1, 100));
 
     // Fields: 1|id|account|issued|meter|periods|cost|credits|header|sig.
@@ -427,16 +403,7 @@ async fn settling_a_shadowed_charge_never_moves_credits() {
     })
     .await;
     assert_eq!((credits("acct_w").await, credits("acct_q").await), (1000, 1000), "a refund minted no credits");
-    let q = Quota { meter: "requests".into(), limit: 1 << 40, window: Window::Calendar(Period::Month), ceiling: None };
-    let s = Spend {
-        account: "acct_q".into(),
-        quotas: vec![q],
-        cost: 0,
-        credits: None,
-        now: Utc::now(),
-        dry_run: true,
-        shadow: false,
-    };
-    assert_eq!(server.store.spend(&s).await.unwrap().quotas[0].used, 0, "the quota unit was refunded");
+    let used = tollgate_testkit::used(server.store.as_ref(), "acct_q", "requests", Period::Month).await;
+    assert_eq!(used, 0, "the quota unit was refunded");
     server.stop().await;
 }

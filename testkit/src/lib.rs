@@ -151,3 +151,25 @@ problems:
         late = ago(chrono::Duration::hours(73)),
     )
 }
+
+/// Units `account` has used in the current window of `meter`'s calendar
+/// `period` quota, as `store` counts them (a dry run of cost 0: nothing moves).
+pub async fn used(
+    store: &dyn tollgate::store::Store,
+    account: &str,
+    meter: &str,
+    period: tollgate::entitlement::Period,
+) -> u64 {
+    use tollgate::entitlement::{Quota, Window};
+    let q = Quota { meter: meter.into(), limit: 1 << 40, window: Window::Calendar(period), ceiling: None };
+    let probe = tollgate::usage::Spend {
+        account: account.into(),
+        quotas: vec![q],
+        cost: 0,
+        credits: None,
+        now: chrono::Utc::now(),
+        dry_run: true,
+        shadow: false,
+    };
+    store.spend(&probe).await.expect("a dry run answers").quotas[0].used
+}
