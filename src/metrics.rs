@@ -62,6 +62,9 @@ pub struct Metrics {
     shadow: Family<DecisionLabels, Counter>,
     overage: Family<PolicyLabels, Counter>,
     plan_decisions: Family<PlanLabels, Counter>,
+    /// The series of `plan_decisions` met so far, by plan and status, so a
+    /// Check finds its counter without building a label (no allocation).
+    plan_counters: std::sync::RwLock<std::collections::HashMap<String, Vec<(&'static str, Counter)>>>,
     doors: Family<DoorLabels, Counter>,
     /// Spans by result, copied from `telemetry`'s totals at each scrape.
     spans: Family<ResultLabels, Counter>,
@@ -324,6 +327,7 @@ impl Metrics {
             shadow,
             overage,
             plan_decisions,
+            plan_counters: std::sync::RwLock::default(),
             doors,
             spans,
             copying: std::sync::Mutex::new(()),
@@ -400,8 +404,20 @@ impl Metrics {
 
     /// Counts one Check of an account on `plan` (a plan the config defines).
     pub fn record_plan_decision(&self, plan: &str, verdict: Verdict) {
-        let labels = PlanLabels { plan: plan.to_owned(), status: status_label(verdict.http_status()) };
-        self.plan_decisions.get_or_create(&labels).inc();
+        let status = status_label(verdict.http_status());
+        let find = |m: &std::collections::HashMap<String, Vec<(&'static str, Counter)>>| {
+            m.get(plan).and_then(|s| s.iter().find(|(st, _)| *st == status)).map(|(_, c)| c.inc()).is_some()
+        };
+        if find(&self.plan_counters.read().unwrap_or_else(|e| e.into_inner())) {
+            return;
+        }
+        // First time for this plan and status: the label is built once.
+        let mut m = self.plan_counters.write().unwrap_or_else(|e| e.into_inner());
+        if !find(&m) {
+            let c = self.plan_decisions.get_or_create(&PlanLabels { plan: plan.to_owned(), status }).clone();
+            c.inc();
+            m.entry(plan.to_owned()).or_default().push((status, c));
+        }
     }
 
     /// Copies the span totals into the exported series (at scrape time).
