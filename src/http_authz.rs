@@ -6,6 +6,14 @@
 //!   arrive as the request itself.
 //! - `/traefik`: Traefik's ForwardAuth: method, host and URI in
 //!   `X-Forwarded-Method`, `X-Forwarded-Host`, `X-Forwarded-Uri`.
+//! - `/nginx`: nginx's `auth_request` (and ingress-nginx's `auth-url`):
+//!   method and URL in `X-Original-Method`, `X-Original-URL`. nginx turns
+//!   any answer but 2xx, 401 and 403 into a 500, so every deny is 401 (a
+//!   real 401) or 403, carrying the real status in `x-tollgate-status` and
+//!   the problem body in `x-tollgate-problem` for the shipped
+//!   `deploy/nginx/tollgate.conf` to turn back into the real answer. nginx
+//!   cannot strip headers by prefix, so a request carrying any
+//!   `x-tollgate-*` header is refused (400) rather than let one reach the upstream.
 //!
 //! A thin translation, like `grpc::ext_authz`: the request becomes a
 //! [`Query`] for the [`Authorizer`], the [`Outcome`] an HTTP answer. Allowed:
@@ -16,7 +24,8 @@
 //! UTF-8, a URI that is not an absolute path) is decided as a Check with no
 //! request: 400 `request_invalid`, never an allow.
 //!
-//! May use: `authorizer`, `identity` (the `Credentials` trait), `metrics`.
+//! May use: `authorizer`, `decision`, `identity` (the `Credentials` trait), `metrics`,
+//! `problem` (a store fault rendered as `on_error: deny` would).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -26,8 +35,10 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::authorizer::{Ask, Authorizer, Outcome, Query, Subject};
+use crate::authorizer::{Ask, Authorizer, Query, Subject};
+use crate::decision::Decision;
 use crate::identity::Credentials;
+use crate::problem;
 use crate::route::RouteKey;
 
 /// Which proxy's contract a request came in by: a metric label and the answer's shape.
@@ -39,18 +50,27 @@ pub enum Door {
     EnvoyHttp,
     /// Traefik's ForwardAuth.
     Traefik,
+    /// nginx's `auth_request`.
+    Nginx,
 }
 
 impl Door {
-    /// The label (`grpc`, `envoy_http`, `traefik`).
+    /// The label (`grpc`, `envoy_http`, `traefik`, `nginx`).
     pub fn as_str(self) -> &'static str {
         match self {
             Door::Grpc => "grpc",
             Door::EnvoyHttp => "envoy_http",
             Door::Traefik => "traefik",
+            Door::Nginx => "nginx",
         }
     }
 }
+
+/// On the nginx door, the status the client should see (`402`), for
+/// `auth_request_set` to read: nginx only carries 401 and 403.
+pub const NGINX_STATUS_HEADER: &str = "x-tollgate-status";
+/// On the nginx door, the problem body (JSON, non-ASCII escaped) for `auth_request_set`.
+pub const NGINX_PROBLEM_HEADER: &str = "x-tollgate-problem";
 
 /// The request's headers, as [`Credentials`]; values that are not UTF-8 are absent.
 struct HeaderCredentials<'a>(&'a HeaderMap);
@@ -81,6 +101,15 @@ fn forwarded<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty())
 }
 
+/// The host and path (with query) of nginx's `X-Original-URL`
+/// (`$scheme://$host$request_uri`): an absolute `http(s)` URL without user
+/// info, else `None`.
+fn original_url(url: &str) -> Option<(&str, &str)> {
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"))?;
+    let (authority, path) = rest.split_at(rest.find('/')?);
+    (!authority.is_empty() && !authority.contains(['@', '?', '#'])).then_some((authority, path))
+}
+
 async fn answer(State(authorizer): State<Arc<Authorizer>>, request: Request) -> Response {
     let started = std::time::Instant::now();
     let (parts, _) = request.into_parts();
@@ -97,8 +126,16 @@ async fn answer(State(authorizer): State<Arc<Authorizer>>, request: Request) -> 
         let uri = forwarded(headers, "x-forwarded-uri").filter(|u| u.starts_with('/'));
         let host = forwarded(headers, "x-forwarded-host").unwrap_or(host_header);
         (Door::Traefik, method.zip(uri).map(|(m, u)| (u.to_owned(), m, host)))
+    } else if path == "/nginx" || path.starts_with("/nginx?") {
+        let method = forwarded(headers, "x-original-method");
+        let url = forwarded(headers, "x-original-url").and_then(original_url);
+        // nginx passes the client's headers on and cannot strip a prefix.
+        let forged = headers.keys().any(|k| k.as_str().starts_with(crate::problem::HEADER_PREFIX));
+        let asked = method.zip(url).filter(|_| !forged).map(|(m, (host, uri))| (uri.to_owned(), m, host));
+        (Door::Nginx, asked)
     } else {
-        return (StatusCode::NOT_FOUND, "unknown authorization door: use /envoy/… or /traefik\n").into_response();
+        return (StatusCode::NOT_FOUND, "unknown authorization door: use /envoy/…, /traefik or /nginx\n")
+            .into_response();
     };
     let creds = HeaderCredentials(headers);
     let (path, method, host) = asked.as_ref().map_or(("", "", ""), |(p, m, h)| (p.as_str(), *m, *h));
@@ -117,10 +154,14 @@ async fn answer(State(authorizer): State<Arc<Authorizer>>, request: Request) -> 
     let outcome = match authorizer.authorize(query).await {
         Ok(o) => o,
         Err(e) => {
-            // `store.on_error: error` has no HTTP meaning of its own: the proxy sees 503.
+            // `store.on_error: error` has no HTTP meaning of its own: the
+            // proxy sees what `on_error: deny` answers, 503 `store_unavailable`.
             tracing::warn!(error = %e, "store unavailable on the HTTP door");
             authorizer.metrics().record_door(door.as_str(), 503);
-            return (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response();
+            let decision = crate::decision::Decision::deny(crate::decision::Code::StoreUnavailable);
+            let config = authorizer.config();
+            let response = crate::problem::render(&decision, &config, Default::default(), chrono::Utc::now());
+            return render(door, &decision, &response);
         }
     };
     outcome.trace();
@@ -137,7 +178,7 @@ async fn answer(State(authorizer): State<Arc<Authorizer>>, request: Request) -> 
             "check denied"
         );
     }
-    render(door, &outcome)
+    render(door, &outcome.decision, &outcome.response)
 }
 
 fn put(headers: &mut HeaderMap, name: &str, value: &str) {
@@ -147,10 +188,9 @@ fn put(headers: &mut HeaderMap, name: &str, value: &str) {
 }
 
 /// The HTTP answer for a decided request.
-fn render(door: Door, outcome: &Outcome) -> Response {
-    let r = &outcome.response;
+fn render(door: Door, decision: &Decision, r: &problem::Response) -> Response {
     let mut headers = HeaderMap::new();
-    if outcome.decision.is_allowed() {
+    if decision.is_allowed() {
         for (k, v) in r.upstream_headers.iter().chain(&r.client_headers) {
             put(&mut headers, k, v);
         }
@@ -161,9 +201,79 @@ fn render(door: Door, outcome: &Outcome) -> Response {
         }
         return (StatusCode::OK, headers).into_response();
     }
+    if door == Door::Nginx {
+        // nginx drops the body of an `auth_request` answer and fails any
+        // status but 401/403 as a 500: the real ones go in headers.
+        for (k, v) in r.client_headers.iter().filter(|(k, _)| k != "content-type") {
+            put(&mut headers, k, v);
+        }
+        put(&mut headers, NGINX_STATUS_HEADER, &r.status.to_string());
+        if let Some(body) = &r.body {
+            put(&mut headers, NGINX_PROBLEM_HEADER, &header_safe_json(body));
+        }
+        let status = if r.status == 401 { StatusCode::UNAUTHORIZED } else { StatusCode::FORBIDDEN };
+        return (status, headers).into_response();
+    }
     for (k, v) in &r.client_headers {
         put(&mut headers, k, v);
     }
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FORBIDDEN);
     (status, headers, r.body.clone().unwrap_or_default()).into_response()
+}
+
+/// `json` with every character a header value cannot hold (non-ASCII, DEL)
+/// written as a JSON `\\u` escape: the same JSON, fit for one header line.
+/// Controls inside strings are already escaped by the serializer.
+fn header_safe_json(json: &str) -> Cow<'_, str> {
+    let plain = |c: char| c.is_ascii() && c != '\x7f';
+    if json.chars().all(plain) {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 32);
+    for c in json.chars() {
+        if plain(c) {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{u:04x}"));
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_urls_give_host_and_path_or_nothing() {
+        assert_eq!(original_url("https://api.example.com/v1/search?q=1"), Some(("api.example.com", "/v1/search?q=1")));
+        assert_eq!(original_url("http://api.example.com:8080/"), Some(("api.example.com:8080", "/")));
+        for bad in [
+            "/v1/search",
+            "api.example.com/v1",
+            "ftp://api.example.com/x",
+            "https://api.example.com",
+            "https:///v1/search",
+            "https://user@api.example.com/v1",
+            "https://api.example.com?x=/v1",
+            "HTTPS://api.example.com/v1",
+        ] {
+            assert_eq!(original_url(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn problem_json_is_made_fit_for_a_header_and_stays_the_same_json() {
+        assert!(matches!(header_safe_json(r#"{"a":"b"}"#), Cow::Borrowed(_)));
+        for text in ["Kundenkonto gesperrt: zahlen Sie €5 🙂", "tab\there", "del\u{7f}"] {
+            let json = serde_json::json!({ "detail": text }).to_string();
+            let safe = header_safe_json(&json);
+            assert!(HeaderValue::from_str(&safe).is_ok(), "{safe}");
+            let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
+            assert_eq!(back["detail"], text);
+        }
+    }
 }

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 
 use tollgate_testkit::envoy::{self, Envoy, Options, Response, Stack, echo_upstream};
+use tollgate_testkit::front::{assert_problem, deny_rows, store_down_row};
 use tollgate_testkit::process::{TollgateProcess, free_addr};
 use tollgate_testkit::redis::RedisServer;
 use tollgate_testkit::{TestServer, eventually, metric, rollout_config, spec_config};
@@ -24,16 +25,6 @@ async fn stack() -> Stack {
 fn jwt(name: &str) -> String {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jwt").join(name);
     std::fs::read_to_string(path).unwrap().trim().to_owned()
-}
-
-fn assert_problem(r: &Response, status: u16, code: &str) -> serde_json::Value {
-    assert_eq!(r.status, status, "{r:?}");
-    assert_eq!(r.header("content-type"), Some("application/problem+json"), "{r:?}");
-    let body = r.json();
-    assert_eq!(body["code"], code, "{body}");
-    assert_eq!(body["status"], status);
-    assert_eq!(body["type"], format!("https://docs.example.com/problems/{}", code.replace('_', "-")));
-    body
 }
 
 #[tokio::test]
@@ -63,21 +54,27 @@ async fn public_route_reaches_the_upstream_without_a_key() {
 
 #[tokio::test]
 async fn every_deny_row_reaches_the_client_with_status_body_and_headers() {
-    deny_rows(stack().await).await;
+    rows(stack().await).await;
 }
 
 /// The same rows with tollgate on Redis, exact counting.
 #[tokio::test]
 async fn every_deny_row_through_envoy_on_redis_exact() {
     let redis = RedisServer::start();
-    deny_rows(redis_stack(&format!("{{ backend: redis, url: \"{}\" }}", redis.url())).await).await;
+    rows(redis_stack(&format!("{{ backend: redis, url: \"{}\" }}", redis.url())).await).await;
 }
 
 /// The same rows with tollgate on Redis, lease counting (quotas and credits leased).
 #[tokio::test]
 async fn every_deny_row_through_envoy_on_redis_lease() {
     let redis = RedisServer::start();
-    deny_rows(redis_stack(&format!("{{ backend: redis, url: \"{}\", counting: lease }}", redis.url())).await).await;
+    rows(redis_stack(&format!("{{ backend: redis, url: \"{}\", counting: lease }}", redis.url())).await).await;
+}
+
+/// The decision table through the stack's Envoy; then the stack stops.
+async fn rows(s: Stack) {
+    deny_rows(&s.envoy).await;
+    s.stop().await;
 }
 
 /// Envoy in front of tollgate on the spec config with `store:` as given, seeded.
@@ -87,58 +84,6 @@ async fn redis_stack(store: &str) -> Stack {
     let s = Stack::around(tollgate, |tollgate, upstream| envoy::config(tollgate, upstream, Options::default())).await;
     s.envoy.wait_cluster_healthy("tollgate").await;
     s
-}
-
-/// Every deny row of the decision table as a plain HTTP client sees it.
-async fn deny_rows(s: Stack) {
-    let r = s.get("/v1/search", &[]).await;
-    assert_problem(&r, 401, "credentials_missing");
-    assert!(r.header("www-authenticate").is_some_and(|w| w.contains("Bearer realm=\"tollgate\"")), "{r:?}");
-
-    let r = s.get("/v1/search", &[("authorization", "Bearer not-a-key")]).await;
-    assert_problem(&r, 401, "credentials_invalid");
-    assert!(!r.body.contains("not-a-key"));
-    assert!(r.header("www-authenticate").is_some());
-
-    assert_problem(&s.get("/admin", &[("x-api-key", "pro-key")]).await, 403, "route_not_allowed");
-    assert_problem(&s.get("/v1/search", &[("x-api-key", "banned-key")]).await, 403, "account_blocked");
-
-    let r = s.get("/v1/search", &[("x-api-key", "canceled-key")]).await;
-    let body = assert_problem(&r, 402, "subscription_inactive");
-    assert_eq!(body["link"], "https://billing.example.com/accounts/acct_canceled/billing");
-    assert_eq!(r.header("link"), Some("<https://billing.example.com/accounts/acct_canceled/billing>; rel=\"payment\""));
-    assert!(r.header("retry-after").is_none());
-
-    let r = s.get("/v1/search", &[("x-api-key", "late-key")]).await;
-    assert_problem(&r, 402, "payment_overdue");
-    assert!(r.header("link").is_some_and(|l| l.ends_with("rel=\"payment\"")));
-
-    let r = s.envoy.send("POST", "/v1/ai/chat", &[("x-api-key", "free-key")]).await;
-    assert_eq!(assert_problem(&r, 402, "feature_not_in_plan")["feature"], "ai");
-
-    for _ in 0..5 {
-        assert_eq!(s.get("/v1/search", &[("x-api-key", "free-key")]).await.status, 200);
-    }
-    let r = s.get("/v1/search", &[("x-api-key", "free-key")]).await;
-    let body = assert_problem(&r, 402, "quota_exhausted");
-    assert_eq!(body["detail"], "Plan free includes 5 requests per month; all are used.");
-    assert_eq!((body["quota"]["limit"].as_u64(), body["quota"]["remaining"].as_u64()), (Some(5), Some(0)));
-    assert!(r.header("retry-after").is_some_and(|v| v.parse::<u64>().is_ok()), "{r:?}");
-    assert!(r.header("ratelimit").is_some_and(|v| v.starts_with("\"requests-month\";r=0;t=")), "{r:?}");
-    assert!(r.header("ratelimit-policy").is_some(), "{r:?}");
-    assert!(r.header("link").is_some());
-
-    assert_eq!(s.get("/v1/search", &[("x-api-key", "rate-key")]).await.status, 200);
-    assert_eq!(s.get("/v1/search", &[("x-api-key", "rate-key")]).await.status, 200);
-    let r = s.get("/v1/search", &[("x-api-key", "rate-key")]).await;
-    assert_problem(&r, 429, "rate_limited");
-    assert!(r.header("retry-after").is_some_and(|v| v.parse::<u64>().unwrap() > 3500), "{r:?}");
-    assert!(r.header("ratelimit").is_some_and(|v| v.starts_with("\"requests-1h\";r=0;")), "{r:?}");
-
-    assert_eq!(s.envoy.send("POST", "/v1/ai/x", &[("x-api-key", "wallet-key")]).await.status, 200);
-    let r = s.envoy.send("POST", "/v1/ai/x", &[("x-api-key", "wallet-key")]).await;
-    assert_eq!(assert_problem(&r, 402, "insufficient_credits")["credits"]["balance"], 5);
-    s.stop().await;
 }
 
 #[tokio::test]
@@ -361,13 +306,19 @@ async fn a_soft_limit_warns_the_client_and_tells_the_upstream_then_stops_at_the_
 }
 
 /// Envoy's HTTP ext_authz (`deploy/envoy/envoy-http-authz.yaml`) against
-/// tollgate's HTTP door: every deny row as over gRPC, and an allowed request
-/// reaches the upstream with tollgate's headers and without the key.
+/// tollgate's HTTP door on Redis: every deny row as over gRPC, an allowed
+/// request reaches the upstream with tollgate's headers and without the
+/// key, and with Redis gone the client gets 503.
 #[tokio::test]
 async fn over_envoy_s_http_ext_authz_every_row_is_as_over_grpc() {
+    let mut redis = RedisServer::start();
     let door = free_addr();
-    let yaml = format!("{}server: {{ authz_http_listen: \"{door}\" }}\n", spec_config());
-    let tollgate = TestServer::start(&yaml).await;
+    let yaml = format!(
+        "{}server: {{ authz_http_listen: \"{door}\" }}\nstore: {{ backend: redis, url: \"{}\" }}\n",
+        spec_config(),
+        redis.url()
+    );
+    let tollgate = TestServer::start_configured(&yaml, true).await;
     let s = Stack::around(tollgate, |t, u| {
         envoy::config_from("deploy/envoy/envoy-http-authz.yaml", t, u, Options::default())
             .replace("port_value: 9192", &format!("port_value: {}", door.port()))
@@ -391,5 +342,12 @@ async fn over_envoy_s_http_ext_authz_every_row_is_as_over_grpc() {
         "tollgate_door_decisions_total{door=\"envoy_http\",status=\"200\"}",
     );
     assert_eq!(m.await, 2.0);
-    deny_rows(s).await;
+    deny_rows(&s.envoy).await;
+    // Envoy takes a 5xx from an HTTP authorization service as a failed
+    // call: `status_on_error` (503) without tollgate's body, and
+    // `failure_mode_allow` decides, as when tollgate is down.
+    redis.kill();
+    let r = store_down_row(&s.envoy).await;
+    assert_eq!(r.body, "", "{r:?}");
+    s.stop().await;
 }

@@ -2,7 +2,9 @@
 //! request as each proxy sends them: Traefik's ForwardAuth (as its docs
 //! describe: `X-Forwarded-Method`, `-Host`, `-Uri`, `-Proto` and the client's
 //! headers; Traefik itself cannot be installed here) and Envoy's HTTP
-//! ext_authz (`path_prefix: /envoy`; a real Envoy runs it in tests/envoy.rs).
+//! ext_authz (`path_prefix: /envoy`; a real Envoy runs it in tests/envoy.rs)
+//! and nginx's `auth_request` (`X-Original-Method`, `X-Original-URL`; a real
+//! nginx runs it in tests/nginx.rs).
 //! The decision rows, what the upstream and the client get, that a request
 //! spends as much as over gRPC, and bad input answered 400, never allowed.
 
@@ -107,6 +109,117 @@ async fn envoy_http_ext_authz_gets_upstream_headers_and_what_to_remove() {
     let r = request(addr, "GET", "/envoy/v1/search", &[("x-api-key", "canceled-key")]).await.unwrap();
     problem(&r, 402, "subscription_inactive");
     assert!(r.header("link").is_some_and(|l| l.contains("rel=\"payment\"")));
+    s.stop().await;
+}
+
+/// What nginx's `auth_request` sends (as `deploy/nginx/tollgate.conf` sets it)
+/// for a client's `{method} https://api.example.com{uri}`, plus the client's headers.
+async fn nginx(addr: std::net::SocketAddr, method: &str, uri: &str, client: &[(&str, &str)]) -> Response {
+    let url = format!("https://api.example.com{uri}");
+    let mut h = vec![("X-Original-Method", method), ("X-Original-URL", url.as_str())];
+    h.extend_from_slice(client);
+    request(addr, "GET", "/nginx", &h).await.unwrap()
+}
+
+/// nginx's contract: allowed is 200 with the headers; every deny is 401 (a
+/// real 401) or 403, with the real status and the problem body in headers
+/// and the client headers as they are.
+#[tokio::test]
+async fn nginx_auth_request_gets_every_deny_as_401_or_403_with_the_real_answer_in_headers() {
+    let (s, addr) = door().await;
+    let r = nginx(addr, "GET", "/v1/search?q=1", &[("X-Api-Key", "pro-key")]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!((r.header("x-tollgate-account"), r.header("x-tollgate-plan")), (Some("acct_pro"), Some("pro")));
+    assert!(r.header("ratelimit").is_some() && r.header("x-tollgate-status").is_none(), "{r:?}");
+
+    let rows = [
+        ("GET", "/v1/search", None, 401, 401u16, "credentials_missing"),
+        ("GET", "/v1/search", Some("sk_live_nope"), 401, 401, "credentials_invalid"),
+        ("POST", "/v1/search", Some("pro-key"), 403, 403, "route_not_allowed"),
+        ("GET", "/v1/search", Some("canceled-key"), 403, 402, "subscription_inactive"),
+        ("POST", "/v1/ai/chat", Some("free-key"), 403, 402, "feature_not_in_plan"),
+        ("GET", "/v1/search", Some("late-key"), 403, 402, "payment_overdue"),
+    ];
+    for (method, uri, key, nginx_status, real, code) in rows {
+        let client: Vec<(&str, &str)> = key.map(|k| ("X-Api-Key", k)).into_iter().collect();
+        let r = nginx(addr, method, uri, &client).await;
+        assert_eq!(r.status, nginx_status, "{code}: {r:?}");
+        assert_eq!(r.header("x-tollgate-status"), Some(real.to_string().as_str()), "{code}");
+        let body: serde_json::Value = serde_json::from_str(r.header("x-tollgate-problem").unwrap_or("")).unwrap();
+        assert_eq!((body["code"].as_str(), body["status"].as_u64()), (Some(code), Some(u64::from(real))), "{body}");
+        assert_eq!(r.header("content-type"), None, "nginx sets the type: {r:?}");
+        if real == 402 {
+            assert!(r.header("link").is_some_and(|l| l.ends_with("rel=\"payment\"")), "{r:?}");
+        }
+        if real == 401 {
+            assert!(r.header("www-authenticate").is_some(), "{r:?}");
+        }
+    }
+    // The same problem as Traefik's body, word for word.
+    let t = traefik(addr, "/v1/search", Some("canceled-key")).await;
+    let n = nginx(addr, "GET", "/v1/search", &[("X-Api-Key", "canceled-key")]).await;
+    assert_eq!(n.header("x-tollgate-problem"), Some(t.body.as_str()));
+
+    // 429 keeps Retry-After and RateLimit.
+    for _ in 0..2 {
+        assert_eq!(nginx(addr, "GET", "/v1/search", &[("X-Api-Key", "rate-key")]).await.status, 200);
+    }
+    let r = nginx(addr, "GET", "/v1/search", &[("X-Api-Key", "rate-key")]).await;
+    assert_eq!((r.status, r.header("x-tollgate-status")), (403, Some("429")), "{r:?}");
+    assert!(r.header("retry-after").is_some() && r.header("ratelimit").is_some(), "{r:?}");
+    assert_eq!(metric(s.http, "tollgate_door_decisions_total{door=\"nginx\",status=\"429\"}").await, 1.0);
+    s.stop().await;
+}
+
+/// On the nginx door, bad input and any client `x-tollgate-*` header are
+/// 400 `request_invalid` (in nginx's shape: 403 + the real status), never an allow.
+#[tokio::test]
+async fn the_nginx_door_refuses_what_it_cannot_read_and_forged_tollgate_headers() {
+    let (s, addr) = door().await;
+    let key = ("X-Api-Key", "pro-key");
+    let refused = |r: &Response, what: &str| {
+        assert_eq!((r.status, r.header("x-tollgate-status")), (403, Some("400")), "{what}: {r:?}");
+        assert!(r.header("x-tollgate-problem").is_some_and(|p| p.contains("\"request_invalid\"")), "{what}");
+    };
+    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        ("no original URL", vec![("X-Original-Method", "GET"), key]),
+        ("no original method", vec![("X-Original-URL", "https://api.example.com/v1/search"), key]),
+        ("a relative URL", vec![("X-Original-Method", "GET"), ("X-Original-URL", "/v1/search"), key]),
+        ("no path", vec![("X-Original-Method", "GET"), ("X-Original-URL", "https://api.example.com"), key]),
+        (
+            "user info",
+            vec![("X-Original-Method", "GET"), ("X-Original-URL", "https://u@api.example.com/v1/search"), key],
+        ),
+        (
+            "another scheme",
+            vec![("X-Original-Method", "GET"), ("X-Original-URL", "gopher://api.example.com/v1/search"), key],
+        ),
+        (
+            "dot segments",
+            vec![("X-Original-Method", "GET"), ("X-Original-URL", "https://api.example.com/public/../v1/search"), key],
+        ),
+        (
+            "an empty method",
+            vec![("X-Original-Method", ""), ("X-Original-URL", "https://api.example.com/v1/search"), key],
+        ),
+    ];
+    for (what, headers) in cases {
+        refused(&request(addr, "GET", "/nginx", &headers).await.unwrap(), what);
+    }
+    for forged in ["x-tollgate-account", "x-tollgate-degraded", "x-tollgate-whatever"] {
+        refused(&nginx(addr, "GET", "/v1/search", &[key, (forged, "acct_pro")]).await, forged);
+        refused(&nginx(addr, "GET", "/public/docs", &[(forged, "1")]).await, forged);
+    }
+    // Not UTF-8: the URL cannot be read.
+    let raw = b"GET /nginx HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Original-Method: GET\r\nX-Original-URL: https://api.example.com/v1/search\xff\r\nX-Api-Key: pro-key\r\n\r\n";
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    c.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), c.read_to_end(&mut out)).await;
+    let head = String::from_utf8_lossy(&out);
+    assert!(head.starts_with("HTTP/1.1 403") && head.to_lowercase().contains("x-tollgate-status: 400"), "{head}");
+    assert_eq!(metric(s.http, "tollgate_door_decisions_total{door=\"nginx\",status=\"200\"}").await, 0.0);
     s.stop().await;
 }
 

@@ -16,6 +16,8 @@
 //! | [`process`] | tool finding, free ports, [`process::TollgateProcess`]: the real binary |
 //! | [`redis`] | [`redis::RedisServer`], [`redis::RedisCluster`], MONITOR, `redis-benchmark` |
 //! | [`envoy`] | [`envoy::Envoy`], the echo upstream, the shipped configs for tests, [`envoy::Stack`] |
+//! | [`nginx`] | [`nginx::Nginx`] running the shipped `deploy/nginx/tollgate.conf` |
+//! | [`front`] | [`front::Front`]: a proxy clients talk to; [`front::deny_rows`]: the decision table through it |
 //! | [`pki`] | [`pki::Pki`]: a CA and certificates written to a temporary folder |
 //! | [`bench`] | the benches' config and the Check they send |
 //! | [`load`] | load loops: [`load::run_load`], [`load::Run`], medians |
@@ -25,7 +27,7 @@
 //! | [`sink`] | [`sink::Sink`]: an HTTP event sink that can be stopped and resumed |
 //! | [`noop`] | an ext_authz server that allows everything (the floor) |
 //!
-//! Binaries: `ENVOY_BIN`, `TOLLGATE_REDIS_SERVER`, `TOLLGATE_REDIS_CLI`,
+//! Binaries: `ENVOY_BIN`, `NGINX_BIN`, `TOLLGATE_REDIS_SERVER`, `TOLLGATE_REDIS_CLI`,
 //! `TOLLGATE_REDIS_BENCHMARK` when set, else `PATH`, else `.tools/bin`
 //! (what `scripts/test.sh` installs); see [`process::tool`].
 
@@ -34,8 +36,10 @@ pub mod bench;
 pub mod check;
 pub mod cpu;
 pub mod envoy;
+pub mod front;
 pub mod http;
 pub mod load;
+pub mod nginx;
 pub mod noop;
 pub mod otlp;
 pub mod pki;
