@@ -14,6 +14,10 @@
 //! c-events  c-settle with usage and threshold events to an HTTP sink (opt-in)
 //! c-trace1  c-mem with OpenTelemetry traces to an OTLP collector, 1 % of Checks sampled (opt-in)
 //! c-trace100 c-trace1 with every Check sampled (opt-in)
+//! c-http    Envoy -GET /envoy/..-> tollgate's HTTP door (memory store) -> app
+//!           (deploy/envoy/envoy-http-authz.yaml; opt-in; compare with c-mem)
+//! n-alone   nginx -> app (deploy/nginx/tollgate.conf without auth_request; opt-in)
+//! n-tollgate nginx -auth_request-> tollgate's HTTP door (memory store) -> app (opt-in)
 //! ```
 //!
 //! ```text
@@ -43,8 +47,8 @@
 //! for every request wrk completed). Fails when any variant answers more than
 //! 0.1% non-2xx or socket errors, or is not wired as claimed.
 //!
-//! Needs envoy, redis-server, redis-cli and wrk, found as the kit finds tools
-//! (`ENVOY_BIN`, `TOLLGATE_REDIS_SERVER`, `TOLLGATE_REDIS_CLI`, `WRK_BIN`, else
+//! Needs envoy, redis-server, redis-cli, wrk and (for n-*) nginx, found as the kit finds tools
+//! (`ENVOY_BIN`, `TOLLGATE_REDIS_SERVER`, `TOLLGATE_REDIS_CLI`, `WRK_BIN`, `NGINX_BIN`, else
 //! PATH, else `.tools/bin`, where `scripts/tools.sh` installs them). All traffic stays on
 //! 127.0.0.1; every wait and every load run is bounded, and the whole run after
 //! the build by `--deadline`.
@@ -64,6 +68,7 @@ use tollgate_testkit::bench::{self, API_KEY};
 use tollgate_testkit::cpu::{self, child_pids, clock_ticks, loadavg, machine_ticks, reaped_children_ticks};
 use tollgate_testkit::envoy::{self, Envoy, Options};
 use tollgate_testkit::load::median;
+use tollgate_testkit::nginx::{self, Nginx};
 use tollgate_testkit::process::{KillOnDrop, TollgateProcess, free_addr, temp_dir, wait_child};
 use tollgate_testkit::redis::RedisServer;
 use tollgate_testkit::wrk::{Wrk, WrkOutput};
@@ -80,7 +85,7 @@ const TARGET_PATH: &str = "/v1/search?q=x";
 #[derive(Debug, Parser)]
 #[command(name = "envoy bench", about = "Load through a real Envoy: no ext_authz, a do-nothing ext_authz, tollgate")]
 struct Args {
-    /// Variants in run order, separated by spaces or commas: a, b, b-shaped, c-mem, c-redis, c-lease.
+    /// Variants in run order, separated by spaces or commas (the module doc lists them).
     #[arg(long, env = "BENCH_VARIANTS", default_value = "a b c-mem c-redis")]
     variants: String,
     /// Rounds of all variants, interleaved.
@@ -119,6 +124,9 @@ enum Variant {
     CEvents,
     CTrace1,
     CTrace100,
+    CHttp,
+    NAlone,
+    NTollgate,
 }
 
 impl Variant {
@@ -134,9 +142,13 @@ impl Variant {
             "c-events" => Self::CEvents,
             "c-trace1" => Self::CTrace1,
             "c-trace100" => Self::CTrace100,
+            "c-http" => Self::CHttp,
+            "n-alone" => Self::NAlone,
+            "n-tollgate" => Self::NTollgate,
             _ => {
                 return Err(format!(
-                    "unknown variant {s} (a, b, b-shaped, c-mem, c-redis, c-lease, c-settle, c-events, c-trace1, c-trace100)"
+                    "unknown variant {s} (a, b, b-shaped, c-mem, c-redis, c-lease, c-settle, c-events, c-trace1, \
+                     c-trace100, c-http, n-alone, n-tollgate)"
                 ));
             }
         })
@@ -154,6 +166,9 @@ impl Variant {
             Self::CEvents => "c-events",
             Self::CTrace1 => "c-trace1",
             Self::CTrace100 => "c-trace100",
+            Self::CHttp => "c-http",
+            Self::NAlone => "n-alone",
+            Self::NTollgate => "n-tollgate",
         }
     }
 
@@ -170,14 +185,22 @@ impl Variant {
             Self::CEvents => "c: tollgate, Redis store, settling, usage events to a sink",
             Self::CTrace1 => "c: tollgate, memory store, traces (1 % sampled) to a collector",
             Self::CTrace100 => "c: tollgate, memory store, traces (all sampled) to a collector",
+            Self::CHttp => "c: tollgate over Envoy's HTTP ext_authz, memory store",
+            Self::NAlone => "n: nginx, no auth_request",
+            Self::NTollgate => "n: nginx auth_request to tollgate, memory store",
         }
+    }
+
+    /// nginx in front instead of Envoy.
+    fn is_nginx(self) -> bool {
+        matches!(self, Self::NAlone | Self::NTollgate)
     }
 }
 
 type Fallible<T> = Result<T, String>;
 
 /// The variants where tollgate answers.
-const TOLLGATES: [Variant; 7] = [
+const TOLLGATES: [Variant; 9] = [
     Variant::CMem,
     Variant::CRedis,
     Variant::CLease,
@@ -185,6 +208,8 @@ const TOLLGATES: [Variant; 7] = [
     Variant::CEvents,
     Variant::CTrace1,
     Variant::CTrace100,
+    Variant::CHttp,
+    Variant::NTollgate,
 ];
 
 #[tokio::main(flavor = "current_thread")]
@@ -297,14 +322,22 @@ async fn run(args: Args) -> Fallible<()> {
         conditions: format!(
             "wrk -t1 -c{} -d{}s --latency (after a {}s warm-up per run), GET {TARGET_PATH} with x-api-key, {} rounds \
              interleaved {}; Envoy {} --concurrency 1 from deploy/envoy/envoy.yaml (its per-request access log \
-             written to /dev/null); wrk, Envoy, tollgate, noop_authz, redis-server and the upstream all on this \
-             machine, on 127.0.0.1",
+             written to /dev/null){}; wrk, the proxies, tollgate, noop_authz, redis-server and the upstream all on \
+             this machine, on 127.0.0.1",
             args.connections,
             args.duration,
             args.warmup,
             args.rounds,
             variants.iter().map(|v| v.id()).collect::<Vec<_>>().join(" "),
             envoy_version(),
+            if variants.iter().any(|v| v.is_nginx()) {
+                format!(
+                    "; nginx {} with one worker process from deploy/nginx/tollgate.conf (no access log)",
+                    nginx_version()
+                )
+            } else {
+                String::new()
+            },
         ),
         load_before,
         load_after,
@@ -494,7 +527,8 @@ fn create(path: &Path) -> Fallible<std::fs::File> {
 /// What a process does in a variant's run, for the CPU table.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
-    Envoy,
+    /// Envoy or nginx.
+    Proxy,
     Authz,
     Upstream,
     Redis,
@@ -507,19 +541,18 @@ struct Stack {
     noop_shaped: Option<(Spawned, SocketAddr)>,
     redis: Option<RedisServer>,
     redis_pid: Option<u32>,
-    tollgate_mem: Option<TollgateProcess>,
-    tollgate_redis: Option<TollgateProcess>,
-    tollgate_lease: Option<TollgateProcess>,
-    tollgate_settle: Option<TollgateProcess>,
-    tollgate_events: Option<TollgateProcess>,
-    tollgate_trace1: Option<TollgateProcess>,
-    tollgate_trace100: Option<TollgateProcess>,
+    /// The tollgate each `c-*`/`n-tollgate` variant asks (one process each).
+    tollgates: BTreeMap<Variant, TollgateProcess>,
+    /// The HTTP door (`server.authz_http_listen`) of c-http's and n-tollgate's tollgate.
+    doors: BTreeMap<Variant, SocketAddr>,
     /// c-events' sink (in this process).
     sink: Option<tollgate_testkit::sink::Sink>,
     /// The c-trace variants' OTLP collector (in this process).
     collector: Option<tollgate_testkit::otlp::Collector>,
-    /// Each variant's Envoy with its process id.
+    /// Each Envoy variant's Envoy with its process id.
     envoys: BTreeMap<Variant, (Envoy, u32)>,
+    /// Each nginx variant's nginx with its process id.
+    nginxes: BTreeMap<Variant, (Nginx, u32)>,
 }
 
 impl Stack {
@@ -544,16 +577,12 @@ impl Stack {
             noop_shaped,
             redis: None,
             redis_pid: None,
-            tollgate_mem: None,
-            tollgate_redis: None,
-            tollgate_lease: None,
-            tollgate_settle: None,
-            tollgate_events: None,
-            tollgate_trace1: None,
-            tollgate_trace100: None,
+            tollgates: BTreeMap::new(),
+            doors: BTreeMap::new(),
             sink: None,
             collector: None,
             envoys: BTreeMap::new(),
+            nginxes: BTreeMap::new(),
         };
         let tollgate = helpers.tollgate.to_str().ok_or("tollgate path is not UTF-8")?;
         let on_redis = [Variant::CRedis, Variant::CLease, Variant::CSettle, Variant::CEvents];
@@ -566,14 +595,14 @@ impl Stack {
                     tollgate_config("redis", g, h, port)
                         .replace("  on_error: deny ", "  counting: lease\n  on_error: deny ")
                 };
-                stack.tollgate_lease = Some(TollgateProcess::start(tollgate, &[], lease).await);
+                stack.tollgates.insert(Variant::CLease, TollgateProcess::start(tollgate, &[], lease).await);
             }
             let settling = |g, h| {
                 tollgate_config("redis", g, h, port)
                     .replace("\nbilling:\n", "\nbilling:\n  charge_on: [2xx, 3xx, 4xx]\n")
             };
             if has(Variant::CSettle) {
-                stack.tollgate_settle = Some(TollgateProcess::start(tollgate, &[], settling).await);
+                stack.tollgates.insert(Variant::CSettle, TollgateProcess::start(tollgate, &[], settling).await);
             }
             if has(Variant::CEvents) {
                 let sink = tollgate_testkit::sink::Sink::start().await;
@@ -582,7 +611,7 @@ impl Stack {
                     settling(g, h)
                         + &format!("events:\n  sink: {{ url: \"{url}\" }}\n  thresholds: {{ quota: [0.8, 1.0] }}\n")
                 };
-                stack.tollgate_events = Some(TollgateProcess::start(tollgate, &[], events).await);
+                stack.tollgates.insert(Variant::CEvents, TollgateProcess::start(tollgate, &[], events).await);
                 stack.sink = Some(sink);
             }
             let log = work.join("seed.out");
@@ -597,12 +626,23 @@ impl Stack {
             if !wait_child("tollgate seed", &mut KillOnDrop(seed), Duration::from_secs(30)).await?.success() {
                 return Err(format!("tollgate seed failed: {}", tail(&log)));
             }
-            let p = has(Variant::CRedis).then_some(p);
-            (stack.redis, stack.redis_pid, stack.tollgate_redis) = (Some(redis), Some(pid), p);
+            if has(Variant::CRedis) {
+                stack.tollgates.insert(Variant::CRedis, p);
+            }
+            (stack.redis, stack.redis_pid) = (Some(redis), Some(pid));
         }
         if has(Variant::CMem) {
-            stack.tollgate_mem =
-                Some(TollgateProcess::start(tollgate, &[], |g, h| tollgate_config("memory", g, h, 6379)).await);
+            let p = TollgateProcess::start(tollgate, &[], |g, h| tollgate_config("memory", g, h, 6379)).await;
+            stack.tollgates.insert(Variant::CMem, p);
+        }
+        for v in [Variant::CHttp, Variant::NTollgate].into_iter().filter(|v| has(*v)) {
+            let door = free_addr();
+            let with_door = |g: SocketAddr, h| {
+                tollgate_config("memory", g, h, 6379)
+                    .replace(&format!("grpc_listen: {g}"), &format!("grpc_listen: {g}\n  authz_http_listen: {door}"))
+            };
+            stack.tollgates.insert(v, TollgateProcess::start(tollgate, &[], with_door).await);
+            stack.doors.insert(v, door);
         }
         if has(Variant::CTrace1) || has(Variant::CTrace100) {
             let collector = tollgate_testkit::otlp::Collector::start().await;
@@ -614,17 +654,25 @@ impl Stack {
                 }
             };
             if has(Variant::CTrace1) {
-                stack.tollgate_trace1 = Some(TollgateProcess::start(tollgate, &[], traced(0.01)).await);
+                stack.tollgates.insert(Variant::CTrace1, TollgateProcess::start(tollgate, &[], traced(0.01)).await);
             }
             if has(Variant::CTrace100) {
-                stack.tollgate_trace100 = Some(TollgateProcess::start(tollgate, &[], traced(1.0)).await);
+                stack.tollgates.insert(Variant::CTrace100, TollgateProcess::start(tollgate, &[], traced(1.0)).await);
             }
             stack.collector = Some(collector);
         }
         stack.wait_servers().await?;
 
         for &v in variants {
-            let config = envoy_config(v, stack.authz_addr(v).ok_or("no ext_authz server")?, stack.upstream.1)?;
+            if v.is_nginx() {
+                let door = stack.doors.get(&v).copied().unwrap_or_else(free_addr);
+                let upstream = stack.upstream.1;
+                let config = move |listen| nginx_config(v, door, upstream, listen);
+                stack.nginxes.insert(v, new_child(Nginx::start(config)).await?);
+                continue;
+            }
+            let authz = stack.authz_addr(v).ok_or("no ext_authz server")?;
+            let config = envoy_config(v, authz, stack.doors.get(&v).copied(), stack.upstream.1)?;
             let (envoy, pid) = new_child(Envoy::start(&config)).await?;
             if v != Variant::A {
                 envoy.wait_cluster_healthy("tollgate").await;
@@ -652,35 +700,27 @@ impl Stack {
         Ok(())
     }
 
+    /// The gRPC server an Envoy variant's ext_authz cluster points at (for
+    /// c-http: only its health checks).
     fn authz_addr(&self, v: Variant) -> Option<SocketAddr> {
         match v {
             Variant::A | Variant::B => self.noop.as_ref().map(|n| n.1),
             Variant::BShaped => self.noop_shaped.as_ref().map(|n| n.1),
-            Variant::CMem => self.tollgate_mem.as_ref().map(|t| t.grpc),
-            Variant::CRedis => self.tollgate_redis.as_ref().map(|t| t.grpc),
-            Variant::CLease => self.tollgate_lease.as_ref().map(|t| t.grpc),
-            Variant::CSettle => self.tollgate_settle.as_ref().map(|t| t.grpc),
-            Variant::CEvents => self.tollgate_events.as_ref().map(|t| t.grpc),
-            Variant::CTrace1 => self.tollgate_trace1.as_ref().map(|t| t.grpc),
-            Variant::CTrace100 => self.tollgate_trace100.as_ref().map(|t| t.grpc),
+            _ => self.tollgate(v).map(|t| t.grpc),
         }
     }
 
     fn tollgate(&self, v: Variant) -> Option<&TollgateProcess> {
-        match v {
-            Variant::CMem => self.tollgate_mem.as_ref(),
-            Variant::CRedis => self.tollgate_redis.as_ref(),
-            Variant::CLease => self.tollgate_lease.as_ref(),
-            Variant::CSettle => self.tollgate_settle.as_ref(),
-            Variant::CEvents => self.tollgate_events.as_ref(),
-            Variant::CTrace1 => self.tollgate_trace1.as_ref(),
-            Variant::CTrace100 => self.tollgate_trace100.as_ref(),
-            _ => None,
-        }
+        self.tollgates.get(&v)
+    }
+
+    /// Where clients talk to variant `v`'s proxy.
+    fn front(&self, v: Variant) -> SocketAddr {
+        self.nginxes.get(&v).map_or_else(|| self.envoys[&v].0.addr, |n| n.0.addr)
     }
 
     fn url(&self, v: Variant) -> String {
-        format!("http://{}{TARGET_PATH}", self.envoys[&v].0.addr)
+        format!("http://{}{TARGET_PATH}", self.front(v))
     }
 
     /// Each variant is wired as claimed: 200 with the key; tollgate answers 401
@@ -688,7 +728,7 @@ impl Stack {
     /// b-shaped tells the upstream the account but lets anyone in.
     async fn check_wiring(&self, variants: &[Variant]) -> Fallible<()> {
         for &v in variants {
-            let addr = self.envoys[&v].0.addr;
+            let addr = self.front(v);
             let with =
                 envoy::request(addr, "GET", TARGET_PATH, &[("x-api-key", API_KEY)]).await.map_err(|e| e.to_string())?;
             let without = envoy::request(addr, "GET", TARGET_PATH, &[]).await.map_err(|e| e.to_string())?;
@@ -707,9 +747,11 @@ impl Stack {
                 | Variant::CSettle
                 | Variant::CEvents
                 | Variant::CTrace1
-                | Variant::CTrace100 => (true, 401),
+                | Variant::CTrace100
+                | Variant::CHttp
+                | Variant::NTollgate => (true, 401),
                 Variant::BShaped => (true, 200),
-                Variant::A | Variant::B => (false, 200),
+                Variant::A | Variant::B | Variant::NAlone => (false, 200),
             };
             if told != want_told {
                 let saw = if told { "saw" } else { "did not see" };
@@ -728,23 +770,19 @@ impl Stack {
         for s in [&mut self.noop, &mut self.noop_shaped].into_iter().flatten() {
             s.0.alive()?;
         }
-        let tollgates = [
-            &mut self.tollgate_mem,
-            &mut self.tollgate_redis,
-            &mut self.tollgate_lease,
-            &mut self.tollgate_settle,
-            &mut self.tollgate_events,
-            &mut self.tollgate_trace1,
-            &mut self.tollgate_trace100,
-        ];
-        for t in tollgates.into_iter().flatten() {
+        for (v, t) in &mut self.tollgates {
             if !matches!(t.child.try_wait(), Ok(None)) {
-                return Err("a tollgate process exited early".into());
+                return Err(format!("{}: the tollgate process exited early", v.id()));
             }
         }
         for (v, (envoy, pid)) in &self.envoys {
             if cpu::ticks(*pid).is_none() {
                 return Err(format!("envoy-{} exited early:\n{}", v.id(), envoy.log()));
+            }
+        }
+        for (v, (nginx, pid)) in &self.nginxes {
+            if cpu::ticks(*pid).is_none() {
+                return Err(format!("nginx-{} exited early:\n{}", v.id(), nginx.log()));
             }
         }
         if self.redis_pid.is_some_and(|p| cpu::ticks(p).is_none()) {
@@ -763,14 +801,13 @@ impl Stack {
         if let Some((s, _)) = &self.noop_shaped {
             out.push((s.pid(), authz(v == Variant::BShaped)));
         }
-        for w in TOLLGATES {
-            if let Some(t) = self.tollgate(w) {
-                out.push((t.child.id(), authz(v == w)));
-            }
+        for (&w, t) in &self.tollgates {
+            out.push((t.child.id(), authz(v == w)));
         }
         out.extend(self.redis_pid.map(|p| (p, Some(Role::Redis))));
-        for (&w, (_, pid)) in &self.envoys {
-            out.push((*pid, (w == v).then_some(Role::Envoy)));
+        let proxies = self.envoys.iter().map(|(w, e)| (w, e.1)).chain(self.nginxes.iter().map(|(w, n)| (w, n.1)));
+        for (&w, pid) in proxies {
+            out.push((pid, (w == v).then_some(Role::Proxy)));
         }
         out
     }
@@ -778,22 +815,10 @@ impl Stack {
     fn cpu_sample(&self) -> CpuSample {
         let mut pids: Vec<u32> = vec![self.upstream.0.pid()];
         pids.extend([&self.noop, &self.noop_shaped].into_iter().flatten().map(|s| s.0.pid()));
-        pids.extend(
-            [
-                &self.tollgate_mem,
-                &self.tollgate_redis,
-                &self.tollgate_lease,
-                &self.tollgate_settle,
-                &self.tollgate_events,
-                &self.tollgate_trace1,
-                &self.tollgate_trace100,
-            ]
-            .into_iter()
-            .flatten()
-            .map(|t| t.child.id()),
-        );
+        pids.extend(self.tollgates.values().map(|t| t.child.id()));
         pids.extend(self.redis_pid);
         pids.extend(self.envoys.values().map(|e| e.1));
+        pids.extend(self.nginxes.values().map(|n| n.1));
         CpuSample::take(&pids)
     }
 
@@ -837,7 +862,8 @@ impl Stack {
     /// tollgate) and the app; then its non-2xx and ext_authz counters (the
     /// wiring check sent one request without a key).
     async fn envoy_view(&self, v: Variant) -> String {
-        let admin = self.envoys[&v].0.admin;
+        let Some((envoy, _)) = self.envoys.get(&v) else { return "nginx: no such stats".to_owned() };
+        let admin = envoy.admin;
         let stats = envoy::request(admin, "GET", "/stats?usedonly", &[]).await.map(|r| r.body).unwrap_or_default();
         let mut hops = Vec::new();
         let mut counters = Vec::new();
@@ -903,13 +929,26 @@ fn tollgate_config(backend: &str, grpc: SocketAddr, http: SocketAddr, redis_port
     c
 }
 
-/// Envoy's config for variant `v`: the kit's rewrite of the shipped file, with
-/// the shipped health-check interval (the kit shortens it for tests); variant a
-/// without the ext_authz filter.
-fn envoy_config(v: Variant, authz: SocketAddr, upstream: SocketAddr) -> Fallible<String> {
+/// Envoy's config for variant `v`: the kit's rewrite of the shipped file
+/// (`envoy-http-authz.yaml` asking `door` for c-http), with the shipped
+/// health-check interval (the kit shortens it for tests); variant a without
+/// the ext_authz filter.
+fn envoy_config(v: Variant, authz: SocketAddr, door: Option<SocketAddr>, upstream: SocketAddr) -> Fallible<String> {
+    let file = if v == Variant::CHttp { "deploy/envoy/envoy-http-authz.yaml" } else { "deploy/envoy/envoy.yaml" };
     // An absolute path, which the kit's `root.join(file)` keeps.
-    let shipped = Path::new(ROOT).join("deploy/envoy/envoy.yaml");
+    let shipped = Path::new(ROOT).join(file);
     let mut c = envoy::config_from(&shipped.to_string_lossy(), authz, upstream, Options::default());
+    if let Some(door) = door {
+        for (from, to) in [
+            ("port_value: 9192", format!("port_value: {}", door.port())),
+            ("uri: http://127.0.0.1:9192", format!("uri: http://{door}")),
+        ] {
+            if !c.contains(from) {
+                return Err(format!("{file} changed: no `{from}`"));
+            }
+            c = c.replace(from, &to);
+        }
+    }
     if c.matches("interval: 0.2s").count() != 1 {
         return Err("the kit's Envoy config no longer sets `interval: 0.2s` once".into());
     }
@@ -923,6 +962,25 @@ fn envoy_config(v: Variant, authz: SocketAddr, upstream: SocketAddr) -> Fallible
         c.replace_range(start..end, "");
     }
     Ok(c)
+}
+
+/// nginx's config for variant `v`: the kit's rewrite of the shipped
+/// `deploy/nginx/tollgate.conf`; n-alone without its `auth_request` (the same
+/// header work on empty values, no question asked).
+fn nginx_config(v: Variant, door: SocketAddr, upstream: SocketAddr, listen: SocketAddr) -> String {
+    let c = nginx::config(door, upstream, listen);
+    if v == Variant::NAlone {
+        assert_eq!(c.matches("        auth_request /_tollgate;\n").count(), 1, "deploy/nginx/tollgate.conf changed");
+        return c.replace("        auth_request /_tollgate;\n", "");
+    }
+    c
+}
+
+/// `nginx -v`'s version, e.g. `1.22.1`.
+fn nginx_version() -> String {
+    let out = Command::new(nginx::nginx_bin()).arg("-v").output();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+    text.split("nginx/").nth(1).map_or("?", str::trim).to_owned()
 }
 
 /// `envoy --version`'s release, e.g. `1.40.0`.
@@ -945,7 +1003,8 @@ struct CpuSample {
 /// CPU ticks spent during one measured run, by role.
 #[derive(Clone, Copy, Default)]
 struct RunCpu {
-    envoy: u64,
+    /// Envoy or nginx.
+    proxy: u64,
     authz: u64,
     upstream: u64,
     redis: u64,
@@ -972,7 +1031,7 @@ impl CpuSample {
             let d = self.per_pid.get(&pid).copied().unwrap_or(0) - before.per_pid.get(&pid).copied().unwrap_or(0);
             ours += d;
             match role {
-                Some(Role::Envoy) => cpu.envoy += d,
+                Some(Role::Proxy) => cpu.proxy += d,
                 Some(Role::Authz) => cpu.authz += d,
                 Some(Role::Upstream) => cpu.upstream += d,
                 Some(Role::Redis) => cpu.redis += d,
@@ -1066,6 +1125,9 @@ impl Report<'_> {
             (CLease, A, None),
             (CSettle, CRedis, Some(0.9)),
             (CEvents, CRedis, Some(0.9)),
+            (CHttp, CMem, Some(0.9)),
+            (CHttp, A, None),
+            (NTollgate, NAlone, None),
         ];
         if self.variants.contains(&BShaped) {
             ratios.extend([(BShaped, B, None), (CMem, BShaped, None), (CRedis, BShaped, None)]);
@@ -1106,13 +1168,13 @@ impl Report<'_> {
             .unwrap();
         writeln!(
             o,
-            "| variant | Envoy | ext_authz server | upstream | redis-server | wrk | our idle processes | sum | \
+            "| variant | proxy (Envoy or nginx) | authz server | upstream | redis-server | wrk | our idle processes | sum | \
              other processes (cores) | machine busy |\n|---|{}",
             "---|".repeat(9)
         )
         .unwrap();
         let parts: [fn(&RunCpu) -> u64; 6] =
-            [|c| c.envoy, |c| c.authz, |c| c.upstream, |c| c.redis, |c| c.wrk, |c| c.idle];
+            [|c| c.proxy, |c| c.authz, |c| c.upstream, |c| c.redis, |c| c.wrk, |c| c.idle];
         for &v in self.variants {
             let us: Vec<f64> = parts
                 .iter()

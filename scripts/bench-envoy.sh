@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end load through a real Envoy: benches/envoy.rs, after installing
-# what it runs but cargo does not build (wrk, Envoy, redis-server; see
+# what it runs but cargo does not build (wrk, Envoy, redis-server, nginx; see
 # scripts/tools.sh) into .tools/ when missing. Arguments go to the bench:
 #
 #   scripts/bench-envoy.sh                          # 2 rounds x 10 s, variants a b c-mem c-redis
@@ -15,6 +15,7 @@ source scripts/tools.sh
 ensure_redis
 ensure_envoy
 ensure_wrk
-tools_versions envoy redis wrk
+ensure_nginx
+tools_versions envoy redis wrk nginx
 
 exec cargo bench --locked --bench envoy -- "$@"
