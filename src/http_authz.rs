@@ -18,14 +18,15 @@
 //! A thin translation, like `grpc::ext_authz`: the request becomes a
 //! [`Query`] for the [`Authorizer`], the [`Outcome`] an HTTP answer. Allowed:
 //! 200 with the headers for the upstream (identity, plan, warnings) and, for
-//! Envoy, `x-envoy-auth-headers-to-remove` naming the credential headers.
+//! Envoy, `x-envoy-auth-headers-to-remove` naming the credential headers and
+//! `x-tollgate-charge` carrying the signed charge (charging on the response).
 //! Denied: the status, problem body and client headers as the client should
 //! see them. A request the door cannot read (forwarded headers missing or not
 //! UTF-8, a URI that is not an absolute path) is decided as a Check with no
 //! request: 400 `request_invalid`, never an allow.
 //!
 //! May use: `authorizer`, `decision`, `identity` (the `Credentials` trait), `metrics`,
-//! `problem` (a store fault rendered as `on_error: deny` would).
+//! `problem` (a store fault rendered as `on_error: deny` would), `settlement` (the charge's header).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -161,7 +162,7 @@ async fn answer(State(authorizer): State<Arc<Authorizer>>, request: Request) -> 
             let decision = crate::decision::Decision::deny(crate::decision::Code::StoreUnavailable);
             let config = authorizer.config();
             let response = crate::problem::render(&decision, &config, Default::default(), chrono::Utc::now());
-            return render(door, &decision, &response);
+            return render(door, &decision, &response, None);
         }
     };
     outcome.trace();
@@ -178,7 +179,7 @@ async fn answer(State(authorizer): State<Arc<Authorizer>>, request: Request) -> 
             "check denied"
         );
     }
-    render(door, &outcome.decision, &outcome.response)
+    render(door, &outcome.decision, &outcome.response, outcome.charge.as_deref())
 }
 
 fn put(headers: &mut HeaderMap, name: &str, value: &str) {
@@ -187,12 +188,18 @@ fn put(headers: &mut HeaderMap, name: &str, value: &str) {
     }
 }
 
-/// The HTTP answer for a decided request.
-fn render(door: Door, decision: &Decision, r: &problem::Response) -> Response {
+/// The HTTP answer for a decided request; `charge` is the signed charge for
+/// settlement (see `settlement`), which only Envoy's door carries on.
+fn render(door: Door, decision: &Decision, r: &problem::Response, charge: Option<&str>) -> Response {
     let mut headers = HeaderMap::new();
     if decision.is_allowed() {
         for (k, v) in r.upstream_headers.iter().chain(&r.client_headers) {
             put(&mut headers, k, v);
+        }
+        if let (Door::EnvoyHttp, Some(charge)) = (door, charge) {
+            // Envoy's `dynamic_metadata_from_headers` makes it the request's
+            // metadata, which its access log streams back for settlement.
+            put(&mut headers, crate::settlement::HTTP_HEADER, charge);
         }
         if door == Door::EnvoyHttp && !r.upstream_remove.is_empty() {
             // Envoy removes these from the upstream request (the credential,

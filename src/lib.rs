@@ -24,7 +24,7 @@
 //! | [`stripe`] | webhook signatures, events → account changes | `entitlement`, `bounds`, `accounts`, `config` (Stripe settings) |
 //! | [`telemetry`] | OpenTelemetry spans: the caller's trace context, the bounded export queue, per-request stats | `config` (tracing settings) |
 //! | [`http`] | `/healthz`, `/readyz`, `/metrics`, `/webhooks/stripe` | `metrics`, `stripe`, `accounts`, `authorizer`, `listener`, `config` (limits), `store` (lease totals for metrics) |
-//! | [`http_authz`] | the HTTP authorization door: Envoy's HTTP ext_authz, Traefik ForwardAuth, nginx auth_request | `authorizer`, `decision`, `identity`, `metrics`, `problem`, `route` |
+//! | [`http_authz`] | the HTTP authorization door: Envoy's HTTP ext_authz, Traefik ForwardAuth, nginx auth_request | `authorizer`, `decision`, `identity`, `metrics`, `problem`, `route`, `settlement` |
 //! | [`listener`] | accepting within bounds: connection cap, handshake deadline | `config` (limits) |
 //! | [`reload`] | config reloads (SIGHUP, file watch) | `config`, `authorizer` |
 //! | [`server`] | wiring, health, graceful shutdown | everything |

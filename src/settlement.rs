@@ -32,6 +32,10 @@ pub const NAMESPACE: &str = "envoy.filters.http.ext_authz";
 
 /// The metadata field holding the charge (a string, [`Charge::seal`]).
 pub const FIELD: &str = "charge";
+/// The charge's header on the HTTP door for Envoy, and so its key in the
+/// request's metadata there (Envoy's `dynamic_metadata_from_headers` keys
+/// metadata by header name, in the same namespace).
+pub const HTTP_HEADER: &str = "x-tollgate-charge";
 
 /// The oldest charge settled: an entry for an older one is refused as stale,
 /// which bounds how long settled ids are remembered. Envoy sends entries

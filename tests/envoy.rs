@@ -319,12 +319,7 @@ async fn over_envoy_s_http_ext_authz_every_row_is_as_over_grpc() {
         redis.url()
     );
     let tollgate = TestServer::start_configured(&yaml, true).await;
-    let s = Stack::around(tollgate, |t, u| {
-        envoy::config_from("deploy/envoy/envoy-http-authz.yaml", t, u, Options::default())
-            .replace("port_value: 9192", &format!("port_value: {}", door.port()))
-            .replace("uri: http://127.0.0.1:9192", &format!("uri: http://{door}"))
-    })
-    .await;
+    let s = Stack::around(tollgate, |t, u| envoy::http_door_config(t, door, u, Options::default())).await;
     s.envoy.wait_cluster_healthy("tollgate").await;
     let r = s.get("/v1/search", &[("x-api-key", "pro-key"), ("x-tollgate-account", "acct_forged")]).await;
     assert_eq!(r.status, 200, "{r:?}");

@@ -51,10 +51,19 @@ fn yaml(store: &str) -> String {
     format!("{CONFIG}store: {store}\n")
 }
 
-/// Envoy on the shipped config, plus a file access log of each request's
-/// status and charge (what the test replays later).
-fn envoy_config(tollgate: std::net::SocketAddr, upstream: std::net::SocketAddr, capture: &std::path::Path) -> String {
-    let c = envoy::config(tollgate, upstream, Options::default());
+/// Envoy on the shipped config (over the HTTP door `door` when given: the
+/// charge then rides in `x-tollgate-charge`), plus a file access log of each
+/// request's status and charge (what the test replays later).
+fn envoy_config(
+    tollgate: std::net::SocketAddr,
+    door: Option<std::net::SocketAddr>,
+    upstream: std::net::SocketAddr,
+    capture: &std::path::Path,
+) -> String {
+    let (c, key) = match door {
+        Some(door) => (envoy::http_door_config(tollgate, door, upstream, Options::default()), "x-tollgate-charge"),
+        None => (envoy::config(tollgate, upstream, Options::default()), "charge"),
+    };
     assert!(c.contains("envoy.access_loggers.http_grpc"), "the shipped config streams access logs to tollgate");
     let file = format!(
         r#"                  - name: envoy.access_loggers.file
@@ -64,7 +73,7 @@ fn envoy_config(tollgate: std::net::SocketAddr, upstream: std::net::SocketAddr, 
                       log_format:
                         json_format:
                           code: "%RESPONSE_CODE%"
-                          charge: "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:charge)%"
+                          charge: "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:{key})%"
 "#,
         capture.display()
     );
@@ -81,16 +90,25 @@ struct Run {
 }
 
 async fn run(redis: bool) -> Run {
+    run_through(redis, false).await
+}
+
+/// [`run`], with Envoy asking over gRPC or (`http_door`) over HTTP.
+async fn run_through(redis: bool, http_door: bool) -> Run {
     let server = redis.then(RedisServer::start);
-    let yaml = match &server {
+    let mut yaml = match &server {
         Some(r) => yaml(&format!("{{ backend: redis, url: \"{}\" }}", r.url())),
         None => yaml("{ backend: memory }"),
     };
+    let door = http_door.then(tollgate_testkit::process::free_addr);
+    if let Some(door) = door {
+        yaml += &format!("server: {{ authz_http_listen: \"{door}\" }}\n");
+    }
     let tollgate = TestServer::start_configured(&yaml, true).await;
     let memory = (!redis).then(|| tollgate.store.clone());
     let capture = temp_dir("capture").join("access.log");
     let path = capture.clone();
-    let stack = Stack::around(tollgate, move |t, u| envoy_config(t, u, &path)).await;
+    let stack = Stack::around(tollgate, move |t, u| envoy_config(t, door, u, &path)).await;
     stack.envoy.wait_cluster_healthy("tollgate").await;
     Run { stack, capture, yaml, memory, _redis: server }
 }
@@ -143,7 +161,10 @@ impl Run {
 }
 
 async fn failed_requests_are_refunded(redis: bool) {
-    let r = run(redis).await;
+    refunded(run(redis).await).await;
+}
+
+async fn refunded(r: Run) {
     r.hundred_with_thirty_failing("m-key", "/v1/search").await;
     r.hundred_with_thirty_failing("w-key", "/v1/search").await;
     r.wait_used("acct_m", "requests", Period::Month, 70).await;
@@ -170,7 +191,10 @@ async fn failed_requests_are_refunded_through_envoy_on_redis() {
 }
 
 async fn reported_tokens_are_charged(redis: bool) {
-    let r = run(redis).await;
+    charged(run(redis).await).await;
+}
+
+async fn charged(r: Run) {
     let mut want = 0;
     for i in 0..20u64 {
         // Some below the reservation of 100, some above it (an overage).
@@ -196,6 +220,19 @@ async fn reported_tokens_are_charged(redis: bool) {
     assert_eq!(r.metric("tollgate_settlement_bad_entries_total{reason=\"cost_header\"}").await, 2.0);
     assert!(r.metric("tollgate_settlement_units_total{kind=\"overage\"}").await > 0.0);
     r.stack.stop().await;
+}
+
+/// Over Envoy's HTTP ext_authz and the HTTP door the same charge rides in
+/// `x-tollgate-charge`, which Envoy makes metadata (never an upstream header):
+/// a Check spends the same whichever door it came through.
+#[tokio::test]
+async fn over_envoy_s_http_ext_authz_failed_requests_are_refunded_and_tokens_charged() {
+    refunded(run_through(true, true).await).await;
+    let r = run_through(false, true).await;
+    let seen = r.stack.get("/v1/search", &[("x-api-key", "m-key")]).await;
+    assert!(seen.json()["headers"].get("x-tollgate-charge").is_none(), "{seen:?}");
+    assert!(seen.header("x-tollgate-charge").is_none(), "{seen:?}");
+    charged(r).await;
 }
 
 #[tokio::test]

@@ -65,7 +65,9 @@ fn entry(entry: &HttpAccessLogEntry) -> Option<Entry<'_>> {
     if !final_entry.contains(&common.access_log_type) {
         return None;
     }
-    let charge = common.metadata.as_ref()?.filter_metadata.get(settlement::NAMESPACE)?.fields.get(settlement::FIELD)?;
+    let fields = &common.metadata.as_ref()?.filter_metadata.get(settlement::NAMESPACE)?.fields;
+    // From a gRPC Check's metadata, or from the HTTP door's header.
+    let charge = fields.get(settlement::FIELD).or_else(|| fields.get(settlement::HTTP_HEADER))?;
     let Some(Kind::StringValue(charge)) = &charge.kind else { return None };
     let response = entry.response.as_ref();
     Some(Entry {

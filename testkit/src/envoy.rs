@@ -246,6 +246,21 @@ pub fn config_from(file: &str, tollgate: SocketAddr, upstream: SocketAddr, opts:
     c
 }
 
+/// `deploy/envoy/envoy-http-authz.yaml` as [`config_from`] rewrites it, with
+/// its HTTP ext_authz pointed at tollgate's HTTP door `door`
+/// (`server.authz_http_listen`); health checks still go to `tollgate`'s gRPC port.
+pub fn http_door_config(tollgate: SocketAddr, door: SocketAddr, upstream: SocketAddr, opts: Options) -> String {
+    let mut c = config_from("deploy/envoy/envoy-http-authz.yaml", tollgate, upstream, opts);
+    for (from, to) in [
+        ("port_value: 9192", format!("port_value: {}", door.port())),
+        ("uri: http://127.0.0.1:9192", format!("uri: http://{door}")),
+    ] {
+        assert!(c.contains(from), "deploy/envoy/envoy-http-authz.yaml no longer has `{from}`");
+        c = c.replace(from, &to);
+    }
+    c
+}
+
 /// Runs `envoy --mode validate` on a config text; `Err` carries Envoy's output.
 pub fn validate(config: &str) -> Result<(), String> {
     let dir = temp_dir("validate");
