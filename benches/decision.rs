@@ -120,7 +120,7 @@ fn bench_render(c: &mut Criterion) {
     let allowed = decide(&config.policy, SEARCH, &account, &answer(42, false));
     assert!(allowed.is_allowed());
     let strip = [std::borrow::Cow::Borrowed("x-api-key")];
-    let ctx = Context { strip: &strip };
+    let ctx = Context { strip: &strip, payment: None };
     let t = now();
     let sample = problem::render(&exhausted, &config, ctx, t);
     assert_eq!(sample.status, 402);

@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 
 use crate::config::{Config, OnError, TrustedCallers};
-use crate::decision::{self, AllowKind, Caller, Code, Decision, Step, Target, Unmatched};
+use crate::decision::{self, AllowKind, Caller, Code, Decision, Step, Target, Unmatched, Verdict};
 use crate::entitlement::is_valid_account_id;
 use crate::entitlement::{Account, Period, Window};
 use crate::identity::{Credentials, KeyHash, Presented, credential_headers, identify, is_valid_key};
@@ -26,6 +26,7 @@ use crate::route::{RouteKey, check_path, match_form};
 use crate::settlement::Charge;
 use crate::store::{Store, StoreError};
 use crate::usage::Spend;
+use crate::x402;
 
 /// Who asks.
 #[derive(Debug, Clone, Copy)]
@@ -105,6 +106,28 @@ impl Outcome {
     }
 }
 
+/// The x402 part of an answer, owned (rendered as a [`problem::Payment`]).
+#[derive(Debug, Clone)]
+enum PaymentView {
+    Challenge { header: String, amount: String, error: Option<String> },
+    Paid { response: String, payer: String, receipt: String },
+}
+
+impl PaymentView {
+    fn view<'a>(&'a self, x: &'a x402::Settings) -> problem::Payment<'a> {
+        match self {
+            PaymentView::Challenge { header, amount, error } => problem::Payment::Challenge {
+                header,
+                amount,
+                network: &x.network,
+                asset: &x.asset,
+                error: error.as_deref(),
+            },
+            PaymentView::Paid { response, payer, receipt } => problem::Payment::Paid { response, payer, receipt },
+        }
+    }
+}
+
 /// The store failed and `on_error: error` asks the transport to fail the RPC.
 #[derive(Debug, thiserror::Error)]
 #[error("store unavailable: {0}")]
@@ -116,6 +139,8 @@ pub struct Authorizer {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     charges: Charges,
+    /// The x402 facilitator's client, made on the first paid retry.
+    facilitator: std::sync::OnceLock<x402::Facilitator>,
 }
 
 /// How long a fetched signing key is used before it is read again (a key
@@ -162,7 +187,7 @@ impl Authorizer {
             prefix: u64::from_le_bytes(prefix),
             next: std::sync::atomic::AtomicU64::new(0),
         };
-        Self { config: ArcSwap::new(config), store, metrics, charges }
+        Self { config: ArcSwap::new(config), store, metrics, charges, facilitator: std::sync::OnceLock::new() }
     }
 
     /// The config in force now.
@@ -356,6 +381,8 @@ impl Authorizer {
             Subject::Request(creds) => strip_headers(config, creds),
             _ => Vec::new(),
         };
+        // On an HTTP request: the matched route's x402 settings, and the URL a challenge names.
+        let mut paying: Option<(Option<&crate::x402::RouteX402>, &str, &str, &str)> = None;
         let (target, route, cost_header) = match query.ask {
             Ask::NotHttp => {
                 let d = match config.non_http {
@@ -373,9 +400,15 @@ impl Authorizer {
                     tracing::debug!(reason = %e, "path not in normal form");
                     return Ok(self.finish(config, Decision::deny(Code::RequestInvalid), &strip, None, now));
                 }
+                let host = key.host;
                 let form = match_form(path);
                 let key = RouteKey { path: &form, ..key };
-                match config.routes.find(&key) {
+                let found = config.routes.find(&key);
+                if config.x402.is_some() {
+                    let name = found.map_or("", |r| &*r.name);
+                    paying = Some((found.and_then(|r| r.x402.as_ref()), host, path, name));
+                }
+                match found {
                     Some(r) if r.public => (Target::Public, Some(r.name.clone()), None),
                     Some(r) => (
                         Target::Metered {
@@ -464,12 +497,111 @@ impl Authorizer {
                 Err(e) => return self.store_failed(config, e, account.as_deref(), &strip, route, now),
             },
         };
+        // x402: a challenge on a 402 a payment cures, or the paid retry settled.
+        let (decision, payment) = match (config.x402.as_deref(), query.subject, paying) {
+            (Some(x), Subject::Request(creds), Some(at)) if !query.dry_run => {
+                match self.x402(config, x, creds, at, decision).await {
+                    Ok(paid) => paid,
+                    Err(e) => return self.store_failed(config, e, account.as_deref(), &strip, route, now),
+                }
+            }
+            _ => (decision, None),
+        };
         if !query.dry_run {
             self.observe(&decision, route.as_deref());
         }
-        let mut outcome = self.finish(config, decision, &strip, route, now);
-        outcome.charge = charge;
-        Ok(outcome)
+        let payment = payment.as_ref().zip(config.x402.as_deref()).map(|(p, x)| p.view(x));
+        let response = problem::render(&decision, config, problem::Context { strip: &strip, payment }, now);
+        Ok(Outcome { decision, response, route, charge })
+    }
+
+    /// The x402 step after the decision: a denial a payment cures gets a
+    /// challenge; with `PAYMENT-SIGNATURE` the payment is read, verified,
+    /// claimed once in the store, settled, and the call allowed (see `x402`).
+    /// A store fault claiming the payment is the caller's to answer.
+    async fn x402<C: Credentials>(
+        &self,
+        config: &Config,
+        x: &x402::Settings,
+        creds: &C,
+        (route, host, path, name): (Option<&x402::RouteX402>, &str, &str, &str),
+        d: Decision,
+    ) -> Result<(Decision, Option<PaymentView>), StoreError> {
+        let d = x402::demand(d, route.is_some_and(|r| r.payable));
+        let price = match d.verdict {
+            Verdict::Deny(code) if x402::curable(code) => x402::price_for(x, route, d.plan.as_deref()),
+            _ => None,
+        };
+        let Some(price) = price else { return Ok((d, None)) };
+        let requirement = x402::requirement(x, price);
+        let url = format!("https://{host}{path}");
+        let challenge = |error: Option<&str>| PaymentView::Challenge {
+            header: x402::challenge(&requirement, &url, name, error),
+            amount: price.as_str().to_owned(),
+            error: error.map(str::to_owned),
+        };
+        let refused = |r: x402::Refusal| {
+            self.metrics.record_x402(r.label());
+            tracing::info!(account = d.account.as_deref().unwrap_or("-"), route = name, reason = %r, "x402 payment refused");
+            Some(challenge(Some(&r.to_string())))
+        };
+        let Some(sent) = creds.header(x402::SIGNATURE_HEADER) else {
+            if creds.header(x402::V1_HEADER).is_some() {
+                return Ok((d.clone(), refused(x402::Refusal::Version)));
+            }
+            self.metrics.record_x402("challenged");
+            return Ok((d, Some(challenge(None))));
+        };
+        let payment = match x402::parse(sent, &requirement) {
+            Ok(p) => p,
+            Err(r) => return Ok((d.clone(), refused(r))),
+        };
+        let facilitator = self.facilitator.get_or_init(x402::Facilitator::new);
+        let failed = |e: x402::FacilitatorError, mut d: Decision| {
+            self.metrics.record_x402("unavailable");
+            tracing::warn!(error = %e, route = name, "x402 facilitator failed");
+            match x.on_facilitator_error {
+                x402::OnFacilitatorError::Unavailable => {
+                    d.verdict = Verdict::Deny(Code::PaymentUnavailable);
+                    (d, None)
+                }
+                x402::OnFacilitatorError::PaymentRequired => (d, Some(challenge(Some("facilitator_unavailable")))),
+            }
+        };
+        match facilitator.verify(x, &payment, &requirement).await {
+            Ok(Ok(())) => {}
+            Ok(Err(r)) => return Ok((d.clone(), refused(r))),
+            Err(e) => return Ok(failed(e, d.clone())),
+        }
+        // Claimed before it is settled: of two Checks carrying one payment, one settles.
+        let id = x402::replay_id(&payment);
+        if !self.call(config.store.timeout, self.store.remember_event(&id, x402::replay_ttl(x))).await? {
+            return Ok((d.clone(), refused(x402::Refusal::Replay)));
+        }
+        let paid = match facilitator.settle(x, &payment, &requirement).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(r)) => return Ok((d.clone(), refused(r))),
+            Err(e) => return Ok(failed(e, d.clone())),
+        };
+        self.metrics.record_x402("settled");
+        self.metrics.record_x402_amount(&paid.network, &x.asset, paid.amount);
+        tracing::info!(
+            account = d.account.as_deref().unwrap_or("-"),
+            route = name,
+            payer = %paid.payer,
+            transaction = %paid.transaction,
+            amount = paid.amount,
+            "x402 payment settled; the call is allowed"
+        );
+        let mut d = d;
+        d.verdict = Verdict::Allow(AllowKind::Paid);
+        d.denied_quota = None;
+        let view = PaymentView::Paid {
+            response: x402::response(&paid),
+            receipt: format!("network={}; transaction={}; amount={}", paid.network, paid.transaction, paid.amount),
+            payer: paid.payer,
+        };
+        Ok((d, Some(view)))
     }
 
     /// What a decision that counted shows besides its answer: under shadow
@@ -527,7 +659,7 @@ impl Authorizer {
         route: Option<Arc<str>>,
         now: DateTime<Utc>,
     ) -> Outcome {
-        let response = problem::render(&decision, config, problem::Context { strip }, now);
+        let response = problem::render(&decision, config, problem::Context { strip, payment: None }, now);
         Outcome { decision, response, route, charge: None }
     }
 }
@@ -542,6 +674,14 @@ fn strip_headers<'a, C: Credentials>(config: &'a Config, creds: &'a C) -> Vec<Co
     for name in creds.headers_with_prefix(problem::HEADER_PREFIX) {
         if !out.contains(&name) {
             out.push(name);
+        }
+    }
+    // With x402 on, a payment is tollgate's to settle, never the upstream's to reuse.
+    if config.x402.is_some() {
+        for name in [x402::SIGNATURE_HEADER, x402::V1_HEADER] {
+            if creds.header(name).is_some() {
+                out.push(Cow::Borrowed(name));
+            }
         }
     }
     out

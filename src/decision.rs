@@ -44,11 +44,15 @@ pub enum Code {
     RequestInvalid,
     /// The account names a plan the config does not define (500): an operator error.
     PlanUnknown,
+    /// A `payable` route (x402) called without credentials or a settled payment (402).
+    PaymentRequired,
+    /// The x402 facilitator failed or was late and `x402.on_facilitator_error: unavailable` (503).
+    PaymentUnavailable,
 }
 
 impl Code {
     /// Every code, in decision-table order (for docs and exhaustive tests).
-    pub const ALL: [Code; 13] = [
+    pub const ALL: [Code; 15] = [
         Code::CredentialsMissing,
         Code::CredentialsInvalid,
         Code::RouteNotAllowed,
@@ -62,6 +66,8 @@ impl Code {
         Code::StoreUnavailable,
         Code::RequestInvalid,
         Code::PlanUnknown,
+        Code::PaymentRequired,
+        Code::PaymentUnavailable,
     ];
 
     /// The HTTP status the client sees.
@@ -73,9 +79,10 @@ impl Code {
             | Code::PaymentOverdue
             | Code::FeatureNotInPlan
             | Code::InsufficientCredits
-            | Code::QuotaExhausted => 402,
+            | Code::QuotaExhausted
+            | Code::PaymentRequired => 402,
             Code::RateLimited => 429,
-            Code::StoreUnavailable => 503,
+            Code::StoreUnavailable | Code::PaymentUnavailable => 503,
             Code::RequestInvalid => 400,
             Code::PlanUnknown => 500,
         }
@@ -97,6 +104,8 @@ impl Code {
             Code::StoreUnavailable => "store_unavailable",
             Code::RequestInvalid => "request_invalid",
             Code::PlanUnknown => "plan_unknown",
+            Code::PaymentRequired => "payment_required",
+            Code::PaymentUnavailable => "payment_unavailable",
         }
     }
 
@@ -106,10 +115,13 @@ impl Code {
     /// a request that could not be read or a store fault never does.
     pub fn shadowable(self, security: bool) -> bool {
         match self {
-            Code::CredentialsMissing | Code::CredentialsInvalid | Code::AccountBlocked | Code::RouteNotAllowed => {
-                security
-            }
-            Code::RequestInvalid | Code::StoreUnavailable => false,
+            // An account-less caller on a payable route: as unidentified as a missing credential.
+            Code::CredentialsMissing
+            | Code::CredentialsInvalid
+            | Code::AccountBlocked
+            | Code::RouteNotAllowed
+            | Code::PaymentRequired => security,
+            Code::RequestInvalid | Code::StoreUnavailable | Code::PaymentUnavailable => false,
             Code::SubscriptionInactive
             | Code::PaymentOverdue
             | Code::FeatureNotInPlan
@@ -143,16 +155,19 @@ pub enum AllowKind {
     Grace,
     /// The store failed and `on_error: allow` let the request through.
     FailOpen,
+    /// Paid for through x402 (one settled payment, one call); nothing else spent.
+    Paid,
 }
 
 impl AllowKind {
-    /// The label (`allowed`, `public`, `grace`, `fail_open`).
+    /// The label (`allowed`, `public`, `grace`, `fail_open`, `paid`).
     pub fn as_str(self) -> &'static str {
         match self {
             AllowKind::Public => "public",
             AllowKind::Allowed => "allowed",
             AllowKind::Grace => "grace",
             AllowKind::FailOpen => "fail_open",
+            AllowKind::Paid => "paid",
         }
     }
 }

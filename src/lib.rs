@@ -8,12 +8,14 @@
 //! | [`entitlement`] | plans, accounts, quotas (built and bounded by `Quota::new`), calendar windows | nothing of ours |
 //! | [`usage`] | what a request spends and what the counters answer | `entitlement` |
 //! | [`bounds`] | the bounds on every input (ids, names, windows, dates, accounts, spends) | `entitlement`, `usage` |
-//! | [`route`] | the route table and matching | nothing of ours |
+//! | [`route`] | the route table and matching | `x402` (a route's price) |
 //! | [`identity`] | identity sources, API-key hashing | nothing of ours |
 //! | [`decision`] | the decision table as a pure function | `entitlement`, `usage` |
 //! | [`settlement`] | charges (signed, in Check metadata) and what a response makes of them, as pure functions | `entitlement`, `usage` |
+//! | [`x402`] | the x402 payment challenge, payments read and checked (pure); the facilitator's verify and settle | `decision`, `outbound` |
+//! | [`outbound`] | the pooled HTTP(S) client for calls out (events sink, facilitator) | nothing of ours |
 //! | [`config`] | YAML → validated domain types | domain modules |
-//! | [`problem`] | decisions → problem bodies and headers | `decision`, `entitlement`, `identity`, `config` |
+//! | [`problem`] | decisions → problem bodies and headers (x402 challenge and receipt included) | `decision`, `entitlement`, `identity`, `config` |
 //! | [`store`] | the `Store` trait; memory and Redis backends; the moka cache; lease mode | `entitlement`, `usage`, `bounds`, `identity`, `config` (settings) |
 //! | [`metrics`] | Prometheus registry | `decision` (labels), `usage` (lease totals) |
 //! | [`authorizer`] | route → identify → store → decide → render; the timed store call | all of the above |
@@ -49,6 +51,7 @@ pub mod http_authz;
 pub mod identity;
 pub mod listener;
 pub mod metrics;
+pub mod outbound;
 pub mod problem;
 pub mod reload;
 pub mod route;
@@ -59,3 +62,4 @@ pub mod store;
 pub mod stripe;
 pub mod telemetry;
 pub mod usage;
+pub mod x402;

@@ -72,7 +72,20 @@ pub struct Metrics {
     /// in: two scrapes at once must not both add the same difference.
     copying: std::sync::Mutex<()>,
     webhooks: Family<ResultLabels, Counter>,
+    x402: Family<ResultLabels, Counter>,
+    x402_amount: Family<AssetLabels, Counter>,
     ready: Gauge,
+}
+
+/// The `result` values of `tollgate_x402_payments_total`.
+pub const X402_RESULTS: [&str; 7] =
+    ["challenged", "settled", "malformed", "replayed", "invalid", "not_settled", "unavailable"];
+
+/// Where an x402 payment settled (from config: a bounded set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AssetLabels {
+    network: String,
+    asset: String,
 }
 
 /// The door a Check came in by, and its HTTP status.
@@ -289,6 +302,21 @@ impl Metrics {
             "1 while this replica is ready (its store answers), 0 otherwise: what /readyz and gRPC health say",
             ready.clone(),
         );
+        let x402 = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "tollgate_x402_payments",
+            "x402: 402s sent with a challenge, and paid retries by result (settled, malformed, replayed, invalid, not_settled, unavailable)",
+            x402.clone(),
+        );
+        for result in X402_RESULTS {
+            let _ = x402.get_or_create(&ResultLabels { result });
+        }
+        let x402_amount = Family::<AssetLabels, Counter>::default();
+        registry.register(
+            "tollgate_x402_settled_amount",
+            "x402: atomic units of the asset settled to pay_to, by network and asset",
+            x402_amount.clone(),
+        );
         for result in ["queued", "delivered", "retried", "dropped"] {
             let _ = events.get_or_create(&ResultLabels { result });
         }
@@ -332,6 +360,8 @@ impl Metrics {
             spans,
             copying: std::sync::Mutex::new(()),
             webhooks,
+            x402,
+            x402_amount,
             ready,
         }
     }
@@ -431,6 +461,17 @@ impl Metrics {
     /// Counts one Stripe webhook delivery by result (one of [`WEBHOOK_RESULTS`]).
     pub fn record_webhook(&self, result: &'static str) {
         self.webhooks.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts an x402 event (one of [`X402_RESULTS`]).
+    pub fn record_x402(&self, result: &'static str) {
+        self.x402.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Adds a settled x402 payment's amount.
+    pub fn record_x402_amount(&self, network: &str, asset: &str, amount: u64) {
+        let labels = AssetLabels { network: network.to_owned(), asset: asset.to_owned() };
+        self.x402_amount.get_or_create(&labels).inc_by(amount);
     }
 
     /// Whether this replica is ready (the store answers).

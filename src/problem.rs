@@ -7,7 +7,7 @@
 //! ext_authz and `tollgate.v1.Authorize`) answer with the same words.
 //!
 //! May use: `decision`, `entitlement`, `identity` (credential header names), `config`
-//! (problem overrides, billing links).
+//! (problem overrides, billing links), `x402` (its header names).
 
 use std::borrow::Cow;
 
@@ -33,6 +33,10 @@ pub const DEGRADED_HEADER: &str = "x-tollgate-degraded";
 pub const SHADOW_HEADER: &str = "x-tollgate-shadow";
 /// Header telling the upstream the request went past a soft quota's limit (overage).
 pub const OVERAGE_HEADER: &str = "x-tollgate-overage";
+/// Header telling the upstream who paid for a call through x402.
+pub const PAYER_HEADER: &str = "x-tollgate-payer";
+/// Header telling the upstream the x402 settlement (`network=…; transaction=…; amount=…`).
+pub const PAYMENT_HEADER: &str = "x-tollgate-payment";
 
 /// A rendered decision, free of any transport's types.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -55,6 +59,47 @@ pub struct Context<'a> {
     /// Request headers to remove before the upstream (credentials, forged
     /// `x-tollgate-*`), lower-case; those tollgate sets are overwritten instead.
     pub strip: &'a [Cow<'a, str>],
+    /// What x402 adds: a challenge on a 402 a payment cures, a receipt on a paid call.
+    pub payment: Option<Payment<'a>>,
+}
+
+/// The x402 part of an answer (built by `x402`, rendered here).
+#[derive(Debug, Clone, Copy)]
+pub enum Payment<'a> {
+    /// A 402 that paying for the call cures.
+    Challenge {
+        /// The `PAYMENT-REQUIRED` value (base64 of the v2 object).
+        header: &'a str,
+        /// The price, in the asset's atomic units.
+        amount: &'a str,
+        /// CAIP-2 network.
+        network: &'a str,
+        /// The asset.
+        asset: &'a str,
+        /// Why the payment sent was refused, when one was.
+        error: Option<&'a str>,
+    },
+    /// A call paid and settled.
+    Paid {
+        /// The `PAYMENT-RESPONSE` value.
+        response: &'a str,
+        /// Who paid.
+        payer: &'a str,
+        /// The upstream's `x-tollgate-payment` value.
+        receipt: &'a str,
+    },
+}
+
+/// The problem body's pointer to the x402 challenge.
+#[derive(Serialize, Clone, Copy)]
+struct X402Body<'a> {
+    header: &'static str,
+    version: u8,
+    amount: &'a str,
+    network: &'a str,
+    asset: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -83,6 +128,8 @@ struct Problem<'a> {
     quota: Option<QuotaBody<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     retry_after: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    x402: Option<X402Body<'a>>,
 }
 
 #[derive(Serialize)]
@@ -177,6 +224,8 @@ fn default_title(code: Code, d: &Decision) -> String {
         Code::StoreUnavailable => "Billing state unavailable",
         Code::RequestInvalid => "Request invalid",
         Code::PlanUnknown => "Plan not configured",
+        Code::PaymentRequired => "Payment required",
+        Code::PaymentUnavailable => "Payment service unavailable",
     }
     .to_owned()
 }
@@ -240,6 +289,8 @@ fn default_detail(code: Code, d: &Decision, v: &Vars) -> String {
         Code::StoreUnavailable => "Billing state cannot be read right now; retry shortly.".into(),
         Code::RequestInvalid => "The request could not be read.".into(),
         Code::PlanUnknown => format!("Plan {plan} is not configured on this server."),
+        Code::PaymentRequired => "This route is paid per call; pay with x402 or send credentials.".into(),
+        Code::PaymentUnavailable => "The payment could not be verified or settled right now; retry shortly.".into(),
     }
 }
 
@@ -313,7 +364,7 @@ fn challenges(identity: &[IdentitySource]) -> String {
 pub fn render(d: &Decision, config: &Config, ctx: Context<'_>, now: DateTime<Utc>) -> Response {
     match d.verdict {
         Verdict::Allow(kind) => render_allow(d, kind, config, ctx, now),
-        Verdict::Deny(code) => render_deny(d, code, config, now),
+        Verdict::Deny(code) => render_deny(d, code, config, ctx.payment, now),
     }
 }
 
@@ -357,16 +408,29 @@ fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>
     if !overage.is_empty() {
         r.upstream_headers.push((OVERAGE_HEADER.into(), overage.join(", ")));
     }
+    if let Some(Payment::Paid { response, payer, receipt }) = ctx.payment {
+        r.upstream_headers.push((PAYER_HEADER.into(), payer.into()));
+        r.upstream_headers.push((PAYMENT_HEADER.into(), receipt.into()));
+        r.client_headers.push((crate::x402::RESPONSE_HEADER.into(), response.into()));
+    }
     // Our own headers are removed when not set (the proxy may not have
     // shown us the client's copy); a header we set is overwritten, never
     // removed, since Envoy applies removals after additions.
     let set = |name: &str| r.upstream_headers.iter().any(|(k, _)| k == name);
-    let mut remove: Vec<String> =
-        [ACCOUNT_HEADER, PLAN_HEADER, DEGRADED_HEADER, BILLING_WARNING_HEADER, SHADOW_HEADER, OVERAGE_HEADER]
-            .into_iter()
-            .filter(|h| !set(h))
-            .map(str::to_owned)
-            .collect();
+    let mut remove: Vec<String> = [
+        ACCOUNT_HEADER,
+        PLAN_HEADER,
+        DEGRADED_HEADER,
+        BILLING_WARNING_HEADER,
+        SHADOW_HEADER,
+        OVERAGE_HEADER,
+        PAYER_HEADER,
+        PAYMENT_HEADER,
+    ]
+    .into_iter()
+    .filter(|h| !set(h))
+    .map(str::to_owned)
+    .collect();
     for h in ctx.strip {
         if !set(h) && !remove.iter().any(|r| r == h) {
             remove.push(h.as_ref().to_owned());
@@ -377,7 +441,19 @@ fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>
     r
 }
 
-fn render_deny(d: &Decision, code: Code, config: &Config, now: DateTime<Utc>) -> Response {
+fn render_deny(
+    d: &Decision,
+    code: Code,
+    config: &Config,
+    payment: Option<Payment<'_>>,
+    now: DateTime<Utc>,
+) -> Response {
+    let challenge = match payment {
+        Some(Payment::Challenge { header, amount, network, asset, error }) if code.http_status() == 402 => {
+            Some((header, X402Body { header: "PAYMENT-REQUIRED", version: 2, amount, network, asset, error }))
+        }
+        _ => None,
+    };
     let status = code.http_status();
     let overrides = config.problems.overrides.get(&code);
     let retry_after = match code {
@@ -417,6 +493,7 @@ fn render_deny(d: &Decision, code: Code, config: &Config, now: DateTime<Utc>) ->
             ceiling: q.quota.ceiling_set(),
         }),
         retry_after,
+        x402: challenge.map(|(_, body)| body),
     };
     // Serializing plain strings and numbers cannot fail; an empty object is the safe fallback.
     let body = serde_json::to_string(&problem).unwrap_or_else(|_| "{}".into());
@@ -433,6 +510,9 @@ fn render_deny(d: &Decision, code: Code, config: &Config, now: DateTime<Utc>) ->
     }
     if status == 401 {
         h.push(("www-authenticate".into(), challenges(&config.identity)));
+    }
+    if let Some((header, _)) = challenge {
+        h.push((crate::x402::REQUIRED_HEADER.into(), header.into()));
     }
     ratelimit_headers(d, now, &mut h);
     Response { status, body: Some(body), client_headers: h, ..Response::default() }

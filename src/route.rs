@@ -1,6 +1,6 @@
 //! The route table: which feature and meter a request touches.
 //!
-//! Pure data and matching; depends on nothing of ours. First match wins, as
+//! Pure data and matching; depends on nothing of ours but `x402`'s per-route settings. First match wins, as
 //! in Envoy's own route tables, so operators read it top to bottom.
 //!
 //! Routes match the *normal form* of a path only ([`check_path`]): a path
@@ -234,6 +234,8 @@ pub struct Route {
     pub cost_from_response: Option<String>,
     /// The route's `shadow:` (wins over the plan's and the config's); `None` when it sets none.
     pub shadow: Option<bool>,
+    /// The route's x402 price and whether callers without an account may pay (`x402:`).
+    pub x402: Option<crate::x402::RouteX402>,
 }
 
 impl Route {
@@ -247,7 +249,7 @@ impl Route {
         cost: u64,
     ) -> Self {
         let name = Self::describe(&matcher).into();
-        Self { index, matcher, public, feature, meter, cost, name, cost_from_response: None, shadow: None }
+        Self { index, matcher, public, feature, meter, cost, name, cost_from_response: None, shadow: None, x402: None }
     }
 
     fn describe(m: &RouteMatch) -> String {

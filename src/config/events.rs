@@ -155,13 +155,7 @@ pub(super) fn validate(
         None => None,
         Some(s) => {
             let url = s.url.ok_or_else(|| invalid("events.sink.url", "is required"))?;
-            let ok = url.len() <= 2048
-                && url.parse::<hyper::Uri>().is_ok_and(|u| {
-                    matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
-                });
-            if !ok {
-                return Err(invalid("events.sink.url", format!("{url:?} is not an http:// or https:// URL")));
-            }
+            super::validate::http_url(&url, "events.sink.url")?;
             let token = s.token_env.as_deref().map(|v| secret(v, "events.sink.token_env")).transpose()?;
             let signing_secret =
                 s.signing_secret_env.as_deref().map(|v| secret(v, "events.sink.signing_secret_env")).transpose()?;

@@ -39,6 +39,7 @@ mod validate;
 mod validate_policy;
 mod validate_quotas;
 mod validate_settings;
+mod x402;
 
 pub use events::{EventsConfig, Levels, Secret, SinkConfig};
 pub use policy::{BillingConfig, ProblemOverride, ProblemsConfig, SeedAccount, StripeConfig};
@@ -113,6 +114,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// OpenTelemetry traces.
     pub tracing: TracingConfig,
+    /// x402 payments (`x402:`); `None`: no challenge, no paid retries.
+    pub x402: Option<std::sync::Arc<crate::x402::Settings>>,
 }
 
 impl Config {

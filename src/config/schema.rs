@@ -62,6 +62,51 @@ pub(super) struct Config {
     pub(super) shadow_security: bool,
     #[serde(default)]
     pub(super) tracing: Tracing,
+    pub(super) x402: Option<X402Def>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct X402Def {
+    pub(super) facilitator: FacilitatorDef,
+    pub(super) scheme: Option<String>,
+    pub(super) network: String,
+    pub(super) asset: String,
+    pub(super) pay_to: String,
+    pub(super) max_timeout_seconds: Option<u64>,
+    #[serde(default)]
+    pub(super) extra: BTreeMap<String, String>,
+    pub(super) on_facilitator_error: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FacilitatorDef {
+    pub(super) url: String,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub(super) timeout: Option<Duration>,
+}
+
+/// A price: digits in a string (as x402 writes amounts) or a YAML integer.
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+pub(super) enum PriceDef {
+    Text(String),
+    Number(i64),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PlanX402Def {
+    pub(super) price: PriceDef,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RouteX402Def {
+    pub(super) price: Option<PriceDef>,
+    #[serde(default)]
+    pub(super) payable: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -293,6 +338,7 @@ pub(super) struct PlanDef {
     #[serde(default)]
     pub(super) prepaid: bool,
     pub(super) shadow: Option<bool>,
+    pub(super) x402: Option<PlanX402Def>,
 }
 
 #[derive(Deserialize)]
@@ -320,6 +366,7 @@ pub(super) struct RouteDef {
     pub(super) cost: Option<i64>,
     pub(super) cost_from_response: Option<String>,
     pub(super) shadow: Option<bool>,
+    pub(super) x402: Option<RouteX402Def>,
 }
 
 #[derive(Deserialize, Default)]

@@ -39,6 +39,7 @@ impl schema::Config {
         let charge_on = validate_policy::charge_on(self.billing.charge_on)?;
         let events = super::events::validate(self.events, &plans)?;
         let tracing = validate_settings::tracing(self.tracing)?;
+        let x402 = super::x402::settings(self.x402, &self.plans, &routes)?;
         Ok(Config {
             server,
             store,
@@ -58,6 +59,7 @@ impl schema::Config {
             problems,
             events,
             tracing,
+            x402,
         })
     }
 }
@@ -85,6 +87,15 @@ pub(super) fn bounded<T: Bounded>(value: Option<T>, default: T, min: T, max: T, 
         return Err(invalid(path, format!("must be between {} and {}, got {}", min.show(), max.show(), v.show())));
     }
     Ok(v)
+}
+
+/// An `http://` or `https://` URL with a host, at most 2048 bytes (a place tollgate calls).
+pub(super) fn http_url(url: &str, path: &str) -> Result<(), Invalid> {
+    let ok = url.len() <= 2048
+        && url
+            .parse::<hyper::Uri>()
+            .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty()));
+    if ok { Ok(()) } else { Err(invalid(path, format!("{url:?} is not an http:// or https:// URL"))) }
 }
 
 pub(super) fn positive(d: Duration, path: &str) -> Result<Duration, Invalid> {

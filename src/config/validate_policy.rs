@@ -211,6 +211,7 @@ pub(super) fn routes(
         let mut route = Route::new(i, matcher, r.public, r.feature, r.meter, cost as u64);
         route.cost_from_response = r.cost_from_response;
         route.shadow = r.shadow;
+        route.x402 = super::x402::route(r.x402, r.public, &p)?;
         routes.push(route);
     }
     Ok(RouteTable::new(routes))

@@ -9,7 +9,7 @@
 //! the memory store's queue dies with the process. Every replica runs one
 //! loop; the config is read afresh each round (a reload changes the sink).
 //!
-//! May use: `events`, `authorizer` (live config, store, metrics).
+//! May use: `events`, `authorizer` (live config, store, metrics), `outbound` (the HTTP client).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,9 +17,6 @@ use std::time::Duration;
 use chrono::Utc;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 
 use crate::authorizer::Authorizer;
@@ -32,27 +29,7 @@ const IDLE: Duration = Duration::from_millis(200);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-/// An HTTP(S) client trusting the system's roots (none found: https fails
-/// at the handshake, http works); `None` if no TLS config can be made at all.
-fn client() -> Option<HttpsClient> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = match hyper_rustls::HttpsConnectorBuilder::new().with_provider_and_native_roots(provider.clone()) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!(error = %e, "no system TLS roots: https sinks will fail");
-            let tls = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| tracing::error!(error = %e, "no TLS config: events cannot be delivered"))
-                .ok()?
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth();
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls)
-        }
-    };
-    Some(Client::builder(TokioExecutor::new()).build(builder.https_or_http().enable_http1().build()))
-}
+use crate::outbound::{HttpsClient, https_client as client};
 
 /// Why a POST failed.
 #[derive(Debug, thiserror::Error)]

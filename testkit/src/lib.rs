@@ -17,6 +17,7 @@
 //! | [`redis`] | [`redis::RedisServer`], [`redis::RedisCluster`], MONITOR, `redis-benchmark` |
 //! | [`envoy`] | [`envoy::Envoy`], the echo upstream, the shipped configs for tests, [`envoy::Stack`] |
 //! | [`nginx`] | [`nginx::Nginx`] running the shipped `deploy/nginx/tollgate.conf` |
+//! | [`facilitator`] | [`facilitator::Facilitator`]: a stand-in x402 facilitator; payments for a challenge |
 //! | [`front`] | [`front::Front`]: a proxy clients talk to; [`front::deny_rows`]: the decision table through it |
 //! | [`pki`] | [`pki::Pki`]: a CA and certificates written to a temporary folder |
 //! | [`bench`] | the benches' config and the Check they send |
@@ -36,6 +37,7 @@ pub mod bench;
 pub mod check;
 pub mod cpu;
 pub mod envoy;
+pub mod facilitator;
 pub mod front;
 pub mod http;
 pub mod load;
