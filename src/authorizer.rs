@@ -585,6 +585,9 @@ impl Authorizer {
         };
         self.metrics.record_x402("settled");
         self.metrics.record_x402_amount(&paid.network, &x.asset, paid.amount);
+        if config.events.enabled() {
+            self.payment_event(config, &x402::event_id(&payment), d.account.as_deref(), name, &paid, x).await;
+        }
         tracing::info!(
             account = d.account.as_deref().unwrap_or("-"),
             route = name,
@@ -625,6 +628,58 @@ impl Authorizer {
             let units = q.overage_of(d.cost);
             if units > 0 {
                 self.metrics.record_overage(q.quota.policy_name(), units);
+            }
+        }
+    }
+
+    /// Queues a settled payment's event (events on): a zero adjustment under
+    /// the payment's id carries it into the outbox, once. Account-less payers'
+    /// events wait under `x402:<payer>`. A store fault loses the event, not the call.
+    async fn payment_event(
+        &self,
+        config: &Config,
+        id: &str,
+        account: Option<&str>,
+        route: &str,
+        paid: &x402::Paid,
+        x: &x402::Settings,
+    ) {
+        let now = Utc::now();
+        let facts = crate::events::PaymentFacts {
+            id,
+            account,
+            route,
+            payer: &paid.payer,
+            transaction: &paid.transaction,
+            network: &paid.network,
+            asset: &x.asset,
+            amount: paid.amount,
+            time: now,
+        };
+        let adjustment = crate::usage::Adjustment {
+            // Account ids are at most 128 bytes; the payer is ASCII, at most 128.
+            account: account
+                .map_or_else(|| format!("x402:{}", &paid.payer[..paid.payer.len().min(123)]), str::to_owned),
+            charge: id.to_owned(),
+            issued: now,
+            meter: "x402".into(),
+            periods: Vec::new(),
+            delta: 0,
+            credits: false,
+            remember_until: now + chrono::Duration::hours(1),
+            event: Some(crate::events::payment(&config.events.source, facts)),
+            marks: Vec::new(),
+            outbox_limit: config.events.outbox_limit,
+        };
+        match self.call(config.store.timeout, self.store.settle(&adjustment)).await {
+            Ok(crate::usage::Settled::Applied { queued, dropped, .. }) => {
+                self.metrics.record_events("queued", u64::from(queued));
+                self.metrics.record_events("dropped", u64::from(dropped));
+            }
+            Ok(crate::usage::Settled::Duplicate) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, transaction = %paid.transaction, "the payment's event was not queued");
+                self.metrics.record_events("dropped", 1);
             }
         }
     }

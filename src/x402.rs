@@ -261,6 +261,13 @@ pub fn replay_id(p: &Payment) -> String {
     format!("x402:{}", hex::encode(p.replay_key))
 }
 
+/// The payment's id as a charge and event id (at most 64 of `[A-Za-z0-9-]`,
+/// as the settle script takes): `x402-` and 59 hex digits of the replay key.
+pub fn event_id(p: &Payment) -> String {
+    let hex = hex::encode(p.replay_key);
+    format!("x402-{}", &hex[..59])
+}
+
 /// How long a used payment is remembered: past any authorization's validity.
 pub fn replay_ttl(s: &Settings) -> Duration {
     Duration::from_secs(u64::from(s.max_timeout_seconds) + 7 * 24 * 3600)

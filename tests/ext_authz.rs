@@ -221,8 +221,16 @@ async fn allowed_request_carries_identity_upstream_and_strips_the_key() {
     assert_eq!(a.upstream_headers["x-tollgate-plan"], "pro");
     assert_eq!(
         a.upstream_remove,
-        ["x-tollgate-degraded", "x-tollgate-billing-warning", "x-tollgate-shadow", "x-tollgate-overage", "x-api-key"]
-            .map(String::from),
+        [
+            "x-tollgate-degraded",
+            "x-tollgate-billing-warning",
+            "x-tollgate-shadow",
+            "x-tollgate-overage",
+            "x-tollgate-payer",
+            "x-tollgate-payment",
+            "x-api-key"
+        ]
+        .map(String::from),
         "tollgate's unset headers and the key are removed; the set ones are overwritten"
     );
     assert_eq!(a.client_headers["ratelimit-policy"], "\"requests-month\";q=1000000;w=".to_string() + &month_secs());

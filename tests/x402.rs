@@ -206,6 +206,45 @@ async fn an_account_over_its_quota_or_out_of_credits_can_buy_the_call() {
     s.stop().await;
 }
 
+/// With events on, each settled payment is one `com.tollgate.payment` event
+/// (on Redis: through the outbox, as usage events go), for the account when
+/// the caller had one, else for the payer.
+#[tokio::test]
+async fn a_settled_payment_is_one_payment_event() {
+    let f = Facilitator::start().await;
+    let redis = tollgate_testkit::redis::RedisServer::start();
+    let sink = tollgate_testkit::sink::Sink::start().await;
+    let extra = format!(
+        "events: {{ sink: {{ url: \"{}\" }} }}\nstore: {{ backend: redis, url: \"{}\" }}\n",
+        sink.url(),
+        redis.url()
+    );
+    let s = TestServer::start_configured(&config(&f, &extra), true).await;
+    let required =
+        Answer::of(&s.check(http_check("GET", "/v1/agents", &[])).await).client_headers["payment-required"].clone();
+    for nonce in ["0x41", "0x42"] {
+        let p = pay(&required, "0xvalid", nonce);
+        assert!(Answer::of(&s.check(http_check("GET", "/v1/agents", &[("payment-signature", &p)])).await).allowed);
+    }
+    let mut events = Vec::new();
+    tollgate_testkit::eventually("two payment events reach the sink", std::time::Duration::from_secs(15), async || {
+        events = sink.unique().into_iter().filter(|e| e["type"] == "com.tollgate.payment").collect();
+        events.len() == 2
+    })
+    .await;
+    let tx = f.settled();
+    for e in &events {
+        assert_eq!(e["subject"], PAYER, "{e}");
+        assert_eq!(e["data"]["amount"], "10000");
+        assert_eq!(e["data"]["network"], "eip155:84532");
+        assert_eq!(e["data"]["route"], "/v1/agents*");
+        assert!(tx.iter().any(|t| e["data"]["transaction"] == *t), "{e}");
+        assert!(e["data"].get("account").is_none());
+    }
+    assert_ne!(events[0]["id"], events[1]["id"]);
+    s.stop().await;
+}
+
 /// `on_facilitator_error: payment_required`: a late facilitator answers the
 /// 402 again, its challenge saying so.
 #[tokio::test]

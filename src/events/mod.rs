@@ -29,6 +29,8 @@ pub const USAGE: &str = "com.tollgate.usage";
 pub const QUOTA_THRESHOLD: &str = "com.tollgate.quota.threshold";
 /// The type of a low-credit event.
 pub const CREDITS_LOW: &str = "com.tollgate.credits.low";
+/// The type of an x402 payment event.
+pub const PAYMENT: &str = "com.tollgate.payment";
 /// The content type of a batch POST.
 pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 
@@ -66,6 +68,46 @@ pub fn usage(source: &str, charge: &Charge, status: u32, units: u64) -> String {
         fields.insert("shadow".into(), code.as_str().into());
     }
     envelope(USAGE, &charge.id, source, &charge.account, charge.issued, data)
+}
+
+/// What an x402 payment settled, for its event.
+#[derive(Debug, Clone, Copy)]
+pub struct PaymentFacts<'a> {
+    /// The event id (the payment's replay key: one event per payment).
+    pub id: &'a str,
+    /// The account the call was made for, when the caller had one.
+    pub account: Option<&'a str>,
+    /// The route (its matcher as configured).
+    pub route: &'a str,
+    /// Who paid, the transaction, where, what and how much (atomic units).
+    pub payer: &'a str,
+    /// The settlement's transaction.
+    pub transaction: &'a str,
+    /// CAIP-2 network.
+    pub network: &'a str,
+    /// The asset.
+    pub asset: &'a str,
+    /// Atomic units paid.
+    pub amount: u64,
+    /// When it settled.
+    pub time: DateTime<Utc>,
+}
+
+/// The event of a settled x402 payment (one paid call); its subject is the
+/// account, else the payer.
+pub fn payment(source: &str, p: PaymentFacts<'_>) -> String {
+    let mut data = json!({
+        "route": p.route,
+        "payer": p.payer,
+        "transaction": p.transaction,
+        "network": p.network,
+        "asset": p.asset,
+        "amount": p.amount.to_string(),
+    });
+    if let (Some(account), Some(fields)) = (p.account, data.as_object_mut()) {
+        fields.insert("account".into(), account.into());
+    }
+    envelope(PAYMENT, p.id, source, p.account.unwrap_or(p.payer), p.time, data)
 }
 
 /// The threshold marks to test when `charge` settles: each level of `levels`

@@ -128,3 +128,13 @@ fn the_receipt_decodes_to_the_settlement() {
     let o: Value = serde_json::from_slice(&STANDARD.decode(response(&paid)).unwrap()).unwrap();
     assert_eq!(o, json!({ "success": true, "payer": "0xP", "transaction": "0xT", "network": "eip155:84532" }));
 }
+
+#[test]
+fn a_payment_s_ids_fit_the_store_s_rules() {
+    let s = settings();
+    let r = requirement(&s, &Price::parse("1").unwrap());
+    let p = parse(&payload(&r, "0x1"), &r).unwrap();
+    let event = event_id(&p);
+    assert!(event.len() <= 64 && event.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'), "{event}");
+    assert!(replay_id(&p).starts_with("x402:") && replay_id(&p).len() == 69);
+}
