@@ -106,6 +106,35 @@ impl Outcome {
     }
 }
 
+/// A payment's claim in the store, given back (in a task of its own) when
+/// dropped before [`Unclaim::keep`]: the settlement's answer never came.
+struct Unclaim {
+    store: Option<Arc<dyn Store>>,
+    id: String,
+}
+
+impl Unclaim {
+    /// The settlement answered: the claim stands.
+    fn keep(&mut self) {
+        self.store = None;
+    }
+}
+
+impl Drop for Unclaim {
+    fn drop(&mut self) {
+        if let Some(store) = self.store.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let id = std::mem::take(&mut self.id);
+            rt.spawn(async move {
+                if let Err(e) = store.forget_event(&id).await {
+                    tracing::warn!(error = %e, "x402: a payment's claim could not be given back");
+                }
+            });
+        }
+    }
+}
+
 /// The x402 part of an answer, owned (rendered as a [`problem::Payment`]).
 #[derive(Debug, Clone)]
 enum PaymentView {
@@ -529,7 +558,9 @@ impl Authorizer {
     ) -> Result<(Decision, Option<PaymentView>), StoreError> {
         let d = x402::demand(d, route.is_some_and(|r| r.payable));
         let price = match d.verdict {
-            Verdict::Deny(code) if x402::curable(code) => x402::price_for(x, route, d.plan.as_deref()),
+            Verdict::Deny(code) if x402::curable(code) && !x402::rate_limited(&d) => {
+                x402::price_for(x, route, d.plan.as_deref())
+            }
             _ => None,
         };
         let Some(price) = price else { return Ok((d, None)) };
@@ -573,16 +604,44 @@ impl Authorizer {
             Ok(Err(r)) => return Ok((d.clone(), refused(r))),
             Err(e) => return Ok(failed(e, d.clone())),
         }
-        // Claimed before it is settled: of two Checks carrying one payment, one settles.
+        // Claimed before it is settled: of two Checks carrying one payment,
+        // one settles. A store that cannot claim it answers 503, whatever
+        // `store.on_error` says: an unclaimed payment could be used twice.
         let id = x402::replay_id(&payment);
-        if !self.call(config.store.timeout, self.store.remember_event(&id, x402::replay_ttl(x))).await? {
-            return Ok((d.clone(), refused(x402::Refusal::Replay)));
+        match self.call(config.store.timeout, self.store.remember_event(&id, x402::replay_ttl(x))).await {
+            Ok(true) => {}
+            Ok(false) => return Ok((d.clone(), refused(x402::Refusal::Replay))),
+            Err(e) => {
+                tracing::warn!(error = %e, "x402: the store could not claim the payment");
+                self.metrics.record_x402("unavailable");
+                let mut d = d.clone();
+                d.verdict = Verdict::Deny(Code::PaymentUnavailable);
+                return Ok((d, None));
+            }
         }
+        // Until the settlement's answer is in: a Check cancelled (the proxy
+        // gave up) or a facilitator that failed leaves the payment unclaimed
+        // again, so the client can retry it (the chain's nonce keeps it from
+        // settling twice).
+        let mut claim = Unclaim { store: Some(self.store.clone()), id: id.clone() };
         let paid = match facilitator.settle(x, &payment, &requirement).await {
             Ok(Ok(p)) => p,
-            Ok(Err(r)) => return Ok((d.clone(), refused(r))),
+            Ok(Err(r)) => {
+                claim.keep();
+                return Ok((d.clone(), refused(r)));
+            }
             Err(e) => return Ok(failed(e, d.clone())),
         };
+        claim.keep();
+        // A facilitator answering success twice for one transaction allows once.
+        if paid.transaction != "unknown" {
+            let tx = format!("x402tx:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&paid.transaction)));
+            if let Ok(false) =
+                self.call(config.store.timeout, self.store.remember_event(&tx, x402::replay_ttl(x))).await
+            {
+                return Ok((d.clone(), refused(x402::Refusal::Replay)));
+            }
+        }
         self.metrics.record_x402("settled");
         self.metrics.record_x402_amount(&paid.network, &x.asset, paid.amount);
         if config.events.enabled() {

@@ -140,7 +140,6 @@ async fn answer(State(authorizer): State<Arc<Authorizer>>, request: Request) -> 
     };
     let creds = HeaderCredentials(headers);
     let (path, method, host) = asked.as_ref().map_or(("", "", ""), |(p, m, h)| (p.as_str(), *m, *h));
-    let host = host.split(':').next().unwrap_or("");
     let query = Query {
         subject: Subject::Request(&creds),
         // An empty path is what a Check with no request is: 400 `request_invalid`.

@@ -15,7 +15,7 @@
 //! the client's payload) are functions here; the two facilitator calls are
 //! [`Facilitator`]'s. `authorizer` runs the flow.
 //!
-//! May use: `decision` (codes), `outbound` (the HTTP client).
+//! May use: `decision` (codes, quota states), `outbound` (the HTTP client).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -121,6 +121,13 @@ pub fn curable(code: Code) -> bool {
     matches!(code, Code::InsufficientCredits | Code::QuotaExhausted | Code::PaymentRequired)
 }
 
+/// Whether `d` is also held back by a rate quota (a rolling window with no
+/// room for this request): paying per call buys money's worth, not capacity,
+/// so no challenge is offered then.
+pub fn rate_limited(d: &Decision) -> bool {
+    d.quotas.iter().any(|q| q.quota.window.is_rate() && q.remaining < d.cost)
+}
+
 /// On a `payable` route, a caller without credentials is asked to pay (402
 /// `payment_required`) rather than to authenticate (401).
 pub fn demand(mut d: Decision, payable: bool) -> Decision {
@@ -175,8 +182,8 @@ pub fn response(paid: &Paid) -> String {
 pub struct Payment {
     /// The decoded `PaymentPayload`, sent to the facilitator as it came.
     pub payload: Value,
-    /// What the replay guard remembers: SHA-256 of the network and the
-    /// payload's nonce (`payload.authorization.nonce`), else of the whole payload.
+    /// What the replay guard remembers: SHA-256 of the network, the asset,
+    /// and the EIP-3009 authorization's `from` and `nonce` (lower-cased).
     pub replay_key: [u8; 32],
 }
 
@@ -244,14 +251,28 @@ pub fn parse(header: &str, requirement: &Value) -> Result<Payment, Refusal> {
     if !pays.iter().all(|(k, fold)| same(k, *fold)) {
         return Err(Refusal::Mismatch);
     }
+    // The replay key is made of what identifies the transfer on chain, in
+    // one spelling: an EIP-3009 authorization's payer and 32-byte nonce
+    // (the scheme `exact` on EVM networks). A payload without them cannot be
+    // told apart from a re-encoded copy of itself, so it is refused.
+    let auth = &payload["payload"]["authorization"];
+    let hex32 = |v: &Value, len: usize| {
+        v.as_str()
+            .filter(|s| s.len() == 2 + len && s.starts_with("0x") && s[2..].bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_ascii_lowercase)
+    };
+    let (Some(from), Some(nonce)) = (hex32(&auth["from"], 40), hex32(&auth["nonce"], 64)) else {
+        return Err(Refusal::Malformed);
+    };
     let mut h = Sha256::new();
-    match payload["payload"]["authorization"]["nonce"].as_str() {
-        Some(nonce) if !nonce.is_empty() => {
-            h.update(requirement["network"].as_str().unwrap_or_default().as_bytes());
-            h.update(b"\n");
-            h.update(nonce.to_ascii_lowercase().as_bytes());
-        }
-        _ => h.update(&bytes),
+    for part in [
+        requirement["network"].as_str().unwrap_or_default(),
+        &requirement["asset"].as_str().unwrap_or_default().to_ascii_lowercase(),
+        &from,
+        &nonce,
+    ] {
+        h.update(part.as_bytes());
+        h.update(b"\n");
     }
     Ok(Payment { payload, replay_key: h.finalize().into() })
 }
@@ -389,11 +410,12 @@ impl Facilitator {
         let v = self.post(s, "/settle", payment, requirement).await?;
         match v["success"].as_bool() {
             Some(true) => {
-                let transaction = field(&v["transaction"]).ok_or(FacilitatorError::Unreadable)?;
+                // The money moved: an unreadable transaction id does not undo that.
                 Ok(Ok(Paid {
                     payer: field(&v["payer"]).unwrap_or_else(|| "unknown".into()),
-                    transaction,
-                    network: field(&v["network"]).unwrap_or_else(|| s.network.clone()),
+                    transaction: field(&v["transaction"]).unwrap_or_else(|| "unknown".into()),
+                    // Ours, not the facilitator's word: it settles where we asked.
+                    network: s.network.clone(),
                     amount: requirement["amount"].as_str().and_then(|a| a.parse().ok()).unwrap_or(0),
                 }))
             }

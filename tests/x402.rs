@@ -29,6 +29,10 @@ plans:
     x402: {{ price: 2000 }}
   pro:
     features: [search]
+  capped:
+    features: [search]
+    quotas: [ {{ meter: requests, limit: 1, period: month }}, {{ meter: requests, limit: 1, per: 1h }} ]
+    x402: {{ price: "5000" }}
 routes:
   - {{ match: {{ path_prefix: /v1/search }}, feature: search, meter: requests, cost: 1 }}
   - {{ match: {{ path_prefix: /v1/agents }}, meter: requests, cost: 1, x402: {{ price: "10000", payable: true }} }}
@@ -37,6 +41,7 @@ accounts:
   - {{ id: acct_free, plan: free, api_keys: [free-key] }}
   - {{ id: acct_payg, plan: payg, api_keys: [payg-key], credits: 0 }}
   - {{ id: acct_pro, plan: pro, api_keys: [pro-key] }}
+  - {{ id: acct_capped, plan: capped, api_keys: [capped-key] }}
 x402:
   facilitator: {{ url: "{}", timeout: 150ms }}
   network: "eip155:84532"
@@ -129,7 +134,7 @@ async fn an_agent_pays_once_at_the_door_and_cannot_pay_twice_with_one_payment() 
 }
 
 #[tokio::test]
-async fn every_bad_payment_gets_its_answer_and_nothing_is_spent_or_settled() {
+async fn every_bad_payment_gets_its_answer_and_buys_nothing() {
     let f = Facilitator::start().await;
     let s = stack(&f).await;
     let required = s.get("/v1/agents", &[]).await.header("payment-required").unwrap().to_owned();
@@ -162,8 +167,24 @@ async fn every_bad_payment_gets_its_answer_and_nothing_is_spent_or_settled() {
     // One that answers nonsense: the same.
     let r = s.get("/v1/agents", &[("payment-signature", &pay(&required, "0xjunk", "0x16"))]).await;
     assert_eq!((r.status, r.json()["code"].as_str()), (503, Some("payment_unavailable")), "{r:?}");
+    // A settlement that does not answer in time: 503, and the payment is
+    // given back, so the client can retry it.
+    let r = s.get("/v1/agents", &[("payment-signature", &pay(&required, "0xslowsettle", "0x17"))]).await;
+    assert_eq!((r.status, r.json()["code"].as_str()), (503, Some("payment_unavailable")), "{r:?}");
     assert!(f.settled().is_empty(), "nothing settled");
-    assert_eq!(metric(s.tollgate.http, "tollgate_x402_payments_total{result=\"unavailable\"}").await, 2.0);
+    let again = pay(&required, "0xvalid", "0x17");
+    let mut r = s.get("/v1/agents", &[("payment-signature", &again)]).await;
+    for _ in 0..50 {
+        // The claim is given back by a task of its own: at once, but not before the answer.
+        if r.status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        r = s.get("/v1/agents", &[("payment-signature", &again)]).await;
+    }
+    assert_eq!(r.status, 200, "the same payment, retried: {r:?}");
+    assert_eq!(f.settled().len(), 1);
+    assert_eq!(metric(s.tollgate.http, "tollgate_x402_payments_total{result=\"unavailable\"}").await, 3.0);
 
     // An account's quota is untouched by a refused payment: free still has both calls.
     let r = s.get("/v1/search", &[("x-api-key", "free-key"), ("payment-signature", "garbage")]).await;
@@ -198,6 +219,12 @@ async fn an_account_over_its_quota_or_out_of_credits_can_buy_the_call() {
     // insufficient_credits: the prepaid plan's price.
     let r = s.get("/v1/search", &[("x-api-key", "payg-key")]).await;
     assert_eq!(challenged(&r, "insufficient_credits")["accepts"][0]["amount"], "2000");
+
+    // Over its quota and its rate limit at once: paying buys money's worth, not capacity.
+    assert_eq!(s.get("/v1/search", &[("x-api-key", "capped-key")]).await.status, 200);
+    let r = s.get("/v1/search", &[("x-api-key", "capped-key")]).await;
+    assert_eq!((r.status, r.json()["code"].as_str()), (402, Some("quota_exhausted")), "{r:?}");
+    assert!(r.header("payment-required").is_none(), "no challenge while rate limited: {r:?}");
 
     // Not curable by paying per call: a wrong key (401), a plan without a price (no challenge).
     let r = s.get("/v1/agents", &[("x-api-key", "not-a-key")]).await;
@@ -242,6 +269,25 @@ async fn a_settled_payment_is_one_payment_event() {
         assert!(e["data"].get("account").is_none());
     }
     assert_ne!(events[0]["id"], events[1]["id"]);
+    s.stop().await;
+}
+
+/// A store that cannot claim a payment never lets it through, even under
+/// `store.on_error: allow`: an unclaimed payment could be used twice.
+#[tokio::test]
+async fn a_store_that_cannot_claim_the_payment_answers_503_even_when_failing_open() {
+    let f = Facilitator::start().await;
+    let mut redis = tollgate_testkit::redis::RedisServer::start();
+    let extra = format!("store: {{ backend: redis, url: \"{}\", on_error: allow, timeout: 100ms }}\n", redis.url());
+    let s = TestServer::start_configured(&config(&f, &extra), true).await;
+    let required =
+        Answer::of(&s.check(http_check("GET", "/v1/agents", &[])).await).client_headers["payment-required"].clone();
+    redis.kill();
+    let p = pay(&required, "0xvalid", "0x51");
+    let a = Answer::of(&s.check(http_check("GET", "/v1/agents", &[("payment-signature", &p)])).await);
+    assert!(!a.allowed, "{a:?}");
+    assert_eq!((a.http_status, a.body["code"].as_str()), (503, Some("payment_unavailable")), "{a:?}");
+    assert!(f.settled().is_empty());
     s.stop().await;
 }
 

@@ -20,7 +20,11 @@ fn payload(requirement: &Value, nonce: &str) -> String {
         json!({
             "x402Version": 2,
             "accepted": requirement,
-            "payload": { "signature": "0xabc", "authorization": { "nonce": nonce, "value": requirement["amount"] } },
+            "payload": { "signature": "0xabc", "authorization": {
+                "from": "0x857b06519E91e3A54538791bDbb0E22373e36b66",
+                "nonce": format!("0x{:0>64}", nonce.trim_start_matches("0x")),
+                "value": requirement["amount"],
+            } },
         })
         .to_string(),
     )
@@ -137,4 +141,22 @@ fn a_payment_s_ids_fit_the_store_s_rules() {
     let event = event_id(&p);
     assert!(event.len() <= 64 && event.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'), "{event}");
     assert!(replay_id(&p).starts_with("x402:") && replay_id(&p).len() == 69);
+}
+
+#[test]
+fn a_payment_without_an_eip3009_authorization_or_in_another_spelling_is_refused_or_the_same() {
+    let s = settings();
+    let r = requirement(&s, &Price::parse("1").unwrap());
+    // No payer or nonce: a re-encoded copy could not be told apart.
+    for auth in [json!({}), json!({ "nonce": format!("0x{:064}", 1) }), json!({ "from": "0x1", "nonce": "0x1" })] {
+        let p = STANDARD
+            .encode(json!({ "x402Version": 2, "accepted": r, "payload": { "authorization": auth } }).to_string());
+        assert_eq!(parse(&p, &r).unwrap_err(), Refusal::Malformed, "{auth}");
+    }
+    // The same payment with spaces, another key order and an extra field: the same key.
+    let p = parse(&payload(&r, "0x7"), &r).unwrap();
+    let mut v: Value = serde_json::from_slice(&STANDARD.decode(payload(&r, "0x7")).unwrap()).unwrap();
+    v["extra"] = json!("padding");
+    let pretty = STANDARD.encode(serde_json::to_string_pretty(&v).unwrap());
+    assert_eq!(parse(&pretty, &r).unwrap().replay_key, p.replay_key);
 }

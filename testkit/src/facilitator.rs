@@ -7,8 +7,9 @@
 //! pays the requirement's amount to its `payTo`, and a nonce settles once
 //! (as on chain). What the payment's `payload.signature` says decides the
 //! rest: `0xvalid` verifies and settles, `0xbad` is invalid, `0xbroke`
-//! verifies but fails to settle, `0xslow` answers after 2 s, `0xjunk` answers
-//! with text that is not JSON.
+//! verifies but fails to settle, `0xslow` answers after 2 s, `0xslowsettle`
+//! verifies at once and settles after 2 s, `0xjunk` answers with text that
+//! is not JSON.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -104,6 +105,9 @@ async fn verify(State(book): State<Arc<Mutex<Book>>>, Json(body): Json<Value>) -
 
 async fn settle(State(book): State<Arc<Mutex<Book>>>, Json(body): Json<Value>) -> Json<Value> {
     let (signature, nonce, pays) = read(&body);
+    if signature == "0xslowsettle" {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     let network = body["paymentRequirements"]["network"].clone();
     let mut b = book.lock().unwrap();
     let fail = |reason: &str| json!({ "success": false, "errorReason": reason, "payer": PAYER, "transaction": "", "network": network });
@@ -131,8 +135,10 @@ pub fn pay(required: &str, signature: &str, nonce: &str) -> String {
     pay_with(&challenge, accepted, signature, nonce)
 }
 
-/// [`pay`] with `accepted` as given (to pay less, or someone else).
+/// [`pay`] with `accepted` as given (to pay less, or someone else). `nonce`
+/// is a hex number, padded to EIP-3009's 32 bytes.
 pub fn pay_with(challenge: &Value, accepted: Value, signature: &str, nonce: &str) -> String {
+    let nonce = format!("0x{:0>64}", nonce.trim_start_matches("0x"));
     let payload = json!({
         "x402Version": 2,
         "resource": challenge["resource"],
