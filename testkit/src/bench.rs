@@ -92,6 +92,43 @@ pub fn check_request() -> CheckRequest {
     request
 }
 
+/// tollgate's ext_authz handler on [`config`]`(memory store)`, seeded, in this
+/// process without a server (for counting what one Check costs the handler).
+pub async fn handler() -> tollgate::grpc::ext_authz::ExtAuthz {
+    use std::sync::Arc;
+    let config =
+        tollgate::config::Config::parse(&config("{ backend: memory, on_error: deny, timeout: 50ms }"), "bench.yaml")
+            .expect("the bench config is valid");
+    let metrics = Arc::new(tollgate::metrics::Metrics::new());
+    let store = tollgate::store::open(&config.store, &config.cache, metrics.cache_observer()).expect("memory store");
+    tollgate::accounts::Accounts::seed(store.as_ref(), &config.accounts, &config.policy.plans).await.expect("seed");
+    let authorizer = tollgate::authorizer::Authorizer::new(Arc::new(config), store, metrics);
+    tollgate::grpc::ext_authz::ExtAuthz::new(Arc::new(authorizer))
+}
+
+/// Runs `n` Checks of [`check_request`] (built before the first) through `h`;
+/// answers how many were allowed.
+pub async fn run_checks(h: &tollgate::grpc::ext_authz::ExtAuthz, n: usize) -> usize {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
+    let requests: Vec<_> = (0..n).map(|_| tonic::Request::new(check_request())).collect();
+    let mut allowed = 0;
+    for r in requests {
+        let answer = h.check(r).await.expect("a Check answers");
+        allowed += usize::from(answer.get_ref().status.as_ref().is_none_or(|s| s.code == 0));
+    }
+    allowed
+}
+
+/// `--checks N` of this process's arguments, else `default`.
+pub fn checks_arg(default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--checks")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
