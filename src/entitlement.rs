@@ -200,9 +200,20 @@ impl Window {
 
     /// The suffix of the policy name: `month`, or the duration as configured (`1s`, `10m`).
     pub fn label(&self) -> String {
+        let mut out = String::new();
+        self.write_label(&mut out);
+        out
+    }
+
+    /// [`Window::label`] appended to `out` (no allocation for calendar windows).
+    pub fn write_label(&self, out: &mut String) {
         match self {
-            Window::Calendar(p) => p.as_str().to_owned(),
-            Window::Rolling(d) => humantime::format_duration(*d).to_string().replace(' ', ""),
+            Window::Calendar(p) => out.push_str(p.as_str()),
+            Window::Rolling(d) => {
+                // `1h 30m` is written `1h30m`.
+                let text = humantime::format_duration(*d).to_string();
+                out.extend(text.chars().filter(|c| *c != ' '));
+            }
         }
     }
 }
@@ -369,7 +380,16 @@ impl Quota {
 
     /// The name used in `RateLimit-Policy` and problem bodies: `requests-month`, `requests-1s`.
     pub fn policy_name(&self) -> String {
-        format!("{}-{}", self.meter, self.window.label())
+        let mut out = String::with_capacity(self.meter.len() + 8);
+        self.write_policy_name(&mut out);
+        out
+    }
+
+    /// [`Quota::policy_name`] appended to `out`.
+    pub fn write_policy_name(&self, out: &mut String) {
+        out.push_str(&self.meter);
+        out.push('-');
+        self.window.write_label(out);
     }
 }
 

@@ -43,6 +43,9 @@ struct ResultLabels {
 pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
+    /// The series of `decisions` met so far, by verdict ([`verdict_index`]):
+    /// a Check finds its counter without hashing a label set.
+    decision_counters: [std::sync::OnceLock<Counter>; VERDICTS],
     check_duration: Histogram,
     /// The `hit` and `miss` series of `tollgate_cache_requests_total`, held so a lookup takes no lock.
     cache_hits: Counter,
@@ -66,6 +69,8 @@ pub struct Metrics {
     /// Check finds its counter without building a label (no allocation).
     plan_counters: std::sync::RwLock<std::collections::HashMap<String, Vec<(&'static str, Counter)>>>,
     doors: Family<DoorLabels, Counter>,
+    /// The series of `doors` met so far, by door and status label.
+    door_counters: [[std::sync::OnceLock<Counter>; STATUSES.len()]; DOORS.len()],
     /// Spans by result, copied from `telemetry`'s totals at each scrape.
     spans: Family<ResultLabels, Counter>,
     /// Held while totals kept elsewhere (lease mode's, the spans') are copied
@@ -147,6 +152,29 @@ fn catch_up(c: &Counter, total: u64) {
         c.inc_by(total - now);
     }
 }
+
+/// Every verdict: the allow kinds, then the deny codes.
+const VERDICTS: usize = 5 + crate::decision::Code::ALL.len();
+
+/// A verdict's place among [`VERDICTS`].
+fn verdict_index(v: Verdict) -> usize {
+    use crate::decision::AllowKind;
+    match v {
+        Verdict::Allow(kind) => match kind {
+            AllowKind::Public => 0,
+            AllowKind::Allowed => 1,
+            AllowKind::Grace => 2,
+            AllowKind::FailOpen => 3,
+            AllowKind::Paid => 4,
+        },
+        Verdict::Deny(code) => 5 + crate::decision::Code::ALL.iter().position(|c| *c == code).unwrap_or(0),
+    }
+}
+
+/// The door labels, in [`Metrics::door_counters`]' order.
+const DOORS: [&str; 4] = ["grpc", "envoy_http", "traefik", "nginx"];
+/// The status labels, in [`Metrics::door_counters`]' order.
+const STATUSES: [&str; 9] = ["200", "400", "401", "402", "403", "429", "500", "503", "other"];
 
 fn status_label(status: u16) -> &'static str {
     match status {
@@ -338,6 +366,7 @@ impl Metrics {
         Self {
             registry,
             decisions,
+            decision_counters: std::array::from_fn(|_| std::sync::OnceLock::new()),
             check_duration,
             cache_hits,
             cache_misses,
@@ -357,6 +386,7 @@ impl Metrics {
             plan_decisions,
             plan_counters: std::sync::RwLock::default(),
             doors,
+            door_counters: std::array::from_fn(|_| std::array::from_fn(|_| std::sync::OnceLock::new())),
             spans,
             copying: std::sync::Mutex::new(()),
             webhooks,
@@ -414,8 +444,11 @@ impl Metrics {
 
     /// Counts one Check and its latency.
     pub fn record_decision(&self, verdict: Verdict, elapsed: Duration) {
-        self.decisions
-            .get_or_create(&DecisionLabels { status: status_label(verdict.http_status()), code: verdict.label() })
+        self.decision_counters[verdict_index(verdict)]
+            .get_or_init(|| {
+                let labels = DecisionLabels { status: status_label(verdict.http_status()), code: verdict.label() };
+                self.decisions.get_or_create(&labels).clone()
+            })
             .inc();
         self.check_duration.observe(elapsed.as_secs_f64());
     }
@@ -429,7 +462,18 @@ impl Metrics {
 
     /// Counts one Check by the door it came in by (`grpc`, `envoy_http`, `traefik`).
     pub fn record_door(&self, door: &'static str, status: u16) {
-        self.doors.get_or_create(&DoorLabels { door, status: status_label(status) }).inc();
+        let status = status_label(status);
+        let at = DOORS.iter().position(|d| *d == door).zip(STATUSES.iter().position(|s| *s == status));
+        match at {
+            Some((d, s)) => {
+                self.door_counters[d][s]
+                    .get_or_init(|| self.doors.get_or_create(&DoorLabels { door, status }).clone())
+                    .inc();
+            }
+            None => {
+                self.doors.get_or_create(&DoorLabels { door, status }).inc();
+            }
+        }
     }
 
     /// Counts one Check of an account on `plan` (a plan the config defines).

@@ -179,21 +179,28 @@ fn window_secs(state: &QuotaState, now: DateTime<Utc>) -> u64 {
 /// `RateLimit` item is the quota that denied the request, else the one with
 /// the fewest units left (the one a client must pace itself by).
 fn ratelimit_headers(d: &Decision, now: DateTime<Utc>, out: &mut Vec<(String, String)>) {
+    use std::fmt::Write as _;
     if d.quotas.is_empty() {
         return;
     }
-    let policy: Vec<String> = d
-        .quotas
-        .iter()
-        .map(|q| format!("\"{}\";q={};w={}", q.quota.policy_name(), q.quota.limit, window_secs(q, now)))
-        .collect();
-    out.push(("ratelimit-policy".into(), policy.join(", ")));
+    // Written in place: one string per header, no list joined afterwards.
+    let mut policy = String::with_capacity(40 * d.quotas.len());
+    for (i, q) in d.quotas.iter().enumerate() {
+        if i > 0 {
+            policy.push_str(", ");
+        }
+        policy.push('"');
+        q.quota.write_policy_name(&mut policy);
+        let _ = write!(policy, "\";q={};w={}", q.quota.limit, window_secs(q, now));
+    }
+    out.push(("ratelimit-policy".into(), policy));
     let current = d.denying_quota().or_else(|| d.quotas.iter().min_by_key(|q| q.remaining));
     if let Some(q) = current {
-        out.push((
-            "ratelimit".into(),
-            format!("\"{}\";r={};t={}", q.quota.policy_name(), q.remaining, secs_until(q.resets_at, now)),
-        ));
+        let mut value = String::with_capacity(40);
+        value.push('"');
+        q.quota.write_policy_name(&mut value);
+        let _ = write!(value, "\";r={};t={}", q.remaining, secs_until(q.resets_at, now));
+        out.push(("ratelimit".into(), value));
     }
 }
 

@@ -83,15 +83,15 @@ pub fn check_path(path: &str) -> Result<(), PathError> {
         }
         i += 1;
     }
-    let segments: Vec<&str> = path[1..].split('/').collect();
-    let last = segments.len() - 1;
-    for (n, segment) in segments.iter().enumerate() {
+    let mut segments = path[1..].split('/').peekable();
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
         // Servlet containers drop `;parameters` before resolving dot segments.
         let name = segment.split(';').next().unwrap_or("");
         if name == "." || name == ".." {
             return Err(PathError::DotSegment);
         }
-        if name.is_empty() && (n != last || segment.contains(';')) {
+        if name.is_empty() && (!last || segment.contains(';')) {
             return Err(PathError::EmptySegment);
         }
     }

@@ -104,16 +104,17 @@ fn lower(name: &str) -> Cow<'_, str> {
     }
 }
 
-fn header(key: &str, value: &str, action: HeaderAppendAction) -> HeaderValueOption {
+/// A header to set, overwriting the request's or response's own.
+fn header((key, value): (String, String)) -> HeaderValueOption {
     HeaderValueOption {
-        header: Some(HeaderValue { key: key.to_owned(), value: value.to_owned(), ..Default::default() }),
-        append_action: action as i32,
+        header: Some(HeaderValue { key, value, ..Default::default() }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
         ..Default::default()
     }
 }
 
-fn string_value(s: &str) -> Value {
-    Value { kind: Some(Kind::StringValue(s.to_owned())) }
+fn string_value(s: impl Into<String>) -> Value {
+    Value { kind: Some(Kind::StringValue(s.into())) }
 }
 
 /// The gRPC status code of a deny: UNAUTHENTICATED for 401, PERMISSION_DENIED for
@@ -132,15 +133,14 @@ fn rpc_code(verdict: Verdict) -> tonic::Code {
     }
 }
 
-/// Builds the CheckResponse for an outcome.
-pub fn check_response(outcome: &Outcome) -> CheckResponse {
-    let d = &outcome.decision;
-    let r = &outcome.response;
+/// Builds the CheckResponse for an outcome, moving its strings in (no copies).
+pub fn check_response(outcome: Outcome) -> CheckResponse {
+    let Outcome { decision: d, response: r, charge, .. } = outcome;
     let mut meta = HashMap::with_capacity(4);
-    if let Some(a) = &d.account {
+    if let Some(a) = d.account {
         meta.insert("account".to_owned(), string_value(a));
     }
-    if let Some(p) = &d.plan {
+    if let Some(p) = d.plan {
         meta.insert("plan".to_owned(), string_value(p));
     }
     meta.insert("decision".to_owned(), string_value(d.verdict.label()));
@@ -148,33 +148,21 @@ pub fn check_response(outcome: &Outcome) -> CheckResponse {
         // Access logs can show what shadow mode let through.
         meta.insert("shadow".to_owned(), string_value(code.as_str()));
     }
-    if let Some(charge) = &outcome.charge {
+    if let Some(charge) = charge {
         meta.insert(settlement::FIELD.to_owned(), string_value(charge));
     }
     let code = rpc_code(d.verdict);
     let http_response = match d.verdict {
         Verdict::Allow(_) => HttpResponse::OkResponse(OkHttpResponse {
-            headers: r
-                .upstream_headers
-                .iter()
-                .map(|(k, v)| header(k, v, HeaderAppendAction::OverwriteIfExistsOrAdd))
-                .collect(),
-            headers_to_remove: r.upstream_remove.clone(),
-            response_headers_to_add: r
-                .client_headers
-                .iter()
-                .map(|(k, v)| header(k, v, HeaderAppendAction::OverwriteIfExistsOrAdd))
-                .collect(),
+            headers: r.upstream_headers.into_iter().map(header).collect(),
+            headers_to_remove: r.upstream_remove,
+            response_headers_to_add: r.client_headers.into_iter().map(header).collect(),
             ..Default::default()
         }),
         Verdict::Deny(_) => HttpResponse::DeniedResponse(DeniedHttpResponse {
             status: Some(HttpStatus { code: i32::from(r.status) }),
-            headers: r
-                .client_headers
-                .iter()
-                .map(|(k, v)| header(k, v, HeaderAppendAction::OverwriteIfExistsOrAdd))
-                .collect(),
-            body: r.body.clone().unwrap_or_default(),
+            headers: r.client_headers.into_iter().map(header).collect(),
+            body: r.body.unwrap_or_default(),
         }),
     };
     CheckResponse {
@@ -240,8 +228,9 @@ impl Authorization for ExtAuthz {
                 "check denied"
             );
         }
-        let response = check_response(&outcome);
-        self.authorizer.metrics().record_decision(d.verdict, started.elapsed());
+        let verdict = d.verdict;
+        let response = check_response(outcome);
+        self.authorizer.metrics().record_decision(verdict, started.elapsed());
         Ok(Response::new(response))
     }
 }
