@@ -167,9 +167,25 @@ fn secs_until(t: DateTime<Utc>, now: DateTime<Utc>) -> u64 {
 
 fn window_secs(state: &QuotaState, now: DateTime<Utc>) -> u64 {
     match state.quota.window {
-        Window::Calendar(p) => {
-            let (start, end) = p.bounds(now);
-            secs_until(end, start)
+        // UTC minutes, hours and days have one length.
+        Window::Calendar(Period::Minute) => 60,
+        Window::Calendar(Period::Hour) => 3_600,
+        Window::Calendar(Period::Day) => 86_400,
+        Window::Calendar(Period::Month) => {
+            // Months differ: worked out once per UTC day and thread, not per request.
+            thread_local! {
+                static MONTH: std::cell::Cell<(i64, u64)> = const { std::cell::Cell::new((i64::MIN, 0)) };
+            }
+            let day = now.timestamp().div_euclid(86_400);
+            MONTH.with(|m| match m.get() {
+                (d, secs) if d == day => secs,
+                _ => {
+                    let (start, end) = Period::Month.bounds(now);
+                    let secs = secs_until(end, start);
+                    m.set((day, secs));
+                    secs
+                }
+            })
         }
         Window::Rolling(d) => d.as_millis().div_ceil(1000).max(1) as u64,
     }
