@@ -1093,7 +1093,7 @@ impl Report<'_> {
         let cols = |f: &dyn Fn(usize) -> String| rounds.clone().map(f).collect::<Vec<_>>().join(" | ");
 
         let head = format!(
-            "| variant | {} | median req/s | median p99 ms |",
+            "| variant | {} | median req/s | median p50 ms | median p99 ms |",
             cols(&|n| format!("round {n} req/s | round {n} p99 ms"))
         );
         writeln!(o, "\n{head}\n|{}", "---|".repeat(head.matches('|').count() - 1)).unwrap();
@@ -1102,8 +1102,10 @@ impl Report<'_> {
                 let r = &self.runs[&(v, n)].wrk;
                 format!("{} | {:.2}", thousands(r.rps), r.p99_ms)
             });
+            let p50 = median(self.per_round(v, |r| r.wrk.p50_ms));
             let p99 = median(self.per_round(v, |r| r.wrk.p99_ms));
-            writeln!(o, "| {} | {cells} | {} | {p99:.2} |", v.title(), thousands(self.median_rps(v))).unwrap();
+            writeln!(o, "| {} | {cells} | {} | {p50:.2} | {p99:.2} |", v.title(), thousands(self.median_rps(v)))
+                .unwrap();
         }
 
         writeln!(o, "\n| ratio (req/s) | {} | median | target |", cols(&|n| format!("round {n}"))).unwrap();

@@ -18,6 +18,8 @@ pub struct Wrk {
 pub struct WrkOutput {
     /// Requests per second.
     pub rps: f64,
+    /// Median latency in ms.
+    pub p50_ms: f64,
     /// 99th percentile latency in ms.
     pub p99_ms: f64,
     /// Requests completed.
@@ -70,15 +72,19 @@ pub fn parse(text: &str) -> Result<WrkOutput, String> {
     let missing = |what: &str| format!("cannot parse wrk output ({what}):\n{text}");
     let line = |prefix: &str| text.lines().map(str::trim).find_map(|l| l.strip_prefix(prefix)).map(str::trim);
     let rps = line("Requests/sec:").and_then(|v| v.parse().ok()).ok_or_else(|| missing("Requests/sec"))?;
-    let p99 = line("99%").ok_or_else(|| missing("99%"))?;
-    let (num, unit) = p99.split_at(p99.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(|| missing("99% unit"))?);
-    let scale = match unit {
-        "us" => 1e-3,
-        "ms" => 1.0,
-        "s" => 1e3,
-        _ => return Err(missing("99% unit")),
+    // A percentile line of the latency distribution (`99%  850.00us`), in ms.
+    let percentile = |p: &str| -> Result<f64, String> {
+        let v = line(p).ok_or_else(|| missing(p))?;
+        let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(|| missing(p))?);
+        let scale = match unit {
+            "us" => 1e-3,
+            "ms" => 1.0,
+            "s" => 1e3,
+            _ => return Err(missing(p)),
+        };
+        Ok(num.parse::<f64>().map_err(|_| missing(p))? * scale)
     };
-    let p99_ms = num.parse::<f64>().map_err(|_| missing("99%"))? * scale;
+    let (p50_ms, p99_ms) = (percentile("50%")?, percentile("99%")?);
     let requests = text
         .lines()
         .find_map(|l| l.split_once(" requests in ").and_then(|(n, _)| n.trim().parse().ok()))
@@ -87,7 +93,7 @@ pub fn parse(text: &str) -> Result<WrkOutput, String> {
     let socket_errors = line("Socket errors:")
         .map(|v| v.split(',').filter_map(|kv| kv.split_whitespace().nth(1)?.parse::<u64>().ok()).sum())
         .unwrap_or(0);
-    Ok(WrkOutput { rps, p99_ms, requests, non2xx, socket_errors })
+    Ok(WrkOutput { rps, p50_ms, p99_ms, requests, non2xx, socket_errors })
 }
 
 #[cfg(test)]
@@ -102,6 +108,7 @@ mod tests {
         let r = parse(text).unwrap();
         assert_eq!((r.requests, r.non2xx, r.socket_errors), (81234, 3, 3));
         assert!((r.rps - 8123.4).abs() < 1e-9 && (r.p99_ms - 0.85).abs() < 1e-9);
+        assert!((r.p50_ms - 1.0).abs() < 1e-9);
         assert!(parse("garbage").is_err());
     }
 }
