@@ -29,6 +29,7 @@
 //! `problem` (a store fault rendered as `on_error: deny` would), `settlement` (the charge's header).
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::Router;
@@ -242,7 +243,7 @@ fn header_safe_json(json: &str) -> Cow<'_, str> {
         } else {
             let mut units = [0u16; 2];
             for u in c.encode_utf16(&mut units) {
-                out.push_str(&format!("\\u{u:04x}"));
+                let _ = write!(out, "\\u{u:04x}");
             }
         }
     }

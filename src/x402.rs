@@ -285,6 +285,7 @@ pub fn replay_id(p: &Payment) -> String {
 /// The payment's id as a charge and event id (at most 64 of `[A-Za-z0-9-]`,
 /// as the settle script takes): `x402-` and 59 hex digits of the replay key.
 pub fn event_id(p: &Payment) -> String {
+    // 32 bytes are 64 hex digits: the slice is always in range.
     let hex = hex::encode(p.replay_key);
     format!("x402-{}", &hex[..59])
 }

@@ -312,13 +312,7 @@ async fn a_soft_limit_warns_the_client_and_tells_the_upstream_then_stops_at_the_
 #[tokio::test]
 async fn over_envoy_s_http_ext_authz_every_row_is_as_over_grpc() {
     let mut redis = RedisServer::start();
-    let door = free_addr();
-    let yaml = format!(
-        "{}server: {{ authz_http_listen: \"{door}\" }}\nstore: {{ backend: redis, url: \"{}\" }}\n",
-        spec_config(),
-        redis.url()
-    );
-    let tollgate = TestServer::start_configured(&yaml, true).await;
+    let (tollgate, door) = tollgate_testkit::spec_door_on(&redis).await;
     let s = Stack::around(tollgate, |t, u| envoy::http_door_config(t, door, u, Options::default())).await;
     s.envoy.wait_cluster_healthy("tollgate").await;
     let r = s.get("/v1/search", &[("x-api-key", "pro-key"), ("x-tollgate-account", "acct_forged")]).await;

@@ -33,6 +33,16 @@ async fn traefik(addr: std::net::SocketAddr, uri: &str, key: Option<&str>) -> Re
     request(addr, "GET", "/traefik", &h).await.unwrap()
 }
 
+/// Sends `raw` bytes as they are (a header that is not UTF-8) and reads the answer.
+async fn raw_exchange(addr: std::net::SocketAddr, raw: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), c.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn problem(r: &Response, status: u16, code: &str) -> serde_json::Value {
     assert_eq!(r.status, status, "{r:?}");
     assert_eq!(r.header("content-type"), Some("application/problem+json"), "{r:?}");
@@ -212,12 +222,7 @@ async fn the_nginx_door_refuses_what_it_cannot_read_and_forged_tollgate_headers(
     }
     // Not UTF-8: the URL cannot be read.
     let raw = b"GET /nginx HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Original-Method: GET\r\nX-Original-URL: https://api.example.com/v1/search\xff\r\nX-Api-Key: pro-key\r\n\r\n";
-    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    c.write_all(raw).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), c.read_to_end(&mut out)).await;
-    let head = String::from_utf8_lossy(&out);
+    let head = raw_exchange(addr, raw).await;
     assert!(head.starts_with("HTTP/1.1 403") && head.to_lowercase().contains("x-tollgate-status: 400"), "{head}");
     assert_eq!(metric(s.http, "tollgate_door_decisions_total{door=\"nginx\",status=\"200\"}").await, 0.0);
     s.stop().await;
@@ -242,12 +247,7 @@ async fn what_the_door_cannot_read_is_400_never_an_allow() {
     }
     // A header value that is not UTF-8: the URI cannot be read.
     let raw = b"GET /traefik HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Forwarded-Method: GET\r\nX-Forwarded-Uri: /v1/search\xff\r\nX-Api-Key: pro-key\r\n\r\n";
-    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    c.write_all(raw).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), c.read_to_end(&mut out)).await;
-    let head = String::from_utf8_lossy(&out);
+    let head = raw_exchange(addr, raw).await;
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     // Oversized headers: refused by the HTTP layer (431), never decided.
     let big = "a".repeat(70_000);

@@ -7,23 +7,17 @@
 
 use std::net::SocketAddr;
 
+use tollgate_testkit::TestServer;
 use tollgate_testkit::envoy::echo_upstream;
 use tollgate_testkit::front::{Front, assert_problem, deny_rows, store_down_row};
 use tollgate_testkit::http::{metric_in, request};
 use tollgate_testkit::nginx::{self, Nginx};
 use tollgate_testkit::process::free_addr;
 use tollgate_testkit::redis::RedisServer;
-use tollgate_testkit::{TestServer, spec_config};
 
 /// tollgate (spec config on `redis`, seeded) with its HTTP door, and nginx in front.
 async fn stack(redis: &RedisServer) -> (TestServer, SocketAddr, Nginx) {
-    let door = free_addr();
-    let yaml = format!(
-        "{}server: {{ authz_http_listen: \"{door}\" }}\nstore: {{ backend: redis, url: \"{}\" }}\n",
-        spec_config(),
-        redis.url()
-    );
-    let tollgate = TestServer::start_configured(&yaml, true).await;
+    let (tollgate, door) = tollgate_testkit::spec_door_on(redis).await;
     let upstream = echo_upstream().await;
     let nginx = Nginx::start(|listen| nginx::config(door, upstream, listen)).await;
     (tollgate, door, nginx)

@@ -53,6 +53,12 @@ x402:
     )
 }
 
+/// An in-process Check of `GET /v1/agents`, with a `PAYMENT-SIGNATURE` when given.
+async fn agents(s: &TestServer, payment: Option<&str>) -> Answer {
+    let headers: Vec<(&str, &str)> = payment.map(|p| ("payment-signature", p)).into_iter().collect();
+    Answer::of(&s.check(http_check("GET", "/v1/agents", &headers)).await)
+}
+
 async fn stack(facilitator: &Facilitator) -> Stack {
     Stack::start(&config(facilitator, ""), |t, u| envoy::config(t, u, Options::default())).await
 }
@@ -247,11 +253,10 @@ async fn a_settled_payment_is_one_payment_event() {
         redis.url()
     );
     let s = TestServer::start_configured(&config(&f, &extra), true).await;
-    let required =
-        Answer::of(&s.check(http_check("GET", "/v1/agents", &[])).await).client_headers["payment-required"].clone();
+    let required = agents(&s, None).await.client_headers["payment-required"].clone();
     for nonce in ["0x41", "0x42"] {
         let p = pay(&required, "0xvalid", nonce);
-        assert!(Answer::of(&s.check(http_check("GET", "/v1/agents", &[("payment-signature", &p)])).await).allowed);
+        assert!(agents(&s, Some(&p)).await.allowed);
     }
     let mut events = Vec::new();
     tollgate_testkit::eventually("two payment events reach the sink", std::time::Duration::from_secs(15), async || {
@@ -280,11 +285,10 @@ async fn a_store_that_cannot_claim_the_payment_answers_503_even_when_failing_ope
     let mut redis = tollgate_testkit::redis::RedisServer::start();
     let extra = format!("store: {{ backend: redis, url: \"{}\", on_error: allow, timeout: 100ms }}\n", redis.url());
     let s = TestServer::start_configured(&config(&f, &extra), true).await;
-    let required =
-        Answer::of(&s.check(http_check("GET", "/v1/agents", &[])).await).client_headers["payment-required"].clone();
+    let required = agents(&s, None).await.client_headers["payment-required"].clone();
     redis.kill();
     let p = pay(&required, "0xvalid", "0x51");
-    let a = Answer::of(&s.check(http_check("GET", "/v1/agents", &[("payment-signature", &p)])).await);
+    let a = agents(&s, Some(&p)).await;
     assert!(!a.allowed, "{a:?}");
     assert_eq!((a.http_status, a.body["code"].as_str()), (503, Some("payment_unavailable")), "{a:?}");
     assert!(f.settled().is_empty());
@@ -297,9 +301,9 @@ async fn a_store_that_cannot_claim_the_payment_answers_503_even_when_failing_ope
 async fn a_late_facilitator_can_answer_402_instead_of_503() {
     let f = Facilitator::start().await;
     let s = TestServer::start(&config(&f, "  on_facilitator_error: payment_required\n")).await;
-    let a = Answer::of(&s.check(http_check("GET", "/v1/agents", &[])).await);
+    let a = agents(&s, None).await;
     let slow = pay(&a.client_headers["payment-required"], "0xslow", "0x31");
-    let a = Answer::of(&s.check(http_check("GET", "/v1/agents", &[("payment-signature", &slow)])).await);
+    let a = agents(&s, Some(&slow)).await;
     assert_eq!((a.http_status, a.body["code"].as_str()), (402, Some("payment_required")), "{a:?}");
     assert_eq!(decode(&a.client_headers["payment-required"])["error"], "facilitator_unavailable");
     assert!(f.settled().is_empty());
@@ -314,8 +318,7 @@ async fn a_late_facilitator_can_answer_402_instead_of_503() {
 async fn an_account_less_caller_never_gets_through_without_a_settled_payment() {
     let f = Facilitator::start().await;
     let s = TestServer::start(&config(&f, "")).await;
-    let required =
-        Answer::of(&s.check(http_check("GET", "/v1/agents", &[])).await).client_headers["payment-required"].clone();
+    let required = agents(&s, None).await.client_headers["payment-required"].clone();
     let challenge = decode(&required);
     let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
     let mut next = move |n: u64| {

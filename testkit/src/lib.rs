@@ -179,3 +179,16 @@ pub async fn used(
     };
     store.spend(&probe).await.expect("a dry run answers").quotas[0].used
 }
+
+/// tollgate in this process on [`spec_config`] with its HTTP door
+/// (`server.authz_http_listen` on a free port) and `redis` as its store,
+/// seeded: the tollgate the proxies' HTTP-door tests put a proxy in front of.
+pub async fn spec_door_on(redis: &redis::RedisServer) -> (TestServer, std::net::SocketAddr) {
+    let door = process::free_addr();
+    let yaml = format!(
+        "{}server: {{ authz_http_listen: \"{door}\" }}\nstore: {{ backend: redis, url: \"{}\" }}\n",
+        spec_config(),
+        redis.url()
+    );
+    (TestServer::start_configured(&yaml, true).await, door)
+}
