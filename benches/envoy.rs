@@ -6,6 +6,9 @@
 //! a         Envoy -> app                        (deploy/envoy/envoy.yaml without ext_authz)
 //! b         Envoy -Check-> noop_authz -> app    (benches/noop_authz.rs: every Check OK; the floor)
 //! b-shaped  Envoy -Check-> noop_authz --shaped  (opt-in: tollgate's allow answer, nothing decided)
+//! b-nometa, b-norl, b-norm, b-lean  b-shaped without the dynamic metadata, without the
+//!           client RateLimit headers, without the header removals, with the upstream headers
+//!           alone (opt-in: where Envoy's cost of applying the answer goes)
 //! c-mem     Envoy -Check-> tollgate (memory store) -> app
 //! c-redis   Envoy -Check-> tollgate (Redis store) -> app
 //! c-lease   Envoy -Check-> tollgate (Redis store, `store.counting: lease`) -> app (opt-in)
@@ -69,6 +72,7 @@ use tollgate_testkit::cpu::{self, child_pids, clock_ticks, loadavg, machine_tick
 use tollgate_testkit::envoy::{self, Envoy, Options};
 use tollgate_testkit::load::median;
 use tollgate_testkit::nginx::{self, Nginx};
+use tollgate_testkit::noop::Shape;
 use tollgate_testkit::process::{KillOnDrop, TollgateProcess, free_addr, temp_dir, wait_child};
 use tollgate_testkit::redis::RedisServer;
 use tollgate_testkit::wrk::{Wrk, WrkOutput};
@@ -116,7 +120,8 @@ struct Args {
 enum Variant {
     A,
     B,
-    BShaped,
+    /// The floor answering tollgate's allow, cut to a shape.
+    BShaped(Shape),
     CMem,
     CRedis,
     CLease,
@@ -134,7 +139,11 @@ impl Variant {
         Ok(match s {
             "a" => Self::A,
             "b" => Self::B,
-            "b-shaped" => Self::BShaped,
+            "b-shaped" => Self::BShaped(Shape::Full),
+            "b-nometa" => Self::BShaped(Shape::NoMetadata),
+            "b-norl" => Self::BShaped(Shape::NoRateLimit),
+            "b-norm" => Self::BShaped(Shape::NoRemovals),
+            "b-lean" => Self::BShaped(Shape::Lean),
             "c-mem" => Self::CMem,
             "c-redis" => Self::CRedis,
             "c-lease" => Self::CLease,
@@ -147,7 +156,7 @@ impl Variant {
             "n-tollgate" => Self::NTollgate,
             _ => {
                 return Err(format!(
-                    "unknown variant {s} (a, b, b-shaped, c-mem, c-redis, c-lease, c-settle, c-events, c-trace1, \
+                    "unknown variant {s} (a, b, b-shaped, b-nometa, b-norl, b-norm, b-lean, c-mem, c-redis, c-lease, c-settle, c-events, c-trace1, \
                      c-trace100, c-http, n-alone, n-tollgate)"
                 ));
             }
@@ -158,7 +167,11 @@ impl Variant {
         match self {
             Self::A => "a",
             Self::B => "b",
-            Self::BShaped => "b-shaped",
+            Self::BShaped(Shape::Full) => "b-shaped",
+            Self::BShaped(Shape::NoMetadata) => "b-nometa",
+            Self::BShaped(Shape::NoRateLimit) => "b-norl",
+            Self::BShaped(Shape::NoRemovals) => "b-norm",
+            Self::BShaped(Shape::Lean) => "b-lean",
             Self::CMem => "c-mem",
             Self::CRedis => "c-redis",
             Self::CLease => "c-lease",
@@ -177,7 +190,11 @@ impl Variant {
         match self {
             Self::A => "a: no ext_authz",
             Self::B => "b: noop ext_authz (floor)",
-            Self::BShaped => "b-shaped: noop, tollgate-shaped answer",
+            Self::BShaped(Shape::Full) => "b-shaped: noop, tollgate's answer",
+            Self::BShaped(Shape::NoMetadata) => "b-nometa: noop, tollgate's answer without metadata",
+            Self::BShaped(Shape::NoRateLimit) => "b-norl: noop, tollgate's answer without RateLimit",
+            Self::BShaped(Shape::NoRemovals) => "b-norm: noop, tollgate's answer without removals",
+            Self::BShaped(Shape::Lean) => "b-lean: noop, tollgate's upstream headers only",
             Self::CMem => "c: tollgate, memory store",
             Self::CRedis => "c: tollgate, Redis store",
             Self::CLease => "c: tollgate, Redis store, lease mode",
@@ -538,7 +555,8 @@ enum Role {
 struct Stack {
     upstream: (Spawned, SocketAddr),
     noop: Option<(Spawned, SocketAddr)>,
-    noop_shaped: Option<(Spawned, SocketAddr)>,
+    /// The floor answering tollgate's allow, one process per shape.
+    shaped: BTreeMap<Variant, (Spawned, SocketAddr)>,
     redis: Option<RedisServer>,
     redis_pid: Option<u32>,
     /// The tollgate each `c-*`/`n-tollgate` variant asks (one process each).
@@ -569,12 +587,15 @@ impl Stack {
         let upstream = (Spawned::start("upstream", &helpers.upstream, &[&addr.to_string()], work)?, addr);
         // Variant a's Envoy keeps the ext_authz cluster (pointed at the floor) but not the filter.
         let noop = (has(Variant::A) || has(Variant::B)).then(|| serve("noop", &helpers.noop, &[])).transpose()?;
-        let noop_shaped =
-            has(Variant::BShaped).then(|| serve("noop-shaped", &helpers.noop, &["--shaped"])).transpose()?;
+        let mut shaped = BTreeMap::new();
+        for shape in Shape::ALL.into_iter().filter(|&s| has(Variant::BShaped(s))) {
+            let flag = format!("--shaped={}", shape.name());
+            shaped.insert(Variant::BShaped(shape), serve("noop-shaped", &helpers.noop, &[flag.as_str()])?);
+        }
         let mut stack = Self {
             upstream,
             noop,
-            noop_shaped,
+            shaped,
             redis: None,
             redis_pid: None,
             tollgates: BTreeMap::new(),
@@ -687,7 +708,7 @@ impl Stack {
         let deadline = Instant::now() + Duration::from_secs(15);
         let mut addrs = vec![("upstream", self.upstream.1)];
         addrs.extend(self.noop.as_ref().map(|n| ("noop_authz", n.1)));
-        addrs.extend(self.noop_shaped.as_ref().map(|n| ("noop_authz --shaped", n.1)));
+        addrs.extend(self.shaped.values().map(|n| ("noop_authz --shaped", n.1)));
         for (name, addr) in addrs {
             while tokio::net::TcpStream::connect(addr).await.is_err() {
                 self.all_alive()?;
@@ -705,7 +726,7 @@ impl Stack {
     fn authz_addr(&self, v: Variant) -> Option<SocketAddr> {
         match v {
             Variant::A | Variant::B => self.noop.as_ref().map(|n| n.1),
-            Variant::BShaped => self.noop_shaped.as_ref().map(|n| n.1),
+            Variant::BShaped(_) => self.shaped.get(&v).map(|n| n.1),
             _ => self.tollgate(v).map(|t| t.grpc),
         }
     }
@@ -750,7 +771,7 @@ impl Stack {
                 | Variant::CTrace100
                 | Variant::CHttp
                 | Variant::NTollgate => (true, 401),
-                Variant::BShaped => (true, 200),
+                Variant::BShaped(_) => (true, 200),
                 Variant::A | Variant::B | Variant::NAlone => (false, 200),
             };
             if told != want_told {
@@ -767,7 +788,7 @@ impl Stack {
     /// Fails when a process we started has exited.
     fn all_alive(&mut self) -> Fallible<()> {
         self.upstream.0.alive()?;
-        for s in [&mut self.noop, &mut self.noop_shaped].into_iter().flatten() {
+        for s in self.noop.iter_mut().chain(self.shaped.values_mut()) {
             s.0.alive()?;
         }
         for (v, t) in &mut self.tollgates {
@@ -798,8 +819,8 @@ impl Stack {
         if let Some((s, _)) = &self.noop {
             out.push((s.pid(), authz(v == Variant::B)));
         }
-        if let Some((s, _)) = &self.noop_shaped {
-            out.push((s.pid(), authz(v == Variant::BShaped)));
+        for (&w, (s, _)) in &self.shaped {
+            out.push((s.pid(), authz(v == w)));
         }
         for (&w, t) in &self.tollgates {
             out.push((t.child.id(), authz(v == w)));
@@ -814,7 +835,7 @@ impl Stack {
 
     fn cpu_sample(&self) -> CpuSample {
         let mut pids: Vec<u32> = vec![self.upstream.0.pid()];
-        pids.extend([&self.noop, &self.noop_shaped].into_iter().flatten().map(|s| s.0.pid()));
+        pids.extend(self.noop.iter().chain(self.shaped.values()).map(|s| s.0.pid()));
         pids.extend(self.tollgates.values().map(|t| t.child.id()));
         pids.extend(self.redis_pid);
         pids.extend(self.envoys.values().map(|e| e.1));
@@ -1124,9 +1145,11 @@ impl Report<'_> {
             (CHttp, A, None),
             (NTollgate, NAlone, None),
         ];
-        if self.variants.contains(&BShaped) {
-            ratios.extend([(BShaped, B, None), (CMem, BShaped, None), (CRedis, BShaped, None)]);
+        let full = BShaped(Shape::Full);
+        if self.variants.contains(&full) {
+            ratios.extend([(full, B, None), (CMem, full, None), (CRedis, full, None)]);
         }
+        ratios.extend(Shape::ALL[1..].iter().map(|&s| (BShaped(s), full, None)));
         for (c, base, target) in ratios {
             if !self.variants.contains(&c) || !self.variants.contains(&base) {
                 continue;

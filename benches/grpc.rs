@@ -13,6 +13,11 @@
 //! at concurrency 32: a bounded custom loop of N calls per run, interleaved
 //! echo, tollgate, echo, tollgate, printing `throughput <name>: <n> req/s`.
 //! Run with `cargo bench --bench grpc`.
+//!
+//! With `--only echo|tollgate --checks N` it makes N Checks of that server at
+//! concurrency 32 after the same warm-up, and nothing else: what
+//! `scripts/callgrind-grpc.sh` counts instructions on (the whole process,
+//! client, server and runtime, minus a run of 0 calls).
 
 /// The binary's allocator, so the figures are the binary's.
 #[global_allocator]
@@ -124,6 +129,12 @@ fn sequential(c: &mut Criterion, rt: &Runtime, servers: &Servers, request: &Chec
     g.finish();
 }
 
+/// `--only NAME` of this process's arguments: the one server to call.
+fn only_arg() -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned()
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let servers = rt.block_on(start());
@@ -131,6 +142,21 @@ fn main() {
     // Both servers answer an allow before anything is measured.
     rt.block_on(check_ok(&mut servers.echo.clone(), request.clone()));
     rt.block_on(check_ok(&mut servers.tollgate.clone(), request.clone()));
+
+    if let Some(name) = only_arg() {
+        let client = match name.as_str() {
+            "echo" => &servers.echo,
+            "tollgate" => &servers.tollgate,
+            _ => panic!("--only echo|tollgate, got {name}"),
+        };
+        run_allowed(&rt, &name, client, &request, 2_000);
+        let calls = bench::checks_arg(0);
+        if calls > 0 {
+            run_allowed(&rt, &name, client, &request, calls);
+        }
+        println!("grpc --only {name}: {calls} calls after 2000 warm-up");
+        return;
+    }
 
     let mut criterion = Criterion::default().configure_from_args();
     sequential(&mut criterion, &rt, &servers, &request);

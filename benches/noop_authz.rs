@@ -7,15 +7,18 @@
 //! ```
 //!
 //! The server is the kit's `tollgate_testkit::noop` (which also answers
-//! `grpc.health.v1`, so Envoy's active health check passes). With `--shaped`
-//! it still decides nothing, but answers what tollgate answers when it allows
-//! the bench account (`Noop::shaped`).
+//! `grpc.health.v1`, so Envoy's active health check passes). With
+//! `--shaped[=SHAPE]` it still decides nothing, but answers what tollgate
+//! answers when it allows the bench account (computed once at start by an
+//! in-process tollgate), whole (`full`, the default) or without parts of it
+//! (`no-metadata`, `no-ratelimit`, `no-removals`, `lean`: see `noop::Shape`).
 //!
 //! Without `--serve ADDR` (e.g. under a plain `cargo bench`) it prints a hint
 //! and exits; other arguments (cargo passes `--bench`) are ignored.
 
 use tokio::net::TcpListener;
-use tollgate_testkit::noop::{self, Noop};
+use tollgate_testkit::bench;
+use tollgate_testkit::noop::{self, Noop, Shape};
 
 /// The address after `--serve` (or `--serve=ADDR`), if any.
 fn serve_addr() -> Option<String> {
@@ -31,13 +34,31 @@ fn serve_addr() -> Option<String> {
     None
 }
 
+/// The shape after `--shaped` (`--shaped` alone: the whole answer).
+fn shape() -> Result<Option<Shape>, String> {
+    for a in std::env::args().skip(1) {
+        if a == "--shaped" {
+            return Ok(Some(Shape::Full));
+        }
+        if let Some(name) = a.strip_prefix("--shaped=") {
+            let names: Vec<_> = Shape::ALL.iter().map(|s| s.name()).collect();
+            return Shape::parse(name).map(Some).ok_or(format!("--shaped={name}: one of {}", names.join(", ")));
+        }
+    }
+    Ok(None)
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let noop = if std::env::args().any(|a| a == "--shaped") { Noop::shaped() } else { Noop::bare() };
+    let shape = shape()?;
     let Some(addr) = serve_addr() else {
         println!("noop_authz: not a measurement; scripts/bench-envoy.sh runs it with `--serve 127.0.0.1:PORT`");
         return Ok(());
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let noop = match shape {
+        Some(shape) => Noop::shaped(rt.block_on(bench::allow_answer()), shape),
+        None => Noop::bare(),
+    };
     rt.block_on(async move {
         let listener = TcpListener::bind(&addr).await?;
         println!("noop_authz listening on {addr}");

@@ -38,6 +38,9 @@ pub const PAYER_HEADER: &str = "x-tollgate-payer";
 /// Header telling the upstream the x402 settlement (`network=…; transaction=…; amount=…`).
 pub const PAYMENT_HEADER: &str = "x-tollgate-payment";
 
+/// A header name: tollgate's own names are borrowed, never copied per request.
+pub type Name = Cow<'static, str>;
+
 /// A rendered decision, free of any transport's types.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Response {
@@ -46,11 +49,11 @@ pub struct Response {
     /// The problem JSON on a deny.
     pub body: Option<String>,
     /// Headers for the client (on a deny: with the body; on an allow: added to the upstream's response).
-    pub client_headers: Vec<(String, String)>,
+    pub client_headers: Vec<(Name, String)>,
     /// Headers set (overwriting) on the request to the upstream; allow only.
-    pub upstream_headers: Vec<(String, String)>,
+    pub upstream_headers: Vec<(Name, String)>,
     /// Request headers removed before the upstream; allow only.
-    pub upstream_remove: Vec<String>,
+    pub upstream_remove: Vec<Name>,
 }
 
 /// What the caller sent that shapes the response.
@@ -194,7 +197,7 @@ fn window_secs(state: &QuotaState, now: DateTime<Utc>) -> u64 {
 /// `RateLimit-Policy` and `RateLimit` for the quotas a request touched. The
 /// `RateLimit` item is the quota that denied the request, else the one with
 /// the fewest units left (the one a client must pace itself by).
-fn ratelimit_headers(d: &Decision, now: DateTime<Utc>, out: &mut Vec<(String, String)>) {
+fn ratelimit_headers(d: &Decision, now: DateTime<Utc>, out: &mut Vec<(Name, String)>) {
     use std::fmt::Write as _;
     if d.quotas.is_empty() {
         return;
@@ -440,7 +443,7 @@ fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>
     // shown us the client's copy); a header we set is overwritten, never
     // removed, since Envoy applies removals after additions.
     let set = |name: &str| r.upstream_headers.iter().any(|(k, _)| k == name);
-    let mut remove: Vec<String> = [
+    let mut remove: Vec<Name> = [
         ACCOUNT_HEADER,
         PLAN_HEADER,
         DEGRADED_HEADER,
@@ -452,11 +455,11 @@ fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>
     ]
     .into_iter()
     .filter(|h| !set(h))
-    .map(str::to_owned)
+    .map(Cow::Borrowed)
     .collect();
     for h in ctx.strip {
         if !set(h) && !remove.iter().any(|r| r == h) {
-            remove.push(h.as_ref().to_owned());
+            remove.push(Cow::Owned(h.as_ref().to_owned()));
         }
     }
     r.upstream_remove = remove;
@@ -521,9 +524,9 @@ fn render_deny(
     // Serializing plain strings and numbers cannot fail; an empty object is the safe fallback.
     let body = serde_json::to_string(&problem).unwrap_or_else(|_| "{}".into());
 
-    let mut h = vec![
-        ("content-type".to_owned(), "application/problem+json".to_owned()),
-        ("cache-control".to_owned(), "no-store".to_owned()),
+    let mut h: Vec<(Name, String)> = vec![
+        ("content-type".into(), "application/problem+json".to_owned()),
+        ("cache-control".into(), "no-store".to_owned()),
     ];
     if let Some(link) = link {
         h.push(("link".into(), format!("<{link}>; rel=\"payment\"")));

@@ -105,9 +105,9 @@ fn lower(name: &str) -> Cow<'_, str> {
 }
 
 /// A header to set, overwriting the request's or response's own.
-fn header((key, value): (String, String)) -> HeaderValueOption {
+fn header((key, value): (crate::problem::Name, String)) -> HeaderValueOption {
     HeaderValueOption {
-        header: Some(HeaderValue { key, value, ..Default::default() }),
+        header: Some(HeaderValue { key: key.into_owned(), value, ..Default::default() }),
         append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
         ..Default::default()
     }
@@ -119,7 +119,7 @@ fn string_value(s: impl Into<String>) -> Value {
 
 /// The gRPC status code of a deny: UNAUTHENTICATED for 401, PERMISSION_DENIED for
 /// 402/403, RESOURCE_EXHAUSTED for 429, UNAVAILABLE for 503 (SPEC §5).
-fn rpc_code(verdict: Verdict) -> tonic::Code {
+pub(super) fn rpc_code(verdict: Verdict) -> tonic::Code {
     match verdict {
         Verdict::Allow(_) => tonic::Code::Ok,
         Verdict::Deny(code) => match code.http_status() {
@@ -133,7 +133,9 @@ fn rpc_code(verdict: Verdict) -> tonic::Code {
     }
 }
 
-/// Builds the CheckResponse for an outcome, moving its strings in (no copies).
+/// Builds the CheckResponse for an outcome: what the `Authorization` trait
+/// answers in process, and the reference the server's wire encoding
+/// ([`super::answer::Answer`]) is tested against.
 pub fn check_response(outcome: Outcome) -> CheckResponse {
     let Outcome { decision: d, response: r, charge, .. } = outcome;
     let mut meta = HashMap::with_capacity(4);
@@ -155,7 +157,7 @@ pub fn check_response(outcome: Outcome) -> CheckResponse {
     let http_response = match d.verdict {
         Verdict::Allow(_) => HttpResponse::OkResponse(OkHttpResponse {
             headers: r.upstream_headers.into_iter().map(header).collect(),
-            headers_to_remove: r.upstream_remove,
+            headers_to_remove: r.upstream_remove.into_iter().map(Cow::into_owned).collect(),
             response_headers_to_add: r.client_headers.into_iter().map(header).collect(),
             ..Default::default()
         }),
@@ -179,6 +181,15 @@ pub fn check_response(outcome: Outcome) -> CheckResponse {
 #[tonic::async_trait]
 impl Authorization for ExtAuthz {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        self.decide(request).await.map(|outcome| Response::new(check_response(outcome)))
+    }
+}
+
+impl ExtAuthz {
+    /// Decides one Check, with its metrics and log line: the outcome both
+    /// answers are made of (the server's encoded [`super::answer::Answer`],
+    /// the trait's [`check_response`]). A store fault under `on_error: error` is the RPC's error.
+    pub async fn decide(&self, request: Request<CheckRequest>) -> Result<Outcome, Status> {
         let started = Instant::now();
         // A fact for `server.trusted_callers`, which the authorizer applies with its config snapshot.
         let peer_verified = request.peer_certs().is_some_and(|certs| !certs.is_empty());
@@ -228,9 +239,7 @@ impl Authorization for ExtAuthz {
                 "check denied"
             );
         }
-        let verdict = d.verdict;
-        let response = check_response(outcome);
-        self.authorizer.metrics().record_decision(verdict, started.elapsed());
-        Ok(Response::new(response))
+        self.authorizer.metrics().record_decision(d.verdict, started.elapsed());
+        Ok(outcome)
     }
 }

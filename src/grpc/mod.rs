@@ -8,6 +8,7 @@
 //! May use: `authorizer`, `accounts`, and what their signatures name.
 
 pub mod access_log;
+pub mod answer;
 pub mod api;
 pub mod bounded;
 pub mod ext_authz;
@@ -15,7 +16,6 @@ pub mod status;
 
 use std::sync::Arc;
 
-use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -24,6 +24,7 @@ use crate::accounts::Accounts;
 use crate::authorizer::Authorizer;
 use crate::settler::Settler;
 use access_log::AccessLog;
+use answer::CheckServer;
 use api::Api;
 use bounded::Bounded;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
@@ -98,14 +99,8 @@ pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bo
         calls.clone(),
     ))
     .add_service(
-        Bounded::new(
-            AuthorizationServer::new(ExtAuthz::new(authorizer.clone()))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-            timed,
-            calls.clone(),
-        )
-        .traced(&["envoy.service.auth.v3.Authorization/Check"]),
+        Bounded::new(CheckServer::new(ExtAuthz::new(authorizer.clone()), max_message), timed, calls.clone())
+            .traced(&["envoy.service.auth.v3.Authorization/Check"]),
     )
     .add_service(Bounded::new(
         AccessLogServiceServer::new(AccessLog::new(Arc::new(Settler::new(authorizer.clone())), stopping))
@@ -181,10 +176,10 @@ impl Health {
     /// Readiness of the services that need the store (ext_authz, `tollgate.v1`).
     pub async fn set_ready(&self, serving: bool) {
         if serving {
-            self.reporter.set_serving::<AuthorizationServer<ExtAuthz>>().await;
+            self.reporter.set_serving::<CheckServer>().await;
             self.reporter.set_serving::<TollgateServer<Api>>().await;
         } else {
-            self.reporter.set_not_serving::<AuthorizationServer<ExtAuthz>>().await;
+            self.reporter.set_not_serving::<CheckServer>().await;
             self.reporter.set_not_serving::<TollgateServer<Api>>().await;
         }
     }

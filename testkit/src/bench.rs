@@ -106,16 +106,61 @@ pub async fn handler() -> tollgate::grpc::ext_authz::ExtAuthz {
     tollgate::grpc::ext_authz::ExtAuthz::new(Arc::new(authorizer))
 }
 
-/// Runs `n` Checks of [`check_request`] (built before the first) through `h`;
-/// answers how many were allowed.
-pub async fn run_checks(h: &tollgate::grpc::ext_authz::ExtAuthz, n: usize) -> usize {
+/// What tollgate answers [`check_request`] on [`config`]: an allow of the
+/// bench account, for a floor server to answer without deciding.
+pub async fn allow_answer() -> envoy_types::pb::envoy::service::auth::v3::CheckResponse {
     use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
+    let answer = handler().await.check(tonic::Request::new(check_request())).await.expect("a Check answers");
+    answer.into_inner()
+}
+
+/// Runs `n` Checks of [`check_request`] through `h` as tollgate's server
+/// answers them: decided, then encoded (into one reused buffer, as tonic
+/// reuses its own); answers how many were allowed. With `--reference` among
+/// this process's arguments, each answer is built as a prost `CheckResponse`
+/// and encoded by prost instead (how every Check was answered before the
+/// wire encoder).
+pub async fn run_checks(h: &tollgate::grpc::ext_authz::ExtAuthz, n: usize) -> usize {
+    let reference = std::env::args().any(|a| a == "--reference");
     let requests: Vec<_> = (0..n).map(|_| tonic::Request::new(check_request())).collect();
-    let mut allowed = 0;
-    for r in requests {
-        let answer = h.check(r).await.expect("a Check answers");
-        allowed += usize::from(answer.get_ref().status.as_ref().is_none_or(|s| s.code == 0));
-    }
+    answer_all(h, requests, reference).await
+}
+
+/// The measured loop of [`run_checks`], requests built: what
+/// `scripts/callgrind-check.sh` counts inside (a boxed future, so it stays a
+/// function of its own).
+fn answer_all<'a>(
+    h: &'a tollgate::grpc::ext_authz::ExtAuthz,
+    requests: Vec<tonic::Request<CheckRequest>>,
+    reference: bool,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = usize> + 'a>> {
+    Box::pin(async move {
+        let mut buf = Vec::with_capacity(4096);
+        let mut allowed = 0;
+        for r in requests {
+            allowed += usize::from(check_once(h, r, &mut buf, reference).await);
+        }
+        allowed
+    })
+}
+
+/// One Check, decided and encoded into `buf`; whether it was allowed.
+async fn check_once(
+    h: &tollgate::grpc::ext_authz::ExtAuthz,
+    request: tonic::Request<CheckRequest>,
+    buf: &mut Vec<u8>,
+    reference: bool,
+) -> bool {
+    use prost::Message as _;
+    let outcome = h.decide(request).await.expect("a Check answers");
+    let allowed = outcome.decision.is_allowed();
+    buf.clear();
+    let encoded = if reference {
+        tollgate::grpc::ext_authz::check_response(outcome).encode(buf)
+    } else {
+        tollgate::grpc::answer::Answer::new(outcome).encode(buf)
+    };
+    encoded.expect("a Vec grows to fit");
     allowed
 }
 

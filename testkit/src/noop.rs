@@ -7,15 +7,12 @@
 //! as tollgate does, so Envoy's active health check passes; accepted
 //! connections get TCP_NODELAY, like tonic's `Server::serve` and tollgate.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 
 use envoy_types::ext_authz::v3::pb::{
-    Authorization, AuthorizationServer, CheckRequest, CheckResponse, HeaderAppendAction, HeaderValue,
-    HeaderValueOption, HttpResponse, OkHttpResponse,
+    Authorization, AuthorizationServer, CheckRequest, CheckResponse, HttpResponse, OkHttpResponse,
 };
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -39,39 +36,62 @@ impl Noop {
         }
     }
 
-    /// Answers what tollgate answers when it allows the bench account (fixed
-    /// values): `x-tollgate-account` and `x-tollgate-plan` for the upstream,
-    /// `x-api-key` removed, `RateLimit-Policy` and `RateLimit` for the
-    /// client, and `account`/`plan`/`decision` dynamic metadata. That
-    /// separates what Envoy spends applying such an answer from what tollgate
-    /// spends deciding it.
-    pub fn shaped() -> Self {
-        let header = |key: &str, value: &str| HeaderValueOption {
-            header: Some(HeaderValue { key: key.to_owned(), value: value.to_owned(), ..Default::default() }),
-            append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-            ..Default::default()
+    /// Answers `answer` (tollgate's own allow, see [`crate::bench::allow_answer`])
+    /// cut to `shape`: what Envoy spends applying that answer, apart from
+    /// what tollgate spends deciding it.
+    pub fn shaped(mut answer: CheckResponse, shape: Shape) -> Self {
+        let ok = match answer.http_response.as_mut() {
+            Some(HttpResponse::OkResponse(ok)) => Some(ok),
+            _ => None,
         };
-        let string = |s: &str| Value { kind: Some(Kind::StringValue(s.to_owned())) };
-        let meta: HashMap<String, Value> = [("account", "acct_bench"), ("plan", "bench"), ("decision", "allowed")]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), string(v)))
-            .collect();
-        let bare = Self::bare().response;
-        Self {
-            response: CheckResponse {
-                dynamic_metadata: Some(Struct { fields: meta }),
-                http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                    headers: vec![header("x-tollgate-account", "acct_bench"), header("x-tollgate-plan", "bench")],
-                    headers_to_remove: vec!["x-api-key".to_owned()],
-                    response_headers_to_add: vec![
-                        header("ratelimit-policy", "\"requests-month\";q=1000000000000;w=2592000"),
-                        header("ratelimit", "\"requests-month\";r=999999000000;t=604800"),
-                    ],
-                    ..Default::default()
-                })),
-                ..bare
-            },
+        match (shape, ok) {
+            (Shape::Full, _) | (_, None) => {}
+            (Shape::NoMetadata, _) => answer.dynamic_metadata = None,
+            (Shape::NoRateLimit, Some(ok)) => ok.response_headers_to_add.clear(),
+            (Shape::NoRemovals, Some(ok)) => ok.headers_to_remove.clear(),
+            (Shape::Lean, Some(ok)) => {
+                ok.response_headers_to_add.clear();
+                ok.headers_to_remove.clear();
+                answer.dynamic_metadata = None;
+            }
         }
+        Self { response: answer }
+    }
+}
+
+/// Which parts of tollgate's allow answer a shaped [`Noop`] keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Shape {
+    /// All of it: upstream headers, header removals, client RateLimit headers, dynamic metadata.
+    Full,
+    /// No dynamic metadata.
+    NoMetadata,
+    /// No client (RateLimit) headers.
+    NoRateLimit,
+    /// No header removals.
+    NoRemovals,
+    /// The upstream headers alone.
+    Lean,
+}
+
+impl Shape {
+    /// Every shape, in the order the bench shows them.
+    pub const ALL: [Shape; 5] = [Shape::Full, Shape::NoMetadata, Shape::NoRateLimit, Shape::NoRemovals, Shape::Lean];
+
+    /// The name `noop_authz --shaped=NAME` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Full => "full",
+            Shape::NoMetadata => "no-metadata",
+            Shape::NoRateLimit => "no-ratelimit",
+            Shape::NoRemovals => "no-removals",
+            Shape::Lean => "lean",
+        }
+    }
+
+    /// The shape called `name`.
+    pub fn parse(name: &str) -> Option<Shape> {
+        Shape::ALL.into_iter().find(|s| s.name() == name)
     }
 }
 

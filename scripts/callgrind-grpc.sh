@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Instructions per Check over in-process gRPC, counted by callgrind (the same
+# count for the same binary and input, whatever else the machine runs):
+# benches/grpc.rs with `--only echo|tollgate`, the whole process (client,
+# server, runtime), a run of N Checks minus a run of 0 (start-up and warm-up
+# alike in both), divided by N. The echo is the bare tonic server (the floor).
+#
+#   scripts/callgrind-grpc.sh            # 2,000 Checks per server
+#   CHECKS=5000 scripts/callgrind-grpc.sh
+#
+# Needs valgrind (Debian's package). Prints one line per server; the callgrind
+# output files are kept in target/callgrind/ for callgrind_annotate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+checks="${CHECKS:-2000}"
+command -v valgrind >/dev/null || { echo "callgrind-grpc: valgrind not found (apt-get install valgrind)" >&2; exit 1; }
+bin="$(cargo bench --locked --bench grpc --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "grpc" and m.get("executable"):
+        print(m["executable"])')"
+[ -x "$bin" ] || { echo "callgrind-grpc: the grpc bench did not build" >&2; exit 1; }
+mkdir -p target/callgrind
+rev="$(git rev-parse --short HEAD 2>/dev/null || echo local)"
+count() { # server checks -> total instructions
+  local out="target/callgrind/grpc.$1.$2.$rev.out"
+  valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" --only "$1" --checks "$2" \
+    >/dev/null 2>"target/callgrind/valgrind.grpc.log"
+  grep -m1 '^totals:' "$out" | awk '{print $2}'
+}
+declare -A per
+for server in echo tollgate; do
+  base="$(count "$server" 0)"
+  total="$(count "$server" "$checks")"
+  per[$server]="$(python3 -c "import sys; print(round((int(sys.argv[1]) - int(sys.argv[2])) / int(sys.argv[3])))" "$total" "$base" "$checks")"
+  echo "callgrind-grpc: $server: ${per[$server]} instructions per Check ($checks Checks at concurrency 32, whole process)"
+done
+python3 -c "import sys; print(f'callgrind-grpc: tollgate / echo = {int(sys.argv[1]) / int(sys.argv[2]):.2f}')" "${per[tollgate]}" "${per[echo]}"
