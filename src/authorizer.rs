@@ -374,17 +374,17 @@ impl Authorizer {
     }
 
     /// The account a credential names; `None` when none was presented or it names no account.
-    async fn resolve(&self, config: &Config, presented: &Presented) -> Result<Option<Arc<Account>>, StoreError> {
+    async fn resolve(&self, config: &Config, presented: &Presented<'_>) -> Result<Option<Arc<Account>>, StoreError> {
         let timeout = config.store.timeout;
         // Bounded before any cache or store lookup: a malformed credential names no account.
         let id = match presented {
             Presented::Nothing => return Ok(None),
             Presented::Account(id) if !is_valid_account_id(id) => return Ok(None),
             Presented::ApiKey { key, .. } if !is_valid_key(key) => return Ok(None),
-            Presented::Account(id) => id.clone(),
+            Presented::Account(id) => Cow::Borrowed(id.as_ref()),
             Presented::ApiKey { key, .. } => {
                 match self.call(timeout, self.store.account_for_key(&KeyHash::of(key))).await? {
-                    Some(id) => id,
+                    Some(id) => Cow::Owned(id),
                     None => return Ok(None),
                 }
             }
@@ -474,8 +474,8 @@ impl Authorizer {
                     };
                 identify(&config.identity, creds, trusted)
             }
-            Subject::AccountId(id) => Presented::Account(id.to_owned()),
-            Subject::ApiKey(key) => Presented::ApiKey { header: String::new(), key: key.to_owned() },
+            Subject::AccountId(id) => Presented::Account(Cow::Borrowed(id)),
+            Subject::ApiKey(key) => Presented::ApiKey { header: Cow::Borrowed(""), key: Cow::Borrowed(key) },
         };
         let account = match self.resolve(config, &presented).await {
             Ok(account) => account,
@@ -783,8 +783,8 @@ impl Authorizer {
 /// (only tollgate may set those; `problem` overwrites the ones it sets).
 /// Borrowed from the config and the request: nothing is copied until the response is built.
 fn strip_headers<'a, C: Credentials>(config: &'a Config, creds: &'a C) -> Vec<Cow<'a, str>> {
-    let mut out: Vec<Cow<'a, str>> =
-        credential_headers(&config.identity, creds).into_iter().map(Cow::Borrowed).collect();
+    let mut out: Vec<Cow<'a, str>> = Vec::with_capacity(4);
+    credential_headers(&config.identity, creds, &mut out);
     for name in creds.headers_with_prefix(problem::HEADER_PREFIX) {
         if !out.contains(&name) {
             out.push(name);

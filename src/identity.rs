@@ -59,23 +59,24 @@ pub fn is_valid_key(key: &str) -> bool {
     !key.is_empty() && key.len() <= MAX_KEY_BYTES && key.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// What the caller presented, before the store is asked about it.
+/// What the caller presented, before the store is asked about it: borrowed
+/// from the request (and the config) wherever it can be.
 #[derive(Clone, PartialEq, Eq)]
-pub enum Presented {
+pub enum Presented<'a> {
     /// No configured source found anything.
     Nothing,
     /// An API key, to be looked up by its hash.
     ApiKey {
         /// The header that carried it: removed before the upstream.
-        header: String,
+        header: Cow<'a, str>,
         /// The secret itself; never logged (see the `Debug` impl).
-        key: String,
+        key: Cow<'a, str>,
     },
     /// An account id from a verified claim or a trusted header.
-    Account(String),
+    Account(Cow<'a, str>),
 }
 
-impl fmt::Debug for Presented {
+impl fmt::Debug for Presented<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Presented::Nothing => f.write_str("Nothing"),
@@ -98,7 +99,7 @@ impl IdentitySource {
 /// invalid API key is never rescued by a later source. Asserted sources (JWT
 /// claims, trusted headers) are skipped unless the caller is `trusted`: anyone
 /// who can reach the gRPC port can forge JWT metadata or any header.
-pub fn identify(sources: &[IdentitySource], creds: &impl Credentials, trusted: bool) -> Presented {
+pub fn identify<'a>(sources: &'a [IdentitySource], creds: &'a impl Credentials, trusted: bool) -> Presented<'a> {
     for source in sources {
         if source.is_asserted() && !trusted {
             continue;
@@ -114,17 +115,17 @@ pub fn identify(sources: &[IdentitySource], creds: &impl Credentials, trusted: b
                     None => value.trim(),
                 };
                 if !key.is_empty() {
-                    return Presented::ApiKey { header: header.clone(), key: key.to_owned() };
+                    return Presented::ApiKey { header: Cow::Borrowed(header), key: Cow::Borrowed(key) };
                 }
             }
             IdentitySource::JwtClaim { namespace, field, claim } => {
                 if let Some(id) = creds.claim(namespace, field, claim).filter(|id| !id.is_empty()) {
-                    return Presented::Account(id);
+                    return Presented::Account(Cow::Owned(id));
                 }
             }
             IdentitySource::TrustedHeader { header } => {
                 if let Some(id) = creds.header(header).map(str::trim).filter(|id| !id.is_empty()) {
-                    return Presented::Account(id.to_owned());
+                    return Presented::Account(Cow::Borrowed(id));
                 }
             }
         }
@@ -135,8 +136,8 @@ pub fn identify(sources: &[IdentitySource], creds: &impl Credentials, trusted: b
 /// The configured credential headers this request carries (an API-key header
 /// in its scheme, a trusted header): removed before the upstream on every
 /// route, public ones included, whichever of them identified the caller.
-pub fn credential_headers<'s>(sources: &'s [IdentitySource], creds: &impl Credentials) -> Vec<&'s str> {
-    let mut out: Vec<&str> = Vec::new();
+/// Pushed onto `out`, which holds the headers to strip, without duplicates.
+pub fn credential_headers<'s>(sources: &'s [IdentitySource], creds: &impl Credentials, out: &mut Vec<Cow<'s, str>>) {
     for source in sources {
         let header = match source {
             IdentitySource::ApiKey { header, scheme } => match (creds.header(header), scheme) {
@@ -147,11 +148,10 @@ pub fn credential_headers<'s>(sources: &'s [IdentitySource], creds: &impl Creden
             IdentitySource::TrustedHeader { header } if creds.header(header).is_some() => header,
             _ => continue,
         };
-        if !out.contains(&header.as_str()) {
-            out.push(header);
+        if !out.iter().any(|h| h == header.as_str()) {
+            out.push(Cow::Borrowed(header));
         }
     }
-    out
 }
 
 fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
@@ -244,8 +244,10 @@ mod tests {
     #[test]
     fn sources_are_tried_in_order() {
         let s = sources();
-        let key = |h: &str, k: &str| Presented::ApiKey { header: h.into(), key: k.into() };
-        let identify = |s: &[IdentitySource], r: &Req| identify(s, r, true);
+        let key = |h: &'static str, k: &'static str| Presented::ApiKey { header: h.into(), key: k.into() };
+        fn identify<'a>(s: &'a [IdentitySource], r: &'a Req) -> Presented<'a> {
+            super::identify(s, r, true)
+        }
         assert_eq!(identify(&s, &req(&[], &[])), Presented::Nothing);
         assert_eq!(identify(&s, &req(&[("x-api-key", " k1 ")], &[])), key("x-api-key", "k1"));
         assert_eq!(

@@ -202,8 +202,9 @@ fn ratelimit_headers(d: &Decision, now: DateTime<Utc>, out: &mut Vec<(Name, Stri
     if d.quotas.is_empty() {
         return;
     }
-    // Written in place: one string per header, no list joined afterwards.
-    let mut policy = String::with_capacity(40 * d.quotas.len());
+    // Written in place: one string per header, no list joined afterwards,
+    // sized for a name and two 13-digit numbers so it never grows.
+    let mut policy = String::with_capacity(64 * d.quotas.len());
     for (i, q) in d.quotas.iter().enumerate() {
         if i > 0 {
             policy.push_str(", ");
@@ -215,7 +216,7 @@ fn ratelimit_headers(d: &Decision, now: DateTime<Utc>, out: &mut Vec<(Name, Stri
     out.push(("ratelimit-policy".into(), policy));
     let current = d.denying_quota().or_else(|| d.quotas.iter().min_by_key(|q| q.remaining));
     if let Some(q) = current {
-        let mut value = String::with_capacity(40);
+        let mut value = String::with_capacity(64);
         value.push('"');
         q.quota.write_policy_name(&mut value);
         let _ = write!(value, "\";r={};t={}", q.remaining, secs_until(q.resets_at, now));
@@ -395,7 +396,13 @@ pub fn render(d: &Decision, config: &Config, ctx: Context<'_>, now: DateTime<Utc
 }
 
 fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>, now: DateTime<Utc>) -> Response {
-    let mut r = Response { status: 200, ..Response::default() };
+    // Room for what an allow usually carries, so neither list grows.
+    let mut r = Response {
+        status: 200,
+        upstream_headers: Vec::with_capacity(4),
+        client_headers: Vec::with_capacity(4),
+        ..Response::default()
+    };
     if let (Some(account), Some(plan)) = (&d.account, &d.plan) {
         r.upstream_headers.push((ACCOUNT_HEADER.into(), account.clone()));
         r.upstream_headers.push((PLAN_HEADER.into(), plan.clone()));
@@ -443,20 +450,22 @@ fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>
     // shown us the client's copy); a header we set is overwritten, never
     // removed, since Envoy applies removals after additions.
     let set = |name: &str| r.upstream_headers.iter().any(|(k, _)| k == name);
-    let mut remove: Vec<Name> = [
-        ACCOUNT_HEADER,
-        PLAN_HEADER,
-        DEGRADED_HEADER,
-        BILLING_WARNING_HEADER,
-        SHADOW_HEADER,
-        OVERAGE_HEADER,
-        PAYER_HEADER,
-        PAYMENT_HEADER,
-    ]
-    .into_iter()
-    .filter(|h| !set(h))
-    .map(Cow::Borrowed)
-    .collect();
+    let mut remove: Vec<Name> = Vec::with_capacity(8 + ctx.strip.len());
+    remove.extend(
+        [
+            ACCOUNT_HEADER,
+            PLAN_HEADER,
+            DEGRADED_HEADER,
+            BILLING_WARNING_HEADER,
+            SHADOW_HEADER,
+            OVERAGE_HEADER,
+            PAYER_HEADER,
+            PAYMENT_HEADER,
+        ]
+        .into_iter()
+        .filter(|h| !set(h))
+        .map(Cow::Borrowed),
+    );
     for h in ctx.strip {
         if !set(h) && !remove.iter().any(|r| r == h) {
             remove.push(Cow::Owned(h.as_ref().to_owned()));
