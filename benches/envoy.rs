@@ -10,6 +10,8 @@
 //!           client RateLimit headers, without the header removals, with the upstream headers
 //!           alone (opt-in: where Envoy's cost of applying the answer goes)
 //! c-mem     Envoy -Check-> tollgate (memory store) -> app
+//! c-noplan  c-mem with route by plan off (`clear_route_cache: false`: Envoy does not
+//!           match the routes again after an allowed Check; opt-in)
 //! c-redis   Envoy -Check-> tollgate (Redis store) -> app
 //! c-lease   Envoy -Check-> tollgate (Redis store, `store.counting: lease`) -> app (opt-in)
 //! c-settle  c-redis with `billing.charge_on: [2xx, 3xx, 4xx]`: every request's
@@ -123,6 +125,7 @@ enum Variant {
     /// The floor answering tollgate's allow, cut to a shape.
     BShaped(Shape),
     CMem,
+    CNoPlan,
     CRedis,
     CLease,
     CSettle,
@@ -145,6 +148,7 @@ impl Variant {
             "b-norm" => Self::BShaped(Shape::NoRemovals),
             "b-lean" => Self::BShaped(Shape::Lean),
             "c-mem" => Self::CMem,
+            "c-noplan" => Self::CNoPlan,
             "c-redis" => Self::CRedis,
             "c-lease" => Self::CLease,
             "c-settle" => Self::CSettle,
@@ -156,7 +160,7 @@ impl Variant {
             "n-tollgate" => Self::NTollgate,
             _ => {
                 return Err(format!(
-                    "unknown variant {s} (a, b, b-shaped, b-nometa, b-norl, b-norm, b-lean, c-mem, c-redis, c-lease, c-settle, c-events, c-trace1, \
+                    "unknown variant {s} (a, b, b-shaped, b-nometa, b-norl, b-norm, b-lean, c-mem, c-noplan, c-redis, c-lease, c-settle, c-events, c-trace1, \
                      c-trace100, c-http, n-alone, n-tollgate)"
                 ));
             }
@@ -173,6 +177,7 @@ impl Variant {
             Self::BShaped(Shape::NoRemovals) => "b-norm",
             Self::BShaped(Shape::Lean) => "b-lean",
             Self::CMem => "c-mem",
+            Self::CNoPlan => "c-noplan",
             Self::CRedis => "c-redis",
             Self::CLease => "c-lease",
             Self::CSettle => "c-settle",
@@ -196,6 +201,7 @@ impl Variant {
             Self::BShaped(Shape::NoRemovals) => "b-norm: noop, tollgate's answer without removals",
             Self::BShaped(Shape::Lean) => "b-lean: noop, tollgate's upstream headers only",
             Self::CMem => "c: tollgate, memory store",
+            Self::CNoPlan => "c: tollgate, memory store, no route by plan",
             Self::CRedis => "c: tollgate, Redis store",
             Self::CLease => "c: tollgate, Redis store, lease mode",
             Self::CSettle => "c: tollgate, Redis store, settling every response",
@@ -217,8 +223,9 @@ impl Variant {
 type Fallible<T> = Result<T, String>;
 
 /// The variants where tollgate answers.
-const TOLLGATES: [Variant; 9] = [
+const TOLLGATES: [Variant; 10] = [
     Variant::CMem,
+    Variant::CNoPlan,
     Variant::CRedis,
     Variant::CLease,
     Variant::CSettle,
@@ -652,9 +659,9 @@ impl Stack {
             }
             (stack.redis, stack.redis_pid) = (Some(redis), Some(pid));
         }
-        if has(Variant::CMem) {
+        for v in [Variant::CMem, Variant::CNoPlan].into_iter().filter(|v| has(*v)) {
             let p = TollgateProcess::start(tollgate, &[], |g, h| tollgate_config("memory", g, h, 6379)).await;
-            stack.tollgates.insert(Variant::CMem, p);
+            stack.tollgates.insert(v, p);
         }
         for v in [Variant::CHttp, Variant::NTollgate].into_iter().filter(|v| has(*v)) {
             let door = free_addr();
@@ -763,6 +770,7 @@ impl Stack {
             let told = with.body.lines().any(|l| l == "  x-tollgate-account: acct_bench");
             let (want_told, want_without) = match v {
                 Variant::CMem
+                | Variant::CNoPlan
                 | Variant::CRedis
                 | Variant::CLease
                 | Variant::CSettle
@@ -967,6 +975,12 @@ fn envoy_config(v: Variant, authz: SocketAddr, door: Option<SocketAddr>, upstrea
         return Err("the kit's Envoy config no longer sets `interval: 0.2s` once".into());
     }
     c = c.replace("interval: 0.2s", "interval: 5s");
+    if v == Variant::CNoPlan {
+        if c.matches("clear_route_cache: true").count() != 1 {
+            return Err("deploy/envoy/envoy.yaml no longer ships `clear_route_cache: true` once".into());
+        }
+        c = c.replace("clear_route_cache: true", "clear_route_cache: false");
+    }
     if v == Variant::A {
         let start = c.find("                  - name: envoy.filters.http.ext_authz\n");
         let end = c.find("                  - name: envoy.filters.http.router\n");
@@ -1135,6 +1149,7 @@ impl Report<'_> {
         let mut ratios = vec![
             (CMem, B, Some(0.9)),
             (CMem, A, None),
+            (CNoPlan, CMem, None),
             (CRedis, B, Some(0.8)),
             (CRedis, A, None),
             (CLease, B, Some(0.9)),
