@@ -9,6 +9,8 @@
 //! b-nometa, b-norl, b-norm, b-lean  b-shaped without the dynamic metadata, without the
 //!           client RateLimit headers, without the header removals, with the upstream headers
 //!           alone (opt-in: where Envoy's cost of applying the answer goes)
+//! b-small   b-shaped in DATA frames under h2's chaining threshold, as tollgate sends
+//!           its answers (`--small-frames`; opt-in)
 //! c-mem     Envoy -Check-> tollgate (memory store) -> app
 //! c-noplan  c-mem with route by plan off (`clear_route_cache: false`: Envoy does not
 //!           match the routes again after an allowed Check; opt-in)
@@ -124,6 +126,8 @@ enum Variant {
     B,
     /// The floor answering tollgate's allow, cut to a shape.
     BShaped(Shape),
+    /// b-shaped in small DATA frames.
+    BSmall,
     CMem,
     CNoPlan,
     CRedis,
@@ -147,6 +151,7 @@ impl Variant {
             "b-norl" => Self::BShaped(Shape::NoRateLimit),
             "b-norm" => Self::BShaped(Shape::NoRemovals),
             "b-lean" => Self::BShaped(Shape::Lean),
+            "b-small" => Self::BSmall,
             "c-mem" => Self::CMem,
             "c-noplan" => Self::CNoPlan,
             "c-redis" => Self::CRedis,
@@ -160,7 +165,7 @@ impl Variant {
             "n-tollgate" => Self::NTollgate,
             _ => {
                 return Err(format!(
-                    "unknown variant {s} (a, b, b-shaped, b-nometa, b-norl, b-norm, b-lean, c-mem, c-noplan, c-redis, c-lease, c-settle, c-events, c-trace1, \
+                    "unknown variant {s} (a, b, b-shaped, b-nometa, b-norl, b-norm, b-lean, b-small, c-mem, c-noplan, c-redis, c-lease, c-settle, c-events, c-trace1, \
                      c-trace100, c-http, n-alone, n-tollgate)"
                 ));
             }
@@ -176,6 +181,7 @@ impl Variant {
             Self::BShaped(Shape::NoRateLimit) => "b-norl",
             Self::BShaped(Shape::NoRemovals) => "b-norm",
             Self::BShaped(Shape::Lean) => "b-lean",
+            Self::BSmall => "b-small",
             Self::CMem => "c-mem",
             Self::CNoPlan => "c-noplan",
             Self::CRedis => "c-redis",
@@ -200,6 +206,7 @@ impl Variant {
             Self::BShaped(Shape::NoRateLimit) => "b-norl: noop, tollgate's answer without RateLimit",
             Self::BShaped(Shape::NoRemovals) => "b-norm: noop, tollgate's answer without removals",
             Self::BShaped(Shape::Lean) => "b-lean: noop, tollgate's upstream headers only",
+            Self::BSmall => "b-small: noop, tollgate's answer in small frames",
             Self::CMem => "c: tollgate, memory store",
             Self::CNoPlan => "c: tollgate, memory store, no route by plan",
             Self::CRedis => "c: tollgate, Redis store",
@@ -599,6 +606,10 @@ impl Stack {
             let flag = format!("--shaped={}", shape.name());
             shaped.insert(Variant::BShaped(shape), serve("noop-shaped", &helpers.noop, &[flag.as_str()])?);
         }
+        if has(Variant::BSmall) {
+            let flags = ["--shaped", "--small-frames"];
+            shaped.insert(Variant::BSmall, serve("noop-small-frames", &helpers.noop, &flags)?);
+        }
         let mut stack = Self {
             upstream,
             noop,
@@ -733,7 +744,7 @@ impl Stack {
     fn authz_addr(&self, v: Variant) -> Option<SocketAddr> {
         match v {
             Variant::A | Variant::B => self.noop.as_ref().map(|n| n.1),
-            Variant::BShaped(_) => self.shaped.get(&v).map(|n| n.1),
+            Variant::BShaped(_) | Variant::BSmall => self.shaped.get(&v).map(|n| n.1),
             _ => self.tollgate(v).map(|t| t.grpc),
         }
     }
@@ -779,7 +790,7 @@ impl Stack {
                 | Variant::CTrace100
                 | Variant::CHttp
                 | Variant::NTollgate => (true, 401),
-                Variant::BShaped(_) => (true, 200),
+                Variant::BShaped(_) | Variant::BSmall => (true, 200),
                 Variant::A | Variant::B | Variant::NAlone => (false, 200),
             };
             if told != want_told {
@@ -1165,6 +1176,7 @@ impl Report<'_> {
             ratios.extend([(full, B, None), (CMem, full, None), (CRedis, full, None)]);
         }
         ratios.extend(Shape::ALL[1..].iter().map(|&s| (BShaped(s), full, None)));
+        ratios.push((BSmall, full, None));
         for (c, base, target) in ratios {
             if !self.variants.contains(&c) || !self.variants.contains(&base) {
                 continue;

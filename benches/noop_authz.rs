@@ -12,6 +12,8 @@
 //! answers when it allows the bench account (computed once at start by an
 //! in-process tollgate), whole (`full`, the default) or without parts of it
 //! (`no-metadata`, `no-ratelimit`, `no-removals`, `lean`: see `noop::Shape`).
+//! With `--small-frames` its answers go out as tollgate's do, in DATA frames
+//! under h2's chaining threshold (`tollgate::grpc::frames`).
 //!
 //! Without `--serve ADDR` (e.g. under a plain `cargo bench`) it prints a hint
 //! and exits; other arguments (cargo passes `--bench`) are ignored.
@@ -59,6 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(shape) => Noop::shaped(rt.block_on(bench::allow_answer()), shape),
         None => Noop::bare(),
     };
+    let noop = if std::env::args().any(|a| a == "--small-frames") { noop.in_small_frames() } else { noop };
     rt.block_on(async move {
         let listener = TcpListener::bind(&addr).await?;
         println!("noop_authz listening on {addr}");

@@ -12,6 +12,7 @@ pub mod answer;
 pub mod api;
 pub mod bounded;
 pub mod ext_authz;
+pub mod frames;
 pub mod status;
 
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use api::Api;
 use bounded::Bounded;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use ext_authz::ExtAuthz;
+use frames::SmallFramesService;
 use pb::tollgate_server::TollgateServer;
 
 /// The descriptors `grpc.reflection` serves: `tollgate.v1`, Envoy's ext_authz
@@ -99,8 +101,12 @@ pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bo
         calls.clone(),
     ))
     .add_service(
-        Bounded::new(CheckServer::new(ExtAuthz::new(authorizer.clone()), max_message), timed, calls.clone())
-            .traced(&["envoy.service.auth.v3.Authorization/Check"]),
+        Bounded::new(
+            SmallFramesService(CheckServer::new(ExtAuthz::new(authorizer.clone()), max_message)),
+            timed,
+            calls.clone(),
+        )
+        .traced(&["envoy.service.auth.v3.Authorization/Check"]),
     )
     .add_service(Bounded::new(
         AccessLogServiceServer::new(AccessLog::new(Arc::new(Settler::new(authorizer.clone())), stopping))

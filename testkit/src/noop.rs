@@ -22,6 +22,9 @@ use tonic::transport::server::TcpIncoming;
 #[derive(Clone, Debug)]
 pub struct Noop {
     response: CheckResponse,
+    /// Answers in DATA frames under h2's chaining threshold (tollgate's
+    /// `grpc::frames`), as tollgate's server does.
+    small_frames: bool,
 }
 
 impl Noop {
@@ -33,6 +36,7 @@ impl Noop {
                 dynamic_metadata: None,
                 http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
             },
+            small_frames: false,
         }
     }
 
@@ -55,7 +59,13 @@ impl Noop {
                 answer.dynamic_metadata = None;
             }
         }
-        Self { response: answer }
+        Self { response: answer, small_frames: false }
+    }
+
+    /// Answers in small DATA frames, as tollgate's server does.
+    pub fn in_small_frames(mut self) -> Self {
+        self.small_frames = true;
+        self
     }
 }
 
@@ -114,11 +124,13 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AuthorizationServer<Noop>>().await;
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(AuthorizationServer::new(noop))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+    let builder = tonic::transport::Server::builder().add_service(health);
+    if noop.small_frames {
+        let service = tollgate::grpc::frames::SmallFramesService(AuthorizationServer::new(noop));
+        builder.add_service(service).serve_with_incoming_shutdown(incoming, shutdown).await
+    } else {
+        builder.add_service(AuthorizationServer::new(noop)).serve_with_incoming_shutdown(incoming, shutdown).await
+    }
 }
 
 /// A [`Noop`] server in this process on `127.0.0.1:0`.
