@@ -2,16 +2,19 @@
 //! (`scripts/callgrind-check.sh` runs this binary under valgrind): a count a
 //! shared, noisy machine cannot move, for before/after comparisons.
 //!
-//! The handler is [`tollgate::grpc::ext_authz::ExtAuthz`]'s `check` on the
-//! bench config (`tollgate_testkit::bench`: the memory store, a metered
-//! `/v1/search` whose quota is never reached) with the Check Envoy sends for
-//! `GET /v1/search?q=x` with the bench key: everything from the decoded
-//! request to the `CheckResponse` — identity, cache, decision, spend,
-//! response, metadata, metrics. The binary's allocator is tollgate's
+//! The handler is [`tollgate::grpc::ext_authz::ExtAuthz`]'s `decide` and the
+//! answer's encoding, as the server runs them (`tollgate_testkit::bench::run_checks`),
+//! on the bench config (the memory store, a metered `/v1/search` whose quota
+//! is never reached) with the Check Envoy sends for `GET /v1/search?q=x`
+//! with the bench key: everything from the decoded request to the encoded
+//! answer — identity, cache, decision, spend, response, metadata, metrics.
+//! With `--reference` the answer is a prost `CheckResponse`, encoded by prost
+//! (the way before the wire encoder). The binary's allocator is tollgate's
 //! (mimalloc). Allocations per Check: `benches/check_allocs.rs`.
 //!
 //! ```text
 //! scripts/callgrind-check.sh                        # instructions per Check
+//! scripts/callgrind-check.sh --reference            # the same, answered the prost way
 //! cargo bench --bench check_cost -- --checks 20000  # the same loop, untimed
 //! ```
 //!
