@@ -351,7 +351,7 @@ fn plan_of<'c>(config: &'c Config, account: &Account) -> Result<&'c Plan, Accoun
 
 /// The account's quotas of `meter` (all when it is empty), as a Check counts them.
 fn quotas_of(account: &Account, plan: &Plan, meter: &str) -> Vec<Quota> {
-    account.all_quotas(plan).into_iter().filter(|q| meter.is_empty() || q.meter == meter).collect()
+    account.all_quotas(plan).into_iter().filter(|q| meter.is_empty() || *q.meter == *meter).collect()
 }
 
 /// A new API key: `tg_` and 40 hex digits from the OS's CSPRNG.

@@ -346,7 +346,7 @@ impl Authorizer {
             })
             .collect();
         // The route's meter, named even when only credits were spent (usage events say what was used).
-        let meter = meter.or(spend.quotas.first().map(|q| q.meter.as_str())).unwrap_or_default().to_owned();
+        let meter = meter.or(spend.quotas.first().map(|q| &*q.meter)).unwrap_or_default().to_owned();
         let key = match self.charge_key(config.store.timeout).await {
             Ok(k) => k,
             Err(e) => {

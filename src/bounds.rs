@@ -93,8 +93,8 @@ pub fn check_spend(spend: &Spend) -> Result<(), String> {
     }
     fn counter(q: &Quota) -> (&str, Result<u128, crate::entitlement::Period>) {
         match q.window {
-            Window::Calendar(p) => (q.meter.as_str(), Err(p)),
-            Window::Rolling(d) => (q.meter.as_str(), Ok(d.as_millis())),
+            Window::Calendar(p) => (&*q.meter, Err(p)),
+            Window::Rolling(d) => (&*q.meter, Ok(d.as_millis())),
         }
     }
     for (i, q) in spend.quotas.iter().enumerate() {

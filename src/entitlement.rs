@@ -9,6 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, TimeZone, Timelike, Utc};
@@ -221,8 +222,9 @@ impl Window {
 /// One limit on one meter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Quota {
-    /// What is counted (`requests`, `ai_tokens`); routes name the meter they spend.
-    pub meter: String,
+    /// What is counted (`requests`, `ai_tokens`); routes name the meter they
+    /// spend. Shared: a Check copies its quotas, never the name.
+    pub meter: Arc<str>,
     /// Units allowed per window; validated to be at least 1.
     pub limit: u64,
     /// The window the limit applies to.
@@ -328,7 +330,7 @@ impl Quota {
             (Some(_), Some(_)) => return Err(QuotaError::PeriodAndPer),
             (None, None) => return Err(QuotaError::NoWindow),
         };
-        Ok(Quota { meter: meter.to_owned(), limit, window, ceiling: None })
+        Ok(Quota { meter: meter.into(), limit, window, ceiling: None })
     }
 
     /// This quota made soft (`soft: true`), with a hard `ceiling` above the
@@ -438,7 +440,7 @@ pub struct Account {
 impl Account {
     /// Every quota that applies to this account, meter by meter.
     pub fn all_quotas(&self, plan: &Plan) -> Vec<Quota> {
-        let mut meters: Vec<&str> = plan.quotas.iter().chain(&self.quota_overrides).map(|q| q.meter.as_str()).collect();
+        let mut meters: Vec<&str> = plan.quotas.iter().chain(&self.quota_overrides).map(|q| &*q.meter).collect();
         meters.sort_unstable();
         meters.dedup();
         meters.into_iter().flat_map(|m| self.quotas_for(plan, m)).collect()
@@ -459,13 +461,13 @@ impl Account {
         let mut quotas: Vec<Quota> = plan
             .quotas
             .iter()
-            .filter(|q| q.meter == meter)
+            .filter(|q| *q.meter == *meter)
             .map(|q| self.quota_overrides.iter().find(|o| same(o, q)).unwrap_or(q).clone())
             .collect();
         quotas.extend(
             self.quota_overrides
                 .iter()
-                .filter(|o| o.meter == meter && !plan.quotas.iter().any(|q| same(q, o)))
+                .filter(|o| *o.meter == *meter && !plan.quotas.iter().any(|q| same(q, o)))
                 .cloned(),
         );
         quotas

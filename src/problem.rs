@@ -355,7 +355,7 @@ fn vars(d: &Decision, link: Option<&str>, retry_after: Option<u64>) -> Vars {
     push("link", link.map(str::to_owned));
     push("retry_after", retry_after.map(|r| r.to_string()));
     if let Some(q) = d.denying_quota() {
-        push("meter", Some(q.quota.meter.clone()));
+        push("meter", Some(q.quota.meter.to_string()));
         push("limit", Some(q.quota.limit.to_string()));
         push("used", Some(q.used.to_string()));
         push("remaining", Some(q.remaining.to_string()));

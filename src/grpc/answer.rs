@@ -5,7 +5,7 @@
 //! a map (hashed) for the metadata, then prost encodes it and everything is
 //! dropped. That was a fifth of what an allowed Check cost tollgate. Here the
 //! same message is encoded from the outcome without being built: names are
-//! tollgate's `&'static str`s, values are the outcome's own. `check_response`
+//! borrowed (tollgate's own are static), values are the outcome's own. `check_response`
 //! stays the reference (and the in-process answer of the `Authorization`
 //! trait): the tests decode these bytes and compare them with it.
 //!
@@ -249,7 +249,8 @@ impl CheckServer {
 }
 
 impl NamedService for CheckServer {
-    const NAME: &'static str = "envoy.service.auth.v3.Authorization";
+    /// The generated server's name, so health statuses keyed by it cannot drift.
+    const NAME: &'static str = <envoy_types::ext_authz::v3::pb::AuthorizationServer<ExtAuthz> as NamedService>::NAME;
 }
 
 impl<B> tower::Service<http::Request<B>> for CheckServer
@@ -311,6 +312,12 @@ mod tests {
         assert_eq!(bytes.len(), Answer::new(outcome.clone()).encoded_len());
         let decoded = CheckResponse::decode(bytes.as_slice()).expect("our bytes decode");
         assert_eq!(decoded, check_response(outcome));
+    }
+
+    #[test]
+    fn the_method_is_envoy_s() {
+        assert_eq!(CheckServer::NAME, "envoy.service.auth.v3.Authorization");
+        assert_eq!(CHECK_PATH, format!("/{}/Check", CheckServer::NAME));
     }
 
     fn outcome(decision: Decision, response: Response, charge: Option<String>) -> Outcome {

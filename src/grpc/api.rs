@@ -90,7 +90,7 @@ fn duration(d: prost_types::Duration) -> Duration {
 
 fn quota_state(q: &crate::decision::QuotaState) -> QuotaState {
     QuotaState {
-        meter: q.quota.meter.clone(),
+        meter: q.quota.meter.to_string(),
         policy: q.quota.policy_name(),
         limit: q.quota.limit,
         used: q.used,
@@ -186,7 +186,7 @@ fn entitlement_of(state: &AccountState) -> Entitlement {
             .quota_overrides
             .iter()
             .map(|q| QuotaOverride {
-                meter: q.meter.clone(),
+                meter: q.meter.to_string(),
                 limit: q.limit,
                 period: match q.window {
                     Window::Calendar(p) => p.as_str().to_owned(),

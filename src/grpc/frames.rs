@@ -76,12 +76,13 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = self.inner.size_hint();
-        let rest = self.rest.len() as u64;
-        hint.set_lower(hint.lower().saturating_add(rest));
-        if let Some(upper) = hint.upper() {
+        let (inner, rest) = (self.inner.size_hint(), self.rest.len() as u64);
+        // The upper bound first: `set_lower` asserts it stays at or below it.
+        let mut hint = SizeHint::new();
+        if let Some(upper) = inner.upper() {
             hint.set_upper(upper.saturating_add(rest));
         }
+        hint.set_lower(inner.lower().saturating_add(rest));
         hint
     }
 }
@@ -133,5 +134,61 @@ mod tests {
             assert_eq!(got, data, "len {len}");
             assert!(body.is_end_stream());
         }
+    }
+
+    /// A data frame, then trailers, as a gRPC answer ends.
+    struct Answer {
+        data: Option<Bytes>,
+        trailers: Option<http::HeaderMap>,
+    }
+
+    impl HttpBody for Answer {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            let this = self.get_mut();
+            let frame = match this.data.take() {
+                Some(data) => Some(Frame::data(data)),
+                None => this.trailers.take().map(Frame::trailers),
+            };
+            Poll::Ready(frame.map(Ok))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.data.is_none() && self.trailers.is_none()
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+        }
+    }
+
+    #[tokio::test]
+    async fn trailers_follow_the_cut_data_and_the_hints_hold() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let data = Bytes::from(vec![7u8; 600]);
+        let mut body = SmallFrames::new(Answer { data: Some(data.clone()), trailers: Some(trailers.clone()) });
+        assert_eq!(body.size_hint().exact(), Some(600));
+        let mut got = Vec::new();
+        let mut seen = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.expect("no error");
+            if frame.is_data() {
+                assert!(seen.is_none(), "data after the trailers");
+                // Part of the frame is still held back: the stream has not ended.
+                assert!(!body.is_end_stream());
+                // What is held back is counted (an exact inner hint, now 0, plus the rest).
+                assert!(body.size_hint().lower() <= body.size_hint().upper().unwrap_or(u64::MAX));
+            }
+            match frame.into_data() {
+                Ok(chunk) => got.extend_from_slice(&chunk),
+                Err(frame) => seen = frame.into_trailers().ok(),
+            }
+        }
+        assert_eq!(got, data.to_vec());
+        assert_eq!(seen, Some(trailers));
+        assert!(body.is_end_stream());
     }
 }

@@ -166,7 +166,8 @@ fn with_reflection(
 }
 
 /// Sets what `grpc.health.v1.Health` reports. Statuses are keyed by the
-/// generated server types, so their names cannot drift from the services'.
+/// services' types (the Check server takes the generated server's name), so
+/// their names cannot drift from the services'.
 #[derive(Debug, Clone)]
 pub struct Health {
     reporter: HealthReporter,

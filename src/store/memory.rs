@@ -250,10 +250,10 @@ impl Store for MemoryStore {
         let mut states = Vec::with_capacity(spend.quotas.len());
         for quota in &spend.quotas {
             // Look up by &str first: the meter name is cloned only the first time.
-            if !usage.counters.contains_key(&quota.meter) {
-                usage.counters.insert(quota.meter.clone(), HashMap::new());
+            if !usage.counters.contains_key(&*quota.meter) {
+                usage.counters.insert(quota.meter.to_string(), HashMap::new());
             }
-            let state = match usage.counters.get_mut(&quota.meter) {
+            let state = match usage.counters.get_mut(&*quota.meter) {
                 Some(windows) => windows
                     .entry(quota.window)
                     .or_insert_with(|| Counter::new(quota.window))
@@ -275,7 +275,7 @@ impl Store for MemoryStore {
         for (quota, state) in spend.quotas.iter().zip(states.iter_mut()) {
             // A shadow spend goes past the limit, as far as the counters keep.
             let room = spend.cost <= MAX_COST && state.used.checked_add(spend.cost).is_some_and(|s| s <= MAX_LIMIT);
-            if let Some(counter) = usage.counters.get_mut(&quota.meter).and_then(|m| m.get_mut(&quota.window))
+            if let Some(counter) = usage.counters.get_mut(&*quota.meter).and_then(|m| m.get_mut(&quota.window))
                 && room
             {
                 counter.add(quota, spend.cost, spend.now, state);
@@ -373,7 +373,7 @@ impl Store for MemoryStore {
         let mut shard = lock(self.shard(account));
         if let Some(usage) = shard.get_mut(account) {
             for q in quotas {
-                if let Some(m) = usage.counters.get_mut(&q.meter) {
+                if let Some(m) = usage.counters.get_mut(&*q.meter) {
                     m.remove(&q.window);
                 }
             }

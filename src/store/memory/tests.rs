@@ -26,7 +26,7 @@ async fn huge_costs_never_wrap_or_reset_an_exhausted_quota() {
     let s = MemoryStore::new();
     let now = t("2026-11-22T00:00:00Z");
     for window in [Window::Calendar(Period::Month), Window::Rolling(Duration::from_secs(3600))] {
-        let q = vec![Quota { meter: format!("m-{}", window.label()), limit: 3, window, ceiling: None }];
+        let q = vec![Quota { meter: format!("m-{}", window.label()).into(), limit: 3, window, ceiling: None }];
         assert!(s.spend(&spend(q.clone(), 3, None, now)).await.unwrap().spent);
         for cost in [u64::MAX, u64::MAX - 2, MAX_COST + 1, i64::MAX as u64, 1u64 << 63] {
             let a = s.spend(&spend(q.clone(), cost, None, now)).await.unwrap();

@@ -69,7 +69,7 @@ impl AccountRecord {
                 .quota_overrides
                 .iter()
                 .map(|q| QuotaRecord {
-                    meter: q.meter.clone(),
+                    meter: q.meter.to_string(),
                     limit: q.limit,
                     period: match q.window {
                         Window::Calendar(p) => Some(p),
@@ -102,7 +102,7 @@ impl AccountRecord {
                 }
                 _ => return Err(corrupt(format!("quota {:?} has no valid window", q.meter))),
             };
-            quotas.push(Quota { meter: q.meter, limit: q.limit, window, ceiling: q.ceiling });
+            quotas.push(Quota { meter: q.meter.into(), limit: q.limit, window, ceiling: q.ceiling });
         }
         let billing_event_at = match self.billing_event_ms {
             Some(ms) => Some(from_millis(ms).ok_or_else(|| corrupt(format!("billing_event_ms {ms} is out of range")))?),
