@@ -44,7 +44,8 @@
 //!
 //! Load: `wrk -t1 -c32 -d10s --latency` on `GET /v1/search?q=x` with the bench
 //! account's `x-api-key`, variants interleaved (a, b, c-mem, c-redis, then
-//! again), each run preceded by a 2 s warm-up. Prints markdown: req/s and p99 per
+//! again, each round starting one variant later, so no variant always runs
+//! in the same place of a round), each run preceded by a 2 s warm-up. Prints markdown: req/s and p99 per
 //! round and their medians; the ratios c/b and c/a against the targets (memory
 //! ≥ 0.9 b, Redis ≥ 0.8 b); the conditions (cores, load average); CPU per
 //! request of each process from /proc (with Envoy on one worker, Envoy's CPU per
@@ -352,7 +353,7 @@ async fn run(args: Args) -> Fallible<()> {
         clk: clock_ticks(),
         conditions: format!(
             "wrk -t1 -c{} -d{}s --latency (after a {}s warm-up per run), GET {TARGET_PATH} with x-api-key, {} rounds \
-             interleaved {}; Envoy {} --concurrency 1 from deploy/envoy/envoy.yaml (its per-request access log \
+             interleaved {} (each round starting one variant later); Envoy {} --concurrency 1 from deploy/envoy/envoy.yaml (its per-request access log \
              written to /dev/null){}; wrk, the proxies, tollgate, noop_authz, redis-server and the upstream all on \
              this machine, on 127.0.0.1",
             args.connections,
@@ -397,7 +398,10 @@ async fn measure(
     let mut runs = BTreeMap::new();
     let mut sent: HashMap<Variant, u64> = HashMap::new();
     for round in 1..=args.rounds {
-        for &v in variants {
+        // A variant's place in a round moved its figures by a few µs
+        // (what ran just before it): each round starts one variant later.
+        let order = variants.iter().cycle().skip((round - 1) % variants.len()).take(variants.len());
+        for &v in order {
             let load1 = loadavg().split(' ').next().unwrap_or("?").to_owned();
             let url = stack.url(v);
             for (secs, measured) in [(args.warmup, false), (args.duration, true)] {
