@@ -14,15 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 checks="${CHECKS:-2000}"
-command -v valgrind >/dev/null || { echo "callgrind-check: valgrind not found (apt-get install valgrind)" >&2; exit 1; }
-bin="$(cargo bench --locked --bench check_cost --no-run --message-format=json 2>/dev/null \
-  | python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "check_cost" and m.get("executable"):
-        print(m["executable"])')"
-[ -x "$bin" ] || { echo "callgrind-check: the check_cost bench did not build" >&2; exit 1; }
-mkdir -p target/callgrind
+source scripts/callgrind-lib.sh
+bin="$(callgrind_bench_bin callgrind-check check_cost)"
 out="target/callgrind/check_cost.$(git rev-parse --short HEAD 2>/dev/null || echo local).out"
 # Collect inside the handler only: the warm-up pass (100 Checks) is collected
 # too, so it is counted in the Checks divided by.

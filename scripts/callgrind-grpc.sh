@@ -13,15 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 checks="${CHECKS:-2000}"
-command -v valgrind >/dev/null || { echo "callgrind-grpc: valgrind not found (apt-get install valgrind)" >&2; exit 1; }
-bin="$(cargo bench --locked --bench grpc --no-run --message-format=json 2>/dev/null \
-  | python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "grpc" and m.get("executable"):
-        print(m["executable"])')"
-[ -x "$bin" ] || { echo "callgrind-grpc: the grpc bench did not build" >&2; exit 1; }
-mkdir -p target/callgrind
+source scripts/callgrind-lib.sh
+bin="$(callgrind_bench_bin callgrind-grpc grpc)"
 rev="$(git rev-parse --short HEAD 2>/dev/null || echo local)"
 count() { # server checks -> total instructions
   local out="target/callgrind/grpc.$1.$2.$rev.out"

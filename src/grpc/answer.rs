@@ -153,7 +153,8 @@ impl prost::Message for Answer {
     }
 
     fn encoded_len(&self) -> usize {
-        field_len(1, self.status_len()) + field_len(self.http().0, self.http().1) + field_len(4, self.metadata_len())
+        let (tag, len) = self.http();
+        field_len(1, self.status_len()) + field_len(tag, len) + field_len(4, self.metadata_len())
     }
 
     fn clear(&mut self) {}
