@@ -11,7 +11,12 @@
 //!
 //! Measures (a) sequential latency per call with criterion, and (b) throughput
 //! at concurrency 32: a bounded custom loop of N calls per run, interleaved
-//! echo, tollgate, echo, tollgate, printing `throughput <name>: <n> req/s`.
+//! echo, tollgate, echo, tollgate, …, printing `throughput <name>: <n> req/s`
+//! and the process's CPU time per call (client and servers: what tollgate
+//! adds to it is what it costs). The throughput client reads only each
+//! answer's status (`load::Verdict`): decoding all of tollgate's ~400-byte
+//! answer would charge the server for the client's work (Envoy's cost of
+//! the answer is measured through Envoy, `benches/envoy.rs`).
 //! Run with `cargo bench --bench grpc`.
 //!
 //! With `--only echo|tollgate --checks N` it makes N Checks of that server at
@@ -31,7 +36,8 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_client::Authorizati
 use tokio::runtime::Runtime;
 use tollgate_testkit::TestServer;
 use tollgate_testkit::bench::{self, check_request};
-use tollgate_testkit::load::{Run, run_load};
+use tollgate_testkit::cpu::process_cpu_seconds;
+use tollgate_testkit::load::{Run, median, run_load};
 use tollgate_testkit::noop::{Noop, NoopServer};
 use tollgate_testkit::server::channel;
 use tonic::transport::Channel;
@@ -41,12 +47,12 @@ const THROUGHPUT_CALLS: usize = 20_000;
 /// Calls in flight during a throughput run.
 const CONCURRENCY: usize = 32;
 /// Rounds of (echo, tollgate).
-const ROUNDS: usize = 2;
+const ROUNDS: usize = 5;
 
 /// The servers and one client channel to each.
 struct Servers {
-    echo: AuthorizationClient<Channel>,
-    tollgate: AuthorizationClient<Channel>,
+    echo: Channel,
+    tollgate: Channel,
     echo_server: NoopServer,
     tollgate_server: TestServer,
 }
@@ -57,28 +63,22 @@ async fn start() -> Servers {
     // tollgate with the memory store, seeded like `tollgate seed` does.
     let tollgate_server = bench::start("{ backend: memory, on_error: deny, timeout: 50ms }").await;
     Servers {
-        echo: AuthorizationClient::new(channel(echo_server.addr).await),
-        tollgate: tollgate_server.client().await,
+        echo: channel(echo_server.addr).await,
+        tollgate: tollgate_server.channel().await,
         echo_server,
         tollgate_server,
     }
 }
 
-/// One Check; panics unless the answer is an OK (allow).
-async fn check_ok(client: &mut AuthorizationClient<Channel>, request: CheckRequest) {
-    let response = client.check(request).await.expect("check rpc").into_inner();
+/// One Check, its answer decoded whole; panics unless it is an OK (allow).
+async fn check_ok(channel: &Channel, request: CheckRequest) {
+    let response = AuthorizationClient::new(channel.clone()).check(request).await.expect("check rpc").into_inner();
     let code = response.status.as_ref().map_or(-1, |s| s.code);
     assert_eq!(code, 0, "expected an allow, got {response:?}");
 }
 
 /// Up to `calls` Checks with `CONCURRENCY` in flight; panics unless every one was allowed.
-fn run_allowed(
-    rt: &Runtime,
-    name: &str,
-    client: &AuthorizationClient<Channel>,
-    request: &CheckRequest,
-    calls: usize,
-) -> Run {
+fn run_allowed(rt: &Runtime, name: &str, client: &Channel, request: &CheckRequest, calls: usize) -> Run {
     let run = rt.block_on(run_load(client, request, calls, CONCURRENCY));
     assert_eq!(run.allowed, run.calls(), "{name}: every Check must be allowed: {run:?}");
     run
@@ -96,15 +96,21 @@ fn throughput(rt: &Runtime, servers: &Servers, request: &CheckRequest) {
         run_allowed(rt, name, client, request, 2_000);
     }
     let mut totals = [(0usize, Duration::ZERO); 2];
+    let mut cpu_per_call = [Vec::new(), Vec::new()];
     for round in 1..=ROUNDS {
         for (i, (name, client)) in targets.iter().enumerate() {
+            let cpu = process_cpu_seconds();
             let run = run_allowed(rt, name, client, request, THROUGHPUT_CALLS);
+            let cpu = process_cpu_seconds() - cpu;
             let (done, elapsed) = (run.calls(), run.elapsed);
             println!(
-                "  round {round} {name}: {done} calls in {:.3}s = {:.0} req/s",
+                "  round {round} {name}: {done} calls in {:.3}s = {:.0} req/s; process CPU {:.2} cores, {:.1} µs per call",
                 elapsed.as_secs_f64(),
-                done as f64 / elapsed.as_secs_f64()
+                done as f64 / elapsed.as_secs_f64(),
+                cpu / elapsed.as_secs_f64(),
+                cpu * 1e6 / done as f64,
             );
+            cpu_per_call[i].push(cpu * 1e6 / done as f64);
             totals[i].0 += done;
             totals[i].1 += elapsed;
         }
@@ -113,6 +119,12 @@ fn throughput(rt: &Runtime, servers: &Servers, request: &CheckRequest) {
     let (echo, tollgate) = (rate(totals[0]), rate(totals[1]));
     println!("throughput echo: {echo:.0} req/s");
     println!("throughput tollgate-memory: {tollgate:.0} req/s (ratio {:.2})", tollgate / echo);
+    let [echo_cpu, tollgate_cpu] = cpu_per_call.map(median);
+    println!(
+        "CPU per call (median of {ROUNDS} rounds): echo {echo_cpu:.1} µs, tollgate-memory {tollgate_cpu:.1} µs \
+         (echo / tollgate {:.2})",
+        echo_cpu / tollgate_cpu
+    );
 }
 
 /// Sequential latency: one call at a time, criterion-timed.
@@ -121,8 +133,8 @@ fn sequential(c: &mut Criterion, rt: &Runtime, servers: &Servers, request: &Chec
     for (name, client) in [("echo", &servers.echo), ("tollgate-memory", &servers.tollgate)] {
         g.bench_function(name, |b| {
             b.to_async(rt).iter(|| {
-                let (mut client, request) = (client.clone(), request.clone());
-                async move { check_ok(&mut client, request).await }
+                let (client, request) = (client.clone(), request.clone());
+                async move { check_ok(&client, request).await }
             })
         });
     }
@@ -140,8 +152,8 @@ fn main() {
     let servers = rt.block_on(start());
     let request = check_request();
     // Both servers answer an allow before anything is measured.
-    rt.block_on(check_ok(&mut servers.echo.clone(), request.clone()));
-    rt.block_on(check_ok(&mut servers.tollgate.clone(), request.clone()));
+    rt.block_on(check_ok(&servers.echo, request.clone()));
+    rt.block_on(check_ok(&servers.tollgate, request.clone()));
 
     if let Some(name) = only_arg() {
         let client = match name.as_str() {

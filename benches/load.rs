@@ -32,6 +32,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tollgate_testkit::bench::{self, check_request};
 use tollgate_testkit::cpu::process_cpu_seconds;
 use tollgate_testkit::load::{Run, medians, run_load};
@@ -83,14 +84,17 @@ fn main() {
     let memory_server = rt.block_on(bench::start("{ backend: memory, on_error: deny, timeout: 200ms }"));
     let redis_store = format!("{{ backend: redis, url: \"{}\", on_error: deny, timeout: 200ms }}", redis.url());
     let redis_server = rt.block_on(bench::start(&redis_store));
-    let (memory, on_redis) = (rt.block_on(memory_server.client()), rt.block_on(redis_server.client()));
+    let (memory, on_redis) = (rt.block_on(memory_server.channel()), rt.block_on(redis_server.channel()));
     let request = check_request();
     let mut redis_allowed_total = 0usize;
 
     // Warm-up: a few sequential Checks fill the cache (and load the script), then one unmeasured run each.
     for (name, client) in [("memory", &memory), ("redis", &on_redis)] {
         for _ in 0..5 {
-            let answer = rt.block_on(client.clone().check(request.clone())).expect("warm-up check").into_inner();
+            let answer = rt
+                .block_on(AuthorizationClient::new(client.clone()).check(request.clone()))
+                .expect("warm-up check")
+                .into_inner();
             assert_eq!(answer.status.map_or(-1, |s| s.code), 0, "{name}: the warm-up Check must be allowed");
         }
         let warm = rt.block_on(run_load(client, &request, WARMUP_CHECKS, CONCURRENCY));
@@ -177,7 +181,7 @@ fn main() {
     let lease_store =
         format!("{{ backend: redis, url: \"{}\", on_error: deny, timeout: 200ms, counting: lease }}", redis.url());
     let lease_server = rt.block_on(bench::start(&lease_store));
-    let on_lease = rt.block_on(lease_server.client());
+    let on_lease = rt.block_on(lease_server.channel());
     let warm = rt.block_on(run_load(&on_lease, &request, WARMUP_CHECKS, CONCURRENCY));
     assert_eq!(warm.allowed, warm.calls(), "lease: every warm-up Check must be allowed: {warm:?}");
     let lease_before = redis.commandstats();

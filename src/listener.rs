@@ -251,8 +251,17 @@ impl AsyncWrite for LimitedStream {
         Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
+    /// False, on purpose: h2 then copies DATA frames of up to 1 KiB into its
+    /// write buffer (`CHAIN_THRESHOLD_WITHOUT_VECTORED_IO` in h2's
+    /// `FramedWrite`), where over vectored I/O it keeps every frame of 256
+    /// bytes or more aside to be written on its own, and buffers nothing
+    /// after it until then. A Check's answer (~400 bytes) would leave in two
+    /// writes (the message, then the trailers): two TCP segments, two
+    /// wake-ups of Envoy and of us (see `grpc::frames`). Unvectored, the
+    /// headers, the message and the trailers leave in one write; a frame of
+    /// 1 KiB or more takes two writes instead of one writev.
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        false
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -298,6 +307,8 @@ mod tests {
         let _client = TcpStream::connect(addr).await.unwrap();
         let mut server = incoming.accept().await;
         assert!(server.get_ref().nodelay().unwrap(), "TCP_NODELAY is set");
+        // So h2 buffers a Check's answer whole (tests/service.rs `one_write`).
+        assert!(!server.is_write_vectored(), "unvectored to h2");
         let mut buf = [0u8; 8];
         let err = tokio::time::timeout(Duration::from_secs(5), server.read(&mut buf)).await.unwrap().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);

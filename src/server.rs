@@ -105,6 +105,7 @@ pub async fn run(
         request_timeout: limits.request_timeout,
         max_inflight: limits.max_inflight_requests,
         stopping: stop_rx.clone(),
+        tls: tls.is_some(),
     };
     let grpc::Services { routes, health } = grpc::services(authorizer.clone(), accounts.clone(), bounds, reflection);
     // Liveness (`""`) is SERVING while the process runs, NOT_SERVING only once

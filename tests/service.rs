@@ -239,3 +239,152 @@ async fn reflection_lists_and_describes_every_service_unless_switched_off() {
     assert_eq!(err.code(), tonic::Code::Unimplemented);
     s.stop().await;
 }
+
+/// What h2 writes for one Check over a connection whose stream is, or says
+/// it is not, vectored: the write sizes, recorded.
+mod one_write {
+    use std::io;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+    use tollgate::accounts::Accounts;
+    use tollgate::grpc::{Bounds, services};
+    use tonic::codegen::http::Uri;
+    use tonic::transport::server::Connected;
+
+    /// The server's end of an in-memory connection, recording each write's size.
+    struct Recording {
+        io: DuplexStream,
+        vectored: bool,
+        writes: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl Recording {
+        fn record(&self, n: &Poll<io::Result<usize>>) {
+            if let Poll::Ready(Ok(n)) = n {
+                self.writes.lock().unwrap().push(*n);
+            }
+        }
+    }
+
+    impl AsyncRead for Recording {
+        fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Recording {
+        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            let n = Pin::new(&mut this.io).poll_write(cx, buf);
+            this.record(&n);
+            n
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            let n = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+            this.record(&n);
+            n
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.vectored
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        }
+    }
+
+    impl Connected for Recording {
+        type ConnectInfo = ();
+
+        fn connect_info(&self) {}
+    }
+
+    /// A connector handing out the client's end of the one connection.
+    #[derive(Clone)]
+    struct Pipe(Arc<Mutex<Option<DuplexStream>>>);
+
+    impl tower::Service<Uri> for Pipe {
+        type Response = TokioIo<DuplexStream>;
+        type Error = io::Error;
+        type Future = std::future::Ready<io::Result<TokioIo<DuplexStream>>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Uri) -> Self::Future {
+            let io = self.0.lock().unwrap().take().map(TokioIo::new);
+            std::future::ready(io.ok_or_else(|| io::Error::other("one connection only")))
+        }
+    }
+
+    /// The writes of tollgate's answer to one allowed Check (after two to
+    /// settle the connection), served with `tls`'s services over a stream
+    /// that is `vectored` or not.
+    async fn answer_writes(tls: bool, vectored: bool) -> Vec<usize> {
+        let authorizer = tollgate_testkit::bench::authorizer().await;
+        let accounts = Arc::new(Accounts::new(authorizer.clone()));
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        let bounds =
+            Bounds { max_message: 1 << 20, request_timeout: Duration::from_secs(5), max_inflight: 16, stopping, tls };
+        let routes = services(authorizer, accounts, bounds, false).routes;
+        let (client_end, server_end) = tokio::io::duplex(1 << 16);
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let server = Recording { io: server_end, vectored, writes: writes.clone() };
+        let serving = tokio::spawn(
+            tonic::transport::Server::builder().add_routes(routes).serve_with_incoming(tokio_stream::once(Ok::<
+                _,
+                io::Error,
+            >(
+                server
+            ))),
+        );
+        let channel = tonic::transport::Endpoint::from_static("http://in-memory")
+            .connect_with_connector(Pipe(Arc::new(Mutex::new(Some(client_end)))))
+            .await
+            .unwrap();
+        let mut client = AuthorizationClient::new(channel);
+        let request = tollgate_testkit::bench::check_request();
+        for _ in 0..2 {
+            client.check(request.clone()).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        writes.lock().unwrap().clear();
+        let answer = client.check(request).await.unwrap().into_inner();
+        assert_eq!(answer.status.map(|s| s.code), Some(0), "the bench Check is allowed");
+        let seen = writes.lock().unwrap().clone();
+        serving.abort();
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_check_answer_leaves_in_one_write() {
+        // tollgate's plain-TCP connections say they are not vectored (`listener`).
+        let plain = answer_writes(false, false).await;
+        assert_eq!(plain.len(), 1, "headers, message and trailers in one write: {plain:?}");
+        assert!(plain[0] > 256, "the answer is past h2's vectored threshold, or this proves nothing: {plain:?}");
+        // Over TLS the stream is vectored; the answer goes out in small frames (`grpc::frames`).
+        let tls = answer_writes(true, true).await;
+        assert_eq!(tls.len(), 1, "small frames, one write: {tls:?}");
+        // Neither: the message is kept aside and the trailers follow in a write of their own.
+        let neither = answer_writes(false, true).await;
+        assert!(neither.len() >= 2, "what both guard against: {neither:?}");
+    }
+}

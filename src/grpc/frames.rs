@@ -1,4 +1,4 @@
-//! Small DATA frames, so an answer leaves in one write.
+//! Small DATA frames, so an answer leaves in one write over TLS.
 //!
 //! h2 copies a DATA frame of under 256 bytes into its write buffer, but
 //! keeps a larger one aside and writes it on its own (`CHAIN_THRESHOLD` in
@@ -13,6 +13,14 @@
 //! the threshold, the headers, the whole message and the trailers leave in
 //! one write again. The frames are slices of the same buffer (no copy here;
 //! h2 copies them into its buffer as it does any small frame).
+//!
+//! Over plain TCP the answer needs no cutting: tollgate's connections tell
+//! h2 they are not vectored (`listener`), which raises its threshold to
+//! 1 KiB, so the answer is one frame, buffered. tonic's TLS stream says it
+//! is vectored whatever the connection under it says, so the Check service
+//! is wrapped in [`SmallFramesService`] when the port speaks TLS
+//! (`grpc::Bounds::tls`). `tests/service.rs` (`one_write`) counts the
+//! writes of an answer either way.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};

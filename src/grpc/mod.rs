@@ -84,13 +84,18 @@ pub struct Bounds {
     pub max_inflight: usize,
     /// Turns true when shutdown begins: access-log streams end then.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// The port speaks TLS. Its streams are vectored to h2 (tonic's TLS
+    /// stream says so whatever ours says, see `listener`), so Check answers
+    /// go out in DATA frames under h2's chaining threshold ([`frames`]);
+    /// over plain TCP they need not be cut.
+    pub tls: bool,
 }
 
 /// Builds every service of the gRPC port within `bounds`, with server
 /// reflection when `reflection` (so `grpcurl host:9191 list` needs no
 /// `.proto` files); health reports nothing until told.
 pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bounds, reflection: bool) -> Services {
-    let Bounds { max_message, request_timeout, max_inflight, stopping } = bounds;
+    let Bounds { max_message, request_timeout, max_inflight, stopping, tls } = bounds;
     let calls = Arc::new(tokio::sync::Semaphore::new(max_inflight));
     let streams = Arc::new(tokio::sync::Semaphore::new(max_inflight));
     let timed = Some(request_timeout);
@@ -99,32 +104,32 @@ pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bo
         health.max_decoding_message_size(max_message).max_encoding_message_size(max_message),
         timed,
         calls.clone(),
-    ))
-    .add_service(
-        Bounded::new(
-            SmallFramesService(CheckServer::new(ExtAuthz::new(authorizer.clone()), max_message)),
-            timed,
-            calls.clone(),
-        )
-        .traced(&["envoy.service.auth.v3.Authorization/Check"]),
-    )
-    .add_service(Bounded::new(
-        AccessLogServiceServer::new(AccessLog::new(Arc::new(Settler::new(authorizer.clone())), stopping))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
-        None,
-        streams,
-    ))
-    .add_service(
-        Bounded::new(
-            TollgateServer::new(Api::new(authorizer, accounts))
+    ));
+    let check = CheckServer::new(ExtAuthz::new(authorizer.clone()), max_message);
+    let check_methods = &["envoy.service.auth.v3.Authorization/Check"];
+    let routes = if tls {
+        routes.add_service(Bounded::new(SmallFramesService(check), timed, calls.clone()).traced(check_methods))
+    } else {
+        routes.add_service(Bounded::new(check, timed, calls.clone()).traced(check_methods))
+    };
+    let routes = routes
+        .add_service(Bounded::new(
+            AccessLogServiceServer::new(AccessLog::new(Arc::new(Settler::new(authorizer.clone())), stopping))
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message),
-            timed,
-            calls.clone(),
-        )
-        .traced(&API_METHODS),
-    );
+            None,
+            streams,
+        ))
+        .add_service(
+            Bounded::new(
+                TollgateServer::new(Api::new(authorizer, accounts))
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+                timed,
+                calls.clone(),
+            )
+            .traced(&API_METHODS),
+        );
     let routes = if reflection { with_reflection(routes, max_message, timed, calls) } else { routes };
     Services { routes, health: Health { reporter } }
 }

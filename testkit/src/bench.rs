@@ -92,9 +92,9 @@ pub fn check_request() -> CheckRequest {
     request
 }
 
-/// tollgate's ext_authz handler on [`config`]`(memory store)`, seeded, in this
-/// process without a server (for counting what one Check costs the handler).
-pub async fn handler() -> tollgate::grpc::ext_authz::ExtAuthz {
+/// tollgate's authorizer on [`config`]`(memory store)`, seeded, in this
+/// process without a server.
+pub async fn authorizer() -> std::sync::Arc<tollgate::authorizer::Authorizer> {
     use std::sync::Arc;
     let config =
         tollgate::config::Config::parse(&config("{ backend: memory, on_error: deny, timeout: 50ms }"), "bench.yaml")
@@ -102,8 +102,13 @@ pub async fn handler() -> tollgate::grpc::ext_authz::ExtAuthz {
     let metrics = Arc::new(tollgate::metrics::Metrics::new());
     let store = tollgate::store::open(&config.store, &config.cache, metrics.cache_observer()).expect("memory store");
     tollgate::accounts::Accounts::seed(store.as_ref(), &config.accounts, &config.policy.plans).await.expect("seed");
-    let authorizer = tollgate::authorizer::Authorizer::new(Arc::new(config), store, metrics);
-    tollgate::grpc::ext_authz::ExtAuthz::new(Arc::new(authorizer))
+    Arc::new(tollgate::authorizer::Authorizer::new(Arc::new(config), store, metrics))
+}
+
+/// tollgate's ext_authz handler on [`authorizer`] (for counting what one
+/// Check costs the handler).
+pub async fn handler() -> tollgate::grpc::ext_authz::ExtAuthz {
+    tollgate::grpc::ext_authz::ExtAuthz::new(authorizer().await)
 }
 
 /// What tollgate answers [`check_request`] on [`config`]: an allow of the
