@@ -38,7 +38,7 @@ fn answer(month_used: u64, month_exceeded: bool) -> SpendAnswer {
     let t = now();
     SpendAnswer {
         spent: !month_exceeded,
-        quotas: vec![
+        quotas: smallvec::smallvec![
             QuotaUsage {
                 used: month_used,
                 exceeded: month_exceeded,

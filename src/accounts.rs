@@ -133,8 +133,8 @@ impl Accounts {
         seeds: &[SeedAccount],
         plans: &HashMap<String, Plan>,
     ) -> Result<usize, AccountsError> {
-        if let Some(s) = seeds.iter().find(|s| !plans.contains_key(&s.account.plan)) {
-            return Err(AccountsError::PlanUnknown(s.account.plan.clone()));
+        if let Some(s) = seeds.iter().find(|s| !plans.contains_key(&*s.account.plan)) {
+            return Err(AccountsError::PlanUnknown(s.account.plan.to_string()));
         }
         let now = Utc::now();
         for s in seeds {
@@ -300,7 +300,7 @@ impl Accounts {
     ) -> Result<Usage, AccountsError> {
         let spend = Spend {
             account: account.id.clone(),
-            quotas,
+            quotas: quotas.into(),
             cost: 0,
             credits: plan.prepaid.then_some(0),
             now,
@@ -310,9 +310,9 @@ impl Accounts {
         let answer = self.call(config.store.timeout, self.store().spend(&spend)).await?;
         let settled = decision::settle(&spend, &answer, Decision::allow(AllowKind::Allowed));
         Ok(Usage {
-            account: account.id.clone(),
-            plan: account.plan.clone(),
-            quotas: settled.quotas,
+            account: account.id.to_string(),
+            plan: account.plan.to_string(),
+            quotas: settled.quotas.into_vec(),
             credits: settled.credits,
         })
     }
@@ -346,7 +346,7 @@ impl Accounts {
 
 /// The account's plan in `config`.
 fn plan_of<'c>(config: &'c Config, account: &Account) -> Result<&'c Plan, AccountsError> {
-    config.policy.plans.get(&account.plan).ok_or_else(|| AccountsError::PlanUnknown(account.plan.clone()))
+    config.policy.plans.get(&*account.plan).ok_or_else(|| AccountsError::PlanUnknown(account.plan.to_string()))
 }
 
 /// The account's quotas of `meter` (all when it is empty), as a Check counts them.

@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use crate::config::{Config, OnError, TrustedCallers};
 use crate::decision::{self, AllowKind, Caller, Code, Decision, Step, Target, Unmatched, Verdict};
 use crate::entitlement::is_valid_account_id;
-use crate::entitlement::{Account, Period, Window};
+use crate::entitlement::{Account, Few, Period, Window};
 use crate::identity::{Credentials, KeyHash, Presented, credential_headers, identify, is_valid_key};
 use crate::metrics::Metrics;
 use crate::problem::{self, Response};
@@ -359,7 +359,7 @@ impl Authorizer {
         let seq = self.charges.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let charge = Charge {
             id: format!("{:016x}-{seq:x}", self.charges.prefix),
-            account: spend.account.clone(),
+            account: spend.account.to_string(),
             // Whole milliseconds, as the charge carries it: the windows are the same.
             issued: DateTime::from_timestamp_millis(spend.now.timestamp_millis()).unwrap_or(spend.now),
             meter,
@@ -504,7 +504,7 @@ impl Authorizer {
                 {
                     let spend = Spend {
                         account: account.clone(),
-                        quotas: Vec::new(),
+                        quotas: Few::new(),
                         cost,
                         credits: None,
                         now,

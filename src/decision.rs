@@ -8,11 +8,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::entitlement::{Account, Plan, Quota, Status};
+use crate::entitlement::{Account, Few, Plan, Quota, Status};
 use crate::usage::{Spend, SpendAnswer};
 
 /// Why a request was denied: the `code` of a problem body and a metric label.
@@ -229,12 +230,12 @@ impl QuotaState {
 pub struct Decision {
     /// Allow or deny, and why.
     pub verdict: Verdict,
-    /// The caller's account, once known.
-    pub account: Option<String>,
-    /// The account's plan, once known.
-    pub plan: Option<String>,
+    /// The caller's account, once known (the account record's own string).
+    pub account: Option<Arc<str>>,
+    /// The account's plan, once known (the account record's own string).
+    pub plan: Option<Arc<str>>,
     /// Every quota the request touched (for RateLimit headers and the body).
-    pub quotas: Vec<QuotaState>,
+    pub quotas: Few<QuotaState>,
     /// Index into `quotas` of the quota that denied the request.
     pub denied_quota: Option<usize>,
     /// The feature the route needs (for `feature_not_in_plan`).
@@ -259,7 +260,7 @@ impl Decision {
             verdict,
             account: None,
             plan: None,
-            quotas: Vec::new(),
+            quotas: Few::new(),
             denied_quota: None,
             feature: None,
             status: None,
@@ -408,7 +409,7 @@ pub fn evaluate(policy: &Policy, target: Target<'_>, caller: Caller<'_>, now: Da
     };
     d.account = Some(account.id.clone());
     d.plan = Some(account.plan.clone());
-    let plan = policy.plans.get(&account.plan);
+    let plan = policy.plans.get(&*account.plan);
     d.shadow = policy.shadow_for(route_shadow, plan);
 
     if target == Target::Unmatched

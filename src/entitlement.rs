@@ -184,6 +184,11 @@ pub fn is_valid_account_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.bytes().all(ok)
 }
 
+/// A short list kept inline: a Check touches few quotas (a plan has one or
+/// two per meter), so the lists one Check makes (its quotas, the store's
+/// answer, the states it reports) need no heap; a longer one spills over.
+pub type Few<T> = smallvec::SmallVec<[T; 2]>;
+
 /// How a quota counts: a calendar allowance or a rolling rate window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Window {
@@ -416,9 +421,10 @@ pub struct Plan {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Account {
     /// Stable account id; also the Redis hash tag of all the account's keys.
-    pub id: String,
-    /// Name of a plan in config.
-    pub plan: String,
+    /// Shared: a Check's decision and spend hold it, never a copy.
+    pub id: Arc<str>,
+    /// Name of a plan in config; shared like `id`.
+    pub plan: Arc<str>,
     /// Subscription status.
     pub status: Status,
     /// When the failed payment happened; the grace period counts from here.
@@ -453,12 +459,12 @@ impl Account {
 
     /// The quotas of `meter` that apply to this account: the plan's, with the
     /// account's overrides replacing those of the same window and adding the rest.
-    pub fn quotas_for(&self, plan: &Plan, meter: &str) -> Vec<Quota> {
+    pub fn quotas_for(&self, plan: &Plan, meter: &str) -> Few<Quota> {
         // An override takes its plan quota's place in the list, so a deny
         // names the same quota (policy, reset, Retry-After) as it would for
         // an account without the override.
         let same = |a: &Quota, b: &Quota| a.meter == b.meter && a.window == b.window;
-        let mut quotas: Vec<Quota> = plan
+        let mut quotas: Few<Quota> = plan
             .quotas
             .iter()
             .filter(|q| *q.meter == *meter)

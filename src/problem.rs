@@ -345,8 +345,8 @@ fn vars(d: &Decision, link: Option<&str>, retry_after: Option<u64>) -> Vars {
             v.push((k, val));
         }
     };
-    push("account", d.account.clone());
-    push("plan", d.plan.clone());
+    push("account", d.account.as_deref().map(str::to_owned));
+    push("plan", d.plan.as_deref().map(str::to_owned));
     push("feature", d.feature.clone());
     push("status", d.status.map(|s| s.to_string()));
     push("grace_ends_at", d.grace_until.map(timestamp));
@@ -404,8 +404,8 @@ fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>
         ..Response::default()
     };
     if let (Some(account), Some(plan)) = (&d.account, &d.plan) {
-        r.upstream_headers.push((ACCOUNT_HEADER.into(), account.clone()));
-        r.upstream_headers.push((PLAN_HEADER.into(), plan.clone()));
+        r.upstream_headers.push((ACCOUNT_HEADER.into(), account.to_string()));
+        r.upstream_headers.push((PLAN_HEADER.into(), plan.to_string()));
     }
     if kind == AllowKind::FailOpen {
         r.upstream_headers.push((DEGRADED_HEADER.into(), Code::StoreUnavailable.as_str().into()));

@@ -252,7 +252,7 @@ impl Settler {
             Ok(Some(a)) => a,
             _ => return Vec::new(),
         };
-        let Some(plan) = config.policy.plans.get(&account.plan) else { return Vec::new() };
+        let Some(plan) = config.policy.plans.get(&*account.plan) else { return Vec::new() };
         let quotas = account.quotas_for(plan, &charge.meter);
         let limits: Vec<Option<u64>> = charge
             .periods

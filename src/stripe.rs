@@ -227,7 +227,7 @@ pub fn apply(event: &Event, account: &Account, config: &StripeConfig) -> Option<
                 config.prices.get(price)
             });
             if let Some(plan) = plan {
-                a.plan = plan.clone();
+                a.plan = plan.as_str().into();
             }
         }
         "customer.subscription.deleted" => set_status(&mut a, Status::Canceled),

@@ -6,9 +6,11 @@
 //!
 //! May use: `entitlement`.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 
-use crate::entitlement::Quota;
+use crate::entitlement::{Few, Quota};
 
 /// The most units one request may spend (a route's `cost`, `Authorize.cost`).
 /// Far below the counters' ranges, so `used + cost` stays exact everywhere,
@@ -25,10 +27,10 @@ pub const MAX_CREDITS: u64 = 1_000_000_000_000_000;
 /// Everything one request would spend, checked and applied all-or-nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spend {
-    /// The account whose counters and credits are touched.
-    pub account: String,
+    /// The account whose counters and credits are touched (the account record's own string).
+    pub account: Arc<str>,
     /// Every quota the request counts against; each gets `cost` units.
-    pub quotas: Vec<Quota>,
+    pub quotas: Few<Quota>,
     /// Units the request spends on each quota.
     pub cost: u64,
     /// Credits the request spends (prepaid plans); `None` when it spends none.
@@ -53,7 +55,7 @@ pub struct SpendAnswer {
     /// otherwise).
     pub spent: bool,
     /// One entry per [`Spend::quotas`], in the same order.
-    pub quotas: Vec<QuotaUsage>,
+    pub quotas: Few<QuotaUsage>,
     /// The credit balance, when the spend touched credits.
     pub credits: Option<CreditBalance>,
 }

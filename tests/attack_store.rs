@@ -54,7 +54,7 @@ fn rate(limit: u64) -> Quota {
 fn spend(quotas: &[Quota], cost: u64, credits: Option<u64>) -> Spend {
     Spend {
         account: "acct_x".into(),
-        quotas: quotas.to_vec(),
+        quotas: quotas.into(),
         cost,
         credits,
         now: Utc::now(),
@@ -236,7 +236,7 @@ async fn corrupt_or_huge_stored_records_read_as_corrupt_not_panics() {
         assert!(matches!(got, Err(StoreError::Corrupt(_))), "{json}: {got:?}");
     }
     r.cli(&["SET", "tollgate:{acct_x}:account", r#"{"plan":"pro"}"#]).unwrap();
-    assert_eq!(b.store.account("acct_x").await.unwrap().unwrap().plan, "pro");
+    assert_eq!(&*b.store.account("acct_x").await.unwrap().unwrap().plan, "pro");
 }
 
 #[tokio::test]
@@ -368,7 +368,7 @@ async fn a_rolling_window_hammered_past_its_limit_keeps_bounded_state_and_bounde
         let calls = 2 * limit / cost;
         let tasks: Vec<_> = (0..8)
             .map(|i| {
-                let (store, s) = (b.store.clone(), Spend { account: account.clone(), ..spend(&q, cost, None) });
+                let (store, s) = (b.store.clone(), Spend { account: account.as_str().into(), ..spend(&q, cost, None) });
                 tokio::spawn(async move {
                     let mut allowed = 0;
                     for _ in (i..calls).step_by(8) {
@@ -391,7 +391,7 @@ async fn a_rolling_window_hammered_past_its_limit_keeps_bounded_state_and_bounde
 
         r.cli(&["CONFIG", "RESETSTAT"]).unwrap();
         for _ in 0..100 {
-            let a = b.store.spend(&Spend { account: account.clone(), ..spend(&q, cost, None) }).await.unwrap();
+            let a = b.store.spend(&Spend { account: account.as_str().into(), ..spend(&q, cost, None) }).await.unwrap();
             assert!(!a.spent && a.quotas[0].exceeded && a.quotas[0].used == limit);
         }
         let mut stats = r.commandstats();

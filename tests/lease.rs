@@ -25,7 +25,7 @@ fn month(limit: u64) -> Quota {
 }
 
 fn spend(quotas: &[Quota], cost: u64, now: DateTime<Utc>) -> Spend {
-    Spend { account: ACCT.into(), quotas: quotas.to_vec(), cost, credits: None, now, dry_run: false, shadow: false }
+    Spend { account: ACCT.into(), quotas: quotas.into(), cost, credits: None, now, dry_run: false, shadow: false }
 }
 
 fn config(max_block: u64, replicas: u64, idle: Duration) -> LeaseConfig {
@@ -111,7 +111,7 @@ async fn three_replicas_never_allow_more_than_the_limit_and_reach_it_exactly_onc
 fn credit_spend(credits: u64) -> Spend {
     Spend {
         account: ACCT.into(),
-        quotas: vec![],
+        quotas: Default::default(),
         cost: 1,
         credits: Some(credits),
         now: Utc::now(),

@@ -225,7 +225,7 @@ fn rolling(limit: u64, per: Duration) -> Quota {
 }
 
 fn spend(quotas: &[Quota], cost: u64, credits: Option<u64>, now: DateTime<Utc>) -> Spend {
-    Spend { account: ACCT.into(), quotas: quotas.to_vec(), cost, credits, now, dry_run: false, shadow: false }
+    Spend { account: ACCT.into(), quotas: quotas.into(), cost, credits, now, dry_run: false, shadow: false }
 }
 
 fn dry(s: Spend) -> Spend {
@@ -554,18 +554,18 @@ async fn accounts_round_trip_and_late_billing_events_never_roll_them_back(s: &Su
     let plan = async || c.account(ACCT).await.unwrap().unwrap().plan.clone();
     assert!(!c.put_account_if_newer(&event("older", Some("2026-03-01T10:00:00.499Z"))).await.unwrap());
     assert!(!c.put_account_if_newer(&event("no event", None)).await.unwrap());
-    assert_eq!(plan().await, "pro", "late events changed nothing");
+    assert_eq!(&*plan().await, "pro", "late events changed nothing");
     assert!(c.put_account_if_newer(&event("same instant", Some("2026-03-01T10:00:00.500Z"))).await.unwrap());
     assert!(c.put_account_if_newer(&event("newer", Some("2026-03-02T00:00:00Z"))).await.unwrap());
-    assert_eq!(plan().await, "newer");
+    assert_eq!(&*plan().await, "newer");
     c.put_account(&account("by hand")).await.unwrap();
-    assert_eq!(plan().await, "by hand", "put_account writes whatever is stored");
+    assert_eq!(&*plan().await, "by hand", "put_account writes whatever is stored");
     assert!(c.put_account_if_newer(&event("any", None)).await.unwrap(), "nothing newer is stored");
 
     let out_of_bounds = Account { past_due_since: Some(DateTime::<Utc>::MAX_UTC), ..account("bad") };
     assert!(matches!(c.put_account(&out_of_bounds).await, Err(StoreError::Corrupt(_))));
     assert!(matches!(c.put_account_if_newer(&out_of_bounds).await, Err(StoreError::Corrupt(_))));
-    assert_eq!(plan().await, "any", "nothing out of bounds was written");
+    assert_eq!(&*plan().await, "any", "nothing out of bounds was written");
 }
 
 async fn events_are_remembered_for_their_ttl_until_forgotten(s: &Subject) {

@@ -176,8 +176,8 @@ impl EntitlementEdit {
         }
         let expires_at = self.expires_at.map(|t| check_time(t, "expires_at")).transpose()?;
         Ok(Account {
-            id: self.account_id,
-            plan: self.plan,
+            id: self.account_id.into(),
+            plan: self.plan.into(),
             status,
             past_due_since,
             expires_at,

@@ -157,7 +157,7 @@ async fn put_writes_the_entitlement_and_keeps_the_last_billing_event() {
     assert_eq!(store.account("acct_free").await.unwrap().as_deref(), Some(a.as_ref()));
     // A new account is created.
     assert_eq!(accounts.put(edit("acct_new", "payg")).await.unwrap().credits, 0);
-    assert_eq!(accounts.get("acct_new").await.unwrap().account.plan, "payg");
+    assert_eq!(&*accounts.get("acct_new").await.unwrap().account.plan, "payg");
 }
 
 #[tokio::test]
@@ -197,7 +197,7 @@ async fn an_account_whose_plan_is_gone_is_a_failed_precondition_not_a_panic() {
     store.put_account(&orphan).await.unwrap();
     assert!(matches!(accounts.usage("acct_orphan", "").await, Err(AccountsError::PlanUnknown(p)) if p == "gold"));
     assert!(matches!(accounts.reset_usage("acct_orphan", "").await, Err(AccountsError::PlanUnknown(_))));
-    assert_eq!(accounts.get("acct_orphan").await.unwrap().account.plan, "gold", "it can still be read and fixed");
+    assert_eq!(&*accounts.get("acct_orphan").await.unwrap().account.plan, "gold", "it can still be read and fixed");
 }
 
 #[tokio::test]

@@ -98,8 +98,8 @@ pub(super) fn accounts(raw: &[AccountDef], plans: &HashMap<String, Plan>) -> Res
         date(a.expires_at, &format!("{p}.expires_at"))?;
         accounts.push(SeedAccount {
             account: Account {
-                id: a.id.clone(),
-                plan: a.plan.clone(),
+                id: a.id.as_str().into(),
+                plan: a.plan.as_str().into(),
                 status: a.status,
                 past_due_since: a.past_due_since,
                 expires_at: a.expires_at,

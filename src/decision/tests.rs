@@ -40,7 +40,7 @@ fn policy() -> Policy {
 }
 
 fn account(plan: &str) -> Account {
-    Account { id: format!("acct_{plan}"), plan: plan.into(), ..Account::default() }
+    Account { id: format!("acct_{plan}").into(), plan: plan.into(), ..Account::default() }
 }
 
 const SEARCH: Target<'static> =
@@ -194,7 +194,11 @@ fn row10_insufficient_credits_is_402() {
     let a = account("payg");
     let d = decide(AI, &a, |spend| {
         assert_eq!(spend.credits, Some(10), "prepaid spends the route's cost in credits");
-        SpendAnswer { spent: false, quotas: vec![], credits: Some(CreditBalance { balance: 9, sufficient: false }) }
+        SpendAnswer {
+            spent: false,
+            quotas: Default::default(),
+            credits: Some(CreditBalance { balance: 9, sufficient: false }),
+        }
     });
     assert_eq!(d.verdict, Verdict::Deny(Code::InsufficientCredits));
     assert_eq!(d.credits, Some(9));
@@ -206,7 +210,7 @@ fn row11_period_quota_exceeded_is_402() {
     let a = account("free");
     let d = decide(SEARCH, &a, |spend| SpendAnswer {
         spent: false,
-        quotas: vec![usage(1000, true), usage(3, false)],
+        quotas: smallvec::smallvec![usage(1000, true), usage(3, false)],
         credits: spend.credits.map(|_| unreachable!()),
     });
     assert_eq!(d.verdict, Verdict::Deny(Code::QuotaExhausted));
@@ -219,7 +223,7 @@ fn row12_rate_quota_exceeded_is_429() {
     let a = account("free");
     let d = decide(SEARCH, &a, |_| SpendAnswer {
         spent: false,
-        quotas: vec![usage(5, false), usage(10, true)],
+        quotas: smallvec::smallvec![usage(5, false), usage(10, true)],
         credits: None,
     });
     assert_eq!(d.verdict, Verdict::Deny(Code::RateLimited));
@@ -292,7 +296,7 @@ fn grace_still_checks_features_and_quotas() {
     assert_eq!(code(eval(AI, Caller::Known(&a))), Some(Code::FeatureNotInPlan));
     let d = decide(SEARCH, &a, |_| SpendAnswer {
         spent: false,
-        quotas: vec![usage(1000, true), usage(0, false)],
+        quotas: smallvec::smallvec![usage(1000, true), usage(0, false)],
         credits: None,
     });
     assert_eq!(d.verdict, Verdict::Deny(Code::QuotaExhausted));
@@ -318,7 +322,7 @@ fn credits_win_over_quotas_and_quotas_over_rates() {
     let Step::Spend(spend, d) = evaluate(&payg_with_quotas, SEARCH, Caller::Known(&a), now(), false) else { panic!() };
     let everything_fails = SpendAnswer {
         spent: false,
-        quotas: vec![usage(1, true), usage(5, true)],
+        quotas: smallvec::smallvec![usage(1, true), usage(5, true)],
         credits: Some(CreditBalance { balance: 0, sufficient: false }),
     };
     assert_eq!(settle(&spend, &everything_fails, d.clone()).verdict, Verdict::Deny(Code::InsufficientCredits));
@@ -348,7 +352,7 @@ fn an_unspent_answer_without_a_reason_is_never_an_allow() {
 fn spend_covers_every_quota_of_the_meter_and_nothing_else() {
     let a = Account { quota_overrides: vec![month(5)], ..account("free") };
     let Step::Spend(spend, _) = eval(SEARCH, Caller::Known(&a)) else { panic!() };
-    assert_eq!(spend.quotas, vec![month(5), per_second(10)], "the override keeps the plan quota's place");
+    assert_eq!(spend.quotas.as_slice(), [month(5), per_second(10)], "the override keeps the plan quota's place");
     assert_eq!((spend.cost, spend.credits, spend.now, spend.dry_run), (1, None, now(), false));
     let other = Target::Metered { feature: None, meter: Some("tokens"), cost: 1, shadow: None };
     assert!(done(eval(other, Caller::Known(&a))).is_allowed(), "no quota on that meter: nothing to spend");
@@ -356,8 +360,11 @@ fn spend_covers_every_quota_of_the_meter_and_nothing_else() {
 
 #[test]
 fn an_identical_override_names_the_same_denied_quota() {
-    let both_exhausted =
-        |_: &Spend| SpendAnswer { spent: false, quotas: vec![usage(1000, true), usage(10, true)], credits: None };
+    let both_exhausted = |_: &Spend| SpendAnswer {
+        spent: false,
+        quotas: smallvec::smallvec![usage(1000, true), usage(10, true)],
+        credits: None,
+    };
     let plain = decide(SEARCH, &account("free"), both_exhausted);
     let same = Account { quota_overrides: vec![month(1000)], ..account("free") };
     let overridden = decide(SEARCH, &same, both_exhausted);
@@ -470,7 +477,7 @@ fn a_shadowed_request_walks_on_and_spends_what_it_uses() {
     assert_eq!(d.shadowed, Some(Code::RateLimited));
     let broke = |s: &Spend| SpendAnswer {
         spent: true,
-        quotas: vec![],
+        quotas: Default::default(),
         credits: s.credits.map(|_| CreditBalance { balance: 3, sufficient: false }),
     };
     let mut pp = p.clone();
@@ -617,4 +624,26 @@ fn shadow_past_a_soft_ceiling_is_a_would_be_deny_not_more_overage() {
         Err(QuotaError::Ceiling(MAX_LIMIT.into(), MAX_LIMIT)),
         "no room above the largest limit"
     );
+}
+
+/// The decision allocates nothing for a known account on a metered route:
+/// the account id and plan are the record's own (shared), the quota lists
+/// inline (issue 16; `benches/check_allocs.rs` counts the whole handler).
+#[test]
+fn an_allowed_metered_request_is_decided_without_allocating() {
+    let (policy, a) = (policy(), account("free"));
+    let fits = SpendAnswer { spent: true, quotas: smallvec::smallvec![usage(1, false), usage(1, false)], credits: None };
+    let mut allowed = false;
+    let info = allocation_counter::measure(|| {
+        if let Step::Spend(spend, d) = evaluate(&policy, SEARCH, Caller::Known(&a), now(), false) {
+            let d = settle(&spend, &fits, d);
+            allowed = d.is_allowed() && d.quotas.len() == 2 && d.account.is_some();
+            std::hint::black_box(d);
+        }
+    });
+    assert!(allowed, "the free plan's two quotas were spent and the request allowed");
+    assert_eq!(info.count_total, 0, "allocations in evaluate + settle");
+    // The counter counts (a zero above is not for want of counting).
+    let one = allocation_counter::measure(|| drop(std::hint::black_box(a.id.to_string())));
+    assert_eq!(one.count_total, 1);
 }

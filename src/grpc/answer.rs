@@ -360,7 +360,7 @@ mod tests {
     fn empty_parts_are_what_prost_makes_of_them() {
         // Empty values, names and bodies; no headers at all; a shadowed allow.
         let mut d = Decision::allow(AllowKind::Allowed);
-        d.account = Some(String::new());
+        d.account = Some("".into());
         d.shadowed = Some(Code::QuotaExhausted);
         let r = Response {
             status: 200,
@@ -395,8 +395,8 @@ mod tests {
             remove in prop::collection::vec("\\PC{0,40}", 0..10),
         ) {
             let mut d = if allow { Decision::allow(AllowKind::Allowed) } else { Decision::deny(Code::ALL[code]) };
-            d.account = account;
-            d.plan = plan;
+            d.account = account.map(Into::into);
+            d.plan = plan.map(Into::into);
             d.shadowed = shadowed.then_some(Code::ALL[code]);
             let r = Response {
                 status,

@@ -175,8 +175,8 @@ fn edit_of(e: Entitlement) -> EntitlementEdit {
 fn entitlement_of(state: &AccountState) -> Entitlement {
     let a = &state.account;
     Entitlement {
-        account_id: a.id.clone(),
-        plan: a.plan.clone(),
+        account_id: a.id.to_string(),
+        plan: a.plan.to_string(),
         status: a.status.as_str().to_owned(),
         past_due_since: a.past_due_since.map(timestamp),
         expires_at: a.expires_at.map(timestamp),
@@ -337,8 +337,8 @@ impl Tollgate for Api {
             allowed: d.is_allowed(),
             http_status: u32::from(d.verdict.http_status()),
             code: d.verdict.label().to_owned(),
-            account_id: d.account.clone().unwrap_or_default(),
-            plan: d.plan.clone().unwrap_or_default(),
+            account_id: d.account.as_deref().unwrap_or_default().to_owned(),
+            plan: d.plan.as_deref().unwrap_or_default().to_owned(),
             problem_json: outcome.response.body.clone().unwrap_or_default(),
             quotas: d.quotas.iter().map(quota_state).collect(),
             credits_remaining: d.credits,

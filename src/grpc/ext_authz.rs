@@ -140,10 +140,10 @@ pub fn check_response(outcome: Outcome) -> CheckResponse {
     let Outcome { decision: d, response: r, charge, .. } = outcome;
     let mut meta = HashMap::with_capacity(4);
     if let Some(a) = d.account {
-        meta.insert("account".to_owned(), string_value(a));
+        meta.insert("account".to_owned(), string_value(&*a));
     }
     if let Some(p) = d.plan {
-        meta.insert("plan".to_owned(), string_value(p));
+        meta.insert("plan".to_owned(), string_value(&*p));
     }
     meta.insert("decision".to_owned(), string_value(d.verdict.label()));
     if let Some(code) = d.shadowed {

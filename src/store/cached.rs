@@ -192,13 +192,13 @@ impl Store for CachedStore {
 
     async fn put_account(&self, account: &Account) -> Result<(), StoreError> {
         self.inner.put_account(account).await?;
-        self.accounts.invalidate(&account.id).await;
+        self.accounts.invalidate(&*account.id).await;
         Ok(())
     }
 
     async fn put_account_if_newer(&self, account: &Account) -> Result<bool, StoreError> {
         let written = self.inner.put_account_if_newer(account).await?;
-        self.accounts.invalidate(&account.id).await;
+        self.accounts.invalidate(&*account.id).await;
         Ok(written)
     }
 

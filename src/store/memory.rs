@@ -29,7 +29,7 @@ use chrono::{DateTime, Utc};
 use super::rolling::Buckets;
 use super::{Store, StoreError};
 use crate::bounds;
-use crate::entitlement::{Account, Quota, Window};
+use crate::entitlement::{Account, Few, Quota, Window};
 use crate::identity::{KeyHash, KeyMeta};
 use crate::usage::{
     Adjustment, CreditBalance, MAX_COST, MAX_CREDITS, MAX_LIMIT, OutboxEvent, QuotaUsage, Settled, Spend, SpendAnswer,
@@ -40,13 +40,13 @@ const SHARDS: usize = 16;
 /// A store that keeps everything in this process; lost on restart.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    accounts: RwLock<HashMap<String, Arc<Account>>>,
+    accounts: RwLock<HashMap<Arc<str>, Arc<Account>>>,
     keys: RwLock<Keys>,
     /// Webhook event ids with the instant they may be forgotten (`None`: never,
     /// for a TTL too long for the clock).
     events: Mutex<HashMap<String, Option<Instant>>>,
     /// Per-account credits and counters, sharded by account id.
-    usage: [Mutex<HashMap<String, Usage>>; SHARDS],
+    usage: [Mutex<HashMap<Arc<str>, Usage>>; SHARDS],
     /// Settled charges (account, charge id) with the instant they may be forgotten.
     settled: Mutex<HashMap<(String, String), DateTime<Utc>>>,
     /// The size at which `settled` is next pruned.
@@ -196,7 +196,7 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn shard(&self, account: &str) -> &Mutex<HashMap<String, Usage>> {
+    fn shard(&self, account: &str) -> &Mutex<HashMap<Arc<str>, Usage>> {
         let mut h = DefaultHasher::new();
         account.hash(&mut h);
         &self.usage[(h.finish() as usize) % SHARDS]
@@ -243,11 +243,11 @@ impl Store for MemoryStore {
         // Checked before anything moves: with these bounds no window end can overflow.
         bounds::check_spend(spend).map_err(StoreError::Corrupt)?;
         let mut shard = lock(self.shard(&spend.account));
-        let usage = match shard.get_mut(&spend.account) {
+        let usage = match shard.get_mut(&*spend.account) {
             Some(u) => u,
             None => shard.entry(spend.account.clone()).or_default(),
         };
-        let mut states = Vec::with_capacity(spend.quotas.len());
+        let mut states = Few::with_capacity(spend.quotas.len());
         for quota in &spend.quotas {
             // Look up by &str first: the meter name is cloned only the first time.
             if !usage.counters.contains_key(&*quota.meter) {
@@ -305,7 +305,7 @@ impl Store for MemoryStore {
     async fn put_account_if_newer(&self, account: &Account) -> Result<bool, StoreError> {
         bounds::check_account(account).map_err(StoreError::Corrupt)?;
         let mut accounts = write(&self.accounts);
-        let stored = accounts.get(&account.id).and_then(|a| a.billing_event_at);
+        let stored = accounts.get(&*account.id).and_then(|a| a.billing_event_at);
         if stored.is_some_and(|s| account.billing_event_at.is_none_or(|new| new < s)) {
             return Ok(false);
         }
@@ -315,7 +315,7 @@ impl Store for MemoryStore {
 
     async fn account_for_customer(&self, customer: &str) -> Result<Option<String>, StoreError> {
         let accounts = read(&self.accounts);
-        Ok(accounts.values().find(|a| a.stripe_customer.as_deref() == Some(customer)).map(|a| a.id.clone()))
+        Ok(accounts.values().find(|a| a.stripe_customer.as_deref() == Some(customer)).map(|a| a.id.to_string()))
     }
 
     async fn put_key(&self, key: &KeyHash, account: &str, meta: &KeyMeta) -> Result<(), StoreError> {
@@ -350,7 +350,7 @@ impl Store for MemoryStore {
         if credits > MAX_CREDITS {
             return Err(StoreError::Corrupt(format!("credits {credits} are above MAX_CREDITS ({MAX_CREDITS})")));
         }
-        lock(self.shard(account)).entry(account.to_owned()).or_default().credits = credits;
+        lock(self.shard(account)).entry(account.into()).or_default().credits = credits;
         Ok(())
     }
 
@@ -360,7 +360,7 @@ impl Store for MemoryStore {
 
     async fn add_credits(&self, account: &str, delta: i64) -> Result<Option<u64>, StoreError> {
         let mut shard = lock(self.shard(account));
-        let usage = shard.entry(account.to_owned()).or_default();
+        let usage = shard.entry(account.into()).or_default();
         // Below zero or above MAX_CREDITS: refused, nothing changes.
         let Some(balance) = usage.credits.checked_add_signed(delta).filter(|b| *b <= MAX_CREDITS) else {
             return Ok(None);
@@ -417,7 +417,7 @@ impl Store for MemoryStore {
         }
         settled.insert(id, adj.remember_until);
         let mut shard = lock(self.shard(&adj.account));
-        let usage = shard.entry(adj.account.clone()).or_default();
+        let usage = shard.entry(adj.account.as_str().into()).or_default();
         let back = adj.delta < 0;
         let units = adj.delta.unsigned_abs();
         if let Some(windows) = usage.counters.get_mut(&adj.meter) {

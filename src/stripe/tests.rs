@@ -38,7 +38,7 @@ fn subscription_updates_set_status_and_plan() {
         serde_json::json!({"status": "past_due", "items": {"data": [{"price": {"id": "price_pro"}}]}}),
     );
     let b = apply(&e, &a, &config()).unwrap();
-    assert_eq!((b.plan.as_str(), b.status), ("pro", Status::PastDue));
+    assert_eq!((&*b.plan, b.status), ("pro", Status::PastDue));
     assert_eq!(b.past_due_since, e.created_at());
     assert_eq!(b.billing_event_at, e.created_at());
     let later = event("customer.subscription.updated", 1_700_000_100, serde_json::json!({"status": "past_due"}));

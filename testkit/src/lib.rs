@@ -170,7 +170,7 @@ pub async fn used(
     let q = Quota { meter: meter.into(), limit: 1 << 40, window: Window::Calendar(period), ceiling: None };
     let probe = tollgate::usage::Spend {
         account: account.into(),
-        quotas: vec![q],
+        quotas: [q].into_iter().collect(),
         cost: 0,
         credits: None,
         now: chrono::Utc::now(),

@@ -127,7 +127,7 @@ async fn large_entries_keep_the_cache_within_its_byte_budget() {
     // 400 accounts of ~8 KiB each (64 features of 128 bytes, the longest name): about 3 MiB of entitlements for a 512 KiB half.
     for i in 0..400 {
         let account = Account {
-            id: format!("acct_{i}"),
+            id: format!("acct_{i}").into(),
             plan: "pro".into(),
             extra_features: (0..64).map(|f| format!("{f:0>2}{}", "x".repeat(126))).collect(),
             ..Default::default()

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 
+use crate::entitlement::Few;
 use crate::store::redis::LeaseTarget;
 use crate::usage::{CreditBalance, QuotaUsage, SpendAnswer};
 
@@ -205,7 +206,7 @@ impl AccountLeases {
     /// [`crate::usage::Spend`] lists them), `spent` or refused. A refusal
     /// always names a reason: a quota exceeded or credits short.
     pub(super) fn answer(&self, wants: &[Want], spent: bool, now: Instant) -> SpendAnswer {
-        let mut quotas = Vec::with_capacity(wants.len());
+        let mut quotas = Few::with_capacity(wants.len());
         let mut credits = None;
         // Refused: its take found too little lately; otherwise (not asked,
         // because another lease was refused first) not known to be short.

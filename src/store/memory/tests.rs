@@ -18,7 +18,7 @@ fn quota(limit: u64, window: Window) -> Quota {
 }
 
 fn spend(quotas: Vec<Quota>, cost: u64, credits: Option<u64>, now: DateTime<Utc>) -> Spend {
-    Spend { account: "a".into(), quotas, cost, credits, now, dry_run: false, shadow: false }
+    Spend { account: "a".into(), quotas: quotas.into(), cost, credits, now, dry_run: false, shadow: false }
 }
 
 #[tokio::test]
@@ -107,7 +107,7 @@ async fn accounts_out_of_bounds_are_not_stored() {
         Account { quota_overrides: vec![quota(u64::MAX, Window::Calendar(Period::Day))], ..good.clone() },
         Account { quota_overrides: vec![quota(1, Window::Rolling(Duration::MAX))], ..good.clone() },
         Account { stripe_customer: Some("cus 1".into()), ..good.clone() },
-        Account { plan: "p".repeat(129), ..good.clone() },
+        Account { plan: "p".repeat(129).into(), ..good.clone() },
         Account { id: "{acct}".into(), ..good.clone() },
     ];
     for a in &bad {

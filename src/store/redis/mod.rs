@@ -123,12 +123,12 @@ impl RedisStore {
         if let Some(customer) = &account.stripe_customer {
             redis::cmd("SET")
                 .arg(self.keys.customer(customer))
-                .arg(&account.id)
+                .arg(&*account.id)
                 .query_async::<()>(conn)
                 .await
                 .map_err(unavailable)?;
         }
-        self.publish(conn, Invalidation::Account(account.id.clone())).await
+        self.publish(conn, Invalidation::Account(account.id.to_string())).await
     }
 
     async fn publish(&self, conn: &mut Conn, what: Invalidation) -> Result<(), StoreError> {

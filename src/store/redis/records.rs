@@ -59,7 +59,7 @@ struct QuotaRecord {
 impl AccountRecord {
     pub(super) fn of(a: &Account) -> Self {
         Self {
-            plan: a.plan.clone(),
+            plan: a.plan.to_string(),
             status: a.status,
             past_due_since: a.past_due_since,
             expires_at: a.expires_at,
@@ -109,8 +109,8 @@ impl AccountRecord {
             None => None,
         };
         let account = Account {
-            id: id.to_owned(),
-            plan: self.plan,
+            id: id.into(),
+            plan: self.plan.into(),
             status: self.status,
             past_due_since: self.past_due_since,
             expires_at: self.expires_at,

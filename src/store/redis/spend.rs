@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use redis::{Script, ScriptInvocation};
 
 use super::keys::{Keys, from_millis, millis, window_ms};
-use crate::entitlement::Window;
+use crate::entitlement::{Few, Window};
 use crate::store::StoreError;
 use crate::usage::{CreditBalance, MAX_COST, QuotaUsage, Spend, SpendAnswer};
 
@@ -53,7 +53,7 @@ pub(super) fn answer(out: &[i64], spend: &Spend, ends: &[Option<DateTime<Utc>>])
     if out.len() != 3 + 4 * spend.quotas.len() {
         return Err(StoreError::Corrupt(format!("spend script returned {} values", out.len())));
     }
-    let mut quotas = Vec::with_capacity(spend.quotas.len());
+    let mut quotas = Few::with_capacity(spend.quotas.len());
     for (c, end) in out[3..].chunks_exact(4).zip(ends) {
         let used =
             u64::try_from(c[0]).map_err(|_| StoreError::Corrupt(format!("spend script answered used = {}", c[0])))?;
