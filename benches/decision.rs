@@ -119,7 +119,7 @@ fn bench_render(c: &mut Criterion) {
     assert_eq!(exhausted.verdict, Verdict::Deny(Code::QuotaExhausted));
     let allowed = decide(&config.policy, SEARCH, &account, &answer(42, false));
     assert!(allowed.is_allowed());
-    let strip = [std::borrow::Cow::Borrowed("x-api-key")];
+    let strip = [problem::Text::Static("x-api-key")];
     let ctx = Context { strip: &strip, payment: None };
     let t = now();
     let sample = problem::render(&exhausted, &config, ctx, t);

@@ -408,7 +408,7 @@ impl Authorizer {
         // Headers the upstream must not see from the client, whatever is decided.
         let strip = match query.subject {
             Subject::Request(creds) => strip_headers(config, creds),
-            _ => Vec::new(),
+            _ => Strip::new(),
         };
         // On an HTTP request: the matched route's x402 settings, and the URL a challenge names.
         let mut paying: Option<(Option<&crate::x402::RouteX402>, &str, &str, &str)> = None;
@@ -748,7 +748,7 @@ impl Authorizer {
         config: &Config,
         error: StoreError,
         account: Option<&Account>,
-        strip: &[Cow<'_, str>],
+        strip: &[problem::Name],
         route: Option<Arc<str>>,
         now: DateTime<Utc>,
     ) -> Result<Outcome, StoreUnavailable> {
@@ -769,7 +769,7 @@ impl Authorizer {
         &self,
         config: &Config,
         decision: Decision,
-        strip: &[Cow<'_, str>],
+        strip: &[problem::Name],
         route: Option<Arc<str>>,
         now: DateTime<Utc>,
     ) -> Outcome {
@@ -782,21 +782,30 @@ impl Authorizer {
 /// credential header present and every `x-tollgate-*` header the client sent
 /// (only tollgate may set those; `problem` overwrites the ones it sets).
 /// Borrowed from the config and the request: nothing is copied until the response is built.
-fn strip_headers<'a, C: Credentials>(config: &'a Config, creds: &'a C) -> Vec<Cow<'a, str>> {
-    let mut out: Vec<Cow<'a, str>> = Vec::with_capacity(4);
-    credential_headers(&config.identity, creds, &mut out);
+fn strip_headers<C: Credentials>(config: &Config, creds: &C) -> Strip {
+    let mut out = Strip::new();
+    for name in credential_headers(&config.identity, creds) {
+        if !out.iter().any(|h| h == &**name) {
+            out.push(problem::Text::from(name));
+        }
+    }
     for name in creds.headers_with_prefix(problem::HEADER_PREFIX) {
-        if !out.contains(&name) {
-            out.push(name);
+        if !out.iter().any(|h| *h == *name) {
+            out.push(problem::Text::Owned(name.into_owned()));
         }
     }
     // With x402 on, a payment is tollgate's to settle, never the upstream's to reuse.
     if config.x402.is_some() {
         for name in [x402::SIGNATURE_HEADER, x402::V1_HEADER] {
             if creds.header(name).is_some() {
-                out.push(Cow::Borrowed(name));
+                out.push(problem::Text::Static(name));
             }
         }
     }
     out
 }
+
+/// The request headers to remove before the upstream: the configured
+/// credential headers' names are the config's (shared, not copied), and a
+/// request usually carries one, so the list lives inline.
+type Strip = smallvec::SmallVec<[problem::Name; 2]>;

@@ -204,7 +204,11 @@ fn render(door: Door, decision: &Decision, r: &problem::Response, charge: Option
         if door == Door::EnvoyHttp && !r.upstream_remove.is_empty() {
             // Envoy removes these from the upstream request (the credential,
             // forged `x-tollgate-*`); tollgate's own set ones are overwritten.
-            put(&mut headers, "x-envoy-auth-headers-to-remove", &r.upstream_remove.join(","));
+            put(
+                &mut headers,
+                "x-envoy-auth-headers-to-remove",
+                &r.upstream_remove.iter().map(|h| h.as_str()).collect::<Vec<_>>().join(","),
+            );
         }
         return (StatusCode::OK, headers).into_response();
     }

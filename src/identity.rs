@@ -5,6 +5,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -13,8 +14,8 @@ use sha2::{Digest, Sha256};
 pub enum IdentitySource {
     /// An API key in a header, optionally after an auth scheme (`Bearer <key>`).
     ApiKey {
-        /// Lower-case header name.
-        header: String,
+        /// Lower-case header name; shared, so a response that strips it copies nothing.
+        header: Arc<str>,
         /// Auth scheme that must prefix the value, compared case-insensitively.
         scheme: Option<String>,
     },
@@ -31,8 +32,8 @@ pub enum IdentitySource {
     /// An account id in a header that a filter in front of us sets (never trust
     /// it unless that filter overwrites what clients send).
     TrustedHeader {
-        /// Lower-case header name.
-        header: String,
+        /// Lower-case header name; shared like `ApiKey`'s.
+        header: Arc<str>,
     },
 }
 
@@ -136,22 +137,20 @@ pub fn identify<'a>(sources: &'a [IdentitySource], creds: &'a impl Credentials, 
 /// The configured credential headers this request carries (an API-key header
 /// in its scheme, a trusted header): removed before the upstream on every
 /// route, public ones included, whichever of them identified the caller.
-/// Pushed onto `out`, which holds the headers to strip, without duplicates.
-pub fn credential_headers<'s>(sources: &'s [IdentitySource], creds: &impl Credentials, out: &mut Vec<Cow<'s, str>>) {
-    for source in sources {
-        let header = match source {
-            IdentitySource::ApiKey { header, scheme } => match (creds.header(header), scheme) {
-                (Some(v), Some(scheme)) if strip_scheme(v, scheme).is_some() => header,
-                (Some(_), None) => header,
-                _ => continue,
-            },
-            IdentitySource::TrustedHeader { header } if creds.header(header).is_some() => header,
-            _ => continue,
-        };
-        if !out.iter().any(|h| h == header.as_str()) {
-            out.push(Cow::Borrowed(header));
-        }
-    }
+/// The config's own names, in `sources`' order (a name may come twice).
+pub fn credential_headers<'s>(
+    sources: &'s [IdentitySource],
+    creds: &'s impl Credentials,
+) -> impl Iterator<Item = &'s Arc<str>> {
+    sources.iter().filter_map(|source| match source {
+        IdentitySource::ApiKey { header, scheme } => match (creds.header(header), scheme) {
+            (Some(v), Some(scheme)) if strip_scheme(v, scheme).is_some() => Some(header),
+            (Some(_), None) => Some(header),
+            _ => None,
+        },
+        IdentitySource::TrustedHeader { header } if creds.header(header).is_some() => Some(header),
+        _ => None,
+    })
 }
 
 fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {

@@ -9,7 +9,8 @@
 //! May use: `decision`, `entitlement`, `identity` (credential header names), `config`
 //! (problem overrides, billing links), `x402` (its header names).
 
-use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
@@ -38,8 +39,112 @@ pub const PAYER_HEADER: &str = "x-tollgate-payer";
 /// Header telling the upstream the x402 settlement (`network=…; transaction=…; amount=…`).
 pub const PAYMENT_HEADER: &str = "x-tollgate-payment";
 
-/// A header name: tollgate's own names are borrowed, never copied per request.
-pub type Name = Cow<'static, str>;
+/// A header name or value. tollgate's own names and fixed values live as
+/// long as the program, an account's id and plan are shared with its record
+/// and a configured header's name with the config: none of those is copied
+/// per request. Only what is made for one request is owned. Compared,
+/// hashed and shown as the text it holds, whatever holds it.
+#[derive(Debug, Clone)]
+pub enum Text {
+    /// A name or value fixed in the program.
+    Static(&'static str),
+    /// Shared with what it came from (an account record, the config).
+    Shared(Arc<str>),
+    /// Made for this request.
+    Owned(String),
+}
+
+impl Text {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Text::Static(s) => s,
+            Text::Shared(s) => s,
+            Text::Owned(s) => s,
+        }
+    }
+
+    /// The text as a `String` (a copy unless it was owned).
+    pub fn into_owned(self) -> String {
+        match self {
+            Text::Owned(s) => s,
+            other => other.as_str().to_owned(),
+        }
+    }
+}
+
+impl Default for Text {
+    fn default() -> Self {
+        Text::Static("")
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Text {}
+
+impl PartialEq<str> for Text {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Text {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::hash::Hash for Text {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl fmt::Display for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&'static str> for Text {
+    fn from(s: &'static str) -> Self {
+        Text::Static(s)
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Text::Owned(s)
+    }
+}
+
+impl From<Arc<str>> for Text {
+    fn from(s: Arc<str>) -> Self {
+        Text::Shared(s)
+    }
+}
+
+impl From<&Arc<str>> for Text {
+    fn from(s: &Arc<str>) -> Self {
+        Text::Shared(s.clone())
+    }
+}
+
+/// A header name.
+pub type Name = Text;
 
 /// A rendered decision, free of any transport's types.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -49,9 +154,9 @@ pub struct Response {
     /// The problem JSON on a deny.
     pub body: Option<String>,
     /// Headers for the client (on a deny: with the body; on an allow: added to the upstream's response).
-    pub client_headers: Vec<(Name, String)>,
+    pub client_headers: Vec<(Name, Text)>,
     /// Headers set (overwriting) on the request to the upstream; allow only.
-    pub upstream_headers: Vec<(Name, String)>,
+    pub upstream_headers: Vec<(Name, Text)>,
     /// Request headers removed before the upstream; allow only.
     pub upstream_remove: Vec<Name>,
 }
@@ -61,7 +166,7 @@ pub struct Response {
 pub struct Context<'a> {
     /// Request headers to remove before the upstream (credentials, forged
     /// `x-tollgate-*`), lower-case; those tollgate sets are overwritten instead.
-    pub strip: &'a [Cow<'a, str>],
+    pub strip: &'a [Name],
     /// What x402 adds: a challenge on a 402 a payment cures, a receipt on a paid call.
     pub payment: Option<Payment<'a>>,
 }
@@ -197,7 +302,7 @@ fn window_secs(state: &QuotaState, now: DateTime<Utc>) -> u64 {
 /// `RateLimit-Policy` and `RateLimit` for the quotas a request touched. The
 /// `RateLimit` item is the quota that denied the request, else the one with
 /// the fewest units left (the one a client must pace itself by).
-fn ratelimit_headers(d: &Decision, now: DateTime<Utc>, out: &mut Vec<(Name, String)>) {
+fn ratelimit_headers(d: &Decision, now: DateTime<Utc>, out: &mut Vec<(Name, Text)>) {
     use std::fmt::Write as _;
     if d.quotas.is_empty() {
         return;
@@ -213,14 +318,14 @@ fn ratelimit_headers(d: &Decision, now: DateTime<Utc>, out: &mut Vec<(Name, Stri
         q.quota.write_policy_name(&mut policy);
         let _ = write!(policy, "\";q={};w={}", q.quota.limit, window_secs(q, now));
     }
-    out.push(("ratelimit-policy".into(), policy));
+    out.push(("ratelimit-policy".into(), policy.into()));
     let current = d.denying_quota().or_else(|| d.quotas.iter().min_by_key(|q| q.remaining));
     if let Some(q) = current {
         let mut value = String::with_capacity(64);
         value.push('"');
         q.quota.write_policy_name(&mut value);
         let _ = write!(value, "\";r={};t={}", q.remaining, secs_until(q.resets_at, now));
-        out.push(("ratelimit".into(), value));
+        out.push(("ratelimit".into(), value.into()));
     }
 }
 
@@ -404,8 +509,8 @@ fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>
         ..Response::default()
     };
     if let (Some(account), Some(plan)) = (&d.account, &d.plan) {
-        r.upstream_headers.push((ACCOUNT_HEADER.into(), account.to_string()));
-        r.upstream_headers.push((PLAN_HEADER.into(), plan.to_string()));
+        r.upstream_headers.push((ACCOUNT_HEADER.into(), account.into()));
+        r.upstream_headers.push((PLAN_HEADER.into(), plan.into()));
     }
     if kind == AllowKind::FailOpen {
         r.upstream_headers.push((DEGRADED_HEADER.into(), Code::StoreUnavailable.as_str().into()));
@@ -432,19 +537,19 @@ fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>
     }
     if !warnings.is_empty() {
         let warning = warnings.join(", ");
-        r.client_headers.push((BILLING_WARNING_HEADER.into(), warning.clone()));
-        r.upstream_headers.push((BILLING_WARNING_HEADER.into(), warning));
+        r.client_headers.push((BILLING_WARNING_HEADER.into(), warning.clone().into()));
+        r.upstream_headers.push((BILLING_WARNING_HEADER.into(), warning.into()));
         if let Some(link) = d.account.as_deref().and_then(|a| config.billing.portal_for(a)) {
-            r.client_headers.push(("link".into(), format!("<{link}>; rel=\"payment\"")));
+            r.client_headers.push(("link".into(), format!("<{link}>; rel=\"payment\"").into()));
         }
     }
     if !overage.is_empty() {
-        r.upstream_headers.push((OVERAGE_HEADER.into(), overage.join(", ")));
+        r.upstream_headers.push((OVERAGE_HEADER.into(), overage.join(", ").into()));
     }
     if let Some(Payment::Paid { response, payer, receipt }) = ctx.payment {
-        r.upstream_headers.push((PAYER_HEADER.into(), payer.into()));
-        r.upstream_headers.push((PAYMENT_HEADER.into(), receipt.into()));
-        r.client_headers.push((crate::x402::RESPONSE_HEADER.into(), response.into()));
+        r.upstream_headers.push((PAYER_HEADER.into(), payer.to_owned().into()));
+        r.upstream_headers.push((PAYMENT_HEADER.into(), receipt.to_owned().into()));
+        r.client_headers.push((crate::x402::RESPONSE_HEADER.into(), response.to_owned().into()));
     }
     // Our own headers are removed when not set (the proxy may not have
     // shown us the client's copy); a header we set is overwritten, never
@@ -464,11 +569,11 @@ fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>
         ]
         .into_iter()
         .filter(|h| !set(h))
-        .map(Cow::Borrowed),
+        .map(Text::Static),
     );
     for h in ctx.strip {
         if !set(h) && !remove.iter().any(|r| r == h) {
-            remove.push(Cow::Owned(h.as_ref().to_owned()));
+            remove.push(h.clone());
         }
     }
     r.upstream_remove = remove;
@@ -533,21 +638,19 @@ fn render_deny(
     // Serializing plain strings and numbers cannot fail; an empty object is the safe fallback.
     let body = serde_json::to_string(&problem).unwrap_or_else(|_| "{}".into());
 
-    let mut h: Vec<(Name, String)> = vec![
-        ("content-type".into(), "application/problem+json".to_owned()),
-        ("cache-control".into(), "no-store".to_owned()),
-    ];
+    let mut h: Vec<(Name, Text)> =
+        vec![("content-type".into(), "application/problem+json".into()), ("cache-control".into(), "no-store".into())];
     if let Some(link) = link {
-        h.push(("link".into(), format!("<{link}>; rel=\"payment\"")));
+        h.push(("link".into(), format!("<{link}>; rel=\"payment\"").into()));
     }
     if let Some(secs) = retry_after {
-        h.push(("retry-after".into(), secs.to_string()));
+        h.push(("retry-after".into(), secs.to_string().into()));
     }
     if status == 401 {
-        h.push(("www-authenticate".into(), challenges(&config.identity)));
+        h.push(("www-authenticate".into(), challenges(&config.identity).into()));
     }
     if let Some((header, _)) = challenge {
-        h.push((crate::x402::REQUIRED_HEADER.into(), header.into()));
+        h.push((crate::x402::REQUIRED_HEADER.into(), header.to_owned().into()));
     }
     ratelimit_headers(d, now, &mut h);
     Response { status, body: Some(body), client_headers: h, ..Response::default() }

@@ -270,7 +270,7 @@ fn envoy_points_at_tollgate(envoy: &Value, grpc: u64) {
         t["allowed_headers"]["patterns"].as_sequence().unwrap().iter().filter_map(|p| p["exact"].as_str()).collect();
     for source in defaults().identity {
         if let tollgate::identity::IdentitySource::ApiKey { header, .. } = source {
-            assert!(allowed.contains(&header.as_str()), "{header} not in allowed_headers");
+            assert!(allowed.contains(&&*header), "{header} not in allowed_headers");
         }
     }
 }

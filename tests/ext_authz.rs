@@ -8,7 +8,7 @@ use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, 
 use tollgate::config::Config;
 use tollgate::entitlement::{Account, Quota};
 use tollgate::identity::{KeyHash, KeyMeta};
-use tollgate::store::{Store, StoreError};
+use tollgate::store::{Reply, Store, StoreError};
 use tollgate::usage::{Spend, SpendAnswer};
 use tollgate_testkit::{Answer, TestServer, http_check, spec_config, with_jwt};
 
@@ -368,14 +368,14 @@ struct DownStore;
 
 #[async_trait]
 impl Store for DownStore {
-    async fn account_for_key(&self, _: &KeyHash) -> Result<Option<String>, StoreError> {
-        Err(down())
+    fn account_for_key<'a>(&'a self, _: &'a KeyHash) -> Reply<'a, Result<Option<String>, StoreError>> {
+        Reply::later(async move { Err(down()) })
     }
-    async fn account(&self, _: &str) -> Result<Option<Arc<Account>>, StoreError> {
-        Err(down())
+    fn account<'a>(&'a self, _: &'a str) -> Reply<'a, Result<Option<Arc<Account>>, StoreError>> {
+        Reply::later(async move { Err(down()) })
     }
-    async fn spend(&self, _: &Spend) -> Result<SpendAnswer, StoreError> {
-        Err(down())
+    fn spend<'a>(&'a self, _: &'a Spend) -> Reply<'a, Result<SpendAnswer, StoreError>> {
+        Reply::later(async move { Err(down()) })
     }
     async fn put_account(&self, _: &Account) -> Result<(), StoreError> {
         Err(down())

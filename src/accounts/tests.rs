@@ -8,6 +8,7 @@ use crate::config::DEMO_CONFIG;
 use crate::entitlement::{MAX_LIMIT, MAX_WINDOW, Window};
 use crate::metrics::Metrics;
 use crate::store::MemoryStore;
+use crate::store::Reply;
 use crate::usage::SpendAnswer;
 
 fn demo() -> Config {
@@ -284,14 +285,14 @@ impl Broken {
 
 #[async_trait]
 impl Store for Broken {
-    async fn account_for_key(&self, _: &KeyHash) -> Result<Option<String>, StoreError> {
-        self.answer().await
+    fn account_for_key<'a>(&'a self, _: &'a KeyHash) -> Reply<'a, Result<Option<String>, StoreError>> {
+        Reply::later(async move { self.answer().await })
     }
-    async fn account(&self, _: &str) -> Result<Option<Arc<Account>>, StoreError> {
-        self.answer().await
+    fn account<'a>(&'a self, _: &'a str) -> Reply<'a, Result<Option<Arc<Account>>, StoreError>> {
+        Reply::later(async move { self.answer().await })
     }
-    async fn spend(&self, _: &Spend) -> Result<SpendAnswer, StoreError> {
-        self.answer().await
+    fn spend<'a>(&'a self, _: &'a Spend) -> Reply<'a, Result<SpendAnswer, StoreError>> {
+        Reply::later(async move { self.answer().await })
     }
     async fn put_account(&self, _: &Account) -> Result<(), StoreError> {
         self.answer().await

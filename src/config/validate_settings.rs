@@ -242,7 +242,7 @@ pub(super) fn identity(raw: Option<Vec<Identity>>) -> Result<Vec<IdentitySource>
                     return Err(invalid(format!("{p}.api_key.scheme"), "must be one word, e.g. Bearer"));
                 }
                 IdentitySource::ApiKey {
-                    header: header_name(&a.header, &format!("{p}.api_key.header"))?,
+                    header: header_name(&a.header, &format!("{p}.api_key.header"))?.into(),
                     scheme: a.scheme,
                 }
             }
@@ -254,9 +254,9 @@ pub(super) fn identity(raw: Option<Vec<Identity>>) -> Result<Vec<IdentitySource>
                 }
                 IdentitySource::JwtClaim { namespace: j.namespace, field: j.field, claim: j.claim }
             }
-            (None, None, Some(t)) => {
-                IdentitySource::TrustedHeader { header: header_name(&t.header, &format!("{p}.trusted_header.header"))? }
-            }
+            (None, None, Some(t)) => IdentitySource::TrustedHeader {
+                header: header_name(&t.header, &format!("{p}.trusted_header.header"))?.into(),
+            },
             _ => return Err(invalid(p, "needs exactly one of api_key, jwt_claim, trusted_header")),
         });
     }

@@ -632,7 +632,8 @@ fn shadow_past_a_soft_ceiling_is_a_would_be_deny_not_more_overage() {
 #[test]
 fn an_allowed_metered_request_is_decided_without_allocating() {
     let (policy, a) = (policy(), account("free"));
-    let fits = SpendAnswer { spent: true, quotas: smallvec::smallvec![usage(1, false), usage(1, false)], credits: None };
+    let fits =
+        SpendAnswer { spent: true, quotas: smallvec::smallvec![usage(1, false), usage(1, false)], credits: None };
     let mut allowed = false;
     let info = allocation_counter::measure(|| {
         if let Step::Spend(spend, d) = evaluate(&policy, SEARCH, Caller::Known(&a), now(), false) {

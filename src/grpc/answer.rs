@@ -30,7 +30,7 @@ use tonic::{Request, Status};
 use super::ext_authz::{ExtAuthz, rpc_code};
 use crate::authorizer::Outcome;
 use crate::decision::Verdict;
-use crate::problem::Name;
+use crate::problem::{Name, Text};
 use crate::settlement;
 
 /// A `CheckResponse` for one outcome, encoded on the way out (prost calls
@@ -188,7 +188,7 @@ fn header_len(k: &str, v: &str) -> usize {
     field_len(1, header_value_len(k, v)) + varint_len(3, OVERWRITE)
 }
 
-fn headers_len(tag: u32, headers: &[(Name, String)]) -> usize {
+fn headers_len(tag: u32, headers: &[(Name, Text)]) -> usize {
     headers.iter().map(|(k, v)| field_len(tag, header_len(k, v))).sum()
 }
 
@@ -295,8 +295,6 @@ impl UnaryService<CheckRequest> for Check {
 
 #[cfg(test)]
 mod tests {
-    use std::borrow::Cow;
-
     use envoy_types::ext_authz::v3::pb::CheckResponse;
     use proptest::prelude::*;
     use prost::Message as _;
@@ -338,7 +336,11 @@ mod tests {
                 ("ratelimit".into(), "\"requests-month\";r=999;t=604800".into()),
             ],
             upstream_headers: vec![("x-tollgate-account".into(), "acct_bench".into())],
-            upstream_remove: vec!["x-tollgate-plan".into(), Cow::Owned("x-api-key".to_owned())],
+            upstream_remove: vec![
+                "x-tollgate-plan".into(),
+                Text::Shared("x-api-key".into()),
+                Text::Owned("x-forged".into()),
+            ],
         };
         same_as_reference(outcome(d, r, Some("v1.charge".into())));
     }
@@ -364,16 +366,19 @@ mod tests {
         d.shadowed = Some(Code::QuotaExhausted);
         let r = Response {
             status: 200,
-            upstream_headers: vec![("".into(), String::new()), ("x-tollgate-shadow".into(), String::new())],
-            upstream_remove: vec![Cow::Owned(String::new())],
+            upstream_headers: vec![("".into(), Text::Owned(String::new())), ("x-tollgate-shadow".into(), "".into())],
+            upstream_remove: vec![Text::Owned(String::new())],
             ..Response::default()
         };
         same_as_reference(outcome(d, r, Some(String::new())));
         same_as_reference(outcome(Decision::deny(Code::RateLimited), Response::default(), None));
     }
 
-    fn headers() -> impl Strategy<Value = Vec<(Name, String)>> {
-        prop::collection::vec(("\\PC{0,40}", "\\PC{0,300}").prop_map(|(k, v)| (Cow::Owned(k), v)), 0..8)
+    fn headers() -> impl Strategy<Value = Vec<(Name, Text)>> {
+        prop::collection::vec(
+            ("\\PC{0,40}", "\\PC{0,300}").prop_map(|(k, v)| (Text::Owned(k), Text::Shared(v.into()))),
+            0..8,
+        )
     }
 
     proptest! {
@@ -403,7 +408,7 @@ mod tests {
                 body,
                 client_headers: client,
                 upstream_headers: upstream,
-                upstream_remove: remove.into_iter().map(Cow::Owned).collect(),
+                upstream_remove: remove.into_iter().map(Text::Owned).collect(),
             };
             same_as_reference(outcome(d, r, charge));
         }

@@ -342,7 +342,7 @@ impl Tollgate for Api {
             problem_json: outcome.response.body.clone().unwrap_or_default(),
             quotas: d.quotas.iter().map(quota_state).collect(),
             credits_remaining: d.credits,
-            headers: outcome.response.client_headers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            headers: outcome.response.client_headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             shadow_code: d.shadowed.map(|c| c.as_str().to_owned()).unwrap_or_default(),
         }))
     }

@@ -105,9 +105,9 @@ fn lower(name: &str) -> Cow<'_, str> {
 }
 
 /// A header to set, overwriting the request's or response's own.
-fn header((key, value): (crate::problem::Name, String)) -> HeaderValueOption {
+fn header((key, value): (crate::problem::Name, crate::problem::Text)) -> HeaderValueOption {
     HeaderValueOption {
-        header: Some(HeaderValue { key: key.into_owned(), value, ..Default::default() }),
+        header: Some(HeaderValue { key: key.into_owned(), value: value.into_owned(), ..Default::default() }),
         append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
         ..Default::default()
     }
@@ -157,7 +157,7 @@ pub fn check_response(outcome: Outcome) -> CheckResponse {
     let http_response = match d.verdict {
         Verdict::Allow(_) => HttpResponse::OkResponse(OkHttpResponse {
             headers: r.upstream_headers.into_iter().map(header).collect(),
-            headers_to_remove: r.upstream_remove.into_iter().map(Cow::into_owned).collect(),
+            headers_to_remove: r.upstream_remove.into_iter().map(crate::problem::Text::into_owned).collect(),
             response_headers_to_add: r.client_headers.into_iter().map(header).collect(),
             ..Default::default()
         }),

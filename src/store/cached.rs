@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use moka::Expiry;
 use moka::future::Cache;
 
-use super::{Invalidation, Store, StoreError};
+use super::{Invalidation, Reply, Store, StoreError};
 use chrono::{DateTime, Utc};
 
 use crate::entitlement::{Account, Quota, is_valid_account_id};
@@ -151,43 +151,47 @@ impl CachedStore {
 
 #[async_trait]
 impl Store for CachedStore {
-    async fn account_for_key(&self, key: &KeyHash) -> Result<Option<String>, StoreError> {
-        // A plain get first: the backend read (a boxed future) is built on misses only.
-        if let Some(hit) = self.keys.get(key).await {
-            (self.observe)(true);
-            return Ok(hit);
-        }
-        let entry = self
-            .keys
-            .entry(*key)
-            .or_try_insert_with(self.inner.account_for_key(key))
-            .await
-            .map_err(|e: Arc<StoreError>| clone_error(&e))?;
-        (self.observe)(!entry.is_fresh());
-        Ok(entry.into_value())
+    fn account_for_key<'a>(&'a self, key: &'a KeyHash) -> Reply<'a, Result<Option<String>, StoreError>> {
+        Reply::later(async move {
+            // A plain get first: the backend read (a boxed future) is built on misses only.
+            if let Some(hit) = self.keys.get(key).await {
+                (self.observe)(true);
+                return Ok(hit);
+            }
+            let entry = self
+                .keys
+                .entry(*key)
+                .or_try_insert_with(self.inner.account_for_key(key))
+                .await
+                .map_err(|e: Arc<StoreError>| clone_error(&e))?;
+            (self.observe)(!entry.is_fresh());
+            Ok(entry.into_value())
+        })
     }
 
-    async fn account(&self, id: &str) -> Result<Option<Arc<Account>>, StoreError> {
-        // No such account can exist: not worth a backend read nor a cache slot.
-        if !is_valid_account_id(id) {
-            return Ok(None);
-        }
-        if let Some(hit) = self.accounts.get(id).await {
-            (self.observe)(true);
-            return Ok(hit);
-        }
-        let entry = self
-            .accounts
-            .entry_by_ref(id)
-            .or_try_insert_with(self.inner.account(id))
-            .await
-            .map_err(|e: Arc<StoreError>| clone_error(&e))?;
-        (self.observe)(!entry.is_fresh());
-        Ok(entry.into_value())
+    fn account<'a>(&'a self, id: &'a str) -> Reply<'a, Result<Option<Arc<Account>>, StoreError>> {
+        Reply::later(async move {
+            // No such account can exist: not worth a backend read nor a cache slot.
+            if !is_valid_account_id(id) {
+                return Ok(None);
+            }
+            if let Some(hit) = self.accounts.get(id).await {
+                (self.observe)(true);
+                return Ok(hit);
+            }
+            let entry = self
+                .accounts
+                .entry_by_ref(id)
+                .or_try_insert_with(self.inner.account(id))
+                .await
+                .map_err(|e: Arc<StoreError>| clone_error(&e))?;
+            (self.observe)(!entry.is_fresh());
+            Ok(entry.into_value())
+        })
     }
 
-    async fn spend(&self, spend: &Spend) -> Result<SpendAnswer, StoreError> {
-        self.inner.spend(spend).await
+    fn spend<'a>(&'a self, spend: &'a Spend) -> Reply<'a, Result<SpendAnswer, StoreError>> {
+        self.inner.spend(spend)
     }
 
     async fn put_account(&self, account: &Account) -> Result<(), StoreError> {

@@ -27,7 +27,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::rolling::Buckets;
-use super::{Store, StoreError};
+use super::{Reply, Store, StoreError};
 use crate::bounds;
 use crate::entitlement::{Account, Few, Quota, Window};
 use crate::identity::{KeyHash, KeyMeta};
@@ -229,17 +229,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-#[async_trait]
-impl Store for MemoryStore {
-    async fn account_for_key(&self, key: &KeyHash) -> Result<Option<String>, StoreError> {
-        Ok(read(&self.keys).by_hash.get(key).cloned())
-    }
-
-    async fn account(&self, id: &str) -> Result<Option<Arc<Account>>, StoreError> {
-        Ok(read(&self.accounts).get(id).cloned())
-    }
-
-    async fn spend(&self, spend: &Spend) -> Result<SpendAnswer, StoreError> {
+impl MemoryStore {
+    /// [`Store::spend`], which has nothing to wait for.
+    fn spend_now(&self, spend: &Spend) -> Result<SpendAnswer, StoreError> {
         // Checked before anything moves: with these bounds no window end can overflow.
         bounds::check_spend(spend).map_err(StoreError::Corrupt)?;
         let mut shard = lock(self.shard(&spend.account));
@@ -294,6 +286,21 @@ impl Store for MemoryStore {
             _ => credits,
         };
         Ok(SpendAnswer { spent: true, quotas: states, credits })
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn account_for_key<'a>(&'a self, key: &'a KeyHash) -> Reply<'a, Result<Option<String>, StoreError>> {
+        Reply::now(Ok(read(&self.keys).by_hash.get(key).cloned()))
+    }
+
+    fn account<'a>(&'a self, id: &'a str) -> Reply<'a, Result<Option<Arc<Account>>, StoreError>> {
+        Reply::now(Ok(read(&self.accounts).get(id).cloned()))
+    }
+
+    fn spend<'a>(&'a self, spend: &'a Spend) -> Reply<'a, Result<SpendAnswer, StoreError>> {
+        Reply::now(self.spend_now(spend))
     }
 
     async fn put_account(&self, account: &Account) -> Result<(), StoreError> {

@@ -19,7 +19,10 @@ pub mod memory;
 pub mod redis;
 pub mod rolling;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -57,18 +60,52 @@ impl StoreError {
     }
 }
 
+/// What a store answers the three calls every Check makes: at once (the
+/// memory store, which has nothing to wait for: no future is boxed per
+/// call) or later (a future to await, boxed as `async_trait` boxes the
+/// other calls).
+pub enum Reply<'a, T> {
+    /// Answered already.
+    Now(std::future::Ready<T>),
+    /// To be awaited.
+    Later(Pin<Box<dyn Future<Output = T> + Send + 'a>>),
+}
+
+impl<'a, T> Reply<'a, T> {
+    /// An answer ready now.
+    pub fn now(value: T) -> Self {
+        Reply::Now(std::future::ready(value))
+    }
+
+    /// An answer `future` will give.
+    pub fn later(future: impl Future<Output = T> + Send + 'a) -> Self {
+        Reply::Later(Box::pin(future))
+    }
+}
+
+impl<T> Future for Reply<'_, T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        match self.get_mut() {
+            Reply::Now(ready) => Pin::new(ready).poll(cx),
+            Reply::Later(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
 /// The operations the server needs from a backend.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The account an API key belongs to; `None` for unknown or revoked keys.
-    async fn account_for_key(&self, key: &KeyHash) -> Result<Option<String>, StoreError>;
+    fn account_for_key<'a>(&'a self, key: &'a KeyHash) -> Reply<'a, Result<Option<String>, StoreError>>;
 
     /// An account's entitlement; `None` when there is no such account.
-    async fn account(&self, id: &str) -> Result<Option<Arc<Account>>, StoreError>;
+    fn account<'a>(&'a self, id: &'a str) -> Reply<'a, Result<Option<Arc<Account>>, StoreError>>;
 
     /// Checks every quota and the credits of `spend` and, only if all pass and
     /// it is not a dry run, spends them all: atomically, never partly.
-    async fn spend(&self, spend: &Spend) -> Result<SpendAnswer, StoreError>;
+    fn spend<'a>(&'a self, spend: &'a Spend) -> Reply<'a, Result<SpendAnswer, StoreError>>;
 
     /// Creates or replaces an account's entitlement (not its keys, credits or usage).
     async fn put_account(&self, account: &Account) -> Result<(), StoreError>;

@@ -10,17 +10,21 @@ struct Counting {
 
 #[async_trait]
 impl Store for Counting {
-    async fn account_for_key(&self, key: &KeyHash) -> Result<Option<String>, StoreError> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        self.inner.account_for_key(key).await
+    fn account_for_key<'a>(&'a self, key: &'a KeyHash) -> Reply<'a, Result<Option<String>, StoreError>> {
+        Reply::later(async move {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.inner.account_for_key(key).await
+        })
     }
-    async fn account(&self, id: &str) -> Result<Option<Arc<Account>>, StoreError> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.account(id).await
+    fn account<'a>(&'a self, id: &'a str) -> Reply<'a, Result<Option<Arc<Account>>, StoreError>> {
+        Reply::later(async move {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.inner.account(id).await
+        })
     }
-    async fn spend(&self, s: &Spend) -> Result<SpendAnswer, StoreError> {
-        self.inner.spend(s).await
+    fn spend<'a>(&'a self, s: &'a Spend) -> Reply<'a, Result<SpendAnswer, StoreError>> {
+        self.inner.spend(s)
     }
     async fn put_account(&self, a: &Account) -> Result<(), StoreError> {
         self.inner.put_account(a).await

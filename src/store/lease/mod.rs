@@ -79,7 +79,7 @@ use futures_util::StreamExt;
 
 use self::account::{AccountLeases, Lease, Local, Want};
 use super::redis::{BlockSize, LeaseTarget, RedisStore};
-use super::{Invalidation, Store, StoreError};
+use super::{Invalidation, Reply, Store, StoreError};
 use crate::config::LeaseConfig;
 use crate::entitlement::{Account, Quota, Window};
 use crate::identity::{KeyHash, KeyMeta};
@@ -620,17 +620,19 @@ async fn sweep(store: Weak<LeaseStore>, every: Duration) {
 
 #[async_trait]
 impl Store for LeaseStore {
-    async fn account_for_key(&self, key: &KeyHash) -> Result<Option<String>, StoreError> {
-        self.inner.account_for_key(key).await
+    fn account_for_key<'a>(&'a self, key: &'a KeyHash) -> Reply<'a, Result<Option<String>, StoreError>> {
+        self.inner.account_for_key(key)
     }
 
-    async fn account(&self, id: &str) -> Result<Option<Arc<Account>>, StoreError> {
-        self.inner.account(id).await
+    fn account<'a>(&'a self, id: &'a str) -> Reply<'a, Result<Option<Arc<Account>>, StoreError>> {
+        self.inner.account(id)
     }
 
-    async fn spend(&self, spend: &Spend) -> Result<SpendAnswer, StoreError> {
-        self.stats.spends.fetch_add(1, Ordering::Relaxed);
-        if Self::leasable(spend) { self.leased_spend(spend).await } else { self.exact(spend).await }
+    fn spend<'a>(&'a self, spend: &'a Spend) -> Reply<'a, Result<SpendAnswer, StoreError>> {
+        Reply::later(async move {
+            self.stats.spends.fetch_add(1, Ordering::Relaxed);
+            if Self::leasable(spend) { self.leased_spend(spend).await } else { self.exact(spend).await }
+        })
     }
 
     async fn put_account(&self, account: &Account) -> Result<(), StoreError> {

@@ -60,7 +60,7 @@ use chrono::{DateTime, Utc};
 use self::connection::{Conn, Connections, unavailable};
 use self::keys::{Keys, millis, window_ms};
 pub use self::leases::{BlockSize, LeaseAnswer, LeaseTarget};
-use super::{Invalidation, Store, StoreError};
+use super::{Invalidation, Reply, Store, StoreError};
 use crate::bounds;
 use crate::entitlement::{Account, MAX_WINDOW, Quota, is_valid_account_id};
 use crate::identity::{KeyHash, KeyMeta};
@@ -154,35 +154,41 @@ impl RedisStore {
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn account_for_key(&self, key: &KeyHash) -> Result<Option<String>, StoreError> {
-        let mut conn = self.conn().await?;
-        redis::cmd("GET").arg(self.keys.api_key(key)).query_async(&mut conn).await.map_err(unavailable)
+    fn account_for_key<'a>(&'a self, key: &'a KeyHash) -> Reply<'a, Result<Option<String>, StoreError>> {
+        Reply::later(async move {
+            let mut conn = self.conn().await?;
+            redis::cmd("GET").arg(self.keys.api_key(key)).query_async(&mut conn).await.map_err(unavailable)
+        })
     }
 
-    async fn account(&self, id: &str) -> Result<Option<Arc<Account>>, StoreError> {
-        if !is_valid_account_id(id) {
-            return Ok(None);
-        }
-        let mut conn = self.conn().await?;
-        let json: Option<String> =
-            redis::cmd("GET").arg(self.keys.account(id)).query_async(&mut conn).await.map_err(unavailable)?;
-        let Some(json) = json else { return Ok(None) };
-        Ok(Some(Arc::new(records::decode_account(id, &json)?)))
+    fn account<'a>(&'a self, id: &'a str) -> Reply<'a, Result<Option<Arc<Account>>, StoreError>> {
+        Reply::later(async move {
+            if !is_valid_account_id(id) {
+                return Ok(None);
+            }
+            let mut conn = self.conn().await?;
+            let json: Option<String> =
+                redis::cmd("GET").arg(self.keys.account(id)).query_async(&mut conn).await.map_err(unavailable)?;
+            let Some(json) = json else { return Ok(None) };
+            Ok(Some(Arc::new(records::decode_account(id, &json)?)))
+        })
     }
 
-    async fn spend(&self, spend: &Spend) -> Result<SpendAnswer, StoreError> {
-        if !is_valid_account_id(&spend.account) {
-            return Err(bad_account_id(&spend.account));
-        }
-        // Checked here so the script's own checks are a second line, never the first.
-        bounds::check_spend(spend).map_err(StoreError::Corrupt)?;
-        if spend::is_oversized(spend) {
-            return Ok(spend::oversized(spend));
-        }
-        let (invocation, ends) = spend::invocation(&self.script, &self.keys, spend);
-        let mut conn = self.conn().await?;
-        let out: Vec<i64> = invocation.invoke_async(&mut conn).await.map_err(unavailable)?;
-        spend::answer(&out, spend, &ends)
+    fn spend<'a>(&'a self, spend: &'a Spend) -> Reply<'a, Result<SpendAnswer, StoreError>> {
+        Reply::later(async move {
+            if !is_valid_account_id(&spend.account) {
+                return Err(bad_account_id(&spend.account));
+            }
+            // Checked here so the script's own checks are a second line, never the first.
+            bounds::check_spend(spend).map_err(StoreError::Corrupt)?;
+            if spend::is_oversized(spend) {
+                return Ok(spend::oversized(spend));
+            }
+            let (invocation, ends) = spend::invocation(&self.script, &self.keys, spend);
+            let mut conn = self.conn().await?;
+            let out: Vec<i64> = invocation.invoke_async(&mut conn).await.map_err(unavailable)?;
+            spend::answer(&out, spend, &ends)
+        })
     }
 
     async fn put_account(&self, account: &Account) -> Result<(), StoreError> {
