@@ -216,11 +216,21 @@ impl Window {
         match self {
             Window::Calendar(p) => out.push_str(p.as_str()),
             Window::Rolling(d) => {
-                // `1h 30m` is written `1h30m`.
-                let text = humantime::format_duration(*d).to_string();
-                out.extend(text.chars().filter(|c| *c != ' '));
+                // `1h 30m` is written `1h30m`, straight into `out` (no string per request).
+                use std::fmt::Write as _;
+                let _ = write!(NoSpaces(out), "{}", humantime::format_duration(*d));
             }
         }
+    }
+}
+
+/// Writes to a `String`, leaving out spaces.
+struct NoSpaces<'a>(&'a mut String);
+
+impl fmt::Write for NoSpaces<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0.extend(s.chars().filter(|c| *c != ' '));
+        Ok(())
     }
 }
 

@@ -303,12 +303,13 @@ fn window_secs(state: &QuotaState, now: DateTime<Utc>) -> u64 {
 /// `RateLimit` item is the quota that denied the request, else the one with
 /// the fewest units left (the one a client must pace itself by).
 fn ratelimit_headers(d: &Decision, now: DateTime<Utc>, out: &mut Vec<(Name, Text)>) {
-    use std::fmt::Write as _;
     if d.quotas.is_empty() {
         return;
     }
     // Written in place: one string per header, no list joined afterwards,
     // sized for a name and two 13-digit numbers so it never grows.
+    // Integers written by `itoa`: no formatter machinery per number.
+    let mut n = itoa::Buffer::new();
     let mut policy = String::with_capacity(64 * d.quotas.len());
     for (i, q) in d.quotas.iter().enumerate() {
         if i > 0 {
@@ -316,7 +317,10 @@ fn ratelimit_headers(d: &Decision, now: DateTime<Utc>, out: &mut Vec<(Name, Text
         }
         policy.push('"');
         q.quota.write_policy_name(&mut policy);
-        let _ = write!(policy, "\";q={};w={}", q.quota.limit, window_secs(q, now));
+        policy.push_str("\";q=");
+        policy.push_str(n.format(q.quota.limit));
+        policy.push_str(";w=");
+        policy.push_str(n.format(window_secs(q, now)));
     }
     out.push(("ratelimit-policy".into(), policy.into()));
     let current = d.denying_quota().or_else(|| d.quotas.iter().min_by_key(|q| q.remaining));
@@ -324,7 +328,10 @@ fn ratelimit_headers(d: &Decision, now: DateTime<Utc>, out: &mut Vec<(Name, Text
         let mut value = String::with_capacity(64);
         value.push('"');
         q.quota.write_policy_name(&mut value);
-        let _ = write!(value, "\";r={};t={}", q.remaining, secs_until(q.resets_at, now));
+        value.push_str("\";r=");
+        value.push_str(n.format(q.remaining));
+        value.push_str(";t=");
+        value.push_str(n.format(secs_until(q.resets_at, now)));
         out.push(("ratelimit".into(), value.into()));
     }
 }

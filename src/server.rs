@@ -148,8 +148,11 @@ pub async fn run(
     };
     let streams = limits.max_concurrent_streams;
     let mut builder = tonic::transport::Server::builder()
+        // h2 refuses streams past this one (REFUSED_STREAM): no service-level
+        // limit per connection is needed on top (tonic's
+        // `concurrency_limit_per_connection` could never bind, and cost each
+        // call a semaphore's acquire and release).
         .max_concurrent_streams(streams)
-        .concurrency_limit_per_connection(usize::try_from(streams).unwrap_or(usize::MAX))
         .http2_max_header_list_size(limits.max_header_list_bytes)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
