@@ -17,9 +17,8 @@
 //! May use `entitlement`, `identity`, `usage`, `bounds` and the [`Store`] trait;
 //! nothing of Redis or of the cache.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -37,16 +36,24 @@ use crate::usage::{
 
 const SHARDS: usize = 16;
 
+/// The maps every Check reads: hashed with foldhash, seeded per process,
+/// not SipHash. Their keys are account ids and meters from records and the
+/// config, and key hashes (SHA-256 outputs): none can be chosen to collide
+/// by a caller, who only looks them up.
+type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A store that keeps everything in this process; lost on restart.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    accounts: RwLock<HashMap<Arc<str>, Arc<Account>>>,
+    accounts: RwLock<Fast<Arc<str>, Arc<Account>>>,
     keys: RwLock<Keys>,
     /// Webhook event ids with the instant they may be forgotten (`None`: never,
     /// for a TTL too long for the clock).
     events: Mutex<HashMap<String, Option<Instant>>>,
     /// Per-account credits and counters, sharded by account id.
-    usage: [Mutex<HashMap<Arc<str>, Usage>>; SHARDS],
+    usage: [Mutex<Fast<Arc<str>, Usage>>; SHARDS],
+    /// Picks an account's shard.
+    shard_by: foldhash::fast::RandomState,
     /// Settled charges (account, charge id) with the instant they may be forgotten.
     settled: Mutex<HashMap<(String, String), DateTime<Utc>>>,
     /// The size at which `settled` is next pruned.
@@ -82,7 +89,7 @@ impl Outbox {
 /// API keys both ways: hash → account for lookups, account → keys for listing.
 #[derive(Debug, Default)]
 struct Keys {
-    by_hash: HashMap<KeyHash, String>,
+    by_hash: Fast<KeyHash, String>,
     by_account: HashMap<String, HashMap<KeyHash, KeyMeta>>,
 }
 
@@ -91,7 +98,7 @@ struct Keys {
 struct Usage {
     credits: u64,
     /// meter → window → counter.
-    counters: HashMap<String, HashMap<Window, Counter>>,
+    counters: Fast<String, Fast<Window, Counter>>,
 }
 
 #[derive(Debug)]
@@ -196,10 +203,8 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn shard(&self, account: &str) -> &Mutex<HashMap<Arc<str>, Usage>> {
-        let mut h = DefaultHasher::new();
-        account.hash(&mut h);
-        &self.usage[(h.finish() as usize) % SHARDS]
+    fn shard(&self, account: &str) -> &Mutex<Fast<Arc<str>, Usage>> {
+        &self.usage[(self.shard_by.hash_one(account) as usize) % SHARDS]
     }
 }
 
@@ -243,7 +248,7 @@ impl MemoryStore {
         for quota in &spend.quotas {
             // Look up by &str first: the meter name is cloned only the first time.
             if !usage.counters.contains_key(&*quota.meter) {
-                usage.counters.insert(quota.meter.to_string(), HashMap::new());
+                usage.counters.insert(quota.meter.to_string(), Fast::default());
             }
             let state = match usage.counters.get_mut(&*quota.meter) {
                 Some(windows) => windows
