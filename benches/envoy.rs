@@ -6,11 +6,11 @@
 //! a         Envoy -> app                        (deploy/envoy/envoy.yaml without ext_authz)
 //! b         Envoy -Check-> noop_authz -> app    (benches/noop_authz.rs: every Check OK; the floor)
 //! b-shaped  Envoy -Check-> noop_authz --shaped  (opt-in: tollgate's allow answer, nothing decided)
-//! b-nometa, b-norl, b-norm, b-lean  b-shaped without the dynamic metadata, without the
+//! b-small   b-shaped in DATA frames under h2's chaining threshold, so it leaves in one
+//!           write as tollgate's answers do (`--small-frames`; opt-in)
+//! b-nometa, b-norl, b-norm, b-lean  b-small without the dynamic metadata, without the
 //!           client RateLimit headers, without the header removals, with the upstream headers
-//!           alone (opt-in: where Envoy's cost of applying the answer goes)
-//! b-small   b-shaped in DATA frames under h2's chaining threshold, as tollgate sends
-//!           its answers (`--small-frames`; opt-in)
+//!           alone (opt-in: where Envoy's cost of applying the answer goes; compared with b-small)
 //! c-mem     Envoy -Check-> tollgate (memory store) -> app
 //! c-noplan  c-mem with route by plan off (`clear_route_cache: false`: Envoy does not
 //!           match the routes again after an allowed Check; opt-in)
@@ -203,10 +203,10 @@ impl Variant {
             Self::A => "a: no ext_authz",
             Self::B => "b: noop ext_authz (floor)",
             Self::BShaped(Shape::Full) => "b-shaped: noop, tollgate's answer",
-            Self::BShaped(Shape::NoMetadata) => "b-nometa: noop, tollgate's answer without metadata",
-            Self::BShaped(Shape::NoRateLimit) => "b-norl: noop, tollgate's answer without RateLimit",
-            Self::BShaped(Shape::NoRemovals) => "b-norm: noop, tollgate's answer without removals",
-            Self::BShaped(Shape::Lean) => "b-lean: noop, tollgate's upstream headers only",
+            Self::BShaped(Shape::NoMetadata) => "b-nometa: noop, b-small without metadata",
+            Self::BShaped(Shape::NoRateLimit) => "b-norl: noop, b-small without RateLimit",
+            Self::BShaped(Shape::NoRemovals) => "b-norm: noop, b-small without removals",
+            Self::BShaped(Shape::Lean) => "b-lean: noop, tollgate's upstream headers only, one write",
             Self::BSmall => "b-small: noop, tollgate's answer in small frames",
             Self::CMem => "c: tollgate, memory store",
             Self::CNoPlan => "c: tollgate, memory store, no route by plan",
@@ -608,7 +608,11 @@ impl Stack {
         let mut shaped = BTreeMap::new();
         for shape in Shape::ALL.into_iter().filter(|&s| has(Variant::BShaped(s))) {
             let flag = format!("--shaped={}", shape.name());
-            shaped.insert(Variant::BShaped(shape), serve("noop-shaped", &helpers.noop, &[flag.as_str()])?);
+            // The cut answers leave in one write, as tollgate's do: what is left
+            // to compare (with b-small) is what their parts cost.
+            let flags: &[&str] =
+                if shape == Shape::Full { &[flag.as_str()] } else { &[flag.as_str(), "--small-frames"] };
+            shaped.insert(Variant::BShaped(shape), serve("noop-shaped", &helpers.noop, flags)?);
         }
         if has(Variant::BSmall) {
             let flags = ["--shaped", "--small-frames"];
@@ -1179,8 +1183,8 @@ impl Report<'_> {
         if self.variants.contains(&full) {
             ratios.extend([(full, B, None), (CMem, full, None), (CRedis, full, None)]);
         }
-        ratios.extend(Shape::ALL[1..].iter().map(|&s| (BShaped(s), full, None)));
         ratios.push((BSmall, full, None));
+        ratios.extend(Shape::ALL[1..].iter().map(|&s| (BShaped(s), BSmall, None)));
         for (c, base, target) in ratios {
             if !self.variants.contains(&c) || !self.variants.contains(&base) {
                 continue;
