@@ -156,7 +156,16 @@ impl Accounts {
         timeout: Duration,
         f: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, AccountsError> {
-        self.authorizer.call(timeout, f).await.map_err(|e| {
+        self.call_lazy(timeout, move || f).await
+    }
+
+    /// [`Self::call`] for a call made by `make` once the clock runs (see `Authorizer::call_lazy`).
+    async fn call_lazy<T, F: Future<Output = Result<T, StoreError>>>(
+        &self,
+        timeout: Duration,
+        make: impl FnOnce() -> F,
+    ) -> Result<T, AccountsError> {
+        self.authorizer.call_lazy(timeout, make).await.map_err(|e| {
             tracing::warn!(error = %e, transient = e.is_transient(), "store call failed in the accounts service");
             AccountsError::Store(e)
         })
@@ -174,7 +183,7 @@ impl Accounts {
     /// The account `id` names: checked, then looked up.
     async fn load(&self, config: &Config, id: &str) -> Result<Arc<Account>, AccountsError> {
         check_account_id(id, "account_id")?;
-        self.call(config.store.timeout, self.store().account(id))
+        self.call_lazy(config.store.timeout, || self.store().account(id))
             .await?
             .ok_or_else(|| AccountsError::NotFound(id.to_owned()))
     }
@@ -197,7 +206,7 @@ impl Accounts {
         let config = self.authorizer.config();
         let mut account = edit.into_account(&config.policy.plans)?;
         let timeout = config.store.timeout;
-        let previous = self.call(timeout, self.store().account(&account.id)).await?;
+        let previous = self.call_lazy(timeout, || self.store().account(&account.id)).await?;
         account.billing_event_at = previous.and_then(|p| p.billing_event_at);
         self.call(timeout, self.store().put_account(&account)).await?;
         tracing::info!(account = %account.id, plan = %account.plan, status = %account.status, "entitlement put");
@@ -307,7 +316,7 @@ impl Accounts {
             dry_run: true,
             shadow: false,
         };
-        let answer = self.call(config.store.timeout, self.store().spend(&spend)).await?;
+        let answer = self.call_lazy(config.store.timeout, || self.store().spend(&spend)).await?;
         let settled = decision::settle(&spend, &answer, Decision::allow(AllowKind::Allowed));
         Ok(Usage {
             account: account.id.to_string(),
@@ -324,7 +333,7 @@ impl Accounts {
 
     /// An account, or `None` when there is no such account.
     pub async fn find(&self, id: &str) -> Result<Option<Arc<Account>>, AccountsError> {
-        self.call(self.timeout(), self.store().account(id)).await
+        self.call_lazy(self.timeout(), || self.store().account(id)).await
     }
 
     /// Writes a billing change unless a newer one was applied already

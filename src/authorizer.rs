@@ -252,8 +252,20 @@ impl Authorizer {
         timeout: std::time::Duration,
         f: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        self.call_lazy(timeout, move || f).await
+    }
+
+    /// [`Authorizer::call`] for a call made by `make`, which runs once the
+    /// clock is started: a store that answers the Check's calls at once
+    /// (`store::Reply::now`, the memory store) does its work when the call
+    /// is made, and that work is the call's time.
+    pub(crate) async fn call_lazy<T, F: Future<Output = Result<T, StoreError>>>(
+        &self,
+        timeout: std::time::Duration,
+        make: impl FnOnce() -> F,
+    ) -> Result<T, StoreError> {
         let started = std::time::Instant::now();
-        let r = match tokio::time::timeout(timeout, f).await {
+        let r = match tokio::time::timeout(timeout, make()).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Timeout(timeout)),
         };
@@ -383,13 +395,14 @@ impl Authorizer {
             Presented::ApiKey { key, .. } if !is_valid_key(key) => return Ok(None),
             Presented::Account(id) => Cow::Borrowed(id.as_ref()),
             Presented::ApiKey { key, .. } => {
-                match self.call(timeout, self.store.account_for_key(&KeyHash::of(key))).await? {
+                let hash = KeyHash::of(key);
+                match self.call_lazy(timeout, || self.store.account_for_key(&hash)).await? {
                     Some(id) => Cow::Owned(id),
                     None => return Ok(None),
                 }
             }
         };
-        self.call(timeout, self.store.account(&id)).await
+        self.call_lazy(timeout, || self.store.account(&id)).await
     }
 
     /// Decides `query` now.
@@ -515,16 +528,18 @@ impl Authorizer {
                 }
                 d
             }
-            Step::Spend(spend, partial) => match self.call(config.store.timeout, self.store.spend(&spend)).await {
-                Ok(answer) => {
-                    let d = decision::settle(&spend, &answer, partial);
-                    if settles && answer.spent && d.is_allowed() {
-                        charge = self.charge(config, &spend, meter, cost_header, d.shadowed).await;
+            Step::Spend(spend, partial) => {
+                match self.call_lazy(config.store.timeout, || self.store.spend(&spend)).await {
+                    Ok(answer) => {
+                        let d = decision::settle(&spend, &answer, partial);
+                        if settles && answer.spent && d.is_allowed() {
+                            charge = self.charge(config, &spend, meter, cost_header, d.shadowed).await;
+                        }
+                        d
                     }
-                    d
+                    Err(e) => return self.store_failed(config, e, account.as_deref(), &strip, route, now),
                 }
-                Err(e) => return self.store_failed(config, e, account.as_deref(), &strip, route, now),
-            },
+            }
         };
         // x402: a challenge on a 402 a payment cures, or the paid retry settled.
         let (decision, payment) = match (config.x402.as_deref(), query.subject, paying) {
@@ -781,7 +796,8 @@ impl Authorizer {
 /// The request headers to remove before the upstream: every configured
 /// credential header present and every `x-tollgate-*` header the client sent
 /// (only tollgate may set those; `problem` overwrites the ones it sets).
-/// Borrowed from the config and the request: nothing is copied until the response is built.
+/// The configured names are the config's own (shared, not copied); a
+/// forged `x-tollgate-*` name is copied.
 fn strip_headers<C: Credentials>(config: &Config, creds: &C) -> Strip {
     let mut out = Strip::new();
     for name in credential_headers(&config.identity, creds) {

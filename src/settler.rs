@@ -248,7 +248,7 @@ impl Settler {
             return Vec::new();
         }
         let store = self.authorizer.store();
-        let account = match self.authorizer.call(config.store.timeout, store.account(&charge.account)).await {
+        let account = match self.authorizer.call_lazy(config.store.timeout, || store.account(&charge.account)).await {
             Ok(Some(a)) => a,
             _ => return Vec::new(),
         };

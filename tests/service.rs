@@ -335,11 +335,18 @@ mod one_write {
         }
     }
 
-    /// The writes of tollgate's answer to one allowed Check (after two to
+    /// The bench config, its `route_not_allowed` problem made long (~1.5 KB).
+    fn long_deny_config() -> String {
+        let detail = "No route allows this request. ".repeat(50);
+        let yaml = tollgate_testkit::bench::config("{ backend: memory }");
+        format!("{yaml}  overrides:\n    route_not_allowed: {{ detail: \"{detail}\" }}\n")
+    }
+
+    /// The writes of tollgate's answer to one Check of `path` (after two to
     /// settle the connection), served with `tls`'s services over a stream
-    /// that is `vectored` or not.
-    async fn answer_writes(tls: bool, vectored: bool) -> Vec<usize> {
-        let authorizer = tollgate_testkit::bench::authorizer().await;
+    /// that is `vectored` or not; and the status code of the answer.
+    async fn answer_writes(tls: bool, vectored: bool, path: &str) -> (Vec<usize>, i32) {
+        let authorizer = tollgate_testkit::bench::authorizer_on(&long_deny_config()).await;
         let accounts = Arc::new(Accounts::new(authorizer.clone()));
         let (_stop, stopping) = tokio::sync::watch::channel(false);
         let bounds =
@@ -361,30 +368,46 @@ mod one_write {
             .await
             .unwrap();
         let mut client = AuthorizationClient::new(channel);
-        let request = tollgate_testkit::bench::check_request();
+        let mut request = tollgate_testkit::bench::check_request();
+        let http = request.attributes.as_mut().and_then(|a| a.request.as_mut()).and_then(|r| r.http.as_mut());
+        if let Some(http) = http {
+            http.path = path.to_owned();
+            http.headers.insert(":path".to_owned(), path.to_owned());
+        }
         for _ in 0..2 {
             client.check(request.clone()).await.unwrap();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         writes.lock().unwrap().clear();
         let answer = client.check(request).await.unwrap().into_inner();
-        assert_eq!(answer.status.map(|s| s.code), Some(0), "the bench Check is allowed");
         let seen = writes.lock().unwrap().clone();
         serving.abort();
-        seen
+        (seen, answer.status.map_or(-1, |s| s.code))
     }
+
+    const ALLOWED: &str = "/v1/search?q=x";
+    const UNROUTED: &str = "/v2/nothing-here";
 
     #[tokio::test]
     async fn a_check_answer_leaves_in_one_write() {
         // tollgate's plain-TCP connections say they are not vectored (`listener`).
-        let plain = answer_writes(false, false).await;
+        let (plain, code) = answer_writes(false, false, ALLOWED).await;
+        assert_eq!(code, 0, "the bench Check is allowed");
         assert_eq!(plain.len(), 1, "headers, message and trailers in one write: {plain:?}");
         assert!(plain[0] > 256, "the answer is past h2's vectored threshold, or this proves nothing: {plain:?}");
-        // Over TLS the stream is vectored; the answer goes out in small frames (`grpc::frames`).
-        let tls = answer_writes(true, true).await;
-        assert_eq!(tls.len(), 1, "small frames, one write: {tls:?}");
-        // Neither: the message is kept aside and the trailers follow in a write of their own.
-        let neither = answer_writes(false, true).await;
-        assert!(neither.len() >= 2, "what both guard against: {neither:?}");
+        // A deny past 1 KiB (h2's threshold there) is cut under it: one write still.
+        let (long, code) = answer_writes(false, false, UNROUTED).await;
+        assert_eq!(code, 7, "route_not_allowed: PERMISSION_DENIED");
+        assert_eq!(long.len(), 1, "a long deny in one write: {long:?}");
+        assert!(long[0] > 1500, "the deny is past 1 KiB, or this proves nothing: {long:?}");
+        // Over TLS the stream is vectored; the answer goes out in frames under 256 bytes (`grpc::frames`).
+        for path in [ALLOWED, UNROUTED] {
+            let (tls, _) = answer_writes(true, true, path).await;
+            assert_eq!(tls.len(), 1, "{path}: small frames, one write: {tls:?}");
+        }
+        // Uncut over a vectored stream: the message is kept aside and the
+        // trailers follow in a write of their own (what the cutting prevents).
+        let (uncut, _) = answer_writes(false, true, ALLOWED).await;
+        assert!(uncut.len() >= 2, "frames up to 1 KiB over a vectored stream: {uncut:?}");
     }
 }

@@ -14,13 +14,13 @@
 //! one write again. The frames are slices of the same buffer (no copy here;
 //! h2 copies them into its buffer as it does any small frame).
 //!
-//! Over plain TCP the answer needs no cutting: tollgate's connections tell
-//! h2 they are not vectored (`listener`), which raises its threshold to
-//! 1 KiB, so the answer is one frame, buffered. tonic's TLS stream says it
-//! is vectored whatever the connection under it says, so the Check service
-//! is wrapped in [`SmallFramesService`] when the port speaks TLS
-//! (`grpc::Bounds::tls`). `tests/service.rs` (`one_write`) counts the
-//! writes of an answer either way.
+//! Over plain TCP the threshold is 1 KiB: tollgate's connections tell h2
+//! they are not vectored (`listener`), so an allow (~400 bytes) is one
+//! frame, buffered, and only a larger answer (a long problem body, an x402
+//! challenge) is cut, at [`MAX_FRAME_UNVECTORED`]. tonic's TLS stream says
+//! it is vectored whatever the connection under it says, so under TLS
+//! answers are cut at [`MAX_FRAME`] (`grpc::Bounds::tls`).
+//! `tests/service.rs` (`one_write`) counts the writes of answers each way.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -30,28 +30,37 @@ use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::server::NamedService;
 
-/// The largest DATA frame handed to h2: one under its 256-byte threshold.
+/// The largest DATA frame handed to h2 over a stream that says it writes
+/// vectored I/O (TLS): one under its 256-byte threshold.
 pub const MAX_FRAME: usize = 255;
 
-/// A body whose data frames are at most [`MAX_FRAME`] bytes.
+/// The largest over tollgate's own (unvectored) connections: one under
+/// h2's 1 KiB threshold there.
+pub const MAX_FRAME_UNVECTORED: usize = 1023;
+
+/// A body whose data frames are at most `max` bytes.
 #[derive(Debug)]
 pub struct SmallFrames<B> {
     inner: B,
     /// What is left of a data frame being cut.
     rest: Bytes,
+    max: usize,
 }
 
 impl<B> SmallFrames<B> {
-    /// `inner`'s frames, cut.
+    /// `inner`'s frames, cut at [`MAX_FRAME`].
     pub fn new(inner: B) -> Self {
-        Self { inner, rest: Bytes::new() }
+        Self::with_max(inner, MAX_FRAME)
     }
-}
 
-impl<B> SmallFrames<B> {
+    /// `inner`'s frames, cut at `max` bytes (at least 1).
+    pub fn with_max(inner: B, max: usize) -> Self {
+        Self { inner, rest: Bytes::new(), max: max.max(1) }
+    }
+
     fn cut(&mut self, mut data: Bytes) -> Frame<Bytes> {
-        if data.len() > MAX_FRAME {
-            self.rest = data.split_off(MAX_FRAME);
+        if data.len() > self.max {
+            self.rest = data.split_off(self.max);
         }
         Frame::data(data)
     }
@@ -97,7 +106,22 @@ where
 
 /// A gRPC service whose responses go out in [`SmallFrames`].
 #[derive(Debug, Clone)]
-pub struct SmallFramesService<S>(pub S);
+pub struct SmallFramesService<S> {
+    inner: S,
+    max: usize,
+}
+
+impl<S> SmallFramesService<S> {
+    /// `inner`, its answers cut at [`MAX_FRAME`].
+    pub fn new(inner: S) -> Self {
+        Self::with_max(inner, MAX_FRAME)
+    }
+
+    /// `inner`, its answers cut at `max` bytes.
+    pub fn with_max(inner: S, max: usize) -> Self {
+        Self { inner, max }
+    }
+}
 
 impl<S: NamedService> NamedService for SmallFramesService<S> {
     const NAME: &'static str = S::NAME;
@@ -106,19 +130,41 @@ impl<S: NamedService> NamedService for SmallFramesService<S> {
 impl<S, R> tower::Service<http::Request<R>> for SmallFramesService<S>
 where
     S: tower::Service<http::Request<R>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
+    S::Future: Unpin,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<http::Response<Body>, S::Error>> + Send>>;
+    type Future = Cut<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.0.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<R>) -> Self::Future {
-        let answer = self.0.call(req);
-        Box::pin(async move { Ok(answer.await?.map(|body| Body::new(SmallFrames::new(body)))) })
+        Cut { answer: self.inner.call(req), max: self.max }
+    }
+}
+
+/// The answer of a [`SmallFramesService`], its body cut once it is ready
+/// (no future boxed per call).
+#[derive(Debug)]
+pub struct Cut<F> {
+    answer: F,
+    max: usize,
+}
+
+impl<F, E> std::future::Future for Cut<F>
+where
+    F: std::future::Future<Output = Result<http::Response<Body>, E>> + Unpin,
+{
+    type Output = Result<http::Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let max = this.max;
+        Pin::new(&mut this.answer)
+            .poll(cx)
+            .map(|r| r.map(|a| a.map(|body| Body::new(SmallFrames::with_max(body, max)))))
     }
 }
 

@@ -86,8 +86,7 @@ pub struct Bounds {
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// The port speaks TLS. Its streams are vectored to h2 (tonic's TLS
     /// stream says so whatever ours says, see `listener`), so Check answers
-    /// go out in DATA frames under h2's chaining threshold ([`frames`]);
-    /// over plain TCP they need not be cut.
+    /// are cut into DATA frames under 256 bytes, not 1 KiB ([`frames`]).
     pub tls: bool,
 }
 
@@ -106,13 +105,12 @@ pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bo
         calls.clone(),
     ));
     let check = CheckServer::new(ExtAuthz::new(authorizer.clone()), max_message);
-    let check_methods = &["envoy.service.auth.v3.Authorization/Check"];
-    let routes = if tls {
-        routes.add_service(Bounded::new(SmallFramesService(check), timed, calls.clone()).traced(check_methods))
-    } else {
-        routes.add_service(Bounded::new(check, timed, calls.clone()).traced(check_methods))
-    };
+    let frame = if tls { frames::MAX_FRAME } else { frames::MAX_FRAME_UNVECTORED };
     let routes = routes
+        .add_service(
+            Bounded::new(SmallFramesService::with_max(check, frame), timed, calls.clone())
+                .traced(&["envoy.service.auth.v3.Authorization/Check"]),
+        )
         .add_service(Bounded::new(
             AccessLogServiceServer::new(AccessLog::new(Arc::new(Settler::new(authorizer.clone())), stopping))
                 .max_decoding_message_size(max_message)

@@ -64,6 +64,7 @@ impl StoreError {
 /// memory store, which has nothing to wait for: no future is boxed per
 /// call) or later (a future to await, boxed as `async_trait` boxes the
 /// other calls).
+#[must_use = "a store's reply does nothing on most backends until it is awaited"]
 pub enum Reply<'a, T> {
     /// Answered already.
     Now(std::future::Ready<T>),

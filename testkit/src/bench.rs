@@ -95,10 +95,13 @@ pub fn check_request() -> CheckRequest {
 /// tollgate's authorizer on [`config`]`(memory store)`, seeded, in this
 /// process without a server.
 pub async fn authorizer() -> std::sync::Arc<tollgate::authorizer::Authorizer> {
+    authorizer_on(&config("{ backend: memory, on_error: deny, timeout: 50ms }")).await
+}
+
+/// tollgate's authorizer on the config `yaml` (its accounts seeded), in this process.
+pub async fn authorizer_on(yaml: &str) -> std::sync::Arc<tollgate::authorizer::Authorizer> {
     use std::sync::Arc;
-    let config =
-        tollgate::config::Config::parse(&config("{ backend: memory, on_error: deny, timeout: 50ms }"), "bench.yaml")
-            .expect("the bench config is valid");
+    let config = tollgate::config::Config::parse(yaml, "bench.yaml").expect("the bench config is valid");
     let metrics = Arc::new(tollgate::metrics::Metrics::new());
     let store = tollgate::store::open(&config.store, &config.cache, metrics.cache_observer()).expect("memory store");
     tollgate::accounts::Accounts::seed(store.as_ref(), &config.accounts, &config.policy.plans).await.expect("seed");

@@ -126,7 +126,7 @@ pub async fn serve(
     health_reporter.set_serving::<AuthorizationServer<Noop>>().await;
     let builder = tonic::transport::Server::builder().add_service(health);
     if noop.small_frames {
-        let service = tollgate::grpc::frames::SmallFramesService(AuthorizationServer::new(noop));
+        let service = tollgate::grpc::frames::SmallFramesService::new(AuthorizationServer::new(noop));
         builder.add_service(service).serve_with_incoming_shutdown(incoming, shutdown).await
     } else {
         builder.add_service(AuthorizationServer::new(noop)).serve_with_incoming_shutdown(incoming, shutdown).await
