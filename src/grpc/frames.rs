@@ -1,4 +1,4 @@
-//! Small DATA frames, so an answer leaves in one write over TLS.
+//! Check answers in DATA frames under h2's chaining threshold, so each leaves in one write.
 //!
 //! h2 copies a DATA frame of under 256 bytes into its write buffer, but
 //! keeps a larger one aside and writes it on its own (`CHAIN_THRESHOLD` in
