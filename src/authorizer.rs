@@ -389,20 +389,24 @@ impl Authorizer {
     async fn resolve(&self, config: &Config, presented: &Presented<'_>) -> Result<Option<Arc<Account>>, StoreError> {
         let timeout = config.store.timeout;
         // Bounded before any cache or store lookup: a malformed credential names no account.
-        let id = match presented {
+        let found: Arc<str>;
+        let id: &str = match presented {
             Presented::Nothing => return Ok(None),
             Presented::Account(id) if !is_valid_account_id(id) => return Ok(None),
             Presented::ApiKey { key, .. } if !is_valid_key(key) => return Ok(None),
-            Presented::Account(id) => Cow::Borrowed(id.as_ref()),
+            Presented::Account(id) => id.as_ref(),
             Presented::ApiKey { key, .. } => {
                 let hash = KeyHash::of(key);
                 match self.call_lazy(timeout, || self.store.account_for_key(&hash)).await? {
-                    Some(id) => Cow::Owned(id),
+                    Some(id) => {
+                        found = id;
+                        &found
+                    }
                     None => return Ok(None),
                 }
             }
         };
-        self.call_lazy(timeout, || self.store.account(&id)).await
+        self.call_lazy(timeout, || self.store.account(id)).await
     }
 
     /// Decides `query` now.

@@ -368,7 +368,7 @@ struct DownStore;
 
 #[async_trait]
 impl Store for DownStore {
-    fn account_for_key<'a>(&'a self, _: &'a KeyHash) -> Reply<'a, Result<Option<String>, StoreError>> {
+    fn account_for_key<'a>(&'a self, _: &'a KeyHash) -> Reply<'a, Result<Option<Arc<str>>, StoreError>> {
         Reply::later(async move { Err(down()) })
     }
     fn account<'a>(&'a self, _: &'a str) -> Reply<'a, Result<Option<Arc<Account>>, StoreError>> {

@@ -285,7 +285,7 @@ impl Broken {
 
 #[async_trait]
 impl Store for Broken {
-    fn account_for_key<'a>(&'a self, _: &'a KeyHash) -> Reply<'a, Result<Option<String>, StoreError>> {
+    fn account_for_key<'a>(&'a self, _: &'a KeyHash) -> Reply<'a, Result<Option<Arc<str>>, StoreError>> {
         Reply::later(async move { self.answer().await })
     }
     fn account<'a>(&'a self, _: &'a str) -> Reply<'a, Result<Option<Arc<Account>>, StoreError>> {

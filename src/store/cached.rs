@@ -48,7 +48,7 @@ impl<K, V> Expiry<K, Option<V>> for TtlByAnswer {
 /// A caching [`Store`] wrapper.
 pub struct CachedStore {
     inner: Arc<dyn Store>,
-    keys: Cache<KeyHash, Option<String>>,
+    keys: Cache<KeyHash, Option<Arc<str>>>,
     accounts: Cache<String, Option<Arc<Account>>>,
     observe: LookupObserver,
     /// The invalidation listener, stopped when the cache goes away.
@@ -74,8 +74,9 @@ impl std::fmt::Debug for CachedStore {
 const ENTRY_OVERHEAD: usize = 160;
 
 /// The approximate bytes of a key-cache entry: a key hash and an account id.
-fn key_entry_weight(_key: &KeyHash, account: &Option<String>) -> u32 {
-    let size = size_of::<KeyHash>() + size_of::<Option<String>>() + account.as_ref().map_or(0, String::len);
+fn key_entry_weight(_key: &KeyHash, account: &Option<Arc<str>>) -> u32 {
+    // The id's bytes and the two counts of its shared allocation.
+    let size = size_of::<KeyHash>() + size_of::<Option<Arc<str>>>() + account.as_ref().map_or(0, |a| 16 + a.len());
     saturate(ENTRY_OVERHEAD + size)
 }
 
@@ -151,7 +152,7 @@ impl CachedStore {
 
 #[async_trait]
 impl Store for CachedStore {
-    fn account_for_key<'a>(&'a self, key: &'a KeyHash) -> Reply<'a, Result<Option<String>, StoreError>> {
+    fn account_for_key<'a>(&'a self, key: &'a KeyHash) -> Reply<'a, Result<Option<Arc<str>>, StoreError>> {
         Reply::later(async move {
             // A plain get first: the backend read (a boxed future) is built on misses only.
             if let Some(hit) = self.keys.get(key).await {

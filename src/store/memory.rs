@@ -89,7 +89,7 @@ impl Outbox {
 /// API keys both ways: hash → account for lookups, account → keys for listing.
 #[derive(Debug, Default)]
 struct Keys {
-    by_hash: Fast<KeyHash, String>,
+    by_hash: Fast<KeyHash, Arc<str>>,
     by_account: HashMap<String, HashMap<KeyHash, KeyMeta>>,
 }
 
@@ -296,7 +296,7 @@ impl MemoryStore {
 
 #[async_trait]
 impl Store for MemoryStore {
-    fn account_for_key<'a>(&'a self, key: &'a KeyHash) -> Reply<'a, Result<Option<String>, StoreError>> {
+    fn account_for_key<'a>(&'a self, key: &'a KeyHash) -> Reply<'a, Result<Option<Arc<str>>, StoreError>> {
         Reply::now(Ok(read(&self.keys).by_hash.get(key).cloned()))
     }
 
@@ -332,8 +332,8 @@ impl Store for MemoryStore {
 
     async fn put_key(&self, key: &KeyHash, account: &str, meta: &KeyMeta) -> Result<(), StoreError> {
         let mut keys = write(&self.keys);
-        if let Some(old) = keys.by_hash.insert(*key, account.to_owned()) {
-            keys.by_account.entry(old).or_default().remove(key);
+        if let Some(old) = keys.by_hash.insert(*key, account.into()) {
+            keys.by_account.entry(old.to_string()).or_default().remove(key);
         }
         keys.by_account.entry(account.to_owned()).or_default().insert(*key, meta.clone());
         Ok(())
@@ -341,7 +341,7 @@ impl Store for MemoryStore {
 
     async fn revoke_key(&self, account: &str, key: &KeyHash) -> Result<bool, StoreError> {
         let mut keys = write(&self.keys);
-        if keys.by_hash.get(key).map(String::as_str) != Some(account) {
+        if keys.by_hash.get(key).map(|a| &**a) != Some(account) {
             return Ok(false);
         }
         keys.by_hash.remove(key);

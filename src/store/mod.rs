@@ -99,7 +99,8 @@ impl<T> Future for Reply<'_, T> {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The account an API key belongs to; `None` for unknown or revoked keys.
-    fn account_for_key<'a>(&'a self, key: &'a KeyHash) -> Reply<'a, Result<Option<String>, StoreError>>;
+    /// Shared: a store or cache that keeps it hands out the same string.
+    fn account_for_key<'a>(&'a self, key: &'a KeyHash) -> Reply<'a, Result<Option<Arc<str>>, StoreError>>;
 
     /// An account's entitlement; `None` when there is no such account.
     fn account<'a>(&'a self, id: &'a str) -> Reply<'a, Result<Option<Arc<Account>>, StoreError>>;

@@ -620,7 +620,7 @@ async fn sweep(store: Weak<LeaseStore>, every: Duration) {
 
 #[async_trait]
 impl Store for LeaseStore {
-    fn account_for_key<'a>(&'a self, key: &'a KeyHash) -> Reply<'a, Result<Option<String>, StoreError>> {
+    fn account_for_key<'a>(&'a self, key: &'a KeyHash) -> Reply<'a, Result<Option<Arc<str>>, StoreError>> {
         self.inner.account_for_key(key)
     }
 

@@ -154,10 +154,12 @@ impl RedisStore {
 
 #[async_trait]
 impl Store for RedisStore {
-    fn account_for_key<'a>(&'a self, key: &'a KeyHash) -> Reply<'a, Result<Option<String>, StoreError>> {
+    fn account_for_key<'a>(&'a self, key: &'a KeyHash) -> Reply<'a, Result<Option<Arc<str>>, StoreError>> {
         Reply::later(async move {
             let mut conn = self.conn().await?;
-            redis::cmd("GET").arg(self.keys.api_key(key)).query_async(&mut conn).await.map_err(unavailable)
+            let id: Option<String> =
+                redis::cmd("GET").arg(self.keys.api_key(key)).query_async(&mut conn).await.map_err(unavailable)?;
+            Ok(id.map(Arc::from))
         })
     }
 
