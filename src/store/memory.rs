@@ -98,7 +98,7 @@ struct Keys {
 struct Usage {
     credits: u64,
     /// meter → window → counter.
-    counters: Fast<String, Fast<Window, Counter>>,
+    counters: Fast<Arc<str>, Fast<Window, Counter>>,
 }
 
 #[derive(Debug)]
@@ -240,24 +240,17 @@ impl MemoryStore {
         // Checked before anything moves: with these bounds no window end can overflow.
         bounds::check_spend(spend).map_err(StoreError::Corrupt)?;
         let mut shard = lock(self.shard(&spend.account));
-        let usage = match shard.get_mut(&*spend.account) {
-            Some(u) => u,
-            None => shard.entry(spend.account.clone()).or_default(),
-        };
+        // The keys are the spend's own shared strings: a lookup copies nothing.
+        let usage = shard.entry(spend.account.clone()).or_default();
         let mut states = Few::with_capacity(spend.quotas.len());
         for quota in &spend.quotas {
-            // Look up by &str first: the meter name is cloned only the first time.
-            if !usage.counters.contains_key(&*quota.meter) {
-                usage.counters.insert(quota.meter.to_string(), Fast::default());
-            }
-            let state = match usage.counters.get_mut(&*quota.meter) {
-                Some(windows) => windows
-                    .entry(quota.window)
-                    .or_insert_with(|| Counter::new(quota.window))
-                    .check(quota, spend.cost, spend.now),
-                // Inserted just above; were it missing, refuse rather than misalign the answer.
-                None => QuotaUsage { used: 0, exceeded: true, resets_at: spend.now, retry_at: spend.now },
-            };
+            let state = usage
+                .counters
+                .entry(quota.meter.clone())
+                .or_default()
+                .entry(quota.window)
+                .or_insert_with(|| Counter::new(quota.window))
+                .check(quota, spend.cost, spend.now);
             states.push(state);
         }
         let credits = spend.credits.map(|cost| CreditBalance {
@@ -432,7 +425,7 @@ impl Store for MemoryStore {
         let usage = shard.entry(adj.account.as_str().into()).or_default();
         let back = adj.delta < 0;
         let units = adj.delta.unsigned_abs();
-        if let Some(windows) = usage.counters.get_mut(&adj.meter) {
+        if let Some(windows) = usage.counters.get_mut(adj.meter.as_str()) {
             for p in &adj.periods {
                 // Only the window the charge was made in: one that has rolled over is left alone.
                 if let Some(Counter::Calendar { start, used }) = windows.get_mut(&Window::Calendar(*p))
@@ -457,7 +450,7 @@ impl Store for MemoryStore {
         let used: Vec<u64> = adj
             .periods
             .iter()
-            .map(|p| match usage.counters.get(&adj.meter).and_then(|w| w.get(&Window::Calendar(*p))) {
+            .map(|p| match usage.counters.get(adj.meter.as_str()).and_then(|w| w.get(&Window::Calendar(*p))) {
                 Some(Counter::Calendar { start, used }) if *start == p.bounds(adj.issued).0 => *used,
                 _ => 0,
             })
