@@ -204,11 +204,14 @@ fn render(door: Door, decision: &Decision, r: &problem::Response, charge: Option
         if door == Door::EnvoyHttp && !r.upstream_remove.is_empty() {
             // Envoy removes these from the upstream request (the credential,
             // forged `x-tollgate-*`); tollgate's own set ones are overwritten.
-            put(
-                &mut headers,
-                "x-envoy-auth-headers-to-remove",
-                &r.upstream_remove.iter().map(|h| h.as_str()).collect::<Vec<_>>().join(","),
-            );
+            let mut names = String::with_capacity(r.upstream_remove.iter().map(|h| h.len() + 1).sum());
+            for (i, h) in r.upstream_remove.iter().enumerate() {
+                if i > 0 {
+                    names.push(',');
+                }
+                names.push_str(h);
+            }
+            put(&mut headers, "x-envoy-auth-headers-to-remove", &names);
         }
         return (StatusCode::OK, headers).into_response();
     }
