@@ -8,10 +8,12 @@
 //! b-shaped  Envoy -Check-> noop_authz --shaped  (opt-in: tollgate's allow answer, nothing decided)
 //! b-small   b-shaped in DATA frames under h2's chaining threshold, so it leaves in one
 //!           write as tollgate's answers do (`--small-frames`; opt-in)
-//! b-nometa, b-norl, b-norm, b-lean  b-small without the dynamic metadata, without the
-//!           client RateLimit headers, without the header removals, with the upstream headers
-//!           alone (opt-in: where Envoy's cost of applying the answer goes; compared with b-small)
+//! b-nometa, b-meta1, b-norl, b-norm, b-lean  b-small without the dynamic metadata, with the
+//!           decision alone in it, without the client RateLimit headers, without the header
+//!           removals, with the upstream headers alone (opt-in: where Envoy's cost of applying
+//!           the answer goes; compared with b-small)
 //! c-mem     Envoy -Check-> tollgate (memory store) -> app
+//! c-lean    c-mem with `server.dynamic_metadata: lean`: plain allows carry no metadata (opt-in)
 //! c-noplan  c-mem with route by plan off (`clear_route_cache: false`: Envoy does not
 //!           match the routes again after an allowed Check; opt-in)
 //! c-redis   Envoy -Check-> tollgate (Redis store) -> app
@@ -130,6 +132,8 @@ enum Variant {
     /// b-shaped in small DATA frames.
     BSmall,
     CMem,
+    /// c-mem with `server.dynamic_metadata: lean`.
+    CLean,
     CNoPlan,
     CRedis,
     CLease,
@@ -149,11 +153,13 @@ impl Variant {
             "b" => Self::B,
             "b-shaped" => Self::BShaped(Shape::Full),
             "b-nometa" => Self::BShaped(Shape::NoMetadata),
+            "b-meta1" => Self::BShaped(Shape::DecisionOnly),
             "b-norl" => Self::BShaped(Shape::NoRateLimit),
             "b-norm" => Self::BShaped(Shape::NoRemovals),
             "b-lean" => Self::BShaped(Shape::Lean),
             "b-small" => Self::BSmall,
             "c-mem" => Self::CMem,
+            "c-lean" => Self::CLean,
             "c-noplan" => Self::CNoPlan,
             "c-redis" => Self::CRedis,
             "c-lease" => Self::CLease,
@@ -166,7 +172,7 @@ impl Variant {
             "n-tollgate" => Self::NTollgate,
             _ => {
                 return Err(format!(
-                    "unknown variant {s} (a, b, b-shaped, b-nometa, b-norl, b-norm, b-lean, b-small, c-mem, c-noplan, c-redis, c-lease, c-settle, c-events, c-trace1, \
+                    "unknown variant {s} (a, b, b-shaped, b-nometa, b-meta1, b-norl, b-norm, b-lean, b-small, c-mem, c-lean, c-noplan, c-redis, c-lease, c-settle, c-events, c-trace1, \
                      c-trace100, c-http, n-alone, n-tollgate)"
                 ));
             }
@@ -179,11 +185,13 @@ impl Variant {
             Self::B => "b",
             Self::BShaped(Shape::Full) => "b-shaped",
             Self::BShaped(Shape::NoMetadata) => "b-nometa",
+            Self::BShaped(Shape::DecisionOnly) => "b-meta1",
             Self::BShaped(Shape::NoRateLimit) => "b-norl",
             Self::BShaped(Shape::NoRemovals) => "b-norm",
             Self::BShaped(Shape::Lean) => "b-lean",
             Self::BSmall => "b-small",
             Self::CMem => "c-mem",
+            Self::CLean => "c-lean",
             Self::CNoPlan => "c-noplan",
             Self::CRedis => "c-redis",
             Self::CLease => "c-lease",
@@ -204,11 +212,13 @@ impl Variant {
             Self::B => "b: noop ext_authz (floor)",
             Self::BShaped(Shape::Full) => "b-shaped: noop, tollgate's answer",
             Self::BShaped(Shape::NoMetadata) => "b-nometa: noop, b-small without metadata",
+            Self::BShaped(Shape::DecisionOnly) => "b-meta1: noop, b-small with the decision alone in metadata",
             Self::BShaped(Shape::NoRateLimit) => "b-norl: noop, b-small without RateLimit",
             Self::BShaped(Shape::NoRemovals) => "b-norm: noop, b-small without removals",
             Self::BShaped(Shape::Lean) => "b-lean: noop, tollgate's upstream headers only, one write",
             Self::BSmall => "b-small: noop, tollgate's answer in small frames",
             Self::CMem => "c: tollgate, memory store",
+            Self::CLean => "c: tollgate, memory store, no metadata on plain allows",
             Self::CNoPlan => "c: tollgate, memory store, no route by plan",
             Self::CRedis => "c: tollgate, Redis store",
             Self::CLease => "c: tollgate, Redis store, lease mode",
@@ -231,8 +241,9 @@ impl Variant {
 type Fallible<T> = Result<T, String>;
 
 /// The variants where tollgate answers.
-const TOLLGATES: [Variant; 10] = [
+const TOLLGATES: [Variant; 11] = [
     Variant::CMem,
+    Variant::CLean,
     Variant::CNoPlan,
     Variant::CRedis,
     Variant::CLease,
@@ -682,6 +693,13 @@ impl Stack {
             let p = TollgateProcess::start(tollgate, &[], |g, h| tollgate_config("memory", g, h, 6379)).await;
             stack.tollgates.insert(v, p);
         }
+        if has(Variant::CLean) {
+            let lean = |g: SocketAddr, h| {
+                tollgate_config("memory", g, h, 6379)
+                    .replace(&format!("grpc_listen: {g}"), &format!("grpc_listen: {g}\n  dynamic_metadata: lean"))
+            };
+            stack.tollgates.insert(Variant::CLean, TollgateProcess::start(tollgate, &[], lean).await);
+        }
         for v in [Variant::CHttp, Variant::NTollgate].into_iter().filter(|v| has(*v)) {
             let door = free_addr();
             let with_door = |g: SocketAddr, h| {
@@ -789,6 +807,7 @@ impl Stack {
             let told = with.body.lines().any(|l| l == "  x-tollgate-account: acct_bench");
             let (want_told, want_without) = match v {
                 Variant::CMem
+                | Variant::CLean
                 | Variant::CNoPlan
                 | Variant::CRedis
                 | Variant::CLease
@@ -1168,6 +1187,8 @@ impl Report<'_> {
         let mut ratios = vec![
             (CMem, B, Some(0.9)),
             (CMem, A, None),
+            (CLean, B, Some(0.95)),
+            (CLean, CMem, None),
             (CNoPlan, CMem, None),
             (CRedis, B, Some(0.8)),
             (CRedis, A, None),

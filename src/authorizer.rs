@@ -15,7 +15,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 
-use crate::config::{Config, OnError, TrustedCallers};
+use crate::config::{Config, DynamicMetadata, OnError, TrustedCallers};
 use crate::decision::{self, AllowKind, Caller, Code, Decision, Step, Target, Unmatched, Verdict};
 use crate::entitlement::is_valid_account_id;
 use crate::entitlement::{Account, Few, Period, Window};
@@ -89,9 +89,48 @@ pub struct Outcome {
     /// Check's `charge` metadata (see `settlement`); only for
     /// Envoy's Checks, and only when settlement could change something.
     pub charge: Option<String>,
+    /// Whether a Check answer carries Envoy dynamic metadata
+    /// (`server.dynamic_metadata`); see [`Outcome::metadata`].
+    pub carries_metadata: bool,
 }
 
 impl Outcome {
+    /// An outcome whose answer carries metadata as `config` says: always
+    /// under `server.dynamic_metadata: full`; under `lean`, only when the
+    /// access log or settlement needs it (a deny, a grace, fail-open or paid
+    /// allow, a shadowed code, a charge).
+    pub fn new(
+        config: &Config,
+        decision: Decision,
+        response: Response,
+        route: Option<Arc<str>>,
+        charge: Option<String>,
+    ) -> Self {
+        let plain = matches!(decision.verdict, Verdict::Allow(AllowKind::Allowed | AllowKind::Public))
+            && decision.shadowed.is_none()
+            && charge.is_none();
+        let carries_metadata = config.server.dynamic_metadata == DynamicMetadata::Full || !plain;
+        Self { decision, response, route, charge, carries_metadata }
+    }
+
+    /// The Check answer's `dynamic_metadata` fields: account, plan and
+    /// decision for access logs, the shadowed code, the signed charge for
+    /// settlement; none when the answer goes without.
+    pub fn metadata(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        let d = &self.decision;
+        [
+            ("account", d.account.as_deref()),
+            ("plan", d.plan.as_deref()),
+            ("decision", Some(d.verdict.label())),
+            // Access logs can show what shadow mode let through.
+            ("shadow", d.shadowed.map(|c| c.as_str())),
+            (crate::settlement::FIELD, self.charge.as_deref()),
+        ]
+        .into_iter()
+        .filter(|_| self.carries_metadata)
+        .filter_map(|(k, v)| Some((k, v?)))
+    }
+
     /// Puts the decision on the current request's span (when tracing is on):
     /// route, code, status, account id and plan; never a credential.
     pub fn trace(&self) {
@@ -560,7 +599,7 @@ impl Authorizer {
         }
         let payment = payment.as_ref().zip(config.x402.as_deref()).map(|(p, x)| p.view(x));
         let response = problem::render(&decision, config, problem::Context { strip: &strip, payment }, now);
-        Ok(Outcome { decision, response, route, charge })
+        Ok(Outcome::new(config, decision, response, route, charge))
     }
 
     /// The x402 step after the decision: a denial a payment cures gets a
@@ -793,7 +832,7 @@ impl Authorizer {
         now: DateTime<Utc>,
     ) -> Outcome {
         let response = problem::render(&decision, config, problem::Context { strip, payment: None }, now);
-        Outcome { decision, response, route, charge: None }
+        Outcome::new(config, decision, response, route, None)
     }
 }
 

@@ -240,6 +240,26 @@ async fn allowed_request_carries_identity_upstream_and_strips_the_key() {
     s.stop().await;
 }
 
+/// `server.dynamic_metadata: lean`: a plain allow carries no metadata (the
+/// upstream headers name account and plan), over the wire as Envoy reads it;
+/// a grace allow, a deny and a shadowed allow keep theirs. A client's forged
+/// `x-tollgate-*` headers cannot make tollgate's own go missing.
+#[tokio::test]
+async fn lean_metadata_leaves_plain_allows_without() {
+    let s = TestServer::start(&(spec_config() + "server: { dynamic_metadata: lean }\n")).await;
+    let forged = [("x-api-key", "pro-key"), ("x-tollgate-account", "acct_free"), ("x-tollgate-plan", "free")];
+    let a = ask(&s, "GET", "/v1/search?q=rust", &forged).await;
+    assert!(a.allowed, "{a:?}");
+    assert!(a.metadata.is_empty(), "{a:?}");
+    assert_eq!(a.upstream_headers["x-tollgate-account"], "acct_pro");
+    assert_eq!(a.upstream_headers["x-tollgate-plan"], "pro");
+    let grace = search(&s, "grace-key").await;
+    assert_eq!((grace.metadata["decision"].as_str(), grace.metadata["account"].as_str()), ("grace", "acct_grace"));
+    let denied = search(&s, "sk_live_not_a_real_key").await;
+    assert_problem(&denied, 401, "credentials_invalid");
+    s.stop().await;
+}
+
 fn month_secs() -> String {
     let (start, end) = tollgate::entitlement::Period::Month.bounds(chrono::Utc::now());
     (end - start).num_seconds().to_string()

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use super::parse_duration;
 use super::policy::ProblemOverride;
-use super::settings::{Backend, Counting, OnError, ReadAccess, TrustedCallers};
+use super::settings::{Backend, Counting, DynamicMetadata, OnError, ReadAccess, TrustedCallers};
 use crate::decision::Unmatched;
 use crate::entitlement::{Period, Status};
 
@@ -176,6 +176,8 @@ pub(super) struct Server {
     pub(super) read_access: ReadAccess,
     #[serde(default)]
     pub(super) trusted_callers: TrustedCallers,
+    #[serde(default)]
+    pub(super) dynamic_metadata: DynamicMetadata,
     pub(super) tls: Option<Tls>,
     #[serde(default)]
     pub(super) watch_config: bool,

@@ -122,6 +122,22 @@ pub enum ReadAccess {
     Token,
 }
 
+/// Which Check answers carry Envoy dynamic metadata (`server.dynamic_metadata`).
+/// Envoy spends a few µs per request taking a metadata Struct in and
+/// formatting it into the access log; on a plain allow the upstream already
+/// gets the account and plan as `x-tollgate-*` request headers, which the
+/// access log can print instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DynamicMetadata {
+    /// Every answer carries account, plan and decision (SPEC §5).
+    #[default]
+    Full,
+    /// A plain allow (`allowed`, `public`; no shadow code, no charge)
+    /// carries none; every other answer carries it all.
+    Lean,
+}
+
 /// Who may assert an identity on a Check (`server.trusted_callers`): JWT
 /// claims from Envoy's metadata and trusted headers are the caller's word,
 /// and anyone who reaches the gRPC port can send a Check with forged ones.
@@ -231,6 +247,8 @@ pub struct ServerConfig {
     pub read_access: ReadAccess,
     /// Who may assert identity (JWT metadata, trusted headers) on a Check.
     pub trusted_callers: TrustedCallers,
+    /// Which Check answers carry Envoy dynamic metadata; reloadable.
+    pub dynamic_metadata: DynamicMetadata,
     /// TLS (and mTLS) on the gRPC port.
     pub tls: Option<TlsConfig>,
     /// Re-read the config file when it changes (polled every 2 s), besides SIGHUP.

@@ -45,6 +45,7 @@ pub(super) fn server(raw: &schema::Server) -> Result<ServerConfig, Invalid> {
         service_tokens: service.secrets,
         read_access: raw.read_access,
         trusted_callers: raw.trusted_callers,
+        dynamic_metadata: raw.dynamic_metadata,
         tls,
         watch_config: raw.watch_config,
         reflection: raw.reflection.unwrap_or(true),

@@ -12,7 +12,7 @@
 //! [`CheckServer`] is the `envoy.service.auth.v3.Authorization` service as
 //! tonic would generate it, with this encoder for its answers.
 //!
-//! May use: `authorizer` (the outcome), `problem` (header names), `settlement` (the metadata key).
+//! May use: `authorizer` (the outcome and its metadata), `problem` (header names).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -31,7 +31,6 @@ use super::ext_authz::{ExtAuthz, rpc_code};
 use crate::authorizer::Outcome;
 use crate::decision::Verdict;
 use crate::problem::{Name, Text};
-use crate::settlement;
 
 /// A `CheckResponse` for one outcome, encoded on the way out (prost calls
 /// [`prost::Message::encode_raw`]); never decoded.
@@ -60,22 +59,8 @@ impl Answer {
         varint_len(1, code) + str_len(2, message)
     }
 
-    /// The `dynamic_metadata` Struct's fields, as `check_response` sets them.
-    fn metadata(&self) -> impl Iterator<Item = (&'static str, &str)> {
-        let d = &self.outcome.decision;
-        [
-            ("account", d.account.as_deref()),
-            ("plan", d.plan.as_deref()),
-            ("decision", Some(d.verdict.label())),
-            ("shadow", d.shadowed.map(|c| c.as_str())),
-            (settlement::FIELD, self.outcome.charge.as_deref()),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| Some((k, v?)))
-    }
-
     fn metadata_len(&self) -> usize {
-        self.metadata().map(|(k, v)| field_len(1, entry_len(k, v))).sum()
+        self.outcome.metadata().map(|(k, v)| field_len(1, entry_len(k, v))).sum()
     }
 
     /// The `http_response` oneof: its tag (`denied_response = 2`, `ok_response = 3`) and length.
@@ -130,9 +115,13 @@ impl prost::Message for Answer {
             put_str(3, r.body.as_deref().unwrap_or(""), buf);
         }
 
-        // Struct { fields = 1: map<string, Value> }: entries { key = 1, value = 2 }
+        // Struct { fields = 1: map<string, Value> }: entries { key = 1, value = 2 };
+        // no field at all when the answer goes without.
+        if !self.outcome.carries_metadata {
+            return;
+        }
         put_head(4, self.metadata_len(), buf);
-        for (k, v) in self.metadata() {
+        for (k, v) in self.outcome.metadata() {
             put_head(1, entry_len(k, v), buf);
             put_str(1, k, buf);
             // Value { string_value = 3 }: a oneof, sent even when empty.
@@ -154,7 +143,8 @@ impl prost::Message for Answer {
 
     fn encoded_len(&self) -> usize {
         let (tag, len) = self.http();
-        field_len(1, self.status_len()) + field_len(tag, len) + field_len(4, self.metadata_len())
+        let meta = if self.outcome.carries_metadata { field_len(4, self.metadata_len()) } else { 0 };
+        field_len(1, self.status_len()) + field_len(tag, len) + meta
     }
 
     fn clear(&mut self) {}
@@ -320,7 +310,44 @@ mod tests {
     }
 
     fn outcome(decision: Decision, response: Response, charge: Option<String>) -> Outcome {
-        Outcome { decision, response, route: None, charge }
+        Outcome { decision, response, route: None, charge, carries_metadata: true }
+    }
+
+    /// `server.dynamic_metadata: lean` leaves the metadata out of plain
+    /// allows only; an attacker's forged headers change nothing of it.
+    #[test]
+    fn lean_metadata_leaves_plain_allows_only() {
+        let mut config = crate::config::Config::parse(crate::config::DEMO_CONFIG, "demo").expect("demo config");
+        let with = |config: &crate::config::Config, d: Decision, charge: Option<&str>| {
+            let o = Outcome::new(config, d, Response::default(), None, charge.map(Into::into));
+            same_as_reference(o.clone());
+            check_response(o).dynamic_metadata.map(|m| m.fields.len())
+        };
+        let allowed = || {
+            let mut d = Decision::allow(AllowKind::Allowed);
+            d.account = Some("acct_a".into());
+            d.plan = Some("pro".into());
+            d
+        };
+        let shadowed = || {
+            let mut d = allowed();
+            d.shadowed = Some(Code::QuotaExhausted);
+            d
+        };
+        // full (the default): every answer.
+        assert_eq!(with(&config, allowed(), None), Some(3));
+        assert_eq!(with(&config, Decision::allow(AllowKind::Public), None), Some(1));
+        config.server.dynamic_metadata = crate::config::DynamicMetadata::Lean;
+        assert_eq!(with(&config, allowed(), None), None);
+        assert_eq!(with(&config, Decision::allow(AllowKind::Public), None), None);
+        assert_eq!(with(&config, allowed(), Some("v1.charge")), Some(4), "settlement needs its charge");
+        assert_eq!(with(&config, shadowed(), None), Some(4), "the log shows what shadow mode let through");
+        for kind in [AllowKind::Grace, AllowKind::FailOpen, AllowKind::Paid] {
+            assert_eq!(with(&config, Decision::allow(kind), None), Some(1), "{kind:?}");
+        }
+        for code in Code::ALL {
+            assert_eq!(with(&config, Decision::deny(code), None), Some(1), "{code:?}");
+        }
     }
 
     #[test]
@@ -393,6 +420,7 @@ mod tests {
             plan in proptest::option::of("[a-z]{0,20}"),
             charge in proptest::option::of("[A-Za-z0-9._-]{0,400}"),
             shadowed in any::<bool>(),
+            carries_metadata in any::<bool>(),
             body in proptest::option::of("\\PC{0,2000}"),
             status in 0u16..1000,
             client in headers(),
@@ -410,7 +438,7 @@ mod tests {
                 upstream_headers: upstream,
                 upstream_remove: remove.into_iter().map(Text::Owned).collect(),
             };
-            same_as_reference(outcome(d, r, charge));
+            same_as_reference(Outcome { carries_metadata, ..outcome(d, r, charge) });
         }
     }
 }

@@ -27,7 +27,6 @@ use crate::authorizer::{Ask, Authorizer, Outcome, Query, Subject};
 use crate::decision::{Code, Verdict};
 use crate::identity::Credentials;
 use crate::route::RouteKey;
-use crate::settlement;
 
 /// The ext_authz service.
 #[derive(Debug, Clone)]
@@ -137,22 +136,10 @@ pub(super) fn rpc_code(verdict: Verdict) -> tonic::Code {
 /// answers in process, and the reference the server's wire encoding
 /// ([`super::answer::Answer`]) is tested against.
 pub fn check_response(outcome: Outcome) -> CheckResponse {
-    let Outcome { decision: d, response: r, charge, .. } = outcome;
-    let mut meta = HashMap::with_capacity(4);
-    if let Some(a) = d.account {
-        meta.insert("account".to_owned(), string_value(&*a));
-    }
-    if let Some(p) = d.plan {
-        meta.insert("plan".to_owned(), string_value(&*p));
-    }
-    meta.insert("decision".to_owned(), string_value(d.verdict.label()));
-    if let Some(code) = d.shadowed {
-        // Access logs can show what shadow mode let through.
-        meta.insert("shadow".to_owned(), string_value(code.as_str()));
-    }
-    if let Some(charge) = charge {
-        meta.insert(settlement::FIELD.to_owned(), string_value(charge));
-    }
+    let dynamic_metadata = outcome.carries_metadata.then(|| Struct {
+        fields: outcome.metadata().map(|(k, v)| (k.to_owned(), string_value(v))).collect::<HashMap<_, _>>(),
+    });
+    let Outcome { decision: d, response: r, .. } = outcome;
     let code = rpc_code(d.verdict);
     let http_response = match d.verdict {
         Verdict::Allow(_) => HttpResponse::OkResponse(OkHttpResponse {
@@ -173,7 +160,7 @@ pub fn check_response(outcome: Outcome) -> CheckResponse {
             message: if code == tonic::Code::Ok { String::new() } else { d.verdict.label().to_owned() },
             details: Vec::new(),
         }),
-        dynamic_metadata: Some(Struct { fields: meta }),
+        dynamic_metadata,
         http_response: Some(http_response),
     }
 }

@@ -51,6 +51,11 @@ impl Noop {
         match (shape, ok) {
             (Shape::Full, _) | (_, None) => {}
             (Shape::NoMetadata, _) => answer.dynamic_metadata = None,
+            (Shape::DecisionOnly, _) => {
+                if let Some(meta) = answer.dynamic_metadata.as_mut() {
+                    meta.fields.retain(|k, _| k == "decision");
+                }
+            }
             (Shape::NoRateLimit, Some(ok)) => ok.response_headers_to_add.clear(),
             (Shape::NoRemovals, Some(ok)) => ok.headers_to_remove.clear(),
             (Shape::Lean, Some(ok)) => {
@@ -76,6 +81,8 @@ pub enum Shape {
     Full,
     /// No dynamic metadata.
     NoMetadata,
+    /// Dynamic metadata with the decision alone (no account, no plan).
+    DecisionOnly,
     /// No client (RateLimit) headers.
     NoRateLimit,
     /// No header removals.
@@ -86,13 +93,15 @@ pub enum Shape {
 
 impl Shape {
     /// Every shape, in the order the bench shows them.
-    pub const ALL: [Shape; 5] = [Shape::Full, Shape::NoMetadata, Shape::NoRateLimit, Shape::NoRemovals, Shape::Lean];
+    pub const ALL: [Shape; 6] =
+        [Shape::Full, Shape::NoMetadata, Shape::DecisionOnly, Shape::NoRateLimit, Shape::NoRemovals, Shape::Lean];
 
     /// The name `noop_authz --shaped=NAME` takes.
     pub fn name(self) -> &'static str {
         match self {
             Shape::Full => "full",
             Shape::NoMetadata => "no-metadata",
+            Shape::DecisionOnly => "decision-only",
             Shape::NoRateLimit => "no-ratelimit",
             Shape::NoRemovals => "no-removals",
             Shape::Lean => "lean",
