@@ -12,10 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/tools.sh
 
-ensure_redis
-ensure_envoy
-ensure_wrk
-ensure_nginx
+ensure_bench_tools
 tools_versions envoy redis wrk nginx
 
 exec cargo bench --locked --bench envoy -- "$@"

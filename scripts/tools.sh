@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The programs tests and benches run but cargo does not build, installed into
-# .tools/ (git-ignored) when they are missing. Sourced by scripts/test.sh and
-# scripts/bench-envoy.sh; run on its own it installs all of them:
+# .tools/ (git-ignored) when they are missing. Sourced by scripts/test.sh,
+# scripts/bench-envoy.sh and scripts/callgrind-envoy.sh; run on its own it
+# installs all of them:
 #
 #   source scripts/tools.sh && ensure_redis && ensure_envoy   # what test.sh does
 #   bash scripts/tools.sh                                     # all tools, then their versions
@@ -153,6 +154,14 @@ ensure_kubernetes_validate() {
   fi
 }
 
+# What the Envoy bench runs (scripts/bench-envoy.sh, scripts/callgrind-envoy.sh).
+ensure_bench_tools() {
+  ensure_redis
+  ensure_envoy
+  ensure_wrk
+  ensure_nginx
+}
+
 # One line per installed tool, on stderr.
 tools_versions() {
   local t
@@ -170,10 +179,7 @@ tools_versions() {
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   set -euo pipefail
-  ensure_redis
-  ensure_envoy
-  ensure_wrk
-  ensure_nginx
+  ensure_bench_tools
   ensure_promtool
   ensure_kubernetes_validate
   tools_versions redis envoy wrk nginx promtool kubernetes-validate
