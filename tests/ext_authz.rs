@@ -242,8 +242,9 @@ async fn allowed_request_carries_identity_upstream_and_strips_the_key() {
 
 /// `server.dynamic_metadata: lean`: a plain allow carries no metadata (the
 /// upstream headers name account and plan), over the wire as Envoy reads it;
-/// a grace allow, a deny and a shadowed allow keep theirs. A client's forged
-/// `x-tollgate-*` headers cannot make tollgate's own go missing.
+/// a grace allow and a deny keep theirs (shadow and charge: the unit test in
+/// `grpc::answer`). A client's forged `x-tollgate-*` headers cannot make
+/// tollgate's own go missing.
 #[tokio::test]
 async fn lean_metadata_leaves_plain_allows_without() {
     let s = TestServer::start(&(spec_config() + "server: { dynamic_metadata: lean }\n")).await;

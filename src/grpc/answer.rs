@@ -314,7 +314,8 @@ mod tests {
     }
 
     /// `server.dynamic_metadata: lean` leaves the metadata out of plain
-    /// allows only; an attacker's forged headers change nothing of it.
+    /// allows only (what the request says cannot choose: only the verdict,
+    /// the shadowed code and the charge do).
     #[test]
     fn lean_metadata_leaves_plain_allows_only() {
         let mut config = crate::config::Config::parse(crate::config::DEMO_CONFIG, "demo").expect("demo config");
