@@ -14,6 +14,8 @@
 //!           the answer goes; compared with b-small)
 //! c-mem     Envoy -Check-> tollgate (memory store) -> app
 //! c-lean    c-mem with `server.dynamic_metadata: lean`: plain allows carry no metadata (opt-in)
+//! c-min     c-lean with `server.remove_own_headers: seen`: an allow removes only the
+//!           headers the Check showed (the key), not every own header it does not set (opt-in)
 //! c-noplan  c-mem with route by plan off (`clear_route_cache: false`: Envoy does not
 //!           match the routes again after an allowed Check; opt-in)
 //! c-redis   Envoy -Check-> tollgate (Redis store) -> app
@@ -134,6 +136,8 @@ enum Variant {
     CMem,
     /// c-mem with `server.dynamic_metadata: lean`.
     CLean,
+    /// c-lean with `server.remove_own_headers: seen`.
+    CMin,
     CNoPlan,
     CRedis,
     CLease,
@@ -160,6 +164,7 @@ impl Variant {
             "b-small" => Self::BSmall,
             "c-mem" => Self::CMem,
             "c-lean" => Self::CLean,
+            "c-min" => Self::CMin,
             "c-noplan" => Self::CNoPlan,
             "c-redis" => Self::CRedis,
             "c-lease" => Self::CLease,
@@ -172,7 +177,7 @@ impl Variant {
             "n-tollgate" => Self::NTollgate,
             _ => {
                 return Err(format!(
-                    "unknown variant {s} (a, b, b-shaped, b-nometa, b-meta1, b-norl, b-norm, b-lean, b-small, c-mem, c-lean, c-noplan, c-redis, c-lease, c-settle, c-events, c-trace1, \
+                    "unknown variant {s} (a, b, b-shaped, b-nometa, b-meta1, b-norl, b-norm, b-lean, b-small, c-mem, c-lean, c-min, c-noplan, c-redis, c-lease, c-settle, c-events, c-trace1, \
                      c-trace100, c-http, n-alone, n-tollgate)"
                 ));
             }
@@ -192,6 +197,7 @@ impl Variant {
             Self::BSmall => "b-small",
             Self::CMem => "c-mem",
             Self::CLean => "c-lean",
+            Self::CMin => "c-min",
             Self::CNoPlan => "c-noplan",
             Self::CRedis => "c-redis",
             Self::CLease => "c-lease",
@@ -219,6 +225,7 @@ impl Variant {
             Self::BSmall => "b-small: noop, tollgate's answer in small frames",
             Self::CMem => "c: tollgate, memory store",
             Self::CLean => "c: tollgate, memory store, no metadata on plain allows",
+            Self::CMin => "c: tollgate, memory store, no metadata on plain allows, seen removals only",
             Self::CNoPlan => "c: tollgate, memory store, no route by plan",
             Self::CRedis => "c: tollgate, Redis store",
             Self::CLease => "c: tollgate, Redis store, lease mode",
@@ -241,9 +248,10 @@ impl Variant {
 type Fallible<T> = Result<T, String>;
 
 /// The variants where tollgate answers.
-const TOLLGATES: [Variant; 11] = [
+const TOLLGATES: [Variant; 12] = [
     Variant::CMem,
     Variant::CLean,
+    Variant::CMin,
     Variant::CNoPlan,
     Variant::CRedis,
     Variant::CLease,
@@ -693,12 +701,18 @@ impl Stack {
             let p = TollgateProcess::start(tollgate, &[], |g, h| tollgate_config("memory", g, h, 6379)).await;
             stack.tollgates.insert(v, p);
         }
-        if has(Variant::CLean) {
+        for (v, server) in [
+            (Variant::CLean, "dynamic_metadata: lean"),
+            (Variant::CMin, "dynamic_metadata: lean\n  remove_own_headers: seen"),
+        ] {
+            if !has(v) {
+                continue;
+            }
             let lean = |g: SocketAddr, h| {
                 tollgate_config("memory", g, h, 6379)
-                    .replace(&format!("grpc_listen: {g}"), &format!("grpc_listen: {g}\n  dynamic_metadata: lean"))
+                    .replace(&format!("grpc_listen: {g}"), &format!("grpc_listen: {g}\n  {server}"))
             };
-            stack.tollgates.insert(Variant::CLean, TollgateProcess::start(tollgate, &[], lean).await);
+            stack.tollgates.insert(v, TollgateProcess::start(tollgate, &[], lean).await);
         }
         for v in [Variant::CHttp, Variant::NTollgate].into_iter().filter(|v| has(*v)) {
             let door = free_addr();
@@ -808,6 +822,7 @@ impl Stack {
             let (want_told, want_without) = match v {
                 Variant::CMem
                 | Variant::CLean
+                | Variant::CMin
                 | Variant::CNoPlan
                 | Variant::CRedis
                 | Variant::CLease
@@ -1189,6 +1204,8 @@ impl Report<'_> {
             (CMem, A, None),
             (CLean, B, Some(0.95)),
             (CLean, CMem, None),
+            (CMin, B, Some(0.95)),
+            (CMin, CLean, None),
             (CNoPlan, CMem, None),
             (CRedis, B, Some(0.8)),
             (CRedis, A, None),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, RemoveOwnHeaders};
 use crate::decision::{AllowKind, Code, Decision, QuotaState, Verdict};
 use crate::entitlement::{Period, Window};
 use crate::identity::IdentitySource;
@@ -38,6 +38,18 @@ pub const OVERAGE_HEADER: &str = "x-tollgate-overage";
 pub const PAYER_HEADER: &str = "x-tollgate-payer";
 /// Header telling the upstream the x402 settlement (`network=…; transaction=…; amount=…`).
 pub const PAYMENT_HEADER: &str = "x-tollgate-payment";
+/// Every header tollgate may set for the upstream: an allow that does not
+/// set one removes the client's copy (`server.remove_own_headers`).
+pub const OWN_HEADERS: [&str; 8] = [
+    ACCOUNT_HEADER,
+    PLAN_HEADER,
+    DEGRADED_HEADER,
+    BILLING_WARNING_HEADER,
+    SHADOW_HEADER,
+    OVERAGE_HEADER,
+    PAYER_HEADER,
+    PAYMENT_HEADER,
+];
 
 /// A header name or value. tollgate's own names and fixed values live as
 /// long as the program, an account's id and plan are shared with its record
@@ -559,25 +571,17 @@ fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>
         r.client_headers.push((crate::x402::RESPONSE_HEADER.into(), response.to_owned().into()));
     }
     // Our own headers are removed when not set (the proxy may not have
-    // shown us the client's copy); a header we set is overwritten, never
-    // removed, since Envoy applies removals after additions.
+    // shown us the client's copy), unless the config says the proxy shows
+    // them all (`remove_own_headers: seen`: `ctx.strip` has those it sent);
+    // a header we set is overwritten, never removed, since Envoy applies
+    // removals after additions.
     let set = |name: &str| r.upstream_headers.iter().any(|(k, _)| k == name);
-    let mut remove: Vec<Name> = Vec::with_capacity(8 + ctx.strip.len());
-    remove.extend(
-        [
-            ACCOUNT_HEADER,
-            PLAN_HEADER,
-            DEGRADED_HEADER,
-            BILLING_WARNING_HEADER,
-            SHADOW_HEADER,
-            OVERAGE_HEADER,
-            PAYER_HEADER,
-            PAYMENT_HEADER,
-        ]
-        .into_iter()
-        .filter(|h| !set(h))
-        .map(Text::Static),
-    );
+    let own: &[&'static str] = match config.server.remove_own_headers {
+        RemoveOwnHeaders::Always => &OWN_HEADERS,
+        RemoveOwnHeaders::Seen => &[],
+    };
+    let mut remove: Vec<Name> = Vec::with_capacity(own.len() + ctx.strip.len());
+    remove.extend(own.iter().copied().filter(|h| !set(h)).map(Text::Static));
     for h in ctx.strip {
         if !set(h) && !remove.iter().any(|r| r == h) {
             remove.push(h.clone());

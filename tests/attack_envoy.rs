@@ -79,7 +79,13 @@ async fn stack() -> Stack {
 
 /// A stack whose Envoy config is the shipped one after `edit`.
 async fn stack_with_config(edit: impl FnOnce(String) -> String) -> Stack {
-    Stack::start(&spec_config(), |tollgate, upstream| edit(envoy::config(tollgate, upstream, Options::default()))).await
+    stack_with(&spec_config(), edit).await
+}
+
+/// tollgate on `tollgate_config` behind Envoy on the shipped config after `edit`.
+async fn stack_with(tollgate_config: &str, edit: impl FnOnce(String) -> String) -> Stack {
+    Stack::start(tollgate_config, |tollgate, upstream| edit(envoy::config(tollgate, upstream, Options::default())))
+        .await
 }
 
 /// The path as the laxest upstream would serve it: query and fragment
@@ -344,21 +350,26 @@ async fn credentials_never_reach_the_upstream_on_a_public_route_with_tollgate_se
 #[tokio::test]
 async fn forged_headers_are_removed_by_tollgate_even_without_the_edge_filter_with_tollgate_second_layer() {
     // The edge filter taken out (a misordered or forgotten filter): ext_authz
-    // still sends tollgate every x-tollgate-* header, and tollgate removes them.
-    let s = stack_with_config(without_header_filter).await;
-    let forged: Vec<(&str, &str)> = FORGED.iter().copied().filter(|(k, _)| !k.contains('_')).collect();
-    for (path, key) in [("/public/docs", None), ("/v1/ai/chat", Some(("x-api-key", "pro-key")))] {
-        let mut headers = forged.clone();
-        headers.extend(key);
-        let r = s.send("POST", path, &headers).await;
-        let echo = upstream_saw(&r).unwrap_or_else(|| panic!("{path}: {r:?}"));
-        let h = &echo["headers"];
-        for (name, value) in &forged {
-            let got = h[name.to_ascii_lowercase()].as_str();
-            assert!(got.is_none_or(|g| g != *value), "{path}: forged {name} reached the upstream: {h}");
+    // still sends tollgate every x-tollgate-* header, and tollgate removes
+    // them, whether it removes all its own or only those it saw
+    // (`server.remove_own_headers: seen`, which relies on allowed_headers).
+    for extra in ["", "server: { remove_own_headers: seen }\n"] {
+        let s = stack_with(&(spec_config() + extra), without_header_filter).await;
+        let forged: Vec<(&str, &str)> = FORGED.iter().copied().filter(|(k, _)| !k.contains('_')).collect();
+        for (path, key) in [("/public/docs", None), ("/v1/ai/chat", Some(("x-api-key", "pro-key")))] {
+            let mut headers = forged.clone();
+            headers.extend(key);
+            let r = s.send("POST", path, &headers).await;
+            let echo = upstream_saw(&r).unwrap_or_else(|| panic!("{extra}{path}: {r:?}"));
+            let h = &echo["headers"];
+            for (name, value) in &forged {
+                let got = h[name.to_ascii_lowercase()].as_str();
+                assert!(got.is_none_or(|g| g != *value), "{extra}{path}: forged {name} reached the upstream: {h}");
+            }
+            assert!(h["x-api-key"].is_null(), "{extra}{path}: the key reached the upstream: {h}");
         }
+        s.stop().await;
     }
-    s.stop().await;
 }
 
 #[test]

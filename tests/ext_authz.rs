@@ -261,6 +261,36 @@ async fn lean_metadata_leaves_plain_allows_without() {
     s.stop().await;
 }
 
+/// `server.remove_own_headers: seen`: an allow removes the credential and
+/// the `x-tollgate-*` headers the Check showed (and overwrites the ones it
+/// sets), but no longer asks for the removal of every own header it did not
+/// see; on a public route a forged account still goes.
+#[tokio::test]
+async fn seen_removal_removes_what_the_check_showed() {
+    let s = TestServer::start(&(spec_config() + "server: { remove_own_headers: seen }\n")).await;
+    let a = ask(&s, "GET", "/v1/search?q=rust", &[("x-api-key", "pro-key")]).await;
+    assert!(a.allowed, "{a:?}");
+    assert_eq!(a.upstream_remove, ["x-api-key"].map(String::from));
+    let forged = [
+        ("x-api-key", "pro-key"),
+        ("x-tollgate-account", "acct_free"),
+        ("x-tollgate-degraded", "1"),
+        ("x-tollgate-payer", "0xforged"),
+    ];
+    let a = ask(&s, "GET", "/v1/search?q=rust", &forged).await;
+    assert!(a.allowed, "{a:?}");
+    assert_eq!(a.upstream_headers["x-tollgate-account"], "acct_pro", "a set header is overwritten");
+    let mut removed = a.upstream_remove.clone();
+    removed.sort();
+    assert_eq!(removed, ["x-api-key", "x-tollgate-degraded", "x-tollgate-payer"].map(String::from));
+    let a = ask(&s, "GET", "/public/docs", &[("x-tollgate-account", "acct_pro"), ("x-tollgate-plan", "pro")]).await;
+    assert!(a.allowed, "{a:?}");
+    let mut removed = a.upstream_remove.clone();
+    removed.sort();
+    assert_eq!(removed, ["x-tollgate-account", "x-tollgate-plan"].map(String::from));
+    s.stop().await;
+}
+
 fn month_secs() -> String {
     let (start, end) = tollgate::entitlement::Period::Month.bounds(chrono::Utc::now());
     (end - start).num_seconds().to_string()

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use super::parse_duration;
 use super::policy::ProblemOverride;
-use super::settings::{Backend, Counting, DynamicMetadata, OnError, ReadAccess, TrustedCallers};
+use super::settings::{Backend, Counting, DynamicMetadata, OnError, ReadAccess, RemoveOwnHeaders, TrustedCallers};
 use crate::decision::Unmatched;
 use crate::entitlement::{Period, Status};
 
@@ -178,6 +178,8 @@ pub(super) struct Server {
     pub(super) trusted_callers: TrustedCallers,
     #[serde(default)]
     pub(super) dynamic_metadata: DynamicMetadata,
+    #[serde(default)]
+    pub(super) remove_own_headers: RemoveOwnHeaders,
     pub(super) tls: Option<Tls>,
     #[serde(default)]
     pub(super) watch_config: bool,

@@ -138,6 +138,23 @@ pub enum DynamicMetadata {
     Lean,
 }
 
+/// Which of tollgate's own `x-tollgate-*` request headers an allow asks the
+/// proxy to remove (`server.remove_own_headers`). A client's forged copy
+/// must never reach the upstream, but a proxy may not show it to tollgate
+/// (Envoy's `allowed_headers`), so by default an allow removes every one it
+/// does not set; each removal costs Envoy a scan of the request's headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoveOwnHeaders {
+    /// Every own header the answer does not set, seen or not.
+    #[default]
+    Always,
+    /// Only those the Check request carried: for a proxy that shows tollgate
+    /// every `x-tollgate-*` header or strips them itself (the shipped Envoy
+    /// does both).
+    Seen,
+}
+
 /// Who may assert an identity on a Check (`server.trusted_callers`): JWT
 /// claims from Envoy's metadata and trusted headers are the caller's word,
 /// and anyone who reaches the gRPC port can send a Check with forged ones.
@@ -249,6 +266,8 @@ pub struct ServerConfig {
     pub trusted_callers: TrustedCallers,
     /// Which Check answers carry Envoy dynamic metadata; reloadable.
     pub dynamic_metadata: DynamicMetadata,
+    /// Which own headers an allow removes when it does not set them; reloadable.
+    pub remove_own_headers: RemoveOwnHeaders,
     /// TLS (and mTLS) on the gRPC port.
     pub tls: Option<TlsConfig>,
     /// Re-read the config file when it changes (polled every 2 s), besides SIGHUP.

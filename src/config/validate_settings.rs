@@ -46,6 +46,7 @@ pub(super) fn server(raw: &schema::Server) -> Result<ServerConfig, Invalid> {
         read_access: raw.read_access,
         trusted_callers: raw.trusted_callers,
         dynamic_metadata: raw.dynamic_metadata,
+        remove_own_headers: raw.remove_own_headers,
         tls,
         watch_config: raw.watch_config,
         reflection: raw.reflection.unwrap_or(true),
