@@ -23,7 +23,6 @@
 
 mod input;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,7 +130,7 @@ impl Accounts {
     pub async fn seed(
         store: &dyn Store,
         seeds: &[SeedAccount],
-        plans: &HashMap<String, Plan>,
+        plans: &crate::decision::Plans,
     ) -> Result<usize, AccountsError> {
         if let Some(s) = seeds.iter().find(|s| !plans.contains_key(&*s.account.plan)) {
             return Err(AccountsError::PlanUnknown(s.account.plan.to_string()));

@@ -321,11 +321,16 @@ pub enum Unmatched {
     Allow,
 }
 
+/// Plans by name, hashed with foldhash (seeded per process) rather than
+/// SipHash: every Check looks its plan up three times, and the keys are the
+/// config's own names, which no caller can choose to collide.
+pub type Plans = HashMap<String, Plan, foldhash::fast::RandomState>;
+
 /// The part of config the decision reads: plans and the rules around them.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     /// Plans by name.
-    pub plans: HashMap<String, Plan>,
+    pub plans: Plans,
     /// How long a past-due account keeps access.
     pub grace_period: Duration,
     /// What unmatched routes get.

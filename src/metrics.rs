@@ -16,6 +16,10 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
 use crate::decision::Verdict;
+
+/// Each plan's per-status counters, found without building a label: read on
+/// every Check, keyed by the config's plan names (foldhash, as the plans).
+type PlanCounters = std::collections::HashMap<String, Vec<(&'static str, Counter)>, foldhash::fast::RandomState>;
 use crate::usage::LeaseTotals;
 
 /// The content type of [`Metrics::encode`]'s output (OpenMetrics text, which Prometheus scrapes natively).
@@ -67,7 +71,7 @@ pub struct Metrics {
     plan_decisions: Family<PlanLabels, Counter>,
     /// The series of `plan_decisions` met so far, by plan and status, so a
     /// Check finds its counter without building a label (no allocation).
-    plan_counters: std::sync::RwLock<std::collections::HashMap<String, Vec<(&'static str, Counter)>>>,
+    plan_counters: std::sync::RwLock<PlanCounters>,
     doors: Family<DoorLabels, Counter>,
     /// The series of `doors` met so far, by door and status label.
     door_counters: [[std::sync::OnceLock<Counter>; STATUSES.len()]; DOORS.len()],
@@ -479,7 +483,7 @@ impl Metrics {
     /// Counts one Check of an account on `plan` (a plan the config defines).
     pub fn record_plan_decision(&self, plan: &str, verdict: Verdict) {
         let status = status_label(verdict.http_status());
-        let find = |m: &std::collections::HashMap<String, Vec<(&'static str, Counter)>>| {
+        let find = |m: &PlanCounters| {
             m.get(plan).and_then(|s| s.iter().find(|(st, _)| *st == status)).map(|(_, c)| c.inc()).is_some()
         };
         if find(&self.plan_counters.read().unwrap_or_else(|e| e.into_inner())) {

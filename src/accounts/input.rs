@@ -5,14 +5,13 @@
 //!
 //! May use: `entitlement` (`Quota::new` builds every quota), `bounds`.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use crate::bounds::{MAX_CUSTOMER_ID, MAX_ITEMS, MAX_NAME, is_valid_customer_id, is_valid_name};
-use crate::entitlement::{Account, Period, Plan, Quota, QuotaError, Status, is_valid_account_id, is_valid_time};
+use crate::entitlement::{Account, Period, Quota, QuotaError, Status, is_valid_account_id, is_valid_time};
 
 /// An input the caller got wrong: the field, relative to what the operation
 /// takes (`plan`, `quota_overrides[0].limit`; `""` for the input as a whole),
@@ -136,7 +135,7 @@ impl EntitlementEdit {
     /// The account this edit describes, every field checked, in the order
     /// they are listed (so the first field at fault is the one named), before
     /// any store call; `billing_event_at` is left for the caller to carry over.
-    pub fn into_account(self, plans: &HashMap<String, Plan>) -> Result<Account, Invalid> {
+    pub fn into_account(self, plans: &crate::decision::Plans) -> Result<Account, Invalid> {
         check_account_id(&self.account_id, "account_id")?;
         if !plans.contains_key(&self.plan) {
             let mut known: Vec<&str> = plans.keys().map(String::as_str).collect();

@@ -134,10 +134,7 @@ fn levels(raw: &schema::Levels, path: &str) -> Result<Levels, Invalid> {
 }
 
 /// `events:` checked: an http(s) URL, secrets present, bounds, known plans.
-pub(super) fn validate(
-    raw: schema::Events,
-    plans: &HashMap<String, crate::entitlement::Plan>,
-) -> Result<EventsConfig, Invalid> {
+pub(super) fn validate(raw: schema::Events, plans: &crate::decision::Plans) -> Result<EventsConfig, Invalid> {
     let d = EventsConfig::default();
     let source = raw.source.unwrap_or(d.source);
     if source.is_empty() || source.len() > 256 || source.chars().any(char::is_control) {

@@ -18,18 +18,18 @@ use super::schema::{self, AccountDef, PlanDef, RouteDef};
 use super::secrets;
 use super::validate::{Invalid, invalid, name, positive, unknown};
 use super::validate_quotas::quotas;
-use crate::decision::Code;
+use crate::decision::{Code, Plans};
 use crate::entitlement::{Account, MAX_WINDOW, Plan, Status};
 use crate::route::{Route, RouteMatch, RouteTable};
 use crate::settlement::ChargeOn;
 use crate::usage::{MAX_COST, MAX_CREDITS};
 
 /// `plans:`: at least one, each with valid feature names and quotas.
-pub(super) fn plans(raw: &BTreeMap<String, PlanDef>) -> Result<HashMap<String, Plan>, Invalid> {
+pub(super) fn plans(raw: &BTreeMap<String, PlanDef>) -> Result<Plans, Invalid> {
     if raw.is_empty() {
         return Err(invalid("plans", "at least one plan is needed"));
     }
-    let mut plans = HashMap::new();
+    let mut plans = Plans::default();
     for (plan_name, def) in raw {
         let p = format!("plans.{plan_name}");
         name(plan_name, &p)?;
@@ -54,7 +54,7 @@ pub(super) fn plans(raw: &BTreeMap<String, PlanDef>) -> Result<HashMap<String, P
 }
 
 /// `accounts:`: unique ids and API keys, a known plan, bounded credits, dates and overrides.
-pub(super) fn accounts(raw: &[AccountDef], plans: &HashMap<String, Plan>) -> Result<Vec<SeedAccount>, Invalid> {
+pub(super) fn accounts(raw: &[AccountDef], plans: &Plans) -> Result<Vec<SeedAccount>, Invalid> {
     let mut accounts = Vec::with_capacity(raw.len());
     let mut ids = HashSet::new();
     let mut keys = HashSet::new();
@@ -135,11 +135,7 @@ fn date(t: Option<DateTime<Utc>>, path: &str) -> Result<Option<DateTime<Utc>>, I
 
 /// `routes:`: one normal-form path matcher (or a host), HTTP methods, a
 /// feature some plan or account has, a bounded cost; public routes take none.
-pub(super) fn routes(
-    raw: Vec<RouteDef>,
-    plans: &HashMap<String, Plan>,
-    accounts: &[SeedAccount],
-) -> Result<RouteTable, Invalid> {
+pub(super) fn routes(raw: Vec<RouteDef>, plans: &Plans, accounts: &[SeedAccount]) -> Result<RouteTable, Invalid> {
     let known_features: BTreeSet<&str> = plans
         .values()
         .flat_map(|p| p.features.iter())
@@ -231,10 +227,7 @@ pub(super) fn charge_on(raw: Option<Vec<String>>) -> Result<ChargeOn, Invalid> {
 
 /// `billing.stripe`: prices name known plans; signing secrets are the
 /// environment's then the listed ones ([`secrets::merge`]).
-pub(super) fn stripe(
-    raw: Option<schema::Stripe>,
-    plans: &HashMap<String, Plan>,
-) -> Result<Option<StripeConfig>, Invalid> {
+pub(super) fn stripe(raw: Option<schema::Stripe>, plans: &Plans) -> Result<Option<StripeConfig>, Invalid> {
     let Some(s) = raw else { return Ok(None) };
     for (price, plan) in &s.prices {
         if !plans.contains_key(plan) {

@@ -315,7 +315,8 @@ fn credits_win_over_quotas_and_quotas_over_rates() {
                 shadow: None,
             },
         )]
-        .into(),
+        .into_iter()
+        .collect(),
         ..policy()
     };
     let a = account("payg");
