@@ -11,6 +11,7 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
@@ -297,16 +298,22 @@ impl Authorizer {
     /// [`Authorizer::call`] for a call made by `make`, which runs once the
     /// clock is started: a store that answers the Check's calls at once
     /// (`store::Reply::now`, the memory store) does its work when the call
-    /// is made, and that work is the call's time.
+    /// is made, and that work is the call's time. A call answered on its
+    /// first poll takes no timer: nothing is left to wait for.
     pub(crate) async fn call_lazy<T, F: Future<Output = Result<T, StoreError>>>(
         &self,
         timeout: std::time::Duration,
         make: impl FnOnce() -> F,
     ) -> Result<T, StoreError> {
         let started = std::time::Instant::now();
-        let r = match tokio::time::timeout(timeout, make()).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Timeout(timeout)),
+        let mut call = std::pin::pin!(make());
+        let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
+        let r = match first {
+            Poll::Ready(r) => r,
+            Poll::Pending => match tokio::time::timeout(timeout, call).await {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Timeout(timeout)),
+            },
         };
         let elapsed = started.elapsed();
         self.metrics.record_store_call(elapsed);

@@ -41,6 +41,9 @@ impl ExtAuthz {
     }
 }
 
+/// Up to this many request headers, a lookup scans them instead of hashing the name.
+const SCAN_HEADERS_UP_TO: usize = 16;
+
 /// A CheckRequest's headers and JWT metadata, as [`Credentials`].
 struct EnvoyCredentials<'a> {
     http: Option<&'a HttpRequest>,
@@ -50,7 +53,14 @@ struct EnvoyCredentials<'a> {
 impl Credentials for EnvoyCredentials<'_> {
     fn header(&self, name: &str) -> Option<&str> {
         let http = self.http?;
-        if let Some(v) = http.headers.get(name) {
+        // A Check usually carries a handful of headers: comparing their names
+        // costs less than SipHash, the map's hasher (fixed by the generated type).
+        let found = if http.headers.len() <= SCAN_HEADERS_UP_TO {
+            http.headers.iter().find(|(k, _)| k.as_str() == name).map(|(_, v)| v)
+        } else {
+            http.headers.get(name)
+        };
+        if let Some(v) = found {
             return Some(v);
         }
         // With `encode_raw_headers: true` Envoy fills `header_map` instead.
