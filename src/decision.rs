@@ -6,7 +6,6 @@
 //! No I/O, no clock reads: `now` is an argument. Depends only on
 //! `entitlement` and `usage`.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -321,10 +320,8 @@ pub enum Unmatched {
     Allow,
 }
 
-/// Plans by name, hashed with foldhash (seeded per process) rather than
-/// SipHash: every Check looks its plan up three times, and the keys are the
-/// config's own names, which no caller can choose to collide.
-pub type Plans = HashMap<String, Plan, foldhash::fast::RandomState>;
+/// Plans by name: every Check looks its plan up three times ([`crate::FastMap`]).
+pub type Plans = crate::FastMap<String, Plan>;
 
 /// The part of config the decision reads: plans and the rules around them.
 #[derive(Debug, Clone, Default)]

@@ -63,3 +63,9 @@ pub mod stripe;
 pub mod telemetry;
 pub mod usage;
 pub mod x402;
+
+/// The maps a Check reads, hashed with foldhash (seeded per process) rather
+/// than SipHash: their keys are the config's names, account ids and meters
+/// from records, and key hashes (SHA-256 outputs). None can be chosen to
+/// collide by a caller, who only looks them up.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

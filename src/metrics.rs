@@ -16,11 +16,11 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
 use crate::decision::Verdict;
+use crate::usage::LeaseTotals;
 
 /// Each plan's per-status counters, found without building a label: read on
-/// every Check, keyed by the config's plan names (foldhash, as the plans).
-type PlanCounters = std::collections::HashMap<String, Vec<(&'static str, Counter)>, foldhash::fast::RandomState>;
-use crate::usage::LeaseTotals;
+/// every Check, keyed by the config's plan names.
+type PlanCounters = crate::FastMap<String, Vec<(&'static str, Counter)>>;
 
 /// The content type of [`Metrics::encode`]'s output (OpenMetrics text, which Prometheus scrapes natively).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

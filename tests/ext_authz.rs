@@ -240,6 +240,30 @@ async fn allowed_request_carries_identity_upstream_and_strips_the_key() {
     s.stop().await;
 }
 
+/// A Check's headers are found by comparing names when it carries few and by
+/// the map's hash past that: the key is found either way, whatever else the
+/// client sends (the kit adds `:authority` and `:method`: 13 others make 16
+/// headers, scanned; 14 make 17, hashed), and names that only look like it
+/// are not taken for it.
+#[tokio::test]
+async fn the_key_is_found_among_few_or_many_headers_and_lookalikes_are_not() {
+    let s = TestServer::start(&spec_config()).await;
+    for extra in [0, 13, 14, 15, 40, 90] {
+        let names: Vec<String> = (0..extra).map(|i| format!("x-filler-{i}")).collect();
+        let mut headers: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        headers.push(("x-api-key", "pro-key"));
+        let a = ask(&s, "GET", "/v1/search?q=rust", &headers).await;
+        assert!(a.allowed, "{extra} other headers: {a:?}");
+        assert_eq!(a.upstream_headers["x-tollgate-account"], "acct_pro");
+        assert!(a.upstream_remove.contains(&"x-api-key".to_string()), "{extra}: the key is removed");
+        let mut lookalikes: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        lookalikes.extend([("x-api-key2", "pro-key"), ("x-api-ke", "pro-key"), ("x-x-api-key", "pro-key")]);
+        let a = ask(&s, "GET", "/v1/search?q=rust", &lookalikes).await;
+        assert_problem(&a, 401, "credentials_missing");
+    }
+    s.stop().await;
+}
+
 /// `server.dynamic_metadata: lean`: a plain allow carries no metadata (the
 /// upstream headers name account and plan), over the wire as Envoy reads it;
 /// a grace allow and a deny keep theirs (shadow and charge: the unit test in

@@ -36,11 +36,8 @@ use crate::usage::{
 
 const SHARDS: usize = 16;
 
-/// The maps every Check reads: hashed with foldhash, seeded per process,
-/// not SipHash. Their keys are account ids and meters from records and the
-/// config, and key hashes (SHA-256 outputs): none can be chosen to collide
-/// by a caller, who only looks them up.
-type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// The maps every Check reads.
+type Fast<K, V> = crate::FastMap<K, V>;
 
 /// A store that keeps everything in this process; lost on restart.
 #[derive(Debug, Default)]
