@@ -47,6 +47,8 @@ pub struct MemoryStore {
     /// Webhook event ids with the instant they may be forgotten (`None`: never,
     /// for a TTL too long for the clock).
     events: Mutex<HashMap<String, Option<Instant>>>,
+    /// The size at which `events` is next pruned.
+    events_prune_at: std::sync::atomic::AtomicUsize,
     /// Per-account credits and counters, sharded by account id.
     usage: [Mutex<Fast<Arc<str>, Usage>>; SHARDS],
     /// Picks an account's shard.
@@ -209,13 +211,29 @@ impl MemoryStore {
 /// 100,000), and doubles `at` past what is left: pruning costs O(1) per
 /// insert on average however many entries are live.
 fn prune<K>(map: &mut HashMap<K, DateTime<Utc>>, at: &std::sync::atomic::AtomicUsize, now: DateTime<Utc>) {
+    prune_where(map, at, 100_000, |until| *until > now);
+}
+
+/// [`prune`] for any map: keeps the entries `live` says are, once `map` has
+/// grown to `at` (at least `floor`), then doubles `at` past what is left.
+/// Without the doubling, a map holding `floor` live entries would be
+/// scanned whole on every insert.
+fn prune_where<K, V>(
+    map: &mut HashMap<K, V>,
+    at: &std::sync::atomic::AtomicUsize,
+    floor: usize,
+    live: impl Fn(&V) -> bool,
+) {
     use std::sync::atomic::Ordering;
-    let limit = at.load(Ordering::Relaxed).max(100_000);
+    let limit = at.load(Ordering::Relaxed).max(floor);
     if map.len() >= limit {
-        map.retain(|_, until| *until > now);
-        at.store(map.len().saturating_mul(2).max(100_000), Ordering::Relaxed);
+        map.retain(|_, v| live(v));
+        at.store(map.len().saturating_mul(2).max(floor), Ordering::Relaxed);
     }
 }
+
+/// The size from which lapsed webhook event ids are dropped (see [`prune_where`]).
+const EVENTS_PRUNED_FROM: usize = 10_000;
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())
@@ -387,9 +405,7 @@ impl Store for MemoryStore {
         let mut events = lock(&self.events);
         let now = Instant::now();
         let live = |until: &Option<Instant>| until.is_none_or(|u| u > now);
-        if events.len() > 10_000 {
-            events.retain(|_, until| live(until));
-        }
+        prune_where(&mut events, &self.events_prune_at, EVENTS_PRUNED_FROM, live);
         match events.get(id) {
             Some(until) if live(until) => Ok(false),
             _ => {

@@ -125,6 +125,29 @@ async fn remembering_an_event_for_longer_than_the_clock_can_say_does_not_panic()
     assert!(!s.remember_event("evt_1", Duration::MAX).await.unwrap(), "remembered for ever");
 }
 
+#[tokio::test]
+async fn lapsed_event_ids_are_dropped_and_live_ones_are_not_scanned_on_every_insert() {
+    use std::sync::atomic::Ordering;
+    let s = MemoryStore::new();
+    let hour = Duration::from_secs(3600);
+    for i in 0..EVENTS_PRUNED_FROM {
+        assert!(s.remember_event(&format!("evt_lapsed_{i}"), Duration::ZERO).await.unwrap());
+    }
+    std::thread::sleep(Duration::from_millis(2));
+    assert!(s.remember_event("evt_next", hour).await.unwrap());
+    assert_eq!(lock(&s.events).len(), 1, "the lapsed ids were dropped, the new one kept");
+    assert!(s.remember_event("evt_lapsed_0", hour).await.unwrap(), "a dropped id is new again");
+    // Live ids up to the floor: one scan keeps them all, and the next scan
+    // waits until the map has doubled (it used to rescan on every insert).
+    for i in 0..EVENTS_PRUNED_FROM {
+        assert!(s.remember_event(&format!("evt_live_{i}"), hour).await.unwrap());
+    }
+    assert_eq!(lock(&s.events).len(), EVENTS_PRUNED_FROM + 2);
+    assert_eq!(s.events_prune_at.load(Ordering::Relaxed), 2 * EVENTS_PRUNED_FROM);
+    assert!(!s.remember_event("evt_live_0", hour).await.unwrap(), "a live id is still a replay");
+    assert!(!s.remember_event("evt_next", hour).await.unwrap());
+}
+
 /// Runs a memory-store future, which never waits (its locks are std ones).
 fn run<T>(f: impl std::future::Future<Output = T>) -> T {
     use futures_util::FutureExt;
