@@ -340,3 +340,55 @@ async fn over_envoy_s_http_ext_authz_every_row_is_as_over_grpc() {
     assert_eq!(r.body, "", "{r:?}");
     s.stop().await;
 }
+
+/// `config` with its stdout access log written to `file` instead, in the
+/// shipped format: what an operator's log collector reads.
+fn access_log_to(config: &str, file: &std::path::Path) -> String {
+    let stdout = "\"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
+    let line = config.lines().find(|l| l.trim() == stdout).expect("the shipped config logs to stdout");
+    let indent = &line[..line.len() - line.trim_start().len()];
+    let file_log = format!(
+        "{indent}\"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n{indent}path: {}",
+        file.display()
+    );
+    config.replacen(line, &file_log, 1)
+}
+
+/// The access log's lines, once it holds `n`: Envoy writes its log files
+/// every 10 s (`--file-flush-interval-msec`), so this waits up to 15.
+async fn logged(file: &std::path::Path, n: usize) -> Vec<String> {
+    let read = || std::fs::read_to_string(file).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>();
+    let within = std::time::Duration::from_secs(15);
+    eventually(&format!("{n} lines in {}", file.display()), within, async || read().len() >= n).await;
+    read()
+}
+
+/// The shipped access logs say who made each request: over gRPC from the
+/// answer's metadata (account, plan, decision), over the HTTP door (whose
+/// answers carry none) from the request headers tollgate set. A client's
+/// own `x-tollgate-*` headers never show up in them.
+#[tokio::test]
+async fn the_shipped_access_logs_name_the_account_and_plan_tollgate_decided() {
+    let dir = tollgate_testkit::process::temp_dir("access-log");
+    let (grpc_log, http_log) = (dir.join("grpc.log"), dir.join("http.log"));
+    let spec = spec_config();
+    let grpc = Stack::start(&spec, |t, u| access_log_to(&envoy::config(t, u, Options::default()), &grpc_log));
+    let door = free_addr();
+    let yaml = format!("{spec}server: {{ authz_http_listen: \"{door}\" }}\n");
+    let http =
+        Stack::start(&yaml, |t, u| access_log_to(&envoy::http_door_config(t, door, u, Options::default()), &http_log));
+    let (grpc, http) = tokio::join!(grpc, http);
+    let forged = [("x-tollgate-account", "acct_forged"), ("x-tollgate-plan", "forged")];
+    for s in [&grpc, &http] {
+        assert_eq!(s.get("/v1/search", &[("x-api-key", "pro-key"), forged[0], forged[1]]).await.status, 200);
+        assert_eq!(s.get("/v1/search", &forged).await.status, 401);
+    }
+    let (grpc_lines, http_lines) = tokio::join!(logged(&grpc_log, 2), logged(&http_log, 2));
+    assert!(grpc_lines[0].ends_with(" 200 account=acct_pro plan=pro decision=allowed"), "{grpc_lines:?}");
+    assert!(grpc_lines[1].ends_with(" 401 account=- plan=- decision=credentials_missing"), "{grpc_lines:?}");
+    assert!(http_lines[0].ends_with(" 200 account=acct_pro plan=pro"), "{http_lines:?}");
+    assert!(http_lines[1].ends_with(" 401 account=- plan=-"), "{http_lines:?}");
+    grpc.stop().await;
+    http.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
