@@ -408,3 +408,21 @@ fn shadowed_routes_are_warned_about() {
     assert!(w.iter().any(|w| w.starts_with("routes[1]") && w.contains("routes[0]")), "{w:?}");
     assert!(!w.iter().any(|w| w.starts_with("routes[2]")), "/v1 does not cover /v1x: {w:?}");
 }
+
+/// A host route is only as good as the proxy's routing by host: the
+/// shipped Envoy configs send every host to one upstream, where a client
+/// picking `Host: docs.example.com` would pick a public route. `check-config`
+/// says so, naming the routes, and says nothing when no route matches on host.
+#[test]
+fn routes_matching_on_host_are_warned_about() {
+    let routes = "plans: { p: { features: [f] } }\nroutes:\n  - { match: { host: docs.example.com, path_prefix: / }, public: true }\n  - { match: { path_prefix: /v1 }, feature: f }\n  - { match: { host: api.example.com, path: /v2 }, feature: f }\n";
+    let w = Config::parse(routes, "t.yaml").unwrap().warnings();
+    let host = w
+        .iter()
+        .find(|w| w.starts_with("routes[0], routes[2]: match on the request's host"))
+        .unwrap_or_else(|| panic!("{w:?}"));
+    assert!(host.contains("domains: [\"*\"]") && host.contains("a client picks the host"), "{host}");
+    let plain = "plans: { p: { features: [f] } }\nroutes:\n  - { match: { path_prefix: /v1 }, feature: f }\n";
+    let w = Config::parse(plain, "t.yaml").unwrap().warnings();
+    assert!(!w.iter().any(|w| w.contains("host")), "{w:?}");
+}

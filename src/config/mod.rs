@@ -131,6 +131,21 @@ impl Config {
                 r.name, e.name
             ));
         }
+        let by_host: Vec<String> = self
+            .routes
+            .routes()
+            .iter()
+            .filter(|r| r.matcher.host.is_some())
+            .map(|r| format!("routes[{}]", r.index))
+            .collect();
+        if !by_host.is_empty() {
+            out.push(format!(
+                "{}: match on the request's host, which is the client's word unless the proxy routes each host \
+                 apart (a virtual host and upstream of its own; the shipped Envoy configs send every host to one \
+                 upstream, domains: [\"*\"]): otherwise a client picks the host, and with it the route",
+                by_host.join(", ")
+            ));
+        }
         let asserted: Vec<String> = self
             .identity
             .iter()
