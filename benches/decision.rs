@@ -120,7 +120,7 @@ fn bench_render(c: &mut Criterion) {
     let allowed = decide(&config.policy, SEARCH, &account, &answer(42, false));
     assert!(allowed.is_allowed());
     let strip = [problem::Text::Static("x-api-key")];
-    let ctx = Context { strip: &strip, payment: None };
+    let ctx = Context { removals: problem::Removals { strip: &strip, own_shown: false }, payment: None };
     let t = now();
     let sample = problem::render(&exhausted, &config, ctx, t);
     assert_eq!(sample.status, 402);

@@ -75,6 +75,11 @@ pub struct Query<'a, C> {
     /// door: Traefik forwards them all), so asserted identities are never
     /// honoured, whatever `server.trusted_callers` says.
     pub client_headers_unfiltered: bool,
+    /// The proxy said (gRPC metadata [`crate::config::OWN_HEADERS_SHOWN`])
+    /// that it shows tollgate every `x-tollgate-*` header a client sends or
+    /// removes them first: under `server.remove_own_headers: auto` an allow
+    /// then removes only those the Check carried.
+    pub own_headers_shown: bool,
 }
 
 /// The answer, rendered.
@@ -473,6 +478,7 @@ impl Authorizer {
             Subject::Request(creds) => strip_headers(config, creds),
             _ => Strip::new(),
         };
+        let removals = problem::Removals { strip: &strip, own_shown: query.own_headers_shown };
         // On an HTTP request: the matched route's x402 settings, and the URL a challenge names.
         let mut paying: Option<(Option<&crate::x402::RouteX402>, &str, &str, &str)> = None;
         let (target, route, cost_header) = match query.ask {
@@ -481,7 +487,7 @@ impl Authorizer {
                     Unmatched::Allow => Decision::allow(AllowKind::Public),
                     Unmatched::Deny => Decision::deny(Code::RouteNotAllowed),
                 };
-                return Ok(self.finish(config, d, &strip, None, now));
+                return Ok(self.finish(config, d, removals, None, now));
             }
             Ask::Http(key) => {
                 // Routes match the path alone, and only its normal form: the
@@ -490,7 +496,7 @@ impl Authorizer {
                 let path = key.path.split('?').next().unwrap_or("");
                 if let Err(e) = check_path(path) {
                     tracing::debug!(reason = %e, "path not in normal form");
-                    return Ok(self.finish(config, Decision::deny(Code::RequestInvalid), &strip, None, now));
+                    return Ok(self.finish(config, Decision::deny(Code::RequestInvalid), removals, None, now));
                 }
                 let host = key.host;
                 let form = match_form(path);
@@ -524,7 +530,7 @@ impl Authorizer {
         // Only Envoy's Checks are settled from an access log.
         let settles = matches!((&query.subject, &query.ask), (Subject::Request(_), Ask::Http(_)));
         if target == Target::Public {
-            return Ok(self.finish(config, Decision::allow(AllowKind::Public), &strip, route, now));
+            return Ok(self.finish(config, Decision::allow(AllowKind::Public), removals, route, now));
         }
 
         let presented = match query.subject {
@@ -542,7 +548,7 @@ impl Authorizer {
         };
         let account = match self.resolve(config, &presented).await {
             Ok(account) => account,
-            Err(e) => return self.store_failed(config, e, None, &strip, route, now),
+            Err(e) => return self.store_failed(config, e, None, removals, route, now),
         };
         let caller = match (&account, &presented) {
             (Some(a), _) => Caller::Known(a),
@@ -587,7 +593,7 @@ impl Authorizer {
                         }
                         d
                     }
-                    Err(e) => return self.store_failed(config, e, account.as_deref(), &strip, route, now),
+                    Err(e) => return self.store_failed(config, e, account.as_deref(), removals, route, now),
                 }
             }
         };
@@ -596,7 +602,7 @@ impl Authorizer {
             (Some(x), Subject::Request(creds), Some(at)) if !query.dry_run => {
                 match self.x402(config, x, creds, at, decision).await {
                     Ok(paid) => paid,
-                    Err(e) => return self.store_failed(config, e, account.as_deref(), &strip, route, now),
+                    Err(e) => return self.store_failed(config, e, account.as_deref(), removals, route, now),
                 }
             }
             _ => (decision, None),
@@ -605,7 +611,7 @@ impl Authorizer {
             self.observe(&decision, route.as_deref());
         }
         let payment = payment.as_ref().zip(config.x402.as_deref()).map(|(p, x)| p.view(x));
-        let response = problem::render(&decision, config, problem::Context { strip: &strip, payment }, now);
+        let response = problem::render(&decision, config, problem::Context { removals, payment }, now);
         Ok(Outcome::new(config, decision, response, route, charge))
     }
 
@@ -813,7 +819,7 @@ impl Authorizer {
         config: &Config,
         error: StoreError,
         account: Option<&Account>,
-        strip: &[problem::Name],
+        removals: problem::Removals<'_>,
         route: Option<Arc<str>>,
         now: DateTime<Utc>,
     ) -> Result<Outcome, StoreUnavailable> {
@@ -827,18 +833,18 @@ impl Authorizer {
             d.account = Some(a.id.clone());
             d.plan = Some(a.plan.clone());
         }
-        Ok(self.finish(config, d, strip, route, now))
+        Ok(self.finish(config, d, removals, route, now))
     }
 
     fn finish(
         &self,
         config: &Config,
         decision: Decision,
-        strip: &[problem::Name],
+        removals: problem::Removals<'_>,
         route: Option<Arc<str>>,
         now: DateTime<Utc>,
     ) -> Outcome {
-        let response = problem::render(&decision, config, problem::Context { strip, payment: None }, now);
+        let response = problem::render(&decision, config, problem::Context { removals, payment: None }, now);
         Outcome::new(config, decision, response, route, None)
     }
 }

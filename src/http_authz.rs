@@ -151,6 +151,7 @@ async fn answer(State(authorizer): State<Arc<Authorizer>>, request: Request) -> 
         // Traefik forwards every client header: a trusted header or claim
         // here would be the client's word.
         client_headers_unfiltered: true,
+        own_headers_shown: false,
     };
     let outcome = match authorizer.authorize(query).await {
         Ok(o) => o,

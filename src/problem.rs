@@ -51,6 +51,16 @@ pub const OWN_HEADERS: [&str; 8] = [
     PAYMENT_HEADER,
 ];
 
+/// The own headers an allow removes when it does not set them even when the
+/// proxy shows tollgate every `x-tollgate-*` header (`remove_own_headers:
+/// seen`, or `auto` on the proxy's word): routes match on them (route by
+/// plan), and an answer that changes no header leaves Envoy on the route it
+/// chose before its edge filter removed a client's forged copy
+/// (`clear_route_cache` acts only on answers that change headers). An allow
+/// of an account sets both, so only allows without one (public routes) pay
+/// for the two removals.
+pub const ROUTED_HEADERS: [&str; 2] = [ACCOUNT_HEADER, PLAN_HEADER];
+
 /// A header name or value. tollgate's own names and fixed values live as
 /// long as the program, an account's id and plan are shared with its record
 /// and a configured header's name with the config: none of those is copied
@@ -176,11 +186,23 @@ pub struct Response {
 /// What the caller sent that shapes the response.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Context<'a> {
+    /// What an allow asks the proxy to remove.
+    pub removals: Removals<'a>,
+    /// What x402 adds: a challenge on a 402 a payment cures, a receipt on a paid call.
+    pub payment: Option<Payment<'a>>,
+}
+
+/// What an allow asks the proxy to remove from the request, besides the own
+/// headers `server.remove_own_headers` says to remove unseen.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Removals<'a> {
     /// Request headers to remove before the upstream (credentials, forged
     /// `x-tollgate-*`), lower-case; those tollgate sets are overwritten instead.
     pub strip: &'a [Name],
-    /// What x402 adds: a challenge on a 402 a payment cures, a receipt on a paid call.
-    pub payment: Option<Payment<'a>>,
+    /// The proxy said it shows tollgate every `x-tollgate-*` header a client
+    /// sends or removes them first (`config::OWN_HEADERS_SHOWN`), so under
+    /// `remove_own_headers: auto` those `strip` lacks are not there.
+    pub own_shown: bool,
 }
 
 /// The x402 part of an answer (built by `x402`, rendered here).
@@ -571,18 +593,20 @@ fn render_allow(d: &Decision, kind: AllowKind, config: &Config, ctx: Context<'_>
         r.client_headers.push((crate::x402::RESPONSE_HEADER.into(), response.to_owned().into()));
     }
     // Our own headers are removed when not set (the proxy may not have
-    // shown us the client's copy), unless the config says the proxy shows
-    // them all (`remove_own_headers: seen`: `ctx.strip` has those it sent);
-    // a header we set is overwritten, never removed, since Envoy applies
-    // removals after additions.
+    // shown us the client's copy), unless the config or, under `auto`, the
+    // proxy says it shows them all (then `strip` has those the client sent,
+    // and only the two routes match on are removed unseen: see
+    // ROUTED_HEADERS); a header we set is overwritten, never removed, since
+    // Envoy applies removals after additions.
     let set = |name: &str| r.upstream_headers.iter().any(|(k, _)| k == name);
-    let own: &[&'static str] = match config.server.remove_own_headers {
-        RemoveOwnHeaders::Always => &OWN_HEADERS,
-        RemoveOwnHeaders::Seen => &[],
+    let own: &[&'static str] = match (config.server.remove_own_headers, ctx.removals.own_shown) {
+        (RemoveOwnHeaders::Always, _) | (RemoveOwnHeaders::Auto, false) => &OWN_HEADERS,
+        (RemoveOwnHeaders::Seen, _) | (RemoveOwnHeaders::Auto, true) => &ROUTED_HEADERS,
     };
-    let mut remove: Vec<Name> = Vec::with_capacity(own.len() + ctx.strip.len());
+    let strip = ctx.removals.strip;
+    let mut remove: Vec<Name> = Vec::with_capacity(own.len() + strip.len());
     remove.extend(own.iter().copied().filter(|h| !set(h)).map(Text::Static));
-    for h in ctx.strip {
+    for h in strip {
         if !set(h) && !remove.iter().any(|r| r == h) {
             remove.push(h.clone());
         }

@@ -351,9 +351,10 @@ async fn credentials_never_reach_the_upstream_on_a_public_route_with_tollgate_se
 async fn forged_headers_are_removed_by_tollgate_even_without_the_edge_filter_with_tollgate_second_layer() {
     // The edge filter taken out (a misordered or forgotten filter): ext_authz
     // still sends tollgate every x-tollgate-* header, and tollgate removes
-    // them, whether it removes all its own or only those it saw
-    // (`server.remove_own_headers: seen`, which relies on allowed_headers).
-    for extra in ["", "server: { remove_own_headers: seen }\n"] {
+    // them, whether it removes all its own or only those it saw (`seen`, and
+    // `auto` on the shipped config's word, both relying on allowed_headers).
+    let settings = ["", "server: { remove_own_headers: always }\n", "server: { remove_own_headers: seen }\n"];
+    for extra in settings {
         let s = stack_with(&(spec_config() + extra), without_header_filter).await;
         let forged: Vec<(&str, &str)> = FORGED.iter().copied().filter(|(k, _)| !k.contains('_')).collect();
         for (path, key) in [("/public/docs", None), ("/v1/ai/chat", Some(("x-api-key", "pro-key")))] {
@@ -368,6 +369,35 @@ async fn forged_headers_are_removed_by_tollgate_even_without_the_edge_filter_wit
             }
             assert!(h["x-api-key"].is_null(), "{extra}{path}: the key reached the upstream: {h}");
         }
+        s.stop().await;
+    }
+}
+
+/// The shipped configs tell tollgate, on their own gRPC call, that no client
+/// `x-tollgate-*` header reaches the Check unseen (`initial_metadata`), and
+/// tollgate takes that word through a real Envoy, a client's own copy of it
+/// aside: in a config where the word is false (no edge filter, the prefix
+/// not in `allowed_headers`), a forged header tollgate was not shown reaches
+/// the upstream while the word is given, and is removed once it is taken
+/// out. Hence the comment at `initial_metadata`: take it out when changing either.
+#[tokio::test]
+async fn the_proxy_s_word_on_own_headers_reaches_tollgate_and_is_taken() {
+    const WORD: &str = "                        initial_metadata:\n                          - { key: tollgate-own-headers, value: shown }\n";
+    const SHOWN: &str = "                          - { prefix: x-tollgate- }\n";
+    for given in [true, false] {
+        let s = stack_with_config(move |c| {
+            assert!(c.contains(WORD) && c.contains(SHOWN), "the shipped config gives the word and shows the prefix");
+            let c = without_header_filter(c).replace(SHOWN, "");
+            if given { c } else { c.replace(WORD, "") }
+        })
+        .await;
+        let forged = [("x-api-key", "pro-key"), ("x-tollgate-degraded", "forged"), ("tollgate-own-headers", "shown")];
+        let r = s.get("/v1/search", &forged).await;
+        let echo = upstream_saw(&r).unwrap_or_else(|| panic!("{given}: {r:?}"));
+        let h = &echo["headers"];
+        assert_eq!(h["x-tollgate-degraded"].as_str() == Some("forged"), given, "word given: {given}: {h}");
+        assert!(h["x-api-key"].is_null(), "the key never reaches the upstream: {h}");
+        assert_eq!(h["x-tollgate-account"], "acct_pro");
         s.stop().await;
     }
 }

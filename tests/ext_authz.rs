@@ -288,7 +288,7 @@ async fn lean_metadata_leaves_plain_allows_without() {
 /// `server.remove_own_headers: seen`: an allow removes the credential and
 /// the `x-tollgate-*` headers the Check showed (and overwrites the ones it
 /// sets), but no longer asks for the removal of every own header it did not
-/// see; on a public route a forged account still goes.
+/// see, but for account and plan; on a public route a forged account still goes.
 #[tokio::test]
 async fn seen_removal_removes_what_the_check_showed() {
     let s = TestServer::start(&(spec_config() + "server: { remove_own_headers: seen }\n")).await;
@@ -307,11 +307,60 @@ async fn seen_removal_removes_what_the_check_showed() {
     let mut removed = a.upstream_remove.clone();
     removed.sort();
     assert_eq!(removed, ["x-api-key", "x-tollgate-degraded", "x-tollgate-payer"].map(String::from));
-    let a = ask(&s, "GET", "/public/docs", &[("x-tollgate-account", "acct_pro"), ("x-tollgate-plan", "pro")]).await;
-    assert!(a.allowed, "{a:?}");
-    let mut removed = a.upstream_remove.clone();
-    removed.sort();
-    assert_eq!(removed, ["x-tollgate-account", "x-tollgate-plan"].map(String::from));
+    // On a public route the two headers routes match on are removed even
+    // unseen: an answer changing no header would leave Envoy on the route it
+    // picked before its edge filter removed a forged plan.
+    for forged in [&[("x-tollgate-account", "acct_pro"), ("x-tollgate-plan", "pro")][..], &[]] {
+        let a = ask(&s, "GET", "/public/docs", forged).await;
+        assert!(a.allowed, "{a:?}");
+        let mut removed = a.upstream_remove.clone();
+        removed.sort();
+        assert_eq!(removed, ["x-tollgate-account", "x-tollgate-plan"].map(String::from), "{forged:?}");
+    }
+    s.stop().await;
+}
+
+/// `server.remove_own_headers: auto` (the default): a Check whose proxy
+/// says, in its own call's gRPC metadata, that it shows tollgate every
+/// `x-tollgate-*` header (as the shipped Envoy configs do) is answered as
+/// under `seen`; without it, with any other value, or with the words in the
+/// client's request headers instead, as under `always`, which ignores them.
+#[tokio::test]
+async fn own_header_removals_follow_the_proxy_s_word_under_auto() {
+    async fn removed(s: &TestServer, word: Option<&str>, headers: &[(&str, &str)]) -> Vec<String> {
+        let mut req = tonic::Request::new(http_check("GET", "/v1/search?q=rust", headers));
+        if let Some(w) = word {
+            req.metadata_mut().insert(tollgate::config::OWN_HEADERS_SHOWN.0, w.parse().unwrap());
+        }
+        let a = Answer::of(&s.client().await.check(req).await.unwrap().into_inner());
+        assert!(a.allowed, "{a:?}");
+        let mut removed = a.upstream_remove;
+        removed.sort();
+        removed
+    }
+    let key = ("x-api-key", "pro-key");
+    let set = ["x-tollgate-account", "x-tollgate-plan"];
+    let mut all: Vec<String> =
+        tollgate::problem::OWN_HEADERS.iter().filter(|h| !set.contains(h)).map(|h| h.to_string()).collect();
+    all.push("x-api-key".into());
+    all.sort();
+    let s = TestServer::start(&spec_config()).await;
+    assert_eq!(removed(&s, Some("shown"), &[key]).await, ["x-api-key"]);
+    let forged = [key, ("x-tollgate-degraded", "1"), ("x-tollgate-account", "acct_free")];
+    assert_eq!(
+        removed(&s, Some("shown"), &forged).await,
+        ["x-api-key", "x-tollgate-degraded"],
+        "set ones are overwritten"
+    );
+    assert_eq!(removed(&s, None, &[key]).await, all);
+    for word in ["Shown", "shown ", "no", ""] {
+        assert_eq!(removed(&s, Some(word), &[key]).await, all, "{word:?}");
+    }
+    // A client cannot say it: its headers are the Check's attributes, not the proxy's call.
+    assert_eq!(removed(&s, None, &[key, ("tollgate-own-headers", "shown")]).await, all);
+    s.stop().await;
+    let s = TestServer::start(&(spec_config() + "server: { remove_own_headers: always }\n")).await;
+    assert_eq!(removed(&s, Some("shown"), &[key]).await, all);
     s.stop().await;
 }
 

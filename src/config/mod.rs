@@ -45,8 +45,8 @@ pub use events::{EventsConfig, Levels, Secret, SinkConfig};
 pub use policy::{BillingConfig, ProblemOverride, ProblemsConfig, SeedAccount, StripeConfig};
 pub use secrets::{MIN_TOKEN_CHARS, PLACEHOLDER_TOKEN, Secrets};
 pub use settings::{
-    Backend, CacheConfig, Counting, DynamicMetadata, LeaseConfig, Limits, OnError, ReadAccess, RemoveOwnHeaders,
-    ServerConfig, StoreConfig, StoreUrl, TlsConfig, TracingConfig, TrustedCallers,
+    Backend, CacheConfig, Counting, DynamicMetadata, LeaseConfig, Limits, OWN_HEADERS_SHOWN, OnError, ReadAccess,
+    RemoveOwnHeaders, ServerConfig, StoreConfig, StoreUrl, TlsConfig, TracingConfig, TrustedCallers,
 };
 
 /// The config `cargo run` uses when no `--config` is given: memory store, demo accounts.

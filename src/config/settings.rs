@@ -141,19 +141,32 @@ pub enum DynamicMetadata {
 /// Which of tollgate's own `x-tollgate-*` request headers an allow asks the
 /// proxy to remove (`server.remove_own_headers`). A client's forged copy
 /// must never reach the upstream, but a proxy may not show it to tollgate
-/// (Envoy's `allowed_headers`), so by default an allow removes every one it
-/// does not set; each removal costs Envoy a scan of the request's headers.
+/// (Envoy's `allowed_headers`), so unless the proxy says it does, an allow
+/// removes every one it does not set; each removal costs Envoy a scan of
+/// the request's headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum RemoveOwnHeaders {
-    /// Every own header the answer does not set, seen or not.
+    /// `seen` on a Check whose proxy says it shows tollgate every
+    /// `x-tollgate-*` header or removes them first (the
+    /// [`OWN_HEADERS_SHOWN`] gRPC metadata, which the shipped Envoy configs
+    /// send), `always` on every other.
     #[default]
+    Auto,
+    /// Every own header the answer does not set, seen or not.
     Always,
     /// Only those the Check request carried: for a proxy that shows tollgate
     /// every `x-tollgate-*` header or strips them itself (the shipped Envoy
     /// does both).
     Seen,
 }
+
+/// The gRPC metadata (name, value) by which a proxy says, on every Check,
+/// that it shows tollgate every `x-tollgate-*` header a client sends or
+/// removes them before the Check (Envoy's ext_authz `initial_metadata`).
+/// It rides on the proxy's own call, never in the client's request, so a
+/// client cannot send it; see [`RemoveOwnHeaders::Auto`].
+pub const OWN_HEADERS_SHOWN: (&str, &str) = ("tollgate-own-headers", "shown");
 
 /// Who may assert an identity on a Check (`server.trusted_callers`): JWT
 /// claims from Envoy's metadata and trusted headers are the caller's word,

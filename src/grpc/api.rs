@@ -329,6 +329,7 @@ impl Tollgate for Api {
             dry_run: req.dry_run,
             peer_verified: false,
             client_headers_unfiltered: false,
+            own_headers_shown: false,
         };
         let outcome = self.authorizer.authorize(query).await?;
         let d = &outcome.decision;

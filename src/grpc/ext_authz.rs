@@ -190,6 +190,10 @@ impl ExtAuthz {
         let started = Instant::now();
         // A fact for `server.trusted_callers`, which the authorizer applies with its config snapshot.
         let peer_verified = request.peer_certs().is_some_and(|certs| !certs.is_empty());
+        // The proxy's word on its own call (never the client's request): see `RemoveOwnHeaders::Auto`.
+        let (shown_key, shown_value) = crate::config::OWN_HEADERS_SHOWN;
+        let own_headers_shown =
+            request.metadata().get(shown_key).is_some_and(|v| v.as_bytes() == shown_value.as_bytes());
         let req = request.into_inner();
         let attributes = req.attributes.as_ref();
         let http = attributes.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
@@ -208,6 +212,7 @@ impl ExtAuthz {
             dry_run: false,
             peer_verified,
             client_headers_unfiltered: false,
+            own_headers_shown,
         };
         let outcome = match self.authorizer.authorize(query).await {
             Ok(o) => o,
