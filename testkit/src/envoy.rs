@@ -23,6 +23,13 @@ pub fn envoy_bin() -> PathBuf {
     tool("ENVOY_BIN", "envoy")
 }
 
+/// How long Envoy may take to start: 30 s, or `TOLLGATE_ENVOY_START_SECS`
+/// (scripts/callgrind-envoy.sh runs it under valgrind, many times slower).
+fn start_limit() -> Duration {
+    let secs = std::env::var("TOLLGATE_ENVOY_START_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    Duration::from_secs(secs)
+}
+
 /// An Envoy process; killed on drop.
 pub struct Envoy {
     child: Child,
@@ -51,7 +58,7 @@ impl Envoy {
             .expect("spawn envoy");
         let mut envoy =
             Self { child, addr: "127.0.0.1:1".parse().unwrap(), admin: "127.0.0.1:1".parse().unwrap(), dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + start_limit();
         loop {
             assert!(Instant::now() < deadline, "envoy did not start:\n{}", envoy.log());
             if let Ok(Some(status)) = envoy.child.try_wait() {
