@@ -406,15 +406,26 @@ async fn the_proxy_s_word_on_own_headers_reaches_tollgate_and_is_taken() {
 fn the_header_filter_can_be_taken_out_for_the_second_layer_tests() {
     let c = envoy::config("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap(), Options::default());
     let without = without_header_filter(c.clone());
-    assert!(c.contains("envoy.filters.http.header_mutation"));
-    assert!(!without.contains("envoy.filters.http.header_mutation"));
+    for edge in ["- name: envoy.filters.http.header_mutation\n", "early_header_mutation_extensions:\n"] {
+        assert!(c.contains(edge) && !without.contains(edge), "{edge}");
+    }
     assert!(without.contains("envoy.filters.http.ext_authz"));
+    assert!(without.contains("request_headers_to_remove"), "the rest of the config stays");
 }
 
-/// The shipped config minus the header_mutation filter.
+/// The shipped config minus both edge removals of client `x-tollgate-*`
+/// headers: the connection manager's early header mutation and the first
+/// HTTP filter.
 fn without_header_filter(config: String) -> String {
-    let start = config.find("                  - name: envoy.filters.http.header_mutation").expect("the filter");
-    let end =
-        start + config[start..].find("                  - name: envoy.filters.http.ext_authz").expect("ext_authz");
-    format!("{}{}", &config[..start], &config[end..])
+    let cut = |config: String, from: &str, to: &str| {
+        let start = config.find(from).unwrap_or_else(|| panic!("{from}"));
+        let end = start + config[start..].find(to).unwrap_or_else(|| panic!("{to} after {from}"));
+        format!("{}{}", &config[..start], &config[end..])
+    };
+    let config = cut(config, "                early_header_mutation_extensions:\n", "                access_log:\n");
+    cut(
+        config,
+        "                  - name: envoy.filters.http.header_mutation",
+        "                  - name: envoy.filters.http.ext_authz",
+    )
 }

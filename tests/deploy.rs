@@ -346,6 +346,16 @@ fn the_first_filter_strips_every_client_tollgate_header() {
             );
         }
         assert_eq!(hcm(file(&docs, name))["strip_trailing_host_dot"].as_bool(), Some(true), "{name}");
+        // And before any route is chosen (the first filter runs after Envoy picked one).
+        let early = seq(&hcm(file(&docs, name))["early_header_mutation_extensions"]);
+        assert_eq!(early.len(), 1, "{name}: {early:?}");
+        let early_mutations = seq(&early[0]["typed_config"]["mutations"]);
+        for prefix in ["x-tollgate-", "x_tollgate_"] {
+            assert!(
+                early_mutations.iter().any(|m| m["remove_on_match"]["key_matcher"]["prefix"].as_str() == Some(prefix)),
+                "{name}: {prefix} removed before routing: {early_mutations:?}"
+            );
+        }
         assert!(first["typed_config"]["mutations"]["response_mutations"].is_null(), "{name}: request side only");
         assert_eq!(first, &header_filter(&docs), "{name}: the same filter as envoy.yaml");
         // tollgate sees whatever x-tollgate-* might get past it, as a second layer.

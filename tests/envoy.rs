@@ -140,12 +140,31 @@ async fn tollgate_down_fails_closed_with_status_on_error() {
     assert_eq!(envoy.send("GET", "/healthz", &[]).await.status, 200, "ext_authz is disabled on /healthz");
 }
 
+/// Under `failure_mode_allow`, Envoy lets requests through without tollgate's
+/// answer, so nothing makes it pick the route again after the Check: a forged
+/// plan must be gone before the first pick, or it would choose the premium upstream.
 #[tokio::test]
 async fn tollgate_down_passes_requests_under_failure_mode_allow() {
-    let (envoy, _) = dead_tollgate(Options { failure_mode_allow: true, ..Options::default() }).await;
+    let premium = envoy::named_upstream("premium").await;
+    let (dead, app) = (free_addr(), echo_upstream().await);
+    let config = envoy::config(dead, app, Options { failure_mode_allow: true, ..Options::default() });
+    let envoy = Envoy::start(&premium_at(config, app, premium)).await;
     let r = envoy.send("GET", "/v1/search", &[("x-api-key", "pro-key")]).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert!(r.json()["headers"].get("x-tollgate-account").is_none());
+    for forged in ["x-tollgate-plan", "X-Tollgate-Plan"] {
+        let r = envoy.send("GET", "/v1/search", &[("x-api-key", "pro-key"), (forged, "pro")]).await;
+        assert_eq!((r.status, r.json()["upstream"].as_str()), (200, Some("app")), "{forged}: {r:?}");
+        assert!(r.json()["headers"].get("x-tollgate-plan").is_none(), "{r:?}");
+    }
+}
+
+/// `config` with its `app-premium` cluster (the app, as shipped) pointed at `premium`.
+fn premium_at(config: String, app: SocketAddr, premium: SocketAddr) -> String {
+    let at = config.find("    - name: app-premium\n").expect("an app-premium cluster");
+    let (head, tail) = config.split_at(at);
+    head.to_owned()
+        + &tail.replacen(&format!("port_value: {}", app.port()), &format!("port_value: {}", premium.port()), 1)
 }
 
 #[tokio::test]
@@ -180,15 +199,8 @@ async fn meters_exactly(s: Stack) {
 async fn premium_plans_reach_their_own_upstream_and_clients_cannot_pick_it() {
     let tollgate = TestServer::start(&spec_config()).await;
     let premium = envoy::named_upstream("premium").await;
-    let s = Stack::around(tollgate, |t, u| {
-        let c = envoy::config(t, u, Options::default());
-        // The shipped app-premium cluster points at the app; here at its own upstream.
-        let at = c.find("    - name: app-premium\n").expect("an app-premium cluster");
-        let (head, tail) = c.split_at(at);
-        head.to_owned()
-            + &tail.replacen(&format!("port_value: {}", u.port()), &format!("port_value: {}", premium.port()), 1)
-    })
-    .await;
+    // The shipped app-premium cluster points at the app; here at its own upstream.
+    let s = Stack::around(tollgate, |t, u| premium_at(envoy::config(t, u, Options::default()), u, premium)).await;
     s.envoy.wait_cluster_healthy("tollgate").await;
     let upstream = |r: &Response| r.json()["upstream"].as_str().unwrap_or("?").to_owned();
     let r = s.get("/v1/search", &[("x-api-key", "pro-key")]).await;

@@ -155,9 +155,10 @@ pub enum RemoveOwnHeaders {
     Auto,
     /// Every own header the answer does not set, seen or not.
     Always,
-    /// Only those the Check request carried: for a proxy that shows tollgate
-    /// every `x-tollgate-*` header or strips them itself (the shipped Envoy
-    /// does both).
+    /// Those the Check request carried, and `x-tollgate-account`/`-plan`
+    /// (routes match on them: see `problem::ROUTED_HEADERS`): for a proxy
+    /// that shows tollgate every `x-tollgate-*` header or strips them itself
+    /// (the shipped Envoy configs do both).
     Seen,
 }
 
