@@ -15,7 +15,9 @@
 //! c-mem     Envoy -Check-> tollgate (memory store) -> app
 //! c-lean    c-mem with `server.dynamic_metadata: lean`: plain allows carry no metadata (opt-in)
 //! c-min     c-lean with `server.remove_own_headers: seen`: an allow removes only the
-//!           headers the Check showed (the key), not every own header it does not set (opt-in)
+//!           headers the Check showed (the key), not every own header it does not set
+//!           (opt-in; since the shipped config says it shows them all, `tollgate-own-headers:
+//!           shown`, c-mem's and c-lean's default `auto` removes the same)
 //! c-noplan  c-mem with route by plan off (`clear_route_cache: false`: Envoy does not
 //!           match the routes again after an allowed Check; opt-in)
 //! c-redis   Envoy -Check-> tollgate (Redis store) -> app
