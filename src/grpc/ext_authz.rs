@@ -41,6 +41,11 @@ impl ExtAuthz {
     }
 }
 
+/// The metadata key of [`crate::config::OWN_HEADERS_SHOWN`], parsed once
+/// (a `&str` key is parsed and validated on every lookup).
+static OWN_HEADERS_SHOWN_KEY: std::sync::LazyLock<tonic::metadata::AsciiMetadataKey> =
+    std::sync::LazyLock::new(|| tonic::metadata::AsciiMetadataKey::from_static(crate::config::OWN_HEADERS_SHOWN.0));
+
 /// Up to this many request headers, a lookup scans them instead of hashing the name.
 const SCAN_HEADERS_UP_TO: usize = 16;
 
@@ -191,9 +196,10 @@ impl ExtAuthz {
         // A fact for `server.trusted_callers`, which the authorizer applies with its config snapshot.
         let peer_verified = request.peer_certs().is_some_and(|certs| !certs.is_empty());
         // The proxy's word on its own call (never the client's request): see `RemoveOwnHeaders::Auto`.
-        let (shown_key, shown_value) = crate::config::OWN_HEADERS_SHOWN;
-        let own_headers_shown =
-            request.metadata().get(shown_key).is_some_and(|v| v.as_bytes() == shown_value.as_bytes());
+        let own_headers_shown = request
+            .metadata()
+            .get(&*OWN_HEADERS_SHOWN_KEY)
+            .is_some_and(|v| v.as_bytes() == crate::config::OWN_HEADERS_SHOWN.1.as_bytes());
         let req = request.into_inner();
         let attributes = req.attributes.as_ref();
         let http = attributes.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
