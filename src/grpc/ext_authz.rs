@@ -42,7 +42,9 @@ impl ExtAuthz {
 }
 
 /// The metadata key of [`crate::config::OWN_HEADERS_SHOWN`], parsed once
-/// (a `&str` key is parsed and validated on every lookup).
+/// (a `&str` key is parsed and validated on every lookup). `from_static`
+/// panics only on an invalid key: this one is a constant, lower-case ASCII
+/// name, read on every Check of the test suite.
 static OWN_HEADERS_SHOWN_KEY: std::sync::LazyLock<tonic::metadata::AsciiMetadataKey> =
     std::sync::LazyLock::new(|| tonic::metadata::AsciiMetadataKey::from_static(crate::config::OWN_HEADERS_SHOWN.0));
 

@@ -27,6 +27,7 @@ use chrono::{DateTime, Utc};
 
 use super::rolling::Buckets;
 use super::{Reply, Store, StoreError};
+use crate::FastMap;
 use crate::bounds;
 use crate::entitlement::{Account, Few, Quota, Window};
 use crate::identity::{KeyHash, KeyMeta};
@@ -36,13 +37,10 @@ use crate::usage::{
 
 const SHARDS: usize = 16;
 
-/// The maps every Check reads.
-type Fast<K, V> = crate::FastMap<K, V>;
-
 /// A store that keeps everything in this process; lost on restart.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    accounts: RwLock<Fast<Arc<str>, Arc<Account>>>,
+    accounts: RwLock<FastMap<Arc<str>, Arc<Account>>>,
     keys: RwLock<Keys>,
     /// Webhook event ids with the instant they may be forgotten (`None`: never,
     /// for a TTL too long for the clock).
@@ -50,7 +48,7 @@ pub struct MemoryStore {
     /// The size at which `events` is next pruned.
     events_prune_at: std::sync::atomic::AtomicUsize,
     /// Per-account credits and counters, sharded by account id.
-    usage: [Mutex<Fast<Arc<str>, Usage>>; SHARDS],
+    usage: [Mutex<FastMap<Arc<str>, Usage>>; SHARDS],
     /// Picks an account's shard.
     shard_by: foldhash::fast::RandomState,
     /// Settled charges (account, charge id) with the instant they may be forgotten.
@@ -88,7 +86,7 @@ impl Outbox {
 /// API keys both ways: hash → account for lookups, account → keys for listing.
 #[derive(Debug, Default)]
 struct Keys {
-    by_hash: Fast<KeyHash, Arc<str>>,
+    by_hash: FastMap<KeyHash, Arc<str>>,
     by_account: HashMap<String, HashMap<KeyHash, KeyMeta>>,
 }
 
@@ -97,7 +95,7 @@ struct Keys {
 struct Usage {
     credits: u64,
     /// meter → window → counter.
-    counters: Fast<Arc<str>, Fast<Window, Counter>>,
+    counters: FastMap<Arc<str>, FastMap<Window, Counter>>,
 }
 
 #[derive(Debug)]
@@ -202,7 +200,7 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn shard(&self, account: &str) -> &Mutex<Fast<Arc<str>, Usage>> {
+    fn shard(&self, account: &str) -> &Mutex<FastMap<Arc<str>, Usage>> {
         &self.usage[(self.shard_by.hash_one(account) as usize) % SHARDS]
     }
 }
