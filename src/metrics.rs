@@ -70,8 +70,12 @@ pub struct Metrics {
     overage: Family<PolicyLabels, Counter>,
     plan_decisions: Family<PlanLabels, Counter>,
     /// The series of `plan_decisions` met so far, by plan and status, so a
-    /// Check finds its counter without building a label (no allocation).
-    plan_counters: std::sync::RwLock<PlanCounters>,
+    /// Check finds its counter without building a label (no allocation)
+    /// and without a lock (a read takes no shared write: two workers'
+    /// Checks do not contend for it); a new series replaces the map.
+    plan_counters: arc_swap::ArcSwap<PlanCounters>,
+    /// Serialises the rare replacements of `plan_counters`.
+    plan_counters_write: std::sync::Mutex<()>,
     doors: Family<DoorLabels, Counter>,
     /// The series of `doors` met so far, by door and status label.
     door_counters: [[std::sync::OnceLock<Counter>; STATUSES.len()]; DOORS.len()],
@@ -388,7 +392,8 @@ impl Metrics {
             shadow,
             overage,
             plan_decisions,
-            plan_counters: std::sync::RwLock::default(),
+            plan_counters: arc_swap::ArcSwap::default(),
+            plan_counters_write: std::sync::Mutex::new(()),
             doors,
             door_counters: std::array::from_fn(|_| std::array::from_fn(|_| std::sync::OnceLock::new())),
             spans,
@@ -486,15 +491,18 @@ impl Metrics {
         let find = |m: &PlanCounters| {
             m.get(plan).and_then(|s| s.iter().find(|(st, _)| *st == status)).map(|(_, c)| c.inc()).is_some()
         };
-        if find(&self.plan_counters.read().unwrap_or_else(|e| e.into_inner())) {
+        if find(&self.plan_counters.load()) {
             return;
         }
         // First time for this plan and status: the label is built once.
-        let mut m = self.plan_counters.write().unwrap_or_else(|e| e.into_inner());
-        if !find(&m) {
+        let _writing = self.plan_counters_write.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.plan_counters.load_full();
+        if !find(&current) {
             let c = self.plan_decisions.get_or_create(&PlanLabels { plan: plan.to_owned(), status }).clone();
             c.inc();
+            let mut m = PlanCounters::clone(&current);
             m.entry(plan.to_owned()).or_default().push((status, c));
+            self.plan_counters.store(Arc::new(m));
         }
     }
 
@@ -540,15 +548,15 @@ impl Metrics {
         Arc::new(move |hit| metrics.record_cache(hit))
     }
 
-    /// Counts a cache lookup.
+    /// Counts a cache lookup (the hit ratio is worked out when scraped: one
+    /// shared write fewer on every lookup).
     pub fn record_cache(&self, hit: bool) {
         crate::telemetry::note_cache(hit);
-        let (hits, misses) = if hit {
-            (self.cache_hits.inc() + 1, self.cache_misses.get())
+        if hit {
+            self.cache_hits.inc()
         } else {
-            (self.cache_hits.get(), self.cache_misses.inc() + 1)
+            self.cache_misses.inc()
         };
-        self.cache_hit_ratio.set(hits as f64 / (hits + misses).max(1) as f64);
     }
 
     /// Times a store call.
@@ -568,6 +576,8 @@ impl Metrics {
 
     /// The text exposition for `/metrics`.
     pub fn encode(&self) -> String {
+        let (hits, misses) = (self.cache_hits.get(), self.cache_misses.get());
+        self.cache_hit_ratio.set(hits as f64 / hits.saturating_add(misses).max(1) as f64);
         let mut out = String::with_capacity(4096);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -666,5 +676,37 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+    }
+
+    #[test]
+    fn plan_counts_from_racing_workers_are_all_kept() {
+        let m = Arc::new(Metrics::new());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for i in 0..1_000 {
+                        // New series appear while others count: none is lost to a replaced map.
+                        let plan = ["free", "pro", "team", "enterprise"][(t + i) % 4];
+                        let verdict = if i % 3 == 0 {
+                            Verdict::Deny(Code::QuotaExhausted)
+                        } else {
+                            Verdict::Allow(AllowKind::Allowed)
+                        };
+                        m.record_plan_decision(plan, verdict);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("recording thread");
+        }
+        let text = m.encode();
+        let total: u64 = text
+            .lines()
+            .filter(|l| l.starts_with("tollgate_plan_decisions_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(total, 4_000, "in\n{text}");
     }
 }

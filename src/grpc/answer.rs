@@ -19,7 +19,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use envoy_types::ext_authz::v3::pb::{CheckRequest, HeaderAppendAction};
+use envoy_types::ext_authz::v3::pb::HeaderAppendAction;
 use prost::bytes::{Buf, BufMut};
 use prost::encoding::{DecodeContext, WireType, encode_key, encode_varint, encoded_len_varint, key_len, skip_field};
 use tonic::body::Body;
@@ -27,6 +27,7 @@ use tonic::codegen::{Body as HttpBody, StdError, http};
 use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic::{Request, Status};
 
+use super::check_request::CheckRequestView;
 use super::ext_authz::{ExtAuthz, rpc_code};
 use crate::authorizer::Outcome;
 use crate::decision::Verdict;
@@ -263,7 +264,8 @@ where
         }
         let (method, max) = (Check(self.ext_authz.clone()), self.max_message);
         Box::pin(async move {
-            let codec = tonic_prost::ProstCodec::<Answer, CheckRequest>::default();
+            // Decoded as a view of the received bytes (`check_request`), not copied into prost's own type.
+            let codec = tonic_prost::ProstCodec::<Answer, CheckRequestView>::default();
             let mut grpc = Grpc::new(codec).apply_max_message_size_config(Some(max), Some(max));
             Ok(grpc.unary(method, req).await)
         })
@@ -273,11 +275,11 @@ where
 /// The unary Check method.
 struct Check(ExtAuthz);
 
-impl UnaryService<CheckRequest> for Check {
+impl UnaryService<CheckRequestView> for Check {
     type Response = Answer;
     type Future = BoxFuture<Result<tonic::Response<Answer>, Status>>;
 
-    fn call(&mut self, request: Request<CheckRequest>) -> Self::Future {
+    fn call(&mut self, request: Request<CheckRequestView>) -> Self::Future {
         let ext_authz = self.0.clone();
         Box::pin(async move { ext_authz.decide(request).await.map(|o| tonic::Response::new(Answer::new(o))) })
     }

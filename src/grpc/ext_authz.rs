@@ -18,11 +18,11 @@ use envoy_types::ext_authz::v3::pb::{
     HttpResponse, HttpStatus, OkHttpResponse,
 };
 use envoy_types::pb::envoy::config::core::v3::Metadata;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
+use super::check_request::{CheckRequestView, HttpView, text};
 use crate::authorizer::{Ask, Authorizer, Outcome, Query, Subject};
 use crate::decision::{Code, Verdict};
 use crate::identity::Credentials;
@@ -48,32 +48,22 @@ impl ExtAuthz {
 static OWN_HEADERS_SHOWN_KEY: std::sync::LazyLock<tonic::metadata::AsciiMetadataKey> =
     std::sync::LazyLock::new(|| tonic::metadata::AsciiMetadataKey::from_static(crate::config::OWN_HEADERS_SHOWN.0));
 
-/// Up to this many request headers, a lookup scans them instead of hashing the name.
-const SCAN_HEADERS_UP_TO: usize = 16;
-
 /// A CheckRequest's headers and JWT metadata, as [`Credentials`].
 struct EnvoyCredentials<'a> {
-    http: Option<&'a HttpRequest>,
+    http: Option<&'a HttpView>,
     metadata: Option<&'a Metadata>,
 }
 
 impl Credentials for EnvoyCredentials<'_> {
     fn header(&self, name: &str) -> Option<&str> {
         let http = self.http?;
-        // A Check usually carries a handful of headers: comparing their names
-        // costs less than SipHash, the map's hasher (fixed by the generated type).
-        let found = if http.headers.len() <= SCAN_HEADERS_UP_TO {
-            http.headers.iter().find(|(k, _)| k.as_str() == name).map(|(_, v)| v)
-        } else {
-            http.headers.get(name)
-        };
-        if let Some(v) = found {
+        if let Some(v) = http.header(name) {
             return Some(v);
         }
         // With `encode_raw_headers: true` Envoy fills `header_map` instead.
         let map = http.header_map.as_ref()?;
-        map.headers.iter().find(|h| h.key.eq_ignore_ascii_case(name)).and_then(|h| {
-            if h.value.is_empty() { std::str::from_utf8(&h.raw_value).ok() } else { Some(h.value.as_str()) }
+        map.headers.iter().find(|h| h.key.eq_ignore_ascii_case(name.as_bytes())).and_then(|h| {
+            if h.value.is_empty() { std::str::from_utf8(&h.raw_value).ok() } else { std::str::from_utf8(&h.value).ok() }
         })
     }
 
@@ -97,16 +87,12 @@ impl Credentials for EnvoyCredentials<'_> {
         let Some(http) = self.http else { return Vec::new() };
         // Bytes, not `str` slicing: a header name with a multi-byte character
         // would make `&k[..n]` panic off a char boundary.
-        let has = |k: &str| k.as_bytes().get(..prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(prefix.as_bytes()));
-        let mut out: Vec<Cow<'_, str>> = http.headers.keys().filter(|k| has(k)).map(|k| lower(k)).collect();
-        if let Some(map) = &http.header_map {
-            for h in map.headers.iter().filter(|h| has(&h.key)) {
-                let name = lower(&h.key);
-                if !out.contains(&name) {
-                    out.push(name);
-                }
-            }
-        }
+        let has = |k: &[u8]| k.get(..prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(prefix.as_bytes()));
+        let mut out: Vec<Cow<'_, str>> =
+            http.header_names().filter(|k| has(k)).filter_map(|k| std::str::from_utf8(k).ok()).map(lower).collect();
+        // Each name once, however often it was sent (sorting: a flood of names costs n log n, not n²).
+        out.sort_unstable();
+        out.dedup();
         out
     }
 }
@@ -185,7 +171,9 @@ pub fn check_response(outcome: Outcome) -> CheckResponse {
 #[tonic::async_trait]
 impl Authorization for ExtAuthz {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
-        self.decide(request).await.map(|outcome| Response::new(check_response(outcome)))
+        // Read as the server reads a received one (`CheckRequestView`), so both answer the same.
+        let view = request.map(|r| CheckRequestView::from_request(&r));
+        self.decide(view).await.map(|outcome| Response::new(check_response(outcome)))
     }
 }
 
@@ -193,7 +181,7 @@ impl ExtAuthz {
     /// Decides one Check, with its metrics and log line: the outcome both
     /// answers are made of (the server's encoded [`super::answer::Answer`],
     /// the trait's [`check_response`]). A store fault under `on_error: error` is the RPC's error.
-    pub async fn decide(&self, request: Request<CheckRequest>) -> Result<Outcome, Status> {
+    pub async fn decide(&self, request: Request<CheckRequestView>) -> Result<Outcome, Status> {
         let started = Instant::now();
         // A fact for `server.trusted_callers`, which the authorizer applies with its config snapshot.
         let peer_verified = request.peer_certs().is_some_and(|certs| !certs.is_empty());
@@ -203,11 +191,15 @@ impl ExtAuthz {
             .get(&*OWN_HEADERS_SHOWN_KEY)
             .is_some_and(|v| v.as_bytes() == crate::config::OWN_HEADERS_SHOWN.1.as_bytes());
         let req = request.into_inner();
+        // What prost's own type refused, this refuses too (see `check_request`).
+        req.check_utf8().map_err(|e| Status::internal(format!("failed to decode Protobuf message: {e}")))?;
         let attributes = req.attributes.as_ref();
-        let http = attributes.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
+        let http = req.http();
         let creds = EnvoyCredentials { http, metadata: attributes.and_then(|a| a.metadata_context.as_ref()) };
         let ask = match (attributes, http) {
-            (Some(_), Some(h)) => Ask::Http(RouteKey { path: &h.path, method: &h.method, host: &h.host }),
+            (Some(_), Some(h)) => {
+                Ask::Http(RouteKey { path: text(&h.path), method: text(&h.method), host: text(&h.host) })
+            }
             // Istio's network-level ext_authz sends peers but no HTTP request.
             (Some(a), None) if a.source.is_some() || a.destination.is_some() => Ask::NotHttp,
             // Nothing to go on: an empty path is answered 400 `request_invalid`.

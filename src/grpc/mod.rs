@@ -11,6 +11,7 @@ pub mod access_log;
 pub mod answer;
 pub mod api;
 pub mod bounded;
+pub mod check_request;
 pub mod ext_authz;
 pub mod frames;
 pub mod status;
@@ -27,7 +28,7 @@ use crate::settler::Settler;
 use access_log::AccessLog;
 use answer::CheckServer;
 use api::Api;
-use bounded::Bounded;
+use bounded::{Bounded, Slots};
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use ext_authz::ExtAuthz;
 use frames::SmallFramesService;
@@ -95,8 +96,8 @@ pub struct Bounds {
 /// `.proto` files); health reports nothing until told.
 pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bounds, reflection: bool) -> Services {
     let Bounds { max_message, request_timeout, max_inflight, stopping, tls } = bounds;
-    let calls = Arc::new(tokio::sync::Semaphore::new(max_inflight));
-    let streams = Arc::new(tokio::sync::Semaphore::new(max_inflight));
+    let calls = Slots::new(max_inflight);
+    let streams = Slots::new(max_inflight);
     let timed = Some(request_timeout);
     let (reporter, health) = tonic_health::server::health_reporter();
     let routes = Routes::new(Bounded::new(
@@ -142,7 +143,7 @@ fn with_reflection(
     routes: Routes,
     max_message: usize,
     timed: Option<std::time::Duration>,
-    calls: Arc<tokio::sync::Semaphore>,
+    calls: Arc<Slots>,
 ) -> Routes {
     let builder = || {
         tonic_reflection::server::Builder::configure()

@@ -1,0 +1,405 @@
+//! What tollgate reads of Envoy's `CheckRequest`, decoded without copies.
+//!
+//! prost's `CheckRequest` (envoy-types) copies every string of the request
+//! into a `String` of its own and its headers into a SipHash `HashMap`: ~26k
+//! instructions per Check on a request of seven headers, more than the whole
+//! decision, and most of it for fields tollgate never reads (the request
+//! id, the scheme, the peers' addresses). [`CheckRequestView`] has the same
+//! field numbers but only the fields tollgate reads, as `Bytes` slices of the
+//! received message (prost skips the rest without copying it); the headers
+//! are a list, as on the wire (a `map` is a repeated entry message).
+//!
+//! The same rules as prost's own type, so no request means one thing to
+//! Envoy and another to tollgate: a header sent twice is the last one sent
+//! (a map's rule); a field or message sent twice merges as prost merges it.
+//! Every string field tollgate reads must be UTF-8 ([`CheckRequestView::check_utf8`]),
+//! as prost requires of every string field: such a Check fails as it did
+//! when prost refused it. Fields tollgate does not read are not checked.
+//!
+//! May use: nothing of tollgate's (envoy-types' `Metadata` for JWT claims).
+
+use envoy_types::ext_authz::v3::pb::CheckRequest;
+use envoy_types::pb::envoy::config::core::v3::Metadata;
+use prost::Message as _;
+use prost::bytes::Bytes;
+
+/// Envoy's `CheckRequest`, as far as tollgate reads it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CheckRequestView {
+    /// `attributes`.
+    #[prost(message, optional, tag = "1")]
+    pub attributes: Option<Attributes>,
+}
+
+/// `AttributeContext`: its peers (only whether they were sent), the HTTP
+/// request, and the metadata JWT claims come in.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Attributes {
+    /// `source`: only whether it was sent.
+    #[prost(message, optional, tag = "1")]
+    pub source: Option<Unread>,
+    /// `destination`: only whether it was sent.
+    #[prost(message, optional, tag = "2")]
+    pub destination: Option<Unread>,
+    /// `request`.
+    #[prost(message, optional, tag = "4")]
+    pub request: Option<RequestView>,
+    /// `metadata_context`: what Envoy's filters (jwt_authn) put there, decoded whole.
+    #[prost(message, optional, tag = "11")]
+    pub metadata_context: Option<Metadata>,
+}
+
+/// A message whose presence is all tollgate reads: its fields are skipped.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Unread {}
+
+/// `AttributeContext.Request`: the HTTP request.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RequestView {
+    /// `http`.
+    #[prost(message, optional, tag = "2")]
+    pub http: Option<HttpView>,
+}
+
+/// `AttributeContext.HttpRequest`, as far as tollgate reads it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HttpView {
+    /// `method`.
+    #[prost(bytes = "bytes", tag = "2")]
+    pub method: Bytes,
+    /// `headers` (a `map<string, string>`: entries in wire order).
+    #[prost(message, repeated, tag = "3")]
+    pub headers: Vec<HeaderEntry>,
+    /// `path`, with the query string.
+    #[prost(bytes = "bytes", tag = "4")]
+    pub path: Bytes,
+    /// `host`.
+    #[prost(bytes = "bytes", tag = "5")]
+    pub host: Bytes,
+    /// `header_map`: what Envoy sends instead of `headers` under `encode_raw_headers: true`.
+    #[prost(message, optional, tag = "13")]
+    pub header_map: Option<RawHeaders>,
+}
+
+/// One entry of the `headers` map.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HeaderEntry {
+    /// The name (Envoy sends it lower-case).
+    #[prost(bytes = "bytes", tag = "1")]
+    pub key: Bytes,
+    /// The value.
+    #[prost(bytes = "bytes", tag = "2")]
+    pub value: Bytes,
+}
+
+/// `config.core.v3.HeaderMap`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RawHeaders {
+    /// `headers`.
+    #[prost(message, repeated, tag = "1")]
+    pub headers: Vec<RawHeader>,
+}
+
+/// `config.core.v3.HeaderValue`: the value as a string or, raw, as bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RawHeader {
+    /// `key`.
+    #[prost(bytes = "bytes", tag = "1")]
+    pub key: Bytes,
+    /// `value` (a string).
+    #[prost(bytes = "bytes", tag = "2")]
+    pub value: Bytes,
+    /// `raw_value` (bytes: not required to be UTF-8).
+    #[prost(bytes = "bytes", tag = "3")]
+    pub raw_value: Bytes,
+}
+
+/// A string field that is not UTF-8, which prost refuses in a `string`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid string value: data is not UTF-8 encoded ({0})")]
+pub struct NotUtf8(pub &'static str);
+
+impl CheckRequestView {
+    /// The view of a prost `CheckRequest` (the in-process `Authorization`
+    /// trait's): encoded, then decoded as the server decodes what it receives.
+    pub fn from_request(request: &CheckRequest) -> Self {
+        let bytes = Bytes::from(request.encode_to_vec());
+        // What prost encodes, prost decodes: the view's fields are a subset with the same types on the wire.
+        Self::decode(bytes).unwrap_or_default()
+    }
+
+    /// The HTTP request, when Envoy sent one.
+    pub fn http(&self) -> Option<&HttpView> {
+        self.attributes.as_ref()?.request.as_ref()?.http.as_ref()
+    }
+
+    /// Refuses the request when a string field tollgate reads is not UTF-8
+    /// (prost's `CheckRequest` refused it whole; so does this, before any of it is read).
+    pub fn check_utf8(&self) -> Result<(), NotUtf8> {
+        let Some(http) = self.http() else { return Ok(()) };
+        // ASCII first (a word at a time; nearly every header is): a tenth of `from_utf8`'s cost on short strings.
+        let utf8 = |b: &Bytes, field: &'static str| {
+            if b.is_ascii() || std::str::from_utf8(b).is_ok() { Ok(()) } else { Err(NotUtf8(field)) }
+        };
+        utf8(&http.method, "method")?;
+        utf8(&http.path, "path")?;
+        utf8(&http.host, "host")?;
+        for h in &http.headers {
+            utf8(&h.key, "headers")?;
+            utf8(&h.value, "headers")?;
+        }
+        for h in http.header_map.iter().flat_map(|m| &m.headers) {
+            utf8(&h.key, "header_map")?;
+            utf8(&h.value, "header_map")?;
+        }
+        Ok(())
+    }
+}
+
+/// `b` as a string; empty if it is not UTF-8 (never, after [`CheckRequestView::check_utf8`]).
+pub fn text(b: &Bytes) -> &str {
+    std::str::from_utf8(b).unwrap_or_default()
+}
+
+impl HttpView {
+    /// The value of header `name` in `headers` (the last one sent, as a map
+    /// keeps it); `None` when absent or not UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let h = self.headers.iter().rev().find(|h| h.key == name.as_bytes())?;
+        std::str::from_utf8(&h.value).ok()
+    }
+
+    /// The names in `headers` and `header_map`, as sent: a name sent twice
+    /// comes twice (the caller, which keeps few of them, drops repeats).
+    pub fn header_names(&self) -> impl Iterator<Item = &[u8]> {
+        let raw = self.header_map.iter().flat_map(|m| &m.headers).map(|h| &h.key[..]);
+        self.headers.iter().map(|h| &h.key[..]).chain(raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use envoy_types::ext_authz::v3::pb::CheckRequest;
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn request(http: HttpRequest, peers: bool, metadata: Option<Metadata>) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                source: peers.then(|| Peer { principal: "spiffe://a".into(), ..Default::default() }),
+                destination: peers.then(Peer::default),
+                request: Some(Request { http: Some(http), ..Default::default() }),
+                metadata_context: metadata,
+                context_extensions: HashMap::from([("k".into(), "v".into())]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn jwt_metadata(sub: &str) -> Metadata {
+        let payload = Value { kind: Some(Kind::StringValue(sub.into())) };
+        Metadata {
+            filter_metadata: HashMap::from([(
+                "envoy.filters.http.jwt_authn".into(),
+                Struct { fields: HashMap::from([("sub".into(), payload)]) },
+            )]),
+            ..Default::default()
+        }
+    }
+
+    /// What prost's own type and the view say of the same bytes agree on
+    /// every field tollgate reads.
+    fn agree(full: &CheckRequest) {
+        let bytes = Bytes::from(full.encode_to_vec());
+        let view = CheckRequestView::decode(bytes.clone()).expect("the view decodes what prost encodes");
+        let again = CheckRequest::decode(bytes).expect("prost decodes its own");
+        let a = again.attributes.as_ref();
+        let v = view.attributes.as_ref();
+        assert_eq!(a.is_some(), v.is_some());
+        assert_eq!(a.and_then(|a| a.source.as_ref()).is_some(), v.and_then(|v| v.source.as_ref()).is_some());
+        assert_eq!(a.and_then(|a| a.destination.as_ref()).is_some(), v.and_then(|v| v.destination.as_ref()).is_some());
+        assert_eq!(a.and_then(|a| a.metadata_context.as_ref()), v.and_then(|v| v.metadata_context.as_ref()));
+        let ah = a.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
+        let vh = view.http();
+        assert_eq!(ah.is_some(), vh.is_some());
+        let (Some(ah), Some(vh)) = (ah, vh) else { return };
+        assert_eq!(view.check_utf8(), Ok(()));
+        assert_eq!(ah.method, text(&vh.method));
+        assert_eq!(ah.path, text(&vh.path));
+        assert_eq!(ah.host, text(&vh.host));
+        for (k, value) in &ah.headers {
+            assert_eq!(vh.header(k), Some(value.as_str()), "header {k:?}");
+        }
+        let mut names: Vec<&str> = vh.headers.iter().map(|h| text(&h.key)).collect();
+        let mut keys: Vec<&str> = ah.headers.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names.dedup();
+        keys.sort_unstable();
+        assert_eq!(names, keys);
+        let raw = |m: Option<&HeaderMap>| {
+            m.map(|m| {
+                m.headers.iter().map(|h| (h.key.clone(), h.value.clone(), h.raw_value.clone())).collect::<Vec<_>>()
+            })
+        };
+        let vraw = vh.header_map.as_ref().map(|m| {
+            m.headers
+                .iter()
+                .map(|h| (text(&h.key).to_owned(), text(&h.value).to_owned(), h.raw_value.to_vec()))
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(raw(ah.header_map.as_ref()), vraw);
+    }
+
+    #[test]
+    fn the_view_reads_what_prost_reads() {
+        let http = HttpRequest {
+            id: "123".into(),
+            method: "GET".into(),
+            path: "/v1/search?q=x".into(),
+            host: "api.example.com".into(),
+            scheme: "https".into(),
+            headers: HashMap::from([("x-api-key".into(), "tg_live_k".into()), ("accept".into(), "*/*".into())]),
+            header_map: Some(HeaderMap {
+                headers: vec![HeaderValue {
+                    key: "x-raw".into(),
+                    raw_value: b"\xffraw".to_vec(),
+                    ..Default::default()
+                }],
+            }),
+            ..Default::default()
+        };
+        agree(&request(http.clone(), true, Some(jwt_metadata("acct_1"))));
+        agree(&request(http, false, None));
+        agree(&CheckRequest::default());
+        agree(&CheckRequest { attributes: Some(AttributeContext::default()) });
+        assert_eq!(CheckRequestView::from_request(&CheckRequest::default()), CheckRequestView::default());
+    }
+
+    /// A header sent twice (Envoy never does; a hand-made Check may) is
+    /// the last one, as prost's map keeps it; listed once.
+    #[test]
+    fn a_header_sent_twice_is_the_last_one_as_in_a_map() {
+        let entry = |k: &str, v: &str| HeaderEntry { key: Bytes::from(k.to_owned()), value: Bytes::from(v.to_owned()) };
+        let http = HttpView {
+            headers: vec![entry("x-api-key", "first"), entry("accept", "a"), entry("x-api-key", "second")],
+            ..Default::default()
+        };
+        let wire = CheckRequestView {
+            attributes: Some(Attributes { request: Some(RequestView { http: Some(http) }), ..Default::default() }),
+        }
+        .encode_to_vec();
+        let prost = CheckRequest::decode(wire.as_slice()).expect("prost decodes it");
+        let view = CheckRequestView::decode(Bytes::from(wire)).expect("the view decodes it");
+        let headers = &prost.attributes.and_then(|a| a.request).and_then(|r| r.http).expect("http").headers;
+        let vh = view.http().expect("http");
+        assert_eq!(headers.get("x-api-key").map(String::as_str), Some("second"));
+        assert_eq!(vh.header("x-api-key"), Some("second"));
+        let names: Vec<&[u8]> = vh.header_names().collect();
+        assert_eq!(names, [&b"x-api-key"[..], b"accept", b"x-api-key"]);
+    }
+
+    /// A string field tollgate reads that is not UTF-8 fails the Check, as
+    /// prost failed it; one it does not read (the request id) does not.
+    #[test]
+    fn a_string_that_is_not_utf8_is_refused_where_it_is_read() {
+        let raw = |f: fn(&mut HttpView)| {
+            let mut http =
+                HttpView { method: Bytes::from_static(b"GET"), path: Bytes::from_static(b"/"), ..Default::default() };
+            f(&mut http);
+            CheckRequestView {
+                attributes: Some(Attributes { request: Some(RequestView { http: Some(http) }), ..Default::default() }),
+            }
+        };
+        type Case = (fn(&mut HttpView), &'static str);
+        let cases: [Case; 5] = [
+            (|h| h.path = Bytes::from_static(b"/\xff"), "path"),
+            (|h| h.method = Bytes::from_static(b"G\xc3"), "method"),
+            (|h| h.host = Bytes::from_static(b"\x80"), "host"),
+            (
+                |h| {
+                    h.headers
+                        .push(HeaderEntry { key: Bytes::from_static(b"x-api-key"), value: Bytes::from_static(b"\xff") })
+                },
+                "headers",
+            ),
+            (
+                |h| {
+                    h.header_map = Some(RawHeaders {
+                        headers: vec![RawHeader { key: Bytes::from_static(b"k\xff"), ..Default::default() }],
+                    })
+                },
+                "header_map",
+            ),
+        ];
+        for (f, field) in cases {
+            let view = raw(f);
+            assert_eq!(view.check_utf8(), Err(NotUtf8(field)));
+            assert!(CheckRequest::decode(view.encode_to_vec().as_slice()).is_err(), "prost refuses {field} too");
+        }
+        // A raw value is bytes; the request id is not read.
+        let view = raw(|h| {
+            h.header_map = Some(RawHeaders {
+                headers: vec![RawHeader {
+                    key: Bytes::from_static(b"k"),
+                    raw_value: Bytes::from_static(b"\xff\xfe"),
+                    ..Default::default()
+                }],
+            })
+        });
+        assert_eq!(view.check_utf8(), Ok(()));
+        let mut with_id =
+            request(HttpRequest { method: "GET".into(), path: "/".into(), ..Default::default() }, false, None)
+                .encode_to_vec();
+        // Field 1 of HttpRequest (id) appended as a non-UTF-8 string: nested messages merge.
+        let mut http = vec![0x0a, 0x02, 0xff, 0xfe];
+        let mut request_msg = vec![0x12, http.len() as u8];
+        request_msg.append(&mut http);
+        let mut attrs = vec![0x22, request_msg.len() as u8];
+        attrs.append(&mut request_msg);
+        with_id.extend_from_slice(&[0x0a, attrs.len() as u8]);
+        with_id.append(&mut attrs);
+        assert!(CheckRequest::decode(with_id.as_slice()).is_err(), "prost refused the whole request");
+        let view = CheckRequestView::decode(Bytes::from(with_id)).expect("the view skips the id");
+        assert_eq!(view.check_utf8(), Ok(()));
+        assert_eq!(view.http().map(|h| text(&h.path)), Some("/"), "the merged request keeps its path");
+    }
+
+    fn header_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("x-api-key".to_owned()),
+            Just("authorization".to_owned()),
+            Just("x-tollgate-plan".to_owned()),
+            Just("X-Tollgate-Account".to_owned()),
+            "[a-z-]{1,12}",
+            "\\PC{0,8}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn random_requests_read_the_same(
+            method in "\\PC{0,8}",
+            path in "\\PC{0,40}",
+            host in "\\PC{0,20}",
+            id in "\\PC{0,20}",
+            headers in proptest::collection::hash_map(header_name(), "\\PC{0,30}", 0..24),
+            raw in proptest::option::of(proptest::collection::vec((header_name(), "\\PC{0,10}", proptest::collection::vec(any::<u8>(), 0..10)), 0..4)),
+            peers in any::<bool>(),
+            sub in proptest::option::of("\\PC{0,12}"),
+        ) {
+            let header_map = raw.map(|hs| HeaderMap {
+                headers: hs.into_iter().map(|(key, value, raw_value)| HeaderValue { key, value, raw_value }).collect(),
+            });
+            let http = HttpRequest { id, method, path, host, headers, header_map, ..Default::default() };
+            agree(&request(http, peers, sub.as_deref().map(jwt_metadata)));
+        }
+    }
+}
