@@ -27,7 +27,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
@@ -132,23 +132,17 @@ where
             self.inner.call(req)
         };
         // The deadline counts from here; its timer is made only if the first poll leaves the call running.
-        let deadline = self.timeout.map(|t| (Instant::now(), t));
+        // None: no timeout, or one past the clock's range (no deadline, as tokio's own `timeout` does).
+        let deadline = self.timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
         let bounded = async move {
             let mut call = std::pin::pin!(call);
             let answer = match std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await {
                 Poll::Ready(answer) => answer,
                 Poll::Pending => match deadline {
-                    Some((started, t)) => {
-                        let at = started.checked_add(t).map(tokio::time::Instant::from_std);
-                        match at {
-                            Some(at) => match tokio::time::timeout_at(at, call).await {
-                                Ok(r) => r,
-                                Err(_) => Ok(tonic::Status::cancelled("Timeout expired").into_http()),
-                            },
-                            // Past any clock's range: no deadline, as tokio's own `timeout` does.
-                            None => call.await,
-                        }
-                    }
+                    Some(at) => match tokio::time::timeout_at(at, call).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(tonic::Status::cancelled("Timeout expired").into_http()),
+                    },
                     None => call.await,
                 },
             };
@@ -258,7 +252,7 @@ mod tests {
         let mut other = Bounded::new(After(Duration::ZERO), None, slots.clone());
         let refused = other.call(Request::new(Body::empty())).await.expect("infallible");
         assert_eq!(grpc_status(&refused), Some("8"), "RESOURCE_EXHAUSTED while the slot is held");
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         let r = tokio::time::timeout(Duration::from_secs(10), held).await.expect("ends").expect("infallible");
         assert_eq!(grpc_status(&r), Some("1"), "CANCELLED at the deadline");
         assert!(started.elapsed() < Duration::from_secs(10));
