@@ -159,6 +159,30 @@ async fn tollgate_down_passes_requests_under_failure_mode_allow() {
     }
 }
 
+/// Under `failure_mode_allow` the client's API key reaches the upstream
+/// (only tollgate's answer removes it); the edit the shipped configs name
+/// next to the flag keeps it from the upstream on every route.
+#[tokio::test]
+async fn under_failure_mode_allow_the_documented_edit_keeps_the_key_from_the_upstream() {
+    let (dead, app) = (free_addr(), echo_upstream().await);
+    let config = envoy::config(dead, app, Options { failure_mode_allow: true, ..Options::default() });
+    assert!(config.contains("`request_headers_to_remove: [x-api-key]` to the virtual host"), "the config says so");
+    let key = [("x-api-key", "pro-key")];
+    let envoy = Envoy::start(&config).await;
+    let r = envoy.send("GET", "/v1/search", &key).await;
+    assert_eq!(r.json()["headers"]["x-api-key"], "pro-key", "why the edit: {r:?}");
+    drop(envoy);
+    let vhost = "                    - name: app\n                      domains: [\"*\"]\n";
+    assert!(config.contains(vhost));
+    let edited = config.replace(vhost, &format!("{vhost}                      request_headers_to_remove: [x-api-key]\n"));
+    let envoy = Envoy::start(&edited).await;
+    for path in ["/v1/search", "/public/docs", "/healthz"] {
+        let r = envoy.send("GET", path, &key).await;
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        assert!(r.json()["headers"].get("x-api-key").is_none(), "{path}: {r:?}");
+    }
+}
+
 /// `config` with its `app-premium` cluster (the app, as shipped) pointed at `premium`.
 fn premium_at(config: String, app: SocketAddr, premium: SocketAddr) -> String {
     let at = config.find("    - name: app-premium\n").expect("an app-premium cluster");
