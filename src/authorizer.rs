@@ -861,8 +861,11 @@ fn strip_headers<C: Credentials>(config: &Config, creds: &C) -> Strip {
             out.push(problem::Text::from(name));
         }
     }
+    // Each prefixed name comes once (sorted, deduplicated): compared with the
+    // few credential names alone, a flood of names costs n, not n².
+    let credentials = out.len();
     for name in creds.headers_with_prefix(problem::HEADER_PREFIX) {
-        if !out.iter().any(|h| *h == *name) {
+        if !out.iter().take(credentials).any(|h| *h == *name) {
             out.push(problem::Text::Owned(name.into_owned()));
         }
     }

@@ -43,8 +43,9 @@ pub trait Credentials {
     fn header(&self, name: &str) -> Option<&str>;
     /// A string claim from verified JWT metadata.
     fn claim(&self, namespace: &str, field: &str, claim: &str) -> Option<String>;
-    /// The lower-case names of the request's headers starting with `prefix`
-    /// (so forged `x-tollgate-*` headers can be removed); none by default.
+    /// The lower-case names of the request's headers starting with `prefix`,
+    /// each once (so forged `x-tollgate-*` headers can be removed, each
+    /// checked against few names: a flood of them costs n); none by default.
     /// Borrowed when the name is lower-case already (as Envoy sends them).
     fn headers_with_prefix(&self, _prefix: &str) -> Vec<Cow<'_, str>> {
         Vec::new()

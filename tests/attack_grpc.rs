@@ -6,7 +6,10 @@
 //! trusts, a panic. The same attacks through a real Envoy are in
 //! `attack_envoy.rs`; against the stores' arithmetic in `attack_store.rs`.
 
+use envoy_types::ext_authz::v3::pb::CheckResponse;
+use prost::bytes::Bytes;
 use tollgate::config::Config;
+use tollgate::grpc::check_request::{Attributes, CheckRequestView, HeaderEntry, HttpView, MAX_ENTRIES, RequestView};
 use tollgate::grpc::pb::authorize_request::{Subject, Target};
 use tollgate::grpc::pb::tollgate_client::TollgateClient;
 use tollgate::grpc::pb::{
@@ -425,4 +428,58 @@ fn routes_matching_on_host_are_warned_about() {
     let plain = "plans: { p: { features: [f] } }\nroutes:\n  - { match: { path_prefix: /v1 }, feature: f }\n";
     let w = Config::parse(plain, "t.yaml").unwrap().warnings();
     assert!(!w.iter().any(|w| w.contains("host")), "{w:?}");
+}
+
+/// Sends `view` as a Check's bytes: what no prost `CheckRequest` can carry
+/// (strings that are not UTF-8; any number of entries, as a hand-made
+/// client on the gRPC port may send).
+async fn check_raw(s: &TestServer, view: CheckRequestView) -> Result<CheckResponse, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(s.channel().await);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<CheckRequestView, CheckResponse>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/envoy.service.auth.v3.Authorization/Check");
+    grpc.unary(Request::new(view), path, codec).await.map(tonic::Response::into_inner)
+}
+
+/// A Check on `path` with a valid key and `more` extra headers (empty names and values, 2 bytes each on the wire).
+fn raw_check(path: &'static [u8], more: usize) -> CheckRequestView {
+    let entry =
+        |k: &'static [u8], v: &'static [u8]| HeaderEntry { key: Bytes::from_static(k), value: Bytes::from_static(v) };
+    let mut headers = vec![entry(b"x-api-key", b"pro-key")];
+    headers.extend(std::iter::repeat_with(|| entry(b"", b"")).take(more));
+    let http = HttpView {
+        method: Bytes::from_static(b"POST"),
+        path: Bytes::from_static(path),
+        host: Bytes::from_static(b"api.example.com"),
+        headers,
+        ..Default::default()
+    };
+    CheckRequestView {
+        attributes: Some(Attributes { request: Some(RequestView { http: Some(http) }), ..Default::default() }),
+    }
+}
+
+/// A Check tollgate cannot read whole — a path that is not UTF-8, more
+/// header entries than it keeps — is denied 400 `request_invalid` and
+/// spends nothing: never an RPC error, which a proxy under
+/// `failure_mode_allow` would let through, and never an allow.
+#[tokio::test]
+async fn checks_that_cannot_be_read_whole_are_denied_not_errors() {
+    let s = TestServer::start(&(spec_config() + &tokens())).await;
+    let before = used(&s, "acct_pro").await;
+    let answer = check_raw(&s, raw_check(b"/v1/ai/chat", MAX_ENTRIES - 1)).await.expect("answered");
+    assert!(Answer::of(&answer).allowed, "{MAX_ENTRIES} entries are read: {answer:?}");
+    let spent = used(&s, "acct_pro").await;
+    assert!(spent > before, "the allow spent");
+    for (what, view) in [
+        ("a path that is not UTF-8", raw_check(b"/v1/ai/chat\xff", 0)),
+        ("one entry over the bound", raw_check(b"/v1/ai/chat", MAX_ENTRIES)),
+        ("ten thousand entries", raw_check(b"/v1/ai/chat", 10_000)),
+    ] {
+        let answer = check_raw(&s, view).await.unwrap_or_else(|e| panic!("{what}: an RPC error {e:?}"));
+        let a = Answer::of(&answer);
+        assert_eq!((a.http_status, a.code()), (400, "request_invalid"), "{what}: {answer:?}");
+    }
+    assert_eq!(used(&s, "acct_pro").await, spent, "nothing spent on them");
+    s.stop().await;
 }

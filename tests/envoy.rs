@@ -174,7 +174,8 @@ async fn under_failure_mode_allow_the_documented_edit_keeps_the_key_from_the_ups
     drop(envoy);
     let vhost = "                    - name: app\n                      domains: [\"*\"]\n";
     assert!(config.contains(vhost));
-    let edited = config.replace(vhost, &format!("{vhost}                      request_headers_to_remove: [x-api-key]\n"));
+    let edited =
+        config.replace(vhost, &format!("{vhost}                      request_headers_to_remove: [x-api-key]\n"));
     let envoy = Envoy::start(&edited).await;
     for path in ["/v1/search", "/public/docs", "/healthz"] {
         let r = envoy.send("GET", path, &key).await;

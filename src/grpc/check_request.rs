@@ -7,21 +7,33 @@
 //! id, the scheme, the peers' addresses). [`CheckRequestView`] has the same
 //! field numbers but only the fields tollgate reads, as `Bytes` slices of the
 //! received message (prost skips the rest without copying it); the headers
-//! are a list, as on the wire (a `map` is a repeated entry message).
+//! are a list, as on the wire (a `map` is a repeated entry message), and the
+//! metadata (JWT claims) stays bytes until a trusted caller's claim is read.
 //!
 //! The same rules as prost's own type, so no request means one thing to
-//! Envoy and another to tollgate: a header sent twice is the last one sent
-//! (a map's rule); a field or message sent twice merges as prost merges it.
-//! Every string field tollgate reads must be UTF-8 ([`CheckRequestView::check_utf8`]),
-//! as prost requires of every string field: such a Check fails as it did
-//! when prost refused it. Fields tollgate does not read are not checked.
+//! Envoy and another to tollgate: a header sent twice in `headers` is the
+//! last one sent (a map's rule); a field or message sent twice merges as
+//! prost merges it. A Check tollgate cannot read whole ([`CheckRequestView::check`]:
+//! a string it reads that is not UTF-8, or more than [`MAX_ENTRIES`] of a
+//! list) is denied as malformed. Fields tollgate does not read are not checked.
+//!
+//! Lists are bounded while decoding: an empty header entry is 2 bytes on the
+//! wire and 64–96 in memory, so unbounded, one 256 KiB message of them would
+//! take 8–16 MiB.
 //!
 //! May use: nothing of tollgate's (envoy-types' `Metadata` for JWT claims).
 
 use envoy_types::ext_authz::v3::pb::CheckRequest;
 use envoy_types::pb::envoy::config::core::v3::Metadata;
 use prost::Message as _;
-use prost::bytes::Bytes;
+use prost::bytes::{Buf, BufMut, Bytes};
+use prost::encoding::{DecodeContext, WireType, bytes, message, skip_field};
+
+/// The most entries kept of `headers`, of `header_map` and of
+/// `metadata_context`'s parts. Envoy sends at most its `max_headers_count`
+/// (100 by default) headers and one metadata message; a Check with more is
+/// malformed (the entries past this are skipped, not kept).
+pub const MAX_ENTRIES: usize = 1024;
 
 /// Envoy's `CheckRequest`, as far as tollgate reads it.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -33,20 +45,82 @@ pub struct CheckRequestView {
 
 /// `AttributeContext`: its peers (only whether they were sent), the HTTP
 /// request, and the metadata JWT claims come in.
-#[derive(Clone, PartialEq, prost::Message)]
+#[derive(Clone, PartialEq, Default, Debug)]
 pub struct Attributes {
-    /// `source`: only whether it was sent.
-    #[prost(message, optional, tag = "1")]
+    /// `source` (1): only whether it was sent.
     pub source: Option<Unread>,
-    /// `destination`: only whether it was sent.
-    #[prost(message, optional, tag = "2")]
+    /// `destination` (2): only whether it was sent.
     pub destination: Option<Unread>,
-    /// `request`.
-    #[prost(message, optional, tag = "4")]
+    /// `request` (4).
     pub request: Option<RequestView>,
-    /// `metadata_context`: what Envoy's filters (jwt_authn) put there, decoded whole.
-    #[prost(message, optional, tag = "11")]
-    pub metadata_context: Option<Metadata>,
+    /// `metadata_context` (11), each time it was sent, undecoded: read
+    /// only for a trusted caller's claims ([`Attributes::metadata`]).
+    pub metadata_context: Vec<Bytes>,
+    /// More than [`MAX_ENTRIES`] `metadata_context` parts were sent.
+    pub overflow: bool,
+}
+
+impl Attributes {
+    /// `metadata_context`, decoded as prost decodes it (parts sent twice
+    /// merge); `None` when none was sent or it does not decode.
+    pub fn metadata(&self) -> Option<Metadata> {
+        if self.metadata_context.is_empty() {
+            return None;
+        }
+        let mut m = Metadata::default();
+        for part in &self.metadata_context {
+            m.merge(part.clone()).ok()?;
+        }
+        Some(m)
+    }
+}
+
+impl prost::Message for Attributes {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        if let Some(m) = &self.source {
+            message::encode(1, m, buf);
+        }
+        if let Some(m) = &self.destination {
+            message::encode(2, m, buf);
+        }
+        if let Some(m) = &self.request {
+            message::encode(4, m, buf);
+        }
+        bytes::encode_repeated(11, &self.metadata_context, buf);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        match tag {
+            1 => message::merge(wire_type, self.source.get_or_insert_with(Unread::default), buf, ctx),
+            2 => message::merge(wire_type, self.destination.get_or_insert_with(Unread::default), buf, ctx),
+            4 => message::merge(wire_type, self.request.get_or_insert_with(RequestView::default), buf, ctx),
+            11 if self.metadata_context.len() < MAX_ENTRIES => {
+                bytes::merge_repeated(wire_type, &mut self.metadata_context, buf, ctx)
+            }
+            11 => {
+                self.overflow = true;
+                skip_field(wire_type, tag, buf, ctx)
+            }
+            _ => skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.source.as_ref().map_or(0, |m| message::encoded_len(1, m))
+            + self.destination.as_ref().map_or(0, |m| message::encoded_len(2, m))
+            + self.request.as_ref().map_or(0, |m| message::encoded_len(4, m))
+            + bytes::encoded_len_repeated(11, &self.metadata_context)
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
 }
 
 /// A message whose presence is all tollgate reads: its fields are skipped.
@@ -62,23 +136,69 @@ pub struct RequestView {
 }
 
 /// `AttributeContext.HttpRequest`, as far as tollgate reads it.
-#[derive(Clone, PartialEq, prost::Message)]
+#[derive(Clone, PartialEq, Default, Debug)]
 pub struct HttpView {
-    /// `method`.
-    #[prost(bytes = "bytes", tag = "2")]
+    /// `method` (2).
     pub method: Bytes,
-    /// `headers` (a `map<string, string>`: entries in wire order).
-    #[prost(message, repeated, tag = "3")]
+    /// `headers` (3; a `map<string, string>`: entries in wire order).
     pub headers: Vec<HeaderEntry>,
-    /// `path`, with the query string.
-    #[prost(bytes = "bytes", tag = "4")]
+    /// `path` (4), with the query string.
     pub path: Bytes,
-    /// `host`.
-    #[prost(bytes = "bytes", tag = "5")]
+    /// `host` (5).
     pub host: Bytes,
-    /// `header_map`: what Envoy sends instead of `headers` under `encode_raw_headers: true`.
-    #[prost(message, optional, tag = "13")]
+    /// `header_map` (13): what Envoy sends instead of `headers` under `encode_raw_headers: true`.
     pub header_map: Option<RawHeaders>,
+    /// More than [`MAX_ENTRIES`] `headers` entries were sent.
+    pub overflow: bool,
+}
+
+impl prost::Message for HttpView {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        for (tag, b) in [(2, &self.method), (4, &self.path), (5, &self.host)] {
+            if !b.is_empty() {
+                bytes::encode(tag, b, buf);
+            }
+        }
+        message::encode_repeated(3, &self.headers, buf);
+        if let Some(m) = &self.header_map {
+            message::encode(13, m, buf);
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        match tag {
+            2 => bytes::merge(wire_type, &mut self.method, buf, ctx),
+            3 if self.headers.len() < MAX_ENTRIES => message::merge_repeated(wire_type, &mut self.headers, buf, ctx),
+            3 => {
+                self.overflow = true;
+                skip_field(wire_type, tag, buf, ctx)
+            }
+            4 => bytes::merge(wire_type, &mut self.path, buf, ctx),
+            5 => bytes::merge(wire_type, &mut self.host, buf, ctx),
+            13 => message::merge(wire_type, self.header_map.get_or_insert_with(RawHeaders::default), buf, ctx),
+            _ => skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        [(2, &self.method), (4, &self.path), (5, &self.host)]
+            .into_iter()
+            .filter(|(_, b)| !b.is_empty())
+            .map(|(tag, b)| bytes::encoded_len(tag, b))
+            .sum::<usize>()
+            + message::encoded_len_repeated(3, &self.headers)
+            + self.header_map.as_ref().map_or(0, |m| message::encoded_len(13, m))
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
 }
 
 /// One entry of the `headers` map.
@@ -93,11 +213,43 @@ pub struct HeaderEntry {
 }
 
 /// `config.core.v3.HeaderMap`.
-#[derive(Clone, PartialEq, prost::Message)]
+#[derive(Clone, PartialEq, Default, Debug)]
 pub struct RawHeaders {
-    /// `headers`.
-    #[prost(message, repeated, tag = "1")]
+    /// `headers` (1).
     pub headers: Vec<RawHeader>,
+    /// More than [`MAX_ENTRIES`] entries were sent.
+    pub overflow: bool,
+}
+
+impl prost::Message for RawHeaders {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        message::encode_repeated(1, &self.headers, buf);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        match tag {
+            1 if self.headers.len() < MAX_ENTRIES => message::merge_repeated(wire_type, &mut self.headers, buf, ctx),
+            1 => {
+                self.overflow = true;
+                skip_field(wire_type, tag, buf, ctx)
+            }
+            _ => skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        message::encoded_len_repeated(1, &self.headers)
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
 }
 
 /// `config.core.v3.HeaderValue`: the value as a string or, raw, as bytes.
@@ -114,10 +266,18 @@ pub struct RawHeader {
     pub raw_value: Bytes,
 }
 
-/// A string field that is not UTF-8, which prost refuses in a `string`.
+/// Why a Check cannot be read whole: it is denied 400 `request_invalid`
+/// (prost's own type refused the first as an RPC error, which a proxy
+/// under `failure_mode_allow` would have let through).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid string value: data is not UTF-8 encoded ({0})")]
-pub struct NotUtf8(pub &'static str);
+pub enum Malformed {
+    /// A string field tollgate reads is not UTF-8 (the field's name).
+    #[error("{0} is not UTF-8")]
+    NotUtf8(&'static str),
+    /// More than [`MAX_ENTRIES`] of a list (the list's name).
+    #[error("more than {MAX_ENTRIES} entries in {0}")]
+    TooMany(&'static str),
+}
 
 impl CheckRequestView {
     /// The view of a prost `CheckRequest` (the in-process `Authorization`
@@ -133,13 +293,23 @@ impl CheckRequestView {
         self.attributes.as_ref()?.request.as_ref()?.http.as_ref()
     }
 
-    /// Refuses the request when a string field tollgate reads is not UTF-8
-    /// (prost's `CheckRequest` refused it whole; so does this, before any of it is read).
-    pub fn check_utf8(&self) -> Result<(), NotUtf8> {
+    /// Whether tollgate can read the whole request: every string field it
+    /// reads UTF-8 (prost's `CheckRequest` refused it otherwise), no list
+    /// cut at [`MAX_ENTRIES`]. Called before any of it is read.
+    pub fn check(&self) -> Result<(), Malformed> {
+        if self.attributes.as_ref().is_some_and(|a| a.overflow) {
+            return Err(Malformed::TooMany("metadata_context"));
+        }
         let Some(http) = self.http() else { return Ok(()) };
+        if http.overflow {
+            return Err(Malformed::TooMany("headers"));
+        }
+        if http.header_map.as_ref().is_some_and(|m| m.overflow) {
+            return Err(Malformed::TooMany("header_map"));
+        }
         // ASCII first (a word at a time; nearly every header is): a tenth of `from_utf8`'s cost on short strings.
         let utf8 = |b: &Bytes, field: &'static str| {
-            if b.is_ascii() || std::str::from_utf8(b).is_ok() { Ok(()) } else { Err(NotUtf8(field)) }
+            if b.is_ascii() || std::str::from_utf8(b).is_ok() { Ok(()) } else { Err(Malformed::NotUtf8(field)) }
         };
         utf8(&http.method, "method")?;
         utf8(&http.path, "path")?;
@@ -156,7 +326,7 @@ impl CheckRequestView {
     }
 }
 
-/// `b` as a string; empty if it is not UTF-8 (never, after [`CheckRequestView::check_utf8`]).
+/// `b` as a string; empty if it is not UTF-8 (never, after [`CheckRequestView::check`]).
 pub fn text(b: &Bytes) -> &str {
     std::str::from_utf8(b).unwrap_or_default()
 }
@@ -217,7 +387,11 @@ mod tests {
     /// What prost's own type and the view say of the same bytes agree on
     /// every field tollgate reads.
     fn agree(full: &CheckRequest) {
-        let bytes = Bytes::from(full.encode_to_vec());
+        agree_on(Bytes::from(full.encode_to_vec()));
+    }
+
+    /// [`agree`] on bytes: what prost decodes `bytes` to and the view of them.
+    fn agree_on(bytes: Bytes) {
         let view = CheckRequestView::decode(bytes.clone()).expect("the view decodes what prost encodes");
         let again = CheckRequest::decode(bytes).expect("prost decodes its own");
         let a = again.attributes.as_ref();
@@ -225,12 +399,12 @@ mod tests {
         assert_eq!(a.is_some(), v.is_some());
         assert_eq!(a.and_then(|a| a.source.as_ref()).is_some(), v.and_then(|v| v.source.as_ref()).is_some());
         assert_eq!(a.and_then(|a| a.destination.as_ref()).is_some(), v.and_then(|v| v.destination.as_ref()).is_some());
-        assert_eq!(a.and_then(|a| a.metadata_context.as_ref()), v.and_then(|v| v.metadata_context.as_ref()));
+        assert_eq!(a.and_then(|a| a.metadata_context.clone()), v.and_then(Attributes::metadata));
         let ah = a.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
         let vh = view.http();
         assert_eq!(ah.is_some(), vh.is_some());
         let (Some(ah), Some(vh)) = (ah, vh) else { return };
-        assert_eq!(view.check_utf8(), Ok(()));
+        assert_eq!(view.check(), Ok(()));
         assert_eq!(ah.method, text(&vh.method));
         assert_eq!(ah.path, text(&vh.path));
         assert_eq!(ah.host, text(&vh.host));
@@ -333,6 +507,7 @@ mod tests {
                 |h| {
                     h.header_map = Some(RawHeaders {
                         headers: vec![RawHeader { key: Bytes::from_static(b"k\xff"), ..Default::default() }],
+                        overflow: false,
                     })
                 },
                 "header_map",
@@ -340,7 +515,7 @@ mod tests {
         ];
         for (f, field) in cases {
             let view = raw(f);
-            assert_eq!(view.check_utf8(), Err(NotUtf8(field)));
+            assert_eq!(view.check(), Err(Malformed::NotUtf8(field)));
             assert!(CheckRequest::decode(view.encode_to_vec().as_slice()).is_err(), "prost refuses {field} too");
         }
         // A raw value is bytes; the request id is not read.
@@ -351,9 +526,10 @@ mod tests {
                     raw_value: Bytes::from_static(b"\xff\xfe"),
                     ..Default::default()
                 }],
+                overflow: false,
             })
         });
-        assert_eq!(view.check_utf8(), Ok(()));
+        assert_eq!(view.check(), Ok(()));
         let mut with_id =
             request(HttpRequest { method: "GET".into(), path: "/".into(), ..Default::default() }, false, None)
                 .encode_to_vec();
@@ -367,8 +543,71 @@ mod tests {
         with_id.append(&mut attrs);
         assert!(CheckRequest::decode(with_id.as_slice()).is_err(), "prost refused the whole request");
         let view = CheckRequestView::decode(Bytes::from(with_id)).expect("the view skips the id");
-        assert_eq!(view.check_utf8(), Ok(()));
+        assert_eq!(view.check(), Ok(()));
         assert_eq!(view.http().map(|h| text(&h.path)), Some("/"), "the merged request keeps its path");
+    }
+
+    /// Two messages sent one after the other merge (the protobuf rule):
+    /// the metadata's parts merge in the view as in prost's type.
+    #[test]
+    fn metadata_sent_twice_merges_as_in_prost() {
+        let http = HttpRequest { method: "GET".into(), path: "/".into(), ..Default::default() };
+        let mut both = request(http.clone(), false, Some(jwt_metadata("acct_1"))).encode_to_vec();
+        let mut other = jwt_metadata("acct_2");
+        other.filter_metadata.insert("other".into(), Struct::default());
+        both.extend(request(http, true, Some(other)).encode_to_vec());
+        let view = CheckRequestView::decode(&both[..]).expect("decodes");
+        assert_eq!(view.attributes.as_ref().map(|a| a.metadata_context.len()), Some(2));
+        agree_on(Bytes::from(both));
+    }
+
+    /// Lists keep [`MAX_ENTRIES`] entries, however many are sent, and say
+    /// they were cut; the bound holds across a message sent in parts.
+    #[test]
+    fn lists_are_bounded_while_decoding() {
+        let entry = || HeaderEntry { key: Bytes::from_static(b"a"), value: Bytes::new() };
+        let raw = || RawHeader { key: Bytes::from_static(b"a"), ..Default::default() };
+        let with = |headers: usize, raws: usize, parts: usize| {
+            let http = HttpView {
+                headers: std::iter::repeat_with(entry).take(headers).collect(),
+                header_map: Some(RawHeaders {
+                    headers: std::iter::repeat_with(raw).take(raws).collect(),
+                    overflow: false,
+                }),
+                ..Default::default()
+            };
+            let attributes = Attributes {
+                request: Some(RequestView { http: Some(http) }),
+                metadata_context: vec![Bytes::new(); parts],
+                ..Default::default()
+            };
+            CheckRequestView { attributes: Some(attributes) }.encode_to_vec()
+        };
+        let read = |wire: &[u8]| CheckRequestView::decode(wire).expect("decodes");
+        let full = read(&with(MAX_ENTRIES, MAX_ENTRIES, MAX_ENTRIES));
+        assert_eq!(full.check(), Ok(()));
+        let http = full.http().expect("http");
+        assert_eq!(
+            (http.headers.len(), http.header_map.as_ref().map(|m| m.headers.len())),
+            (MAX_ENTRIES, Some(MAX_ENTRIES))
+        );
+        for (wire, list) in [
+            (with(MAX_ENTRIES + 1, 0, 0), "headers"),
+            (with(0, 100_000, 0), "header_map"),
+            (with(0, 0, MAX_ENTRIES + 1), "metadata_context"),
+        ] {
+            let view = read(&wire);
+            assert_eq!(view.check(), Err(Malformed::TooMany(list)));
+            let http = view.http().expect("http");
+            assert!(http.headers.len() <= MAX_ENTRIES);
+            assert!(http.header_map.as_ref().is_none_or(|m| m.headers.len() <= MAX_ENTRIES));
+            assert!(view.attributes.as_ref().is_some_and(|a| a.metadata_context.len() <= MAX_ENTRIES));
+        }
+        // The request's `http` sent twice, each part under the bound: the two merge, and so does the count.
+        let half = with(MAX_ENTRIES / 2 + 1, 0, 0);
+        let view = read(&[half.clone(), half].concat());
+        assert_eq!(view.http().map(|h| h.headers.len()), Some(MAX_ENTRIES));
+        assert_eq!(view.check(), Err(Malformed::TooMany("headers")));
     }
 
     fn header_name() -> impl Strategy<Value = String> {

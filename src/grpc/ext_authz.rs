@@ -17,12 +17,11 @@ use envoy_types::ext_authz::v3::pb::{
     Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue, HeaderValueOption,
     HttpResponse, HttpStatus, OkHttpResponse,
 };
-use envoy_types::pb::envoy::config::core::v3::Metadata;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
-use super::check_request::{CheckRequestView, HttpView, text};
+use super::check_request::{Attributes, CheckRequestView, HttpView, text};
 use crate::authorizer::{Ask, Authorizer, Outcome, Query, Subject};
 use crate::decision::{Code, Verdict};
 use crate::identity::Credentials;
@@ -51,7 +50,8 @@ static OWN_HEADERS_SHOWN_KEY: std::sync::LazyLock<tonic::metadata::AsciiMetadata
 /// A CheckRequest's headers and JWT metadata, as [`Credentials`].
 struct EnvoyCredentials<'a> {
     http: Option<&'a HttpView>,
-    metadata: Option<&'a Metadata>,
+    /// Where the metadata is, decoded only for a claim (only a trusted caller's are read).
+    attributes: Option<&'a Attributes>,
 }
 
 impl Credentials for EnvoyCredentials<'_> {
@@ -68,7 +68,8 @@ impl Credentials for EnvoyCredentials<'_> {
     }
 
     fn claim(&self, namespace: &str, field: &str, claim: &str) -> Option<String> {
-        let payload = self.metadata?.filter_metadata.get(namespace)?.fields.get(field)?;
+        let metadata = self.attributes?.metadata()?;
+        let payload = metadata.filter_metadata.get(namespace)?.fields.get(field)?;
         let mut value = payload;
         for part in claim.split('.') {
             match &value.kind {
@@ -191,11 +192,12 @@ impl ExtAuthz {
             .get(&*OWN_HEADERS_SHOWN_KEY)
             .is_some_and(|v| v.as_bytes() == crate::config::OWN_HEADERS_SHOWN.1.as_bytes());
         let req = request.into_inner();
-        // What prost's own type refused, this refuses too (see `check_request`).
-        req.check_utf8().map_err(|e| Status::internal(format!("failed to decode Protobuf message: {e}")))?;
-        let attributes = req.attributes.as_ref();
-        let http = req.http();
-        let creds = EnvoyCredentials { http, metadata: attributes.and_then(|a| a.metadata_context.as_ref()) };
+        // A Check tollgate cannot read whole (see `check_request`) is denied
+        // 400 `request_invalid`, read no further: an RPC error would let a
+        // proxy under `failure_mode_allow` pass it.
+        let malformed = req.check().inspect_err(|e| tracing::debug!(reason = %e, "Check not readable")).is_err();
+        let (attributes, http) = if malformed { (None, None) } else { (req.attributes.as_ref(), req.http()) };
+        let creds = EnvoyCredentials { http, attributes };
         let ask = match (attributes, http) {
             (Some(_), Some(h)) => {
                 Ask::Http(RouteKey { path: text(&h.path), method: text(&h.method), host: text(&h.host) })
