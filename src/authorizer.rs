@@ -872,7 +872,7 @@ fn strip_headers<C: Credentials>(config: &Config, creds: &C) -> Strip {
     // With x402 on, a payment is tollgate's to settle, never the upstream's to reuse.
     if config.x402.is_some() {
         for name in [x402::SIGNATURE_HEADER, x402::V1_HEADER] {
-            if creds.header(name).is_some() {
+            if creds.header(name).is_some() && !out.iter().take(credentials).any(|h| &**h == name) {
                 out.push(problem::Text::Static(name));
             }
         }

@@ -441,15 +441,16 @@ async fn check_raw(s: &TestServer, view: CheckRequestView) -> Result<CheckRespon
     grpc.unary(Request::new(view), path, codec).await.map(tonic::Response::into_inner)
 }
 
-/// A Check on `path` with a valid key and `more` extra headers (empty names and values, 2 bytes each on the wire).
-fn raw_check(path: &'static [u8], more: usize) -> CheckRequestView {
+/// A Check of a paid route with a valid key, a header `note` and `more` extra
+/// headers (empty names and values, 2 bytes each on the wire).
+fn raw_check(note: &'static [u8], more: usize) -> CheckRequestView {
     let entry =
         |k: &'static [u8], v: &'static [u8]| HeaderEntry { key: Bytes::from_static(k), value: Bytes::from_static(v) };
-    let mut headers = vec![entry(b"x-api-key", b"pro-key")];
+    let mut headers = vec![entry(b"x-api-key", b"pro-key"), entry(b"x-note", note)];
     headers.extend(std::iter::repeat_with(|| entry(b"", b"")).take(more));
     let http = HttpView {
         method: Bytes::from_static(b"POST"),
-        path: Bytes::from_static(path),
+        path: Bytes::from_static(b"/v1/ai/chat"),
         host: Bytes::from_static(b"api.example.com"),
         headers,
         ..Default::default()
@@ -459,7 +460,7 @@ fn raw_check(path: &'static [u8], more: usize) -> CheckRequestView {
     }
 }
 
-/// A Check tollgate cannot read whole — a path that is not UTF-8, more
+/// A Check tollgate cannot read whole — a header that is not UTF-8, more
 /// header entries than it keeps — is denied 400 `request_invalid` and
 /// spends nothing: never an RPC error, which a proxy under
 /// `failure_mode_allow` would let through, and never an allow.
@@ -467,14 +468,14 @@ fn raw_check(path: &'static [u8], more: usize) -> CheckRequestView {
 async fn checks_that_cannot_be_read_whole_are_denied_not_errors() {
     let s = TestServer::start(&(spec_config() + &tokens())).await;
     let before = used(&s, "acct_pro").await;
-    let answer = check_raw(&s, raw_check(b"/v1/ai/chat", MAX_ENTRIES - 1)).await.expect("answered");
+    let answer = check_raw(&s, raw_check(b"a note", MAX_ENTRIES - 2)).await.expect("answered");
     assert!(Answer::of(&answer).allowed, "{MAX_ENTRIES} entries are read: {answer:?}");
     let spent = used(&s, "acct_pro").await;
     assert!(spent > before, "the allow spent");
     for (what, view) in [
-        ("a path that is not UTF-8", raw_check(b"/v1/ai/chat\xff", 0)),
-        ("one entry over the bound", raw_check(b"/v1/ai/chat", MAX_ENTRIES)),
-        ("ten thousand entries", raw_check(b"/v1/ai/chat", 10_000)),
+        ("a header value that is not UTF-8", raw_check(b"\xff", 0)),
+        ("one entry over the bound", raw_check(b"a note", MAX_ENTRIES - 1)),
+        ("ten thousand entries", raw_check(b"a note", 10_000)),
     ] {
         let answer = check_raw(&s, view).await.unwrap_or_else(|e| panic!("{what}: an RPC error {e:?}"));
         let a = Answer::of(&answer);

@@ -62,7 +62,9 @@ pub struct Attributes {
 
 impl Attributes {
     /// `metadata_context`, decoded as prost decodes it (parts sent twice
-    /// merge); `None` when none was sent or it does not decode.
+    /// merge); `None` when none was sent or it does not decode (then a
+    /// trusted caller's claims are absent: prost's type failed the Check,
+    /// which a working Envoy never sends).
     pub fn metadata(&self) -> Option<Metadata> {
         if self.metadata_context.is_empty() {
             return None;
@@ -552,12 +554,21 @@ mod tests {
     #[test]
     fn metadata_sent_twice_merges_as_in_prost() {
         let http = HttpRequest { method: "GET".into(), path: "/".into(), ..Default::default() };
-        let mut both = request(http.clone(), false, Some(jwt_metadata("acct_1"))).encode_to_vec();
-        let mut other = jwt_metadata("acct_2");
-        other.filter_metadata.insert("other".into(), Struct::default());
-        both.extend(request(http, true, Some(other)).encode_to_vec());
+        let mut first = jwt_metadata("acct_1");
+        first.filter_metadata.insert("only_first".into(), Struct::default());
+        let mut both = request(http.clone(), false, Some(first)).encode_to_vec();
+        let mut second = jwt_metadata("acct_2");
+        second.filter_metadata.insert("only_second".into(), Struct::default());
+        both.extend(request(http, true, Some(second)).encode_to_vec());
         let view = CheckRequestView::decode(&both[..]).expect("decodes");
-        assert_eq!(view.attributes.as_ref().map(|a| a.metadata_context.len()), Some(2));
+        let attributes = view.attributes.as_ref().expect("attributes");
+        assert_eq!(attributes.metadata_context.len(), 2);
+        let merged = attributes.metadata().expect("decodes").filter_metadata;
+        assert!(merged.contains_key("only_first") && merged.contains_key("only_second"), "{merged:?}");
+        assert_eq!(
+            merged.get("envoy.filters.http.jwt_authn"),
+            jwt_metadata("acct_2").filter_metadata.get("envoy.filters.http.jwt_authn")
+        );
         agree_on(Bytes::from(both));
     }
 

@@ -52,6 +52,9 @@ struct EnvoyCredentials<'a> {
     http: Option<&'a HttpView>,
     /// Where the metadata is, decoded only for a claim (only a trusted caller's are read).
     attributes: Option<&'a Attributes>,
+    /// The metadata once decoded (several `jwt_claim` sources read it once);
+    /// metadata that does not decode is none, as if not sent.
+    metadata: std::sync::OnceLock<Option<envoy_types::pb::envoy::config::core::v3::Metadata>>,
 }
 
 impl Credentials for EnvoyCredentials<'_> {
@@ -68,7 +71,7 @@ impl Credentials for EnvoyCredentials<'_> {
     }
 
     fn claim(&self, namespace: &str, field: &str, claim: &str) -> Option<String> {
-        let metadata = self.attributes?.metadata()?;
+        let metadata = self.metadata.get_or_init(|| self.attributes.and_then(Attributes::metadata)).as_ref()?;
         let payload = metadata.filter_metadata.get(namespace)?.fields.get(field)?;
         let mut value = payload;
         for part in claim.split('.') {
@@ -197,7 +200,7 @@ impl ExtAuthz {
         // proxy under `failure_mode_allow` pass it.
         let malformed = req.check().inspect_err(|e| tracing::debug!(reason = %e, "Check not readable")).is_err();
         let (attributes, http) = if malformed { (None, None) } else { (req.attributes.as_ref(), req.http()) };
-        let creds = EnvoyCredentials { http, attributes };
+        let creds = EnvoyCredentials { http, attributes, metadata: std::sync::OnceLock::new() };
         let ask = match (attributes, http) {
             (Some(_), Some(h)) => {
                 Ask::Http(RouteKey { path: text(&h.path), method: text(&h.method), host: text(&h.host) })
