@@ -1215,7 +1215,8 @@ impl Report<'_> {
              lowest to highest:\n\n| variant | authz CPU | Envoy CPU | req/s | rounds' req/s ratios |\n|---|---|---|---|---|"
         )
         .unwrap();
-        let judged = |x: f64, ok: bool| format!("{x:.2} {}", if ok { "met" } else { "MISSED" });
+        // Three places: 1.101 is over 1.1, and two would print it as 1.10 missed.
+        let judged = |x: f64, ok: bool| format!("{x:.3} {}", if ok { "met" } else { "MISSED" });
         for v in shown {
             let authz = self.cpu_us(v, |c| c.authz) / self.cpu_us(B, |c| c.authz);
             let envoy = self.cpu_us(v, |c| c.proxy) / self.cpu_us(B, |c| c.proxy);
