@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Instructions per Check over in-process gRPC, counted by callgrind (the same
-# count for the same binary and input, whatever else the machine runs):
+# Instructions per Check over in-process gRPC, counted by callgrind (whatever
+# else the machine runs; within ~1 % from run to run of one binary, as its two
+# workers interleave differently: compare builds by several runs each):
 # benches/grpc.rs with `--only echo|tollgate`, the whole process (client,
 # server, runtime), a run of N Checks minus a run of 0 (start-up and warm-up
 # alike in both), divided by N. The echo is the bare tonic server (the floor).
