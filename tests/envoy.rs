@@ -161,27 +161,43 @@ async fn tollgate_down_passes_requests_under_failure_mode_allow() {
 
 /// Under `failure_mode_allow` the client's API key reaches the upstream
 /// (only tollgate's answer removes it); the edit the shipped configs name
-/// next to the flag keeps it from the upstream on every route.
+/// next to the flag keeps every credential from the upstream on every
+/// route, and the Check still sees them while tollgate answers.
 #[tokio::test]
 async fn under_failure_mode_allow_the_documented_edit_keeps_the_key_from_the_upstream() {
+    let edit = "`request_headers_to_remove: [x-api-key, authorization]`";
+    let vhost = "                    - name: app\n                      domains: [\"*\"]\n";
+    let edited = |config: String| {
+        assert!(config.contains(edit) && config.contains(vhost), "the config says so, where");
+        let removal = "                      request_headers_to_remove: [x-api-key, authorization]\n";
+        config.replace(vhost, &format!("{vhost}{removal}"))
+    };
+    let creds: [&[(&str, &str)]; 2] = [&[("x-api-key", "pro-key")], &[("authorization", "Bearer pro-key")]];
     let (dead, app) = (free_addr(), echo_upstream().await);
     let config = envoy::config(dead, app, Options { failure_mode_allow: true, ..Options::default() });
-    assert!(config.contains("`request_headers_to_remove: [x-api-key]` to the virtual host"), "the config says so");
-    let key = [("x-api-key", "pro-key")];
     let envoy = Envoy::start(&config).await;
-    let r = envoy.send("GET", "/v1/search", &key).await;
+    let r = envoy.send("GET", "/v1/search", creds[0]).await;
     assert_eq!(r.json()["headers"]["x-api-key"], "pro-key", "why the edit: {r:?}");
     drop(envoy);
-    let vhost = "                    - name: app\n                      domains: [\"*\"]\n";
-    assert!(config.contains(vhost));
-    let edited =
-        config.replace(vhost, &format!("{vhost}                      request_headers_to_remove: [x-api-key]\n"));
-    let envoy = Envoy::start(&edited).await;
-    for path in ["/v1/search", "/public/docs", "/healthz"] {
-        let r = envoy.send("GET", path, &key).await;
+    let envoy = Envoy::start(&edited(config)).await;
+    for (path, creds) in ["/v1/search", "/public/docs", "/healthz"].into_iter().flat_map(|p| creds.map(|c| (p, c))) {
+        let r = envoy.send("GET", path, creds).await;
         assert_eq!(r.status, 200, "{path}: {r:?}");
-        assert!(r.json()["headers"].get("x-api-key").is_none(), "{path}: {r:?}");
+        let seen = &r.json()["headers"];
+        assert!(seen.get("x-api-key").is_none() && seen.get("authorization").is_none(), "{path}: {r:?}");
     }
+    drop(envoy);
+    // With tollgate answering, the Check still reads the key: the removal is the router's, after it.
+    let s = Stack::start(&spec_config(), |t, u| {
+        edited(envoy::config(t, u, Options { failure_mode_allow: true, ..Options::default() }))
+    })
+    .await;
+    for creds in creds {
+        let r = s.get("/v1/search", creds).await;
+        assert_eq!((r.status, r.json()["headers"]["x-tollgate-account"].as_str()), (200, Some("acct_pro")), "{r:?}");
+    }
+    assert_eq!(s.get("/v1/search", &[]).await.status, 401, "no key, no pass");
+    s.stop().await;
 }
 
 /// `config` with its `app-premium` cluster (the app, as shipped) pointed at `premium`.

@@ -179,6 +179,10 @@ pub fn config(tollgate: SocketAddr, upstream: SocketAddr, opts: Options) -> Stri
     config_from("deploy/envoy/envoy.yaml", tollgate, upstream, opts)
 }
 
+/// The shipped ext_authz call timeout and what [`config_from`] makes it for
+/// tests (a bench that wants the shipped config puts it back).
+pub const EXT_AUTHZ_TIMEOUT: (&str, &str) = (" timeout: 0.25s", " timeout: 2s");
+
 /// Like [`config`], from another shipped Envoy file (`file` relative to the
 /// crate root, e.g. `deploy/envoy/envoy-mtls.yaml`).
 pub fn config_from(file: &str, tollgate: SocketAddr, upstream: SocketAddr, opts: Options) -> String {
@@ -191,12 +195,14 @@ pub fn config_from(file: &str, tollgate: SocketAddr, upstream: SocketAddr, opts:
         .replace("port_value: 9191", &format!("port_value: {}", tollgate.port()))
         .replace("port_value: 8080", &format!("port_value: {}", upstream.port()))
         // Tests notice an unready tollgate within a second, not five.
-        .replace("interval: 5s", "interval: 0.2s")
-        // The first Check of a fresh stack opens Envoy's connection to
-        // tollgate; with the whole suite loading two cores that has taken
-        // longer than the shipped 0.25 s (a 503 from `status_on_error` where
-        // a test asked for tollgate's answer). No test times a Check.
-        .replace("timeout: 0.25s", "timeout: 2s");
+        .replace("interval: 5s", "interval: 0.2s");
+    // The ext_authz call's timeout (not the clusters' `connect_timeout`):
+    // the first Check of a fresh stack opens Envoy's connection to tollgate,
+    // and with the whole suite loading two cores that has taken longer than
+    // the shipped 0.25 s (a 503 from `status_on_error` where a test asked
+    // for tollgate's answer). No test times a Check.
+    assert_eq!(c.matches(EXT_AUTHZ_TIMEOUT.0).count(), 1, "{file}: the ext_authz timeout, once");
+    c = c.replace(EXT_AUTHZ_TIMEOUT.0, EXT_AUTHZ_TIMEOUT.1);
     assert!(c.contains("failure_mode_allow: false"));
     if opts.failure_mode_allow {
         c = c.replace("failure_mode_allow: false", "failure_mode_allow: true");
