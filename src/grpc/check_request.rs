@@ -35,6 +35,24 @@ use prost::encoding::{DecodeContext, WireType, bytes, message, skip_field};
 /// malformed (the entries past this are skipped, not kept).
 pub const MAX_ENTRIES: usize = 1024;
 
+/// One more entry of a bounded list (the list and its overflow flag):
+/// merged by `merge` while the list holds fewer than [`MAX_ENTRIES`];
+/// past that skipped, not kept, and the flag set.
+fn merge_bounded<T, B: Buf>(
+    (list, overflow): (&mut Vec<T>, &mut bool),
+    merge: impl FnOnce(WireType, &mut Vec<T>, &mut B, DecodeContext) -> Result<(), prost::DecodeError>,
+    tag: u32,
+    wire_type: WireType,
+    buf: &mut B,
+    ctx: DecodeContext,
+) -> Result<(), prost::DecodeError> {
+    if list.len() < MAX_ENTRIES {
+        return merge(wire_type, list, buf, ctx);
+    }
+    *overflow = true;
+    skip_field(wire_type, tag, buf, ctx)
+}
+
 /// Envoy's `CheckRequest`, as far as tollgate reads it.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct CheckRequestView {
@@ -102,13 +120,14 @@ impl prost::Message for Attributes {
             1 => message::merge(wire_type, self.source.get_or_insert_with(Unread::default), buf, ctx),
             2 => message::merge(wire_type, self.destination.get_or_insert_with(Unread::default), buf, ctx),
             4 => message::merge(wire_type, self.request.get_or_insert_with(RequestView::default), buf, ctx),
-            11 if self.metadata_context.len() < MAX_ENTRIES => {
-                bytes::merge_repeated(wire_type, &mut self.metadata_context, buf, ctx)
-            }
-            11 => {
-                self.overflow = true;
-                skip_field(wire_type, tag, buf, ctx)
-            }
+            11 => merge_bounded(
+                (&mut self.metadata_context, &mut self.overflow),
+                bytes::merge_repeated,
+                tag,
+                wire_type,
+                buf,
+                ctx,
+            ),
             _ => skip_field(wire_type, tag, buf, ctx),
         }
     }
@@ -176,11 +195,14 @@ impl prost::Message for HttpView {
     ) -> Result<(), prost::DecodeError> {
         match tag {
             2 => bytes::merge(wire_type, &mut self.method, buf, ctx),
-            3 if self.headers.len() < MAX_ENTRIES => message::merge_repeated(wire_type, &mut self.headers, buf, ctx),
-            3 => {
-                self.overflow = true;
-                skip_field(wire_type, tag, buf, ctx)
-            }
+            3 => merge_bounded(
+                (&mut self.headers, &mut self.overflow),
+                message::merge_repeated,
+                tag,
+                wire_type,
+                buf,
+                ctx,
+            ),
             4 => bytes::merge(wire_type, &mut self.path, buf, ctx),
             5 => bytes::merge(wire_type, &mut self.host, buf, ctx),
             13 => message::merge(wire_type, self.header_map.get_or_insert_with(RawHeaders::default), buf, ctx),
@@ -236,11 +258,14 @@ impl prost::Message for RawHeaders {
         ctx: DecodeContext,
     ) -> Result<(), prost::DecodeError> {
         match tag {
-            1 if self.headers.len() < MAX_ENTRIES => message::merge_repeated(wire_type, &mut self.headers, buf, ctx),
-            1 => {
-                self.overflow = true;
-                skip_field(wire_type, tag, buf, ctx)
-            }
+            1 => merge_bounded(
+                (&mut self.headers, &mut self.overflow),
+                message::merge_repeated,
+                tag,
+                wire_type,
+                buf,
+                ctx,
+            ),
             _ => skip_field(wire_type, tag, buf, ctx),
         }
     }
