@@ -33,6 +33,14 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// Entries of one message settled at once.
 const IN_FLIGHT: usize = 32;
 
+/// The response headers an access-log entry logged: looked up by name only
+/// for a charge with a cost header, so an entry need not decode them first.
+pub trait LoggedHeaders: std::fmt::Debug + Sync {
+    /// The value logged under `name` (Envoy logs names as configured, so
+    /// one in another case counts too).
+    fn header(&self, name: &str) -> Option<&str>;
+}
+
 /// What settlement reads of one access-log entry.
 #[derive(Debug, Clone, Copy)]
 pub struct Entry<'a> {
@@ -41,18 +49,7 @@ pub struct Entry<'a> {
     /// The response status; 0 when none was sent.
     pub code: u32,
     /// The response headers Envoy logged.
-    pub headers: Option<&'a HashMap<String, String>>,
-}
-
-impl<'a> Entry<'a> {
-    /// A logged response header (Envoy logs names as configured; compared without case).
-    fn header(&self, name: &str) -> Option<&'a str> {
-        let headers = self.headers?;
-        headers
-            .get(name)
-            .or_else(|| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
-            .map(String::as_str)
-    }
+    pub headers: &'a dyn LoggedHeaders,
 }
 
 /// Runs a store call, retrying transient failures twice (100 ms, then 400 ms later).
@@ -124,7 +121,7 @@ impl Settler {
                     continue;
                 }
             };
-            let header = charge.cost_header.as_deref().and_then(|h| e.header(h));
+            let header = charge.cost_header.as_deref().and_then(|h| e.headers.header(h));
             let served = Served { code: e.code, cost_header: header };
             let adjustment = match settlement::settle(&charge, served, config.billing.charge_on, now) {
                 Ok(a) => a,

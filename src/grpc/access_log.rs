@@ -13,19 +13,21 @@
 //! A stream idle for a minute is ended too, so idle streams (a proxy with no
 //! traffic, or a caller holding streams open) give their slots back.
 //!
-//! May use: `settler`, `settlement` (the metadata names).
+//! May use: `settler`, `log_message` (the messages as settlement reads them).
 
+use std::pin::Pin;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::data::accesslog::v3::{AccessLogType, HttpAccessLogEntry};
-use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogService;
-use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::LogEntries;
-use envoy_types::pb::envoy::service::accesslog::v3::{StreamAccessLogsMessage, StreamAccessLogsResponse};
-use envoy_types::pb::google::protobuf::value::Kind;
+use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsResponse;
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::SERVICE_NAME;
 use tokio::sync::{Semaphore, watch};
+use tonic::body::Body;
+use tonic::codegen::{Body as HttpBody, StdError, http};
+use tonic::server::{ClientStreamingService, Grpc};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::settlement;
+use super::log_message::{LogEntry, LogMessage};
+use super::view_server::{Method, Server};
 use crate::settler::{Entry, Settler};
 
 /// A stream with no message for this long is ended (with OK).
@@ -48,40 +50,18 @@ impl AccessLog {
     }
 }
 
-/// Settles one message's entries: those that carry a charge and are final.
-async fn settle_all(settler: &Settler, entries: &[HttpAccessLogEntry]) {
-    let entries: Vec<Entry<'_>> = entries.iter().filter_map(entry).collect();
-    if !entries.is_empty() {
-        settler.settle_all(&entries).await;
-    }
+/// Settles one message's entries (all final and charged: [`LogMessage`]).
+async fn settle_all(settler: &Settler, entries: &[LogEntry]) {
+    let entries: Vec<Entry<'_>> =
+        entries.iter().map(|e| Entry { charge: e.charge(), code: e.code(), headers: e }).collect();
+    settler.settle_all(&entries).await;
 }
 
-/// What settlement needs of an entry, if it carries a charge and is the one
-/// written when its request was done (not the periodic ones of long streams,
-/// nor a router's per-attempt upstream entries).
-fn entry(entry: &HttpAccessLogEntry) -> Option<Entry<'_>> {
-    let common = entry.common_properties.as_ref()?;
-    let final_entry = [AccessLogType::NotSet as i32, AccessLogType::DownstreamEnd as i32];
-    if !final_entry.contains(&common.access_log_type) {
-        return None;
-    }
-    let fields = &common.metadata.as_ref()?.filter_metadata.get(settlement::NAMESPACE)?.fields;
-    // From a gRPC Check's metadata, or from the HTTP door's header.
-    let charge = fields.get(settlement::FIELD).or_else(|| fields.get(settlement::HTTP_HEADER))?;
-    let Some(Kind::StringValue(charge)) = &charge.kind else { return None };
-    let response = entry.response.as_ref();
-    Some(Entry {
-        charge,
-        code: response.and_then(|r| r.response_code).map_or(0, |c| c.value),
-        headers: response.map(|r| &r.response_headers),
-    })
-}
-
-#[tonic::async_trait]
-impl AccessLogService for AccessLog {
-    async fn stream_access_logs(
+impl AccessLog {
+    /// `StreamAccessLogs`: settles each message read, until the stream ends.
+    async fn stream(
         &self,
-        request: Request<Streaming<StreamAccessLogsMessage>>,
+        request: Request<Streaming<LogMessage>>,
     ) -> Result<Response<StreamAccessLogsResponse>, Status> {
         let mut stream = request.into_inner();
         let mut stopping = self.stopping.clone();
@@ -99,15 +79,58 @@ impl AccessLogService for AccessLog {
                 Ok(None) => break Ok(()),
                 Err(status) => break Err(status),
             };
-            let Some(LogEntries::HttpLogs(http)) = message.log_entries else { continue };
+            if message.entries.is_empty() {
+                continue;
+            }
             let settler = self.settler.clone();
             tokio::spawn(async move {
-                settle_all(&settler, &http.log_entry).await;
+                settle_all(&settler, &message.entries).await;
                 drop(slot);
             });
         };
         // Whatever was read is settled before the stream ends.
         let _ = slots.acquire_many(MESSAGES).await;
         ended.map(|()| Response::new(StreamAccessLogsResponse {}))
+    }
+}
+
+/// Envoy's `AccessLogService` (what tonic generates as
+/// `AccessLogServiceServer`), reading each message as a [`LogMessage`]:
+/// prost's own type took ~900 times a message's size in memory.
+pub type AccessLogServer = Server<AccessLog>;
+
+impl Method for AccessLog {
+    const SERVICE: &'static str = SERVICE_NAME;
+    const PATH: &'static str = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs";
+    type Codec = tonic_prost::ProstCodec<StreamAccessLogsResponse, LogMessage>;
+
+    async fn serve<B>(self, grpc: &mut Grpc<Self::Codec>, req: http::Request<B>) -> http::Response<Body>
+    where
+        B: HttpBody + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        grpc.client_streaming(self, req).await
+    }
+}
+
+impl ClientStreamingService<LogMessage> for AccessLog {
+    type Response = StreamAccessLogsResponse;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Response<StreamAccessLogsResponse>, Status>> + Send>>;
+
+    fn call(&mut self, request: Request<Streaming<LogMessage>>) -> Self::Future {
+        let log = self.clone();
+        Box::pin(async move { log.stream(request).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::server::NamedService;
+
+    use super::*;
+
+    #[test]
+    fn the_path_is_the_generated_service_s() {
+        assert_eq!(AccessLog::PATH, format!("/{}/StreamAccessLogs", AccessLogServer::NAME));
     }
 }

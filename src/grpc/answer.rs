@@ -14,10 +14,8 @@
 //!
 //! May use: `authorizer` (the outcome and its metadata), `problem` (header names).
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use envoy_types::ext_authz::v3::pb::HeaderAppendAction;
 use prost::bytes::{Buf, BufMut};
@@ -29,6 +27,7 @@ use tonic::{Request, Status};
 
 use super::check_request::CheckRequestView;
 use super::ext_authz::{ExtAuthz, rpc_code};
+use super::view_server::{Method, Server};
 use crate::authorizer::Outcome;
 use crate::decision::Verdict;
 use crate::problem::{Name, Text};
@@ -220,60 +219,38 @@ fn put_header(tag: u32, k: &str, v: &str, buf: &mut impl BufMut) {
     put_varint(3, OVERWRITE, buf);
 }
 
-/// The gRPC path of the one method.
-const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
-
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// Envoy's `Authorization` service (what `AuthorizationServer` is, as tonic
 /// generates it), answering Checks with [`Answer`]s.
+pub type CheckServer = Server<Check>;
+
+/// The unary Check method: decoded as a view of the received bytes
+/// (`check_request`), not copied into prost's own type; answered with the
+/// wire encoder above.
 #[derive(Debug, Clone)]
-pub struct CheckServer {
-    ext_authz: ExtAuthz,
-    max_message: usize,
-}
+pub struct Check(ExtAuthz);
 
-impl CheckServer {
-    /// Serves `ext_authz`, refusing messages over `max_message` bytes either way.
-    pub fn new(ext_authz: ExtAuthz, max_message: usize) -> Self {
-        Self { ext_authz, max_message }
+impl Check {
+    /// Checks with `ext_authz`.
+    pub fn new(ext_authz: ExtAuthz) -> Self {
+        Self(ext_authz)
     }
 }
 
-impl NamedService for CheckServer {
-    /// The generated server's name, so health statuses keyed by it cannot drift.
-    const NAME: &'static str = <envoy_types::ext_authz::v3::pb::AuthorizationServer<ExtAuthz> as NamedService>::NAME;
-}
+impl Method for Check {
+    const SERVICE: &'static str = <envoy_types::ext_authz::v3::pb::AuthorizationServer<ExtAuthz> as NamedService>::NAME;
+    const PATH: &'static str = "/envoy.service.auth.v3.Authorization/Check";
+    type Codec = tonic_prost::ProstCodec<Answer, CheckRequestView>;
 
-impl<B> tower::Service<http::Request<B>> for CheckServer
-where
-    B: HttpBody + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != CHECK_PATH {
-            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
-        }
-        let (method, max) = (Check(self.ext_authz.clone()), self.max_message);
-        Box::pin(async move {
-            // Decoded as a view of the received bytes (`check_request`), not copied into prost's own type.
-            let codec = tonic_prost::ProstCodec::<Answer, CheckRequestView>::default();
-            let mut grpc = Grpc::new(codec).apply_max_message_size_config(Some(max), Some(max));
-            Ok(grpc.unary(method, req).await)
-        })
+    async fn serve<B>(self, grpc: &mut Grpc<Self::Codec>, req: http::Request<B>) -> http::Response<Body>
+    where
+        B: HttpBody + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        grpc.unary(self, req).await
     }
 }
-
-/// The unary Check method.
-struct Check(ExtAuthz);
 
 impl UnaryService<CheckRequestView> for Check {
     type Response = Answer;
@@ -308,7 +285,7 @@ mod tests {
     #[test]
     fn the_method_is_envoy_s() {
         assert_eq!(CheckServer::NAME, "envoy.service.auth.v3.Authorization");
-        assert_eq!(CHECK_PATH, format!("/{}/Check", CheckServer::NAME));
+        assert_eq!(Check::PATH, format!("/{}/Check", CheckServer::NAME));
     }
 
     fn outcome(decision: Decision, response: Response, charge: Option<String>) -> Outcome {

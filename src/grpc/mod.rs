@@ -14,7 +14,9 @@ pub mod bounded;
 pub mod check_request;
 pub mod ext_authz;
 pub mod frames;
+pub mod log_message;
 pub mod status;
+pub mod view_server;
 
 use std::sync::Arc;
 
@@ -25,11 +27,10 @@ use tonic_health::server::HealthReporter;
 use crate::accounts::Accounts;
 use crate::authorizer::Authorizer;
 use crate::settler::Settler;
-use access_log::AccessLog;
-use answer::CheckServer;
+use access_log::{AccessLog, AccessLogServer};
+use answer::{Check, CheckServer};
 use api::Api;
 use bounded::{Bounded, Slots};
-use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use ext_authz::ExtAuthz;
 use frames::SmallFramesService;
 use pb::tollgate_server::TollgateServer;
@@ -105,7 +106,7 @@ pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bo
         timed,
         calls.clone(),
     ));
-    let check = CheckServer::new(ExtAuthz::new(authorizer.clone()), max_message);
+    let check = CheckServer::new(Check::new(ExtAuthz::new(authorizer.clone())), max_message);
     let frame = if tls { frames::MAX_FRAME } else { frames::MAX_FRAME_UNVECTORED };
     let routes = routes
         .add_service(
@@ -113,9 +114,7 @@ pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bo
                 .traced(&["envoy.service.auth.v3.Authorization/Check"]),
         )
         .add_service(Bounded::new(
-            AccessLogServiceServer::new(AccessLog::new(Arc::new(Settler::new(authorizer.clone())), stopping))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
+            AccessLogServer::new(AccessLog::new(Arc::new(Settler::new(authorizer.clone())), stopping), max_message),
             None,
             streams,
         ))

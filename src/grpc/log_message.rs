@@ -1,0 +1,636 @@
+//! What settlement reads of Envoy's access-log stream, decoded without
+//! copies into about as much memory as the message itself.
+//!
+//! prost's `StreamAccessLogsMessage` (envoy-types) decodes every entry into
+//! an `HttpAccessLogEntry` of 1,848 bytes before its strings and maps: an
+//! empty entry is 2 bytes on the wire, so one 256 KiB message of them took
+//! 242 MB, from anyone who reaches the gRPC port. [`LogMessage`] keeps only
+//! the entries settlement acts on — final ones that carry a charge, decided
+//! entry by entry while decoding, so the others are never kept — each as
+//! slices of the received message: the charge, and the entry's own bytes,
+//! where a logged response header is looked up when settlement asks for one.
+//! A kept entry takes 72 bytes and is at least ~55 on the wire; nothing else
+//! is kept, whatever the entry holds.
+//!
+//! The same rules as prost's own type, so an entry means to settlement what
+//! it meant before: a field or message sent twice merges as prost merges it,
+//! a map key sent twice is the last one, and of a `oneof` the last member
+//! sent wins (`tcp_logs` after `http_logs` leaves no HTTP entries). Fields
+//! settlement does not read are skipped unchecked: prost refused a whole
+//! message for a string that is not UTF-8 anywhere in it, which ended the
+//! stream and lost every entry on it; now such a charge is malformed and
+//! such a cost header not a number (each counted as a bad entry).
+//!
+//! May use: `settlement` (the metadata names), `settler` (what an entry is to it).
+
+use envoy_types::pb::envoy::data::accesslog::v3::AccessLogType;
+use prost::bytes::{Buf, BufMut, Bytes};
+use prost::encoding::{DecodeContext, WireType, bytes, decode_key, decode_varint, int32, skip_field, uint32};
+
+use crate::settlement;
+use crate::settler::LoggedHeaders;
+
+/// What a string settlement reads stands for when it is not UTF-8: not a
+/// charge and not a number, so the entry is counted bad, never applied.
+const NOT_UTF8: &str = "\u{fffd}";
+
+/// `StreamAccessLogsMessage`, as far as settlement reads it.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct LogMessage {
+    /// The HTTP entries settlement acts on, in the order sent: the final
+    /// ones (`access_log_type` unset or `DOWNSTREAM_END`, not the periodic
+    /// entries of long streams nor a router's per-attempt ones) with a
+    /// charge in their ext_authz metadata. The others are not kept.
+    pub entries: Vec<LogEntry>,
+}
+
+/// One `HTTPAccessLogEntry` settlement acts on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogEntry {
+    /// The charge (a metadata string), as sent.
+    charge: Bytes,
+    /// `response.response_code`; 0 when none was sent.
+    code: u32,
+    /// The entry's own bytes, where logged response headers are looked up.
+    raw: Bytes,
+}
+
+impl LogEntry {
+    /// The charge; one that is not UTF-8 reads as no charge tollgate made.
+    pub fn charge(&self) -> &str {
+        std::str::from_utf8(&self.charge).unwrap_or(NOT_UTF8)
+    }
+
+    /// The response status; 0 when none was sent (the client left first).
+    pub fn code(&self) -> u32 {
+        self.code
+    }
+}
+
+impl LoggedHeaders for LogEntry {
+    /// The last value logged under `name` (as a map keeps it), else under
+    /// `name` in another case (Envoy logs names as configured). A value
+    /// that is not UTF-8 reads as one that is not a number.
+    fn header(&self, name: &str) -> Option<&str> {
+        let (mut exact, mut folded) = (None, None);
+        for response in fields(&self.raw, 4) {
+            for entry in fields(response, 4) {
+                let (mut key, mut value): (&[u8], &[u8]) = (&[], &[]);
+                for (tag, b) in fields_all(entry) {
+                    match tag {
+                        1 => key = b,
+                        2 => value = b,
+                        _ => {}
+                    }
+                }
+                if key == name.as_bytes() {
+                    exact = Some(value);
+                } else if key.eq_ignore_ascii_case(name.as_bytes()) {
+                    folded = Some(value);
+                }
+            }
+        }
+        exact.or(folded).map(|v| std::str::from_utf8(v).unwrap_or(NOT_UTF8))
+    }
+}
+
+/// The length-delimited fields of a message's bytes that were checked when
+/// it was decoded, with their tags; stops at anything malformed.
+fn fields_all(mut buf: &[u8]) -> impl Iterator<Item = (u32, &[u8])> {
+    std::iter::from_fn(move || {
+        loop {
+            let (tag, wire_type) = decode_key(&mut buf).ok()?;
+            if wire_type != WireType::LengthDelimited {
+                skip_field(wire_type, tag, &mut buf, DecodeContext::default()).ok()?;
+                continue;
+            }
+            let len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
+            let (field, rest) = buf.split_at_checked(len)?;
+            buf = rest;
+            return Some((tag, field));
+        }
+    })
+}
+
+/// The values of length-delimited field `tag` in a message's bytes, in order.
+fn fields(buf: &[u8], tag: u32) -> impl Iterator<Item = &[u8]> {
+    fields_all(buf).filter(move |(t, _)| *t == tag).map(|(_, b)| b)
+}
+
+/// Runs `field` on each field of the length-delimited message at the front
+/// of `buf` (as prost's `merge_loop`; `field` reads or skips it).
+fn each_field(
+    wire_type: WireType,
+    buf: &mut impl Buf,
+    ctx: &DecodeContext,
+    mut field: impl FnMut(u32, WireType, &mut Bytes) -> Result<(), prost::DecodeError>,
+) -> Result<(), prost::DecodeError> {
+    let mut message = Bytes::new();
+    bytes::merge(wire_type, &mut message, buf, ctx.clone())?;
+    while message.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut message)?;
+        field(tag, wire_type, &mut message)?;
+    }
+    Ok(())
+}
+
+/// A `google.protobuf.Value` as settlement reads it: its string, or `None`
+/// when its kind is another (or unset). A kind sent twice: the last one.
+fn value(
+    wire_type: WireType,
+    buf: &mut Bytes,
+    ctx: &DecodeContext,
+    v: &mut Option<Bytes>,
+) -> Result<(), prost::DecodeError> {
+    each_field(wire_type, buf, ctx, |tag, wire_type, b| match tag {
+        3 => bytes::merge(wire_type, v.get_or_insert_default(), b, ctx.clone()),
+        1 | 2 | 4..=6 => {
+            *v = None;
+            skip_field(wire_type, tag, b, ctx.clone())
+        }
+        _ => skip_field(wire_type, tag, b, ctx.clone()),
+    })
+}
+
+/// The charge in the ext_authz namespace's `Struct`: `charge` (from a gRPC
+/// Check) if set, else `x-tollgate-charge` (the HTTP door's header); a
+/// field set to another kind than a string is no charge.
+#[derive(Default)]
+struct Namespace {
+    /// `charge`: unset, or its string (`None`: another kind).
+    field: Option<Option<Bytes>>,
+    /// `x-tollgate-charge`, the same way.
+    header: Option<Option<Bytes>>,
+}
+
+impl Namespace {
+    /// Merges one more part of the `Struct` (its `fields` map entries).
+    fn merge(&mut self, wire_type: WireType, buf: &mut Bytes, ctx: &DecodeContext) -> Result<(), prost::DecodeError> {
+        each_field(wire_type, buf, ctx, |tag, wire_type, b| {
+            if tag != 1 {
+                return skip_field(wire_type, tag, b, ctx.clone());
+            }
+            // A map entry: its key and value, each the last sent; inserted
+            // whole, replacing what the key had.
+            let (mut key, mut v) = (Bytes::new(), None);
+            each_field(wire_type, b, ctx, |tag, wire_type, b| match tag {
+                1 => bytes::merge(wire_type, &mut key, b, ctx.clone()),
+                2 => value(wire_type, b, ctx, &mut v),
+                _ => skip_field(wire_type, tag, b, ctx.clone()),
+            })?;
+            if key == settlement::FIELD.as_bytes() {
+                self.field = Some(v);
+            } else if key == settlement::HTTP_HEADER.as_bytes() {
+                self.header = Some(v);
+            }
+            Ok(())
+        })
+    }
+
+    fn charge(self) -> Option<Bytes> {
+        match self.field {
+            Some(v) => v,
+            None => self.header.flatten(),
+        }
+    }
+}
+
+/// `HTTPAccessLogEntry` at `raw`: kept when final and charged.
+fn entry(raw: Bytes, ctx: &DecodeContext) -> Result<Option<LogEntry>, prost::DecodeError> {
+    let mut buf = raw.clone();
+    let (mut common, mut kind, mut namespace, mut code) = (false, 0, None::<Namespace>, None);
+    while buf.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut buf)?;
+        match tag {
+            // common_properties: access_log_type (33) and metadata (17).
+            1 => {
+                common = true;
+                each_field(wire_type, &mut buf, ctx, |tag, wire_type, b| match tag {
+                    33 => int32::merge(wire_type, &mut kind, b, ctx.clone()),
+                    // metadata.filter_metadata: a map of namespace to `Struct`.
+                    17 => each_field(wire_type, b, ctx, |tag, wire_type, b| {
+                        if tag != 1 {
+                            return skip_field(wire_type, tag, b, ctx.clone());
+                        }
+                        let (mut key, mut fields) = (Bytes::new(), Namespace::default());
+                        each_field(wire_type, b, ctx, |tag, wire_type, b| match tag {
+                            1 => bytes::merge(wire_type, &mut key, b, ctx.clone()),
+                            2 => fields.merge(wire_type, b, ctx),
+                            _ => skip_field(wire_type, tag, b, ctx.clone()),
+                        })?;
+                        if key == settlement::NAMESPACE.as_bytes() {
+                            namespace = Some(fields);
+                        }
+                        Ok(())
+                    }),
+                    _ => skip_field(wire_type, tag, b, ctx.clone()),
+                })?;
+            }
+            // response: response_code (1, a `UInt32Value`) and response_headers (4, a map, read when asked).
+            4 => each_field(wire_type, &mut buf, ctx, |tag, wire_type, b| match tag {
+                1 => {
+                    let code = code.get_or_insert(0);
+                    each_field(wire_type, b, ctx, |tag, wire_type, b| match tag {
+                        1 => uint32::merge(wire_type, code, b, ctx.clone()),
+                        _ => skip_field(wire_type, tag, b, ctx.clone()),
+                    })
+                }
+                // Checked now, so that a lookup later reads what prost would have.
+                4 => each_field(wire_type, b, ctx, |tag, wire_type, b| match tag {
+                    1 | 2 => bytes::merge(wire_type, &mut Bytes::new(), b, ctx.clone()),
+                    _ => skip_field(wire_type, tag, b, ctx.clone()),
+                }),
+                _ => skip_field(wire_type, tag, b, ctx.clone()),
+            })?,
+            _ => skip_field(wire_type, tag, &mut buf, ctx.clone())?,
+        }
+    }
+    let final_entry = [AccessLogType::NotSet as i32, AccessLogType::DownstreamEnd as i32];
+    if !common || !final_entry.contains(&kind) {
+        return Ok(None);
+    }
+    let Some(charge) = namespace.and_then(Namespace::charge) else { return Ok(None) };
+    Ok(Some(LogEntry { charge, code: code.unwrap_or(0), raw }))
+}
+
+impl prost::Message for LogMessage {
+    /// The kept entries, as sent, in `http_logs` (the server only decodes
+    /// this type; a test reads these bytes back).
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        if !self.entries.is_empty() {
+            prost::encoding::encode_key(2, WireType::LengthDelimited, buf);
+            prost::encoding::encode_varint(self.http_logs_len() as u64, buf);
+            for e in &self.entries {
+                bytes::encode(1, &e.raw, buf);
+            }
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        match tag {
+            // http_logs: its log_entry (1), each decoded, and kept or dropped, before the next.
+            2 => each_field(wire_type, buf, &ctx, |tag, wire_type, b| {
+                if tag != 1 {
+                    return skip_field(wire_type, tag, b, ctx.clone());
+                }
+                let mut raw = Bytes::new();
+                bytes::merge(wire_type, &mut raw, b, ctx.clone())?;
+                self.entries.extend(entry(raw, &ctx)?);
+                Ok(())
+            }),
+            // tcp_logs: the other member of the oneof, replacing the HTTP entries.
+            3 => {
+                self.entries.clear();
+                bytes::merge(wire_type, &mut Bytes::new(), buf, ctx)
+            }
+            _ => skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        if self.entries.is_empty() {
+            return 0;
+        }
+        let len = self.http_logs_len();
+        prost::encoding::key_len(2) + prost::encoding::encoded_len_varint(len as u64) + len
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
+impl LogMessage {
+    /// The length of `http_logs` holding the kept entries.
+    fn http_logs_len(&self) -> usize {
+        self.entries.iter().map(|e| bytes::encoded_len(1, &e.raw)).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use envoy_types::pb::envoy::config::core::v3::Metadata;
+    use envoy_types::pb::envoy::data::accesslog::v3::{
+        AccessLogCommon, HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties,
+    };
+    use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
+    use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
+        HttpAccessLogEntries, LogEntries, TcpAccessLogEntries,
+    };
+    use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value, value::Kind};
+    use proptest::prelude::*;
+    use prost::Message as _;
+
+    use super::*;
+
+    /// What settlement read of a prost entry before this view (the old
+    /// `access_log::entry`): the charge, the status, and the headers.
+    fn reference(entry: &HttpAccessLogEntry) -> Option<(String, u32, HashMap<String, String>)> {
+        let common = entry.common_properties.as_ref()?;
+        let final_entry = [AccessLogType::NotSet as i32, AccessLogType::DownstreamEnd as i32];
+        if !final_entry.contains(&common.access_log_type) {
+            return None;
+        }
+        let fields = &common.metadata.as_ref()?.filter_metadata.get(settlement::NAMESPACE)?.fields;
+        let charge = fields.get(settlement::FIELD).or_else(|| fields.get(settlement::HTTP_HEADER))?;
+        let Some(Kind::StringValue(charge)) = &charge.kind else { return None };
+        let response = entry.response.as_ref();
+        let code = response.and_then(|r| r.response_code).map_or(0, |c| c.value);
+        Some((charge.clone(), code, response.map(|r| r.response_headers.clone()).unwrap_or_default()))
+    }
+
+    fn message(entries: Vec<HttpAccessLogEntry>) -> StreamAccessLogsMessage {
+        StreamAccessLogsMessage {
+            identifier: None,
+            log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries { log_entry: entries })),
+        }
+    }
+
+    fn string(s: &str) -> Value {
+        Value { kind: Some(Kind::StringValue(s.into())) }
+    }
+
+    /// An entry with `fields` in the ext_authz namespace (and `other`
+    /// namespaces beside it), of `kind`, with a status and headers.
+    fn entry(
+        kind: AccessLogType,
+        fields: Vec<(&str, Value)>,
+        code: Option<u32>,
+        headers: &[(&str, &str)],
+    ) -> HttpAccessLogEntry {
+        let ns = Struct { fields: fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect() };
+        let other = Struct { fields: [("charge".to_owned(), string("elsewhere"))].into() };
+        HttpAccessLogEntry {
+            common_properties: Some(AccessLogCommon {
+                access_log_type: kind as i32,
+                metadata: Some(Metadata {
+                    filter_metadata: [(settlement::NAMESPACE.to_owned(), ns), ("envoy.lb".to_owned(), other)].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            request: Some(HttpRequestProperties { path: "/v1/search".into(), ..Default::default() }),
+            response: Some(HttpResponseProperties {
+                response_code: code.map(|value| UInt32Value { value }),
+                response_headers: headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// prost's type and the view, of the same bytes, settle the same
+    /// entries: the same charges, statuses, and cost headers by any name.
+    fn agree_on(bytes: &[u8], names: &[&str]) {
+        let view = LogMessage::decode(bytes).expect("the view decodes what prost decodes");
+        let full = StreamAccessLogsMessage::decode(bytes).expect("prost decodes it");
+        let want: Vec<_> = match &full.log_entries {
+            Some(LogEntries::HttpLogs(h)) => h.log_entry.iter().filter_map(reference).collect(),
+            _ => Vec::new(),
+        };
+        assert_eq!(view.entries.len(), want.len(), "entries kept");
+        for (v, (charge, code, headers)) in view.entries.iter().zip(&want) {
+            assert_eq!(v.charge(), charge);
+            assert_eq!(v.code(), *code);
+            for name in names {
+                let old = headers
+                    .get(*name)
+                    .or_else(|| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v));
+                // A name in two other cases: prost's map picked either; the view the last.
+                let ambiguous = headers.keys().filter(|k| k.eq_ignore_ascii_case(name) && k != name).count() > 1
+                    && !headers.contains_key(*name);
+                if !ambiguous {
+                    assert_eq!(v.header(name), old.map(String::as_str), "header {name}");
+                }
+            }
+        }
+    }
+
+    fn agree(m: &StreamAccessLogsMessage, names: &[&str]) {
+        agree_on(&m.encode_to_vec(), names);
+    }
+
+    #[test]
+    fn the_view_keeps_what_settlement_read() {
+        use AccessLogType::{DownstreamEnd, DownstreamPeriodic, NotSet, UpstreamEnd};
+        let names = ["x-usage-tokens", "X-Usage-Tokens", "absent"];
+        let entries = vec![
+            entry(NotSet, vec![("charge", string("c1"))], Some(200), &[("x-usage-tokens", "7")]),
+            entry(DownstreamEnd, vec![("charge", string("c2"))], Some(503), &[]),
+            entry(DownstreamEnd, vec![("charge", string("c3"))], None, &[("X-Usage-Tokens", "9")]),
+            // The HTTP door's field, and both (the gRPC one wins).
+            entry(NotSet, vec![("x-tollgate-charge", string("h1"))], Some(201), &[]),
+            entry(NotSet, vec![("charge", string("c4")), ("x-tollgate-charge", string("h2"))], Some(200), &[]),
+            // Not final, not charged, or charged with another kind: not kept.
+            entry(DownstreamPeriodic, vec![("charge", string("p"))], Some(200), &[]),
+            entry(UpstreamEnd, vec![("charge", string("u"))], Some(200), &[]),
+            entry(NotSet, vec![("account", string("acct"))], Some(200), &[]),
+            entry(NotSet, vec![("charge", Value { kind: Some(Kind::NumberValue(1.0)) })], Some(200), &[]),
+            entry(NotSet, vec![("charge", Value { kind: None }), ("x-tollgate-charge", string("h3"))], Some(200), &[]),
+            HttpAccessLogEntry::default(),
+            HttpAccessLogEntry { common_properties: Some(AccessLogCommon::default()), ..Default::default() },
+        ];
+        let m = message(entries);
+        agree(&m, &names);
+        let view = LogMessage::decode(&*m.encode_to_vec()).unwrap();
+        let charges: Vec<&str> = view.entries.iter().map(LogEntry::charge).collect();
+        assert_eq!(charges, ["c1", "c2", "c3", "h1", "c4"]);
+        assert_eq!(view.entries[0].header("x-usage-tokens"), Some("7"));
+        assert_eq!(view.entries[2].header("x-usage-tokens"), Some("9"), "another case counts");
+        assert_eq!(view.entries[2].code(), 0, "no status sent");
+        // Encoded again (the kept entries, as sent), it reads the same.
+        let again = view.encode_to_vec();
+        assert_eq!(again.len(), view.encoded_len());
+        assert_eq!(LogMessage::decode(&*again).unwrap(), view);
+        // A TCP message, and no message at all: nothing.
+        let tcp = StreamAccessLogsMessage {
+            identifier: None,
+            log_entries: Some(LogEntries::TcpLogs(TcpAccessLogEntries { log_entry: vec![Default::default()] })),
+        };
+        agree(&tcp, &names);
+        agree(&StreamAccessLogsMessage::default(), &names);
+    }
+
+    #[test]
+    fn parts_sent_twice_merge_as_in_prost() {
+        let charged = |charge: &str, code: u32| {
+            entry(AccessLogType::NotSet, vec![("charge", string(charge))], Some(code), &[("x-usage-tokens", "1")])
+        };
+        let names = ["x-usage-tokens"];
+        let bytes = |m: &StreamAccessLogsMessage| m.encode_to_vec();
+        let tcp = StreamAccessLogsMessage {
+            identifier: None,
+            log_entries: Some(LogEntries::TcpLogs(TcpAccessLogEntries { log_entry: vec![] })),
+        };
+        let (a, b) = (message(vec![charged("a", 200)]), message(vec![charged("b", 500)]));
+        // http_logs twice: both lists; tcp_logs after: none; http_logs after tcp_logs: the last.
+        for parts in [vec![&a, &b], vec![&a, &tcp], vec![&a, &tcp, &b]] {
+            let joined: Vec<u8> = parts.iter().flat_map(|m| bytes(m)).collect();
+            agree_on(&joined, &names);
+        }
+        // One entry in two parts: metadata in one, the log type (periodic: not kept) or the response in the other.
+        let periodic = HttpAccessLogEntry {
+            common_properties: Some(AccessLogCommon {
+                access_log_type: AccessLogType::DownstreamPeriodic as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let later = HttpAccessLogEntry {
+            response: Some(HttpResponseProperties {
+                response_code: Some(UInt32Value { value: 404 }),
+                response_headers: [("x-usage-tokens".to_owned(), "5".to_owned())].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        for second in [periodic, later] {
+            let one: Vec<u8> = [charged("a", 200).encode_to_vec(), second.encode_to_vec()].concat();
+            let mut inner = Vec::new();
+            prost::encoding::bytes::encode(1, &one, &mut inner);
+            let mut outer = Vec::new();
+            prost::encoding::bytes::encode(2, &inner, &mut outer);
+            agree_on(&outer, &names);
+        }
+        // The namespace sent twice: the second replaces the first whole (no charge).
+        let two_namespaces: Vec<u8> = [
+            charged("a", 200).encode_to_vec(),
+            entry(AccessLogType::NotSet, vec![("account", string("x"))], None, &[]).encode_to_vec(),
+        ]
+        .concat();
+        let mut inner = Vec::new();
+        prost::encoding::bytes::encode(1, &two_namespaces, &mut inner);
+        let mut outer = Vec::new();
+        prost::encoding::bytes::encode(2, &inner, &mut outer);
+        agree_on(&outer, &names);
+        assert!(LogMessage::decode(&*outer).unwrap().entries.is_empty());
+    }
+
+    #[test]
+    fn strings_settlement_does_not_read_need_not_be_utf8() {
+        let e = entry(AccessLogType::NotSet, vec![("charge", string("c"))], Some(200), &[("x-usage-tokens", "7")]);
+        let mut bytes = message(vec![e]).encode_to_vec();
+        // The request path, "/v1/search", becomes "/v1/se\xffrch".
+        let at = bytes.windows(10).position(|w| w == b"/v1/search").unwrap();
+        bytes[at + 6] = 0xff;
+        assert!(StreamAccessLogsMessage::decode(&*bytes).is_err(), "prost refused the whole message");
+        let view = LogMessage::decode(&*bytes).unwrap();
+        assert_eq!((view.entries[0].charge(), view.entries[0].header("x-usage-tokens")), ("c", Some("7")));
+        // Read ones that are not: no charge tollgate made, not a number.
+        let at = bytes.windows(1).rposition(|w| w == b"7").unwrap();
+        bytes[at] = 0xff;
+        let at = bytes.windows(3).position(|w| w == [0x1a, 1, b'c']).unwrap() + 2;
+        bytes[at] = 0xfe;
+        let view = LogMessage::decode(&*bytes).unwrap();
+        assert_eq!((view.entries[0].charge(), view.entries[0].header("x-usage-tokens")), (NOT_UTF8, Some(NOT_UTF8)));
+        assert_eq!(crate::settlement::parse_cost(NOT_UTF8), None);
+    }
+
+    #[test]
+    fn what_prost_cannot_read_the_view_refuses_too() {
+        let e = entry(AccessLogType::NotSet, vec![("charge", string("c"))], Some(200), &[("x-usage-tokens", "7")]);
+        let bytes = message(vec![e]).encode_to_vec();
+        for cut in 1..bytes.len() {
+            let part = &bytes[..cut];
+            assert_eq!(LogMessage::decode(part).is_ok(), StreamAccessLogsMessage::decode(part).is_ok(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn memory_kept_is_about_the_message_s_size() {
+        assert_eq!(std::mem::size_of::<LogEntry>(), 72);
+        let size = 256 * 1024;
+        // Empty entries (2 bytes each): none kept.
+        let empty = vec![HttpAccessLogEntry::default(); size / 2 - 8];
+        let bytes = message(empty).encode_to_vec();
+        assert!(LogMessage::decode(&*bytes).unwrap().entries.is_empty());
+        // The smallest entries that are kept: an empty charge, nothing else.
+        let smallest = entry(AccessLogType::NotSet, vec![("charge", string(""))], None, &[]);
+        let smallest = HttpAccessLogEntry { request: None, response: None, ..smallest };
+        let mut smallest_bytes = smallest.clone();
+        if let Some(m) = smallest_bytes.common_properties.as_mut().and_then(|c| c.metadata.as_mut()) {
+            m.filter_metadata.remove("envoy.lb");
+        }
+        let wire = smallest_bytes.encoded_len() + 2;
+        assert!(wire >= 55, "{wire}");
+        let many = vec![smallest_bytes; size / wire];
+        let bytes = message(many).encode_to_vec();
+        let view = LogMessage::decode(&*bytes).unwrap();
+        assert_eq!(view.entries.len(), size / wire);
+        let kept = view.entries.capacity() * std::mem::size_of::<LogEntry>();
+        assert!(kept <= 3 * bytes.len(), "{kept} bytes kept for a message of {}", bytes.len());
+        // And with headers on every entry: the same (they stay in the entry's bytes).
+        let headers: Vec<(String, String)> = (0..1000).map(|i| (format!("h{i}"), String::new())).collect();
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let heavy = entry(AccessLogType::NotSet, vec![("charge", string("c"))], None, &headers);
+        let view = LogMessage::decode(&*message(vec![heavy; 30]).encode_to_vec()).unwrap();
+        assert_eq!(view.entries.len(), 30);
+        assert_eq!(view.entries[29].header("h999"), Some(""));
+    }
+
+    fn header_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("x-usage-tokens".to_owned()),
+            Just("X-Usage-Tokens".to_owned()),
+            Just("x-cost".to_owned()),
+            "[a-zA-Z-]{0,6}",
+        ]
+    }
+
+    fn kind() -> impl Strategy<Value = Option<Kind>> {
+        prop_oneof![
+            "[a-z|0-9]{0,12}".prop_map(|s| Some(Kind::StringValue(s))),
+            Just(None),
+            Just(Some(Kind::BoolValue(true))),
+            Just(Some(Kind::StructValue(Struct::default()))),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn random_entries_settle_the_same(
+            entries in prop::collection::vec(
+                (
+                    prop_oneof![Just(0), Just(6), Just(5), Just(9), 0..16i32],
+                    prop::option::of(kind()),
+                    prop::option::of(kind()),
+                    prop::bool::ANY,
+                    prop::option::of(0..600u32),
+                    prop::collection::vec((header_name(), "[0-9a-z]{0,4}"), 0..4),
+                ),
+                0..6,
+            ),
+        ) {
+            let entries = entries
+                .into_iter()
+                .map(|(kind, charge, http, in_ns, code, headers)| {
+                    let mut fields = Vec::new();
+                    if let Some(k) = charge {
+                        fields.push(("charge", Value { kind: k }));
+                    }
+                    if let Some(k) = http {
+                        fields.push(("x-tollgate-charge", Value { kind: k }));
+                    }
+                    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    let mut e = entry(AccessLogType::NotSet, fields, code, &headers);
+                    if let Some(c) = e.common_properties.as_mut() {
+                        c.access_log_type = kind;
+                        if !in_ns && let Some(m) = c.metadata.as_mut() {
+                            m.filter_metadata.remove(settlement::NAMESPACE);
+                        }
+                    }
+                    e
+                })
+                .collect();
+            agree(&message(entries), &["x-usage-tokens", "x-cost", "X-COST", ""]);
+        }
+    }
+}
