@@ -16,6 +16,7 @@ use tollgate::grpc::pb::{
     AccountRequest, AuthorizeRequest, Entitlement, FeatureTarget, PutEntitlementRequest, QuotaOverride, RouteTarget,
     UsageRequest,
 };
+use tollgate_testkit::raw::{self, Raw};
 use tollgate_testkit::{Answer, TestServer, http_check, spec_config, with_jwt};
 use tonic::{Code, Request};
 
@@ -483,4 +484,44 @@ async fn checks_that_cannot_be_read_whole_are_denied_not_errors() {
     }
     assert_eq!(used(&s, "acct_pro").await, spent, "nothing spent on them");
     s.stop().await;
+}
+
+/// A call that always needs the admin token is refused before its message
+/// is read: without it (or with a service token), a `PutEntitlement`
+/// prost cannot decode (an account id that is not UTF-8) is
+/// UNAUTHENTICATED, not a decode error, and so is one of 100,000 empty
+/// quota overrides (2 bytes each on the wire, ~90 decoded). With the admin
+/// token the same bytes reach the decoder and the handler.
+#[tokio::test]
+async fn admin_calls_are_refused_before_their_message_is_read() {
+    let s = TestServer::start(&(spec_config() + &tokens())).await;
+    const PUT: &str = "/tollgate.v1.Tollgate/PutEntitlement";
+    // PutEntitlementRequest { entitlement (1): Entitlement { account_id (1): "\xff" } }.
+    let unreadable = Raw(vec![0x0a, 0x03, 0x0a, 0x01, 0xff]);
+    // PutEntitlementRequest { entitlement (1): Entitlement { quota_overrides (8): {} × 100,000 } }.
+    let overrides: Vec<u8> = [0x42, 0x00].repeat(100_000);
+    let mut big = vec![0x0a];
+    prost::encoding::encode_varint(overrides.len() as u64, &mut big);
+    big.extend(overrides);
+    let big = Raw(big);
+    for token in [None, Some(SERVICE)] {
+        for message in [&unreadable, &big] {
+            let err = raw::unary(s.channel().await, PUT, bearer(message.clone(), token)).await.unwrap_err();
+            assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        }
+    }
+    let err = raw::unary(s.channel().await, PUT, bearer(unreadable, Some(ADMIN))).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "decoded once the token is right: {err:?}");
+    let err = raw::unary(s.channel().await, PUT, bearer(big, Some(ADMIN))).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "and handled: {err:?}");
+    // Refused as the handler refuses: counted under the method's name.
+    let (_, _, metrics) = tollgate_testkit::http_get(s.http, "/metrics").await.unwrap();
+    for reason in ["missing", "invalid"] {
+        let line = format!(r#"tollgate_auth_failures_total{{rpc="PutEntitlement",reason="{reason}"}} 2"#);
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
+    // Calls open to others are still read first: `Authorize` with a key and dry_run needs no token.
+    let authorize = Raw(vec![0x0a, 0x01, 0xff]);
+    let err = raw::unary(s.channel().await, "/tollgate.v1.Tollgate/Authorize", Request::new(authorize)).await;
+    assert_eq!(err.map_err(|e| e.code()), Err(Code::Internal), "a decode error, not a refusal");
 }

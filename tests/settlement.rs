@@ -10,13 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::data::accesslog::v3::{HttpAccessLogEntry, HttpRequestProperties};
+use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
 use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
     HttpAccessLogEntries, LogEntries, TcpAccessLogEntries,
 };
-use envoy_types::pb::envoy::service::accesslog::v3::{StreamAccessLogsMessage, StreamAccessLogsResponse};
 use prost::Message as _;
-use prost::bytes::{Buf, BufMut};
 use tollgate::entitlement::Period;
 use tollgate::store::Store;
 use tollgate_testkit::accesslog::{charge_of, entry, stream};
@@ -24,6 +23,7 @@ use tollgate_testkit::check::http_check;
 use tollgate_testkit::envoy::{self, Options, Stack};
 use tollgate_testkit::http::{http_get, metric};
 use tollgate_testkit::process::temp_dir;
+use tollgate_testkit::raw::{self, Raw};
 use tollgate_testkit::redis::RedisServer;
 use tollgate_testkit::{TestServer, eventually};
 
@@ -362,66 +362,37 @@ async fn forged_and_garbled_entries_are_counted_never_applied() {
     server.stop().await;
 }
 
-/// Bytes sent as they are: what a hand-made client on the gRPC port may send.
-#[derive(Debug, Default)]
-struct Raw(Vec<u8>);
-
-impl prost::Message for Raw {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.0);
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: prost::encoding::WireType,
-        buf: &mut impl Buf,
-        ctx: prost::encoding::DecodeContext,
-    ) -> Result<(), prost::DecodeError> {
-        prost::encoding::skip_field(wire_type, tag, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn clear(&mut self) {
-        self.0.clear();
-    }
-}
-
 /// An entry settles whatever else its message holds: a string that is not
 /// UTF-8 where settlement does not read (prost's type refused the whole
-/// message for it, ending the stream and losing the entry) and 100,000
-/// empty entries (which prost's type took ~185 MB to decode).
+/// message for it, ending the stream and losing every entry on it) and
+/// 100,000 empty entries (which prost's type took ~185 MB to decode); the
+/// stream goes on to the next message.
 #[tokio::test]
 async fn an_entry_settles_whatever_else_its_message_holds() {
     let server = TestServer::start(CONFIG).await;
-    let search = charge_of(&server.check(http_check("GET", "/v1/search", &[("x-api-key", "m-key")])).await);
+    let check = async || charge_of(&server.check(http_check("GET", "/v1/search", &[("x-api-key", "m-key")])).await);
+    let (first, second) = (check().await, check().await);
     let used = async || tollgate_testkit::used(server.store.as_ref(), "acct_m", "requests", Period::Month).await;
-    assert_eq!(used().await, 1);
-    let mut real = entry(503, &search, &[]);
+    assert_eq!(used().await, 2);
+    let message = |entries| {
+        let http = HttpAccessLogEntries { log_entry: entries };
+        StreamAccessLogsMessage { identifier: None, log_entries: Some(LogEntries::HttpLogs(http)) }.encode_to_vec()
+    };
+    let mut real = entry(503, &first, &[]);
     real.request = Some(HttpRequestProperties { path: "/v1/search".into(), ..Default::default() });
     let mut entries = vec![HttpAccessLogEntry::default(); 100_000];
     entries.push(real);
-    let http = HttpAccessLogEntries { log_entry: entries };
-    let mut bytes =
-        StreamAccessLogsMessage { identifier: None, log_entries: Some(LogEntries::HttpLogs(http)) }.encode_to_vec();
-    let at = bytes.windows(10).position(|w| w == b"/v1/search").unwrap();
-    bytes[at + 6] = 0xff;
-    assert!(StreamAccessLogsMessage::decode(&*bytes).is_err(), "not a message prost reads");
+    let mut garbled = message(entries);
+    let at = garbled.windows(10).position(|w| w == b"/v1/search").unwrap();
+    garbled[at + 6] = 0xff;
+    assert!(StreamAccessLogsMessage::decode(&*garbled).is_err(), "not a message prost reads");
 
-    let mut grpc = tonic::client::Grpc::new(server.channel().await);
-    grpc.ready().await.unwrap();
-    let codec = tonic_prost::ProstCodec::<Raw, StreamAccessLogsResponse>::default();
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
-        "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs",
-    );
-    let messages = tokio_stream::iter([Raw(bytes)]);
-    grpc.client_streaming(tonic::Request::new(messages), path, codec).await.expect("the stream ends OK");
-    assert_eq!(used().await, 0, "refunded");
+    let path = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs";
+    let messages = vec![Raw(garbled), Raw(message(vec![entry(503, &second, &[])]))];
+    raw::client_streaming(server.channel().await, path, messages).await.expect("the stream ends OK");
+    assert_eq!(used().await, 0, "both refunded");
     let m = http_get(server.http, "/metrics").await.unwrap().2;
-    assert!(m.contains("tollgate_settlements_total{result=\"applied\"} 1"), "{m}");
+    assert!(m.contains("tollgate_settlements_total{result=\"applied\"} 2"), "{m}");
     server.stop().await;
 }
 

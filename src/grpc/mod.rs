@@ -29,7 +29,7 @@ use crate::authorizer::Authorizer;
 use crate::settler::Settler;
 use access_log::{AccessLog, AccessLogServer};
 use answer::{Check, CheckServer};
-use api::Api;
+use api::{AdminFirst, Api};
 use bounded::{Bounded, Slots};
 use ext_authz::ExtAuthz;
 use frames::SmallFramesService;
@@ -106,6 +106,7 @@ pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bo
         timed,
         calls.clone(),
     ));
+    let api = Api::new(authorizer.clone(), accounts);
     let check = CheckServer::new(Check::new(ExtAuthz::new(authorizer.clone())), max_message);
     let frame = if tls { frames::MAX_FRAME } else { frames::MAX_FRAME_UNVECTORED };
     let routes = routes
@@ -120,9 +121,12 @@ pub fn services(authorizer: Arc<Authorizer>, accounts: Arc<Accounts>, bounds: Bo
         ))
         .add_service(
             Bounded::new(
-                TollgateServer::new(Api::new(authorizer, accounts))
-                    .max_decoding_message_size(max_message)
-                    .max_encoding_message_size(max_message),
+                AdminFirst::new(
+                    TollgateServer::new(api.clone())
+                        .max_decoding_message_size(max_message)
+                        .max_encoding_message_size(max_message),
+                    api,
+                ),
                 timed,
                 calls.clone(),
             )

@@ -46,6 +46,7 @@ pub mod noop;
 pub mod otlp;
 pub mod pki;
 pub mod process;
+pub mod raw;
 pub mod redis;
 pub mod server;
 pub mod sink;
