@@ -19,7 +19,7 @@ runs="${1:-1000000}"
 shift $(( $# > 0 ? 1 : 0 ))
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(path config check problem webhook)
+  targets=(path config check problem webhook views)
 fi
 
 # Longest input per target: paths are bounded at 4096 bytes by tollgate itself.

@@ -17,7 +17,7 @@ use libfuzzer_sys::fuzz_target;
 use tollgate::config::{Config, DEMO_CONFIG, ProblemOverride};
 use tollgate::decision::{AllowKind, Code, Decision, QuotaState, Verdict};
 use tollgate::entitlement::{Period, Quota, Status, Window};
-use tollgate::problem::{Context, render};
+use tollgate::problem::{Context, Name, Removals, render};
 
 /// An instant anywhere in chrono's range, with its two ends made likely.
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -58,6 +58,8 @@ struct QuotaIn {
     remaining: u64,
     resets_at: Instant,
     retry_at: Instant,
+    ceiling: Option<u64>,
+    overage: u64,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -81,6 +83,9 @@ struct Input {
     credits: Option<u64>,
     now: Instant,
     strip: Vec<String>,
+    own_shown: bool,
+    shadow: bool,
+    shadowed: Option<u8>,
     portal_url: Option<String>,
     type_base: Option<String>,
     override_texts: Option<OverrideIn>,
@@ -103,11 +108,12 @@ fn quota(q: QuotaIn) -> QuotaState {
         WindowIn::Rolling { secs, nanos } => Window::Rolling(Duration::new(secs, nanos % 1_000_000_000)),
     };
     QuotaState {
-        quota: Quota { meter: q.meter, limit: q.limit, window },
+        quota: Quota { meter: q.meter.into(), limit: q.limit, window, ceiling: q.ceiling },
         used: q.used,
         remaining: q.remaining,
         resets_at: q.resets_at.get(),
         retry_at: q.retry_at.get(),
+        overage: q.overage,
     }
 }
 
@@ -118,8 +124,8 @@ fuzz_target!(|input: Input| {
     let verdict = verdict(input.verdict);
     let d = Decision {
         verdict,
-        account: input.account,
-        plan: input.plan,
+        account: input.account.map(Into::into),
+        plan: input.plan.map(Into::into),
         quotas: input.quotas.into_iter().map(quota).collect(),
         denied_quota: input.denied_quota.map(usize::from),
         feature: input.feature,
@@ -127,6 +133,8 @@ fuzz_target!(|input: Input| {
         grace_until: input.grace_until.map(Instant::get),
         cost: input.cost,
         credits: input.credits,
+        shadow: input.shadow,
+        shadowed: input.shadowed.map(|n| Code::ALL[usize::from(n) % Code::ALL.len()]),
     };
     let now = input.now.get();
 
@@ -149,8 +157,9 @@ fuzz_target!(|input: Input| {
         base
     };
 
-    let strip: Vec<std::borrow::Cow<str>> = input.strip.iter().map(|s| s.as_str().into()).collect();
-    let r = render(&d, config, Context { strip: &strip }, now);
+    let strip: Vec<Name> = input.strip.into_iter().map(Name::from).collect();
+    let removals = Removals { strip: &strip, own_shown: input.own_shown };
+    let r = render(&d, config, Context { removals, payment: None }, now);
     assert_eq!(r.status, verdict.http_status());
     match verdict {
         Verdict::Deny(_) => {

@@ -27,7 +27,7 @@ use envoy_types::ext_authz::v3::pb::CheckRequest;
 use envoy_types::pb::envoy::config::core::v3::Metadata;
 use prost::Message as _;
 use prost::bytes::{Buf, BufMut, Bytes};
-use prost::encoding::{DecodeContext, WireType, bytes, message, skip_field};
+use prost::encoding::{DecodeContext, WireType, bytes, check_wire_type, message, skip_field};
 
 /// The most entries kept of `headers`, of `header_map` and of
 /// `metadata_context`'s parts. Envoy sends at most its `max_headers_count`
@@ -117,8 +117,12 @@ impl prost::Message for Attributes {
         ctx: DecodeContext,
     ) -> Result<(), prost::DecodeError> {
         match tag {
-            1 => message::merge(wire_type, self.source.get_or_insert_with(Unread::default), buf, ctx),
-            2 => message::merge(wire_type, self.destination.get_or_insert_with(Unread::default), buf, ctx),
+            // Only whether they were sent: their contents are not parsed.
+            1 | 2 => {
+                check_wire_type(WireType::LengthDelimited, wire_type)?;
+                *(if tag == 1 { &mut self.source } else { &mut self.destination }) = Some(Unread {});
+                skip_field(wire_type, tag, buf, ctx)
+            }
             4 => message::merge(wire_type, self.request.get_or_insert_with(RequestView::default), buf, ctx),
             11 => merge_bounded(
                 (&mut self.metadata_context, &mut self.overflow),
@@ -128,6 +132,8 @@ impl prost::Message for Attributes {
                 buf,
                 ctx,
             ),
+            // context_extensions: a map, read as entries whatever the wire type says (as prost does).
+            10 => skip_field(WireType::LengthDelimited, tag, buf, ctx),
             _ => skip_field(wire_type, tag, buf, ctx),
         }
     }
@@ -144,7 +150,7 @@ impl prost::Message for Attributes {
     }
 }
 
-/// A message whose presence is all tollgate reads: its fields are skipped.
+/// A message whose presence is all tollgate reads: its bytes are skipped unparsed.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Unread {}
 
@@ -195,11 +201,17 @@ impl prost::Message for HttpView {
     ) -> Result<(), prost::DecodeError> {
         match tag {
             2 => bytes::merge(wire_type, &mut self.method, buf, ctx),
+            // A map: each entry read as length-delimited whatever the wire type says (as prost does).
             3 => merge_bounded(
                 (&mut self.headers, &mut self.overflow),
-                message::merge_repeated,
+                |wire_type, list, buf, ctx| {
+                    let mut entry = HeaderEntry::default();
+                    message::merge(wire_type, &mut entry, buf, ctx)?;
+                    list.push(entry);
+                    Ok(())
+                },
                 tag,
-                wire_type,
+                WireType::LengthDelimited,
                 buf,
                 ctx,
             ),
@@ -576,6 +588,34 @@ mod tests {
 
     /// Two messages sent one after the other merge (the protobuf rule):
     /// the metadata's parts merge in the view as in prost's type.
+    /// prost reads a map's entry as length-delimited whatever wire type its
+    /// key says; so does the view, or the same bytes would read one way to
+    /// it and another to prost (here: a header, and a context extension
+    /// whose varint-typed key would otherwise hide the path from one of them).
+    #[test]
+    fn a_map_entry_is_read_whatever_its_wire_type_says() {
+        let http = HttpRequest {
+            path: "/v1/search".into(),
+            headers: HashMap::from([("x-api-key".into(), "k".into())]),
+            ..Default::default()
+        };
+        let mut req = request(http, false, None);
+        if let Some(a) = req.attributes.as_mut() {
+            a.context_extensions = HashMap::from([("e".into(), "v".into())]);
+        }
+        let bytes = req.encode_to_vec();
+        // Field 3 of HttpRequest (headers, 0x1a) and 10 of AttributeContext (0x52) as varints.
+        for (key, varint) in [(0x1a, 0x18), (0x52, 0x50)] {
+            let mut odd = bytes.clone();
+            let at = odd.iter().position(|b| *b == key).unwrap();
+            odd[at] = varint;
+            agree_on(Bytes::from(odd.clone()));
+            let view = CheckRequestView::decode(Bytes::from(odd)).unwrap();
+            assert_eq!(view.http().and_then(|h| h.header("x-api-key")), Some("k"));
+            assert_eq!(view.http().map(|h| text(&h.path)), Some("/v1/search"));
+        }
+    }
+
     #[test]
     fn metadata_sent_twice_merges_as_in_prost() {
         let http = HttpRequest { method: "GET".into(), path: "/".into(), ..Default::default() };

@@ -75,10 +75,10 @@ impl LoggedHeaders for LogEntry {
     /// that is not UTF-8 reads as one that is not a number.
     fn header(&self, name: &str) -> Option<&str> {
         let (mut exact, mut folded) = (None, None);
-        for response in fields(&self.raw, 4) {
-            for entry in fields(response, 4) {
+        for response in fields(&self.raw, 4, &[]) {
+            for entry in fields(response, 4, RESPONSE_MAPS) {
                 let (mut key, mut value): (&[u8], &[u8]) = (&[], &[]);
-                for (tag, b) in fields_all(entry) {
+                for (tag, b) in fields_all(entry, &[]) {
                     match tag {
                         1 => key = b,
                         2 => value = b,
@@ -96,13 +96,22 @@ impl LoggedHeaders for LogEntry {
     }
 }
 
+/// prost reads a `map` field's entry as length-delimited whatever wire type
+/// its key says (other fields are read as their key says): so does the view,
+/// or a message could read one way to prost and another to it.
+const READ_AS_ENTRY: WireType = WireType::LengthDelimited;
+
+/// The `map` fields of `HTTPResponseProperties`: `response_headers`, `response_trailers`.
+const RESPONSE_MAPS: &[u32] = &[4, 5];
+
 /// The length-delimited fields of a message's bytes that were checked when
-/// it was decoded, with their tags; stops at anything malformed.
-fn fields_all(mut buf: &[u8]) -> impl Iterator<Item = (u32, &[u8])> {
+/// it was decoded, with their tags (fields `maps` are maps: read as entries);
+/// stops at anything malformed.
+fn fields_all<'a>(mut buf: &'a [u8], maps: &'static [u32]) -> impl Iterator<Item = (u32, &'a [u8])> {
     std::iter::from_fn(move || {
         loop {
             let (tag, wire_type) = decode_key(&mut buf).ok()?;
-            if wire_type != WireType::LengthDelimited {
+            if wire_type != WireType::LengthDelimited && !maps.contains(&tag) {
                 skip_field(wire_type, tag, &mut buf, DecodeContext::default()).ok()?;
                 continue;
             }
@@ -115,8 +124,8 @@ fn fields_all(mut buf: &[u8]) -> impl Iterator<Item = (u32, &[u8])> {
 }
 
 /// The values of length-delimited field `tag` in a message's bytes, in order.
-fn fields(buf: &[u8], tag: u32) -> impl Iterator<Item = &[u8]> {
-    fields_all(buf).filter(move |(t, _)| *t == tag).map(|(_, b)| b)
+fn fields<'a>(buf: &'a [u8], tag: u32, maps: &'static [u32]) -> impl Iterator<Item = &'a [u8]> {
+    fields_all(buf, maps).filter(move |(t, _)| *t == tag).map(|(_, b)| b)
 }
 
 /// Runs `field` on each field of the length-delimited message at the front
@@ -175,7 +184,7 @@ impl Namespace {
             // A map entry: its key and value, each the last sent; inserted
             // whole, replacing what the key had.
             let (mut key, mut v) = (Bytes::new(), None);
-            each_field(wire_type, b, ctx, |tag, wire_type, b| match tag {
+            each_field(READ_AS_ENTRY, b, ctx, |tag, wire_type, b| match tag {
                 1 => bytes::merge(wire_type, &mut key, b, ctx.clone()),
                 2 => value(wire_type, b, ctx, &mut v),
                 _ => skip_field(wire_type, tag, b, ctx.clone()),
@@ -209,13 +218,14 @@ fn entry(raw: Bytes, ctx: &DecodeContext) -> Result<Option<LogEntry>, prost::Dec
                 common = true;
                 each_field(wire_type, &mut buf, ctx, |tag, wire_type, b| match tag {
                     33 => int32::merge(wire_type, &mut kind, b, ctx.clone()),
-                    // metadata.filter_metadata: a map of namespace to `Struct`.
+                    // metadata.filter_metadata: a map of namespace to `Struct` (2: typed_filter_metadata).
                     17 => each_field(wire_type, b, ctx, |tag, wire_type, b| {
                         if tag != 1 {
+                            let wire_type = if tag == 2 { READ_AS_ENTRY } else { wire_type };
                             return skip_field(wire_type, tag, b, ctx.clone());
                         }
                         let (mut key, mut fields) = (Bytes::new(), Namespace::default());
-                        each_field(wire_type, b, ctx, |tag, wire_type, b| match tag {
+                        each_field(READ_AS_ENTRY, b, ctx, |tag, wire_type, b| match tag {
                             1 => bytes::merge(wire_type, &mut key, b, ctx.clone()),
                             2 => fields.merge(wire_type, b, ctx),
                             _ => skip_field(wire_type, tag, b, ctx.clone()),
@@ -225,6 +235,8 @@ fn entry(raw: Bytes, ctx: &DecodeContext) -> Result<Option<LogEntry>, prost::Dec
                         }
                         Ok(())
                     }),
+                    // filter_state_objects, custom_tags: maps.
+                    21 | 22 => skip_field(READ_AS_ENTRY, tag, b, ctx.clone()),
                     _ => skip_field(wire_type, tag, b, ctx.clone()),
                 })?;
             }
@@ -238,10 +250,11 @@ fn entry(raw: Bytes, ctx: &DecodeContext) -> Result<Option<LogEntry>, prost::Dec
                     })
                 }
                 // Checked now, so that a lookup later reads what prost would have.
-                4 => each_field(wire_type, b, ctx, |tag, wire_type, b| match tag {
+                4 => each_field(READ_AS_ENTRY, b, ctx, |tag, wire_type, b| match tag {
                     1 | 2 => bytes::merge(wire_type, &mut Bytes::new(), b, ctx.clone()),
                     _ => skip_field(wire_type, tag, b, ctx.clone()),
                 }),
+                5 => skip_field(READ_AS_ENTRY, tag, b, ctx.clone()),
                 _ => skip_field(wire_type, tag, b, ctx.clone()),
             })?,
             _ => skip_field(wire_type, tag, &mut buf, ctx.clone())?,
@@ -590,6 +603,17 @@ mod tests {
         assert_eq!(kept(&status), [("c".into(), 200)]);
         let status = one_entry(&[ns], &field(&[b"charge"], &[&charge]), &[code(200), code(201)].concat());
         assert_eq!(kept(&status), [("c".into(), 201)]);
+        // A map entry whose key says another wire type (varint, 0x20 for a
+        // response header): prost reads it as an entry all the same, so does the view.
+        let header = ld(4, &[&ld(4, &[&ld(1, &[b"x-usage-tokens"]), &ld(2, &[b"7"])])]);
+        let mut varint_key = header.clone();
+        let at = varint_key.iter().rposition(|b| *b == 0x22).unwrap();
+        varint_key[at] = 0x20;
+        for response in [header, varint_key] {
+            let m = one_entry(&[ns], &field(&[b"charge"], &[&charge]), &response);
+            assert_eq!(kept(&m).len(), 1);
+            assert_eq!(LogMessage::decode(&*m).unwrap().entries[0].header("x-usage-tokens"), Some("7"));
+        }
     }
 
     #[test]
