@@ -520,8 +520,28 @@ async fn admin_calls_are_refused_before_their_message_is_read() {
         let line = format!(r#"tollgate_auth_failures_total{{rpc="PutEntitlement",reason="{reason}"}} 2"#);
         assert!(metrics.contains(&line), "{line} in {metrics}");
     }
-    // Calls open to others are still read first: `Authorize` with a key and dry_run needs no token.
-    let authorize = Raw(vec![0x0a, 0x01, 0xff]);
-    let err = raw::unary(s.channel().await, "/tollgate.v1.Tollgate/Authorize", Request::new(authorize)).await;
-    assert_eq!(err.map_err(|e| e.code()), Err(Code::Internal), "a decode error, not a refusal");
+    // Every method: the eight that always need the admin token refuse a
+    // message no prost type reads (field 1 holding 0xff) as the handler
+    // refuses; the others read it first (`Authorize` with a key needs no
+    // token; reads may be open), so prost's decode error comes back.
+    let admin_only = [
+        "PutEntitlement",
+        "BlockAccount",
+        "UnblockAccount",
+        "SetCredits",
+        "AddCredits",
+        "CreateApiKey",
+        "RevokeApiKey",
+        "ResetUsage",
+    ];
+    for method in tollgate::grpc::API_METHODS {
+        let path: &'static str = format!("/{method}").leak();
+        let err = raw::unary(s.channel().await, path, Request::new(Raw(vec![0x0a, 0x01, 0xff]))).await.unwrap_err();
+        if admin_only.iter().any(|m| method.ends_with(&format!("/{m}"))) {
+            assert_eq!(err.code(), Code::Unauthenticated, "{method}: {err:?}");
+            assert_eq!(err.message(), "this call needs authorization: Bearer <admin token>", "{method}");
+        } else {
+            assert_eq!(err.code(), Code::Internal, "{method} reads its message first: {err:?}");
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Problem rendering: any decision (every verdict and code, arbitrary
 //! accounts, plans, quotas, dates anywhere in chrono's range, credits),
-//! rendered at any `now`, with arbitrary override templates and portal URL.
+//! rendered at any `now`, with arbitrary override templates and portal URL,
+//! removals, and x402 parts (a challenge or a receipt).
 //!
 //! Invariants (a panic is a counterexample):
 //! - `render` never panics, whatever the dates;
@@ -17,7 +18,7 @@ use libfuzzer_sys::fuzz_target;
 use tollgate::config::{Config, DEMO_CONFIG, ProblemOverride};
 use tollgate::decision::{AllowKind, Code, Decision, QuotaState, Verdict};
 use tollgate::entitlement::{Period, Quota, Status, Window};
-use tollgate::problem::{Context, Name, Removals, render};
+use tollgate::problem::{Context, Name, Payment, Removals, render};
 
 /// An instant anywhere in chrono's range, with its two ends made likely.
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -62,6 +63,13 @@ struct QuotaIn {
     overage: u64,
 }
 
+/// The x402 part of an answer (a challenge on a 402, a receipt on a paid call).
+#[derive(Arbitrary, Debug)]
+enum PaymentIn {
+    Challenge { header: String, amount: String, network: String, asset: String, error: Option<String> },
+    Paid { response: String, payer: String, receipt: String },
+}
+
 #[derive(Arbitrary, Debug)]
 struct OverrideIn {
     title: Option<String>,
@@ -86,6 +94,7 @@ struct Input {
     own_shown: bool,
     shadow: bool,
     shadowed: Option<u8>,
+    payment: Option<PaymentIn>,
     portal_url: Option<String>,
     type_base: Option<String>,
     override_texts: Option<OverrideIn>,
@@ -159,7 +168,17 @@ fuzz_target!(|input: Input| {
 
     let strip: Vec<Name> = input.strip.into_iter().map(Name::from).collect();
     let removals = Removals { strip: &strip, own_shown: input.own_shown };
-    let r = render(&d, config, Context { removals, payment: None }, now);
+    let payment = input.payment.as_ref().map(|p| match p {
+        PaymentIn::Challenge { header, amount, network, asset, error } => Payment::Challenge {
+            header,
+            amount,
+            network,
+            asset,
+            error: error.as_deref(),
+        },
+        PaymentIn::Paid { response, payer, receipt } => Payment::Paid { response, payer, receipt },
+    });
+    let r = render(&d, config, Context { removals, payment }, now);
     assert_eq!(r.status, verdict.http_status());
     match verdict {
         Verdict::Deny(_) => {

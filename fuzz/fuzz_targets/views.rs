@@ -40,6 +40,13 @@ fn check(data: &Bytes) {
         let _ = view.attributes.as_ref().and_then(|a| a.metadata());
         let (Ok(full), true) = (&full, readable) else { return };
         let (f, v) = (full.attributes.as_ref(), view.attributes.as_ref());
+        assert_eq!(f.is_some(), v.is_some(), "attributes");
+        let peers = |s: bool, d: bool| (s, d);
+        assert_eq!(
+            f.map(|a| peers(a.source.is_some(), a.destination.is_some())),
+            v.map(|a| peers(a.source.is_some(), a.destination.is_some())),
+            "source, destination"
+        );
         assert_eq!(f.and_then(|a| a.metadata_context.clone()), v.and_then(|a| a.metadata()), "metadata");
         let fh = f.and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
         assert_eq!(fh.is_some(), view.http().is_some(), "http");
@@ -48,6 +55,15 @@ fn check(data: &Bytes) {
         for (k, value) in &fh.headers {
             assert_eq!(vh.header(k), Some(value.as_str()), "header {k:?}");
         }
+        let mut names: Vec<&str> = vh.headers.iter().map(|h| text(&h.key)).collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut keys: Vec<&str> = fh.headers.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(names, keys, "header names");
+        let raw = fh.header_map.as_ref().map(|m| m.headers.iter().map(|h| (h.key.as_str(), h.value.as_str(), &h.raw_value[..])).collect::<Vec<_>>());
+        let vraw = vh.header_map.as_ref().map(|m| m.headers.iter().map(|h| (text(&h.key), text(&h.value), &h.raw_value[..])).collect::<Vec<_>>());
+        assert_eq!(raw, vraw, "header_map");
     } else {
         assert!(full.is_err(), "prost decodes a Check the view does not: {view:?}");
     }
@@ -87,7 +103,8 @@ fn access_log(data: &Bytes) {
     for (v, (charge, code, entry)) in view.entries.iter().zip(want) {
         assert_eq!((v.charge(), v.code()), (charge, code));
         let headers = entry.response.as_ref().map(|r| &r.response_headers);
-        for name in NAMES {
+        let logged: Vec<&str> = headers.iter().flat_map(|h| h.keys().map(String::as_str)).collect();
+        for name in NAMES.into_iter().chain(logged) {
             if let Some(value) = headers.and_then(|h| h.get(name)) {
                 assert_eq!(v.header(name), Some(value.as_str()), "header {name:?}");
             } else if headers.is_none_or(|h| !h.keys().any(|k| k.eq_ignore_ascii_case(name))) {

@@ -31,7 +31,6 @@ use subtle::ConstantTimeEq;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::server::NamedService;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Response, Status};
 
 use super::pb::authorize_request::{Subject as PbSubject, Target as PbTarget};
@@ -101,18 +100,10 @@ impl<S: NamedService> NamedService for AdminFirst<S> {
     const NAME: &'static str = S::NAME;
 }
 
-/// The metadata and peer of `req`, without its message.
+/// The metadata and extensions (the peer, for the refusal's log line) of `req`, without its message.
 fn probe<B>(req: &http::Request<B>) -> Request<()> {
     let metadata = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
-    let mut probe = Request::from_parts(metadata, tonic::Extensions::default(), ());
-    // What `Request::remote_addr` reads, for the refusal's log line.
-    if let Some(i) = req.extensions().get::<TcpConnectInfo>() {
-        probe.extensions_mut().insert(i.clone());
-    }
-    if let Some(i) = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>() {
-        probe.extensions_mut().insert(i.clone());
-    }
-    probe
+    Request::from_parts(metadata, req.extensions().clone(), ())
 }
 
 impl<S, B> tower::Service<http::Request<B>> for AdminFirst<S>

@@ -586,12 +586,11 @@ mod tests {
         assert_eq!(view.http().map(|h| text(&h.path)), Some("/"), "the merged request keeps its path");
     }
 
-    /// Two messages sent one after the other merge (the protobuf rule):
-    /// the metadata's parts merge in the view as in prost's type.
     /// prost reads a map's entry as length-delimited whatever wire type its
     /// key says; so does the view, or the same bytes would read one way to
-    /// it and another to prost (here: a header, and a context extension
-    /// whose varint-typed key would otherwise hide the path from one of them).
+    /// it and another to prost (a header; a context extension or a peer's
+    /// label, whose entry read as fields 1 and 2 would make up a source and
+    /// a destination).
     #[test]
     fn a_map_entry_is_read_whatever_its_wire_type_says() {
         let http = HttpRequest {
@@ -614,8 +613,25 @@ mod tests {
             assert_eq!(view.http().and_then(|h| h.header("x-api-key")), Some("k"));
             assert_eq!(view.http().map(|h| text(&h.path)), Some("/v1/search"));
         }
+        // A source whose label entry (Peer field 3) is keyed as a varint:
+        // prost reads one peer with a label; the view, one source and no destination.
+        let mut label = Vec::new();
+        prost::encoding::encode_key(3, WireType::Varint, &mut label);
+        let entry = [&[0x0a, 0x01, b'a'][..], &[0x12, 0x01, b'b']].concat();
+        prost::encoding::encode_varint(entry.len() as u64, &mut label);
+        label.extend(entry);
+        let mut attributes = Vec::new();
+        bytes::encode(1, &label, &mut attributes);
+        let mut odd = Vec::new();
+        bytes::encode(1, &attributes, &mut odd);
+        agree_on(Bytes::from(odd.clone()));
+        let view = CheckRequestView::decode(Bytes::from(odd)).unwrap();
+        let a = view.attributes.as_ref().unwrap();
+        assert!(a.source.is_some() && a.destination.is_none());
     }
 
+    /// Two messages sent one after the other merge (the protobuf rule):
+    /// the metadata's parts merge in the view as in prost's type.
     #[test]
     fn metadata_sent_twice_merges_as_in_prost() {
         let http = HttpRequest { method: "GET".into(), path: "/".into(), ..Default::default() };

@@ -616,6 +616,48 @@ mod tests {
         }
     }
 
+    /// Field `tag` holding `content`, keyed as length-delimited or (as no
+    /// encoder writes it, but prost reads a map entry so) as a varint.
+    fn keyed(tag: u32, varint: bool, content: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        prost::encoding::encode_key(tag, if varint { WireType::Varint } else { WireType::LengthDelimited }, &mut out);
+        prost::encoding::encode_varint(content.len() as u64, &mut out);
+        out.extend_from_slice(content);
+        out
+    }
+
+    /// Every map at every level the view parses itself, keyed as a varint in
+    /// turn, reads as prost reads it. Each entry also carries a field prost
+    /// skips in an entry but that would change the result were the entry
+    /// read as fields of the message around it (another namespace without a
+    /// charge, a response code that is not one, another header value).
+    #[test]
+    fn every_map_is_read_whatever_its_wire_type_says() {
+        let ns = settlement::NAMESPACE.as_bytes();
+        let kv = |k: &[u8], v: &[u8]| [ld(1, &[k]), ld(2, &[v])].concat();
+        let no_charge = ld(1, &[&ld(1, &[ns]), &ld(2, &[&ld(1, &[&kv(b"account", &ld(3, &[b"a"]))])])]);
+        for site in 0..8 {
+            let varint = |n| site == n;
+            let struct_entry = keyed(1, varint(0), &kv(b"charge", &ld(3, &[b"c"])));
+            let filter_entry = keyed(1, varint(1), &[ld(1, &[ns]), ld(2, &[&struct_entry])].concat());
+            let typed_entry = keyed(2, varint(2), &[kv(b"t", b""), no_charge.clone()].concat());
+            let metadata = ld(17, &[&filter_entry, &typed_entry]);
+            let state = keyed(21, varint(3), &[kv(b"s", b""), ld(17, &[&no_charge])].concat());
+            let tags = keyed(22, varint(4), &[kv(b"k", b"v"), ld(17, &[&no_charge])].concat());
+            let common = ld(1, &[&metadata, &state, &tags]);
+            let headers = keyed(4, varint(5), &kv(b"x-usage-tokens", b"7"));
+            let trailers =
+                keyed(5, varint(6), &[kv(b"x-usage-tokens", b"9"), ld(4, &[&kv(b"x-usage-tokens", b"8")])].concat());
+            let response = ld(4, &[&headers, &trailers]);
+            let m = ld(2, &[&ld(1, &[&common, &response])]);
+            agree_on(&m, &["x-usage-tokens"]);
+            let view = LogMessage::decode(&*m).unwrap();
+            assert_eq!(view.entries.len(), 1, "site {site}");
+            assert_eq!((view.entries[0].charge(), view.entries[0].code()), ("c", 0), "site {site}");
+            assert_eq!(view.entries[0].header("x-usage-tokens"), Some("7"), "site {site}");
+        }
+    }
+
     #[test]
     fn strings_settlement_does_not_read_need_not_be_utf8() {
         let e = entry(AccessLogType::NotSet, vec![("charge", string("c"))], Some(200), &[("x-usage-tokens", "7")]);
