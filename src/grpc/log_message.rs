@@ -1,5 +1,5 @@
 //! What settlement reads of Envoy's access-log stream, decoded without
-//! copies into about as much memory as the message itself.
+//! building what it does not read.
 //!
 //! prost's `StreamAccessLogsMessage` (envoy-types) decodes every entry into
 //! an `HttpAccessLogEntry` of 1,848 bytes before its strings and maps: an
@@ -7,12 +7,12 @@
 //! 242 MB, from anyone who reaches the gRPC port. [`LogMessage`] keeps only
 //! the entries settlement acts on — final ones that carry a charge, decided
 //! entry by entry while decoding, so the others are never kept — each as
-//! a copy of its own bytes (not a slice of the stream's receive buffer,
-//! which would stay allocated while the entry is settled), its charge a
-//! slice of that copy, and its status; a logged response header is looked
-//! up in those bytes when settlement asks for one. A kept entry takes 72
-//! bytes plus its copy, and is at least ~55 bytes on the wire; nothing
-//! else is kept, whatever the entry holds.
+//! a copy of its own bytes and of its charge (not slices of the stream's
+//! receive buffer, which would stay allocated while the entry is settled),
+//! and its status; a logged response header is looked up in those bytes
+//! when settlement asks for one. A kept entry takes 72 bytes plus its
+//! copies, and is at least ~55 bytes on the wire; nothing else is kept,
+//! whatever the entry holds.
 //!
 //! The same rules as prost's own type, so an entry means to settlement what
 //! it meant before: a field or message sent twice merges as prost merges it,
@@ -268,22 +268,8 @@ fn entry(raw: Bytes, ctx: &DecodeContext) -> Result<Option<LogEntry>, prost::Dec
     // Copied out of the received message: a slice of it would keep the
     // stream's whole receive buffer (up to twice `max_message_bytes`) for
     // as long as the entry is being settled.
-    let own = Bytes::copy_from_slice(&raw);
-    let charge = same_range(&raw, &charge, &own);
-    Ok(Some(LogEntry { charge, code: code.unwrap_or(0), raw: own }))
-}
-
-/// `part` (a slice of `whole`, as the decoder takes them) as the same range
-/// of `copy` (a copy of `whole`); a copy of its own were it not one.
-fn same_range(whole: &Bytes, part: &Bytes, copy: &Bytes) -> Bytes {
-    let range = whole.as_ptr_range();
-    let start = (part.as_ptr() as usize).wrapping_sub(range.start as usize);
-    let inside = range.start <= part.as_ptr() && part.as_ptr() <= range.end && part.len() <= whole.len() - start;
-    if inside && copy.len() == whole.len() {
-        copy.slice(start..start + part.len())
-    } else {
-        Bytes::copy_from_slice(part)
-    }
+    let (charge, raw) = (Bytes::copy_from_slice(&charge), Bytes::copy_from_slice(&raw));
+    Ok(Some(LogEntry { charge, code: code.unwrap_or(0), raw }))
 }
 
 impl prost::Message for LogMessage {
