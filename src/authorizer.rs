@@ -654,7 +654,7 @@ impl Authorizer {
             self.metrics.record_x402("challenged");
             return Ok((d, Some(challenge(None))));
         };
-        let payment = match x402::parse(sent, &requirement) {
+        let payment = match x402::parse(&sent, &requirement) {
             Ok(p) => p,
             Err(r) => return Ok((d.clone(), refused(r))),
         };

@@ -74,12 +74,15 @@ pub const NGINX_STATUS_HEADER: &str = "x-tollgate-status";
 /// On the nginx door, the problem body (JSON, non-ASCII escaped) for `auth_request_set`.
 pub const NGINX_PROBLEM_HEADER: &str = "x-tollgate-problem";
 
-/// The request's headers, as [`Credentials`]; values that are not UTF-8 are absent.
+/// The request's headers, as [`Credentials`].
 struct HeaderCredentials<'a>(&'a HeaderMap);
 
 impl Credentials for HeaderCredentials<'_> {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.0.get(name).and_then(|v| v.to_str().ok())
+    fn header(&self, name: &str) -> Option<Cow<'_, str>> {
+        // As Envoy's `headers` map carries it (see the trait): joined by `,`,
+        // bytes that are not UTF-8 replaced; not the first copy alone.
+        let sent = self.0.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()));
+        crate::identity::joined(sent)
     }
 
     fn claim(&self, _namespace: &str, _field: &str, _claim: &str) -> Option<String> {

@@ -39,8 +39,14 @@ pub enum IdentitySource {
 
 /// Read access to the request's credentials, implemented by each transport.
 pub trait Credentials {
-    /// A request header by lower-case name.
-    fn header(&self, name: &str) -> Option<&str>;
+    /// A request header by lower-case name, as Envoy's `headers` map carries
+    /// it, so that every door reads a header the same way: a header sent more
+    /// than once is its values joined by `,` (a value no API key or account id
+    /// has: a repeated credential is invalid, never its first or last copy),
+    /// bytes that are not UTF-8 replaced (by U+FFFD; Envoy's map uses `!`:
+    /// either way a value no key or id has, and the header is still there
+    /// to judge and remove). Borrowed when sent once, as UTF-8.
+    fn header(&self, name: &str) -> Option<Cow<'_, str>>;
     /// A string claim from verified JWT metadata.
     fn claim(&self, namespace: &str, field: &str, claim: &str) -> Option<String>;
     /// The lower-case names of the request's headers starting with `prefix`,
@@ -50,6 +56,19 @@ pub trait Credentials {
     fn headers_with_prefix(&self, _prefix: &str) -> Vec<Cow<'_, str>> {
         Vec::new()
     }
+}
+
+/// The copies of a header sent more than once as one value, joined by `,`
+/// as Envoy's `headers` map joins them; `None` when it was not sent.
+/// Borrowed when sent once.
+pub fn joined<'a>(mut sent: impl Iterator<Item = Cow<'a, str>>) -> Option<Cow<'a, str>> {
+    let first = sent.next()?;
+    Some(sent.fold(first, |mut all, v| {
+        let s = all.to_mut();
+        s.push(',');
+        s.push_str(&v);
+        all
+    }))
 }
 
 /// The longest API key looked up; longer values are invalid without a lookup.
@@ -110,14 +129,11 @@ pub fn identify<'a>(sources: &'a [IdentitySource], creds: &'a impl Credentials, 
             IdentitySource::ApiKey { header, scheme } => {
                 let Some(value) = creds.header(header) else { continue };
                 let key = match scheme {
-                    Some(scheme) => match strip_scheme(value, scheme) {
-                        Some(key) => key,
-                        None => continue,
-                    },
-                    None => value.trim(),
+                    Some(scheme) => sub(value, |v| strip_scheme(v, scheme)),
+                    None => sub(value, |v| Some(v.trim())),
                 };
-                if !key.is_empty() {
-                    return Presented::ApiKey { header: Cow::Borrowed(header), key: Cow::Borrowed(key) };
+                if let Some(key) = key.filter(|k| !k.is_empty()) {
+                    return Presented::ApiKey { header: Cow::Borrowed(header), key };
                 }
             }
             IdentitySource::JwtClaim { namespace, field, claim } => {
@@ -126,8 +142,10 @@ pub fn identify<'a>(sources: &'a [IdentitySource], creds: &'a impl Credentials, 
                 }
             }
             IdentitySource::TrustedHeader { header } => {
-                if let Some(id) = creds.header(header).map(str::trim).filter(|id| !id.is_empty()) {
-                    return Presented::Account(Cow::Borrowed(id));
+                if let Some(id) =
+                    creds.header(header).and_then(|v| sub(v, |v| Some(v.trim()))).filter(|id| !id.is_empty())
+                {
+                    return Presented::Account(id);
                 }
             }
         }
@@ -145,7 +163,7 @@ pub fn credential_headers<'s>(
 ) -> impl Iterator<Item = &'s Arc<str>> {
     sources.iter().filter_map(|source| match source {
         IdentitySource::ApiKey { header, scheme } => match (creds.header(header), scheme) {
-            (Some(v), Some(scheme)) if strip_scheme(v, scheme).is_some() => Some(header),
+            (Some(v), Some(scheme)) if strip_scheme(&v, scheme).is_some() => Some(header),
             (Some(_), None) => Some(header),
             _ => None,
         },
@@ -154,10 +172,28 @@ pub fn credential_headers<'s>(
     })
 }
 
+/// The key in `value` when it carries `scheme`: what follows the scheme (and
+/// a space or tab) when the value starts with it; the whole value (never a valid key: it
+/// holds a space) when a later one of its comma-separated parts does, as when
+/// `Basic x` and `Bearer y` came as two headers. Either way the header is
+/// ours: judged, and removed before the upstream. No token of the schemes
+/// this is for (`Bearer`, `Basic`) holds a comma.
 fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {
-    let value = value.trim_start();
-    let (got, rest) = value.split_once(' ')?;
-    got.eq_ignore_ascii_case(scheme).then(|| rest.trim())
+    const SPACE: [char; 2] = [' ', '\t'];
+    let carries =
+        |part: &str| part.trim_start().split_once(SPACE).is_some_and(|(got, _)| got.eq_ignore_ascii_case(scheme));
+    match value.trim_start().split_once(SPACE) {
+        Some((got, rest)) if got.eq_ignore_ascii_case(scheme) => Some(rest.trim()),
+        _ => value.split(',').skip(1).any(carries).then(|| value.trim()),
+    }
+}
+
+/// `cut` of `value`, borrowed when `value` is.
+fn sub<'a>(value: Cow<'a, str>, cut: impl Fn(&str) -> Option<&str>) -> Option<Cow<'a, str>> {
+    match value {
+        Cow::Borrowed(v) => cut(v).map(Cow::Borrowed),
+        Cow::Owned(v) => cut(&v).map(|k| Cow::Owned(k.to_owned())),
+    }
 }
 
 /// What is kept of an API key besides its hash: enough to recognise it in a
@@ -220,8 +256,8 @@ mod tests {
     }
 
     impl Credentials for Req {
-        fn header(&self, name: &str) -> Option<&str> {
-            self.headers.get(name).copied()
+        fn header(&self, name: &str) -> Option<Cow<'_, str>> {
+            self.headers.get(name).copied().map(Cow::Borrowed)
         }
         fn claim(&self, _ns: &str, _field: &str, claim: &str) -> Option<String> {
             self.claims.get(claim).map(|s| s.to_string())
@@ -261,6 +297,47 @@ mod tests {
         );
         assert_eq!(identify(&s, &req(&[("x-account-id", "a")], &[])), Presented::Account("a".into()));
         assert_eq!(identify(&s, &req(&[("x-api-key", "")], &[])), Presented::Nothing);
+        assert_eq!(identify(&s, &req(&[("authorization", "Bearer\tk3")], &[])), key("authorization", "k3"), "a tab");
+    }
+
+    /// A value as Envoy joins a header sent twice is judged whole: an
+    /// `authorization` carrying the scheme in any copy is ours (never
+    /// skipped as a foreign scheme), and none of these is a valid key or id.
+    #[test]
+    fn a_header_sent_twice_is_judged_whole() {
+        let s = sources();
+        let key = |h: &'static str, k: &'static str| Presented::ApiKey { header: h.into(), key: k.into() };
+        for (headers, presented) in [
+            (&[("x-api-key", "k1,k2")][..], key("x-api-key", "k1,k2")),
+            (&[("authorization", "Bearer k1,Bearer k2")], key("authorization", "k1,Bearer k2")),
+            (&[("authorization", "Basic Zm9v,Bearer k2")], key("authorization", "Basic Zm9v,Bearer k2")),
+            (
+                &[("authorization", "Basic Zm9v, bearer k2"), ("x-account-id", "a")],
+                key("authorization", "Basic Zm9v, bearer k2"),
+            ),
+            (&[("x-account-id", "a,b")], Presented::Account("a,b".into())),
+            (&[("authorization", "Basic Zm9v,Bearer\tk2")], key("authorization", "Basic Zm9v,Bearer\tk2")),
+        ] {
+            let r = req(headers, &[]);
+            assert_eq!(identify(&s, &r, true), presented, "{headers:?}");
+            assert_eq!(credential_headers(&s, &r).count(), headers.len(), "{headers:?}: removed");
+            let valid = match &presented {
+                Presented::ApiKey { key, .. } => is_valid_key(key) && !key.contains(','),
+                Presented::Account(id) => crate::entitlement::is_valid_account_id(id),
+                Presented::Nothing => true,
+            };
+            assert!(!valid, "{headers:?}");
+        }
+        let basic = req(&[("authorization", "Basic Zm9v,Basic YmFy")], &[]);
+        assert_eq!(identify(&s, &basic, true), Presented::Nothing, "foreign in every copy: not ours");
+        assert_eq!(credential_headers(&s, &basic).count(), 0, "left for the upstream's own auth");
+    }
+
+    #[test]
+    fn copies_are_joined_as_envoy_joins_them() {
+        assert_eq!(joined(std::iter::empty()), None);
+        assert!(matches!(joined([Cow::Borrowed("a")].into_iter()), Some(Cow::Borrowed("a"))));
+        assert_eq!(joined(["a", "b", ""].map(Cow::Borrowed).into_iter()).as_deref(), Some("a,b,"));
     }
 
     #[test]

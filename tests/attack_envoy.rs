@@ -294,6 +294,38 @@ async fn credentials_never_reach_the_upstream_on_a_paid_route() {
     s.stop().await;
 }
 
+/// The shipped config with Envoy sending each header as sent
+/// (`encode_raw_headers: true`: `header_map`, values as bytes) instead of
+/// the `headers` map, which joins a repeated header's values with `,`.
+fn with_raw_headers(config: String) -> String {
+    let at = "                      clear_route_cache: true\n";
+    assert!(config.contains(at), "the ext_authz filter no longer has `{at}`");
+    config.replace(at, &format!("{at}                      encode_raw_headers: true\n"))
+}
+
+/// A credential sent twice, whichever way Envoy encodes the headers for
+/// tollgate: two keys are one key nobody has (401), never the first paid
+/// with; an `authorization` that carries `Bearer` in a
+/// second copy after `Basic` never reaches the upstream.
+#[tokio::test]
+async fn a_credential_sent_twice_pays_with_neither_copy_and_never_reaches_the_upstream() {
+    for raw in [false, true] {
+        let s = stack_with_config(|c| if raw { with_raw_headers(c) } else { c }).await;
+        let r = s.send("POST", "/v1/ai/chat", &[("x-api-key", "pro-key")]).await;
+        assert_eq!(r.status, 200, "raw {raw}: one key is read: {r:?}");
+        for twice in [[("x-api-key", "pro-key"), ("x-api-key", "free-key")], [("authorization", "Bearer pro-key"); 2]] {
+            let r = s.send("POST", "/v1/ai/chat", &twice).await;
+            assert_eq!(r.status, 401, "raw {raw}: {twice:?}: {r:?}");
+        }
+        let both = [("x-api-key", "pro-key"), ("authorization", "Basic Zm9v"), ("authorization", "Bearer free-key")];
+        let r = s.send("POST", "/v1/ai/chat", &both).await;
+        let echo = upstream_saw(&r).unwrap_or_else(|| panic!("raw {raw}: {r:?}"));
+        let names = upstream_header_names(&echo);
+        assert!(!names.iter().any(|n| n == "x-api-key" || n == "authorization"), "raw {raw}: {echo}");
+        s.stop().await;
+    }
+}
+
 /// tollgate requiring client certificates from `pki`'s CA, behind Envoy built
 /// from `file` with its certificate paths pointed at `certs`.
 async fn mtls_stack(pki: &Pki, file: &str, certs: &Pki) -> Stack {

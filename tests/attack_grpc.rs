@@ -132,6 +132,72 @@ async fn forged_jwt_metadata_and_trusted_headers_are_ignored_from_untrusted_call
     s.stop().await;
 }
 
+/// A Check as Envoy sends it under `encode_raw_headers: true`: `header_map`
+/// holds an entry per time a header was sent, its bytes in `raw_value`.
+fn raw_headers_check(path: &str, headers: &[(&str, &[u8])]) -> envoy_types::ext_authz::v3::pb::CheckRequest {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    let mut req = http_check("POST", path, &[]);
+    let http = req.attributes.as_mut().and_then(|a| a.request.as_mut()).and_then(|r| r.http.as_mut()).unwrap();
+    http.headers.clear();
+    let entry =
+        |(k, v): &(&str, &[u8])| HeaderValue { key: k.to_string(), raw_value: v.to_vec(), ..Default::default() };
+    http.header_map = Some(HeaderMap { headers: headers.iter().map(entry).collect() });
+    req
+}
+
+/// `header_map` is read as Envoy would have put it in `headers`: a
+/// credential sent twice is one value (joined by `,`) that no key or
+/// account id has, never its first copy; bytes that are not UTF-8 are a
+/// value (U+FFFD), never an absent header, so the header is still judged
+/// and removed. Read first-wins, two keys paid with the first, and a
+/// trusted header the client sent ahead of the proxy's copy was the
+/// account; an unreadable credential was skipped and left to the upstream.
+#[tokio::test]
+async fn raw_headers_are_read_as_envoy_joins_them() {
+    let server = format!("server: {{ trusted_callers: any, admin_tokens: [{ADMIN}] }}\n");
+    let s = TestServer::start(&(spec_config() + &server)).await;
+    let ask_raw =
+        async |headers: &[(&str, &[u8])]| Answer::of(&s.check(raw_headers_check("/v1/ai/chat", headers)).await);
+
+    let a = ask_raw(&[("x-api-key", b"pro-key")]).await;
+    assert!(a.allowed, "a key sent once is read from header_map: {a:?}");
+    assert_eq!(a.upstream_headers.get("x-tollgate-account").map(String::as_str), Some("acct_pro"));
+    assert!(a.upstream_remove.iter().any(|h| h == "x-api-key"), "{a:?}");
+
+    let spent = used(&s, "acct_pro").await;
+    for (what, headers) in [
+        ("two keys", &[("x-api-key", &b"pro-key"[..]), ("x-api-key", b"free-key")][..]),
+        ("one key twice", &[("x-api-key", b"pro-key"), ("x-api-key", b"pro-key")]),
+        ("two Bearer keys", &[("authorization", b"Bearer pro-key"), ("authorization", b"Bearer free-key")]),
+        ("a trusted header twice", &[("x-account-id", b"acct_pro"), ("x-account-id", b"acct_free")]),
+        ("an unreadable first credential", &[("x-api-key", b"\xff"), ("authorization", b"Bearer pro-key")]),
+    ] {
+        let a = ask_raw(headers).await;
+        assert_eq!((a.http_status, a.code()), (401, "credentials_invalid"), "{what}: {a:?}");
+    }
+    assert_eq!((used(&s, "acct_pro").await, used(&s, "acct_free").await), (spent, 0), "nothing spent on them");
+
+    // A credential the first source does not decide is still removed before the upstream.
+    for (what, headers) in [
+        ("bytes that are not UTF-8", &[("x-api-key", &b"pro-key"[..]), ("authorization", b"Bearer \xff")][..]),
+        (
+            "Basic, then Bearer",
+            &[("x-api-key", b"pro-key"), ("authorization", b"Basic Zm9v"), ("authorization", b"Bearer free-key")],
+        ),
+    ] {
+        let a = ask_raw(headers).await;
+        assert!(a.allowed, "{what}: {a:?}");
+        assert!(a.upstream_remove.iter().any(|h| h == "authorization"), "{what}: {a:?}");
+    }
+    // The same, as Envoy sends the last one by default (`headers`, joined).
+    let joined =
+        http_check("POST", "/v1/ai/chat", &[("x-api-key", "pro-key"), ("authorization", "Basic Zm9v,Bearer free-key")]);
+    let a = Answer::of(&s.check(joined).await);
+    assert!(a.allowed && a.upstream_remove.iter().any(|h| h == "authorization"), "{a:?}");
+    assert_eq!(used(&s, "acct_free").await, 0);
+    s.stop().await;
+}
+
 /// `Authorize` naming an account, or spending, needs a token; a dry run with
 /// an API key is as open as a Check with it.
 #[tokio::test]

@@ -265,6 +265,62 @@ async fn what_the_door_cannot_read_is_400_never_an_allow() {
     s.stop().await;
 }
 
+/// A header sent twice reads as on Envoy's gRPC door (its copies joined by
+/// `,`), not as its first copy: two keys are one key nobody has (401,
+/// nothing spent), and an `authorization` that carries `Bearer` in any copy
+/// is the client's credential, removed before the upstream.
+#[tokio::test]
+async fn a_credential_sent_twice_is_one_value_no_key_has() {
+    let (s, addr) = door().await;
+    let forwarded = [("X-Forwarded-Method", "GET"), ("X-Forwarded-Uri", "/v1/search")];
+    for keys in [[("X-Api-Key", "pro-key"), ("X-Api-Key", "free-key")], [("Authorization", "Bearer pro-key"); 2]] {
+        let r = request(addr, "GET", "/traefik", &[&forwarded[..], &keys].concat()).await.unwrap();
+        problem(&r, 401, "credentials_invalid");
+    }
+    let both = [("x-api-key", "pro-key"), ("authorization", "Basic Zm9v"), ("authorization", "Bearer free-key")];
+    let r = request(addr, "GET", "/envoy/v1/search", &both).await.unwrap();
+    assert_eq!((r.status, r.header("x-tollgate-account")), (200, Some("acct_pro")), "{r:?}");
+    let remove = r.header("x-envoy-auth-headers-to-remove").unwrap_or("");
+    assert!(remove.split(',').any(|h| h == "authorization"), "{remove}");
+    assert_eq!(metric(s.http, "tollgate_door_decisions_total{door=\"traefik\",status=\"200\"}").await, 0.0);
+    s.stop().await;
+}
+
+/// Traefik cannot run here, so its shipped config is read: the regex it
+/// strips client headers by (before copying tollgate's) matches every
+/// spelling of tollgate's names as Go hands them to Traefik (canonicalised;
+/// underscores kept, which CGI-style upstreams read as dashes) and nothing
+/// else, and the middleware after tollgate blanks every credential header
+/// the shipped identity reads and the x402 payment headers.
+#[test]
+fn the_shipped_traefik_config_strips_every_spelling_and_every_credential() {
+    let file = format!("{}/deploy/traefik/dynamic.yaml", env!("CARGO_MANIFEST_DIR"));
+    let doc: serde_json::Value = serde_yaml_ng::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let middlewares = &doc["http"]["middlewares"];
+    let pattern = middlewares["tollgate"]["forwardAuth"]["authResponseHeadersRegex"].as_str().unwrap();
+    let strips = regex::Regex::new(pattern).unwrap();
+    for name in ["X-Tollgate-Account", "X-Tollgate-Plan", "X_tollgate_account", "X_tollgate-plan", "X-Tollgate_payer"] {
+        assert!(strips.is_match(name), "{pattern} keeps {name}");
+    }
+    for name in ["X-Api-Key", "Authorization", "X-Tollgateaccount", "X-Forwarded-Tollgate-Plan", "Tollgate-Signature"] {
+        assert!(!strips.is_match(name), "{pattern} strips {name}");
+    }
+    let blanked = middlewares["strip-credentials"]["headers"]["customRequestHeaders"].as_object().unwrap();
+    let blanked: Vec<String> =
+        blanked.iter().filter(|(_, v)| v.as_str() == Some("")).map(|(k, _)| k.to_ascii_lowercase()).collect();
+    let configmap =
+        std::fs::read_to_string(format!("{}/deploy/k8s/configmap.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    for header in ["x-api-key", "authorization", "payment-signature", "x-payment"] {
+        assert!(blanked.contains(&header.to_owned()), "{header} reaches the upstream: {blanked:?}");
+    }
+    for line in
+        configmap.lines().filter(|l| l.contains("api_key: { header: ") || l.contains("trusted_header: { header: "))
+    {
+        let header = line.split("header: ").nth(1).and_then(|h| h.split([',', ' ', '}']).next()).unwrap();
+        assert!(blanked.contains(&header.to_owned()), "the shipped identity reads {header}, Traefik passes it on");
+    }
+}
+
 /// Asserted identities are never honoured on the HTTP door: Traefik forwards
 /// every client header, so a `trusted_header` there is the client's word,
 /// even under `trusted_callers: any`.

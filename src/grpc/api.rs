@@ -19,6 +19,7 @@
 //! May use: `authorizer`, `accounts`, `config` (tokens, read access),
 //! `decision` (quota state), `identity`, `route`, `usage` (bounds).
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Ready;
 use std::sync::Arc;
@@ -133,7 +134,7 @@ where
 struct NoCredentials;
 
 impl Credentials for NoCredentials {
-    fn header(&self, _: &str) -> Option<&str> {
+    fn header(&self, _: &str) -> Option<Cow<'_, str>> {
         None
     }
     fn claim(&self, _: &str, _: &str, _: &str) -> Option<String> {

@@ -58,16 +58,21 @@ struct EnvoyCredentials<'a> {
 }
 
 impl Credentials for EnvoyCredentials<'_> {
-    fn header(&self, name: &str) -> Option<&str> {
+    fn header(&self, name: &str) -> Option<Cow<'_, str>> {
         let http = self.http?;
         if let Some(v) = http.header(name) {
-            return Some(v);
+            return Some(Cow::Borrowed(v));
         }
-        // With `encode_raw_headers: true` Envoy fills `header_map` instead.
+        // With `encode_raw_headers: true` Envoy fills `header_map` instead: an
+        // entry per time the header was sent, its bytes in `raw_value`. Read
+        // as Envoy would have put them in `headers` (joined by `,`, bytes
+        // that are not UTF-8 replaced), so the two encodings mean the same.
         let map = http.header_map.as_ref()?;
-        map.headers.iter().find(|h| h.key.eq_ignore_ascii_case(name.as_bytes())).and_then(|h| {
-            if h.value.is_empty() { std::str::from_utf8(&h.raw_value).ok() } else { std::str::from_utf8(&h.value).ok() }
-        })
+        let sent = map.headers.iter().filter(|h| h.key.eq_ignore_ascii_case(name.as_bytes())).map(|h| {
+            let v = if h.value.is_empty() { &h.raw_value } else { &h.value };
+            String::from_utf8_lossy(v)
+        });
+        crate::identity::joined(sent)
     }
 
     fn claim(&self, namespace: &str, field: &str, claim: &str) -> Option<String> {
