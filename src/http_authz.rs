@@ -101,9 +101,13 @@ pub fn router(authorizer: Arc<Authorizer>) -> Router {
     Router::new().fallback(answer).with_state(authorizer)
 }
 
-/// A forwarded header's value: present, UTF-8, not empty.
+/// A forwarded header's value: present once, UTF-8, not empty. Sent twice it
+/// is no answer (400): the proxy sets it, so a second copy is somebody
+/// else's, and which copy the proxy meant cannot be known.
 fn forwarded<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty())
+    let mut sent = headers.get_all(name).iter();
+    let value = sent.next().filter(|_| sent.next().is_none())?;
+    value.to_str().ok().filter(|v| !v.is_empty())
 }
 
 /// The host and path (with query) of nginx's `X-Original-URL`

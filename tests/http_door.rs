@@ -239,6 +239,19 @@ async fn what_the_door_cannot_read_is_400_never_an_allow() {
         ("an absolute URL", vec![("X-Forwarded-Method", "GET"), ("X-Forwarded-Uri", "http://x/v1/search"), key]),
         ("dot segments", vec![("X-Forwarded-Method", "GET"), ("X-Forwarded-Uri", "/public/../v1/search"), key]),
         ("encoded slash", vec![("X-Forwarded-Method", "GET"), ("X-Forwarded-Uri", "/v1%2Fsearch"), key]),
+        (
+            "a forwarded uri twice",
+            vec![
+                ("X-Forwarded-Method", "GET"),
+                ("X-Forwarded-Uri", "/healthz"),
+                ("X-Forwarded-Uri", "/v1/search"),
+                key,
+            ],
+        ),
+        (
+            "a forwarded method twice",
+            vec![("X-Forwarded-Method", "GET"), ("X-Forwarded-Method", "POST"), ("X-Forwarded-Uri", "/v1/search"), key],
+        ),
     ];
     for (what, headers) in cases {
         let r = request(addr, "GET", "/traefik", &headers).await.unwrap();
