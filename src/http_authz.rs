@@ -101,13 +101,19 @@ pub fn router(authorizer: Arc<Authorizer>) -> Router {
     Router::new().fallback(answer).with_state(authorizer)
 }
 
-/// A forwarded header's value: present once, UTF-8, not empty. Sent twice it
-/// is no answer (400): the proxy sets it, so a second copy is somebody
-/// else's, and which copy the proxy meant cannot be known.
+/// A forwarded header's value: present, UTF-8, not empty.
 fn forwarded<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    let mut sent = headers.get_all(name).iter();
-    let value = sent.next().filter(|_| sent.next().is_none())?;
-    value.to_str().ok().filter(|v| !v.is_empty())
+    headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty())
+}
+
+/// The headers the doors read the request's method, URI and host from.
+/// The proxy sets each once: a second copy is somebody else's, and which
+/// one the proxy meant cannot be known, so the request is not read (400).
+const FORWARDED: [&str; 6] =
+    ["host", "x-forwarded-method", "x-forwarded-uri", "x-forwarded-host", "x-original-method", "x-original-url"];
+
+fn forwarded_twice(headers: &HeaderMap) -> bool {
+    FORWARDED.iter().any(|name| headers.get_all(*name).iter().nth(1).is_some())
 }
 
 /// The host and path (with query) of nginx's `X-Original-URL`
@@ -146,6 +152,7 @@ async fn answer(State(authorizer): State<Arc<Authorizer>>, request: Request) -> 
         return (StatusCode::NOT_FOUND, "unknown authorization door: use /envoy/…, /traefik or /nginx\n")
             .into_response();
     };
+    let asked = asked.filter(|_| !forwarded_twice(headers));
     let creds = HeaderCredentials(headers);
     let (path, method, host) = asked.as_ref().map_or(("", "", ""), |(p, m, h)| (p.as_str(), *m, *h));
     let query = Query {

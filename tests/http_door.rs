@@ -252,6 +252,16 @@ async fn what_the_door_cannot_read_is_400_never_an_allow() {
             "a forwarded method twice",
             vec![("X-Forwarded-Method", "GET"), ("X-Forwarded-Method", "POST"), ("X-Forwarded-Uri", "/v1/search"), key],
         ),
+        (
+            "a forwarded host twice",
+            vec![
+                ("X-Forwarded-Method", "GET"),
+                ("X-Forwarded-Uri", "/v1/search"),
+                ("X-Forwarded-Host", "api.example.com"),
+                ("X-Forwarded-Host", "other.example.com"),
+                key,
+            ],
+        ),
     ];
     for (what, headers) in cases {
         let r = request(addr, "GET", "/traefik", &headers).await.unwrap();
