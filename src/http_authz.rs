@@ -106,14 +106,12 @@ fn forwarded<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty())
 }
 
-/// The headers the doors read the request's method, URI and host from.
-/// The proxy sets each once: a second copy is somebody else's, and which
-/// one the proxy meant cannot be known, so the request is not read (400).
-const FORWARDED: [&str; 6] =
-    ["host", "x-forwarded-method", "x-forwarded-uri", "x-forwarded-host", "x-original-method", "x-original-url"];
-
-fn forwarded_twice(headers: &HeaderMap) -> bool {
-    FORWARDED.iter().any(|name| headers.get_all(*name).iter().nth(1).is_some())
+/// Whether any of `names`, the headers a door reads the request's method,
+/// URI and host from, was sent twice. The proxy sets each once: a second
+/// copy is somebody else's, and which one the proxy meant cannot be known,
+/// so the request is not read (400).
+fn sent_twice(headers: &HeaderMap, names: &[&str]) -> bool {
+    names.iter().any(|name| headers.get_all(*name).iter().nth(1).is_some())
 }
 
 /// The host and path (with query) of nginx's `X-Original-URL`
@@ -132,27 +130,30 @@ async fn answer(State(authorizer): State<Arc<Authorizer>>, request: Request) -> 
     let headers = &parts.headers;
     let host_header = forwarded(headers, "host").unwrap_or("");
     // What the proxy asks about; `None`: it could not be read (400).
-    let (door, asked): (Door, Option<(String, &str, &str)>) = if let Some(rest) = path.strip_prefix("/envoy") {
+    // And the headers it was read from, none of which may come twice.
+    type Asked<'a> = Option<(String, &'a str, &'a str)>;
+    let (door, asked, read): (Door, Asked, &[&str]) = if let Some(rest) = path.strip_prefix("/envoy") {
         let original = if rest.is_empty() { "/" } else { rest };
         let ok = original.starts_with('/');
-        (Door::EnvoyHttp, ok.then(|| (original.to_owned(), parts.method.as_str(), host_header)))
+        (Door::EnvoyHttp, ok.then(|| (original.to_owned(), parts.method.as_str(), host_header)), &["host"])
     } else if path == "/traefik" || path.starts_with("/traefik?") {
         let method = forwarded(headers, "x-forwarded-method");
         let uri = forwarded(headers, "x-forwarded-uri").filter(|u| u.starts_with('/'));
         let host = forwarded(headers, "x-forwarded-host").unwrap_or(host_header);
-        (Door::Traefik, method.zip(uri).map(|(m, u)| (u.to_owned(), m, host)))
+        let read = &["host", "x-forwarded-method", "x-forwarded-uri", "x-forwarded-host"];
+        (Door::Traefik, method.zip(uri).map(|(m, u)| (u.to_owned(), m, host)), read)
     } else if path == "/nginx" || path.starts_with("/nginx?") {
         let method = forwarded(headers, "x-original-method");
         let url = forwarded(headers, "x-original-url").and_then(original_url);
         // nginx passes the client's headers on and cannot strip a prefix.
         let forged = headers.keys().any(|k| k.as_str().starts_with(crate::problem::HEADER_PREFIX));
         let asked = method.zip(url).filter(|_| !forged).map(|(m, (host, uri))| (uri.to_owned(), m, host));
-        (Door::Nginx, asked)
+        (Door::Nginx, asked, &["x-original-method", "x-original-url"])
     } else {
         return (StatusCode::NOT_FOUND, "unknown authorization door: use /envoy/…, /traefik or /nginx\n")
             .into_response();
     };
-    let asked = asked.filter(|_| !forwarded_twice(headers));
+    let asked = asked.filter(|_| !sent_twice(headers, read));
     let creds = HeaderCredentials(headers);
     let (path, method, host) = asked.as_ref().map_or(("", "", ""), |(p, m, h)| (p.as_str(), *m, *h));
     let query = Query {

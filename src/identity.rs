@@ -41,11 +41,12 @@ pub enum IdentitySource {
 pub trait Credentials {
     /// A request header by lower-case name, as Envoy's `headers` map carries
     /// it, so that every door reads a header the same way: a header sent more
-    /// than once is its values joined by `,` (a value no API key or account id
-    /// has: a repeated credential is invalid, never its first or last copy),
-    /// bytes that are not UTF-8 replaced (by U+FFFD; Envoy's map uses `!`:
-    /// either way a value no key or id has, and the header is still there
-    /// to judge and remove). Borrowed when sent once, as UTF-8.
+    /// than once is its values joined by `,` (a repeated credential is judged
+    /// whole, never by its first or last copy: no account id holds a `,`,
+    /// and no key does unless one was made with it), bytes that are not
+    /// UTF-8 replaced (by U+FFFD, not a key's or an id's character; Envoy's
+    /// map uses `!`), so the header is still there to judge and remove.
+    /// Borrowed when sent once, as UTF-8.
     fn header(&self, name: &str) -> Option<Cow<'_, str>>;
     /// A string claim from verified JWT metadata.
     fn claim(&self, namespace: &str, field: &str, claim: &str) -> Option<String>;
@@ -173,9 +174,10 @@ pub fn credential_headers<'s>(
 }
 
 /// The key in `value` when it carries `scheme`: what follows the scheme (and
-/// a space or tab) when the value starts with it; the whole value (never a valid key: it
-/// holds a space) when a later one of its comma-separated parts does, as when
-/// `Basic x` and `Bearer y` came as two headers. Either way the header is
+/// a space or tab) when the value starts with it; the whole value, trimmed
+/// (`Basic x,Bearer y`: not a key, as it holds a space, unless only the
+/// scheme ends it) when a later one of its comma-separated parts does, as
+/// when `Basic x` and `Bearer y` came as two headers. Either way the header is
 /// ours: judged, and removed before the upstream. No token of the schemes
 /// this is for (`Bearer`, `Basic`) holds a comma.
 fn strip_scheme<'a>(value: &'a str, scheme: &str) -> Option<&'a str> {

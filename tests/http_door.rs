@@ -20,6 +20,11 @@ async fn door() -> (TestServer, std::net::SocketAddr) {
 
 /// What Traefik sends for a client's `GET https://api.example.com{uri}`.
 async fn traefik(addr: std::net::SocketAddr, uri: &str, key: Option<&str>) -> Response {
+    traefik_with(addr, uri, &key.map(|k| ("X-Api-Key", k)).into_iter().collect::<Vec<_>>()).await
+}
+
+/// [`traefik`] with the client's headers `client`.
+async fn traefik_with(addr: std::net::SocketAddr, uri: &str, client: &[(&str, &str)]) -> Response {
     let mut h = vec![
         ("X-Forwarded-Method", "GET"),
         ("X-Forwarded-Proto", "https"),
@@ -27,9 +32,7 @@ async fn traefik(addr: std::net::SocketAddr, uri: &str, key: Option<&str>) -> Re
         ("X-Forwarded-Uri", uri),
         ("X-Forwarded-For", "203.0.113.9"),
     ];
-    if let Some(k) = key {
-        h.push(("X-Api-Key", k));
-    }
+    h.extend_from_slice(client);
     request(addr, "GET", "/traefik", &h).await.unwrap()
 }
 
@@ -212,6 +215,24 @@ async fn the_nginx_door_refuses_what_it_cannot_read_and_forged_tollgate_headers(
             "an empty method",
             vec![("X-Original-Method", ""), ("X-Original-URL", "https://api.example.com/v1/search"), key],
         ),
+        (
+            "the original URL twice",
+            vec![
+                ("X-Original-Method", "GET"),
+                ("X-Original-URL", "https://api.example.com/healthz"),
+                ("X-Original-URL", "https://api.example.com/v1/search"),
+                key,
+            ],
+        ),
+        (
+            "the original method twice",
+            vec![
+                ("X-Original-Method", "GET"),
+                ("X-Original-Method", "POST"),
+                ("X-Original-URL", "https://api.example.com/v1/search"),
+                key,
+            ],
+        ),
     ];
     for (what, headers) in cases {
         refused(&request(addr, "GET", "/nginx", &headers).await.unwrap(), what);
@@ -225,6 +246,9 @@ async fn the_nginx_door_refuses_what_it_cannot_read_and_forged_tollgate_headers(
     let head = raw_exchange(addr, raw).await;
     assert!(head.starts_with("HTTP/1.1 403") && head.to_lowercase().contains("x-tollgate-status: 400"), "{head}");
     assert_eq!(metric(s.http, "tollgate_door_decisions_total{door=\"nginx\",status=\"200\"}").await, 0.0);
+    // A header only another door reads may come twice: it is the upstream's.
+    let r = nginx(addr, "GET", "/v1/search", &[key, ("X-Forwarded-Uri", "/a"), ("X-Forwarded-Uri", "/b")]).await;
+    assert_eq!(r.status, 200, "{r:?}");
     s.stop().await;
 }
 
@@ -268,6 +292,18 @@ async fn what_the_door_cannot_read_is_400_never_an_allow() {
         assert_eq!(r.status, 400, "{what}: {r:?}");
         assert_eq!(r.json()["code"], "request_invalid", "{what}");
     }
+    // Host is what Envoy's HTTP ext_authz says the request's host is.
+    let raw = b"GET /envoy/v1/search HTTP/1.1\r\nHost: api.example.com\r\nHost: other.example.com\r\nConnection: close\r\nX-Api-Key: pro-key\r\n\r\n";
+    let head = raw_exchange(addr, raw).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "Host twice: {head}");
+    let once =
+        b"GET /envoy/v1/search HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\nX-Api-Key: pro-key\r\n\r\n";
+    assert!(raw_exchange(addr, once).await.starts_with("HTTP/1.1 200"), "Host once");
+    // A header only another door reads may come twice: it is the upstream's.
+    let r =
+        traefik_with(addr, "/v1/search", &[key, ("X-Original-URL", "https://a/"), ("X-Original-URL", "https://b/")])
+            .await;
+    assert_eq!(r.status, 200, "{r:?}");
     // A header value that is not UTF-8: the URI cannot be read.
     let raw = b"GET /traefik HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Forwarded-Method: GET\r\nX-Forwarded-Uri: /v1/search\xff\r\nX-Api-Key: pro-key\r\n\r\n";
     let head = raw_exchange(addr, raw).await;
@@ -284,7 +320,8 @@ async fn what_the_door_cannot_read_is_400_never_an_allow() {
     assert!(r.is_err() || r.as_ref().is_ok_and(|r| r.status == 431), "{r:?}");
     // Another path is not a door.
     assert_eq!(request(addr, "GET", "/v1/search", &[key]).await.unwrap().status, 404);
-    assert_eq!(metric(s.http, "tollgate_door_decisions_total{door=\"traefik\",status=\"200\"}").await, 0.0);
+    let allowed = metric(s.http, "tollgate_door_decisions_total{door=\"traefik\",status=\"200\"}").await;
+    assert_eq!(allowed, 1.0, "the one request above with a doubled header only nginx reads");
     s.stop().await;
 }
 
