@@ -7,7 +7,11 @@
 //!   answers store faults with `on_error: deny`, and the memory store never fails;
 //! - an allow (`status.code == 0`) is only given to a path in normal form;
 //! - an allow removes every `x-tollgate-*` header the request carried that
-//!   tollgate did not set itself, so no forged one reaches the upstream.
+//!   tollgate did not set itself, so no forged one reaches the upstream;
+//! - an allow removes every credential the demo config reads: `x-api-key`,
+//!   and `authorization` when any copy (or comma-separated part, as Envoy
+//!   joins copies) starts with `Bearer` and a space or tab, in whatever
+//!   bytes it came (`header_map`'s `raw_value` need not be UTF-8).
 //!
 //! Two services answer: one trusting no caller (the demo config as is; a
 //! `tonic::Request` carries no client certificate), one trusting every caller
@@ -77,6 +81,49 @@ fn tollgate_headers(req: &CheckRequest) -> Vec<String> {
         .collect()
 }
 
+/// Names of the credential headers the request carried, by the demo
+/// config's sources (`x-api-key`; `authorization` with `Bearer`), read as
+/// tollgate reads a Check: from the `headers` map (lower-case keys, as Envoy
+/// sends them), else from `header_map`, every copy, joined.
+fn credentials(req: &CheckRequest) -> Vec<&'static str> {
+    let Some(http) = req.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref()) else {
+        return Vec::new();
+    };
+    let value = |name: &str| -> Option<String> {
+        if let Some(v) = http.headers.get(name) {
+            return Some(v.clone());
+        }
+        let copies: Vec<String> =
+            http.header_map
+                .iter()
+                .flat_map(|m| m.headers.iter())
+                .filter(|h| h.key.eq_ignore_ascii_case(name))
+                .map(|h| {
+                    if h.value.is_empty() {
+                        String::from_utf8_lossy(&h.raw_value).into_owned()
+                    } else {
+                        h.value.clone()
+                    }
+                })
+                .collect();
+        (!copies.is_empty()).then(|| copies.join(","))
+    };
+    let bearer = |v: &str| {
+        v.split(',').any(|part| {
+            let part = part.trim_start().as_bytes();
+            part.len() > 6 && part[..6].eq_ignore_ascii_case(b"bearer") && matches!(part[6], b' ' | b'\t')
+        })
+    };
+    let mut out = Vec::new();
+    if value("x-api-key").is_some() {
+        out.push("x-api-key");
+    }
+    if value("authorization").is_some_and(|v| bearer(&v)) {
+        out.push("authorization");
+    }
+    out
+}
+
 fuzz_target!(|data: &[u8]| {
     let Ok(req) = CheckRequest::decode(data) else { return };
     let h = harness();
@@ -84,6 +131,7 @@ fuzz_target!(|data: &[u8]| {
     let http = req.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref());
     let path = http.map(|h| h.path.clone());
     let forged = tollgate_headers(&req);
+    let credentials = credentials(&req);
 
     let response = h
         .runtime
@@ -107,6 +155,13 @@ fuzz_target!(|data: &[u8]| {
         assert!(
             set.contains(&name.as_str()) || ok.headers_to_remove.contains(name),
             "forged {name:?} reaches the upstream: set {set:?}, removed {:?}",
+            ok.headers_to_remove
+        );
+    }
+    for name in credentials {
+        assert!(
+            ok.headers_to_remove.iter().any(|h| h == name),
+            "credential {name:?} reaches the upstream: {:?}",
             ok.headers_to_remove
         );
     }

@@ -81,6 +81,19 @@ fn main() -> std::io::Result<()> {
         ],
     });
     seeds.push(("raw_header_map", check(raw)));
+    // A Bearer key after a Basic one: the key is ours to remove, in either encoding.
+    let raw_value = |k: &str, v: &[u8]| HeaderValue { key: k.into(), raw_value: v.to_vec(), ..Default::default() };
+    let mut twice = http("GET", "/v1/search", &[]);
+    twice.header_map = Some(HeaderMap {
+        headers: vec![
+            raw_value("x-api-key", b"demo-pro-key"),
+            raw_value("authorization", b"Basic eA=="),
+            raw_value("authorization", b"Bearer demo-free-key"),
+        ],
+    });
+    seeds.push(("raw_basic_then_bearer", check(twice)));
+    let joined = [("x-api-key", "demo-pro-key"), ("authorization", "Basic eA==,Bearer demo-free-key")];
+    seeds.push(("joined_basic_then_bearer", check(http("GET", "/v1/search", &joined))));
     let mut claimed = check(http("GET", "/v1/ai/chat", &[]));
     if let Some(a) = claimed.attributes.as_mut() {
         a.metadata_context = Some(jwt("acct_pro"));
