@@ -91,8 +91,9 @@ impl Credentials for HeaderCredentials<'_> {
     }
 
     fn headers_with_prefix(&self, prefix: &str) -> Vec<Cow<'_, str>> {
-        // Header names are lower-case in `http`'s map.
-        self.0.keys().map(HeaderName::as_str).filter(|k| k.starts_with(prefix)).map(Cow::Borrowed).collect()
+        // Header names are lower-case in `http`'s map, each once.
+        let has = |k: &&str| crate::identity::spelled_with_prefix(k.as_bytes(), prefix);
+        self.0.keys().map(HeaderName::as_str).filter(has).map(Cow::Borrowed).collect()
     }
 }
 
@@ -146,7 +147,9 @@ async fn answer(State(authorizer): State<Arc<Authorizer>>, request: Request) -> 
         let method = forwarded(headers, "x-original-method");
         let url = forwarded(headers, "x-original-url").and_then(original_url);
         // nginx passes the client's headers on and cannot strip a prefix.
-        let forged = headers.keys().any(|k| k.as_str().starts_with(crate::problem::HEADER_PREFIX));
+        let own =
+            |k: &HeaderName| crate::identity::spelled_with_prefix(k.as_str().as_bytes(), crate::problem::HEADER_PREFIX);
+        let forged = headers.keys().any(own);
         let asked = method.zip(url).filter(|_| !forged).map(|(m, (host, uri))| (uri.to_owned(), m, host));
         (Door::Nginx, asked, &["x-original-method", "x-original-url"])
     } else {

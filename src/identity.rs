@@ -50,13 +50,24 @@ pub trait Credentials {
     fn header(&self, name: &str) -> Option<Cow<'_, str>>;
     /// A string claim from verified JWT metadata.
     fn claim(&self, namespace: &str, field: &str, claim: &str) -> Option<String>;
-    /// The lower-case names of the request's headers starting with `prefix`,
-    /// each once (so forged `x-tollgate-*` headers can be removed, each
-    /// checked against few names: a flood of them costs n); none by default.
-    /// Borrowed when the name is lower-case already (as Envoy sends them).
+    /// The lower-case names of the request's headers starting with `prefix`
+    /// as [`spelled_with_prefix`] reads them, each once (so forged
+    /// `x-tollgate-*` headers can be removed, in every spelling an upstream
+    /// reads as one, each checked against few names: a flood of them costs
+    /// n); none by default. Borrowed when the name is lower-case already (as
+    /// Envoy sends them).
     fn headers_with_prefix(&self, _prefix: &str) -> Vec<Cow<'_, str>> {
         Vec::new()
     }
+}
+
+/// Whether header `name` starts with `prefix` as an upstream may read it:
+/// any case, and `_` for any `-` (CGI-style upstreams, Rack, WSGI, PHP,
+/// read `x_tollgate-plan` as `x-tollgate-plan`). Bytes, not `str` slicing:
+/// a multi-byte character at the cut would panic.
+pub fn spelled_with_prefix(name: &[u8], prefix: &str) -> bool {
+    name.len() >= prefix.len()
+        && name.iter().zip(prefix.as_bytes()).all(|(&n, &p)| n.eq_ignore_ascii_case(&p) || (p == b'-' && n == b'_'))
 }
 
 /// The copies of a header sent more than once as one value, joined by `,`
@@ -333,6 +344,18 @@ mod tests {
         let basic = req(&[("authorization", "Basic Zm9v,Basic YmFy")], &[]);
         assert_eq!(identify(&s, &basic, true), Presented::Nothing, "foreign in every copy: not ours");
         assert_eq!(credential_headers(&s, &basic).count(), 0, "left for the upstream's own auth");
+    }
+
+    #[test]
+    fn own_names_are_found_in_every_spelling_an_upstream_reads_as_one() {
+        for name in
+            ["x-tollgate-plan", "X-Tollgate-Plan", "x_tollgate_plan", "x-tollgate_plan", "X_TOLLGATE-x", "x-tollgate-"]
+        {
+            assert!(spelled_with_prefix(name.as_bytes(), "x-tollgate-"), "{name}");
+        }
+        for name in ["x-tollgate", "x-tollgateplan", "y-tollgate-plan", "x--tollgate-", "x-tollgat\u{e9}-", ""] {
+            assert!(!spelled_with_prefix(name.as_bytes(), "x-tollgate-"), "{name}");
+        }
     }
 
     #[test]

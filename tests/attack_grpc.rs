@@ -312,6 +312,10 @@ async fn forged_tollgate_headers_and_credentials_never_reach_the_upstream() {
         ("x-tollgate-billing-warning", "none"),
         ("x-tollgate-anything", "1"),
         ("X-Tollgate-Mixed-Case", "1"),
+        // Spellings CGI-style upstreams read as x-tollgate-account and -plan.
+        ("x-tollgate_account", "acct_forged"),
+        ("x_tollgate-plan", "enterprise"),
+        ("X_TOLLGATE_DEGRADED", "1"),
     ];
     let mut on_public: Vec<(&str, &str)> = forged.to_vec();
     on_public.extend([("x-api-key", "pro-key"), ("authorization", "Bearer pro-key"), ("x-account-id", "acct_pro")]);
@@ -324,6 +328,9 @@ async fn forged_tollgate_headers_and_credentials_never_reach_the_upstream() {
         "x-tollgate-billing-warning",
         "x-tollgate-anything",
         "x-tollgate-mixed-case",
+        "x-tollgate_account",
+        "x_tollgate-plan",
+        "x_tollgate_degraded",
         "x-api-key",
         "authorization",
         "x-account-id",
@@ -339,8 +346,15 @@ async fn forged_tollgate_headers_and_credentials_never_reach_the_upstream() {
     assert!(a.allowed);
     assert_eq!(a.upstream_headers.get("x-tollgate-account").map(String::as_str), Some("acct_free"));
     assert_eq!(a.upstream_headers.get("x-tollgate-plan").map(String::as_str), Some("free"));
-    for h in ["x-api-key", "authorization", "x-tollgate-degraded", "x-tollgate-billing-warning", "x-tollgate-anything"]
-    {
+    for h in [
+        "x-api-key",
+        "authorization",
+        "x-tollgate-degraded",
+        "x-tollgate-billing-warning",
+        "x-tollgate-anything",
+        "x-tollgate_account",
+        "x_tollgate-plan",
+    ] {
         assert!(a.upstream_remove.iter().any(|r| r == h), "{h}: {:?}", a.upstream_remove);
     }
     for h in ["x-tollgate-account", "x-tollgate-plan"] {

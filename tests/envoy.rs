@@ -165,14 +165,18 @@ async fn tollgate_down_passes_requests_under_failure_mode_allow() {
 /// route, and the Check still sees them while tollgate answers.
 #[tokio::test]
 async fn under_failure_mode_allow_the_documented_edit_keeps_the_key_from_the_upstream() {
-    let edit = "`request_headers_to_remove: [x-api-key, authorization]`";
+    let edit = "`request_headers_to_remove: [x-api-key, authorization, payment-signature, x-payment]`";
     let vhost = "                    - name: app\n                      domains: [\"*\"]\n";
     let edited = |config: String| {
         assert!(config.contains(edit) && config.contains(vhost), "the config says so, where");
-        let removal = "                      request_headers_to_remove: [x-api-key, authorization]\n";
+        let removal = "                      request_headers_to_remove: [x-api-key, authorization, payment-signature, x-payment]\n";
         config.replace(vhost, &format!("{vhost}{removal}"))
     };
-    let creds: [&[(&str, &str)]; 2] = [&[("x-api-key", "pro-key")], &[("authorization", "Bearer pro-key")]];
+    let creds: [&[(&str, &str)]; 3] = [
+        &[("x-api-key", "pro-key")],
+        &[("authorization", "Bearer pro-key")],
+        &[("x-api-key", "pro-key"), ("payment-signature", "e30="), ("x-payment", "e30=")],
+    ];
     let (dead, app) = (free_addr(), echo_upstream().await);
     let config = envoy::config(dead, app, Options { failure_mode_allow: true, ..Options::default() });
     let envoy = Envoy::start(&config).await;
@@ -184,7 +188,9 @@ async fn under_failure_mode_allow_the_documented_edit_keeps_the_key_from_the_ups
         let r = envoy.send("GET", path, creds).await;
         assert_eq!(r.status, 200, "{path}: {r:?}");
         let seen = &r.json()["headers"];
-        assert!(seen.get("x-api-key").is_none() && seen.get("authorization").is_none(), "{path}: {r:?}");
+        for h in ["x-api-key", "authorization", "payment-signature", "x-payment"] {
+            assert!(seen.get(h).is_none(), "{path}: {h}: {r:?}");
+        }
     }
     drop(envoy);
     // With tollgate answering, the Check still reads the key: the removal is the router's, after it.

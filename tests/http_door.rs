@@ -237,7 +237,9 @@ async fn the_nginx_door_refuses_what_it_cannot_read_and_forged_tollgate_headers(
     for (what, headers) in cases {
         refused(&request(addr, "GET", "/nginx", &headers).await.unwrap(), what);
     }
-    for forged in ["x-tollgate-account", "x-tollgate-degraded", "x-tollgate-whatever"] {
+    for forged in
+        ["x-tollgate-account", "x-tollgate-degraded", "x-tollgate-whatever", "x-tollgate_account", "X_Tollgate_Plan"]
+    {
         refused(&nginx(addr, "GET", "/v1/search", &[key, (forged, "acct_pro")]).await, forged);
         refused(&nginx(addr, "GET", "/public/docs", &[(forged, "1")]).await, forged);
     }

@@ -66,8 +66,9 @@ fn harness() -> &'static Harness {
     })
 }
 
-/// Lower-cased names of the request's headers starting with `x-tollgate-`,
-/// from both the `headers` map and `header_map` (raw headers).
+/// Lower-cased names of the request's headers starting with `x-tollgate-`
+/// when `_` is read as `-` (as CGI-style upstreams read names), from both
+/// the `headers` map and `header_map` (raw headers).
 fn tollgate_headers(req: &CheckRequest) -> Vec<String> {
     let Some(http) = req.attributes.as_ref().and_then(|a| a.request.as_ref()).and_then(|r| r.http.as_ref()) else {
         return Vec::new();
@@ -77,7 +78,7 @@ fn tollgate_headers(req: &CheckRequest) -> Vec<String> {
         .keys()
         .chain(raw)
         .map(|k| k.to_ascii_lowercase())
-        .filter(|k| k.starts_with(tollgate::problem::HEADER_PREFIX))
+        .filter(|k| k.replace('_', "-").starts_with(tollgate::problem::HEADER_PREFIX))
         .collect()
 }
 

@@ -94,9 +94,7 @@ impl Credentials for EnvoyCredentials<'_> {
 
     fn headers_with_prefix(&self, prefix: &str) -> Vec<Cow<'_, str>> {
         let Some(http) = self.http else { return Vec::new() };
-        // Bytes, not `str` slicing: a header name with a multi-byte character
-        // would make `&k[..n]` panic off a char boundary.
-        let has = |k: &[u8]| k.get(..prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(prefix.as_bytes()));
+        let has = |k: &[u8]| crate::identity::spelled_with_prefix(k, prefix);
         let mut out: Vec<Cow<'_, str>> =
             http.header_names().filter(|k| has(k)).filter_map(|k| std::str::from_utf8(k).ok()).map(lower).collect();
         // Each name once, however often it was sent (sorting: a flood of names costs n log n, not n²).
