@@ -97,6 +97,13 @@ async fn forged_tollgate_headers_are_refused_and_never_reach_the_upstream() {
     }
     // A public route too: the upstream trusts these names whatever the route.
     assert_problem(&nginx.get("/public/docs", &[("x-tollgate-account", "acct_pro")]).await, 400, "request_invalid");
+    // Underscore spellings (CGI-style upstreams read them as these names) never get that far: nginx drops them.
+    for forged in ["x_tollgate_account", "x-tollgate_account", "X_Tollgate-Plan"] {
+        let r = nginx.get("/public/docs", &[(forged, "acct_pro")]).await;
+        assert_eq!(r.status, 200, "{forged}: {r:?}");
+        let seen: Vec<String> = r.json()["headers"].as_object().unwrap().keys().map(|k| k.replace('_', "-")).collect();
+        assert!(!seen.iter().any(|k| k.starts_with("x-tollgate-")), "{forged}: {seen:?}");
+    }
     // None of them spent: free's 5 requests are all there.
     for n in 1..=5 {
         assert_eq!(nginx.get("/v1/search", &[("x-api-key", "free-key")]).await.status, 200, "request {n}");
