@@ -617,6 +617,7 @@ fn istio_normalizes_paths_and_strips_client_headers_first() {
         .map(|(_, v)| v)
         .filter(|v| v["kind"].as_str() == Some("EnvoyFilter"))
         .filter(|v| v["metadata"]["name"].as_str() != Some("tollgate-route-after-check"))
+        .filter(|v| v["metadata"]["name"].as_str() != Some("tollgate-strip-client-headers-before-routing"))
         .collect();
     assert!(!filters.is_empty());
     for f in &filters {
@@ -630,6 +631,19 @@ fn istio_normalizes_paths_and_strips_client_headers_first() {
             assert_eq!(patch["patch"]["value"], header_filter(&docs), "the validated filter from envoy.yaml");
         }
     }
+    // Before routing at the gateway: envoy.yaml's early header mutation, merged into its connection manager.
+    let early = kind(&docs, "EnvoyFilter", "tollgate-strip-client-headers-before-routing");
+    assert_eq!(early["spec"]["workloadSelector"]["labels"]["istio"].as_str(), Some("ingressgateway"));
+    let patch = &seq(&early["spec"]["configPatches"])[0];
+    assert_eq!(
+        (patch["applyTo"].as_str(), patch["match"]["context"].as_str(), patch["patch"]["operation"].as_str()),
+        (Some("NETWORK_FILTER"), Some("GATEWAY"), Some("MERGE"))
+    );
+    assert_eq!(
+        patch["patch"]["value"]["typed_config"]["early_header_mutation_extensions"],
+        hcm(file(&docs, "envoy/envoy.yaml"))["early_header_mutation_extensions"],
+        "the validated early mutation from envoy.yaml"
+    );
     // One runs where the CUSTOM policy runs ext_authz: the protected workload's inbound sidecar.
     assert!(filters.iter().any(|f| {
         f["metadata"]["namespace"] == policy["metadata"]["namespace"]
