@@ -89,7 +89,7 @@ async fn every_row_through_nginx_reaches_the_client_with_its_real_status_body_an
 #[tokio::test]
 async fn forged_tollgate_headers_are_refused_and_never_reach_the_upstream() {
     let redis = RedisServer::start();
-    let (tollgate, _, nginx) = stack(&redis).await;
+    let (tollgate, door, nginx) = stack(&redis).await;
     for forged in ["x-tollgate-account", "x-tollgate-plan", "x-tollgate-shadow", "X-Tollgate-Anything-Else"] {
         let r = nginx.get("/v1/search", &[("x-api-key", "free-key"), (forged, "acct_pro")]).await;
         let body = assert_problem(&r, 400, "request_invalid");
@@ -97,13 +97,22 @@ async fn forged_tollgate_headers_are_refused_and_never_reach_the_upstream() {
     }
     // A public route too: the upstream trusts these names whatever the route.
     assert_problem(&nginx.get("/public/docs", &[("x-tollgate-account", "acct_pro")]).await, 400, "request_invalid");
-    // Underscore spellings (CGI-style upstreams read them as these names) never get that far: nginx drops them.
+    // Underscore spellings (CGI-style upstreams read them as these names) never get that far: the
+    // shipped server drops them, even under an `underscores_in_headers on` in http{} (without the
+    // server's own `off`, the door would see them and refuse the request).
+    let upstream = echo_upstream().await;
+    let lax =
+        Nginx::start(|listen| format!("underscores_in_headers on;\n{}", nginx::config(door, upstream, listen))).await;
     for forged in ["x_tollgate_account", "x-tollgate_account", "X_Tollgate-Plan"] {
-        let r = nginx.get("/public/docs", &[(forged, "acct_pro")]).await;
-        assert_eq!(r.status, 200, "{forged}: {r:?}");
-        let seen: Vec<String> = r.json()["headers"].as_object().unwrap().keys().map(|k| k.replace('_', "-")).collect();
-        assert!(!seen.iter().any(|k| k.starts_with("x-tollgate-")), "{forged}: {seen:?}");
+        for n in [&nginx, &lax] {
+            let r = n.get("/public/docs", &[(forged, "acct_pro")]).await;
+            assert_eq!(r.status, 200, "{forged}: {r:?}");
+            let seen: Vec<String> =
+                r.json()["headers"].as_object().unwrap().keys().map(|k| k.replace('_', "-")).collect();
+            assert!(!seen.iter().any(|k| k.starts_with("x-tollgate-")), "{forged}: {seen:?}");
+        }
     }
+    drop(lax);
     // None of them spent: free's 5 requests are all there.
     for n in 1..=5 {
         assert_eq!(nginx.get("/v1/search", &[("x-api-key", "free-key")]).await.status, 200, "request {n}");
