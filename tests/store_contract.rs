@@ -376,6 +376,24 @@ async fn a_calendar_window_fits_up_to_its_limit_then_resets_with_the_window(s: &
     assert!(a.spent && (a.quotas[0].used == 1 || s.lease && a.quotas[0].used <= 5), "each period counts apart: {a:?}");
 }
 
+/// A replica whose clock lags the store's by minutes still counts its
+/// window: it spends into a minute Redis has seen end, and its counter must
+/// be there on its next spend (an expiry computed from its clock alone is in
+/// the past, which deleted the counter at each spend: no limit at all).
+async fn a_replica_whose_clock_lags_still_counts_its_window(s: &Subject) {
+    let q = [calendar(2, Period::Minute)];
+    let behind = s.clock.now() - chrono::Duration::minutes(5);
+    let spent: Vec<bool> = [
+        s.spend(&spend(&q, 1, None, behind)).await,
+        s.spend(&spend(&q, 1, None, behind)).await,
+        s.spend(&spend(&q, 1, None, behind)).await,
+    ]
+    .iter()
+    .map(|a| a.spent)
+    .collect();
+    assert_eq!(spent, [true, true, false], "the limit holds on a lagging clock");
+}
+
 async fn a_rolling_window_fits_up_to_its_limit_and_retries_when_its_oldest_buckets_leave(s: &Subject) {
     // On the wall clock: every step but the sleeps takes a few ms, far less than w / 2.
     // 1 s is 16 buckets of 63 ms; w / 2 apart, two spends land in different buckets.
@@ -780,6 +798,7 @@ async fn keeps_the_contract(backend: Backend) {
         a_soft_quota_passes_its_limit_as_overage_up_to_its_ceiling_across_replicas,
         a_shadow_spend_passes_every_limit_and_moves_no_credits,
         a_calendar_window_fits_up_to_its_limit_then_resets_with_the_window,
+        a_replica_whose_clock_lags_still_counts_its_window,
         a_rolling_window_fits_up_to_its_limit_and_retries_when_its_oldest_buckets_leave,
         a_cost_0_spend_leaves_a_rolling_window_restored_when_its_newest_bucket_leaves,
         no_rolling_window_ever_holds_more_than_its_limit,

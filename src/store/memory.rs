@@ -129,10 +129,16 @@ impl Counter {
         let fits = |used: u64| cost <= MAX_COST && used.checked_add(cost).is_some_and(|sum| sum <= limit);
         match (self, quota.window) {
             (Counter::Calendar { start, used }, Window::Calendar(period)) => {
-                let (window_start, end) = period.bounds(now);
-                if *start != window_start {
+                let (window_start, mut end) = period.bounds(now);
+                // Only forward. A spend for an older window (its Check read the
+                // clock before another one moved the counter on, or the clock
+                // stepped back) counts in the current window: zeroing it would
+                // admit that spend and lose the newer ones.
+                if window_start > *start {
                     *start = window_start;
                     *used = 0;
+                } else if window_start < *start {
+                    end = period.bounds(*start).1;
                 }
                 QuotaUsage { used: *used, exceeded: !fits(*used), resets_at: end, retry_at: end }
             }

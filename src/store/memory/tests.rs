@@ -37,6 +37,21 @@ async fn huge_costs_never_wrap_or_reset_an_exhausted_quota() {
     }
 }
 
+/// A spend for a window older than the counter's (a Check that read the
+/// clock just before another moved the counter on) counts in the current
+/// window; it never zeroes the counter back to its own.
+#[tokio::test]
+async fn a_spend_for_an_older_window_never_zeroes_the_current_one() {
+    let s = MemoryStore::new();
+    let q = vec![quota(2, Window::Calendar(Period::Minute))];
+    let (old, new) = (t("2026-11-22T00:00:59.999Z"), t("2026-11-22T00:01:00Z"));
+    assert!(s.spend(&spend(q.clone(), 1, None, new)).await.unwrap().spent);
+    let late = s.spend(&spend(q.clone(), 1, None, old)).await.unwrap();
+    assert_eq!((late.spent, late.quotas[0].used, late.quotas[0].resets_at), (true, 2, t("2026-11-22T00:02:00Z")));
+    let a = s.spend(&spend(q.clone(), 1, None, new)).await.unwrap();
+    assert!(!a.spent && a.quotas[0].exceeded && a.quotas[0].used == 2, "the limit holds: {a:?}");
+}
+
 #[tokio::test]
 async fn a_cost_above_max_cost_never_fits_even_under_a_huge_limit() {
     let s = MemoryStore::new();

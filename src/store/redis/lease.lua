@@ -20,6 +20,12 @@ local function record(v)
   if u == nil or d == nil then return nil, nil end
   return u, d
 end
+-- A counter's expiry as the caller computed it (its window's end + 1 min,
+-- by its clock), but never less than a minute from Redis's now: a replica
+-- whose clock lags must find what it counted (a past expiry deletes at once).
+local function expiry_at(expiry)
+  return math.max(expiry, now_ms + 60000)
+end
 -- The units a holder may still spend: 0 when absent or past its deadline.
 local function live(v)
   local u, d = record(v)
@@ -99,7 +105,7 @@ if op == 'take' then
   if grant > 0 then
     if kind == 'q' then
       cur = redis.call('INCRBY', KEYS[1], str(grant))
-      redis.call('PEXPIREAT', KEYS[1], str(expiry))
+      redis.call('PEXPIREAT', KEYS[1], str(expiry_at(expiry)))
     else
       cur = redis.call('DECRBY', KEYS[1], str(grant))
     end
@@ -111,7 +117,7 @@ if op == 'take' then
     -- A counter's records go with it; a balance's live as long as the
     -- newest (never shortened: holders may use different lifetimes).
     if kind == 'q' then
-      redis.call('PEXPIREAT', KEYS[2], str(expiry))
+      redis.call('PEXPIREAT', KEYS[2], str(expiry_at(expiry)))
     elseif redis.call('PTTL', KEYS[2]) < lifetime then
       redis.call('PEXPIRE', KEYS[2], str(lifetime))
     end
@@ -157,7 +163,7 @@ elseif op == 'reset' then
     redis.call('DEL', KEYS[1])
   else
     redis.call('SET', KEYS[1], str(sum))
-    redis.call('PEXPIREAT', KEYS[1], str(expiry))
+    redis.call('PEXPIREAT', KEYS[1], str(expiry_at(expiry)))
   end
   return {sum, sum, 0}
 elseif op == 'cset' then

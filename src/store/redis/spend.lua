@@ -108,7 +108,11 @@ if (ok or shadow) and not dry then
     if s.used + cost > MAX_LIMIT then
     elseif s.kind == 'c' then
       redis.call('INCRBY', s.key, str(cost))
-      redis.call('PEXPIREAT', s.key, str(s.w + 60000))
+      -- A minute past the window's end, and never less than a minute from
+      -- now: a replica whose clock lags Redis's still spends into a window
+      -- Redis has seen end, and must find its count there on its next spend
+      -- (an expiry in the past would delete the counter at once).
+      redis.call('PEXPIREAT', s.key, str(math.max(s.w, now) + 60000))
     elseif cost > 0 then
       if #s.stale > 0 then redis.call('HDEL', s.key, unpack(s.stale)) end
       redis.call('HINCRBY', s.key, str(s.b), str(cost))
