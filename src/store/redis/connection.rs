@@ -78,7 +78,14 @@ impl Connections {
             let nodes = cluster_nodes(url)?;
             let client = ClusterClient::builder(nodes.clone())
                 .connection_timeout(connect_timeout)
-                .retries(1)
+                // No re-sends: the cluster client re-sends a command after an
+                // I/O error (a reset after the script ran but before its reply
+                // came), which would run a spend or a credit top-up twice. A
+                // command that fails answers by `store.on_error`, as on one
+                // server (whose connection manager never re-sends); a slot
+                // that moved costs the Checks in flight, and the client
+                // rebuilds its slot map on the redirect either way.
+                .retries(0)
                 .build()
                 .map_err(unavailable)?;
             Ok(Self {
